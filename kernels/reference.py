@@ -78,6 +78,8 @@ def gated_prefix_attention_ref(
     own_in_task: bool = False,
     gated: bool = True,
     out: torch.Tensor | None = None,
+    *,
+    max_q_len: int | None = None,
 ) -> torch.Tensor:
     """Mixed-task gated prefix attention over packed variable-length rows.
 
@@ -104,6 +106,9 @@ def gated_prefix_attention_ref(
         gated: ``False`` joins the task set to the main softmax (gate ignored): plain two-part
             prompt tuning.
         out: optional ``(Nq, H, h)`` output buffer, fully overwritten.
+        max_q_len: optional upper bound on the rows' query counts; the Triton twin uses it to
+            size its grid without reading ``cu_seqlens_q`` back to the host (pass 1 in decode).
+            Ignored here.
 
     Semantics, per row ``b`` with slot ``s = slot_ids[b]`` and head ``j`` (KV head ``j // (H // H_kv)``)::
 
