@@ -1,0 +1,259 @@
+"""TA-LoRA on a frozen LM: the parametrisation and its two equivalent forward paths.
+
+Parameters (docs/method.md): shared prompt ``P (m, d)`` and basis ``A (r, d)`` (slow, shared);
+per task a fast weight ``B_t (n, r)`` (``(n, d)`` with ``full_rank``) and a gate ``g_t (L, H)``
+starting at zero. The task prompt is ``ΔP_t = scale · B_t A``.
+
+* ``forward_full`` is the plain full-sequence path: every row is ``[P; ΔP_t; X]`` with dense
+  two-softmax masks. It is the definition, kept simple, and what the tests compare against.
+* The cached path splits the same computation the way the server runs it: ``shared_kv`` once,
+  ``task_kv`` once per task, then ``forward_cached`` for the request tokens alone, through the
+  ``talora.kernels`` ops. Training uses it too (it is differentiable), so training and serving
+  share one definition.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from talora.adapters.config import TaloraConfig
+from talora.adapters.model import CausalLM, dense_attention
+from talora.kernels import gated_prefix_attention, lowrank_prompt
+
+SEG_SHARED, SEG_TASK, SEG_INPUT = 0, 1, 2
+
+
+class TaskAdapter(nn.Module):
+    """One task's fast weights: ``fast (n, r)`` (or ``(n, d)`` full rank) and ``gate (L, H)``."""
+
+    def __init__(self, fast: torch.Tensor, num_layers: int, num_heads: int):
+        super().__init__()
+        self.fast = nn.Parameter(fast)
+        self.gate = nn.Parameter(torch.zeros(num_layers, num_heads, dtype=fast.dtype, device=fast.device))
+
+
+@dataclass
+class PrefixKV:
+    """Shared-prompt keys/values of every layer, computed once."""
+
+    keys: torch.Tensor  # (L, m, H_kv, h)
+    values: torch.Tensor  # (L, m, H_kv, h)
+
+
+@dataclass
+class SlotKV:
+    """Task-prompt keys/values and gates for S task slots."""
+
+    keys: torch.Tensor  # (L, S, n, H_kv, h)
+    values: torch.Tensor  # (L, S, n, H_kv, h)
+    gates: torch.Tensor  # (S, L, H) raw gate values (tanh applied in the kernel)
+
+
+@dataclass
+class BatchMeta:
+    """Layout of one packed batch of request tokens for ``forward_cached``.
+
+    Example: two rows of 3 and 2 new tokens, slots 4 and 0, fresh prefill without a cache::
+
+        cu_seqlens_q = [0, 3, 5]; positions = [0, 1, 2, 0, 1]; slot_ids = [4, 0]
+        k_starts = [0, 3]; kv_lens = [3, 2]; write_index = None
+
+    With a cache of 16 tokens per row, decoding one token for each row after that prefill::
+
+        cu_seqlens_q = [0, 1, 2]; positions = [3, 2]; k_starts = [0, 16]; kv_lens = [4, 3]
+        write_index = [3, 18]
+    """
+
+    cu_seqlens_q: torch.Tensor  # (B+1,) int32 cumulative new-token counts
+    positions: torch.Tensor  # (N,) int64 own position of each new token (0 = first input token)
+    slot_ids: torch.Tensor  # (B,) int32 task slot of each row
+    k_starts: torch.Tensor  # (B,) int32 first own key of each row (in the cache, or in the new tokens)
+    kv_lens: torch.Tensor  # (B,) int32 own keys visible to each row, new tokens included
+    write_index: torch.Tensor | None = None  # (N,) int64 cache index of each new token; None: no cache
+
+    @classmethod
+    def prefill(cls, lengths: list[int], slot_ids: list[int], device="cpu") -> "BatchMeta":
+        """A fresh packed prefill of rows with ``lengths`` tokens and no cache."""
+        lens = torch.tensor(lengths, dtype=torch.int32, device=device)
+        cu = torch.zeros(len(lengths) + 1, dtype=torch.int32, device=device)
+        cu[1:] = torch.cumsum(lens, 0)
+        positions = torch.cat([torch.arange(n, device=device) for n in lengths]) if lengths else \
+            torch.zeros(0, dtype=torch.int64, device=device)
+        return cls(cu, positions, torch.tensor(slot_ids, dtype=torch.int32, device=device), cu[:-1].clone(), lens)
+
+
+class KVCache:
+    """Per-layer pools of own keys/values, ``(L, capacity, H_kv, h)``; rows own index ranges."""
+
+    def __init__(self, num_layers: int, capacity: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device):
+        shape = (num_layers, capacity, num_kv_heads, head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+
+
+class TaloraModel(nn.Module):
+    """A frozen ``CausalLM`` with the shared TA-LoRA parameters and named task adapters."""
+
+    def __init__(self, lm: CausalLM, cfg: TaloraConfig):
+        super().__init__()
+        self.lm = lm.requires_grad_(False)
+        self.cfg = cfg
+        mc = lm.config
+        dtype, device = lm.dtype, lm.device
+        self.prompt = nn.Parameter(torch.zeros(cfg.shared_prompt_len, mc.hidden_size, dtype=dtype, device=device))
+        basis_rows = 0 if cfg.full_rank else cfg.rank
+        self.basis = nn.Parameter(torch.zeros(basis_rows, mc.hidden_size, dtype=dtype, device=device))
+        self.tasks = nn.ModuleDict()
+
+    # ----- parameters -------------------------------------------------------------------
+    @property
+    def fast_width(self) -> int:
+        return self.lm.config.hidden_size if self.cfg.full_rank else self.cfg.rank
+
+    def init_shared(self, generator: torch.Generator | None = None) -> None:
+        """``P`` from randomly chosen token-embedding rows, ``A`` small random."""
+        emb = self.lm.model.embed_tokens.weight
+        rows = torch.randint(0, emb.shape[0], (self.cfg.shared_prompt_len,), generator=generator)
+        with torch.no_grad():
+            self.prompt.copy_(emb[rows.to(emb.device)])
+            noise = torch.randn(self.basis.shape, generator=generator) * self.cfg.init_std
+            self.basis.copy_(noise.to(self.basis))
+
+    def add_task(self, name: str, fast: torch.Tensor | None = None,
+                 generator: torch.Generator | None = None) -> TaskAdapter:
+        """Add task ``name`` with fast weights ``fast`` (random when None) and a zero gate."""
+        shape = (self.cfg.task_prompt_len, self.fast_width)
+        if fast is None:
+            fast = torch.randn(shape, generator=generator) * self.cfg.init_std
+        if tuple(fast.shape) != shape:
+            raise ValueError(f"fast: expected shape {shape}, got {tuple(fast.shape)}")
+        mc = self.lm.config
+        adapter = TaskAdapter(fast.to(self.lm.dtype).to(self.lm.device).clone(), mc.num_layers, mc.num_heads)
+        self.tasks[name] = adapter
+        return adapter
+
+    def task_prompts(self, fast: torch.Tensor) -> torch.Tensor:
+        """``ΔP`` for stacked fast weights ``(S, n, r)`` -> ``(S, n, d)``."""
+        if self.cfg.full_rank:
+            return self.cfg.scale * fast
+        s, n = fast.shape[:2]
+        out = torch.zeros(s * n, self.lm.config.hidden_size, dtype=fast.dtype, device=fast.device)
+        offsets = torch.arange(s, device=fast.device) * n
+        slots = torch.arange(s, dtype=torch.int32, device=fast.device)
+        return lowrank_prompt(fast, self.basis, slots, offsets, out, self.cfg.scale).view(s, n, -1)
+
+    def stacked(self, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fast weights ``(S, n, r)`` and gates ``(S, L, H)`` of the named tasks."""
+        unknown = [t for t in names if t not in self.tasks]
+        if unknown:
+            raise KeyError(f"unknown task {unknown[0]!r}")
+        return (torch.stack([self.tasks[t].fast for t in names]),
+                torch.stack([self.tasks[t].gate for t in names]))
+
+    # ----- the plain full-sequence path -------------------------------------------------
+    def forward_full(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     task_names: list[str]) -> torch.Tensor:
+        """Logits ``(B, T, V)`` of right-padded inputs, each row ``[P; ΔP_t; X]`` in one sequence."""
+        m, n = self.cfg.shared_prompt_len, self.cfg.task_prompt_len
+        batch, t_len = input_ids.shape
+        fast, gates = self.stacked(task_names)
+        prompts = self.task_prompts(fast)  # (B, n, d)
+        shared = self.prompt.unsqueeze(0).expand(batch, -1, -1)
+        hidden = torch.cat([shared, prompts, self.lm.embed(input_ids)], dim=1)
+        seg = torch.tensor([SEG_SHARED] * m + [SEG_TASK] * n + [SEG_INPUT] * t_len, device=input_ids.device)
+        valid = torch.cat([torch.ones(batch, m + n, dtype=torch.bool, device=input_ids.device),
+                           attention_mask.bool()], dim=1)
+        main_mask, task_mask = segment_masks(seg, valid)
+        positions = torch.arange(m + n + t_len, device=input_ids.device).expand(batch, -1)
+
+        def attend(layer: int, q, k, v):
+            if not self.cfg.gated:
+                return dense_attention(q, k, v, main_mask | task_mask)
+            gate = torch.tanh(gates[:, layer, :]).to(q.dtype)  # (B, H)
+            main = dense_attention(q, k, v, main_mask)
+            return main + gate[:, None, :, None] * dense_attention(q, k, v, task_mask)
+
+        hidden = self.lm.run_layers(hidden, positions, attend)
+        return self.lm.logits(hidden[:, m + n:])
+
+    # ----- the cached path -------------------------------------------------------------
+    def shared_kv(self) -> PrefixKV:
+        """Keys/values of ``P`` in every layer (P attends causally to itself only)."""
+        mc, m = self.lm.config, self.cfg.shared_prompt_len
+        keys, values = [], []
+
+        def attend(layer: int, q, k, v):
+            keys.append(k)
+            values.append(v)
+            causal = torch.ones(m, m, dtype=torch.bool, device=q.device).tril()[None]
+            return dense_attention(q[None], k[None], v[None], causal)[0]
+
+        if m:
+            self.lm.run_layers(self.prompt, torch.arange(m, device=self.prompt.device), attend)
+            return PrefixKV(torch.stack(keys), torch.stack(values))
+        empty = self.prompt.new_zeros(mc.num_layers, 0, mc.num_kv_heads, mc.head_dim)
+        return PrefixKV(empty, empty)
+
+    def task_kv(self, prefix: PrefixKV, fast: torch.Tensor, gates: torch.Tensor) -> SlotKV:
+        """Task-prompt keys/values for stacked ``fast (S, n, r)`` and ``gates (S, L, H)``."""
+        m, n = self.cfg.shared_prompt_len, self.cfg.task_prompt_len
+        s = fast.shape[0]
+        hidden = self.task_prompts(fast).reshape(s * n, -1)
+        meta = BatchMeta.prefill([n] * s, list(range(s)), device=fast.device)
+        keys, values = [], []
+
+        def attend(layer: int, q, k, v):
+            keys.append(k.view(s, n, *k.shape[1:]))
+            values.append(v.view(s, n, *v.shape[1:]))
+            return self._attend_kernel(layer, q, k, v, meta, prefix, None, gates, own_in_task=True)
+
+        self.lm.run_layers(hidden, m + meta.positions, attend)
+        return SlotKV(torch.stack(keys), torch.stack(values), gates)
+
+    def forward_cached(self, input_ids: torch.Tensor, meta: BatchMeta, prefix: PrefixKV,
+                       slots: SlotKV, cache: KVCache | None = None) -> torch.Tensor:
+        """Last hidden states ``(N, d)`` of packed request tokens ``input_ids (N,)``.
+
+        With ``cache``, each new token's key/value is first written at ``meta.write_index``
+        and the rows attend over their cached keys; without it, over the new tokens alone.
+        """
+        offset = self.cfg.shared_prompt_len + self.cfg.task_prompt_len
+
+        def attend(layer: int, q, k, v):
+            if cache is not None:
+                cache.keys[layer, meta.write_index] = k.to(cache.keys.dtype)
+                cache.values[layer, meta.write_index] = v.to(cache.values.dtype)
+                k, v = cache.keys[layer], cache.values[layer]
+            return self._attend_kernel(layer, q, k, v, meta, prefix, slots, slots.gates, own_in_task=False)
+
+        return self.lm.run_layers(self.lm.embed(input_ids), offset + meta.positions, attend)
+
+    def _attend_kernel(self, layer, q, k, v, meta: BatchMeta, prefix: PrefixKV, slots: SlotKV | None,
+                       gates: torch.Tensor, own_in_task: bool) -> torch.Tensor:
+        slot_k = slots.keys[layer] if slots is not None else k.new_zeros(1, 0, *k.shape[1:])
+        slot_v = slots.values[layer] if slots is not None else slot_k
+        return gated_prefix_attention(
+            q, k, v, meta.cu_seqlens_q, meta.k_starts, meta.kv_lens,
+            prefix.keys[layer], prefix.values[layer], slot_k, slot_v, meta.slot_ids,
+            gates[:, layer, :], q.shape[-1] ** -0.5, own_in_task=own_in_task, gated=self.cfg.gated,
+        )
+
+
+def segment_masks(seg: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Main and task key masks ``(B, S, S)`` of the TA-LoRA segment attention.
+
+    ``seg (S,)`` holds the segment of each position; ``valid (B, S)`` marks real tokens.
+    """
+    qi, kj = seg[:, None], seg[None, :]
+    pos = torch.arange(seg.shape[0], device=seg.device)
+    causal = pos[None, :] <= pos[:, None]
+    main = ((qi == SEG_SHARED) & (kj == SEG_SHARED) & causal) \
+        | ((qi == SEG_TASK) & (kj == SEG_SHARED)) \
+        | ((qi == SEG_INPUT) & ((kj == SEG_SHARED) | ((kj == SEG_INPUT) & causal)))
+    task = ((qi == SEG_TASK) & (kj == SEG_TASK) & causal) | ((qi == SEG_INPUT) & (kj == SEG_TASK))
+    key_ok = valid[:, None, :]
+    return main[None] & key_ok, task[None] & key_ok

@@ -1,0 +1,28 @@
+"""Fixtures shared across the suite."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from helpers import save_tiny_checkpoint  # noqa: E402
+
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny-llama"), "llama")
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    """The embedded real default model (SmolLM2-135M-Instruct), float32 on CPU."""
+    from talora.adapters.loading import load_model
+
+    return load_model()

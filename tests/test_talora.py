@@ -1,0 +1,184 @@
+"""TA-LoRA semantics: gates, ablations, gradients, and cached path == full-sequence path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from talora.adapters.config import TaloraConfig
+from talora.adapters.loading import load_checkpoint_folder
+from talora.adapters.talora_model import BatchMeta, KVCache, TaloraModel
+
+TASKS = ["alpha", "beta", "gamma"]
+
+
+def _model(folder, **cfg) -> TaloraModel:
+    lm, _ = load_checkpoint_folder(folder)
+    model = TaloraModel(lm, TaloraConfig(**{"shared_prompt_len": 5, "task_prompt_len": 3, "rank": 2,
+                                            "init_std": 0.5, **cfg}))
+    gen = torch.Generator().manual_seed(0)
+    model.init_shared(gen)
+    for name in TASKS:
+        model.add_task(name, generator=gen)
+    return model
+
+
+def _open_gates(model: TaloraModel, seed: int = 3) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for adapter in model.tasks.values():
+            adapter.gate.copy_(torch.randn(adapter.gate.shape, generator=gen))
+
+
+def _batch(vocab: int, lengths=(7, 3, 11)):
+    gen = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, vocab, (len(lengths), max(lengths)), generator=gen)
+    mask = torch.arange(max(lengths))[None] < torch.tensor(lengths)[:, None]
+    return ids, mask
+
+
+def _hf(folder):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+def _rel(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.fixture()
+def model(tiny_llama_dir):
+    return _model(tiny_llama_dir)
+
+
+def test_zero_gates_equal_frozen_lm_with_shared_prompt_alone(model, tiny_llama_dir):
+    ids, mask = _batch(model.lm.config.vocab_size)
+    m, n = model.cfg.shared_prompt_len, model.cfg.task_prompt_len
+    with torch.no_grad():
+        ours = model.forward_full(ids, mask, TASKS)
+        hf = _hf(tiny_llama_dir)
+        for b in range(ids.shape[0]):
+            x = ids[b, : mask[b].sum()]
+            embeds = torch.cat([model.prompt, hf.get_input_embeddings()(x)])[None]
+            positions = torch.cat([torch.arange(m), m + n + torch.arange(len(x))])[None]
+            ref = hf(inputs_embeds=embeds, position_ids=positions).logits[0, m:]
+            assert (ours[b, : len(x)] - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def test_gate_off_equals_one_joint_softmax(tiny_llama_dir):
+    model = _model(tiny_llama_dir, gated=False)
+    ids, mask = _batch(model.lm.config.vocab_size)
+    m, n = model.cfg.shared_prompt_len, model.cfg.task_prompt_len
+    with torch.no_grad():
+        ours = model.forward_full(ids, mask, TASKS)
+        prompts = model.task_prompts(model.stacked(TASKS)[0])
+        hf = _hf(tiny_llama_dir)
+        for b in range(ids.shape[0]):
+            x = ids[b, : mask[b].sum()]
+            embeds = torch.cat([model.prompt, prompts[b], hf.get_input_embeddings()(x)])[None]
+            ref = hf(inputs_embeds=embeds).logits[0, m + n:]
+            assert (ours[b, : len(x)] - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def test_open_gate_changes_output(model):
+    ids, mask = _batch(model.lm.config.vocab_size)
+    with torch.no_grad():
+        closed = model.forward_full(ids, mask, TASKS)
+        _open_gates(model)
+        opened = model.forward_full(ids, mask, TASKS)
+    assert (closed - opened)[mask].abs().max() > 1e-3
+
+
+def _loss(model, ids, mask):
+    logits = model.forward_full(ids, mask, TASKS)
+    return logits[mask].logsumexp(-1).mean() - logits[mask][:, 0].mean()
+
+
+def test_gradients_follow_the_gate(model):
+    ids, mask = _batch(model.lm.config.vocab_size)
+    _loss(model, ids, mask).backward()
+    assert model.prompt.grad.abs().sum() > 0
+    for adapter in model.tasks.values():
+        assert adapter.gate.grad.abs().sum() > 0
+        assert adapter.fast.grad is None or adapter.fast.grad.abs().sum() == 0
+    assert model.basis.grad is None or model.basis.grad.abs().sum() == 0
+    assert all(p.grad is None for p in model.lm.parameters())
+
+    model.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        model.tasks["beta"].gate[0, 1] = 0.5
+    _loss(model, ids, mask).backward()
+    assert model.tasks["beta"].fast.grad.abs().sum() > 0
+    assert model.basis.grad.abs().sum() > 0
+    assert model.tasks["alpha"].fast.grad is None or model.tasks["alpha"].fast.grad.abs().sum() == 0
+
+
+def _cached_vs_full(model: TaloraModel, decode_steps: int = 4):
+    """Prefill then greedy decode on the cached path; compare every step to the full path."""
+    lengths = [7, 3, 11, 5]
+    tasks = ["alpha", "beta", "gamma", "beta"]
+    ids, mask = _batch(model.lm.config.vocab_size, lengths)
+    names = sorted(set(tasks))
+    slot_of = {t: i for i, t in enumerate(names)}
+    with torch.no_grad():
+        prefix = model.shared_kv()
+        slots = model.task_kv(prefix, *model.stacked(names))
+        capacity = max(lengths) + decode_steps
+        mc = model.lm.config
+        cache = KVCache(mc.num_layers, capacity * len(lengths), mc.num_kv_heads, mc.head_dim, torch.float32, "cpu")
+        meta = BatchMeta.prefill(lengths, [slot_of[t] for t in tasks])
+        starts = torch.arange(len(lengths), dtype=torch.int32) * capacity
+        meta.write_index = torch.cat([s + torch.arange(n) for s, n in zip(starts.tolist(), lengths)])
+        meta.k_starts = starts
+        flat = torch.cat([ids[b, :n] for b, n in enumerate(lengths)])
+        hidden = model.forward_cached(flat, meta, prefix, slots, cache)
+        cached_logits = model.lm.logits(hidden)
+        full = model.forward_full(ids, mask, tasks)
+        worst = _rel(cached_logits, torch.cat([full[b, :n] for b, n in enumerate(lengths)]))
+        last = meta.cu_seqlens_q[1:].long() - 1
+        seqs = [ids[b, :n].tolist() for b, n in enumerate(lengths)]
+        step_logits = cached_logits[last]
+        for _ in range(decode_steps):
+            nxt = step_logits.argmax(-1)
+            for b, tok in enumerate(nxt.tolist()):
+                seqs[b].append(tok)
+            kv_lens = torch.tensor([len(s) for s in seqs], dtype=torch.int32)
+            step_meta = BatchMeta(torch.arange(len(lengths) + 1, dtype=torch.int32), (kv_lens - 1).long(),
+                                  meta.slot_ids, starts, kv_lens, (starts + kv_lens - 1).long())
+            step_logits = model.lm.logits(model.forward_cached(nxt, step_meta, prefix, slots, cache))
+            width = max(len(s) for s in seqs)
+            padded = torch.tensor([s + [0] * (width - len(s)) for s in seqs])
+            pad_mask = torch.arange(width)[None] < kv_lens[:, None]
+            full = model.forward_full(padded, pad_mask, tasks)
+            ref = full[torch.arange(len(seqs)), kv_lens.long() - 1]
+            worst = max(worst, _rel(step_logits, ref))
+    return worst
+
+
+@pytest.mark.parametrize("cfg", [{}, {"gated": False}, {"full_rank": True}, {"shared_prompt_len": 0}],
+                         ids=["talora", "gate-off", "full-rank", "no-shared-prompt"])
+def test_cached_path_equals_full_sequence_path(tiny_llama_dir, cfg):
+    model = _model(tiny_llama_dir, **cfg)
+    _open_gates(model)
+    assert _cached_vs_full(model) <= 1e-5
+
+
+def test_cached_path_on_qwen2(tmp_path):
+    from helpers import save_tiny_checkpoint
+
+    model = _model(save_tiny_checkpoint(tmp_path, "qwen2"))
+    _open_gates(model)
+    assert _cached_vs_full(model) <= 1e-5
+
+
+@pytest.mark.parametrize("field,value", [("task_prompt_len", 0), ("rank", -1), ("slow_lr_ratio", 0.0),
+                                         ("shared_prompt_len", -2), ("scale", 0)])
+def test_bad_talora_config_names_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        TaloraConfig(**{field: value})
+
+
+def test_fast_weight_shape_is_checked(model):
+    with pytest.raises(ValueError, match="fast: expected shape"):
+        model.add_task("bad", fast=torch.zeros(2, 2))
