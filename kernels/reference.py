@@ -54,6 +54,9 @@ def _masked_softmax_parts(scores: torch.Tensor, mask: torch.Tensor):
 
     Rows with no visible key get zero weights (their contribution is zero, never NaN).
     """
+    if scores.shape[-1] == 0:
+        zeros = scores.new_zeros(*scores.shape[:-1], 1)
+        return zeros, scores, zeros
     scores = scores.masked_fill(~mask, float("-inf"))
     row_max = scores.amax(dim=-1, keepdim=True)
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
