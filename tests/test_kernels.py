@@ -1,0 +1,356 @@
+"""Tests of talora.kernels: the reference twins against a naive float64 oracle, and the Triton
+kernels (compiled on CUDA, interpreted on CPU) against the reference in float64.
+
+Every output buffer is poisoned with NaN before the call, so an unwritten element fails; NaN
+never passes. Tolerances come from ``TOLERANCES``, keyed by the dtype of the data. The default
+CPU run covers the reference and small ``TRITON_INTERPRET=1`` cases; the full grids are marked
+``gpu`` (run them with ``pytest -m gpu`` on a machine with CUDA and triton).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import zlib
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # Must precede the first import of a Triton kernel module: @triton.jit reads it then.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from talora.kernels import dispatch  # noqa: E402
+from talora.kernels.reference import gated_prefix_attention_ref, lowrank_prompt_ref  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+requires_triton = pytest.mark.skipif(
+    not dispatch.triton_available() or (not HAS_CUDA and os.environ.get("TRITON_INTERPRET") != "1"),
+    reason="needs triton on CUDA or TRITON_INTERPRET=1",
+)
+
+# Bounds on ||out - ref|| / ||ref|| (rel) and max|out - ref| / max|ref| (peak), ref in float64.
+TOLERANCES = {
+    torch.float64: {"rel": 1e-12, "peak": 1e-11},
+    torch.float32: {"rel": 2e-5, "peak": 1e-4},
+    torch.float16: {"rel": 3e-3, "peak": 6e-3},
+    torch.bfloat16: {"rel": 2e-2, "peak": 3e-2},
+}
+
+ATTENTION_MODES = {  # name: (layout, own_in_task, gated)
+    "prefill": ("packed", False, True),
+    "prefill_ungated": ("packed", False, False),
+    "decode": ("decode", False, True),
+    "chunked_ungated": ("chunked", False, False),
+    "task_prompt": ("task_prompt", True, True),
+    "task_prompt_ungated": ("task_prompt", True, False),
+}
+SLOT_MIXES = ("distinct", "one", "zipf", "single_use")
+
+
+def assert_matches(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
+    assert torch.isfinite(ref).all(), "reference produced non-finite values"
+    assert torch.isfinite(out).all(), "output has NaN/inf: unwritten (poisoned) or broken elements"
+    err = out.double().cpu() - ref.double().cpu()
+    ref64 = ref.double().cpu()
+    rel = (err.norm() / ref64.norm().clamp_min(1e-30)).item()
+    peak = (err.abs().max() / ref64.abs().max().clamp_min(1e-30)).item()
+    tol = TOLERANCES[dtype]
+    assert rel <= tol["rel"] and peak <= tol["peak"], f"{dtype}: rel {rel:.3e} peak {peak:.3e} vs {tol}"
+
+
+def _as_float64(args):
+    return [a.double() if torch.is_tensor(a) and a.is_floating_point() else a for a in args]
+
+
+def _int32(values, device):
+    return torch.tensor(values, dtype=torch.int32, device=device)
+
+
+def draw_slots(gen: torch.Generator, n_rows: int, mix: str, max_slots: int = 64):
+    """(slot_ids, n_slots) for a task mix: all distinct, one slot for all, Zipf, a slot used once."""
+    if mix == "distinct":
+        n_slots = min(n_rows, max_slots)
+        ids = torch.randperm(n_slots, generator=gen).repeat(math.ceil(n_rows / n_slots))[:n_rows]
+        return ids, n_slots
+    n_slots = int(torch.randint(2, max_slots + 1, (1,), generator=gen))
+    if mix == "one":
+        return torch.full((n_rows,), int(torch.randint(0, n_slots, (1,), generator=gen))), n_slots
+    if mix == "zipf":
+        weights = 1.0 / torch.arange(1, n_slots + 1, dtype=torch.float64)
+        return torch.multinomial(weights, n_rows, replacement=True, generator=gen), n_slots
+    ids = torch.zeros(n_rows, dtype=torch.long)  # single_use: every row on slot 0 but one
+    ids[int(torch.randint(0, n_rows, (1,), generator=gen))] = n_slots - 1
+    return ids, n_slots
+
+
+def make_attention_case(seed, dtype, head_dim, group, mode, mix="zipf", n_rows=None, max_len=300,
+                        n_kv_heads=2, n_prefix=None, device=DEVICE):
+    """Random inputs of ``gated_prefix_attention`` as a tuple in argument order."""
+    layout, own_in_task, gated = ATTENTION_MODES[mode]
+    gen = torch.Generator().manual_seed(seed)
+
+    def randint(lo, hi):
+        return int(torch.randint(lo, hi + 1, (1,), generator=gen))
+
+    n_rows = n_rows or randint(1, 12)
+    n_heads = n_kv_heads * group
+    n_prefix = randint(0, 40) if n_prefix is None else n_prefix
+    n_task = randint(1, 24)
+    if layout == "task_prompt":
+        q_lens = kv_lens = [n_task] * n_rows
+    else:
+        kv_lens = [randint(1, max_len) for _ in range(n_rows)]
+        q_lens = {"packed": kv_lens, "decode": [1] * n_rows,
+                  "chunked": [randint(1, n) for n in kv_lens]}[layout]
+    slot_ids, n_slots = draw_slots(gen, n_rows, mix)
+    if layout in ("packed", "task_prompt"):
+        cache_rows, k_starts = sum(kv_lens), [sum(kv_lens[:b]) for b in range(n_rows)]
+    else:  # padded cache (B, T, H_kv, h) viewed as (B*T, H_kv, h)
+        width = max(kv_lens) + randint(0, 5)
+        cache_rows, k_starts = n_rows * width, [b * width for b in range(n_rows)]
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen).to(dtype)
+
+    cu_seqlens = [0]
+    for n in q_lens:
+        cu_seqlens.append(cu_seqlens[-1] + n)
+    gate = torch.randn(n_slots, n_heads, generator=gen) * 2
+    gate[0, : n_heads // 2] = 0.0  # closed gates must give exactly the main part
+    tensors = (
+        randn(cu_seqlens[-1], n_heads, head_dim),
+        randn(cache_rows, n_kv_heads, head_dim), randn(cache_rows, n_kv_heads, head_dim),
+        _int32(cu_seqlens, "cpu"), _int32(k_starts, "cpu"), _int32(kv_lens, "cpu"),
+        randn(n_prefix, n_kv_heads, head_dim), randn(n_prefix, n_kv_heads, head_dim),
+        randn(n_slots, n_task, n_kv_heads, head_dim), randn(n_slots, n_task, n_kv_heads, head_dim),
+        slot_ids.to(torch.int32), gate.to(dtype),
+    )
+    return tuple(t.to(device) for t in tensors) + (head_dim ** -0.5, own_in_task, gated)
+
+
+def attention_oracle(q, k, v, cu_seqlens_q, k_starts, kv_lens, prefix_k, prefix_v,
+                     slot_k, slot_v, slot_ids, gate, softmax_scale, own_in_task, gated):
+    """The TALORA.md formula, one query at a time, in float64, written independently of the reference."""
+    q, k, v, prefix_k, prefix_v, slot_k, slot_v, gate = (
+        t.double().cpu() for t in (q, k, v, prefix_k, prefix_v, slot_k, slot_v, gate))
+    group = q.shape[1] // k.shape[1]
+    out = torch.zeros_like(q)
+
+    def softmax_part(qv, keys, values):  # qv (H, h); keys/values (N, H_kv, h) -> (H, h)
+        if keys.shape[0] == 0:
+            return torch.zeros_like(qv)
+        keys, values = keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1)
+        weights = torch.softmax(torch.einsum("hd,nhd->hn", qv, keys) * softmax_scale, dim=-1)
+        return torch.einsum("hn,nhd->hd", weights, values)
+
+    for b in range(len(slot_ids)):
+        s, start = int(slot_ids[b]), int(k_starts[b])
+        q_len = int(cu_seqlens_q[b + 1] - cu_seqlens_q[b])
+        for i in range(q_len):
+            pos = int(kv_lens[b]) - q_len + i
+            own = (k[start : start + pos + 1], v[start : start + pos + 1])
+            if own_in_task:
+                main, task = (prefix_k, prefix_v), own
+            else:
+                main = (torch.cat([prefix_k, own[0]]), torch.cat([prefix_v, own[1]]))
+                task = (slot_k[s], slot_v[s])
+            qv = q[int(cu_seqlens_q[b]) + i]
+            if gated:
+                o = softmax_part(qv, *main) + torch.tanh(gate[s])[:, None] * softmax_part(qv, *task)
+            else:
+                o = softmax_part(qv, torch.cat([main[0], task[0]]), torch.cat([main[1], task[1]]))
+            out[int(cu_seqlens_q[b]) + i] = o
+    return out
+
+
+def run_attention(backend, args, dtype):
+    """Call the public op with ``backend`` forced, into a NaN-poisoned buffer."""
+    out = torch.full_like(args[0], float("nan"))
+    previous = dispatch.get_backend()
+    dispatch.set_backend(backend)
+    try:
+        result = dispatch.gated_prefix_attention(*args[:13], own_in_task=args[13], gated=args[14], out=out)
+    finally:
+        dispatch.set_backend(previous)
+    assert result is out
+    return out
+
+
+def check_attention_triton(args, dtype):
+    expected = gated_prefix_attention_ref(*_as_float64(args))
+    assert_matches(run_attention("triton", args, dtype), expected, dtype)
+
+
+def make_lowrank_case(seed, dtype, mix, device=DEVICE):
+    gen = torch.Generator().manual_seed(seed)
+    n_rows = int(torch.randint(1, 40, (1,), generator=gen))
+    n_prompt, rank = int(torch.randint(1, 17, (1,), generator=gen)), int(torch.randint(1, 9, (1,), generator=gen))
+    hidden = int(torch.randint(8, 600, (1,), generator=gen))
+    slot_ids, n_slots = draw_slots(gen, n_rows, mix)
+    gaps = torch.randint(0, 4, (n_rows,), generator=gen)  # untouched rows between prompts
+    starts = (torch.arange(n_rows) * n_prompt + gaps.cumsum(0))[torch.randperm(n_rows, generator=gen)]
+    n_buffer = int(starts.max()) + n_prompt + 3
+    fast = (torch.randn(n_slots, n_prompt, rank, generator=gen)).to(dtype)
+    basis = (torch.randn(rank, hidden, generator=gen)).to(dtype)
+    out = torch.randn(n_buffer, hidden, generator=gen).to(dtype)
+    written = torch.zeros(n_buffer, dtype=torch.bool)
+    for s in starts.tolist():
+        written[s : s + n_prompt] = True
+    out[written] = float("nan")
+    move = lambda t: t.to(device)  # noqa: E731
+    return (move(fast), move(basis), move(slot_ids.to(torch.int32)), move(starts.to(torch.int32)),
+            move(out), 0.37), written
+
+
+def check_lowrank(backend, seed, dtype, mix):
+    args, written = make_lowrank_case(seed, dtype, mix)
+    before = args[4].clone()
+    expected = lowrank_prompt_ref(*_as_float64(args[:4]), args[4].double().clone(), args[5])
+    previous = dispatch.get_backend()
+    dispatch.set_backend(backend)
+    try:
+        result = dispatch.lowrank_prompt(*args)
+    finally:
+        dispatch.set_backend(previous)
+    assert result is args[4]
+    written = written.to(result.device)
+    assert torch.equal(result[~written], before[~written]), "rows outside the prompts were modified"
+    assert_matches(result[written], expected[written], dtype)
+
+
+# ---------------------------------------------------------------- reference (CPU, default run)
+
+@pytest.mark.parametrize("mode", ATTENTION_MODES)
+@pytest.mark.parametrize("seed", range(2))
+def test_reference_matches_oracle(mode, seed):
+    args = make_attention_case(100 + seed, torch.float64, 16, group=1 + 2 * seed, mode=mode,
+                               max_len=20, n_rows=4, device="cpu")
+    assert_matches(gated_prefix_attention_ref(*args), attention_oracle(*args), torch.float64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mode", ["prefill", "decode", "task_prompt_ungated"])
+def test_reference_low_precision(dtype, mode):
+    args = make_attention_case(7, dtype, 64, group=3, mode=mode, max_len=40, device="cpu")
+    expected = gated_prefix_attention_ref(*_as_float64(args))
+    assert_matches(run_attention("reference", args, dtype), expected, dtype)
+
+
+def test_closed_gate_is_frozen_model_with_shared_prompt():
+    """With every gate at zero the task slot is invisible: plain attention over [P; X] (causal)."""
+    args = list(make_attention_case(3, torch.float64, 32, group=2, mode="prefill", max_len=30, n_rows=3,
+                                    n_prefix=5, device="cpu"))
+    args[11] = torch.zeros_like(args[11])
+    out = gated_prefix_attention_ref(*args)
+    q, k, v, cu, k_starts, kv_lens, prefix_k, prefix_v = args[:8]
+    for b in range(3):
+        rows = slice(int(cu[b]), int(cu[b + 1]))
+        keys = torch.cat([prefix_k, k[rows]]).repeat_interleave(2, 1).transpose(0, 1)
+        values = torch.cat([prefix_v, v[rows]]).repeat_interleave(2, 1).transpose(0, 1)
+        n_q = rows.stop - rows.start
+        mask = torch.ones(n_q, 5 + n_q, dtype=torch.bool).tril(diagonal=5)
+        expected = torch.nn.functional.scaled_dot_product_attention(
+            q[rows].transpose(0, 1), keys, values, attn_mask=mask, scale=args[12])
+        torch.testing.assert_close(out[rows], expected.transpose(0, 1), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("mix", SLOT_MIXES)
+def test_lowrank_reference(mix):
+    check_lowrank("reference", 11, torch.bfloat16, mix)
+
+
+def test_backend_selection(monkeypatch):
+    with pytest.raises(ValueError):
+        dispatch.set_backend("cuda")
+    monkeypatch.setattr(dispatch, "_backend", "auto")
+    assert not dispatch._use_triton(torch.zeros(1))  # CPU tensors run the reference
+    monkeypatch.setattr(dispatch, "_backend", "reference")
+    assert not dispatch._use_triton(torch.zeros(1, device=DEVICE))
+    if HAS_CUDA and dispatch.triton_available():
+        monkeypatch.setattr(dispatch, "_backend", "auto")
+        assert dispatch._use_triton(torch.zeros(1, device="cuda", dtype=torch.bfloat16))
+        assert not dispatch._use_triton(torch.zeros(1, device="cuda", dtype=torch.float64))
+
+
+# ------------------------------------------- Triton, small cases (interpreted on CPU, default run)
+
+@requires_triton
+@pytest.mark.parametrize("dtype,head_dim,group,mode,mix", [
+    (torch.float32, 64, 1, "prefill", "distinct"),
+    (torch.bfloat16, 64, 3, "prefill_ungated", "one"),
+    (torch.float16, 128, 7, "decode", "zipf"),
+    (torch.float32, 64, 7, "chunked_ungated", "single_use"),
+    (torch.bfloat16, 128, 1, "task_prompt", "zipf"),
+    (torch.float16, 64, 3, "task_prompt_ungated", "distinct"),
+])
+def test_attention_triton_small(dtype, head_dim, group, mode, mix):
+    args = make_attention_case(21, dtype, head_dim, group, mode, mix=mix, n_rows=3, max_len=40, n_kv_heads=1)
+    check_attention_triton(args, dtype)
+
+
+@requires_triton
+@pytest.mark.parametrize("mode", ["prefill", "task_prompt"])
+def test_attention_triton_empty_prefix_and_empty_row(mode):
+    """m = 0 (in task-prompt mode the main set is then empty) and a row with no queries."""
+    args = list(make_attention_case(5, torch.float32, 64, 3, mode, n_rows=3, max_len=20,
+                                    n_kv_heads=1, n_prefix=0))
+    cu = args[3].clone()
+    cu[2:] -= cu[2] - cu[1]  # row 1 has no queries
+    args[3] = cu
+    args[5] = torch.cat([args[5][:1], torch.zeros(1, dtype=torch.int32, device=cu.device), args[5][2:]])
+    args[0] = args[0][: int(cu[-1])].contiguous()
+    check_attention_triton(tuple(args), torch.float32)
+
+
+@requires_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_lowrank_triton_small(dtype):
+    check_lowrank("triton", 31, dtype, "zipf")
+
+
+# ------------------------------------------------------------------ full grids (CUDA + triton)
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("mode", ATTENTION_MODES)
+@pytest.mark.parametrize("group", [1, 3, 7])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_attention_triton_grid(dtype, head_dim, group, mode):
+    seed = zlib.crc32(f"{dtype}-{head_dim}-{group}-{mode}".encode()) % 10_000
+    mix = SLOT_MIXES[seed % len(SLOT_MIXES)]
+    args = make_attention_case(seed, dtype, head_dim, group, mode, mix=mix, n_rows=1 + seed % 24)
+    check_attention_triton(args, dtype)
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("mix", SLOT_MIXES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_attention_triton_task_mix(dtype, mix):
+    """64 rows with 1..64 distinct slots, one slot for all, a slot used by one row."""
+    args = make_attention_case(41, dtype, 64, 7, "prefill", mix=mix, n_rows=64, max_len=120)
+    check_attention_triton(args, dtype)
+    decode = make_attention_case(42, dtype, 128, 7, "decode", mix=mix, n_rows=64, n_kv_heads=4)
+    check_attention_triton(decode, dtype)
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("mix", SLOT_MIXES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_lowrank_triton_grid(dtype, mix):
+    for seed in range(3):
+        check_lowrank("triton", 50 + seed, dtype, mix)
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_auto_backend_uses_triton_on_cuda():
+    args = make_attention_case(9, torch.bfloat16, 64, 7, "decode", n_rows=8)
+    out = run_attention("auto", args, torch.bfloat16)
+    assert dispatch._use_triton(args[0])
+    assert_matches(out, gated_prefix_attention_ref(*_as_float64(args)), torch.bfloat16)
