@@ -31,17 +31,23 @@ def _user_index(cache: Path) -> dict[str, dict]:
         return json.load(handle)
 
 
-def _entries(cache_dir=None) -> dict[str, TaskEntry]:
-    entries = dict(_BUILTIN)
+def _entries(cache_dir=None) -> tuple[dict[str, TaskEntry], dict[str, str]]:
+    """(usable tasks, saved user tasks whose file no longer validates -> the reason)."""
+    entries, broken = dict(_BUILTIN), {}
     for name, kwargs in _user_index(cache_root(cache_dir)).items():
         if name not in _REGISTERED and name not in entries:
-            entries[name] = make_file_task(name=name, **kwargs)
+            try:
+                entries[name] = make_file_task(name=name, **kwargs)
+            except ValueError as err:  # a moved or edited file must not break the other tasks
+                broken[name] = str(err)
     entries.update(_REGISTERED)
-    return entries
+    return entries, broken
 
 
 def _entry(name: str, cache_dir=None) -> TaskEntry:
-    entries = _entries(cache_dir)
+    entries, broken = _entries(cache_dir)
+    if name in broken:
+        raise ValueError(f"saved task {name!r} is unusable: {broken[name]}")
     if name not in entries:
         raise KeyError(f"unknown task {name!r}; known tasks: {', '.join(sorted(entries))}")
     return entries[name]
@@ -49,7 +55,7 @@ def _entry(name: str, cache_dir=None) -> TaskEntry:
 
 def list_tasks() -> list[str]:
     """Names of the built-in, registered and saved user tasks, built-ins first."""
-    entries = _entries()
+    entries, _ = _entries()
     return [name for name in _BUILTIN] + sorted(name for name in entries if name not in _BUILTIN)
 
 
