@@ -87,22 +87,18 @@ def sdpa_flash_call(cfg: dict, q_len: int, kv_len: int):
     q = torch.randn(ROWS, q_len, n_heads, h, device="cuda", dtype=DTYPE).transpose(1, 2)
     k = torch.randn(ROWS, n_keys, n_kv, h, device="cuda", dtype=DTYPE).transpose(1, 2)
     v = torch.randn_like(k)
+    # The raw flash op does not check GQA head counts (it would read past k), so it gets the
+    # KV heads expanded to the query heads, as a model without GQA support in SDPA would.
+    group = n_heads // n_kv
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
     flash = torch.ops.aten._scaled_dot_product_flash_attention  # what SDPA's flash backend runs
-
-    def run(k_heads, v_heads):
-        return lambda: flash(q, k_heads, v_heads, 0.0, is_causal=True, scale=h ** -0.5)
-
-    try:  # FlashAttention takes GQA directly in recent torch; else give it expanded heads
-        run(k, v)()
-        return run(k, v), "gqa"
-    except RuntimeError:
-        group = n_heads // n_kv
-        return run(k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)), "expanded"
+    torch.cuda.synchronize()  # do_bench_cudagraph runs on a side stream: inputs must be ready
+    return lambda: flash(q, k, v, 0.0, is_causal=True, scale=h ** -0.5), "expanded"
 
 
-def check_correctness(cfg: dict) -> float:
-    """Relative L2 error of the kernel against the float64 reference on a bench-like shape."""
-    args = make_inputs(cfg, 8, TOKENS, TOKENS, seed=1)
+def check_correctness(cfg: dict, q_len: int, kv_len: int) -> float:
+    """Relative L2 error of the kernel against the float64 reference on a bench shape."""
+    args = make_inputs(cfg, 8, q_len, kv_len, seed=1)
     args64 = [a.double() if a.is_floating_point() else a for a in args[:12]] + [args[12]]
     out = torch.full_like(args[0], float("nan"))
     gated_prefix_attention(*args, out=out)
@@ -114,6 +110,7 @@ def check_correctness(cfg: dict) -> float:
 
 def time_kernel(args: tuple, q_len: int) -> float:
     out = torch.empty_like(args[0])
+    torch.cuda.synchronize()  # do_bench_cudagraph runs on a side stream: inputs must be ready
     return do_bench_cudagraph(lambda: gated_prefix_attention(*args, out=out, max_q_len=q_len),
                               rep=100, return_mode="median")
 
@@ -135,6 +132,7 @@ def bench_phase(model: str, cfg: dict, phase: str, q_len: int, kv_len: int, peak
         if n_tasks == 8 and kv_len == TOKENS:
             ref = lambda: gated_prefix_attention_ref(*args)  # noqa: E731
             row["reference_ms"] = do_bench(ref, warmup=5, rep=50, return_mode="median")
+        print({k: (round(x, 4) if isinstance(x, float) else x) for k, x in row.items()}, flush=True)
         rows.append(row)
     return rows
 
@@ -168,7 +166,9 @@ def run(out_path: Path | None) -> int:
     name = torch.cuda.get_device_name()
     peaks = card_peaks(name)
     card = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-    errors = {model: check_correctness(cfg) for model, cfg in MODELS.items()}
+    errors = {f"{model}/{phase}": check_correctness(cfg, q_len, kv_len) for model, cfg in MODELS.items()
+              for phase, q_len, kv_len in (("prefill", TOKENS, TOKENS), ("decode", 1, TOKENS),
+                                           ("decode-long", 1, LONG_CACHE))}
     correct = all(e < 2e-2 for e in errors.values())
     print("correctness (rel L2 vs float64 reference, bf16):", errors, flush=True)
     rows = []
