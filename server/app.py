@@ -1,0 +1,97 @@
+"""The HTTP application: ``create_app(settings, engine)``.
+
+The lifespan starts the engine (model load, shared KV, adapters) in a worker thread and, on
+shutdown (SIGTERM under uvicorn, after uvicorn has let the requests in flight finish), drains
+and stops it. ``RequestLog`` writes one info line per request and counts it in the metrics by
+task, endpoint and status. Routes live in ``routes_tasks``, ``routes_openai`` and ``routes_admin``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.concurrency import run_in_threadpool
+
+from talora.server import routes_admin, routes_openai, routes_tasks
+from talora.server.engine import Engine
+from talora.server.errors import install_error_handlers
+from talora.server.settings import Settings
+
+log = logging.getLogger("talora.server.requests")
+
+
+class RequestLog:
+    """ASGI middleware: one log line and one ``talora_requests`` count per HTTP request."""
+
+    def __init__(self, app, engine: Engine):
+        self.app, self.engine = app, engine
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, status = time.perf_counter(), 500
+        state = scope.setdefault("state", {})
+
+        async def send_status(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            self._record(scope, state, status, time.perf_counter() - start)
+
+    def _record(self, scope, state: dict, status: int, elapsed: float) -> None:
+        route = scope.get("route")
+        endpoint = getattr(route, "path", "unmatched")
+        task = state.get("task", "-")
+        m = self.engine.metrics
+        m.requests.labels(task, endpoint, str(status)).inc()
+        m.total_seconds.labels(endpoint).observe(elapsed)
+        log.info("%s %s status=%d task=%s version=%s %.1f ms", scope["method"], scope["path"], status, task,
+                 state.get("version", "-"), elapsed * 1e3)
+
+
+def create_app(settings: Settings, engine: Engine) -> FastAPI:
+    """The FastAPI app serving ``engine``; the engine starts with the app's lifespan."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if not engine.ready:
+            await run_in_threadpool(engine.start)
+        yield
+        await run_in_threadpool(engine.stop, settings.drain_timeout_s)
+
+    app = FastAPI(title="talora-serve", summary="many TA-LoRA task adapters on one frozen LM", lifespan=lifespan)
+    app.state.engine = engine
+    app.state.settings = settings
+    install_error_handlers(app, settings.retry_after_s)
+    app.include_router(routes_tasks.router)
+    app.include_router(routes_openai.router)
+    app.include_router(routes_admin.router)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        """Liveness: 200 unless the engine's worker has died."""
+        dead = engine.ready and not engine.alive()
+        return JSONResponse({"status": "dead" if dead else "ok"}, status_code=503 if dead else 200)
+
+    @app.get("/ready")
+    async def ready() -> JSONResponse:
+        """Readiness: 200 once the model and adapters are loaded, 503 before and while draining."""
+        ok = engine.ready and engine.alive()
+        return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        return Response(engine.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    app.add_middleware(RequestLog, engine=engine)
+    return app

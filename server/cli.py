@@ -1,0 +1,88 @@
+"""``talora-serve``: parse flags (kebab-case copies of the ``Settings`` fields) and run uvicorn.
+
+    talora-serve                                # SmolLM2-135M-Instruct + the demo bundle, 127.0.0.1:8000
+    talora-serve --bundle runs/b --num-slots 16 --admin-token secret --watch-interval-s 2
+
+Flags win over ``TALORA_*`` environment variables, which win over the defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import types
+import typing
+
+from pydantic import ValidationError
+
+from talora.server.settings import Settings
+
+
+def _flag_type(annotation):
+    base = annotation
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):  # X | None
+        base = next(a for a in typing.get_args(annotation) if a is not type(None))
+    if typing.get_origin(base) is typing.Literal:
+        return str, list(typing.get_args(base))
+    if base is bool:
+        return None, None
+    return (str if getattr(base, "__name__", "") == "SecretStr" else base), None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="talora-serve", description="Serve TA-LoRA task adapters over HTTP. "
+                                     "Every flag is also the environment variable TALORA_<FIELD>.")
+    for name, field in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        kind, choices = _flag_type(field.annotation)
+        default = field.default.get_secret_value() if hasattr(field.default, "get_secret_value") else field.default
+        help_text = f"{field.description} (env TALORA_{name.upper()}; default {default})"
+        if kind is None:
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
+                                default=argparse.SUPPRESS, help=help_text)
+        else:
+            parser.add_argument(flag, dest=name, type=kind, choices=choices, default=argparse.SUPPRESS,
+                                help=help_text, metavar=None if choices else name.upper())
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = vars(build_parser().parse_args(argv))
+    try:
+        settings = Settings(**args)
+    except ValidationError as exc:
+        for error in exc.errors():
+            field = ".".join(str(p) for p in error["loc"]) or "settings"
+            print(f"talora-serve: {field}: {error['msg']}", file=sys.stderr)
+        return 2
+    return serve(settings)
+
+
+def serve(settings: Settings) -> int:
+    """Load everything, then serve until SIGINT/SIGTERM (which drain the requests in flight)."""
+    import uvicorn
+
+    from talora.adapters.loading import ModelLoadError
+    from talora.server.app import create_app
+    from talora.server.engine import BundleMissing, Engine, resolve_bundle
+
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        resolve_bundle(settings)
+        engine = Engine(settings)
+        engine.start()
+    except (BundleMissing, ModelLoadError) as exc:
+        print(f"talora-serve: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:  # a bundle that does not fit the model, with the field named
+        print(f"talora-serve: {exc}", file=sys.stderr)
+        return 2
+    app = create_app(settings, engine)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False,
+                timeout_graceful_shutdown=settings.drain_timeout_s or None)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,400 @@
+"""The serving engine: one frozen model, one worker thread, batches of any tasks.
+
+``Engine.start()`` loads the frozen model and the bundle, computes the shared-prompt KV once,
+loads the store's adapters (``registry``), and starts the worker thread (and the store watcher
+when configured). The HTTP layer turns requests into ``Job``s and ``submit``s them; the worker
+forms each step from the active generations (one decode row each) plus queued jobs in arrival
+order, while they fit the row and token budgets, the task slots and the KV cache pool, and runs
+it as one packed ``forward_cached`` (see ``batch.py``). Everything touching the device happens on
+the worker thread; the event loop only enqueues and waits for events.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from talora.adapters.bundle import model_from_bundle
+from talora.adapters.loading import LoadedModel, load_model
+from talora.adapters.prompting import encode_prompt
+from talora.server.batch import Row, label_scores, pack
+from talora.server.generation import TextStream, sample_token
+from talora.server.jobs import Failed, Finished, Job, Scored, Token
+from talora.server.kvpool import KVPool
+from talora.server.metrics import Metrics
+from talora.server.registry import AdapterRegistry, AdapterVersion
+from talora.server.settings import Settings
+from talora.server.slots import SlotTable
+
+log = logging.getLogger(__name__)
+
+
+class BundleMissing(RuntimeError):
+    """No bundle was given and the demo bundle has not been built."""
+
+
+class QueueFull(RuntimeError):
+    """The queue holds ``max_queue`` requests."""
+
+
+class ShuttingDown(RuntimeError):
+    """The engine is draining and takes no new work."""
+
+
+class InputTooLong(ValueError):
+    """An input does not fit the task's limit (``on_overflow=reject``) or the KV cache."""
+
+
+def demo_bundle_dir() -> Path:
+    spec = importlib.util.find_spec("talora.adapters")
+    return Path(list(spec.submodule_search_locations)[0]) / "demo"
+
+
+def resolve_bundle(settings: Settings) -> Path:
+    if settings.bundle is not None:
+        return settings.bundle
+    folder = demo_bundle_dir()
+    if not (folder / "talora.json").is_file():
+        raise BundleMissing(f"the demo adapter bundle is not built yet ({folder} has no talora.json): produce it "
+                            "with `talora-train demo`, or serve another bundle with `talora-serve --bundle PATH`")
+    return folder
+
+
+@dataclass(eq=False)
+class _Sequence:
+    """A generation in progress: its cache range and its text so far."""
+
+    job: Job
+    slot: int
+    start: int  # first position of its KV cache range
+    tokens: list[int]  # prompt + generated; all but the last are in the cache
+    stream: TextStream
+    generator: torch.Generator
+
+    @property
+    def generated(self) -> int:
+        return len(self.stream.ids)
+
+
+class Engine:
+    """Owns the model, the slot table, the KV pool and the worker thread."""
+
+    def __init__(self, settings: Settings, metrics: Metrics | None = None, loaded: LoadedModel | None = None):
+        self.settings = settings
+        self.metrics = metrics or Metrics()
+        self._loaded = loaded
+        self._queue: deque[Job] = deque()
+        self._cv = threading.Condition()
+        self._active: list[_Sequence] = []
+        self._warm: deque[AdapterVersion] = deque()
+        self._stopping = self._abort = False
+        self._halt = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.resident: frozenset[tuple[str, int]] = frozenset()
+        self.ready = False
+
+    # ----- life cycle ------------------------------------------------------------------------
+    def start(self) -> None:
+        """Load everything and start the worker; blocks until ready (seconds)."""
+        s = self.settings
+        bundle = resolve_bundle(s)
+        device = s.device if s.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        loaded = self._loaded or load_model(s.model, s.dtype, device)
+        self.tokenizer = loaded.tokenizer
+        self.model, bundle_meta, _ = model_from_bundle(loaded.model, bundle, loaded.fingerprint, tasks=[])
+        self.model.eval()
+        mc = loaded.model.config
+        eos = mc.eos_token_id if isinstance(mc.eos_token_id, list) else [mc.eos_token_id]
+        self.eos_ids = {t for t in [*eos, self.tokenizer.eos_token_id] if t is not None}
+        with torch.no_grad():
+            self.prefix = self.model.shared_kv()
+        self.slots = SlotTable(self.model, self.prefix, s.num_slots, self.metrics)
+        self.pool = KVPool(mc.num_layers, s.kv_cache_tokens, mc.num_kv_heads, mc.head_dim, loaded.model.dtype,
+                           loaded.model.device)
+        self.registry = AdapterRegistry(bundle_meta, s.store or bundle, self.tokenizer, self.metrics)
+        loaded_tasks = self.registry.load_all()
+        log.info("serving %d task adapters from %s on %s: %s", len(loaded_tasks), self.registry.store, device,
+                 ", ".join(loaded_tasks) or "(none)")
+        for task in loaded_tasks[: s.num_slots]:
+            self.warm(self.registry.get(task))
+        self._spawn(self._run, "talora-engine")
+        if s.watch_interval_s > 0:
+            self._spawn(self._watch, "talora-store-watcher")
+        self.ready = True
+
+    def _spawn(self, target, name: str) -> None:
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Finish queued and running work (up to ``timeout`` s, then fail it with 503) and stop."""
+        with self._cv:
+            self._stopping = True
+            self.ready = False
+            self._cv.notify_all()
+        self._halt.set()
+        if self._threads:
+            self._threads[0].join(timeout)
+        with self._cv:
+            self._abort = True
+            self._cv.notify_all()
+        for thread in self._threads:
+            thread.join()
+
+    def alive(self) -> bool:
+        return bool(self._threads) and self._threads[0].is_alive()
+
+    # ----- called from the HTTP layer --------------------------------------------------------
+    def encode(self, adapter: AdapterVersion, text: str, question: str | None = None) -> tuple[list[int], bool]:
+        """Prompt ids of ``text`` with the task's template; applies ``on_overflow``."""
+        limit = adapter.meta.max_input_tokens
+        if self.settings.on_overflow == "reject":
+            for name, value in (("text", text), ("question", question)):
+                count = len(self.tokenizer(value or "", add_special_tokens=False)["input_ids"])
+                if count > limit:
+                    raise InputTooLong(f"{name}: {count} tokens is over task {adapter.task!r}'s limit of {limit}")
+        ids, truncated = encode_prompt(self.tokenizer, adapter.meta.template, text, limit, question)
+        if not ids:
+            raise InputTooLong("text: the prompt encodes to no tokens")
+        return ids, truncated
+
+    def check_fits(self, job: Job) -> None:
+        """Refuse a job that could never fit the KV cache pool."""
+        if job.cache_tokens() > self.pool.capacity:
+            raise InputTooLong(f"the request needs {job.cache_tokens()} KV cache positions; the server has "
+                               f"{self.pool.capacity} (kv_cache_tokens)")
+
+    def submit(self, jobs: list[Job]) -> None:
+        """Queue ``jobs`` all together, or none (``QueueFull``, ``ShuttingDown``)."""
+        with self._cv:
+            if self._stopping:
+                raise ShuttingDown("the server is shutting down")
+            if len(self._queue) + len(jobs) > self.settings.max_queue:
+                raise QueueFull(f"the queue is full ({self.settings.max_queue} requests waiting)")
+            self._queue.extend(jobs)
+            self.metrics.queue_depth.set(len(self._queue))
+            self._cv.notify_all()
+
+    def warm(self, adapter: AdapterVersion) -> None:
+        """Compute ``adapter``'s task KV into a slot soon (after a load), if a slot is free to take."""
+        with self._cv:
+            self._warm.append(adapter)
+            self._cv.notify_all()
+
+    # ----- the worker ------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not (self._queue or self._active or self._warm or self._stopping):
+                    self._cv.wait()
+                if self._abort or (self._stopping and not self._queue and not self._active):
+                    break
+                warm, admitted = list(self._warm), self._admit()
+                self._warm.clear()
+                self.metrics.queue_depth.set(len(self._queue))
+            self._warm_slots(warm)
+            if admitted or self._active:
+                self._step(admitted)
+            elif self._queue:
+                with self._cv:
+                    self._cv.wait(0.01)
+        self._fail_all(Failed(503, "the server shut down before this request ran"))
+
+    def _admit(self) -> list[tuple[Job, list[tuple[int, ...]], list[int]]]:
+        """Pop the queued jobs that fit this step: (job, its rows, each row's cache start)."""
+        s, now = self.settings, time.monotonic()
+        rows_left, tokens_left = s.max_batch_size - len(self._active), s.max_batch_tokens - len(self._active)
+        keys = {seq.job.adapter.key for seq in self._active}
+        admitted = []
+        while self._queue:
+            job = self._queue[0]
+            if job.cancelled or job.deadline < now:
+                self._queue.popleft()
+                if not job.cancelled:
+                    job.emit(Failed(504, f"timed out after {s.request_timeout_s} s in the queue"))
+                continue
+            rows = job.score_rows() if job.kind == "score" else [tuple(job.prompt_ids)]
+            n_tokens = sum(len(r) for r in rows)
+            alone = not admitted and not self._active  # an oversized job still runs, by itself
+            if not alone and (len(rows) > rows_left or n_tokens > tokens_left):
+                break
+            if not self.slots.can_place(keys | {job.adapter.key}):
+                break
+            starts = self._allocate(job, rows)
+            if starts is None:
+                break
+            self._queue.popleft()
+            admitted.append((job, rows, starts))
+            keys.add(job.adapter.key)
+            rows_left, tokens_left = rows_left - len(rows), tokens_left - n_tokens
+            self.metrics.queue_seconds.observe(now - job.enqueued_at)
+        return admitted
+
+    def _allocate(self, job: Job, rows: list[tuple[int, ...]]) -> list[int] | None:
+        lengths = [job.cache_tokens()] if job.kind == "generate" else [len(r) for r in rows]
+        starts = []
+        for length in lengths:
+            start = self.pool.allocate(length)
+            if start is None:
+                for done, n in zip(starts, lengths):
+                    self.pool.release(done, n)
+                return None
+            starts.append(start)
+        return starts
+
+    def _warm_slots(self, adapters: list[AdapterVersion]) -> None:
+        current = self.registry.current_keys()
+        for adapter in adapters:
+            if adapter.key in current and self.slots.slot_of(adapter.key) is None \
+                    and self.slots.can_place({adapter.key}):
+                try:
+                    self.slots.acquire(adapter)
+                    self.slots.release(adapter)
+                except Exception:  # noqa: BLE001 - a request for this task will retry and report it
+                    log.exception("computing the task KV of %s failed", adapter.task)
+        self._publish_resident()
+
+    def _step(self, admitted) -> None:
+        start = time.perf_counter()
+        acquired, gen_rows, score_jobs = [], [], []  # gen_rows: (sequence, its row index)
+        rows = [Row([seq.tokens[-1]], len(seq.tokens) - 1, seq.start, seq.slot, [0]) for seq in self._active]
+        gen_rows = [(seq, i) for i, seq in enumerate(self._active)]
+        try:
+            for job, job_rows, starts in admitted:
+                slot = self.slots.acquire(job.adapter)
+                acquired.append(job.adapter)
+                if job.kind == "generate":
+                    gen_rows.append((self._new_sequence(job, slot, starts[0]), len(rows)))
+                    rows.append(Row(list(job.prompt_ids), 0, starts[0], slot, [len(job.prompt_ids) - 1]))
+                else:
+                    score_jobs.append((job, job_rows, starts, len(rows)))
+                    first = len(job.prompt_ids) - 1
+                    rows += [Row(list(r), 0, st, slot, list(range(first, len(r)))) for r, st in zip(job_rows, starts)]
+            logprobs = self._forward(rows)
+        except Exception as exc:  # noqa: BLE001 - a failing batch fails its own requests only
+            log.exception("batch step of %d rows failed", len(rows))
+            self.metrics.batch_failures.inc()
+            self._fail_step(admitted, acquired, Failed(500, f"the batch failed: {type(exc).__name__}: {exc}"))
+            return
+        self._record(rows, admitted, time.perf_counter() - start)
+        read_offsets = list(itertools.accumulate((len(r.reads) for r in rows), initial=0))
+        self._finish_scores(score_jobs, read_offsets, logprobs)
+        self._advance([(seq, read_offsets[i]) for seq, i in gen_rows], logprobs)
+        self.slots.drop_stale(self.registry.current_keys())
+        self._publish_resident()
+
+    @torch.no_grad()
+    def _forward(self, rows: list[Row]) -> torch.Tensor:
+        flat, meta, read_index = pack(rows, self.model.lm.device)
+        hidden = self.model.forward_cached(flat, meta, self.prefix, self.slots.kv, self.pool.cache)
+        return torch.log_softmax(self.model.lm.logits(hidden[read_index]).float(), dim=-1).cpu()
+
+    def _new_sequence(self, job: Job, slot: int, start: int) -> _Sequence:
+        generator = torch.Generator()
+        generator.manual_seed(job.params.seed if job.params.seed is not None else torch.seed())
+        stream = TextStream(self.tokenizer, job.params.stop)
+        return _Sequence(job, slot, start, list(job.prompt_ids), stream, generator)
+
+    def _finish_scores(self, score_jobs, read_offsets: list[int], logprobs: torch.Tensor) -> None:
+        for job, job_rows, starts, first_row in score_jobs:
+            firsts = [read_offsets[first_row + j] for j in range(len(job_rows))]
+            job.emit(Scored(label_scores(logprobs, len(job.prompt_ids), job_rows, firsts, job.label_ids)))
+            for row, st in zip(job_rows, starts):
+                self.pool.release(st, len(row))
+            self.slots.release(job.adapter)
+
+    def _advance(self, gen_reads: list[tuple[_Sequence, int]], logprobs: torch.Tensor) -> None:
+        """Sample one token for every generation (``gen_reads``: its read index) and retire the done."""
+        still, now = [], time.monotonic()
+        for seq, read in gen_reads:
+            params = seq.job.params
+            token = sample_token(logprobs[read], params.temperature, params.top_p, seq.generator)
+            finish = None if seq.job.cancelled else self._next_token(seq, token)
+            if seq.job.cancelled:
+                self._retire(seq, None)
+            elif finish is not None:
+                self._retire(seq, finish)
+            elif seq.job.deadline < now:
+                self._retire(seq, Failed(504, f"timed out after {self.settings.request_timeout_s} s"))
+            else:
+                still.append(seq)
+        self._active = still
+
+    def _next_token(self, seq: _Sequence, token: int) -> str | None:
+        if token in self.eos_ids:
+            return "stop"
+        seq.tokens.append(token)
+        delta = seq.stream.push(token)
+        if delta:
+            seq.job.emit(Token(delta))
+        if seq.stream.stopped:
+            return "stop"
+        return "length" if seq.generated >= seq.job.params.max_new_tokens else None
+
+    def _retire(self, seq: _Sequence, outcome: str | Failed | None) -> None:
+        self.pool.release(seq.start, seq.job.cache_tokens())
+        self.slots.release(seq.job.adapter)
+        if isinstance(outcome, Failed):
+            seq.job.emit(outcome)
+        elif outcome is not None:
+            tail = seq.stream.finish()
+            if tail:
+                seq.job.emit(Token(tail))
+            seq.job.emit(Finished(seq.stream.text, outcome, len(seq.job.prompt_ids), seq.generated))
+
+    # ----- failure, metrics ---------------------------------------------------------------------
+    def _fail_step(self, admitted, acquired: list[AdapterVersion], failure: Failed) -> None:
+        for adapter in acquired:
+            self.slots.release(adapter)
+        for job, job_rows, starts in admitted:
+            lengths = [job.cache_tokens()] if job.kind == "generate" else [len(r) for r in job_rows]
+            for st, n in zip(starts, lengths):
+                self.pool.release(st, n)
+            job.emit(failure)
+        for seq in self._active:
+            self._retire(seq, failure)
+        self._active = []
+        self.slots.drop_stale(self.registry.current_keys())
+        self._publish_resident()
+
+    def _fail_all(self, failure: Failed) -> None:
+        with self._cv:
+            queued, self._queue = list(self._queue), deque()
+        for job in queued:
+            job.emit(failure)
+        for seq in self._active:
+            self._retire(seq, failure)
+        self._active = []
+
+    def _record(self, rows: list[Row], admitted, elapsed: float) -> None:
+        m = self.metrics
+        decode = sum(1 for r in rows if r.past > 0)
+        prefill = sum(len(r.tokens) for r in rows if r.past == 0)
+        m.batch_rows.observe(len(rows))
+        m.batch_tasks.observe(len({r.slot for r in rows}))
+        m.tokens.labels("prefill").inc(prefill)
+        m.tokens.labels("decode").inc(decode)
+        m.tokens_per_second.set((prefill + decode) / max(elapsed, 1e-9))
+        for _ in admitted:
+            m.prefill_seconds.observe(elapsed)
+
+    def _publish_resident(self) -> None:
+        self.resident = frozenset(self.slots.resident())
+        self.metrics.active_sequences.set(len(self._active))
+
+    def _watch(self) -> None:
+        while not self._halt.wait(self.settings.watch_interval_s):
+            try:
+                for task in self.registry.poll_store():
+                    self.warm(self.registry.get(task))
+            except Exception:  # noqa: BLE001 - the watcher must keep running
+                log.exception("watching the adapter store failed")

@@ -1,0 +1,100 @@
+"""What a request becomes inside the engine: a ``Job``, and the events the engine sends back.
+
+A predict request of K texts is K score jobs; a generate request is one generate job. Each job
+pins the ``AdapterVersion`` it was admitted with and carries an ``emit`` callback the worker
+thread calls with ``Scored``, ``Token``, ``Finished`` or ``Failed`` (the HTTP layer bridges it
+to an asyncio queue). ``cancel()`` from any thread makes the worker drop the job at its next step.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from talora.server.registry import AdapterVersion
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    max_new_tokens: int = 64
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError("max_new_tokens: must be at least 1")
+        if self.temperature < 0:
+            raise ValueError("temperature: must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise ValueError("top_p: must be in (0, 1]")
+        if any(not s for s in self.stop):
+            raise ValueError("stop: stop strings must not be empty")
+
+
+@dataclass(frozen=True)
+class Scored:
+    scores: list[float]  # log-likelihood of each label, in label order
+
+
+@dataclass(frozen=True)
+class Token:
+    text: str  # newly decoded text (may be empty while a stop string or a character is incomplete)
+
+
+@dataclass(frozen=True)
+class Finished:
+    text: str  # the whole generated text, stop string excluded
+    finish_reason: str  # "stop" (EOS or a stop string) or "length"
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class Failed:
+    status: int  # HTTP status the request should get (500 batch failure, 504 timeout, 503 shutting down)
+    message: str
+
+
+Event = Scored | Token | Finished | Failed
+
+
+@dataclass(eq=False)
+class Job:
+    """One text to score or continue with one pinned adapter version."""
+
+    kind: str  # "score" or "generate"
+    adapter: AdapterVersion
+    prompt_ids: list[int]
+    emit: Callable[[Event], None]
+    deadline: float  # time.monotonic() after which the job fails with 504
+    params: GenerationParams | None = None
+    enqueued_at: float = field(default_factory=time.monotonic)
+    cancelled: bool = False
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("score", "generate"):
+            raise ValueError(f"kind: {self.kind!r} is not 'score' or 'generate'")
+        if not self.prompt_ids:
+            raise ValueError("prompt_ids: a job needs at least one token")
+        if self.kind == "generate" and self.params is None:
+            raise ValueError("params: a generate job needs GenerationParams")
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    @property
+    def label_ids(self) -> tuple[tuple[int, ...], ...]:
+        return self.adapter.label_ids
+
+    def score_rows(self) -> list[tuple[int, ...]]:
+        """Distinct rows ``prompt + verbaliser[:-1]`` (one for single-token verbalisers)."""
+        return list(dict.fromkeys(tuple(self.prompt_ids) + verb[:-1] for verb in self.label_ids))
+
+    def cache_tokens(self) -> int:
+        """KV cache positions this job holds while it runs."""
+        if self.kind == "generate":
+            return len(self.prompt_ids) + self.params.max_new_tokens
+        return sum(len(row) for row in self.score_rows())

@@ -1,0 +1,99 @@
+"""Admin routes: load, replace and evict task adapters while serving, behind a bearer token.
+
+``PUT /v1/adapters/{task}`` takes either a JSON body ``{"path": "<relative path in the store>"}``
+(default: the task name), no body (same), or a multipart upload with the parts ``metadata``
+(``<task>.json``) and ``tensors`` (``<task>.safetensors``). The new version is validated in full
+before it replaces the old one, atomically; requests already admitted finish with the version
+they started with. ``DELETE /v1/adapters/{task}`` evicts a task. With no token configured the
+routes answer 403.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from talora.adapters.io import AdapterFormatError
+from talora.server import bridge
+from talora.server.engine import InputTooLong
+
+router = APIRouter()
+
+
+def _authorise(request: Request) -> JSONResponse | None:
+    settings = bridge.engine_of(request).settings
+    if not settings.admin_enabled:
+        return JSONResponse({"detail": "the admin routes are off: set TALORA_ADMIN_TOKEN (--admin-token)"},
+                            status_code=403)
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    expected = settings.admin_token.get_secret_value()
+    if scheme.lower() != "bearer" or not secrets.compare_digest(token.encode(), expected.encode()):
+        return JSONResponse({"detail": "a valid bearer token is required"}, status_code=401,
+                            headers={"WWW-Authenticate": "Bearer"})
+    return None
+
+
+async def _read_upload(request: Request) -> tuple[bytes, bytes]:
+    limit = bridge.engine_of(request).settings.max_upload_bytes
+    form = await request.form(max_part_size=limit)
+    parts = {}
+    for name in ("metadata", "tensors"):
+        part = form.get(name)
+        if part is None or isinstance(part, str):
+            raise AdapterFormatError(f"{name}: the upload needs a file part named {name!r}")
+        data = await part.read(limit + 1)
+        if len(data) > limit:
+            raise InputTooLong(f"{name}: the upload is over max_upload_bytes={limit}")
+        parts[name] = data
+    return parts["metadata"], parts["tensors"]
+
+
+async def _store_path(request: Request, task: str) -> str:
+    raw = await request.body()
+    if not raw.strip():
+        return task
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise AdapterFormatError("body: not valid JSON") from None
+    if not isinstance(body, dict) or set(body) - {"path"}:
+        raise AdapterFormatError("body: expected {\"path\": \"<relative path in the adapter store>\"}")
+    path = body.get("path", task)
+    if not isinstance(path, str):
+        raise AdapterFormatError("path: must be a string")
+    return path
+
+
+@router.put("/v1/adapters/{task}")
+async def put_adapter(task: str, request: Request):
+    """Load or replace ``task`` from the store or an upload; the old version serves until then."""
+    if (denied := _authorise(request)) is not None:
+        return denied
+    engine = bridge.engine_of(request)
+    registry = engine.registry
+    previous = registry.snapshot().get(task)
+    if request.headers.get("content-type", "").startswith("multipart/form-data"):
+        meta_bytes, blob = await _read_upload(request)
+        adapter, changed = await run_in_threadpool(registry.load_bytes, task, meta_bytes, blob)
+    else:
+        path = await _store_path(request, task)
+        adapter, changed = await run_in_threadpool(registry.load_store, task, path)
+    request.state.task, request.state.version = task, adapter.version
+    if changed:
+        engine.warm(adapter)
+    return {"task": task, "version": adapter.version, "previous_version": previous.version if previous else None,
+            "changed": changed, "source": adapter.source}
+
+
+@router.delete("/v1/adapters/{task}")
+async def delete_adapter(task: str, request: Request):
+    """Evict ``task``: new requests get 404, requests in flight finish with their version."""
+    if (denied := _authorise(request)) is not None:
+        return denied
+    adapter = await run_in_threadpool(bridge.engine_of(request).registry.evict, task)
+    request.state.task, request.state.version = task, adapter.version
+    return {"task": task, "evicted_version": adapter.version}

@@ -1,0 +1,116 @@
+"""Task routes: predict (label scores), generate (JSON or server-sent events), task listing.
+
+Each route validates, pins the task's current adapter version, and hands off to ``bridge``;
+every response names that version (body and ``X-Talora-Adapter-Version`` header).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import StreamingResponse
+
+from talora.server import bridge
+from talora.server.errors import BadRequest, FieldError
+from talora.server.jobs import Finished, GenerationParams
+from talora.server.schemas import GenerateRequest, PredictRequest
+
+router = APIRouter()
+VERSION_HEADER = "X-Talora-Adapter-Version"
+
+
+def _label_result(labels: list[str], scores: list[float], truncated: bool) -> dict:
+    top = max(scores)
+    weights = [math.exp(s - top) for s in scores]
+    total = sum(weights)
+    best = max(range(len(labels)), key=lambda i: scores[i])
+    return {"label": labels[best], "scores": dict(zip(labels, scores)),
+            "probabilities": {label: w / total for label, w in zip(labels, weights)}, "truncated": truncated}
+
+
+@router.post("/v1/tasks/{task}/predict")
+async def predict(task: str, body: PredictRequest, request: Request, response: Response) -> dict:
+    """Score every label of a classify task for one text or a list of texts."""
+    engine = bridge.engine_of(request)
+    adapter = bridge.lookup(request, task)
+    if adapter.meta.kind != "classify":
+        raise BadRequest(f"task {task!r} is a {adapter.meta.kind} task: use /v1/tasks/{task}/generate")
+    texts = [body.text] if isinstance(body.text, str) else body.text
+    if len(texts) > engine.settings.max_texts_per_request:
+        raise FieldError("text", f"{len(texts)} texts is over the limit of {engine.settings.max_texts_per_request}")
+    results = await bridge.score(engine, adapter, texts, body.question)
+    response.headers[VERSION_HEADER] = adapter.version
+    labels = list(adapter.meta.labels)
+    out = [_label_result(labels, scores, truncated) for scores, truncated in results]
+    head = {"task": task, "version": adapter.version}
+    return {**head, **out[0]} if isinstance(body.text, str) else {**head, "results": out}
+
+
+def params_of(max_new_tokens: int, temperature: float, top_p: float, stop: list[str], seed: int | None,
+              request: Request, field: str) -> GenerationParams:
+    limit = bridge.engine_of(request).settings.max_new_tokens_limit
+    if max_new_tokens > limit:
+        raise FieldError(field, f"{max_new_tokens} is over the server's limit of {limit}")
+    return GenerationParams(max_new_tokens, temperature, top_p, tuple(stop or ()), seed)
+
+
+def _sse(payload: dict | str) -> str:
+    return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
+
+
+@router.post("/v1/tasks/{task}/generate")
+async def generate(task: str, body: GenerateRequest, request: Request):
+    """Continue the task's prompt; ``stream: true`` sends server-sent events."""
+    engine = bridge.engine_of(request)
+    adapter = bridge.lookup(request, task)
+    params = params_of(body.max_new_tokens, body.temperature, body.top_p, body.stop, body.seed,
+                       request, "max_new_tokens")
+    gen = await bridge.generate(engine, adapter, body.text, body.question, params)
+    head = {"task": task, "version": adapter.version}
+    headers = {VERSION_HEADER: adapter.version}
+
+    def done(event: Finished) -> dict:
+        return {**head, "text": event.text, "finish_reason": event.finish_reason,
+                "prompt_tokens": event.prompt_tokens, "completion_tokens": event.completion_tokens,
+                "truncated": gen.truncated}
+
+    if not body.stream:
+        return Response(json.dumps(done(await gen.result())), media_type="application/json", headers=headers)
+    events = gen.events()
+    first = await anext(events)  # errors before the first token still get their status code
+
+    async def stream():
+        event = first
+        try:
+            while True:
+                if isinstance(event, Finished):
+                    yield _sse({"type": "done", **done(event)})
+                    return
+                yield _sse({"type": "token", "text": event.text})
+                event = await anext(events)
+        except Exception as exc:  # noqa: BLE001 - headers are sent: report in the stream
+            yield _sse({"type": "error", "status": getattr(exc, "status", 504), "message": str(exc)})
+        finally:
+            await events.aclose()
+
+    return StreamingResponse(stream(), media_type="text/event-stream", headers=headers)
+
+
+@router.get("/v1/tasks")
+async def list_tasks(request: Request) -> dict:
+    """Loaded tasks with their metadata and versions; ``resident``: task KV is in a device slot."""
+    engine = bridge.engine_of(request)
+    resident = engine.resident
+    tasks = [{**a.describe(), "resident": a.key in resident}
+             for _, a in sorted(engine.registry.snapshot().items())]
+    bundle = engine.registry.bundle
+    return {"tasks": tasks, "num_slots": engine.settings.num_slots,
+            "bundle": {"fingerprint": bundle.fingerprint, "base_model": bundle.base_model}}
+
+
+@router.get("/v1/tasks/{task}")
+async def get_task(task: str, request: Request) -> dict:
+    adapter = bridge.lookup(request, task)
+    return {**adapter.describe(), "resident": adapter.key in bridge.engine_of(request).resident}

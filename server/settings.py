@@ -1,0 +1,60 @@
+"""Settings of ``talora-serve``: one typed, validated model read from flags and ``TALORA_*`` variables.
+
+Every field is an environment variable ``TALORA_<FIELD>`` (``TALORA_NUM_SLOTS=16``) and a flag
+``--<field-with-dashes>`` (``--num-slots 16``); a flag wins over the variable, the variable over
+the default. ``Settings()`` raises ``pydantic.ValidationError`` naming the field that is wrong.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Everything the server can be told; see docs/serving.md for the table."""
+
+    model_config = SettingsConfigDict(env_prefix="TALORA_", extra="forbid")
+
+    host: str = Field("127.0.0.1", description="address to listen on")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port to listen on (0: any free port)")
+    model: str = Field("smollm2-135m-instruct",
+                       description="frozen base model: the embedded default, a checkpoint folder or a hub id")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="weight and KV dtype")
+    device: str = Field("auto", description="torch device; auto picks cuda when present, else cpu")
+    bundle: Path | None = Field(None, description="adapter bundle folder (talora.json + shared.safetensors); "
+                                                  "default: the packaged demo bundle")
+    store: Path | None = Field(None, description="adapter store the admin routes and the watcher read task "
+                                                 "files from; default: the bundle folder")
+    num_slots: int = Field(8, ge=1, le=4096, description="task-KV slots kept on the device (LRU)")
+    max_batch_size: int = Field(32, ge=1, description="most rows (requests and label rows) in one batch step")
+    max_batch_tokens: int = Field(2048, ge=16, description="most new tokens in one batch step")
+    max_queue: int = Field(256, ge=1, description="most waiting requests; beyond it requests get 429")
+    kv_cache_tokens: int = Field(8192, ge=64, description="token capacity of the per-request KV cache pool")
+    request_timeout_s: float = Field(60.0, gt=0, description="a request not finished in this time gets 504")
+    max_texts_per_request: int = Field(64, ge=1, description="most texts in one predict request")
+    max_new_tokens_limit: int = Field(512, ge=1, description="largest max_new_tokens a request may ask for")
+    on_overflow: Literal["truncate", "reject"] = Field(
+        "truncate", description="input longer than the task's max_input_tokens: cut it, or refuse with 413")
+    admin_token: SecretStr | None = Field(None, description="bearer token of the admin routes; unset: they are off")
+    watch_interval_s: float = Field(0.0, ge=0, description="poll the store for new and changed adapters "
+                                                           "every this many seconds (0: off)")
+    max_upload_bytes: int = Field(64 * 2**20, ge=1024, description="largest adapter upload accepted")
+    drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM, wait this long for requests in flight")
+    retry_after_s: int = Field(1, ge=1, description="Retry-After seconds sent with 429")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
+
+    @model_validator(mode="after")
+    def _check(self) -> "Settings":
+        if self.bundle is not None and not self.bundle.is_dir():
+            raise ValueError(f"bundle: {self.bundle} is not a folder")
+        if self.store is not None and not self.store.is_dir():
+            raise ValueError(f"store: {self.store} is not a folder")
+        return self
+
+    @property
+    def admin_enabled(self) -> bool:
+        return self.admin_token is not None and bool(self.admin_token.get_secret_value())

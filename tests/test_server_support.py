@@ -1,0 +1,97 @@
+"""Helpers for the server tests (no tests here): random bundles on the real default model, and a
+real uvicorn server on 127.0.0.1 in a background thread."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from talora.adapters.bundle import export_bundle, export_task
+from talora.adapters.config import TaloraConfig
+from talora.adapters.talora_model import TaloraModel
+
+TEMPLATE = "Text: {text}\nAnswer:"
+CLASSIFY = {
+    "sentiment": {"positive": " good", "negative": " bad"},
+    "topic": {"sports": " sports", "politics": " politics", "science": " science"},
+    "spam": {"ham": " no", "spam": " yes"},
+    "intent": {"buy": " buy it now", "ask": " a question"},  # multi-token verbalisers
+}
+GENERATE = "echo"
+
+
+def build_bundle(folder: Path, loaded, seed: int = 0) -> Path:
+    """A bundle of four classify tasks and one generate task with random, open gates."""
+    gen = torch.Generator().manual_seed(seed)
+    model = TaloraModel(loaded.model, TaloraConfig(shared_prompt_len=4, task_prompt_len=4, rank=4, init_std=0.5))
+    model.init_shared(gen)
+    bundle = export_bundle(model, folder, loaded.name, loaded.fingerprint)
+    for task, verbalizers in CLASSIFY.items():
+        add_random_task(model, task, gen)
+        export_task(model, task, folder, bundle, kind="classify", labels=list(verbalizers),
+                    verbalizers=verbalizers, template=TEMPLATE, max_input_tokens=32)
+    add_random_task(model, GENERATE, gen)
+    export_task(model, GENERATE, folder, bundle, kind="generate", template="{text}", max_input_tokens=32)
+    return folder
+
+
+def add_random_task(model: TaloraModel, task: str, gen: torch.Generator, gate_std: float = 1.0) -> None:
+    adapter = model.add_task(task, generator=gen)
+    with torch.no_grad():
+        adapter.gate.copy_(torch.randn(adapter.gate.shape, generator=gen) * gate_std)
+
+
+def write_version(folder: Path, loaded, task: str, seed: int, version: str) -> None:
+    """Write another version of classify ``task`` into ``folder`` (an existing bundle)."""
+    from talora.adapters.bundle import model_from_bundle
+
+    model, bundle, _ = model_from_bundle(loaded.model, folder, loaded.fingerprint, tasks=[])
+    add_random_task(model, task, torch.Generator().manual_seed(seed), gate_std=2.0)
+    verbalizers = CLASSIFY[task]
+    export_task(model, task, folder, bundle, kind="classify", labels=list(verbalizers), verbalizers=verbalizers,
+                template=TEMPLATE, max_input_tokens=32, version=version)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ServerThread:
+    """``create_app`` under a real uvicorn on 127.0.0.1, in a thread of this process."""
+
+    def __init__(self, settings, loaded):
+        import uvicorn
+
+        from talora.server.app import create_app
+        from talora.server.engine import Engine
+
+        self.engine = Engine(settings, loaded=loaded)
+        self.app = create_app(settings, self.engine)
+        self.port = free_port()
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning",
+                                access_log=False, lifespan="on")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> "ServerThread":
+        self.thread.start()
+        deadline = time.monotonic() + 120
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(60)
