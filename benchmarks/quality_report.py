@@ -1,0 +1,134 @@
+"""Summarise the quality benchmark's cached runs into ``quality.json`` and a bar chart.
+
+One row per (method, task, setting) over the seeds that finished: mean and sample standard
+deviation of the test accuracy, the number of seeds, the majority-class rate of the test
+subset, macro-F1, parameters per task, and wall-clock. Target rows come from target runs;
+source rows (``"role": "source"``, setting ``"full"``) from the multi-task source stage.
+Only runs of the current plan's configuration are summarised.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+from pathlib import Path
+
+from quality_plan import METHODS, SETTINGS, Run
+
+REQUIRED = ("method", "task", "setting", "metric", "mean", "std", "seeds", "params_per_task")
+
+
+def machine() -> str:
+    """CPU model, logical cores, OS and library versions, in one line."""
+    import torch
+
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        import peft
+        import transformers
+
+        libs = f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}"
+    except ImportError:
+        libs = f"torch {torch.__version__}"
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{cpu}, {os.cpu_count()} logical cores, {gpu}, {platform.system()} {platform.release()}; {libs}"
+
+
+def _stats(values: list[float]) -> tuple[float, float]:
+    mean = statistics.fmean(values)
+    return mean, (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def _row(method, task, setting, role, group: list[tuple[dict, dict]]) -> dict:
+    accs = [m["accuracy"] for _, m in group]
+    f1s = [m["macro_f1"] for _, m in group]
+    mean, std = _stats(accs)
+    first = group[0][0]
+    return {
+        "method": method, "task": task, "setting": setting, "role": role, "metric": "accuracy",
+        "mean": round(mean, 4), "std": round(std, 4), "seeds": len(group),
+        "seed_list": sorted(r["seed"] for r, _ in group),
+        "macro_f1_mean": round(statistics.fmean(f1s), 4),
+        "majority_rate": round(group[0][1]["majority_rate"], 4), "test_examples": group[0][1]["examples"],
+        "params_per_task": first["params_per_task"], "shared_params": first["shared_params"],
+        "train_steps": first["spec"]["steps"], "batch_size": first["spec"]["batch_size"],
+        "train_examples": first.get("train_examples"),
+        "wall_s_mean": round(statistics.fmean(r["wall_s"] for r, _ in group), 1),
+        "seconds_per_step_median": round(statistics.median(r["seconds_per_step"] for r, _ in group), 2),
+    }
+
+
+def summary_rows(plan: list[Run], results: dict[str, dict]) -> list[dict]:
+    """Rows for every (method, task, setting) of ``plan`` with at least one finished run."""
+    groups: dict[tuple, list[tuple[dict, dict]]] = {}
+    for run in plan:
+        result = results.get(run.key)
+        if result is None:
+            continue
+        if run.stage == "source":
+            for task, metrics in sorted(result["metrics"].items()):
+                groups.setdefault((run.method, task, "full", "source"), []).append((result, metrics))
+        else:
+            groups.setdefault((run.method, run.task, run.setting, "target"), []).append(
+                (result, result["metrics"][run.task]))
+    order = {m: i for i, m in enumerate(METHODS)}
+    settings = {s: i for i, s in enumerate(("full", "k16", "k32"))}
+    keys = sorted(groups, key=lambda k: (k[3] != "target", k[1], settings[k[2]], order[k[0]]))
+    return [_row(*k, groups[k]) for k in keys]
+
+
+def write_summary(path: Path, rows: list[dict], command: str, config: dict, plan_size: int, done: int) -> dict:
+    doc = {"machine": machine(), "command": command, "runs_finished": done, "runs_planned": plan_size,
+           "config": config, "rows": rows}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(doc, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return doc
+
+
+def plot(path: Path, rows: list[dict]) -> Path | None:
+    """Grouped bars of target accuracy (mean ± std, seed count on each bar), majority rate dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    target = [r for r in rows if r["role"] == "target"]
+    if not target:
+        return None
+    groups = sorted({(r["task"], r["setting"]) for r in target}, key=lambda g: (g[0], SETTINGS.index(g[1])))
+    methods = [m for m in METHODS if any(r["method"] == m for r in target)]
+    width = 0.8 / len(methods)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(groups) + 2), 4.2))
+    for i, method in enumerate(methods):
+        labelled = False
+        for g, (task, setting) in enumerate(groups):
+            row = next((r for r in target if (r["method"], r["task"], r["setting"]) == (method, task, setting)), None)
+            if row is None:
+                continue
+            x = g + (i - (len(methods) - 1) / 2) * width
+            ax.bar(x, row["mean"], width, yerr=row["std"], color=f"C{i}", label=None if labelled else method,
+                   capsize=2)
+            labelled = True
+            ax.text(x, row["mean"] + row["std"] + 0.01, str(row["seeds"]), ha="center", fontsize=6)
+    for g, (task, setting) in enumerate(groups):
+        majority = next(r["majority_rate"] for r in target if (r["task"], r["setting"]) == (task, setting))
+        ax.hlines(majority, g - 0.45, g + 0.45, colors="k", linestyles="dashed", linewidth=0.8)
+    ax.legend(fontsize=7, ncol=2)
+    ax.set_xticks(range(len(groups)), [f"{t}\n{s}" for t, s in groups], fontsize=8)
+    ax.set_ylabel("test accuracy (mean ± std; number = seeds)")
+    ax.set_title("Held-out target tasks (dashed: majority-class rate)", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

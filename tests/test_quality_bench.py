@@ -1,0 +1,160 @@
+"""The quality benchmark's bookkeeping: plan, cache keys, resuming, summary rows (no training)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import quality  # noqa: E402
+import quality_plan as qp  # noqa: E402
+import quality_report as qr  # noqa: E402
+import quality_runs  # noqa: E402
+
+SMOL = {"d": 576, "L": 30, "H": 9}
+
+
+def _fake_result(run: qp.Run, accuracy: float) -> dict:
+    tasks = run.spec["tasks"] if run.stage == "source" else [run.task]
+    metrics = {t: {"examples": 96, "accuracy": accuracy, "macro_f1": accuracy / 2, "majority_rate": 0.25}
+               for t in tasks}
+    return {"key": run.key, "method": run.method, "stage": run.stage, "task": run.task, "setting": run.setting,
+            "seed": run.seed, "spec": run.spec, "metrics": metrics, "params_per_task": 302, "shared_params": 20736,
+            "wall_s": 10.0, "seconds_per_step": 2.0, "final_loss": 1.0}
+
+
+def _fake_artifact(cache: Path, run: qp.Run) -> None:
+    folder = cache / quality_runs.ARTIFACTS / run.key
+    if run.method in qp.TALORA_METHODS:
+        (folder / "bundle").mkdir(parents=True)
+    else:
+        folder.mkdir(parents=True)
+        (folder / "source.safetensors").write_bytes(b"")
+
+
+def test_plan_is_deterministic_and_complete():
+    cfg = qp.BenchConfig()
+    first, second = qp.build_plan(cfg), qp.build_plan(qp.BenchConfig())
+    assert [r.key for r in first] == [r.key for r in second]
+    assert len({r.key for r in first}) == len(first)
+    targets = [r for r in first if r.stage == "target"]
+    assert len(targets) == len(qp.METHODS) * len(cfg.target_tasks) * len(qp.SETTINGS) * len(cfg.seeds)
+    assert {r.method for r in first if r.stage == "source"} == set(qp.MULTITASK)
+    position = {r.key: i for i, r in enumerate(first)}
+    for run in targets:
+        if run.method in qp.MULTITASK:
+            assert position[run.spec["source"]] < position[run.key]
+        else:
+            assert run.spec["source"] is None
+    assert first[0].setting == "source" and targets[0].setting == "k16"
+
+
+def test_keys_follow_the_configuration():
+    base = qp.BenchConfig()
+    changed = replace(base, talora={**base.talora, "lr": 0.1})
+    old = {r.label: r.key for r in qp.build_plan(base)}
+    new = {r.label: r.key for r in qp.build_plan(changed)}
+    assert old.keys() == new.keys()
+    for label in old:
+        method = label.split("/")[0]
+        assert (old[label] != new[label]) == (method in qp.TALORA_METHODS), label
+    ablations = {r.method: r.key for r in qp.build_plan(base) if r.stage == "source"}
+    assert len(set(ablations.values())) == len(ablations)
+
+
+def test_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="methods"):
+        qp.BenchConfig(methods=("talora", "adapterdrop"))
+    with pytest.raises(ValueError, match="held out"):
+        qp.BenchConfig(target_tasks=("bbc_topic",))
+
+
+def test_cached_runs_are_skipped(tmp_path, monkeypatch):
+    cfg = replace(qp.BenchConfig(), methods=("talora", "prompt_tuning"), settings=("k16",), seeds=(0,))
+    plan = qp.build_plan(cfg)
+    missing = plan[-1]
+    for run in plan[:-1]:
+        qp.save_result(tmp_path, run.key, _fake_result(run, 0.5))
+        if run.stage == "source":
+            _fake_artifact(tmp_path, run)
+    executed = []
+
+    def fake_execute(run, cache_dir, progress=True):
+        executed.append(run.key)
+        return _fake_result(run, 0.6)
+
+    monkeypatch.setattr(quality_runs, "execute", fake_execute)
+    assert quality.execute_plan(plan, tmp_path, 0, False, lambda: None) == 1
+    assert executed == [missing.key]
+    assert qp.load_result(tmp_path, missing.key)["metrics"][missing.task]["accuracy"] == 0.6
+    assert quality.execute_plan(plan, tmp_path, 0, False, lambda: None) == 0
+    assert not list(tmp_path.glob("*.tmp*"))
+
+
+def test_lost_source_artifact_reruns_the_source_stage(tmp_path, monkeypatch):
+    cfg = replace(qp.BenchConfig(), methods=("talora",), settings=("k16",), seeds=(0,))
+    plan = qp.build_plan(cfg)
+    for run in plan:
+        qp.save_result(tmp_path, run.key, _fake_result(run, 0.5))
+    executed = []
+    monkeypatch.setattr(quality_runs, "execute", lambda run, cache, progress=True: executed.append(run.stage)
+                        or _fake_result(run, 0.5))
+    quality.execute_plan(plan, tmp_path, 0, False, lambda: None)
+    assert executed == ["source"]
+
+
+def test_budget_stops_before_a_run_that_does_not_fit(tmp_path, monkeypatch):
+    plan = qp.build_plan(replace(qp.BenchConfig(), methods=("prompt_tuning",), settings=("k16",), seeds=(0,)))
+    monkeypatch.setattr(quality_runs, "execute", lambda *a, **k: pytest.fail("a run started past the budget"))
+    assert quality.execute_plan(plan, tmp_path, 0.01, False, lambda: None) == 0
+
+
+def test_summary_rows_have_the_required_fields(tmp_path):
+    cfg = replace(qp.BenchConfig(), settings=("k16",))
+    plan = qp.build_plan(cfg)
+    results = {}
+    for run in plan:
+        if run.stage == "source" or run.seed in (0, 1):
+            results[run.key] = _fake_result(run, 0.5 if run.seed == 0 else 0.7)
+    rows = qr.summary_rows(plan, results)
+    assert rows
+    for row in rows:
+        assert all(field in row for field in qr.REQUIRED)
+        assert row["method"] in qp.METHODS and row["setting"] in ("full", "k16", "k32")
+        assert row["majority_rate"] == 0.25
+    target = [r for r in rows if r["role"] == "target"]
+    assert {r["method"] for r in target} == set(qp.METHODS)
+    assert all(r["seeds"] == 2 and r["mean"] == pytest.approx(0.6) and r["std"] == pytest.approx(0.1414, abs=1e-4)
+               for r in target)
+    source = [r for r in rows if r["role"] == "source"]
+    assert {r["task"] for r in source} == set(cfg.source_tasks) and all(r["seeds"] == 1 for r in source)
+    doc = qr.write_summary(tmp_path / "quality.json", rows, "python benchmarks/quality.py", cfg.to_dict(),
+                           len(plan), len(results))
+    assert json.loads((tmp_path / "quality.json").read_text())["rows"] == doc["rows"]
+    assert set(doc) >= {"machine", "command", "rows"}
+    assert qr.plot(tmp_path / "quality.png", rows).stat().st_size > 0
+
+
+def test_params_per_task_counts():
+    cfg = qp.BenchConfig()
+    talora, shared = quality_runs.params_per_task("talora", qp.method_spec(cfg, "talora"), SMOL, 4)
+    assert talora == 8 * 4 + 30 * 9 and shared == 32 * 576 + 4 * 576
+    prompt, _ = quality_runs.params_per_task("prompt_tuning", qp.method_spec(cfg, "prompt_tuning"), SMOL, 0)
+    assert prompt == 16 * 576 and talora * 10 <= prompt
+    full, _ = quality_runs.params_per_task("talora_full_rank", qp.method_spec(cfg, "talora_full_rank"), SMOL, 4)
+    assert full == 8 * 576 + 30 * 9
+    no_gate, _ = quality_runs.params_per_task("talora_no_gate", qp.method_spec(cfg, "talora_no_gate"), SMOL, 4)
+    assert no_gate == 8 * 4
+
+
+def test_plan_only_prints_every_run(tmp_path, capsys):
+    quality.main(["--plan-only", "--cache-dir", str(tmp_path)])
+    out = capsys.readouterr().out.strip().splitlines()
+    plan = qp.build_plan(qp.BenchConfig())
+    assert len(out) == len(plan) + 1 and out[-1].startswith(f"{len(plan)} runs, {len(plan)} to do")
+    assert all(run.key in line for run, line in zip(plan, out))
