@@ -106,6 +106,8 @@ class Engine:
         """Load everything and start the worker; blocks until ready (seconds)."""
         s = self.settings
         bundle = resolve_bundle(s)
+        if s.torch_threads:
+            torch.set_num_threads(s.torch_threads)
         device = s.device if s.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         loaded = self._loaded or load_model(s.model, s.dtype, device)
         self.tokenizer = loaded.tokenizer

@@ -29,6 +29,7 @@ class Settings(BaseSettings):
                                                   "default: the packaged demo bundle")
     store: Path | None = Field(None, description="adapter store the admin routes and the watcher read task "
                                                  "files from; default: the bundle folder")
+    torch_threads: int = Field(0, ge=0, description="CPU threads torch may use (0: torch's default)")
     num_slots: int = Field(8, ge=1, le=4096, description="task-KV slots kept on the device (LRU)")
     max_batch_size: int = Field(32, ge=1, description="most rows (requests and label rows) in one batch step")
     max_batch_tokens: int = Field(2048, ge=16, description="most new tokens in one batch step")

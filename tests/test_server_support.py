@@ -34,7 +34,7 @@ def build_bundle(folder: Path, loaded, seed: int = 0) -> Path:
         add_random_task(model, task, gen)
         export_task(model, task, folder, bundle, kind="classify", labels=list(verbalizers),
                     verbalizers=verbalizers, template=TEMPLATE, max_input_tokens=32)
-    add_random_task(model, GENERATE, gen)
+    add_random_task(model, GENERATE, gen, gate_std=0.05)
     export_task(model, GENERATE, folder, bundle, kind="generate", template="{text}", max_input_tokens=32)
     return folder
 
@@ -95,3 +95,11 @@ class ServerThread:
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True
         self.thread.join(60)
+
+
+def serve(bundle_dir: Path, loaded, **overrides) -> ServerThread:
+    """A test server on ``bundle_dir``: one torch thread (the CI machine is shared), short timeouts."""
+    from talora.server.settings import Settings
+
+    settings = Settings(bundle=bundle_dir, torch_threads=1, **{"num_slots": 3, "drain_timeout_s": 10, **overrides})
+    return ServerThread(settings, loaded)
