@@ -45,15 +45,21 @@ def add_random_task(model: TaloraModel, task: str, gen: torch.Generator, gate_st
         adapter.gate.copy_(torch.randn(adapter.gate.shape, generator=gen) * gate_std)
 
 
-def write_version(folder: Path, loaded, task: str, seed: int, version: str) -> None:
-    """Write another version of classify ``task`` into ``folder`` (an existing bundle)."""
+def write_version(folder: Path, loaded, task: str, seed: int, version: str, out: Path | None = None,
+                  name: str | None = None) -> Path:
+    """Write another version of ``task`` of the bundle in ``folder`` into ``out`` (default ``folder``),
+    under task name ``name`` (default ``task``), with new random fast weights and gates."""
+    import json
+
     from talora.adapters.bundle import model_from_bundle
 
+    name = name or task
+    meta = json.loads((folder / f"{task}.json").read_text())
     model, bundle, _ = model_from_bundle(loaded.model, folder, loaded.fingerprint, tasks=[])
-    add_random_task(model, task, torch.Generator().manual_seed(seed), gate_std=2.0)
-    verbalizers = CLASSIFY[task]
-    export_task(model, task, folder, bundle, kind="classify", labels=list(verbalizers), verbalizers=verbalizers,
-                template=TEMPLATE, max_input_tokens=32, version=version)
+    add_random_task(model, name, torch.Generator().manual_seed(seed), gate_std=2.0)
+    fields = {k: meta[k] for k in ("kind", "labels", "verbalizers", "template", "max_input_tokens")}
+    export_task(model, name, out or folder, bundle, version=version, **fields)
+    return (out or folder) / f"{name}.json"
 
 
 def free_port() -> int:
