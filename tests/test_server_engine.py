@@ -195,3 +195,11 @@ def test_no_bundle_says_how_to_make_one(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(engine, "demo_bundle_dir", lambda: tmp_path / "demo")
     assert cli.main([]) == 2
     assert "talora-train demo" in capsys.readouterr().err
+
+
+def test_every_setting_is_documented():
+    from pathlib import Path
+
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "serving.md").read_text()
+    for name in Settings.model_fields:
+        assert f"`--{name.replace('_', '-')}` | `TALORA_{name.upper()}`" in docs, name
