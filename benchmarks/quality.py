@@ -27,7 +27,7 @@ sys.path.insert(0, str(HERE))
 
 from quality_plan import (METHODS, SETTINGS, BenchConfig, Run, build_plan, cached_results,  # noqa: E402
                           estimate_seconds, load_result, measured_rates, save_result)
-from quality_report import plot, summary_rows, write_summary  # noqa: E402
+from quality_report import markdown_table, markdown_zero_shot, plot, reference_rows, summary_rows, write_summary  # noqa: E402
 
 CACHE_DIR = HERE / "runs" / "quality"
 RESULTS = HERE / "results"
@@ -90,9 +90,10 @@ def summarise(cfg: BenchConfig, full_cfg: BenchConfig, cache_dir: Path, results_
     """quality.json and quality.png from the cached runs of the full plan (not just the filter)."""
     plan = build_plan(full_cfg)
     results = {r.key: res for r in plan if (res := load_result(cache_dir, r.key)) is not None}
-    rows = summary_rows(plan, results)
-    doc = write_summary(results_dir / "quality.json", rows, command, full_cfg.to_dict(), len(plan), len(results))
-    plot(results_dir / "quality.png", rows)
+    rows, zero_shot = summary_rows(plan, results), reference_rows(plan, results)
+    doc = write_summary(results_dir / "quality.json", rows, command, full_cfg.to_dict(), len(plan), len(results),
+                        zero_shot)
+    plot(results_dir / "quality.png", rows, zero_shot)
     return doc
 
 
@@ -146,6 +147,8 @@ def main(argv=None) -> None:
     doc = summarise(cfg, full_cfg, args.cache_dir, args.results_dir, command)
     print(f"{doc['runs_finished']}/{doc['runs_planned']} runs finished; {len(doc['rows'])} rows in "
           f"{args.results_dir / 'quality.json'}")
+    if args.summarise:
+        print(markdown_zero_shot(doc["zero_shot"]) + "\n\n" + markdown_table(doc["rows"]))
 
 
 if __name__ == "__main__":

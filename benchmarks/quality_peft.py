@@ -128,23 +128,23 @@ def _left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor,
     return ids.to(device), mask.to(device)
 
 
-def _tail_logits(model, rows, task_ids, keep: int, pad_id: int, lora: bool) -> torch.Tensor:
+def _tail_logits(model, rows, task_ids, keep: int, pad_id: int, real_positions: bool) -> torch.Tensor:
     """Logits ``(B, keep, V)`` at the last ``keep`` positions of left-padded ``rows``."""
     device = next(model.parameters()).device
     ids, mask = _left_pad(rows, pad_id, device)
     kwargs = {"input_ids": ids, "attention_mask": mask, "logits_to_keep": keep}
     if task_ids is not None:
         kwargs["task_ids"] = torch.tensor(task_ids, dtype=torch.long, device=device)
-    if lora:  # LoRA sees real positions; prompt learning ignores position_ids (see module doc)
+    if real_positions:  # LoRA and the bare model; prompt learning ignores position_ids (module doc)
         kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
     return model(**kwargs).logits.float()
 
 
-def answer_loss(model, items, pad_id: int, multitask_ids: bool, lora: bool) -> torch.Tensor:
+def answer_loss(model, items, pad_id: int, multitask_ids: bool, real_positions: bool) -> torch.Tensor:
     """Mean cross-entropy over the answer tokens of ``items`` = [(task index, EncodedExample)]."""
     rows = [ex.prompt_ids + ex.target_ids[:-1] for _, ex in items]
     keep = max(len(ex.target_ids) for _, ex in items)
-    logits = _tail_logits(model, rows, [t for t, _ in items] if multitask_ids else None, keep, pad_id, lora)
+    logits = _tail_logits(model, rows, [t for t, _ in items] if multitask_ids else None, keep, pad_id, real_positions)
     picked, targets = [], []
     for b, (_, ex) in enumerate(items):
         n = len(ex.target_ids)
@@ -154,7 +154,7 @@ def answer_loss(model, items, pad_id: int, multitask_ids: bool, lora: bool) -> t
 
 
 @torch.no_grad()
-def predict_labels(model, task: EncodedTask, task_id: int | None, pad_id: int, lora: bool,
+def predict_labels(model, task: EncodedTask, task_id: int | None, pad_id: int, real_positions: bool,
                    batch_size: int = 16) -> list[str]:
     """Argmax over labels of the summed log-likelihood of each label's verbaliser tokens."""
     keep = max(len(v) for v in task.label_ids)
@@ -172,7 +172,7 @@ def predict_labels(model, task: EncodedTask, task_id: int | None, pad_id: int, l
                 per_label.append(index[(e, row)])
             reads.append(per_label)
         ids = None if task_id is None else [task_id] * len(rows)
-        logp = torch.log_softmax(_tail_logits(model, rows, ids, keep, pad_id, lora), dim=-1)
+        logp = torch.log_softmax(_tail_logits(model, rows, ids, keep, pad_id, real_positions), dim=-1)
         for per_label in reads:
             scores = [logp[r, keep - len(v) + torch.arange(len(v)), torch.tensor(v)].sum()
                       for r, v in zip(per_label, task.label_ids)]
@@ -180,17 +180,17 @@ def predict_labels(model, task: EncodedTask, task_id: int | None, pad_id: int, l
     return preds
 
 
-def evaluate(model, task: EncodedTask, task_id: int | None, pad_id: int, lora: bool) -> dict:
+def evaluate(model, task: EncodedTask, task_id: int | None, pad_id: int, real_positions: bool) -> dict:
     model.eval()
     gold = [ex.label for ex in task.examples]
-    pred = predict_labels(model, task, task_id, pad_id, lora)
+    pred = predict_labels(model, task, task_id, pad_id, real_positions)
     return {"examples": len(gold), "accuracy": accuracy(gold, pred), "macro_f1": macro_f1(gold, pred, task.labels),
             "majority_rate": majority_rate(gold)}
 
 
 # ----- training ----------------------------------------------------------------------------
 def train(model, tasks: list[EncodedTask], steps: int, batch_size: int, lr: float, seed: int,
-          temperature: float, pad_id: int, multitask_ids: bool, lora: bool, progress: bool = True) -> dict:
+          temperature: float, pad_id: int, multitask_ids: bool, real_positions: bool, progress: bool = True) -> dict:
     """``steps`` AdamW steps on mixed batches of ``tasks``; returns losses and the median step time."""
     from tqdm.auto import tqdm
 
@@ -205,7 +205,7 @@ def train(model, tasks: list[EncodedTask], steps: int, batch_size: int, lr: floa
         tic = time.perf_counter()
         items = [(t, tasks[t].examples[i]) for t, i in sampler.draw(batch_size)]
         optimizer.zero_grad(set_to_none=True)
-        loss = answer_loss(model, items, pad_id, multitask_ids, lora)
+        loss = answer_loss(model, items, pad_id, multitask_ids, real_positions)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
         optimizer.step()

@@ -19,6 +19,7 @@ from pathlib import Path
 METHODS = ("talora", "talora_no_gate", "talora_full_rank", "talora_no_slow", "prompt_tuning", "mpt", "lora")
 TALORA_METHODS = METHODS[:4]
 MULTITASK = ("talora", "talora_no_gate", "talora_full_rank", "talora_no_slow", "mpt", "lora")  # have a source stage
+REFERENCE = "zero_shot"  # the frozen model with the task template alone: no adapter, no training
 SETTINGS = ("k16", "full", "k32")  # order of execution: k16 first, it is the headline
 SHOTS = {"full": 0, "k16": 16, "k32": 32}
 CACHE_FORMAT = 1
@@ -65,9 +66,12 @@ class BenchConfig:
     target_batch_size: int = 4
     sampling_temperature: float = 2.0
     # TA-LoRA (TrainConfig fields; the ablations change one each)
+    # Gate lr 0.3 (the trainer's default lr 0.3 x gate_lr_ratio 1, and lr 0.1 x 3) made the source
+    # loss climb from 5.8 to ~9-14 in 10 steps: AdamW moves each of the L x H gates by ~lr a step
+    # whatever its gradient's size, so noisy gates random-walk open (docs/quality.md, "Tried").
     talora: dict = field(default_factory=lambda: {
-        "shared_prompt_len": 32, "task_prompt_len": 8, "rank": 4, "lr": 0.3, "slow_lr_ratio": 0.1,
-        "gate_lr_ratio": 1.0, "target_init": "mean"})
+        "shared_prompt_len": 32, "task_prompt_len": 8, "rank": 4, "lr": 0.1, "slow_lr_ratio": 0.1,
+        "gate_lr_ratio": 0.1, "target_init": "mean"})
     # PEFT baselines
     prompt_tokens: int = 16  # num_virtual_tokens of PromptTuning and MultitaskPromptTuning
     prompt_lr: float = 0.3
@@ -99,7 +103,7 @@ class Run:
     (``task`` = "+"-joined names, ``setting`` = "source"); "target": one held-out task."""
 
     method: str
-    stage: str  # "source" | "target"
+    stage: str  # "source" | "target" | "reference" (zero_shot: evaluation only)
     task: str
     setting: str  # "source" | "full" | "k16" | "k32"
     seed: int
@@ -150,10 +154,17 @@ def target_run(cfg: BenchConfig, method: str, task: str, setting: str, seed: int
     return Run(method, "target", task, setting, seed, spec, run_key(spec))
 
 
+def reference_run(cfg: BenchConfig, task: str) -> Run:
+    spec = {**_common(cfg), "method": REFERENCE, "stage": "reference", "task": task, "seed": 0, "steps": 0,
+            "batch_size": 0, "hyper": {}}
+    return Run(REFERENCE, "reference", task, "none", 0, spec, run_key(spec))
+
+
 def build_plan(cfg: BenchConfig) -> list[Run]:
-    """Every run, in execution order: a method's source stage before its targets; settings in
-    ``SETTINGS`` order (k16 first), then seeds, then methods, so early stops leave whole rows."""
-    plan: list[Run] = []
+    """Every run, in execution order: the zero-shot references (cheap) first; a method's source
+    stage before its targets; settings in ``SETTINGS`` order (k16 first), then seeds, then
+    methods, so early stops leave whole rows."""
+    plan: list[Run] = [reference_run(cfg, task) for task in (*cfg.target_tasks, *cfg.source_tasks)]
     sourced: set[str] = set()
     for setting in [s for s in SETTINGS if s in cfg.settings]:
         for seed in cfg.seeds:
@@ -216,5 +227,5 @@ def measured_rates(results: list[dict]) -> dict:
 def estimate_seconds(run: Run, rates: dict) -> float:
     spec = run.spec
     evals = spec["test_limit"] * (len(spec["tasks"]) if run.stage == "source" else 1)
-    step_s = rates[(rate_family(run.method), run.stage)]
+    step_s = rates[(rate_family(run.method), run.stage)] if spec["steps"] else 0.0
     return rates["startup"] + spec["steps"] * step_s + evals * rates["eval_example"]

@@ -14,7 +14,7 @@ import platform
 import statistics
 from pathlib import Path
 
-from quality_plan import METHODS, SETTINGS, Run
+from quality_plan import METHODS, REFERENCE, SETTINGS, Run
 
 REQUIRED = ("method", "task", "setting", "metric", "mean", "std", "seeds", "params_per_task")
 
@@ -71,7 +71,7 @@ def summary_rows(plan: list[Run], results: dict[str, dict]) -> list[dict]:
     groups: dict[tuple, list[tuple[dict, dict]]] = {}
     for run in plan:
         result = results.get(run.key)
-        if result is None:
+        if result is None or run.stage == "reference":
             continue
         if run.stage == "source":
             for task, metrics in sorted(result["metrics"].items()):
@@ -85,9 +85,23 @@ def summary_rows(plan: list[Run], results: dict[str, dict]) -> list[dict]:
     return [_row(*k, groups[k]) for k in keys]
 
 
-def write_summary(path: Path, rows: list[dict], command: str, config: dict, plan_size: int, done: int) -> dict:
+def reference_rows(plan: list[Run], results: dict[str, dict]) -> list[dict]:
+    """The frozen model's zero-shot accuracy on each task's test subset (no adapter)."""
+    rows = []
+    for run in plan:
+        result = results.get(run.key)
+        if run.stage == "reference" and result is not None:
+            m = result["metrics"][run.task]
+            rows.append({"method": REFERENCE, "task": run.task, "accuracy": round(m["accuracy"], 4),
+                         "macro_f1": round(m["macro_f1"], 4), "majority_rate": round(m["majority_rate"], 4),
+                         "test_examples": m["examples"]})
+    return rows
+
+
+def write_summary(path: Path, rows: list[dict], command: str, config: dict, plan_size: int, done: int,
+                  zero_shot: list[dict] | None = None) -> dict:
     doc = {"machine": machine(), "command": command, "runs_finished": done, "runs_planned": plan_size,
-           "config": config, "rows": rows}
+           "config": config, "zero_shot": zero_shot or [], "rows": rows}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(doc, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
@@ -95,8 +109,9 @@ def write_summary(path: Path, rows: list[dict], command: str, config: dict, plan
     return doc
 
 
-def plot(path: Path, rows: list[dict]) -> Path | None:
-    """Grouped bars of target accuracy (mean ± std, seed count on each bar), majority rate dashed."""
+def plot(path: Path, rows: list[dict], zero_shot: list[dict] | None = None) -> Path | None:
+    """Grouped bars of target accuracy (mean ± std, seed count on each bar), majority rate dashed,
+    the frozen model's zero-shot accuracy dotted."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -123,12 +138,34 @@ def plot(path: Path, rows: list[dict]) -> Path | None:
     for g, (task, setting) in enumerate(groups):
         majority = next(r["majority_rate"] for r in target if (r["task"], r["setting"]) == (task, setting))
         ax.hlines(majority, g - 0.45, g + 0.45, colors="k", linestyles="dashed", linewidth=0.8)
+        zero = next((z["accuracy"] for z in zero_shot or [] if z["task"] == task), None)
+        if zero is not None:
+            ax.hlines(zero, g - 0.45, g + 0.45, colors="r", linestyles="dotted", linewidth=1.0)
     ax.legend(fontsize=7, ncol=2)
     ax.set_xticks(range(len(groups)), [f"{t}\n{s}" for t, s in groups], fontsize=8)
     ax.set_ylabel("test accuracy (mean ± std; number = seeds)")
-    ax.set_title("Held-out target tasks (dashed: majority-class rate)", fontsize=9)
+    ax.set_title("Held-out target tasks (dashed: majority-class rate; dotted red: frozen model zero-shot)",
+                 fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def markdown_zero_shot(zero_shot: list[dict]) -> str:
+    lines = ["| task | zero-shot accuracy | majority | macro-F1 |", "|---|---|---|---|"]
+    lines += [f"| {z['task']} | {z['accuracy']:.3f} | {z['majority_rate']:.3f} | {z['macro_f1']:.3f} |"
+              for z in zero_shot]
+    return "\n".join(lines)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """The summary rows as a Markdown table (docs/quality.md pastes it)."""
+    lines = ["| role | task | setting | method | accuracy (mean ± std) | seeds | majority | macro-F1 | params/task "
+             "| shared params | s/step | wall s/run |", "|" + "---|" * 12]
+    for r in rows:
+        lines.append(f"| {r['role']} | {r['task']} | {r['setting']} | {r['method']} | {r['mean']:.3f} ± {r['std']:.3f} "
+                     f"| {r['seeds']} | {r['majority_rate']:.3f} | {r['macro_f1_mean']:.3f} | {r['params_per_task']:,} "
+                     f"| {r['shared_params']:,} | {r['seconds_per_step_median']:.1f} | {r['wall_s_mean']:.0f} |")
+    return "\n".join(lines)

@@ -130,7 +130,11 @@ def run_peft(run: Run, cache_dir: Path, progress: bool) -> dict:
     s, h = run.spec, run.spec["hyper"]
     base, tok = qp.load_base(s["model"])
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    lora, multitask_ids = run.method == "lora", run.method == "mpt"
+    if run.stage == "reference":
+        test = _encode(tok, [s["task"]], s["eval_split"], s["test_limit"], s["max_input_tokens"])[0]
+        return {"metrics": {test.name: qp.evaluate(base, test, None, pad_id, True)}, "final_loss": None,
+                "seconds_per_step": 0.0, "trainable_params": 0}
+    real_positions, multitask_ids = run.method == "lora", run.method == "mpt"
     if run.stage == "source":
         names = sorted(s["tasks"])  # the trainer's task order, so both draw the same batches
         train_tasks = _encode(tok, names, "train", s["train_limit"], s["max_input_tokens"])
@@ -144,8 +148,8 @@ def run_peft(run: Run, cache_dir: Path, progress: bool) -> dict:
         source_file = Path(cache_dir) / ARTIFACTS / s["source"] / "source.safetensors" if s["source"] else None
         model = _build_peft(run.method, base, h, s["seed"], 1, source_file)
     trained = qp.train(model, train_tasks, s["steps"], s["batch_size"], h["lr"], s["seed"],
-                       s.get("sampling_temperature", 2.0), pad_id, multitask_ids, lora, progress)
-    metrics = {t.name: qp.evaluate(model, t, i if multitask_ids else None, pad_id, lora)
+                       s.get("sampling_temperature", 2.0), pad_id, multitask_ids, real_positions, progress)
+    metrics = {t.name: qp.evaluate(model, t, i if multitask_ids else None, pad_id, real_positions)
                for i, t in enumerate(test_tasks)}
     if run.stage == "source":
         qp.save_source(model, run.method, Path(cache_dir) / ARTIFACTS / run.key / "source.safetensors")
@@ -170,7 +174,7 @@ def execute(run: Run, cache_dir: Path, progress: bool = True) -> dict:
     body = run_talora(run, cache_dir, progress) if run.method in TALORA_METHODS else run_peft(run, cache_dir, progress)
     shape = model_shape(run.spec["model"])
     num_sources = len(run.spec.get("tasks", [])) if run.stage == "source" else 0
-    if run.method == "lora":
+    if run.method == "lora" or run.stage == "reference":
         per_task, shared = body["trainable_params"], 0
     else:
         per_task, shared = params_per_task(run.method, run.spec["hyper"], shape, num_sources)

@@ -51,12 +51,15 @@ def test_plan_is_deterministic_and_complete():
             assert position[run.spec["source"]] < position[run.key]
         else:
             assert run.spec["source"] is None
-    assert first[0].setting == "source" and targets[0].setting == "k16"
+    references = [r for r in first if r.stage == "reference"]
+    assert first[:len(references)] == references
+    assert {r.task for r in references} == set(cfg.target_tasks) | set(cfg.source_tasks)
+    assert first[len(references)].stage == "source" and targets[0].setting == "k16"
 
 
 def test_keys_follow_the_configuration():
     base = qp.BenchConfig()
-    changed = replace(base, talora={**base.talora, "lr": 0.1})
+    changed = replace(base, talora={**base.talora, "lr": base.talora["lr"] / 2})
     old = {r.label: r.key for r in qp.build_plan(base)}
     new = {r.label: r.key for r in qp.build_plan(changed)}
     assert old.keys() == new.keys()
@@ -119,9 +122,11 @@ def test_summary_rows_have_the_required_fields(tmp_path):
     plan = qp.build_plan(cfg)
     results = {}
     for run in plan:
-        if run.stage == "source" or run.seed in (0, 1):
+        if run.stage != "target" or run.seed in (0, 1):
             results[run.key] = _fake_result(run, 0.5 if run.seed == 0 else 0.7)
-    rows = qr.summary_rows(plan, results)
+    rows, zero_shot = qr.summary_rows(plan, results), qr.reference_rows(plan, results)
+    assert [z["task"] for z in zero_shot] == [*cfg.target_tasks, *cfg.source_tasks]
+    assert all(z["method"] == qp.REFERENCE and z["accuracy"] == 0.5 for z in zero_shot)
     assert rows
     for row in rows:
         assert all(field in row for field in qr.REQUIRED)
@@ -134,10 +139,12 @@ def test_summary_rows_have_the_required_fields(tmp_path):
     source = [r for r in rows if r["role"] == "source"]
     assert {r["task"] for r in source} == set(cfg.source_tasks) and all(r["seeds"] == 1 for r in source)
     doc = qr.write_summary(tmp_path / "quality.json", rows, "python benchmarks/quality.py", cfg.to_dict(),
-                           len(plan), len(results))
+                           len(plan), len(results), zero_shot)
     assert json.loads((tmp_path / "quality.json").read_text())["rows"] == doc["rows"]
-    assert set(doc) >= {"machine", "command", "rows"}
-    assert qr.plot(tmp_path / "quality.png", rows).stat().st_size > 0
+    assert set(doc) >= {"machine", "command", "rows", "zero_shot"}
+    assert qr.plot(tmp_path / "quality.png", rows, zero_shot).stat().st_size > 0
+    table = qr.markdown_table(rows).splitlines()
+    assert len(table) == len(rows) + 2 and "0.600 ± 0.141" in table[2]
 
 
 def test_params_per_task_counts():
