@@ -1,0 +1,104 @@
+"""``talora-train``: train and score TA-LoRA adapters from the shell.
+
+Subcommands ``source``, ``target``, ``eval`` and ``demo``; every flag is a kebab-case copy of a
+``TrainConfig`` field (``--shared-prompt-len``), and ``--config FILE`` (JSON or YAML) supplies
+fields that flags then override. The summary of the run is printed as JSON on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import MISSING, fields
+
+from talora.adapters.train.config import HELP, STAGE_FIELDS, TrainConfig, load_config_file
+
+_DESCRIPTIONS = {
+    "source": "multi-task training of the shared prompt P and basis A (slow) and every task's B_t, g_t (fast)",
+    "target": "adapt a new task from a source bundle (full data or --shots k); trains its B_t, g_t only",
+    "eval": "score a bundle's task adapter on a split (accuracy/macro-F1 or EM/F1)",
+    "demo": "reproduce the committed demo bundle (source stage on SmolLM2 with the demo recipe)",
+}
+
+
+def _add_field_flags(parser: argparse.ArgumentParser, names: tuple[str, ...]) -> None:
+    by_name = {f.name: f for f in fields(TrainConfig)}
+    for name in names:
+        flag = "--" + name.replace("_", "-")
+        spec = by_name[name]
+        default = spec.default if spec.default is not MISSING else spec.default_factory()
+        help_text = f"{HELP[name]} (default: {default})".replace("%", "%%")
+        kind = spec.type
+        if kind == "bool":
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
+                                default=argparse.SUPPRESS, help=help_text)
+        elif kind == "list[str]":
+            parser.add_argument(flag, dest=name, default=argparse.SUPPRESS, metavar="A,B",
+                                type=lambda v: [x for x in v.split(",") if x], help=help_text)
+        else:
+            caster = {"int": int, "float": float}.get(kind, str)
+            parser.add_argument(flag, dest=name, type=caster, default=argparse.SUPPRESS, help=help_text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="talora-train", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for stage, names in STAGE_FIELDS.items():
+        p = sub.add_parser(stage, help=_DESCRIPTIONS[stage], description=_DESCRIPTIONS[stage])
+        p.add_argument("--config", help="JSON or YAML file of TrainConfig fields; flags override it")
+        _add_field_flags(p, names)
+    demo = sub.add_parser("demo", help=_DESCRIPTIONS["demo"], description=_DESCRIPTIONS["demo"])
+    _add_field_flags(demo, ("output_dir", "steps", "threads", "resume", "progress", "eval_limit"))
+    demo.add_argument("--install", action="store_true",
+                      help="copy the trained bundle into the package's demo folder (talora.adapters.demo)")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """Defaults <- config file <- flags; raises ValueError naming a bad field."""
+    values = vars(args).copy()
+    command = values.pop("command")
+    config_file = values.pop("config", None)
+    values.pop("install", None)
+    merged: dict = {}
+    if command == "demo":
+        from talora.adapters.train.demo import DEMO_CONFIG
+
+        merged.update(DEMO_CONFIG)
+    elif config_file:
+        merged.update(load_config_file(config_file))
+    merged.update(values)
+    merged["stage"] = "source" if command == "demo" else command
+    return TrainConfig.from_dict(merged)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+    except (ValueError, OSError) as exc:
+        print(f"talora-train: error: {exc}", file=sys.stderr)
+        return 2
+    from talora.adapters.train import run_eval, run_source, run_target
+
+    runner = {"source": run_source, "target": run_target, "eval": run_eval}[cfg.stage]
+    try:
+        summary = runner(cfg)
+    except ValueError as exc:
+        print(f"talora-train: error: {exc}", file=sys.stderr)
+        return 2
+    if args.command == "demo" and args.install and summary.get("verified"):
+        from pathlib import Path
+
+        from talora.adapters.train.demo import install_bundle
+
+        summary["installed"] = str(install_bundle(Path(summary["bundle"])))
+    if os.environ.get("RANK", "0") == "0":
+        print(json.dumps(summary, indent=2, ensure_ascii=False))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""Score a task adapter on encoded examples, exactly as serving scores requests.
+
+Classification: rank classification by label log-likelihood (``talora.adapters.scoring``).
+Extractive QA: greedy decoding on the cached path with a ``KVCache`` (stops at the
+end-of-sequence token or a newline), then SQuAD exact match and token F1.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from talora.adapters.scoring import ScoreRequest, score_labels
+from talora.adapters.talora_model import BatchMeta, KVCache, PrefixKV, SlotKV, TaloraModel
+from talora.adapters.train.data import EncodedTask
+from talora.adapters.train.metrics import accuracy, exact_match, macro_f1, majority_rate, token_f1
+
+
+def _task_tables(model: TaloraModel, task: str) -> tuple[PrefixKV, SlotKV]:
+    prefix = model.shared_kv()
+    return prefix, model.task_kv(prefix, *model.stacked([task]))
+
+
+@torch.no_grad()
+def predict_labels(model: TaloraModel, task: EncodedTask, batch_size: int) -> list[str]:
+    """Predicted label of every example of ``task`` (argmax of label log-likelihood)."""
+    prefix, slots = _task_tables(model, task.name)
+    preds = []
+    for start in range(0, len(task.examples), batch_size):
+        chunk = task.examples[start:start + batch_size]
+        requests = [ScoreRequest(ex.prompt_ids, task.label_ids, 0) for ex in chunk]
+        for scores in score_labels(model, prefix, slots, requests):
+            preds.append(task.labels[int(scores.argmax())])
+    return preds
+
+
+@torch.no_grad()
+def greedy_generate(model: TaloraModel, prefix: PrefixKV, slots: SlotKV, prompts: list[list[int]],
+                    slot_ids: list[int], max_new_tokens: int, stop_ids: set[int]) -> list[list[int]]:
+    """Greedy continuation of each prompt (stop tokens excluded) on the cached path."""
+    mc, device = model.lm.config, model.lm.device
+    lengths = [len(p) for p in prompts]
+    capacity = max(lengths) + max_new_tokens
+    cache = KVCache(mc.num_layers, capacity * len(prompts), mc.num_kv_heads, mc.head_dim, model.lm.dtype, device)
+    starts = torch.arange(len(prompts), dtype=torch.int32, device=device) * capacity
+    meta = BatchMeta.prefill(lengths, slot_ids, device=device)
+    meta.k_starts = starts
+    meta.write_index = torch.cat([s + torch.arange(n, device=device) for s, n in zip(starts.tolist(), lengths)])
+    flat = torch.tensor([t for p in prompts for t in p], dtype=torch.long, device=device)
+    hidden = model.forward_cached(flat, meta, prefix, slots, cache)
+    logits = model.lm.logits(hidden[meta.cu_seqlens_q[1:].long() - 1])
+    kv_lens = torch.tensor(lengths, dtype=torch.int32, device=device)
+    outputs: list[list[int]] = [[] for _ in prompts]
+    done = [False] * len(prompts)
+    for _ in range(max_new_tokens):
+        next_ids = logits.argmax(-1)
+        for row, token in enumerate(next_ids.tolist()):
+            if not done[row]:
+                if token in stop_ids:
+                    done[row] = True
+                else:
+                    outputs[row].append(token)
+        if all(done):
+            break
+        kv_lens = kv_lens + 1
+        step = BatchMeta(torch.arange(len(prompts) + 1, dtype=torch.int32, device=device), (kv_lens - 1).long(),
+                         meta.slot_ids, starts, kv_lens, (starts + kv_lens - 1).long())
+        logits = model.lm.logits(model.forward_cached(next_ids, step, prefix, slots, cache))
+    return outputs
+
+
+def _stop_ids(tokenizer) -> set[int]:
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    newline = tokenizer("\n", add_special_tokens=False)["input_ids"]
+    return ids | ({newline[0]} if len(newline) == 1 else set())
+
+
+@torch.no_grad()
+def predict_answers(model: TaloraModel, task: EncodedTask, tokenizer, batch_size: int,
+                    max_new_tokens: int) -> list[str]:
+    """Greedy answer text of every example of an extract ``task``."""
+    prefix, slots = _task_tables(model, task.name)
+    stop = _stop_ids(tokenizer)
+    answers = []
+    for start in range(0, len(task.examples), batch_size):
+        chunk = task.examples[start:start + batch_size]
+        out = greedy_generate(model, prefix, slots, [ex.prompt_ids for ex in chunk], [0] * len(chunk),
+                              max_new_tokens, stop)
+        answers.extend(tokenizer.decode(ids).split("\n")[0].strip() for ids in out)
+    return answers
+
+
+def evaluate_task(model: TaloraModel, task: EncodedTask, tokenizer, batch_size: int = 16,
+                  max_new_tokens: int = 24) -> dict:
+    """Metrics of ``model`` on the encoded examples of ``task``; includes the example count."""
+    was_training = model.training
+    model.eval()
+    try:
+        if task.kind == "classify":
+            gold = [ex.label for ex in task.examples]
+            pred = predict_labels(model, task, batch_size)
+            return {"examples": len(gold), "accuracy": accuracy(gold, pred),
+                    "macro_f1": macro_f1(gold, pred, task.labels), "majority_rate": majority_rate(gold)}
+        pred = predict_answers(model, task, tokenizer, batch_size, max_new_tokens)
+        em = [exact_match(p, ex.answers) for p, ex in zip(pred, task.examples)]
+        f1 = [token_f1(p, ex.answers) for p, ex in zip(pred, task.examples)]
+        return {"examples": len(pred), "exact_match": sum(em) / len(em), "f1": sum(f1) / len(f1)}
+    finally:
+        model.train(was_training)

@@ -1,0 +1,251 @@
+"""The three ``talora-train`` stages: ``run_source``, ``run_target``, ``run_eval``.
+
+Each takes a ``TrainConfig`` and returns a JSON-able summary (also written to
+``<output_dir>/summary.json`` by the training stages). Training stages write the adapter files
+to ``<output_dir>/bundle`` in the format of ``talora.adapters.io``, read every file back and
+compare it with the trained tensors before reporting success.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+from talora.adapters.bundle import export_bundle, export_task, model_from_bundle
+from talora.adapters.io import BUNDLE_FILE, SHARED_FILE, load_bundle
+from talora.adapters.talora_model import TaloraModel
+from talora.adapters.train.checkpoint import trained_state
+from talora.adapters.train.config import TrainConfig
+from talora.adapters.train.data import EncodedTask, encode_task, k_shot
+from talora.adapters.train.distributed import Runtime, barrier, init_runtime, shutdown
+from talora.adapters.train.evaluate import evaluate_task
+from talora.adapters.train.logs import LOG_FILE, plot_curves
+from talora.adapters.train.objective import AnswerLoss, pack_batch
+from talora.adapters.train.trainer import build_optimizer, train
+
+BUNDLE_DIR = "bundle"
+
+
+def _specs(cfg: TrainConfig, names: list[str]) -> dict[str, object]:
+    """Registry specs of ``names``, registering ``cfg.task_files`` first."""
+    from talora.adapters.tasks import get_task, register_file_task
+
+    for path in cfg.task_files:
+        register_file_task(path)
+    return {name: get_task(name) for name in names}
+
+
+def _load_examples(name: str, split: str, limit: int):
+    from talora.adapters.tasks import load_split
+
+    return load_split(name, split, limit=limit or None)
+
+
+def _file_task_names(cfg: TrainConfig) -> list[str]:
+    from talora.adapters.tasks.file_task import task_name_for
+
+    return [task_name_for(Path(p)) for p in cfg.task_files]
+
+
+def _setup(cfg: TrainConfig):
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    runtime = init_runtime(cfg.device)
+    from talora.adapters.loading import load_model
+
+    return runtime, load_model(cfg.model, cfg.dtype, runtime.device)
+
+
+def _eval_fn(model: TaloraModel, eval_tasks: list[EncodedTask], tokenizer, cfg: TrainConfig):
+    def run() -> dict:
+        return {t.name: evaluate_task(model, t, tokenizer, cfg.eval_batch_size, cfg.max_new_tokens)
+                for t in eval_tasks}
+
+    return run
+
+
+def verify_export(folder: Path, model: TaloraModel, base_fingerprint: str, tasks: list[str]) -> None:
+    """Read the written bundle and task files back; raise if any tensor differs from ``model``."""
+    loaded, _, _ = model_from_bundle(model.lm, folder, base_fingerprint, tasks)
+    expected = {k: v for k, v in trained_state(model).items()
+                if not k.startswith("tasks.") or k.split(".")[1] in tasks}
+    got = trained_state(loaded)
+    if set(got) != set(expected):
+        raise RuntimeError(f"export check: {folder} holds {sorted(got)}, expected {sorted(expected)}")
+    for name, tensor in expected.items():
+        if not torch.equal(got[name].cpu(), tensor.cpu()):
+            raise RuntimeError(f"export check: {name} read back from {folder} differs from the trained tensor")
+
+
+def _training_summary(cfg: TrainConfig, result, runtime: Runtime, seconds: float) -> dict:
+    return {"stage": cfg.stage, "steps": cfg.steps, "batch_size": cfg.batch_size, "world_size": runtime.world_size,
+            "lr": cfg.lr, "slow_lr_ratio": cfg.slow_lr_ratio, "gate_lr_ratio": cfg.gate_lr_ratio, "seed": cfg.seed,
+            "sampling": cfg.sampling, "sampling_temperature": cfg.sampling_temperature,
+            "max_input_tokens": cfg.max_input_tokens, "final_loss": result.final_loss,
+            "seconds_per_step": result.seconds_per_step, "wall_seconds": seconds, "device": str(runtime.device)}
+
+
+def _finish(cfg: TrainConfig, run_dir: Path, summary: dict) -> dict:
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
+    summary["curves"] = [str(p) for p in plot_curves(run_dir / LOG_FILE, run_dir)]
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
+    return summary
+
+
+# ----- source ------------------------------------------------------------------------------
+def run_source(cfg: TrainConfig) -> dict:
+    """Multi-task training of P, A (slow) and every task's B_t, g_t (fast); writes the bundle."""
+    tic = time.perf_counter()
+    runtime, loaded = _setup(cfg)
+    try:
+        names = sorted(set(cfg.tasks) | set(_file_task_names(cfg)))
+        specs = _specs(cfg, names)
+        tok = loaded.tokenizer
+        train_tasks = [encode_task(specs[n], _load_examples(n, "train", cfg.train_limit), tok, cfg.max_input_tokens)
+                       for n in names]
+        eval_tasks = [encode_task(specs[n], _load_examples(n, cfg.split, cfg.eval_limit), tok, cfg.max_input_tokens)
+                      for n in names]
+        model = TaloraModel(loaded.model, cfg.talora())
+        gen = torch.Generator().manual_seed(cfg.seed)
+        model.init_shared(gen)
+        for name in names:
+            model.add_task(name, generator=gen)
+        optimizer = build_optimizer(model, cfg, names, train_shared=True)
+        run_dir = Path(cfg.output_dir)
+        eval_fn = _eval_fn(model, eval_tasks, tok, cfg)
+        result = train(cfg, model, train_tasks, optimizer, runtime, run_dir, eval_fn)
+        summary = {"stage": "source", "ranks_agree": result.ranks_agree, "resumed_from": result.resumed_from,
+                   "final_loss": result.final_loss, "seconds_per_step": result.seconds_per_step,
+                   "world_size": runtime.world_size}
+        if runtime.is_main:
+            metrics = eval_fn()
+            from talora.adapters.train.logs import JsonlLog
+
+            JsonlLog(run_dir / LOG_FILE).write({"kind": "eval", "step": cfg.steps, "metrics": metrics})
+            training = _training_summary(cfg, result, runtime, time.perf_counter() - tic)
+            training["tasks"] = {t.name: len(t.examples) for t in train_tasks}
+            bundle_dir = run_dir / BUNDLE_DIR
+            meta = export_bundle(model, bundle_dir, loaded.name, loaded.fingerprint, training)
+            for task in train_tasks:
+                export_task(model, task.name, bundle_dir, meta, **task.export_fields(),
+                            training={"stage": "source", "train_examples": len(task.examples),
+                                      f"{cfg.split}_metrics": metrics[task.name]})
+            verify_export(bundle_dir, model, loaded.fingerprint, names)
+            summary.update(bundle=str(bundle_dir), metrics=metrics, verified=True)
+            summary = _finish(cfg, run_dir, summary)
+        barrier(runtime)
+        return summary
+    finally:
+        shutdown(runtime)
+
+
+# ----- target ------------------------------------------------------------------------------
+@torch.no_grad()
+def nearest_source_task(model: TaloraModel, sources: list[str], task: EncodedTask, probe: int = 32) -> str:
+    """The source task whose B_t and g_t give the lowest answer loss on ``task``'s examples."""
+    loss_fn = AnswerLoss(model)
+    items = task.examples[:probe]
+    best, best_loss = sources[0], float("inf")
+    for source in sources:
+        batch = pack_batch([(source, ex) for ex in items]).to(model.lm.device)
+        loss = float(loss_fn(batch))
+        if loss < best_loss:
+            best, best_loss = source, loss
+    return best
+
+
+def _target_init(model: TaloraModel, sources: list[str], task: EncodedTask, how: str, seed: int):
+    if how == "random" or not sources:
+        return None, "random"
+    if how == "mean":
+        return torch.stack([model.tasks[s].fast.detach() for s in sources]).mean(0), "mean"
+    nearest = nearest_source_task(model, sources, task)
+    return model.tasks[nearest].fast.detach().clone(), f"nearest:{nearest}"
+
+
+def run_target(cfg: TrainConfig) -> dict:
+    """Adapt ``cfg.task`` from a source bundle: trains B_target and g_target (and P, A with train_shared)."""
+    tic = time.perf_counter()
+    runtime, loaded = _setup(cfg)
+    try:
+        model, bundle_meta, _ = model_from_bundle(loaded.model, Path(cfg.bundle), loaded.fingerprint)
+        sources = sorted(model.tasks.keys())
+        if cfg.task in sources:
+            raise ValueError(f"task: {cfg.task!r} is already a task of bundle {cfg.bundle}; pick a new task")
+        spec = _specs(cfg, [cfg.task])[cfg.task]
+        tok = loaded.tokenizer
+        pool = _load_examples(cfg.task, "train", 0 if cfg.shots else cfg.train_limit)
+        chosen = k_shot(pool, cfg.shots, spec.kind, cfg.seed) if cfg.shots else pool
+        train_task = encode_task(spec, chosen, tok, cfg.max_input_tokens)
+        eval_task = encode_task(spec, _load_examples(cfg.task, cfg.split, cfg.eval_limit), tok, cfg.max_input_tokens)
+        init, init_name = _target_init(model, sources, train_task, cfg.target_init, cfg.seed)
+        model.add_task(cfg.task, init, generator=torch.Generator().manual_seed(cfg.seed))
+        optimizer = build_optimizer(model, cfg, [cfg.task], train_shared=cfg.train_shared)
+        run_dir = Path(cfg.output_dir)
+        eval_fn = _eval_fn(model, [eval_task], tok, cfg)
+        result = train(cfg, model, [train_task], optimizer, runtime, run_dir, eval_fn)
+        summary = {"stage": "target", "task": cfg.task, "init": init_name, "shots": cfg.shots,
+                   "train_examples": len(train_task.examples), "ranks_agree": result.ranks_agree,
+                   "final_loss": result.final_loss, "seconds_per_step": result.seconds_per_step}
+        if runtime.is_main:
+            metrics = eval_fn()
+            training = {**_training_summary(cfg, result, runtime, time.perf_counter() - tic), "init": init_name,
+                        "shots": cfg.shots, "train_examples": len(train_task.examples),
+                        f"{cfg.split}_metrics": metrics[cfg.task], "source_bundle": bundle_meta.fingerprint}
+            bundle_dir = run_dir / BUNDLE_DIR
+            meta = _target_bundle(cfg, model, bundle_meta, bundle_dir, loaded, training)
+            export_task(model, cfg.task, bundle_dir, meta, **train_task.export_fields(), training=training)
+            verify_export(bundle_dir, _only_task(model, cfg.task), loaded.fingerprint, [cfg.task])
+            summary.update(bundle=str(bundle_dir), metrics=metrics, verified=True)
+            summary = _finish(cfg, run_dir, summary)
+        barrier(runtime)
+        return summary
+    finally:
+        shutdown(runtime)
+
+
+def _target_bundle(cfg, model, bundle_meta, bundle_dir: Path, loaded, training):
+    """The bundle the target adapter belongs to: the source one copied, or a new one (train_shared)."""
+    if cfg.train_shared:
+        return export_bundle(model, bundle_dir, loaded.name, loaded.fingerprint, training)
+    source = Path(cfg.bundle)
+    bundle_dir.mkdir(parents=True, exist_ok=True)
+    if source.resolve() != bundle_dir.resolve():
+        for name in (BUNDLE_FILE, SHARED_FILE):
+            shutil.copyfile(source / name, bundle_dir / name)
+    return load_bundle(bundle_dir, loaded.fingerprint)[0]
+
+
+def _only_task(model: TaloraModel, task: str) -> TaloraModel:
+    """A view of ``model`` with the shared tensors and one task (for the export check)."""
+    view = TaloraModel(model.lm, model.cfg)
+    view.prompt, view.basis = model.prompt, model.basis
+    view.tasks[task] = model.tasks[task]
+    return view
+
+
+# ----- eval --------------------------------------------------------------------------------
+def spec_from_meta(meta) -> SimpleNamespace:
+    """A task description from a task adapter's metadata, so eval prompts match serving."""
+    return SimpleNamespace(name=meta.task, kind=meta.kind, labels=tuple(meta.labels), verbalizers=meta.verbalizers,
+                           template=meta.template, max_input_tokens=meta.max_input_tokens)
+
+
+def run_eval(cfg: TrainConfig) -> dict:
+    """Score a bundle's task adapter on ``cfg.split`` of the task's registry data."""
+    runtime, loaded = _setup(cfg)
+    try:
+        model, _, metas = model_from_bundle(loaded.model, Path(cfg.bundle), loaded.fingerprint, [cfg.task])
+        _specs(cfg, [])
+        spec = spec_from_meta(metas[cfg.task])
+        examples = _load_examples(cfg.task, cfg.split, cfg.eval_limit)
+        task = encode_task(spec, examples, loaded.tokenizer, spec.max_input_tokens)
+        metrics = evaluate_task(model, task, loaded.tokenizer, cfg.eval_batch_size, cfg.max_new_tokens)
+        return {"stage": "eval", "bundle": cfg.bundle, "task": cfg.task, "split": cfg.split, "metrics": metrics}
+    finally:
+        shutdown(runtime)

