@@ -33,14 +33,25 @@ def random_talora_model(lm, cfg: TaloraConfig, num_tasks: int, seed: int = 0) ->
     return model
 
 
+TASK_FIELDS = dict(kind="classify", labels=["negative", "positive"],
+                   verbalizers={"negative": " negative", "positive": " positive"}, template="Text: {text}\nSentiment:")
+
+
 def write_random_bundle(lm, base_fingerprint: str, folder: Path, num_tasks: int,
-                        cfg: TaloraConfig | None = None, seed: int = 0, base_model: str = "smollm2-135m-instruct") -> Path:
-    """Export a random bundle with ``num_tasks`` classify tasks into ``folder``; returns ``folder``."""
+                        cfg: TaloraConfig | None = None, seed: int = 0, base_model: str = "smollm2-135m-instruct",
+                        alternates: int = 0) -> Path:
+    """Export a random bundle with ``num_tasks`` classify tasks into ``folder``; returns ``folder``.
+
+    ``alternates`` > 0 also writes a second, different version of the first ``alternates`` tasks
+    into ``folder/alt/`` (same bundle), for hot-swap tests: ``PUT {"path": "alt/<task>"}``.
+    """
     model = random_talora_model(lm, cfg or TaloraConfig(shared_prompt_len=64, task_prompt_len=16, rank=8),
                                 num_tasks, seed)
     meta = export_bundle(model, folder, base_model, base_fingerprint, training={"note": "random, for benchmarks"})
     for index in range(num_tasks):
-        export_task(model, task_name(index), folder, meta, kind="classify", labels=["negative", "positive"],
-                    verbalizers={"negative": " negative", "positive": " positive"},
-                    template="Text: {text}\nSentiment:")
+        export_task(model, task_name(index), folder, meta, **TASK_FIELDS)
+    generator = torch.Generator().manual_seed(seed + 1)
+    for index in range(alternates):
+        model.add_task(task_name(index), generator=generator)  # replaces the fast weights
+        export_task(model, task_name(index), Path(folder) / "alt", meta, **TASK_FIELDS)
     return folder

@@ -1,0 +1,267 @@
+"""Open-loop HTTP load test of talora-serve: Poisson arrivals, Zipf task popularity, a rate sweep.
+
+For each arrival rate, requests are sent at exponential inter-arrival times (open loop: a slow
+server does not slow the sender) to ``POST /v1/tasks/<task>/predict``, with the task drawn from a
+Zipf(1.0) law over the served tasks and the text drawn from real task inputs of 16..128 tokens.
+Per rate it writes one JSONL row: offered and achieved rate, p50/p95/p99 latency of successful
+requests, goodput (successes within ``--slo-ms`` per second) and errors by status. It then plots
+latency against offered load (PNG) and reports the knee: the highest rate whose p99 stays within
+the SLO with no errors and achieved rate within 5 % of offered.
+
+``--hot-swap-every-s S`` replaces adapters (``PUT /v1/adapters/<task>`` alternating between two
+versions in the store) every S seconds while one rate runs, and reports failed requests and the
+latency blip: p99 of requests sent within 0.5 s after a swap against p99 of the rest.
+
+With ``--start-server`` the script builds a random 64-task bundle (with alternate versions),
+starts ``talora-serve`` on 127.0.0.1 in a subprocess and stops it at the end.
+
+    python benchmarks/load_test.py --start-server --rates 1,2,4,8 --duration-s 30
+    python benchmarks/load_test.py --start-server --rates 3 --duration-s 30 --hot-swap-every-s 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ADMIN_TOKEN = "load-test-token"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL (127.0.0.1 only)")
+    p.add_argument("--start-server", action="store_true", help="build a random bundle and start talora-serve")
+    p.add_argument("--port", type=int, default=8765, help="port of the started server")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of the started server")
+    p.add_argument("--num-tasks", type=int, default=64, help="tasks in the started server's bundle")
+    p.add_argument("--rates", default="1,2,4,8", help="comma list of arrival rates, requests/s")
+    p.add_argument("--duration-s", type=float, default=30.0, help="sending time per rate")
+    p.add_argument("--slo-ms", type=float, default=2000.0, help="latency bound counted as goodput")
+    p.add_argument("--timeout-s", type=float, default=60.0, help="client timeout per request")
+    p.add_argument("--hot-swap-every-s", type=float, default=0.0, help="replace adapters this often (0: off)")
+    p.add_argument("--swap-tasks", type=int, default=8, help="how many of the most popular tasks get swapped")
+    p.add_argument("--seed", type=int, default=0, help="seed of arrivals, tasks and texts")
+    p.add_argument("--jsonl", type=Path, default=HERE / "results" / "load_test.jsonl", help="rows per rate")
+    p.add_argument("--plot", type=Path, default=HERE / "results" / "load_test.png", help="latency-vs-load PNG")
+    return p.parse_args(argv)
+
+
+def request_texts(num: int, seed: int) -> list[str]:
+    """Real task inputs cut to 16..128 tokens (the serve_bench length law), as text."""
+    from bench_requests import build_request_set, real_task_texts
+    from talora.adapters.loading import load_model
+
+    tokenizer = load_model().tokenizer
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    requests = build_request_set(real_task_texts(per_task=32), encode, num, 16, 128, seed)
+    return [tokenizer.decode(r.input_ids) for r in requests]
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+
+
+async def run_rate(client, rate: float, args, tasks: list[str], texts: list[str], swap=None) -> dict:
+    """Send Poisson arrivals at ``rate`` for ``duration_s``; returns the row of this rate."""
+    from bench_requests import zipf_weights
+
+    rng = random.Random(args.seed + int(rate * 1000))
+    weights = zipf_weights(len(tasks))
+    results: list[tuple[float, float, int]] = []  # (sent, latency, status)
+
+    async def one(task: str, text: str) -> None:
+        sent = time.monotonic()
+        try:
+            response = await client.post(f"/v1/tasks/{task}/predict", json={"text": text})
+            status = response.status_code
+        except Exception:  # noqa: BLE001 - any transport failure is an error of this request
+            status = -1
+        results.append((sent, time.monotonic() - sent, status))
+
+    started = time.monotonic()
+    swapper = asyncio.create_task(swap(started)) if swap else None
+    pending, next_at = [], started
+    while True:
+        next_at += rng.expovariate(rate)
+        if next_at - started > args.duration_s:
+            break
+        await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+        task = rng.choices(tasks, weights=weights)[0]
+        pending.append(asyncio.create_task(one(task, rng.choice(texts))))
+    sending_s = time.monotonic() - started
+    if swapper:
+        swapper.cancel()
+    await asyncio.gather(*pending)
+    ok = [lat for _, lat, status in results if status == 200]
+    errors: dict[str, int] = {}
+    for _, _, status in results:
+        if status != 200:
+            errors[str(status)] = errors.get(str(status), 0) + 1
+    span = max(sending_s, max((s + lat for s, lat, _ in results), default=started) - started)
+    return {"offered_rate": rate, "sent": len(results), "ok": len(ok), "errors": errors,
+            "achieved_rate": len(ok) / span, "goodput": sum(1 for lat in ok if lat * 1e3 <= args.slo_ms) / span,
+            "p50_ms": _ms(percentile(ok, 50)), "p95_ms": _ms(percentile(ok, 95)), "p99_ms": _ms(percentile(ok, 99)),
+            "mean_ms": _ms(statistics.fmean(ok) if ok else None), "slo_ms": args.slo_ms,
+            "duration_s": args.duration_s, "_results": results}
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds * 1e3
+
+
+def make_swapper(client, tasks: list[str], every_s: float, log: list[tuple[float, int]]):
+    """Coroutine factory: PUT alternate versions of ``tasks`` round-robin every ``every_s``."""
+    async def swap(started: float) -> None:
+        headers = {"authorization": f"Bearer {ADMIN_TOKEN}"}
+        for count in range(10**9):
+            await asyncio.sleep(max(0.0, started + (count + 1) * every_s - time.monotonic()))
+            task = tasks[count % len(tasks)]
+            path = f"alt/{task}" if (count // len(tasks)) % 2 == 0 else task
+            at = time.monotonic()
+            response = await client.put(f"/v1/adapters/{task}", json={"path": path}, headers=headers)
+            log.append((at, response.status_code))
+    return swap
+
+
+def swap_report(row: dict, swaps: list[tuple[float, int]], window_s: float = 0.5) -> dict:
+    """Failed requests, and p99 latency of requests sent within ``window_s`` after a swap vs the rest."""
+    swap_times = [at for at, _ in swaps]
+    near, far = [], []
+    for sent, latency, status in row["_results"]:
+        if status != 200:
+            continue
+        after = any(0 <= sent - at <= window_s for at in swap_times)
+        (near if after else far).append(latency)
+    return {"swaps": len(swaps), "swap_failures": sum(1 for _, s in swaps if s != 200),
+            "failed_requests": row["sent"] - row["ok"], "p99_ms_after_swap": _ms(percentile(near, 99)),
+            "p99_ms_otherwise": _ms(percentile(far, 99)), "p50_ms_after_swap": _ms(percentile(near, 50)),
+            "p50_ms_otherwise": _ms(percentile(far, 50)), "requests_after_swap": len(near)}
+
+
+def find_knee(rows: list[dict]) -> float | None:
+    """Highest offered rate with no errors, p99 within the SLO and achieved >= 95 % of offered."""
+    good = [r["offered_rate"] for r in rows if not r["errors"] and r["p99_ms"] is not None
+            and r["p99_ms"] <= r["slo_ms"] and r["achieved_rate"] >= 0.95 * r["offered_rate"]]
+    return max(good) if good else None
+
+
+def plot(rows: list[dict], path: Path, knee: float | None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rates = [r["offered_rate"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for key in ("p50_ms", "p95_ms", "p99_ms"):
+        ax.plot(rates, [r[key] for r in rows], marker="o", label=key.replace("_ms", ""))
+    ax.set_xlabel("offered load, requests/s (Poisson)")
+    ax.set_ylabel("latency, ms")
+    ax.set_yscale("log")
+    if knee is not None:
+        ax.axvline(knee, color="grey", linestyle="--", label=f"knee {knee:g} req/s")
+    twin = ax.twinx()
+    twin.plot(rates, [r["goodput"] for r in rows], color="black", marker="x", linestyle=":", label="goodput")
+    twin.set_ylabel("goodput, requests/s within SLO")
+    lines = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
+    ax.legend(lines, ax.get_legend_handles_labels()[1] + twin.get_legend_handles_labels()[1], loc="upper left")
+    ax.set_title("talora-serve, prefill/score requests, Zipf(1.0) over tasks")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+
+
+def start_server(args, workdir: Path) -> tuple[subprocess.Popen, list[str]]:
+    """Random bundle (with alternates) + ``talora-serve`` on 127.0.0.1:``port``; returns (process, tasks)."""
+    import httpx
+
+    from bench_bundle import task_name, write_random_bundle
+    from talora.adapters.config import TaloraConfig
+    from talora.adapters.loading import load_model
+
+    loaded = load_model()
+    cfg = TaloraConfig(shared_prompt_len=64, task_prompt_len=16, rank=8)
+    bundle = write_random_bundle(loaded.model, loaded.fingerprint, workdir / "bundle", args.num_tasks, cfg,
+                                 args.seed, alternates=args.swap_tasks)
+    cli = Path(sys.executable).with_name("talora-serve")
+    cmd = [str(cli), "--bundle", str(bundle), "--host", "127.0.0.1", "--port", str(args.port),
+           "--torch-threads", str(args.threads), "--num-slots", str(args.num_tasks), "--max-queue", "100000",
+           "--request-timeout-s", str(args.timeout_s), "--log-level", "warning"]
+    log = open(workdir / "server.log", "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, "TALORA_ADMIN_TOKEN": ADMIN_TOKEN})
+    args.url = f"http://127.0.0.1:{args.port}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"talora-serve exited: {(workdir / 'server.log').read_text()[-2000:]}")
+        try:
+            if httpx.get(f"{args.url}/v1/tasks", timeout=2).status_code == 200:
+                return proc, [task_name(i) for i in range(args.num_tasks)]
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    proc.terminate()
+    raise RuntimeError("talora-serve did not become ready in 300 s")
+
+
+async def sweep(args, tasks: list[str], texts: list[str]) -> list[dict]:
+    import httpx
+
+    from bench_report import append_jsonl, machine_info
+
+    rows = []
+    limits = httpx.Limits(max_connections=1000, max_keepalive_connections=100)
+    async with httpx.AsyncClient(base_url=args.url, timeout=args.timeout_s, limits=limits) as client:
+        await client.post(f"/v1/tasks/{tasks[0]}/predict", json={"text": texts[0]})  # warm-up
+        for rate in [float(r) for r in args.rates.split(",") if r]:
+            swaps: list[tuple[float, int]] = []
+            swap = make_swapper(client, tasks[: args.swap_tasks], args.hot_swap_every_s, swaps) \
+                if args.hot_swap_every_s > 0 else None
+            row = await run_rate(client, rate, args, tasks, texts, swap)
+            if swap:
+                row["hot_swap"] = swap_report(row, swaps)
+            row.pop("_results")
+            row.update(kind="hot_swap" if swap else "sweep", num_tasks=len(tasks), machine=machine_info(args.threads))
+            append_jsonl(args.jsonl, row)
+            rows.append(row)
+            print({k: v for k, v in row.items() if k != "machine"}, flush=True)
+    return rows
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    sys.path.insert(0, str(HERE))
+    texts = request_texts(512, args.seed)
+    with tempfile.TemporaryDirectory(prefix="load_test_") as tmp:
+        proc, tasks = start_server(args, Path(tmp)) if args.start_server else (None, None)
+        if tasks is None:
+            import httpx
+
+            tasks = [t["task"] for t in httpx.get(f"{args.url}/v1/tasks", timeout=10).json()["tasks"]]
+        try:
+            rows = asyncio.run(sweep(args, tasks, texts))
+        finally:
+            if proc is not None:
+                proc.terminate()
+                proc.wait(timeout=60)
+    if args.hot_swap_every_s <= 0 and len(rows) > 1:
+        knee = find_knee(rows)
+        plot(rows, args.plot, knee)
+        print(f"knee: {knee} requests/s (p99 <= {args.slo_ms} ms, no errors); plot: {args.plot}")
+
+
+if __name__ == "__main__":
+    main()

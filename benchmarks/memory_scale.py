@@ -1,0 +1,147 @@
+"""Memory and scale of the talora engine: bytes per resident task, adapter load/replace time, many adapters.
+
+On the embedded SmolLM2-135M (float32, CPU) with random adapters (m=64, n=16, r=8):
+
+1. device bytes per resident task: the slot table's bytes divided by its slots (keys and values
+   of n task-prompt rows in every layer, plus the gate), next to the host copy of the adapter;
+2. time to load one adapter (``AdapterRegistry.load_store``: read, validate, host copy) and to
+   make it resident (``SlotTable.acquire``: its task KV, one forward of n rows), and to replace
+   it (load of a new version + its KV); medians over ``--samples`` tasks;
+3. ``--store-tasks`` adapters in the store and ``--resident`` slots: engine start time and
+   process RSS, then ``--requests`` score requests over Zipf(1.0) popularity across all stored
+   tasks through the engine (slot hits, misses and evictions, throughput).
+
+Writes one JSON summary (``benchmarks/results/memory_scale.json``).
+
+    python benchmarks/memory_scale.py --store-tasks 10000 --resident 1000
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--store-tasks", type=int, default=10000, help="adapters written to the store")
+    p.add_argument("--resident", type=int, default=1000, help="task-KV slots of the engine")
+    p.add_argument("--samples", type=int, default=20, help="adapters timed for load/replace")
+    p.add_argument("--requests", type=int, default=256, help="score requests in the scale run")
+    p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument("--seed", type=int, default=0, help="seed")
+    p.add_argument("--out", type=Path, default=HERE / "results" / "memory_scale.json", help="summary JSON")
+    return p.parse_args(argv)
+
+
+def rss_mib() -> float:
+    """Peak resident set size of this process so far, MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def current_rss_mib() -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def load_and_replace_times(engine, tasks: list[str]) -> dict:
+    """Median ms to load (host copy), compute the task KV into a slot, and replace with ``alt/``."""
+    registry, slots = engine.registry, engine.slots
+    load_ms, kv_ms, replace_ms = [], [], []
+    for task in tasks:
+        t0 = time.perf_counter()
+        adapter, _ = registry.load_store(task, f"alt/{task}")
+        t1 = time.perf_counter()
+        slots.acquire(adapter)
+        slots.release(adapter)
+        t2 = time.perf_counter()
+        load_ms.append((t1 - t0) * 1e3)
+        kv_ms.append((t2 - t1) * 1e3)
+        replace_ms.append((t2 - t0) * 1e3)
+    return {"load_host_ms": statistics.median(load_ms), "task_kv_ms": statistics.median(kv_ms),
+            "replace_total_ms": statistics.median(replace_ms), "samples": len(tasks)}
+
+
+def scale_run(engine, tasks: list[str], args) -> dict:
+    from bench_requests import assign_tasks, build_request_set, real_task_texts
+    from bench_setups import make_talora_engine
+
+    encode = lambda text: engine.tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    requests = build_request_set(real_task_texts(per_task=32), encode, args.requests, 16, 128, args.seed)
+    draws = assign_tasks(len(requests), len(tasks), "zipf", args.seed + 1)
+    m = engine.metrics
+    before = {k: getattr(m, k)._value.get() for k in ("slot_hits", "slot_misses", "slot_evictions")}
+    run = make_talora_engine(engine, requests, [tasks[i] for i in draws])
+    started = time.perf_counter()
+    run()
+    wall = time.perf_counter() - started
+    after = {k: getattr(m, k)._value.get() - before[k] for k in before}
+    tokens = sum(len(r.input_ids) for r in requests)
+    return {"requests": len(requests), "distinct_tasks": len(set(draws)), "input_tokens": tokens,
+            "wall_s": wall, "input_tokens_per_s": tokens / wall, **{k: int(v) for k, v in after.items()}}
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    sys.path.insert(0, str(HERE))
+    torch.set_num_threads(args.threads)
+    from bench_bundle import task_name, write_random_bundle
+    from bench_report import machine_info, write_json
+    from bench_setups import start_engine
+    from talora.adapters.config import TaloraConfig
+    from talora.adapters.loading import load_model
+
+    loaded = load_model()
+    cfg = TaloraConfig(shared_prompt_len=64, task_prompt_len=16, rank=8)
+    with tempfile.TemporaryDirectory(prefix="memory_scale_") as tmp:
+        bundle = Path(tmp) / "bundle"
+        t0 = time.perf_counter()
+        write_random_bundle(loaded.model, loaded.fingerprint, bundle, args.store_tasks, cfg, args.seed,
+                            alternates=args.samples)
+        write_s = time.perf_counter() - t0
+        rss_before = current_rss_mib()
+        t0 = time.perf_counter()
+        engine = start_engine(loaded, bundle, args.resident, 32, 128, args.threads)
+        target = min(args.resident, args.store_tasks)
+        while len(engine.slots.resident()) < target:  # the worker warms the first `resident` slots
+            time.sleep(0.2)
+        start_s = time.perf_counter() - t0
+        try:
+            kv = engine.slots.kv
+            slot_bytes = kv.keys.nbytes + kv.values.nbytes + kv.gates.nbytes
+            first = engine.registry.get(task_name(0))
+            host_bytes = first.fast.nbytes + first.gate.nbytes
+            memory = {"device_bytes_per_resident_task": slot_bytes / engine.slots.num_slots,
+                      "slot_table_bytes": slot_bytes, "host_bytes_per_adapter_tensors": host_bytes,
+                      "adapter_file_bytes": sum(f.stat().st_size for f in bundle.glob(f"{task_name(0)}.*")),
+                      "rss_mib_before_engine": rss_before, "rss_mib_after_start": current_rss_mib()}
+            timing = load_and_replace_times(engine, [task_name(i) for i in range(args.samples)])
+            scale = scale_run(engine, [task_name(i) for i in range(args.store_tasks)], args)
+            resident = len(engine.slots.resident())
+        finally:
+            engine.stop(timeout=10)
+    summary = {"setup": {"model": "SmolLM2-135M-Instruct (embedded, float32)", "m": 64, "n": 16, "r": 8,
+                         "store_tasks": args.store_tasks, "resident_slots": args.resident, "threads": args.threads},
+               "machine": machine_info(args.threads), "memory": memory, "adapter_times": timing,
+               "scale": {"write_store_s": write_s, "engine_start_and_warm_s": start_s, "resident_after": resident,
+                         "peak_rss_mib": rss_mib(), **scale}}
+    write_json(args.out, summary)
+    print(summary)
+
+
+if __name__ == "__main__":
+    main()
