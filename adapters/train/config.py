@@ -50,7 +50,7 @@ class TrainConfig:
     steps: int = 200
     batch_size: int = 8
     lr: float = 0.3
-    gate_lr_ratio: float = 1.0
+    gate_lr_ratio: float = 0.1
     weight_decay: float = 0.0
     warmup_steps: int = 0
     lr_schedule: str = "constant"

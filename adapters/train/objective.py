@@ -9,6 +9,7 @@ positions that predict a target token. ``AnswerLoss`` is an ``nn.Module`` so tha
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from talora.adapters.talora_model import BatchMeta, TaloraModel
+from talora.kernels import get_backend, set_backend
 from talora.adapters.train.data import EncodedExample
 
 
@@ -68,12 +70,30 @@ def answer_logits(model: TaloraModel, batch: PackedBatch) -> torch.Tensor:
     return model.lm.logits(hidden[batch.target_positions]).float()
 
 
+@contextmanager
+def differentiable_kernels():
+    """Use the PyTorch reference kernels inside: the Triton twins (picked on CUDA) have no backward."""
+    previous = get_backend()
+    set_backend("reference")
+    try:
+        yield
+    finally:
+        set_backend(previous)
+
+
 class AnswerLoss(nn.Module):
-    """``forward(batch)`` -> mean cross-entropy over the batch's answer tokens."""
+    """``forward(batch)`` -> mean cross-entropy over the batch's answer tokens.
+
+    With gradients enabled the forward runs on the reference kernels, whose autograd the
+    backward pass needs; under ``torch.no_grad`` it uses whatever ``talora.kernels`` dispatches.
+    """
 
     def __init__(self, model: TaloraModel):
         super().__init__()
         self.model = model
 
     def forward(self, batch: PackedBatch) -> torch.Tensor:
-        return F.cross_entropy(answer_logits(self.model, batch), batch.target_ids)
+        if not torch.is_grad_enabled():
+            return F.cross_entropy(answer_logits(self.model, batch), batch.target_ids)
+        with differentiable_kernels():
+            return F.cross_entropy(answer_logits(self.model, batch), batch.target_ids)
