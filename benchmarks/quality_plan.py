@@ -72,6 +72,9 @@ class BenchConfig:
     talora: dict = field(default_factory=lambda: {
         "shared_prompt_len": 32, "task_prompt_len": 8, "rank": 4, "lr": 0.1, "slow_lr_ratio": 0.1,
         "gate_lr_ratio": 0.1, "target_init": "mean"})
+    # target-stage-only changes to the TA-LoRA hyperparameters (e.g. {"lr": 0.3}); empty in the
+    # committed plan. They enter target keys only, so variants reuse the cached source stage.
+    talora_target: dict = field(default_factory=dict)
     # PEFT baselines
     prompt_tokens: int = 16  # num_virtual_tokens of PromptTuning and MultitaskPromptTuning
     prompt_lr: float = 0.3
@@ -151,6 +154,8 @@ def target_run(cfg: BenchConfig, method: str, task: str, setting: str, seed: int
     spec = {**_common(cfg), "method": method, "stage": "target", "task": task, "setting": setting,
             "shots": SHOTS[setting], "train_limit": cfg.full_train_limit, "seed": seed, "steps": cfg.target_steps,
             "batch_size": cfg.target_batch_size, "hyper": method_spec(cfg, method), "source": source}
+    if method in TALORA_METHODS and cfg.talora_target:
+        spec["hyper"] = {**spec["hyper"], **cfg.talora_target}
     return Run(method, "target", task, setting, seed, spec, run_key(spec))
 
 

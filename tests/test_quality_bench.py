@@ -70,6 +70,18 @@ def test_keys_follow_the_configuration():
     assert len(set(ablations.values())) == len(ablations)
 
 
+def test_target_overrides_reuse_the_source_stage():
+    base = qp.BenchConfig()
+    variant = replace(base, talora_target={"lr": 0.3})
+    old = {r.label: r for r in qp.build_plan(base)}
+    new = {r.label: r for r in qp.build_plan(variant)}
+    for label, run in old.items():
+        changed = new[label].key != run.key
+        assert changed == (run.stage == "target" and run.method in qp.TALORA_METHODS), label
+        if changed:
+            assert new[label].spec["hyper"]["lr"] == 0.3 and new[label].spec["source"] == run.spec["source"]
+
+
 def test_config_rejects_bad_values():
     with pytest.raises(ValueError, match="methods"):
         qp.BenchConfig(methods=("talora", "adapterdrop"))
