@@ -91,17 +91,26 @@ def run_talora(run: Run, cache_dir: Path, progress: bool) -> dict:
         shutil.rmtree(out, ignore_errors=True)
         summary = run_source(_talora_config(run, out, None, progress))
         return {"metrics": summary["metrics"], "final_loss": summary["final_loss"],
-                "seconds_per_step": summary["seconds_per_step"]}
+                "seconds_per_step": summary["seconds_per_step"], "gate_abs_tanh": _last_gate_opening(out / "log.jsonl")}
     bundle = Path(cache_dir) / ARTIFACTS / run.spec["source"] / "bundle"
     scratch = Path(cache_dir) / "scratch" / run.key
     shutil.rmtree(scratch, ignore_errors=True)
     try:
         summary = run_target(_talora_config(run, scratch, bundle, progress))
+        gate = _last_gate_opening(scratch / "log.jsonl")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return {"metrics": summary["metrics"], "final_loss": summary["final_loss"],
             "seconds_per_step": summary["seconds_per_step"], "train_examples": summary["train_examples"],
-            "init": summary["init"]}
+            "init": summary["init"], "gate_abs_tanh": gate}
+
+
+def _last_gate_opening(log_path: Path) -> float | None:
+    """Mean |tanh(g)| of the trained gates at the last logged step (the trainer's log)."""
+    if not log_path.is_file():
+        return None
+    steps = [row for row in map(json.loads, log_path.read_text().splitlines()) if row.get("kind") == "step"]
+    return steps[-1]["gate_abs_tanh"] if steps else None
 
 
 # ----- PEFT ----------------------------------------------------------------------------------
