@@ -215,5 +215,5 @@ STAGE_FIELDS: dict[str, tuple[str, ...]] = {
     "source": _COMMON + _TRAIN + ("tasks", "shared_prompt_len", "task_prompt_len", "rank", "scale", "gated",
                                   "full_rank", "slow_lr_ratio", "init_std", "sampling", "sampling_temperature"),
     "target": _COMMON + _TRAIN + ("bundle", "task", "shots", "target_init", "train_shared", "slow_lr_ratio"),
-    "eval": _COMMON + ("bundle", "task"),
+    "eval": tuple(f for f in _COMMON if f != "output_dir") + ("bundle", "task"),
 }
