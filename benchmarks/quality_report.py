@@ -100,7 +100,10 @@ def reference_rows(plan: list[Run], results: dict[str, dict]) -> list[dict]:
 
 def write_summary(path: Path, rows: list[dict], command: str, config: dict, plan_size: int, done: int,
                   zero_shot: list[dict] | None = None) -> dict:
-    doc = {"machine": machine(), "command": command, "runs_finished": done, "runs_planned": plan_size,
+    """Write quality.json. ``command`` is the one that wrote it (``last_invocation``); "command" is
+    the one that resumes and completes the whole plan, since the rows come from many sittings."""
+    doc = {"machine": machine(), "command": "python benchmarks/quality.py", "last_invocation": command,
+           "runs_finished": done, "runs_planned": plan_size,
            "config": config, "zero_shot": zero_shot or [], "rows": rows}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
