@@ -216,21 +216,34 @@ def rate_family(method: str) -> str:
     return "lora" if method == "lora" else "peft_prompt"
 
 
+def _median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
+
+
+def _evals(spec: dict) -> int:
+    return spec["test_limit"] * (len(spec["tasks"]) if spec["stage"] == "source" else 1)
+
+
 def measured_rates(results: list[dict]) -> dict:
-    """Median seconds per step of each (family, stage) over finished runs, over the defaults."""
+    """Median seconds per step of each (family, stage), and per evaluated example (wall time
+    outside the training steps, loading included), over finished runs, over the defaults."""
     rates = dict(DEFAULT_RATES)
-    seen: dict[tuple[str, str], list[float]] = {}
+    steps: dict[tuple[str, str], list[float]] = {}
+    per_example: list[float] = []
     for r in results:
-        sps = r.get("seconds_per_step")
+        sps, n_steps = r.get("seconds_per_step") or 0.0, r["spec"]["steps"]
         if sps:
-            seen.setdefault((rate_family(r["method"]), r["stage"]), []).append(float(sps))
-    for k, values in seen.items():
-        rates[k] = sorted(values)[len(values) // 2]
+            steps.setdefault((rate_family(r["method"]), r["stage"]), []).append(float(sps))
+        if r.get("wall_s"):
+            per_example.append(max(0.0, r["wall_s"] - rates["startup"] - n_steps * sps) / _evals(r["spec"]))
+    for k, values in steps.items():
+        rates[k] = _median(values)
+    if per_example:
+        rates["eval_example"] = _median(per_example)
     return rates
 
 
 def estimate_seconds(run: Run, rates: dict) -> float:
     spec = run.spec
-    evals = spec["test_limit"] * (len(spec["tasks"]) if run.stage == "source" else 1)
     step_s = rates[(rate_family(run.method), run.stage)] if spec["steps"] else 0.0
-    return rates["startup"] + spec["steps"] * step_s + evals * rates["eval_example"]
+    return rates["startup"] + spec["steps"] * step_s + _evals(spec) * rates["eval_example"]

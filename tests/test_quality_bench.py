@@ -177,3 +177,14 @@ def test_plan_only_prints_every_run(tmp_path, capsys):
     plan = qp.build_plan(qp.BenchConfig())
     assert len(out) == len(plan) + 1 and out[-1].startswith(f"{len(plan)} runs, {len(plan)} to do")
     assert all(run.key in line for run, line in zip(plan, out))
+
+
+def test_estimates_follow_measured_runs():
+    plan = qp.build_plan(replace(qp.BenchConfig(), methods=("prompt_tuning",), settings=("k16",), seeds=(0,)))
+    run = next(r for r in plan if r.stage == "target")
+    before = qp.estimate_seconds(run, qp.measured_rates([]))
+    slow = {**_fake_result(run, 0.5), "seconds_per_step": 100.0, "wall_s": 100.0 * run.spec["steps"] + 500.0}
+    rates = qp.measured_rates([slow])
+    assert rates[("peft_prompt", "target")] == 100.0
+    assert rates["eval_example"] == pytest.approx((500.0 - qp.DEFAULT_RATES["startup"]) / run.spec["test_limit"])
+    assert qp.estimate_seconds(run, rates) == pytest.approx(100.0 * run.spec["steps"] + 500.0) != before
