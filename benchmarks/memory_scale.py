@@ -4,9 +4,11 @@ On the embedded SmolLM2-135M (float32, CPU) with random adapters (m=64, n=16, r=
 
 1. device bytes per resident task: the slot table's bytes divided by its slots (keys and values
    of n task-prompt rows in every layer, plus the gate), next to the host copy of the adapter;
-2. time to load one adapter (``AdapterRegistry.load_store``: read, validate, host copy) and to
-   make it resident (``SlotTable.acquire``: its task KV, one forward of n rows), and to replace
-   it (load of a new version + its KV); medians over ``--samples`` tasks;
+2. time to replace one adapter with a new version: load (``AdapterRegistry.load_store``: read,
+   validate, host copy, as ``PUT /v1/adapters/<task>`` does) and make it resident (``Engine.warm``:
+   the worker computes its task KV, one forward of n rows through every layer), medians over
+   ``--samples`` tasks; and ``TaloraModel.task_kv`` timed alone (one adapter, 8 stacked) next to
+   the bare model's forward of n tokens, to show what the KV computation costs;
 3. ``--store-tasks`` adapters in the store and ``--resident`` slots: engine start time and
    process RSS, then ``--requests`` score requests over Zipf(1.0) popularity across all stored
    tasks through the engine (slot hits, misses and evictions, throughput).
@@ -19,6 +21,7 @@ Writes one JSON summary (``benchmarks/results/memory_scale.json``).
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import statistics
 import sys
@@ -59,21 +62,65 @@ def current_rss_mib() -> float:
 
 
 def load_and_replace_times(engine, tasks: list[str]) -> dict:
-    """Median ms to load (host copy), compute the task KV into a slot, and replace with ``alt/``."""
-    registry, slots = engine.registry, engine.slots
+    """Median ms to load a new version (read, validate, host copy) and to make it resident.
+
+    The load is ``AdapterRegistry.load_store`` (what ``PUT /v1/adapters/<task>`` runs); the task KV
+    is computed by the engine's worker thread (``Engine.warm``, as after a PUT), timed until the
+    worker publishes the new version as resident. Only the worker touches the slot table.
+    """
+    registry = engine.registry
     load_ms, kv_ms, replace_ms = [], [], []
     for task in tasks:
         t0 = time.perf_counter()
         adapter, _ = registry.load_store(task, f"alt/{task}")
         t1 = time.perf_counter()
-        slots.acquire(adapter)
-        slots.release(adapter)
+        engine.warm(adapter)
+        deadline = t1 + 60
+        while adapter.key not in engine.resident and time.perf_counter() < deadline:
+            time.sleep(0.0005)
         t2 = time.perf_counter()
         load_ms.append((t1 - t0) * 1e3)
         kv_ms.append((t2 - t1) * 1e3)
         replace_ms.append((t2 - t0) * 1e3)
-    return {"load_host_ms": statistics.median(load_ms), "task_kv_ms": statistics.median(kv_ms),
-            "replace_total_ms": statistics.median(replace_ms), "samples": len(tasks)}
+    return {"load_host_ms": statistics.median(load_ms), "task_kv_via_worker_ms": statistics.median(kv_ms),
+            "replace_total_ms": statistics.median(replace_ms), "replace_total_ms_min": min(replace_ms),
+            "replace_total_ms_max": max(replace_ms), "samples": len(tasks)}
+
+
+@torch.no_grad()
+def task_kv_compute_times(engine, tasks: list[str], repeats: int = 5) -> dict:
+    """``TaloraModel.task_kv`` alone (no slot write), one adapter and 8 stacked, ms per adapter.
+
+    Runs on this thread while the engine is idle and only reads the model and the shared prefix;
+    the bare model's forward of the same n tokens is timed next to it for comparison.
+    """
+    from talora.adapters.model import dense_attention
+
+    model, prefix = engine.model, engine.prefix
+    adapters = [engine.registry.get(t) for t in tasks[:8]]
+    fast = torch.stack([a.fast for a in adapters])
+    gate = torch.stack([a.gate for a in adapters])
+    n = fast.shape[1]
+    ids = torch.randint(0, model.lm.config.vocab_size, (n,), generator=torch.Generator().manual_seed(0))
+    causal = torch.ones(1, n, n, dtype=torch.bool).tril()
+
+    def bare():
+        model.lm.run_layers(model.lm.embed(ids), torch.arange(n),
+                            lambda _i, q, k, v: dense_attention(q[None], k[None], v[None], causal)[0])
+
+    def timed(fn) -> float:
+        fn()
+        samples = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(samples)
+
+    one = timed(lambda: model.task_kv(prefix, fast[:1], gate[:1]))
+    eight = timed(lambda: model.task_kv(prefix, fast, gate))
+    return {"task_kv_one_ms": one, "task_kv_stacked8_ms_per_adapter": eight / len(adapters),
+            "bare_forward_n_tokens_ms": timed(bare), "n_tokens": n, "repeats": repeats}
 
 
 def scale_run(engine, tasks: list[str], args) -> dict:
@@ -116,8 +163,10 @@ def main(argv=None) -> None:
         rss_before = current_rss_mib()
         t0 = time.perf_counter()
         engine = start_engine(loaded, bundle, args.resident, 32, 128, args.threads)
+        registry_s = time.perf_counter() - t0  # start() returns once every stored adapter is loaded
         target = min(args.resident, args.store_tasks)
-        while len(engine.slots.resident()) < target:  # the worker warms the first `resident` slots
+        deadline = time.perf_counter() + 3600
+        while len(engine.resident) < target and time.perf_counter() < deadline:  # the worker warms them
             time.sleep(0.2)
         start_s = time.perf_counter() - t0
         try:
@@ -128,8 +177,12 @@ def main(argv=None) -> None:
             memory = {"device_bytes_per_resident_task": slot_bytes / engine.slots.num_slots,
                       "slot_table_bytes": slot_bytes, "host_bytes_per_adapter_tensors": host_bytes,
                       "adapter_file_bytes": sum(f.stat().st_size for f in bundle.glob(f"{task_name(0)}.*")),
+                      "kv_pool_bytes": engine.pool.cache.keys.nbytes + engine.pool.cache.values.nbytes,
                       "rss_mib_before_engine": rss_before, "rss_mib_after_start": current_rss_mib()}
+            load_before = os.getloadavg()
             timing = load_and_replace_times(engine, [task_name(i) for i in range(args.samples)])
+            timing.update(task_kv_compute_times(engine, [task_name(i) for i in range(args.samples)]))
+            timing["loadavg_1_5_15_before"] = load_before
             scale = scale_run(engine, [task_name(i) for i in range(args.store_tasks)], args)
             resident = len(engine.slots.resident())
         finally:
@@ -137,7 +190,8 @@ def main(argv=None) -> None:
     summary = {"setup": {"model": "SmolLM2-135M-Instruct (embedded, float32)", "m": 64, "n": 16, "r": 8,
                          "store_tasks": args.store_tasks, "resident_slots": args.resident, "threads": args.threads},
                "machine": machine_info(args.threads), "memory": memory, "adapter_times": timing,
-               "scale": {"write_store_s": write_s, "engine_start_and_warm_s": start_s, "resident_after": resident,
+               "scale": {"write_store_s": write_s, "engine_start_registry_loaded_s": registry_s,
+                         "engine_start_and_warm_s": start_s, "loadavg_1_5_15_end": os.getloadavg(), "resident_after": resident,
                          "peak_rss_mib": rss_mib(), **scale}}
     write_json(args.out, summary)
     print(summary)
