@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from quality_plan import MULTITASK, TALORA_METHODS, Run, source_run
+from quality_plan import MULTITASK, TALORA_METHODS, Run
 
 ARTIFACTS = "artifacts"
 
@@ -197,4 +197,4 @@ def needs_source(run: Run) -> bool:
     return run.stage == "target" and run.method in MULTITASK
 
 
-__all__ = ["execute", "source_ready", "needs_source", "params_per_task", "source_run"]
+__all__ = ["execute", "source_ready", "needs_source", "params_per_task"]
