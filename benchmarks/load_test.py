@@ -170,6 +170,9 @@ def swap_report(row: dict, swaps: list[tuple[float, int]], window_s: float = 0.5
 
 def drain_s(row: dict) -> float:
     """Seconds from the end of sending until the last answer: how far the server fell behind."""
+    if row.get("drain_s") is not None:
+        return row["drain_s"]
+    # rows without it: from the achieved rate (answers over the whole span) and the sending time
     span = row["ok"] / row["achieved_rate"] if row["ok"] and row["achieved_rate"] else float("inf")
     return span - row["duration_s"]
 
@@ -204,7 +207,8 @@ def plot(rows: list[dict], path: Path, knee: float | None) -> None:
     rates = [r["offered_rate"] for r in rows]
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for key in ("p50_ms", "p95_ms", "p99_ms"):
-        ax.plot(rates, [float("nan") if r[key] is None else r[key] for r in rows], marker="o", label=key.replace("_ms", ""))
+        values = [float("nan") if r[key] is None else r[key] for r in rows]
+        ax.plot(rates, values, marker="o", label=key.replace("_ms", ""))
     ax.set_xlabel("offered load, requests/s (Poisson)")
     ax.set_ylabel("latency, ms")
     ax.set_yscale("log")

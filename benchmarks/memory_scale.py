@@ -191,7 +191,8 @@ def main(argv=None) -> None:
                          "store_tasks": args.store_tasks, "resident_slots": args.resident, "threads": args.threads},
                "machine": machine_info(args.threads), "memory": memory, "adapter_times": timing,
                "scale": {"write_store_s": write_s, "engine_start_registry_loaded_s": registry_s,
-                         "engine_start_and_warm_s": start_s, "loadavg_1_5_15_end": os.getloadavg(), "resident_after": resident,
+                         "engine_start_and_warm_s": start_s, "loadavg_1_5_15_end": os.getloadavg(),
+                         "resident_after": resident,
                          "peak_rss_mib": rss_mib(), **scale}}
     write_json(args.out, summary)
     print(summary)
