@@ -49,19 +49,20 @@ def lowrank_prompt_ref(
     return out
 
 
-def _masked_softmax_parts(scores: torch.Tensor, mask: torch.Tensor):
-    """Unnormalised softmax pieces over ``mask``: (row max, exp scores, row sums).
+def _softmax_attend(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor | None:
+    """One softmax over the keys of all ``parts`` (``(scores (G, Q, T_i), values (G, T_i, h))``).
 
-    Rows with no visible key get zero weights (their contribution is zero, never NaN).
+    Masked-out keys carry ``-inf`` scores; every query sees at least one key of a non-empty part.
+    None when there are no parts (an empty key set contributes zero).
     """
-    if scores.shape[-1] == 0:
-        zeros = scores.new_zeros(*scores.shape[:-1], 1)
-        return zeros, scores, zeros
-    scores = scores.masked_fill(~mask, float("-inf"))
-    row_max = scores.amax(dim=-1, keepdim=True)
-    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-    weights = torch.exp(scores - row_max) * mask
-    return row_max, weights, weights.sum(dim=-1, keepdim=True)
+    if not parts:
+        return None
+    if len(parts) == 1:
+        scores, values = parts[0]
+    else:
+        scores = torch.cat([p[0] for p in parts], dim=-1)
+        values = torch.cat([p[1] for p in parts], dim=1)
+    return torch.softmax(scores, dim=-1) @ values
 
 
 def gated_prefix_attention_ref(
@@ -125,47 +126,52 @@ def gated_prefix_attention_ref(
     cast to ``q.dtype``. Returns ``out``.
     """
     n_q, n_heads, head_dim = q.shape
-    group = n_heads // k.shape[1]
+    n_kv = k.shape[1]
+    group = n_heads // n_kv
     ct = _compute_dtype(q.dtype)
     if out is None:
         out = torch.empty_like(q)
     bounds = cu_seqlens_q.tolist()
     starts, lens, slots = k_starts.tolist(), kv_lens.tolist(), slot_ids.tolist()
-    prefix_kx = prefix_k.to(ct).repeat_interleave(group, dim=1).transpose(0, 1)  # (H, m, h)
-    prefix_vx = prefix_v.to(ct).repeat_interleave(group, dim=1).transpose(0, 1)
-    n_prefix = prefix_k.shape[0]
+    # Grouped layout: KV head j serves query heads j*group .. (j+1)*group - 1, so a row's queries
+    # are arranged (H_kv, group * q_len, h) and the keys are used as they are, never repeated.
+    n_prefix, n_task = prefix_k.shape[0], slot_k.shape[1]
+    prefix_kt = prefix_k.to(ct).permute(1, 2, 0)  # (H_kv, h, m)
+    prefix_vt = prefix_v.to(ct).transpose(0, 1)  # (H_kv, m, h)
+    if not own_in_task:
+        slot_kt = slot_k.to(ct).permute(0, 2, 3, 1)  # (S, H_kv, h, n)
+        slot_vt = slot_v.to(ct).transpose(1, 2)  # (S, H_kv, n, h)
+    gates = torch.tanh(gate.to(ct)).view(-1, n_kv, group, 1, 1) if gated else None
     for b in range(len(slots)):
-        q_len, kv_len, start = bounds[b + 1] - bounds[b], lens[b], starts[b]
+        lo, hi = bounds[b], bounds[b + 1]
+        q_len, kv_len, start = hi - lo, lens[b], starts[b]
         if q_len == 0:
             continue
-        qb = q[bounds[b] : bounds[b + 1]].to(ct).transpose(0, 1)  # (H, q_len, h)
-        own_k = k[start : start + kv_len].to(ct).repeat_interleave(group, dim=1).transpose(0, 1)
-        own_v = v[start : start + kv_len].to(ct).repeat_interleave(group, dim=1).transpose(0, 1)
+        qg = q[lo:hi].to(ct).view(q_len, n_kv, group, head_dim).permute(1, 2, 0, 3)
+        qg = qg.reshape(n_kv, group * q_len, head_dim) * softmax_scale  # (H_kv, group * q_len, h)
+        own_kt = k[start : start + kv_len].to(ct).permute(1, 2, 0)  # (H_kv, h, kv_len)
+        own_v = v[start : start + kv_len].to(ct).transpose(0, 1)  # (H_kv, kv_len, h)
         q_pos = torch.arange(kv_len - q_len, kv_len, device=q.device)
-        causal = torch.arange(kv_len, device=q.device)[None, :] <= q_pos[:, None]  # (q_len, kv_len)
-        prefix_mask = torch.ones(q_len, n_prefix, dtype=torch.bool, device=q.device)
+        future = torch.arange(kv_len, device=q.device)[None, :] > q_pos[:, None]  # (q_len, kv_len)
+        own_s = (qg @ own_kt).view(n_kv, group, q_len, kv_len).masked_fill(future, float("-inf"))
+        own = (own_s.view(n_kv, group * q_len, kv_len), own_v)
+        main = [(qg @ prefix_kt, prefix_vt)] if n_prefix else []
         if own_in_task:
-            main_k, main_v, main_mask = prefix_kx, prefix_vx, prefix_mask
-            task_k, task_v, task_mask = own_k, own_v, causal
+            task = [own]
         else:
-            main_k = torch.cat([prefix_kx, own_k], dim=1)
-            main_v = torch.cat([prefix_vx, own_v], dim=1)
-            main_mask = torch.cat([prefix_mask, causal], dim=1)
-            task_k = slot_k[slots[b]].to(ct).repeat_interleave(group, dim=1).transpose(0, 1)
-            task_v = slot_v[slots[b]].to(ct).repeat_interleave(group, dim=1).transpose(0, 1)
-            task_mask = torch.ones(q_len, task_k.shape[1], dtype=torch.bool, device=q.device)
+            main.append(own)
+            task = [(qg @ slot_kt[slots[b]], slot_vt[slots[b]])] if n_task else []
         if not gated:
-            keys = torch.cat([main_k, task_k], dim=1)
-            values = torch.cat([main_v, task_v], dim=1)
-            _, w, total = _masked_softmax_parts(
-                qb @ keys.transpose(1, 2) * softmax_scale, torch.cat([main_mask, task_mask], dim=1)
-            )
-            ob = (w @ values) / total.clamp_min(torch.finfo(ct).tiny)
+            ob = _softmax_attend(main + task)
         else:
-            _, w_main, s_main = _masked_softmax_parts(qb @ main_k.transpose(1, 2) * softmax_scale, main_mask)
-            _, w_task, s_task = _masked_softmax_parts(qb @ task_k.transpose(1, 2) * softmax_scale, task_mask)
-            tiny = torch.finfo(ct).tiny
-            g = torch.tanh(gate[slots[b]].to(ct)).view(n_heads, 1, 1)
-            ob = (w_main @ main_v) / s_main.clamp_min(tiny) + g * (w_task @ task_v) / s_task.clamp_min(tiny)
-        out[bounds[b] : bounds[b + 1]] = ob.transpose(0, 1).to(out.dtype)
+            ob = _softmax_attend(main)
+            ot = _softmax_attend(task)
+            if ot is not None:
+                ot = (ot.view(n_kv, group, q_len, head_dim) * gates[slots[b]]).view(n_kv, group * q_len, head_dim)
+                ob = ot if ob is None else ob + ot
+        if ob is None:
+            out[lo:hi] = 0
+        else:
+            ob = ob.view(n_kv, group, q_len, head_dim).permute(2, 0, 1, 3).reshape(q_len, n_heads, head_dim)
+            out[lo:hi] = ob.to(out.dtype)
     return out
