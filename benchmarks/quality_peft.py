@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from bench_setups import pad_left
 from talora.adapters.train.data import EncodedTask, MixedTaskSampler
 from talora.adapters.train.metrics import accuracy, macro_f1, majority_rate
 
@@ -118,20 +119,10 @@ def trainable_params(model) -> int:
 
 
 # ----- batches, loss, scores ---------------------------------------------------------------
-def _left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, width - len(row):] = torch.tensor(row)
-        mask[i, width - len(row):] = 1
-    return ids.to(device), mask.to(device)
-
-
 def _tail_logits(model, rows, task_ids, keep: int, pad_id: int, real_positions: bool) -> torch.Tensor:
     """Logits ``(B, keep, V)`` at the last ``keep`` positions of left-padded ``rows``."""
     device = next(model.parameters()).device
-    ids, mask = _left_pad(rows, pad_id, device)
+    ids, mask = pad_left(rows, pad_id, device)
     kwargs = {"input_ids": ids, "attention_mask": mask, "logits_to_keep": keep}
     if task_ids is not None:
         kwargs["task_ids"] = torch.tensor(task_ids, dtype=torch.long, device=device)
