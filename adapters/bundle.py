@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from talora.adapters.config import TaloraConfig
-from talora.adapters.io import BundleMeta, TaskMeta, load_bundle, load_task, save_bundle, save_task
+from talora.adapters.io import BundleMeta, TaskMeta, list_task_names, load_bundle, load_task, save_bundle, save_task
 from talora.adapters.model import CausalLM
 from talora.adapters.talora_model import TaloraModel
 
@@ -32,8 +32,6 @@ def export_task(model: TaloraModel, task: str, folder: Path, bundle: BundleMeta,
 def model_from_bundle(lm: CausalLM, folder: Path, base_fingerprint: str | None,
                       tasks: list[str] | None = None) -> tuple[TaloraModel, BundleMeta, dict[str, TaskMeta]]:
     """Build a ``TaloraModel`` on ``lm`` from a bundle folder and (some of) its task adapters."""
-    from talora.adapters.io import list_task_names
-
     meta, shared = load_bundle(folder, base_fingerprint)
     if meta.arch != lm.config:
         raise ValueError("model_config: the bundle's architecture does not match the loaded model")

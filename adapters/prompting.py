@@ -26,10 +26,6 @@ def encode_prompt(tokenizer, template: str, text: str, max_input_tokens: int,
     return ids, cut
 
 
-def count_text_tokens(tokenizer, text: str) -> int:
-    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
 def verbalizer_ids(tokenizer, labels: list[str], verbalizers: dict[str, str]) -> list[list[int]]:
     """Token ids of each label's verbaliser, in label order; each must be non-empty."""
     out = []
