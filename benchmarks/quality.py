@@ -45,9 +45,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", default=BenchConfig.model, help="frozen model: the embedded default or a folder")
     p.add_argument("--source-steps", type=int, default=BenchConfig.source_steps, help="source-stage steps")
     p.add_argument("--target-steps", type=int, default=BenchConfig.target_steps, help="target-stage steps")
-    p.add_argument("--talora-target", default="", help="target-stage TA-LoRA overrides, e.g. lr=0.3,target_init=random "
-                   "(their own cache keys; the source stage is reused)")
+    p.add_argument("--talora-target", default="", help="target-stage TA-LoRA overrides, e.g. lr=0.3,target_init=random, in place "
+                   "of the plan's (lr=0.3,gate_lr_ratio=0.33); their own cache keys, the source stage is reused")
     p.add_argument("--test-limit", type=int, default=BenchConfig.test_limit, help="test examples per task")
+    p.add_argument("--eval-split", choices=("test", "dev"), default="test",
+                   help="split every run is scored on: test (the published rows) or dev (for choosing settings)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (the machine is shared)")
     p.add_argument("--cache-dir", type=Path, default=CACHE_DIR, help="folder of cached run results")
     p.add_argument("--results-dir", type=Path, default=RESULTS, help="folder of quality.json and quality.png")
@@ -79,7 +81,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     return replace(base, methods=tuple(_csv(args.methods)), settings=tuple(_csv(args.settings)),
                    target_tasks=targets, seeds=tuple(int(s) for s in _csv(args.seeds)), model=args.model,
                    source_steps=args.source_steps, target_steps=args.target_steps, test_limit=args.test_limit,
-                   talora_target=_overrides(args.talora_target))
+                   eval_split=args.eval_split,
+                   talora_target=_overrides(args.talora_target) if args.talora_target else base.talora_target)
 
 
 def command_line(argv) -> str:
@@ -145,7 +148,8 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     cfg = config_from_args(args)
     full_cfg = replace(BenchConfig(), model=cfg.model, source_steps=cfg.source_steps,
-                       target_steps=cfg.target_steps, test_limit=cfg.test_limit, talora_target=cfg.talora_target)
+                       target_steps=cfg.target_steps, test_limit=cfg.test_limit, talora_target=cfg.talora_target,
+                       eval_split=cfg.eval_split)
     plan = build_plan(cfg)
     if args.plan_only:
         print_plan(plan, args.cache_dir)

@@ -82,6 +82,23 @@ def test_target_overrides_reuse_the_source_stage():
             assert new[label].spec["hyper"]["lr"] == 0.3 and new[label].spec["source"] == run.spec["source"]
 
 
+def test_talora_target_flag_replaces_the_plan_recipe():
+    plan_recipe = qp.BenchConfig().talora_target
+    assert quality.config_from_args(quality.parse_args([])).talora_target == plan_recipe
+    cfg = quality.config_from_args(quality.parse_args(["--talora-target", "lr=0.1,target_init=random"]))
+    assert cfg.talora_target == {"lr": 0.1, "target_init": "random"}
+
+
+def test_dev_split_plan_has_its_own_keys():
+    test_plan = qp.build_plan(qp.BenchConfig())
+    dev_plan = qp.build_plan(quality.config_from_args(quality.parse_args(["--eval-split", "dev"])))
+    assert [r.label for r in dev_plan] == [r.label for r in test_plan]
+    assert all(r.spec["eval_split"] == "dev" for r in dev_plan)
+    assert not {r.key for r in dev_plan} & {r.key for r in test_plan}
+    with pytest.raises(ValueError, match="eval_split"):
+        qp.BenchConfig(eval_split="train")
+
+
 def test_config_rejects_bad_values():
     with pytest.raises(ValueError, match="methods"):
         qp.BenchConfig(methods=("talora", "adapterdrop"))
