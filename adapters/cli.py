@@ -12,6 +12,7 @@ import json
 import os
 import sys
 from dataclasses import MISSING, fields
+from functools import partial
 
 from talora.adapters.train.config import HELP, STAGE_FIELDS, TrainConfig, load_config_file
 
@@ -19,16 +20,17 @@ _DESCRIPTIONS = {
     "source": "multi-task training of the shared prompt P and basis A (slow) and every task's B_t, g_t (fast)",
     "target": "adapt a new task from a source bundle (full data or --shots k); trains its B_t, g_t only",
     "eval": "score a bundle's task adapter on a split (accuracy/macro-F1 or EM/F1)",
-    "demo": "reproduce the committed demo bundle (source stage on SmolLM2 with the demo recipe)",
+    "demo": "reproduce the committed demo bundle: the source stage on SmolLM2, then the held-out target tasks",
 }
 
 
-def _add_field_flags(parser: argparse.ArgumentParser, names: tuple[str, ...]) -> None:
+def _add_field_flags(parser: argparse.ArgumentParser, names: tuple[str, ...], defaults: dict | None = None) -> None:
     by_name = {f.name: f for f in fields(TrainConfig)}
     for name in names:
         flag = "--" + name.replace("_", "-")
         spec = by_name[name]
         default = spec.default if spec.default is not MISSING else spec.default_factory()
+        default = (defaults or {}).get(name, default)
         help_text = f"{HELP[name]} (default: {default})".replace("%", "%%")
         kind = spec.type
         if kind == "bool":
@@ -50,7 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", help="JSON or YAML file of TrainConfig fields; flags override it")
         _add_field_flags(p, names)
     demo = sub.add_parser("demo", help=_DESCRIPTIONS["demo"], description=_DESCRIPTIONS["demo"])
-    _add_field_flags(demo, ("output_dir", "steps", "threads", "resume", "progress", "eval_limit"))
+    from talora.adapters.train.demo import DEMO_CONFIG, DEMO_TARGETS
+
+    _add_field_flags(demo, ("output_dir", "steps", "threads", "resume", "progress", "eval_limit"), DEMO_CONFIG)
+    demo.add_argument("--target-steps", type=int, default=argparse.SUPPRESS,
+                      help=f"optimiser steps of each target task (default: {DEMO_TARGETS['steps']})")
     demo.add_argument("--install", action="store_true",
                       help="copy the trained bundle into the package's demo folder (talora.adapters.demo)")
     return parser
@@ -62,6 +68,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     command = values.pop("command")
     config_file = values.pop("config", None)
     values.pop("install", None)
+    values.pop("target_steps", None)
     merged: dict = {}
     if command == "demo":
         from talora.adapters.train.demo import DEMO_CONFIG
@@ -84,6 +91,11 @@ def main(argv: list[str] | None = None) -> int:
     from talora.adapters.train import run_eval, run_source, run_target
 
     runner = {"source": run_source, "target": run_target, "eval": run_eval}[cfg.stage]
+    if args.command == "demo":
+        from talora.adapters.train.demo import DEMO_TARGETS, run_demo
+
+        targets = {**DEMO_TARGETS, **({"steps": args.target_steps} if hasattr(args, "target_steps") else {})}
+        runner = partial(run_demo, targets=targets)
     try:
         summary = runner(cfg)
     except ValueError as exc:

@@ -315,6 +315,23 @@ def test_cli_help_for_each_subcommand(command, capsys):
         assert "--" + name.replace("_", "-") in text
 
 
+def test_demo_recipe_adds_the_target_tasks_to_the_source_bundle(env, tmp_path):
+    from talora.adapters.io import list_task_names
+    from talora.adapters.train.demo import install_bundle, run_demo
+
+    out = tmp_path / "demo"
+    targets = {"tasks": ["toy_new"], "task_files": [env["new"]], "steps": 3, "lr": 0.3, "gate_lr_ratio": 0.33,
+               "save_every": 0}
+    summary = run_demo(_cfg(env, out, save_every=0), targets)
+    bundle = out / "bundle"
+    assert summary["tasks"] == ["toy_first", "toy_new", "toy_red"] == list_task_names(bundle)
+    assert summary["targets"]["toy_new"]["init"] == "mean"
+    assert _tensors(out / "targets" / "toy_new" / "bundle") == \
+        {k: v for k, v in _tensors(bundle).items() if k in ("shared.safetensors", "toy_new.safetensors")}
+    installed = install_bundle(bundle, tmp_path / "installed")
+    assert _tensors(installed) == _tensors(bundle)
+
+
 # ----- distributed -------------------------------------------------------------------------
 def test_torchrun_two_processes_with_gloo(env, tmp_path):
     out = tmp_path / "ddp"
