@@ -50,6 +50,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--test-limit", type=int, default=BenchConfig.test_limit, help="test examples per task")
     p.add_argument("--eval-split", choices=("test", "dev"), default="test",
                    help="split every run is scored on: test (the published rows) or dev (for choosing settings)")
+    p.add_argument("--peft-lr-schedule", choices=("constant", "cosine", "linear"), default="constant",
+                   help="learning-rate schedule of the PEFT baselines (PromptTuning, MPT, LoRA)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (the machine is shared)")
     p.add_argument("--cache-dir", type=Path, default=CACHE_DIR, help="folder of cached run results")
     p.add_argument("--results-dir", type=Path, default=RESULTS, help="folder of quality.json and quality.png")
@@ -81,7 +83,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     return replace(base, methods=tuple(_csv(args.methods)), settings=tuple(_csv(args.settings)),
                    target_tasks=targets, seeds=tuple(int(s) for s in _csv(args.seeds)), model=args.model,
                    source_steps=args.source_steps, target_steps=args.target_steps, test_limit=args.test_limit,
-                   eval_split=args.eval_split,
+                   eval_split=args.eval_split, peft_lr_schedule=args.peft_lr_schedule,
                    talora_target=_overrides(args.talora_target) if args.talora_target else base.talora_target)
 
 
@@ -149,7 +151,7 @@ def main(argv=None) -> None:
     cfg = config_from_args(args)
     full_cfg = replace(BenchConfig(), model=cfg.model, source_steps=cfg.source_steps,
                        target_steps=cfg.target_steps, test_limit=cfg.test_limit, talora_target=cfg.talora_target,
-                       eval_split=cfg.eval_split)
+                       eval_split=cfg.eval_split, peft_lr_schedule=cfg.peft_lr_schedule)
     plan = build_plan(cfg)
     if args.plan_only:
         print_plan(plan, args.cache_dir)

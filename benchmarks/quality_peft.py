@@ -181,9 +181,15 @@ def evaluate(model, task: EncodedTask, task_id: int | None, pad_id: int, real_po
 
 # ----- training ----------------------------------------------------------------------------
 def train(model, tasks: list[EncodedTask], steps: int, batch_size: int, lr: float, seed: int,
-          temperature: float, pad_id: int, multitask_ids: bool, real_positions: bool, progress: bool = True) -> dict:
-    """``steps`` AdamW steps on mixed batches of ``tasks``; returns losses and the median step time."""
+          temperature: float, pad_id: int, multitask_ids: bool, real_positions: bool, progress: bool = True,
+          lr_schedule: str = "constant") -> dict:
+    """``steps`` AdamW steps on mixed batches of ``tasks``; returns losses and the median step time.
+    ``lr_schedule`` is the trainer's (``talora.adapters.train.trainer.lr_factor``, no warm-up)."""
+    from types import SimpleNamespace
+
     from tqdm.auto import tqdm
+
+    from talora.adapters.train.trainer import lr_factor
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -192,8 +198,11 @@ def train(model, tasks: list[EncodedTask], steps: int, batch_size: int, lr: floa
                                seed=seed * 1_000_003 + 7919)
     losses, durations = [], []
     model.train()
-    for _ in tqdm(range(steps), desc="peft steps", disable=not progress, leave=False):
+    schedule = SimpleNamespace(steps=steps, warmup_steps=0, lr_schedule=lr_schedule)
+    for step in tqdm(range(steps), desc="peft steps", disable=not progress, leave=False):
         tic = time.perf_counter()
+        for group in optimizer.param_groups:
+            group["lr"] = lr * lr_factor(step, schedule)
         items = [(t, tasks[t].examples[i]) for t, i in sampler.draw(batch_size)]
         optimizer.zero_grad(set_to_none=True)
         loss = answer_loss(model, items, pad_id, multitask_ids, real_positions)

@@ -82,6 +82,7 @@ class BenchConfig:
     prompt_tokens: int = 16  # num_virtual_tokens of PromptTuning and MultitaskPromptTuning
     prompt_lr: float = 0.3
     mpt_rank: int = 1
+    peft_lr_schedule: str = "constant"  # of PromptTuning, MPT and LoRA (both stages): constant or cosine
     lora: dict = field(default_factory=lambda: {"r": 4, "alpha": 8, "targets": ["q_proj", "v_proj"], "lr": 2e-3})
 
     def __post_init__(self) -> None:
@@ -91,6 +92,8 @@ class BenchConfig:
         bad = [s for s in self.settings if s not in SETTINGS]
         if bad:
             raise ValueError(f"settings: unknown {bad}; choose from {SETTINGS}")
+        if self.peft_lr_schedule not in ("constant", "cosine", "linear"):
+            raise ValueError(f"peft_lr_schedule: must be constant, cosine or linear, got {self.peft_lr_schedule!r}")
         if self.eval_split not in ("test", "dev"):
             raise ValueError(f"eval_split: must be 'test' or 'dev', got {self.eval_split!r}")
         overlap = set(self.source_tasks) & set(self.target_tasks)
@@ -133,6 +136,12 @@ def method_spec(cfg: BenchConfig, method: str) -> dict:
     """The hyperparameters of ``method`` that enter its run keys."""
     if method in TALORA_METHODS:
         return {**cfg.talora, **TALORA_SWITCHES[method]}
+    # a PEFT schedule other than the default enters the keys (constant ones keep their old keys)
+    schedule = {} if cfg.peft_lr_schedule == "constant" else {"lr_schedule": cfg.peft_lr_schedule}
+    return {**_peft_spec(cfg, method), **schedule}
+
+
+def _peft_spec(cfg: BenchConfig, method: str) -> dict:
     if method == "prompt_tuning":
         return {"num_virtual_tokens": cfg.prompt_tokens, "lr": cfg.prompt_lr, "init": "SAMPLE_VOCAB"}
     if method == "mpt":

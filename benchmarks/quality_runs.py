@@ -157,7 +157,8 @@ def run_peft(run: Run, cache_dir: Path, progress: bool) -> dict:
         source_file = Path(cache_dir) / ARTIFACTS / s["source"] / "source.safetensors" if s["source"] else None
         model = _build_peft(run.method, base, h, s["seed"], 1, source_file)
     trained = qp.train(model, train_tasks, s["steps"], s["batch_size"], h["lr"], s["seed"],
-                       s.get("sampling_temperature", 2.0), pad_id, multitask_ids, real_positions, progress)
+                       s.get("sampling_temperature", 2.0), pad_id, multitask_ids, real_positions, progress,
+                       h.get("lr_schedule", "constant"))
     metrics = {t.name: qp.evaluate(model, t, i if multitask_ids else None, pad_id, real_positions)
                for i, t in enumerate(test_tasks)}
     if run.stage == "source":

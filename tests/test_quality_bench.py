@@ -99,6 +99,17 @@ def test_dev_split_plan_has_its_own_keys():
         qp.BenchConfig(eval_split="train")
 
 
+def test_peft_schedule_changes_only_the_peft_keys():
+    base = qp.BenchConfig()
+    cosine = replace(base, peft_lr_schedule="cosine")
+    old = {r.label: r for r in qp.build_plan(base)}
+    for run in qp.build_plan(cosine):
+        peft = run.method in ("prompt_tuning", "mpt", "lora")
+        assert (run.key != old[run.label].key) == peft, run.label
+        assert run.spec["hyper"].get("lr_schedule") == ("cosine" if peft else None)
+    assert "lr_schedule" not in old["prompt_tuning/target/multiemo_zh/k16/s0"].spec["hyper"]
+
+
 def test_config_rejects_bad_values():
     with pytest.raises(ValueError, match="methods"):
         qp.BenchConfig(methods=("talora", "adapterdrop"))
