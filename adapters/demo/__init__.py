@@ -1,4 +1,4 @@
-"""The committed demo bundle: SmolLM2-135M-Instruct adapters for four registry tasks.
+"""The committed demo bundle: SmolLM2-135M-Instruct adapters for six registry tasks.
 
 ``demo_bundle_dir()`` returns this folder (``talora.json``, ``shared.safetensors`` and one
 ``<task>.json`` + ``<task>.safetensors`` per task). ``README.md`` here gives the command that

@@ -84,7 +84,8 @@ def verify_export(folder: Path, model: TaloraModel, base_fingerprint: str, tasks
 
 def _training_summary(cfg: TrainConfig, result, runtime: Runtime, seconds: float) -> dict:
     return {"stage": cfg.stage, "steps": cfg.steps, "batch_size": cfg.batch_size, "world_size": runtime.world_size,
-            "lr": cfg.lr, "slow_lr_ratio": cfg.slow_lr_ratio, "gate_lr_ratio": cfg.gate_lr_ratio, "seed": cfg.seed,
+            "lr": cfg.lr, "slow_lr_ratio": cfg.slow_lr_ratio, "gate_lr_ratio": cfg.gate_lr_ratio,
+            "lr_schedule": cfg.lr_schedule, "warmup_steps": cfg.warmup_steps, "seed": cfg.seed,
             "sampling": cfg.sampling, "sampling_temperature": cfg.sampling_temperature,
             "max_input_tokens": cfg.max_input_tokens, "final_loss": result.final_loss,
             "seconds_per_step": result.seconds_per_step, "wall_seconds": seconds, "device": str(runtime.device)}
