@@ -12,6 +12,7 @@ target runs write to a scratch folder that is deleted once their result is recor
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -93,7 +94,7 @@ def run_talora(run: Run, cache_dir: Path, progress: bool) -> dict:
         return {"metrics": summary["metrics"], "final_loss": summary["final_loss"],
                 "seconds_per_step": summary["seconds_per_step"], "gate_abs_tanh": _last_gate_opening(out / "log.jsonl")}
     bundle = Path(cache_dir) / ARTIFACTS / run.spec["source"] / "bundle"
-    scratch = Path(cache_dir) / "scratch" / run.key
+    scratch = Path(cache_dir) / "scratch" / f"{run.key}-{os.getpid()}"  # two sittings may share a cache
     shutil.rmtree(scratch, ignore_errors=True)
     try:
         summary = run_target(_talora_config(run, scratch, bundle, progress))
