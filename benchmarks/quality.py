@@ -45,6 +45,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", default=BenchConfig.model, help="frozen model: the embedded default or a folder")
     p.add_argument("--source-steps", type=int, default=BenchConfig.source_steps, help="source-stage steps")
     p.add_argument("--target-steps", type=int, default=BenchConfig.target_steps, help="target-stage steps")
+    p.add_argument("--talora", default="", help="TA-LoRA overrides for both stages, e.g. slow_lr_ratio=0.3,rank=8 "
+                   "(new source and target keys for every TA-LoRA method)")
     p.add_argument("--talora-target", default="", help="target-stage TA-LoRA overrides, e.g. lr=0.3,target_init=random, in place "
                    "of the plan's (lr=0.3,gate_lr_ratio=0.33); their own cache keys, the source stage is reused")
     p.add_argument("--test-limit", type=int, default=BenchConfig.test_limit, help="test examples per task")
@@ -64,13 +66,19 @@ def _csv(text: str) -> list[str]:
 
 
 def _overrides(text: str) -> dict:
-    out = {}
+    """``a=1,b=0.3,c=true,d=mean`` -> {"a": 1, "b": 0.3, "c": True, "d": "mean"}."""
+    out: dict = {}
     for item in _csv(text):
         name, _, value = item.partition("=")
-        try:
-            out[name] = float(value)
-        except ValueError:
-            out[name] = value
+        if value.lower() in ("true", "false"):
+            out[name] = value.lower() == "true"
+            continue
+        for cast in (int, float, str):
+            try:
+                out[name] = cast(value)
+                break
+            except ValueError:
+                continue
     return out
 
 
@@ -84,6 +92,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
                    target_tasks=targets, seeds=tuple(int(s) for s in _csv(args.seeds)), model=args.model,
                    source_steps=args.source_steps, target_steps=args.target_steps, test_limit=args.test_limit,
                    eval_split=args.eval_split, peft_lr_schedule=args.peft_lr_schedule,
+                   talora={**base.talora, **_overrides(args.talora)},
                    talora_target=_overrides(args.talora_target) if args.talora_target else base.talora_target)
 
 
@@ -151,7 +160,7 @@ def main(argv=None) -> None:
     cfg = config_from_args(args)
     full_cfg = replace(BenchConfig(), model=cfg.model, source_steps=cfg.source_steps,
                        target_steps=cfg.target_steps, test_limit=cfg.test_limit, talora_target=cfg.talora_target,
-                       eval_split=cfg.eval_split, peft_lr_schedule=cfg.peft_lr_schedule)
+                       eval_split=cfg.eval_split, peft_lr_schedule=cfg.peft_lr_schedule, talora=cfg.talora)
     plan = build_plan(cfg)
     if args.plan_only:
         print_plan(plan, args.cache_dir)

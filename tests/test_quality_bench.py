@@ -87,6 +87,9 @@ def test_talora_target_flag_replaces_the_plan_recipe():
     assert quality.config_from_args(quality.parse_args([])).talora_target == plan_recipe
     cfg = quality.config_from_args(quality.parse_args(["--talora-target", "lr=0.1,target_init=random"]))
     assert cfg.talora_target == {"lr": 0.1, "target_init": "random"}
+    cfg = quality.config_from_args(quality.parse_args(["--talora", "slow_lr_ratio=0.3,rank=8,gated=false"]))
+    assert cfg.talora == {**qp.BenchConfig().talora, "slow_lr_ratio": 0.3, "rank": 8, "gated": False}
+    assert type(cfg.talora["rank"]) is int
 
 
 def test_dev_split_plan_has_its_own_keys():
