@@ -136,6 +136,8 @@ def execute_plan(plan: list[Run], cache_dir: Path, max_minutes: float, progress:
             or (r.stage == "source" and not source_ready(r, cache_dir))]
     bar = tqdm(todo, desc="quality runs", disable=not progress)
     for run in bar:
+        if load_result(cache_dir, run.key) is not None and (run.stage != "source" or source_ready(run, cache_dir)):
+            continue  # finished meanwhile by another sitting sharing the cache
         rates = measured_rates(cached_results(cache_dir))
         elapsed = time.monotonic() - start
         if max_minutes and elapsed + estimate_seconds(run, rates) > max_minutes * 60:
