@@ -131,12 +131,13 @@ def execute_plan(plan: list[Run], cache_dir: Path, max_minutes: float, progress:
 
     from quality_runs import execute, needs_source, source_ready
 
+    def finished(run: Run) -> bool:  # a result, and for a source stage its artifact too
+        return load_result(cache_dir, run.key) is not None and (run.stage != "source" or source_ready(run, cache_dir))
+
     start, ran = time.monotonic(), 0
-    todo = [r for r in plan if load_result(cache_dir, r.key) is None
-            or (r.stage == "source" and not source_ready(r, cache_dir))]
-    bar = tqdm(todo, desc="quality runs", disable=not progress)
+    bar = tqdm([r for r in plan if not finished(r)], desc="quality runs", disable=not progress)
     for run in bar:
-        if load_result(cache_dir, run.key) is not None and (run.stage != "source" or source_ready(run, cache_dir)):
+        if finished(run):
             continue  # finished meanwhile by another sitting sharing the cache
         rates = measured_rates(cached_results(cache_dir))
         elapsed = time.monotonic() - start
@@ -145,7 +146,7 @@ def execute_plan(plan: list[Run], cache_dir: Path, max_minutes: float, progress:
             break
         if needs_source(run):
             src = next(r for r in plan if r.key == run.spec["source"])
-            if load_result(cache_dir, src.key) is None or not source_ready(src, cache_dir):
+            if not finished(src):
                 tqdm.write(f"skipping {run.label}: its source stage {src.key} has not finished")
                 continue
         bar.set_postfix_str(run.label)
@@ -160,9 +161,9 @@ def main(argv=None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     cfg = config_from_args(args)
-    full_cfg = replace(BenchConfig(), model=cfg.model, source_steps=cfg.source_steps,
-                       target_steps=cfg.target_steps, test_limit=cfg.test_limit, talora_target=cfg.talora_target,
-                       eval_split=cfg.eval_split, peft_lr_schedule=cfg.peft_lr_schedule, talora=cfg.talora)
+    base = BenchConfig()  # the summary covers the whole plan of these settings, not just the filter
+    full_cfg = replace(cfg, methods=base.methods, settings=base.settings, target_tasks=base.target_tasks,
+                       seeds=base.seeds)
     plan = build_plan(cfg)
     if args.plan_only:
         print_plan(plan, args.cache_dir)

@@ -5,8 +5,9 @@ SmolLM2-135M-Instruct: the source stage on the benchmark's four source tasks (``
 the benchmark's source recipe), then the target stage on each of its two held-out tasks
 (``DEMO_TARGETS``: full data capped at 256 examples, the benchmark's target learning rates with
 twice its steps and a cosine decay; on the dev split the decay took intent_recognition from
-0.115 to 0.594 at 48 steps, docs/training.md). The target task files join the source bundle (the target stage only adds B_t and
-g_t; P and A stay the source's), and the whole bundle is read back once more. With ``--install``
+0.115 to 0.594 at 48 steps, docs/training.md). The target task files join the source bundle
+(the target stage only adds B_t and g_t; P and A stay the source's), and the whole bundle is
+read back once more. With ``--install``
 the result replaces the package's demo folder. About 10 minutes on an idle 2-core CPU.
 """
 
@@ -87,8 +88,7 @@ def run_demo(source_cfg, targets: dict | None = None) -> dict:
         summary["targets"][cfg.task] = {"metrics": result["metrics"][cfg.task], "init": result["init"],
                                         "train_examples": result["train_examples"]}
     for task, folder in trained:
-        for suffix in (".json", ".safetensors"):
-            shutil.copyfile(folder / f"{task}{suffix}", bundle / f"{task}{suffix}")
+        _copy_task(folder, bundle, task)
     loaded = load_model(source_cfg.model, source_cfg.dtype, "cpu")
     model, _, _ = model_from_bundle(loaded.model, bundle, loaded.fingerprint)
     summary["tasks"] = sorted(model.tasks.keys())
@@ -110,6 +110,11 @@ def install_bundle(bundle_dir: Path, target: Path | None = None) -> Path:
     for name in (BUNDLE_FILE, SHARED_FILE):
         shutil.copyfile(bundle_dir / name, target / name)
     for task in list_task_names(bundle_dir):
-        for suffix in (".json", ".safetensors"):
-            shutil.copyfile(bundle_dir / f"{task}{suffix}", target / f"{task}{suffix}")
+        _copy_task(bundle_dir, target, task)
     return target
+
+
+def _copy_task(source: Path, target: Path, task: str) -> None:
+    """Copy one task adapter (``<task>.json`` + ``<task>.safetensors``) between bundle folders."""
+    for suffix in (".json", ".safetensors"):
+        shutil.copyfile(source / f"{task}{suffix}", target / f"{task}{suffix}")
