@@ -30,12 +30,14 @@ def export_task(model: TaloraModel, task: str, folder: Path, bundle: BundleMeta,
 
 
 def model_from_bundle(lm: CausalLM, folder: Path, base_fingerprint: str | None,
-                      tasks: list[str] | None = None) -> tuple[TaloraModel, BundleMeta, dict[str, TaskMeta]]:
-    """Build a ``TaloraModel`` on ``lm`` from a bundle folder and (some of) its task adapters."""
+                      tasks: list[str] | None = None, param_dtype: torch.dtype | None = None,
+                      ) -> tuple[TaloraModel, BundleMeta, dict[str, TaskMeta]]:
+    """Build a ``TaloraModel`` on ``lm`` from a bundle folder and (some of) its task adapters;
+    ``param_dtype`` as in ``TaloraModel`` (training keeps float32 adapters on a bfloat16 LM)."""
     meta, shared = load_bundle(folder, base_fingerprint)
     if meta.arch != lm.config:
         raise ValueError("model_config: the bundle's architecture does not match the loaded model")
-    model = TaloraModel(lm, TaloraConfig.from_dict(meta.talora))
+    model = TaloraModel(lm, TaloraConfig.from_dict(meta.talora), param_dtype)
     with torch.no_grad():
         model.prompt.copy_(shared["prompt"].to(model.prompt))
         model.basis.copy_(shared["basis"].to(model.basis))

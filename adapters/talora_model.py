@@ -98,12 +98,14 @@ class KVCache:
 class TaloraModel(nn.Module):
     """A frozen ``CausalLM`` with the shared TA-LoRA parameters and named task adapters."""
 
-    def __init__(self, lm: CausalLM, cfg: TaloraConfig):
+    def __init__(self, lm: CausalLM, cfg: TaloraConfig, param_dtype: torch.dtype | None = None):
+        """``param_dtype``: dtype of the adapter tensors (default: the LM's). Training keeps them
+        in float32 on a bfloat16 LM (master copies); they are cast to the LM's dtype where used."""
         super().__init__()
         self.lm = lm.requires_grad_(False)
         self.cfg = cfg
         mc = lm.config
-        dtype, device = lm.dtype, lm.device
+        dtype, device = param_dtype or lm.dtype, lm.device
         self.prompt = nn.Parameter(torch.zeros(cfg.shared_prompt_len, mc.hidden_size, dtype=dtype, device=device))
         basis_rows = 0 if cfg.full_rank else cfg.rank
         self.basis = nn.Parameter(torch.zeros(basis_rows, mc.hidden_size, dtype=dtype, device=device))
@@ -114,13 +116,31 @@ class TaloraModel(nn.Module):
     def fast_width(self) -> int:
         return self.lm.config.hidden_size if self.cfg.full_rank else self.cfg.rank
 
-    def init_shared(self, generator: torch.Generator | None = None) -> None:
-        """``P`` from randomly chosen token-embedding rows, ``A`` small random."""
+    def init_shared(self, generator: torch.Generator | None = None, basis_init: str = "random",
+                    prompt_ids: list[int] | None = None) -> None:
+        """``P`` from token-embedding rows, ``A`` random.
+
+        ``P``: the embeddings of ``prompt_ids`` (an instruction text, repeated to m rows) or of
+        randomly chosen vocabulary rows. ``A``: ``basis_init="random"`` draws N(0, init_std);
+        ``"embedding"`` draws rows at the token embeddings' scale (each row's norm is the mean
+        embedding-row norm), so that ΔP = B A starts in the range the frozen model reads.
+        """
         emb = self.lm.model.embed_tokens.weight
-        rows = torch.randint(0, emb.shape[0], (self.cfg.shared_prompt_len,), generator=generator)
+        m = self.cfg.shared_prompt_len
+        if prompt_ids:
+            rows = torch.tensor([prompt_ids[i % len(prompt_ids)] for i in range(m)], dtype=torch.long)
+        else:
+            rows = torch.randint(0, emb.shape[0], (m,), generator=generator)
         with torch.no_grad():
             self.prompt.copy_(emb[rows.to(emb.device)])
-            noise = torch.randn(self.basis.shape, generator=generator) * self.cfg.init_std
+            noise = torch.randn(self.basis.shape, generator=generator)
+            if basis_init == "embedding":
+                row_norm = emb.float().norm(dim=-1).mean().cpu()
+                noise = noise / noise.norm(dim=-1, keepdim=True).clamp_min(1e-6) * row_norm
+            elif basis_init == "random":
+                noise = noise * self.cfg.init_std
+            else:
+                raise ValueError(f"basis_init: {basis_init!r} is not 'random' or 'embedding'")
             self.basis.copy_(noise.to(self.basis))
 
     def add_task(self, name: str, fast: torch.Tensor | None = None,
@@ -132,7 +152,7 @@ class TaloraModel(nn.Module):
         if tuple(fast.shape) != shape:
             raise ValueError(f"fast: expected shape {shape}, got {tuple(fast.shape)}")
         mc = self.lm.config
-        adapter = TaskAdapter(fast.to(self.lm.dtype).to(self.lm.device).clone(), mc.num_layers, mc.num_heads)
+        adapter = TaskAdapter(fast.to(self.prompt.dtype).to(self.lm.device).clone(), mc.num_layers, mc.num_heads)
         self.tasks[name] = adapter
         return adapter
 
@@ -161,8 +181,8 @@ class TaloraModel(nn.Module):
         m, n = self.cfg.shared_prompt_len, self.cfg.task_prompt_len
         batch, t_len = input_ids.shape
         fast, gates = self.stacked(task_names)
-        prompts = self.task_prompts(fast)  # (B, n, d)
-        shared = self.prompt.unsqueeze(0).expand(batch, -1, -1)
+        prompts = self.task_prompts(fast).to(self.lm.dtype)  # (B, n, d)
+        shared = self.prompt.to(self.lm.dtype).unsqueeze(0).expand(batch, -1, -1)
         hidden = torch.cat([shared, prompts, self.lm.embed(input_ids)], dim=1)
         seg = torch.tensor([SEG_SHARED] * m + [SEG_TASK] * n + [SEG_INPUT] * t_len, device=input_ids.device)
         valid = torch.cat([torch.ones(batch, m + n, dtype=torch.bool, device=input_ids.device),
@@ -193,16 +213,16 @@ class TaloraModel(nn.Module):
             return dense_attention(q[None], k[None], v[None], causal)[0]
 
         if m:
-            self.lm.run_layers(self.prompt, torch.arange(m, device=self.prompt.device), attend)
+            self.lm.run_layers(self.prompt.to(self.lm.dtype), torch.arange(m, device=self.prompt.device), attend)
             return PrefixKV(torch.stack(keys), torch.stack(values))
-        empty = self.prompt.new_zeros(mc.num_layers, 0, mc.num_kv_heads, mc.head_dim)
+        empty = self.prompt.new_zeros(mc.num_layers, 0, mc.num_kv_heads, mc.head_dim, dtype=self.lm.dtype)
         return PrefixKV(empty, empty)
 
     def task_kv(self, prefix: PrefixKV, fast: torch.Tensor, gates: torch.Tensor) -> SlotKV:
         """Task-prompt keys/values for stacked ``fast (S, n, r)`` and ``gates (S, L, H)``."""
         m, n = self.cfg.shared_prompt_len, self.cfg.task_prompt_len
         s = fast.shape[0]
-        hidden = self.task_prompts(fast).reshape(s * n, -1)
+        hidden = self.task_prompts(fast).reshape(s * n, -1).to(self.lm.dtype)
         meta = BatchMeta.prefill([n] * s, list(range(s)), device=fast.device)
         keys, values = [], []
 

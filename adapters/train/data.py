@@ -78,10 +78,14 @@ class MixedTaskSampler:
     different batches and the run is still reproducible.
     """
 
-    def __init__(self, sizes: list[int], sampling: str, temperature: float, seed: int):
+    def __init__(self, sizes: list[int], sampling: str, temperature: float, seed: int,
+                 label_groups: list[list[list[int]] | None] | None = None):
+        """``label_groups[t]``: example indices of each label of task t; when given (not None) an
+        example of task t is drawn by picking a label uniformly, then an example of that label."""
         if not sizes or min(sizes) <= 0:
             raise ValueError(f"tasks: every task needs training examples, got sizes {sizes}")
         self.sizes = list(sizes)
+        self.label_groups = label_groups or [None] * len(sizes)
         self.probs = task_weights(sizes, sampling, temperature)
         self.generator = torch.Generator().manual_seed(seed)
 
@@ -89,7 +93,12 @@ class MixedTaskSampler:
         tasks = torch.multinomial(self.probs, batch_size, replacement=True, generator=self.generator).tolist()
         picks = []
         for task in tasks:
-            index = int(torch.randint(self.sizes[task], (1,), generator=self.generator))
+            groups = self.label_groups[task]
+            if groups:
+                group = groups[int(torch.randint(len(groups), (1,), generator=self.generator))]
+                index = group[int(torch.randint(len(group), (1,), generator=self.generator))]
+            else:
+                index = int(torch.randint(self.sizes[task], (1,), generator=self.generator))
             picks.append((task, index))
         return picks
 

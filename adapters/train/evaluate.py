@@ -91,7 +91,9 @@ def predict_answers(model: TaloraModel, task: EncodedTask, tokenizer, batch_size
 
 def evaluate_task(model: TaloraModel, task: EncodedTask, tokenizer, batch_size: int = 16,
                   max_new_tokens: int = 24) -> dict:
-    """Metrics of ``model`` on the encoded examples of ``task``; includes the example count."""
+    """Metrics of ``model`` on the encoded examples of ``task``; includes the example count and
+    ``predictions``, one per example (the label index for classification, the answer text for
+    extraction), for per-item comparisons."""
     was_training = model.training
     model.eval()
     try:
@@ -99,10 +101,12 @@ def evaluate_task(model: TaloraModel, task: EncodedTask, tokenizer, batch_size: 
             gold = [ex.label for ex in task.examples]
             pred = predict_labels(model, task, batch_size)
             return {"examples": len(gold), "accuracy": accuracy(gold, pred),
-                    "macro_f1": macro_f1(gold, pred, task.labels), "majority_rate": majority_rate(gold)}
+                    "macro_f1": macro_f1(gold, pred, task.labels), "majority_rate": majority_rate(gold),
+                    "predictions": [task.labels.index(p) for p in pred]}
         pred = predict_answers(model, task, tokenizer, batch_size, max_new_tokens)
         em = [exact_match(p, ex.answers) for p, ex in zip(pred, task.examples)]
         f1 = [token_f1(p, ex.answers) for p, ex in zip(pred, task.examples)]
-        return {"examples": len(pred), "exact_match": sum(em) / len(em), "f1": sum(f1) / len(f1)}
+        return {"examples": len(pred), "exact_match": sum(em) / len(em), "f1": sum(f1) / len(f1),
+                "predictions": pred}
     finally:
         model.train(was_training)

@@ -61,17 +61,38 @@ def _setup(cfg: TrainConfig):
     return runtime, load_model(cfg.model, cfg.dtype, runtime.device)
 
 
-def _eval_fn(model: TaloraModel, eval_tasks: list[EncodedTask], tokenizer, cfg: TrainConfig):
-    def run() -> dict:
-        return {t.name: evaluate_task(model, t, tokenizer, cfg.eval_batch_size, cfg.max_new_tokens)
-                for t in eval_tasks}
+class _Eval:
+    """Scores ``eval_tasks``: metrics per task, each with its per-item ``predictions``;
+    ``gold`` holds the gold label index (or answers) of every item."""
 
-    return run
+    def __init__(self, model: TaloraModel, eval_tasks: list[EncodedTask], tokenizer, cfg: TrainConfig):
+        self.model, self.tasks, self.tokenizer, self.cfg = model, eval_tasks, tokenizer, cfg
+        self.gold = {t.name: [t.labels.index(ex.label) for ex in t.examples] if t.kind == "classify"
+                     else [list(ex.answers) for ex in t.examples] for t in eval_tasks}
+
+    def __call__(self) -> dict:
+        return {t.name: evaluate_task(self.model, t, self.tokenizer, self.cfg.eval_batch_size, self.cfg.max_new_tokens)
+                for t in self.tasks}
+
+    def final(self, result, log_dir: Path, step: int) -> tuple[dict, dict]:
+        """(metrics, predictions) of the trained tensors: the training loop's last evaluation of
+        them if it made one, else a new one (logged)."""
+        metrics = result.final_metrics
+        if metrics is None:
+            metrics = self()
+            from talora.adapters.train.logs import JsonlLog
+
+            JsonlLog(log_dir / LOG_FILE).write({"kind": "eval", "step": step, "metrics": metrics})
+        metrics = {name: dict(m) for name, m in metrics.items()}
+        return metrics, {name: m.pop("predictions") for name, m in metrics.items()}
+
+
+
 
 
 def verify_export(folder: Path, model: TaloraModel, base_fingerprint: str, tasks: list[str]) -> None:
     """Read the written bundle and task files back; raise if any tensor differs from ``model``."""
-    loaded, _, _ = model_from_bundle(model.lm, folder, base_fingerprint, tasks)
+    loaded, _, _ = model_from_bundle(model.lm, folder, base_fingerprint, tasks, model.prompt.dtype)
     expected = {k: v for k, v in trained_state(model).items()
                 if not k.startswith("tasks.") or k.split(".")[1] in tasks}
     got = trained_state(loaded)
@@ -88,6 +109,9 @@ def _training_summary(cfg: TrainConfig, result, runtime: Runtime, seconds: float
             "lr_schedule": cfg.lr_schedule, "warmup_steps": cfg.warmup_steps, "seed": cfg.seed,
             "sampling": cfg.sampling, "sampling_temperature": cfg.sampling_temperature,
             "max_input_tokens": cfg.max_input_tokens, "final_loss": result.final_loss,
+            "basis_lr_ratio": cfg.basis_lr_ratio, "class_balance": cfg.class_balance, "dtype": cfg.dtype,
+            "diverged": result.diverged, "restored_step": result.restored_step,
+            "skipped_steps": result.skipped_steps,
             "seconds_per_step": result.seconds_per_step, "wall_seconds": seconds, "device": str(runtime.device)}
 
 
@@ -111,23 +135,21 @@ def run_source(cfg: TrainConfig) -> dict:
                        for n in names]
         eval_tasks = [encode_task(specs[n], _load_examples(n, cfg.split, cfg.eval_limit), tok, cfg.max_input_tokens)
                       for n in names]
-        model = TaloraModel(loaded.model, cfg.talora())
+        model = TaloraModel(loaded.model, cfg.talora(), torch.float32)
         gen = torch.Generator().manual_seed(cfg.seed)
-        model.init_shared(gen)
+        prompt_ids = tok(cfg.prompt_init_text, add_special_tokens=False)["input_ids"] if cfg.prompt_init_text else None
+        model.init_shared(gen, cfg.basis_init, prompt_ids)
         for name in names:
             model.add_task(name, generator=gen)
         optimizer = build_optimizer(model, cfg, names, train_shared=True)
         run_dir = Path(cfg.output_dir)
-        eval_fn = _eval_fn(model, eval_tasks, tok, cfg)
+        eval_fn = _Eval(model, eval_tasks, tok, cfg)
         result = train(cfg, model, train_tasks, optimizer, runtime, run_dir, eval_fn)
         summary = {"stage": "source", "ranks_agree": result.ranks_agree, "resumed_from": result.resumed_from,
                    "final_loss": result.final_loss, "seconds_per_step": result.seconds_per_step,
                    "world_size": runtime.world_size}
         if runtime.is_main:
-            metrics = eval_fn()
-            from talora.adapters.train.logs import JsonlLog
-
-            JsonlLog(run_dir / LOG_FILE).write({"kind": "eval", "step": cfg.steps, "metrics": metrics})
+            metrics, predictions = eval_fn.final(result, run_dir, cfg.steps)
             training = _training_summary(cfg, result, runtime, time.perf_counter() - tic)
             training["tasks"] = {t.name: len(t.examples) for t in train_tasks}
             bundle_dir = run_dir / BUNDLE_DIR
@@ -137,8 +159,10 @@ def run_source(cfg: TrainConfig) -> dict:
                             training={"stage": "source", "train_examples": len(task.examples),
                                       f"{cfg.split}_metrics": metrics[task.name]})
             verify_export(bundle_dir, model, loaded.fingerprint, names)
-            summary.update(bundle=str(bundle_dir), metrics=metrics, verified=True)
+            summary.update(bundle=str(bundle_dir), metrics=metrics, verified=True, diverged=result.diverged,
+                           restored_step=result.restored_step)
             summary = _finish(cfg, run_dir, summary)
+            summary["predictions"], summary["gold"] = predictions, eval_fn.gold
         barrier(runtime)
         return summary
     finally:
@@ -174,7 +198,8 @@ def run_target(cfg: TrainConfig) -> dict:
     tic = time.perf_counter()
     runtime, loaded = _setup(cfg)
     try:
-        model, bundle_meta, _ = model_from_bundle(loaded.model, Path(cfg.bundle), loaded.fingerprint)
+        model, bundle_meta, _ = model_from_bundle(loaded.model, Path(cfg.bundle), loaded.fingerprint,
+                                                  param_dtype=torch.float32)
         sources = sorted(model.tasks.keys())
         if cfg.task in sources:
             raise ValueError(f"task: {cfg.task!r} is already a task of bundle {cfg.bundle}; pick a new task")
@@ -188,13 +213,13 @@ def run_target(cfg: TrainConfig) -> dict:
         model.add_task(cfg.task, init, generator=torch.Generator().manual_seed(cfg.seed))
         optimizer = build_optimizer(model, cfg, [cfg.task], train_shared=cfg.train_shared)
         run_dir = Path(cfg.output_dir)
-        eval_fn = _eval_fn(model, [eval_task], tok, cfg)
+        eval_fn = _Eval(model, [eval_task], tok, cfg)
         result = train(cfg, model, [train_task], optimizer, runtime, run_dir, eval_fn)
         summary = {"stage": "target", "task": cfg.task, "init": init_name, "shots": cfg.shots,
                    "train_examples": len(train_task.examples), "ranks_agree": result.ranks_agree,
                    "final_loss": result.final_loss, "seconds_per_step": result.seconds_per_step}
         if runtime.is_main:
-            metrics = eval_fn()
+            metrics, predictions = eval_fn.final(result, run_dir, cfg.steps)
             training = {**_training_summary(cfg, result, runtime, time.perf_counter() - tic), "init": init_name,
                         "shots": cfg.shots, "train_examples": len(train_task.examples),
                         f"{cfg.split}_metrics": metrics[cfg.task], "source_bundle": bundle_meta.fingerprint}
@@ -202,8 +227,10 @@ def run_target(cfg: TrainConfig) -> dict:
             meta = _target_bundle(cfg, model, bundle_meta, bundle_dir, loaded, training)
             export_task(model, cfg.task, bundle_dir, meta, **train_task.export_fields(), training=training)
             verify_export(bundle_dir, _only_task(model, cfg.task), loaded.fingerprint, [cfg.task])
-            summary.update(bundle=str(bundle_dir), metrics=metrics, verified=True)
+            summary.update(bundle=str(bundle_dir), metrics=metrics, verified=True, diverged=result.diverged,
+                           restored_step=result.restored_step)
             summary = _finish(cfg, run_dir, summary)
+            summary["predictions"], summary["gold"] = predictions, eval_fn.gold
         barrier(runtime)
         return summary
     finally:
@@ -224,7 +251,7 @@ def _target_bundle(cfg, model, bundle_meta, bundle_dir: Path, loaded, training):
 
 def _only_task(model: TaloraModel, task: str) -> TaloraModel:
     """A view of ``model`` with the shared tensors and one task (for the export check)."""
-    view = TaloraModel(model.lm, model.cfg)
+    view = TaloraModel(model.lm, model.cfg, model.prompt.dtype)
     view.prompt, view.basis = model.prompt, model.basis
     view.tasks[task] = model.tasks[task]
     return view
@@ -247,6 +274,7 @@ def run_eval(cfg: TrainConfig) -> dict:
         examples = _load_examples(cfg.task, cfg.split, cfg.eval_limit)
         task = encode_task(spec, examples, loaded.tokenizer, spec.max_input_tokens)
         metrics = evaluate_task(model, task, loaded.tokenizer, cfg.eval_batch_size, cfg.max_new_tokens)
+        metrics.pop("predictions")
         return {"stage": "eval", "bundle": cfg.bundle, "task": cfg.task, "split": cfg.split, "metrics": metrics}
     finally:
         shutdown(runtime)
