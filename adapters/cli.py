@@ -14,6 +14,7 @@ import sys
 from dataclasses import MISSING, fields
 from functools import partial
 
+from talora.adapters.train import recipe
 from talora.adapters.train.config import HELP, STAGE_FIELDS, TrainConfig, load_config_file
 
 _DESCRIPTIONS = {
@@ -50,13 +51,14 @@ def build_parser() -> argparse.ArgumentParser:
     for stage, names in STAGE_FIELDS.items():
         p = sub.add_parser(stage, help=_DESCRIPTIONS[stage], description=_DESCRIPTIONS[stage])
         p.add_argument("--config", help="JSON or YAML file of TrainConfig fields; flags override it")
-        _add_field_flags(p, names)
+        _add_field_flags(p, names, recipe.defaults(stage))
     demo = sub.add_parser("demo", help=_DESCRIPTIONS["demo"], description=_DESCRIPTIONS["demo"])
-    from talora.adapters.train.demo import DEMO_CONFIG, DEMO_TARGETS
+    from talora.adapters.train.demo import DEMO_CONFIG
 
-    _add_field_flags(demo, ("output_dir", "steps", "threads", "resume", "progress", "eval_limit"), DEMO_CONFIG)
+    _add_field_flags(demo, ("output_dir", "steps", "threads", "resume", "progress", "eval_limit", "dtype"),
+                     {**recipe.SOURCE, **DEMO_CONFIG})
     demo.add_argument("--target-steps", type=int, default=argparse.SUPPRESS,
-                      help=f"optimiser steps of each target task (default: {DEMO_TARGETS['steps']})")
+                      help=f"optimiser steps of each target task (default: {recipe.TARGET['steps']})")
     demo.add_argument("--install", action="store_true",
                       help="copy the trained bundle into the package's demo folder (talora.adapters.demo)")
     return parser
@@ -69,7 +71,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     config_file = values.pop("config", None)
     values.pop("install", None)
     values.pop("target_steps", None)
-    merged: dict = {}
+    merged: dict = recipe.defaults("source" if command == "demo" else command)
     if command == "demo":
         from talora.adapters.train.demo import DEMO_CONFIG
 
@@ -108,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
 
         summary["installed"] = str(install_bundle(Path(summary["bundle"])))
     if os.environ.get("RANK", "0") == "0":
-        print(json.dumps(summary, indent=2, ensure_ascii=False))
+        shown = {k: v for k, v in summary.items() if k not in ("predictions", "gold")}  # per-item lists
+        print(json.dumps(shown, indent=2, ensure_ascii=False))
     return 0
 
 

