@@ -349,3 +349,96 @@ def test_torchrun_two_processes_with_gloo(env, tmp_path):
     assert len([r for r in read_log(out / "log.jsonl") if r["kind"] == "step"]) == 3
     assert sorted(p.name for p in (out / "bundle").glob("*.safetensors")) == \
         ["shared.safetensors", "toy_first.safetensors", "toy_red.safetensors"]
+
+
+# ----- recipe features: mixed precision, initialisation, class balance, divergence ----------------
+def test_float32_adapters_on_a_bfloat16_model_train_and_match_the_full_path(tiny_llama_dir):
+    lm, _ = load_checkpoint_folder(tiny_llama_dir, dtype=torch.bfloat16)
+    model = TaloraModel(lm, TaloraConfig(shared_prompt_len=4, task_prompt_len=2, rank=2), torch.float32)
+    gen = torch.Generator().manual_seed(0)
+    model.init_shared(gen, "embedding")
+    model.add_task("a", generator=gen)
+    with torch.no_grad():
+        model.tasks["a"].gate.fill_(0.5)
+    assert model.prompt.dtype == model.basis.dtype == model.tasks["a"].fast.dtype == torch.float32
+    task = _toy_task("a", 0)
+    batch = pack_batch([("a", ex) for ex in task.examples[:4]])
+    loss = AnswerLoss(model)(batch)
+    loss.backward()
+    assert torch.isfinite(loss) and model.tasks["a"].fast.grad.abs().sum() > 0 and model.prompt.grad is not None
+    ex = task.examples[0]
+    ids = torch.tensor([ex.prompt_ids])
+    with torch.no_grad():
+        full = model.forward_full(ids, torch.ones_like(ids), ["a"])[0, -1].float()
+        prefix = model.shared_kv()
+        slots = model.task_kv(prefix, *model.stacked(["a"]))
+        from talora.adapters.talora_model import BatchMeta
+
+        meta = BatchMeta.prefill([len(ex.prompt_ids)], [0])
+        cached = lm.logits(model.forward_cached(ids[0], meta, prefix, slots))[-1].float()
+    assert torch.allclose(full, cached, atol=0.1, rtol=0.05)  # bfloat16 arithmetic on both paths
+
+
+def test_basis_and_prompt_initialisation(tiny_llama_dir):
+    lm, _ = load_checkpoint_folder(tiny_llama_dir)
+    with torch.no_grad():
+        lm.model.embed_tokens.weight.mul_(20)  # token rows far larger than init_std * sqrt(d)
+    model = TaloraModel(lm, TaloraConfig(shared_prompt_len=5, task_prompt_len=2, rank=3, init_std=0.02))
+    model.init_shared(torch.Generator().manual_seed(0), "embedding", prompt_ids=[7, 8])
+    emb = lm.model.embed_tokens.weight
+    assert torch.equal(model.prompt, emb[[7, 8, 7, 8, 7]])
+    expected = emb.norm(dim=-1).mean()
+    assert torch.allclose(model.basis.norm(dim=-1), expected.expand(3), rtol=1e-4)
+    model.init_shared(torch.Generator().manual_seed(0), "random")
+    assert model.basis.norm(dim=-1).max() < 0.1 * expected
+    with pytest.raises(ValueError, match="basis_init"):
+        model.init_shared(None, "orthogonal")
+
+
+def test_class_balanced_draws_follow_labels_not_counts():
+    from talora.adapters.train.data import MixedTaskSampler, label_groups
+
+    task = EncodedTask("t", "classify", ["no", "yes"], {}, "{text}", 8)
+    task.examples = [EncodedExample([1], [2], "no")] * 90 + [EncodedExample([1], [3], "yes")] * 10
+    plain = MixedTaskSampler([100], "proportional", 1.0, seed=0)
+    balanced = MixedTaskSampler([100], "proportional", 1.0, seed=0, label_groups=[label_groups(task)])
+    share = lambda sampler: sum(task.examples[i].label == "yes" for _, i in sampler.draw(2000)) / 2000  # noqa: E731
+    assert share(plain) < 0.15 and 0.45 < share(balanced) < 0.55
+
+
+def test_divergence_warns_and_keeps_the_best_tensors():
+    from talora.adapters.train.trainer import DivergenceGuard
+
+    weight = torch.zeros(3)
+    guard = DivergenceGuard([weight], smoothing=0.5, min_steps=1)
+    for step, loss in enumerate([3.0, 2.0, 1.0, 0.5], start=1):
+        weight.fill_(step)
+        assert not guard.update(step, loss)
+    weight.fill_(99.0)
+    warned = [guard.update(5 + i, loss) for i, loss in enumerate([8.0, 8.0, 8.0])]
+    assert warned.count(True) == 1 and guard.diverged_now
+    assert guard.best_step == 4 and guard.best_state[0].tolist() == [4.0, 4.0, 4.0]
+
+
+def test_a_diverging_run_warns_and_ends_with_its_best_tensors(tiny_llama_dir, tmp_path, monkeypatch):
+    """The loss is made to jump after step 12 (real gradients, a constant added): the trainer
+    warns once, logs it, and ends with the tensors of its best smoothed-loss step."""
+    import talora.adapters.train.trainer as trainer_module
+
+    calls = {"n": 0}
+
+    class JumpingLoss(AnswerLoss):
+        def forward(self, batch):
+            calls["n"] += 1
+            return super().forward(batch) + (20.0 if calls["n"] > 12 else 0.0)
+
+    monkeypatch.setattr(trainer_module, "AnswerLoss", JumpingLoss)
+    model = _tiny_model(tiny_llama_dir, tasks=("a",))
+    task = _toy_task("a", 0, count=32)
+    cfg = TrainConfig(tasks=["a"], steps=20, batch_size=4, lr=0.05, progress=False, save_every=0, seed=0)
+    opt = build_optimizer(model, cfg, ["a"], train_shared=True)
+    with pytest.warns(RuntimeWarning, match="diverged"):
+        result = train(cfg, model, [task], opt, Runtime(0, 1, torch.device("cpu")), tmp_path)
+    assert result.diverged and result.restored_step is not None and result.restored_step <= 12
+    logged = [r["message"] for r in read_log(tmp_path / "log.jsonl") if r["kind"] == "warning"]
+    assert any("diverged" in m for m in logged) and any("kept the tensors" in m for m in logged)
