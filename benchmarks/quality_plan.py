@@ -30,6 +30,7 @@ REFERENCE = "zero_shot"  # the frozen model with the task template alone: no ada
 SETTINGS = ("k16", "full", "k32")  # order of execution: k16 first, it is the headline
 SHOTS = {"full": 0, "k16": 16, "k32": 32}
 CACHE_FORMAT = 2
+SOURCE_EVAL_LIMIT = 240  # test items per source task scored after a source stage
 
 # TA-LoRA ablations as TrainConfig changes (docs/method.md, "Ablations")
 TALORA_SWITCHES: dict[str, dict] = {
@@ -61,18 +62,20 @@ class PeftRecipe:
 
     prompt_tokens: int = 16  # num_virtual_tokens of PromptTuning and MultitaskPromptTuning
     prompt_lr: float = 0.3
-    mpt_lr: float = 0.3
+    mpt_lr: float = 0.3  # target stage
+    mpt_source_lr: float = 0.3
     mpt_rank: int = 1
     lora_r: int = 4
     lora_alpha: int = 8
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
     lora_lr: float = 2e-3
 
-    def method_hyper(self, method: str) -> dict:
+    def method_hyper(self, method: str, stage: str = "target") -> dict:
         if method == "prompt_tuning":
             return {"num_virtual_tokens": self.prompt_tokens, "lr": self.prompt_lr, "init": "SAMPLE_VOCAB"}
         if method == "mpt":
-            return {"num_virtual_tokens": self.prompt_tokens, "num_ranks": self.mpt_rank, "lr": self.mpt_lr,
+            lr = self.mpt_source_lr if stage == "source" else self.mpt_lr
+            return {"num_virtual_tokens": self.prompt_tokens, "num_ranks": self.mpt_rank, "lr": lr,
                     "init": "sample_vocab_prompt+unit_task_product", "target_init": "AVERAGE_SOURCE_TASKS"}
         return {"r": self.lora_r, "alpha": self.lora_alpha, "targets": list(self.lora_targets), "lr": self.lora_lr}
 
@@ -117,8 +120,10 @@ class BenchConfig:
             raise ValueError(f"test_limit: must be > 0, got {self.test_limit}")
         src = self.source or recipe.source_config(tasks=list(self.source_tasks))
         tgt = self.target or recipe.target_config(bundle="(source run)", task="(target task)")
+        # source stages are scored on the source tasks' test items whatever eval_split is: they
+        # hold no target data, so dev-split target runs reuse the same source stage
         object.__setattr__(self, "source", replace(src, model=self.model, tasks=sorted(self.source_tasks),
-                                                   dtype=self.dtype, split=self.eval_split, eval_limit=self.test_limit))
+                                                   dtype=self.dtype, split="test", eval_limit=SOURCE_EVAL_LIMIT))
         object.__setattr__(self, "target", replace(tgt, model=self.model, dtype=self.dtype, split=self.eval_split,
                                                    eval_limit=self.test_limit, train_limit=self.full_train_limit))
 
@@ -182,13 +187,14 @@ def _talora_source_cfg(cfg: BenchConfig, method: str, seed: int) -> TrainConfig:
 
 
 def source_run(cfg: BenchConfig, method: str, seed: int) -> Run:
-    spec = {**_common(cfg), "method": method, "stage": "source", "tasks": sorted(cfg.source_tasks), "seed": seed}
+    spec = {"format": CACHE_FORMAT, "model": cfg.model, "method": method, "stage": "source",
+            "tasks": sorted(cfg.source_tasks), "seed": seed, "test_limit": SOURCE_EVAL_LIMIT, "eval_split": "test"}
     train = None
     if method in TALORA_METHODS:
         train = _talora_source_cfg(cfg, method, seed)
         spec["train"] = key_fields(train)
     else:
-        spec.update(budget=_budget(cfg.source), hyper=cfg.peft.method_hyper(method))
+        spec.update(budget=_budget(cfg.source), hyper=cfg.peft.method_hyper(method, "source"))
     return Run(method, "source", "+".join(sorted(cfg.source_tasks)), "source", seed, seed, spec, run_key(spec), train)
 
 

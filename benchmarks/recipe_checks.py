@@ -1,0 +1,133 @@
+"""Is the recipe dependable on a user's small or imbalanced task? Two checks, one JSON.
+
+Both adapt a new task with ``talora-train target``'s defaults (``talora.adapters.train.recipe``)
+from the quality benchmark's TA-LoRA source stage (source seed 0, the test plan's; trained
+first through the benchmark if its weights are not on this machine):
+
+1. **Small task**: ``tweet_sentiment`` with 60 training examples (20 per label), 5 seeds;
+   accuracy and macro-F1 on 240 test items: the spread over seeds.
+2. **Imbalanced task**: a file task of 1,000 tweets with 78 % negative (the user's 3-class case),
+   its own 80/10/10 split; the recipe's class-balanced draws (``class_balance=sampler``) against
+   plain draws (``none``), 3 seeds each; accuracy and macro-F1 on its (equally imbalanced) test split.
+
+    python benchmarks/recipe_checks.py          # ~25 minutes on a 2-core CPU
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from quality_plan import BenchConfig, load_result, save_result, source_run  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seeds", default="0,1,2,3,4", help="seeds of the small-task check")
+    p.add_argument("--imbalance-seeds", default="0,1,2", help="seeds of each arm of the imbalance check")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", type=Path, default=HERE / "results" / "recipe_checks.json")
+    return p.parse_args(argv)
+
+
+def source_bundle(threads: int) -> Path:
+    """The benchmark's TA-LoRA source bundle (source seed 0), trained here if missing."""
+    from quality import RUNS, WORK_DIR
+    from quality_runs import execute, source_ready
+
+    run = source_run(BenchConfig(), "talora", 0)
+    artifacts = WORK_DIR / "artifacts"
+    if not source_ready(run, artifacts):
+        record = execute(run, artifacts, WORK_DIR / "scratch", threads, progress=True)
+        if load_result(RUNS, run.key) is None:
+            save_result(RUNS, run.key, record)
+    return artifacts / run.key / "bundle"
+
+
+def _target(bundle: Path, task: str, out: Path, threads: int, **fields) -> dict:
+    from talora.adapters.train import recipe, run_target
+
+    cfg = recipe.target_config(bundle=str(bundle), task=task, output_dir=str(out), threads=threads, split="test",
+                               dtype="bfloat16", save_every=0, progress=False, **fields)
+    summary = run_target(cfg)
+    m = summary["metrics"][task]
+    return {"accuracy": round(m["accuracy"], 4), "macro_f1": round(m["macro_f1"], 4),
+            "majority_rate": round(m["majority_rate"], 4), "examples": m["examples"],
+            "train_examples": summary["train_examples"], "diverged": summary.get("diverged"),
+            "final_loss": round(summary["final_loss"], 4)}
+
+
+def _spread(rows: list[dict]) -> dict:
+    out = {}
+    for metric in ("accuracy", "macro_f1"):
+        values = [r[metric] for r in rows]
+        out[metric] = {"mean": round(statistics.fmean(values), 4),
+                       "std": round(statistics.stdev(values), 4) if len(values) > 1 else 0.0,
+                       "min": min(values), "max": max(values)}
+    return out
+
+
+def small_task(bundle: Path, seeds: list[int], tmp: Path, threads: int) -> dict:
+    runs = [{"seed": s, **_target(bundle, "tweet_sentiment", tmp / f"small-{s}", threads, seed=s, train_limit=60,
+                                  eval_limit=240)} for s in seeds]
+    return {"task": "tweet_sentiment", "train_examples": 60, "runs": runs, **_spread(runs)}
+
+
+def imbalanced_file(path: Path, total: int = 1000, share: float = 0.78) -> Path:
+    """A 3-class tweet file with ``share`` negatives (drawn from the train split only)."""
+    from talora.adapters.tasks import load_split
+
+    pool = load_split("tweet_sentiment", "train")
+    by_label: dict[str, list] = {}
+    for ex in pool:
+        by_label.setdefault(ex.label, []).append(ex)
+    rng = random.Random(0)
+    counts = {"negative": round(total * share)}
+    rest = (total - counts["negative"]) // 2
+    counts.update(neutral=rest, positive=total - counts["negative"] - rest)
+    rows = [ex for label, n in counts.items() for ex in rng.sample(by_label[label], n)]
+    rng.shuffle(rows)
+    path.write_text("".join(json.dumps({"text": ex.text, "label": ex.label}) + "\n" for ex in rows))
+    return path
+
+
+def imbalanced_task(bundle: Path, seeds: list[int], tmp: Path, threads: int) -> dict:
+    from talora.adapters.tasks import register_file_task
+
+    data = imbalanced_file(tmp / "my_tweets.jsonl")
+    register_file_task(data)
+    arms = {}
+    for mode in ("sampler", "none"):
+        runs = [{"seed": s, **_target(bundle, "my_tweets", tmp / f"imb-{mode}-{s}", threads, seed=s,
+                                      class_balance=mode, task_files=[str(data)], train_limit=0, eval_limit=0)}
+                for s in seeds]
+        arms[mode] = {"runs": runs, **_spread(runs)}
+    return {"task": "my_tweets (file task: 1,000 tweets, 78% negative, 80/10/10 split)", "arms": arms}
+
+
+def main(argv=None) -> None:
+    import torch
+
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    bundle = source_bundle(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        doc = {"command": "python benchmarks/recipe_checks.py " + " ".join(sys.argv[1:] if argv is None else argv),
+               "bundle": str(bundle),
+               "small_task": small_task(bundle, [int(s) for s in args.seeds.split(",")], Path(tmp), args.threads),
+               "imbalanced_task": imbalanced_task(bundle, [int(s) for s in args.imbalance_seeds.split(",")],
+                                                  Path(tmp), args.threads)}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(doc, indent=1) + "\n")
+    print(json.dumps(doc, indent=1))
+
+
+if __name__ == "__main__":
+    main()
