@@ -19,6 +19,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -51,6 +52,14 @@ class ShuttingDown(RuntimeError):
 
 class InputTooLong(ValueError):
     """An input does not fit the task's limit (``on_overflow=reject``) or the KV cache."""
+
+
+class WorkerDead(RuntimeError):
+    """The worker thread has stopped for good; the process is about to exit (or should be restarted)."""
+
+
+class _GiveUp(RuntimeError):
+    """The worker stops: too many steps in a row failed."""
 
 
 def demo_bundle_dir() -> Path:
@@ -87,8 +96,13 @@ class _Sequence:
 class Engine:
     """Owns the model, the slot table, the KV pool and the worker thread."""
 
-    def __init__(self, settings: Settings, metrics: Metrics | None = None, loaded: LoadedModel | None = None):
+    def __init__(self, settings: Settings, metrics: Metrics | None = None, loaded: LoadedModel | None = None,
+                 on_fatal: Callable[[BaseException], None] | None = None):
+        """``on_fatal`` is called (on the worker thread) when the worker cannot go on; ``talora-serve``
+        passes one that ends the process with a non-zero status so that a supervisor restarts it."""
         self.settings = settings
+        self.on_fatal = on_fatal
+        self._failed_steps = 0  # consecutive steps that raised
         self.metrics = metrics or Metrics()
         self._loaded = loaded
         self._queue: deque[Job] = deque()
@@ -155,6 +169,11 @@ class Engine:
     def alive(self) -> bool:
         return bool(self._threads) and self._threads[0].is_alive()
 
+    @property
+    def dead(self) -> bool:
+        """The worker was started and has stopped without being asked to."""
+        return bool(self._threads) and not self._stopping and not self._threads[0].is_alive()
+
     # ----- called from the HTTP layer --------------------------------------------------------
     def encode(self, adapter: AdapterVersion, text: str, question: str | None = None) -> tuple[list[int], bool]:
         """Prompt ids of ``text`` with the task's template; applies ``on_overflow``."""
@@ -180,6 +199,8 @@ class Engine:
         with self._cv:
             if self._stopping:
                 raise ShuttingDown("the server is shutting down")
+            if self._threads and not self.alive():
+                raise WorkerDead("the engine's worker has stopped; the server must be restarted")
             if len(self._queue) + len(jobs) > self.settings.max_queue:
                 raise QueueFull(f"the queue is full ({self.settings.max_queue} requests waiting)")
             self._queue.extend(jobs)
@@ -194,22 +215,68 @@ class Engine:
 
     # ----- the worker ------------------------------------------------------------------------
     def _run(self) -> None:
-        while True:
-            with self._cv:
-                while not (self._queue or self._active or self._warm or self._stopping):
-                    self._cv.wait()
-                if self._abort or (self._stopping and not self._queue and not self._active):
-                    break
-                warm, admitted = list(self._warm), self._admit()
-                self._warm.clear()
-                self.metrics.queue_depth.set(len(self._queue))
+        try:
+            while self._iterate():
+                pass
+        except BaseException as exc:  # noqa: BLE001 - the worker cannot go on: fail everything, then say so
+            log.critical("the engine's worker stops: %s: %s", type(exc).__name__, exc, exc_info=exc)
+            self._fail_all(Failed(503, "the engine's worker stopped; the server is restarting"), reason="worker")
+            if self.on_fatal is not None:
+                self.on_fatal(exc)
+            return
+        self._fail_all(Failed(503, "the server shut down before this request ran"), reason="shutdown")
+
+    def _iterate(self) -> bool:
+        """One pass of the worker: wait for work, warm slots, run one step. False: stop."""
+        with self._cv:
+            while not (self._queue or self._active or self._warm or self._stopping):
+                self._cv.wait()
+            if self._abort or (self._stopping and not self._queue and not self._active):
+                return False
+            warm, admitted = list(self._warm), self._admit()
+            self._warm.clear()
+            self.metrics.queue_depth.set(len(self._queue))
+        try:
             self._warm_slots(warm)
             if admitted or self._active:
                 self._step(admitted)
             elif self._queue:
                 with self._cv:
                     self._cv.wait(0.01)
-        self._fail_all(Failed(503, "the server shut down before this request ran"))
+        except _GiveUp:
+            raise
+        except Exception as exc:  # noqa: BLE001 - fail this step's requests; the worker carries on
+            log.exception("worker step failed")
+            self._recover(admitted, exc)
+        return True
+
+    def _recover(self, admitted, exc: Exception) -> None:
+        """Fail every job the broken step held, then return the pool and the slot pins to a clean state.
+
+        Queued jobs hold no cache ranges and no pins, so after failing the admitted and active jobs
+        every range is free and no slot is pinned. Gives up (raises) after
+        ``max_failed_steps`` consecutive failures: a device in that state will not recover.
+        """
+        failure = Failed(500, f"the batch failed: {type(exc).__name__}: {exc}")
+        for job, _, _ in admitted:
+            self._fail_job(job, failure, "step")
+        for seq in self._active:
+            self._fail_job(seq.job, failure, "step")
+        self._active = []
+        self.pool.reset()
+        self.slots.unpin_all()
+        self._publish_resident()
+        self._count_failed_step(exc)
+
+    def _count_failed_step(self, exc: Exception) -> None:
+        self.metrics.batch_failures.inc()
+        self._failed_steps += 1
+        if self._failed_steps >= self.settings.max_failed_steps:
+            raise _GiveUp(f"{self._failed_steps} batch steps in a row failed; the last: {exc!r}") from exc
+
+    def _fail_job(self, job: Job, failure: Failed, reason: str) -> None:
+        self.metrics.job_failures.labels(reason).inc()
+        job.emit(failure)
 
     def _admit(self) -> list[tuple[Job, list[tuple[int, ...]], list[int]]]:
         """Pop the queued jobs that fit this step: (job, its rows, each row's cache start)."""
@@ -224,7 +291,12 @@ class Engine:
                 if not job.cancelled:
                     job.emit(Failed(504, f"timed out after {s.request_timeout_s} s in the queue"))
                 continue
-            rows = job.score_rows() if job.kind == "score" else [tuple(job.prompt_ids)]
+            try:
+                rows = job.score_rows() if job.kind == "score" else [tuple(job.prompt_ids)]
+            except Exception as exc:  # noqa: BLE001 - a job that cannot be planned fails alone
+                self._queue.popleft()
+                self._fail_job(job, Failed(500, f"the request could not be planned: {exc!r}"), "admit")
+                continue
             n_tokens = sum(len(r) for r in rows)
             alone = not admitted and not self._active  # an oversized job still runs, by itself
             if not alone and (len(rows) > rows_left or n_tokens > tokens_left):
@@ -284,9 +356,10 @@ class Engine:
             logprobs = self._forward(rows)
         except Exception as exc:  # noqa: BLE001 - a failing batch fails its own requests only
             log.exception("batch step of %d rows failed", len(rows))
-            self.metrics.batch_failures.inc()
             self._fail_step(admitted, acquired, Failed(500, f"the batch failed: {type(exc).__name__}: {exc}"))
+            self._count_failed_step(exc)
             return
+        self._failed_steps = 0
         self._record(rows, admitted, time.perf_counter() - start)
         read_offsets = list(itertools.accumulate((len(r.reads) for r in rows), initial=0))
         self._finish_scores(score_jobs, read_offsets, logprobs)
@@ -318,9 +391,12 @@ class Engine:
         """Sample one token for every generation (``gen_reads``: its read index) and retire the done."""
         still, now = [], time.monotonic()
         for seq, read in gen_reads:
-            params = seq.job.params
-            token = sample_token(logprobs[read], params.temperature, params.top_p, seq.generator)
-            finish = None if seq.job.cancelled else self._next_token(seq, token)
+            try:
+                finish = None if seq.job.cancelled else self._next_token(seq, self._sample(seq, logprobs[read]))
+            except Exception as exc:  # noqa: BLE001 - one sequence's failure is its own
+                log.exception("generation of task %s failed", seq.job.adapter.task)
+                self.metrics.job_failures.labels("sample").inc()
+                finish = Failed(500, f"the generation failed: {type(exc).__name__}: {exc}")
             if seq.job.cancelled:
                 self._retire(seq, None)
             elif finish is not None:
@@ -330,6 +406,11 @@ class Engine:
             else:
                 still.append(seq)
         self._active = still
+
+    @staticmethod
+    def _sample(seq: _Sequence, logprobs: torch.Tensor) -> int:
+        params = seq.job.params
+        return sample_token(logprobs, params.temperature, params.top_p, seq.generator)
 
     def _next_token(self, seq: _Sequence, token: int) -> str | None:
         if token in self.eos_ids:
@@ -361,20 +442,19 @@ class Engine:
             lengths = [job.cache_tokens()] if job.kind == "generate" else [len(r) for r in job_rows]
             for st, n in zip(starts, lengths):
                 self.pool.release(st, n)
-            job.emit(failure)
+            self._fail_job(job, failure, "step")
         for seq in self._active:
-            self._retire(seq, failure)
+            self._retire(seq, None)
+            self._fail_job(seq.job, failure, "step")
         self._active = []
         self.slots.drop_stale(self.registry.current_keys())
         self._publish_resident()
 
-    def _fail_all(self, failure: Failed) -> None:
+    def _fail_all(self, failure: Failed, reason: str) -> None:
         with self._cv:
             queued, self._queue = list(self._queue), deque()
-        for job in queued:
-            job.emit(failure)
-        for seq in self._active:
-            self._retire(seq, failure)
+        for job in [*queued, *(seq.job for seq in self._active)]:
+            self._fail_job(job, failure, reason)
         self._active = []
 
     def _record(self, rows: list[Row], admitted, elapsed: float) -> None:

@@ -36,7 +36,8 @@ class Settings(BaseSettings):
     max_queue: int = Field(256, ge=1, description="most waiting requests; beyond it requests get 429")
     kv_cache_tokens: int = Field(8192, ge=64, description="token capacity of the per-request KV cache pool")
     request_timeout_s: float = Field(60.0, gt=0, description="a request not finished in this time gets 504")
-    max_texts_per_request: int = Field(64, ge=1, description="most texts in one predict request")
+    max_texts_per_request: int = Field(64, ge=1, description="most texts (predict) or prompts (completions) in one "
+                                       "request (at most max_queue)")
     max_new_tokens_limit: int = Field(512, ge=1, description="largest max_new_tokens a request may ask for")
     on_overflow: Literal["truncate", "reject"] = Field(
         "truncate", description="input longer than the task's max_input_tokens: cut it, or refuse with 413")
@@ -45,6 +46,8 @@ class Settings(BaseSettings):
                                                            "every this many seconds (0: off)")
     max_upload_bytes: int = Field(64 * 2**20, ge=1024, description="largest adapter upload accepted")
     drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM, wait this long for requests in flight")
+    max_failed_steps: int = Field(8, ge=1, description="consecutive failed batch steps after which the worker "
+                                  "gives up and talora-serve exits with status 70 (a supervisor restarts it)")
     retry_after_s: int = Field(1, ge=1, description="Retry-After seconds sent with 429")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
 
@@ -55,6 +58,11 @@ class Settings(BaseSettings):
         if self.store is not None and not self.store.is_dir():
             raise ValueError(f"store: {self.store} is not a folder")
         return self
+
+    @property
+    def texts_limit(self) -> int:
+        """Most texts or prompts one request may hold: a larger request could never be queued whole."""
+        return min(self.max_texts_per_request, self.max_queue)
 
     @property
     def admin_enabled(self) -> bool:
