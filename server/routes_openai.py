@@ -21,7 +21,7 @@ from talora.server.errors import FieldError
 from talora.server.jobs import Finished
 from talora.server.openapi import MODEL_ERRORS, SSE, openai_errors
 from talora.server.routes_tasks import VERSION_HEADER, params_of, texts_of
-from talora.server.schemas import CompletionRequest
+from talora.server.schemas import Completion, CompletionRequest
 
 router = APIRouter()
 
@@ -33,7 +33,7 @@ def _chunk(cid: str, created: int, task: str, version: str, text: str, finish_re
             "choices": [{"text": text, "index": index, "logprobs": None, "finish_reason": finish_reason}]}
 
 
-@router.post("/v1/completions", responses={**SSE, **openai_errors(*MODEL_ERRORS)})
+@router.post("/v1/completions", response_model=Completion, responses={**SSE, **openai_errors(*MODEL_ERRORS)})
 async def completions(body: CompletionRequest, request: Request):
     engine = bridge.engine_of(request)
     adapter = bridge.lookup(request, body.model)

@@ -122,6 +122,31 @@ class GenerateResult(BaseModel):
     truncated: bool
 
 
+class CompletionChoice(BaseModel):
+    text: str
+    index: int
+    logprobs: None = None
+    finish_reason: Literal["stop", "length"] | None
+
+
+class CompletionUsage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class Completion(BaseModel):
+    """OpenAI ``text_completion``; ``system_fingerprint`` is the adapter version."""
+
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    system_fingerprint: str
+    choices: list[CompletionChoice]
+    usage: CompletionUsage
+
+
 class FieldIssue(BaseModel):
     loc: list[str | int]
     msg: str
