@@ -13,6 +13,7 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from talora.adapters.io import AdapterFormatError
 from talora.server.engine import InputTooLong, QueueFull, ShuttingDown, WorkerDead
@@ -108,6 +109,13 @@ def install_error_handlers(app: FastAPI, retry_after_s: int) -> None:
                               errors=issues)
 
     app.add_exception_handler(RequestValidationError, invalid)
+
+    def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        """Starlette's own errors (unknown path, wrong method, a body that is not UTF-8) in the route's shape."""
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return error_response(request, exc.status_code, str(exc.detail), kind, headers=exc.headers)
+
+    app.add_exception_handler(StarletteHTTPException, http_error)
 
     def unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.error("unhandled %s on %s %s", type(exc).__name__, request.method, request.url.path, exc_info=exc)

@@ -17,15 +17,20 @@ from fastapi.openapi.utils import get_openapi
 from talora.server.schemas import ErrorBody, OpenAIError
 from talora.server.settings import Settings
 
-REASONS = {400: "the request cannot be served as asked", 401: "a valid bearer token is required",
+REASONS = {400: "the request cannot be served as asked, or its body is not UTF-8", 401: "a valid bearer token is required",
            403: "the admin routes are off", 404: "no such task or adapter file",
            409: "adapter version conflict", 413: "the input does not fit (task limit, KV cache, upload size)",
            422: "a field is invalid (the message names it)", 429: "the queue is full; retry after Retry-After",
            500: "the request's batch step failed", 503: "shutting down, or the engine's worker stopped",
            504: "not finished within request_timeout_s"}
-MODEL_ERRORS = (404, 413, 422, 429, 500, 503, 504)  # every route that runs the model can answer these
-SSE = {200: {"content": {"text/event-stream": {"schema": {"type": "string"},
-                                               "description": "with stream: true, server-sent events"}}}}
+MODEL_ERRORS = (400, 404, 413, 422, 429, 500, 503, 504)  # every route that runs the model can answer these
+# With stream: true, server-sent events; the schema describes one event (OpenAPI 3.1 reading of SSE).
+SSE_EVENT = {"type": "object", "required": ["data"], "properties": {
+    "event": {"type": "string"},
+    "data": {"type": "string", "description": "JSON: generate sends {type: token, text}, then {type: done, ...} "
+                                              "or {type: error, status, message}; completions send OpenAI "
+                                              "text_completion chunks, then [DONE]"}}}
+SSE = {200: {"content": {"text/event-stream": {"schema": SSE_EVENT}}}}
 
 
 def task_errors(*codes: int) -> dict[int | str, dict[str, Any]]:

@@ -42,7 +42,7 @@ def texts_of(value: str | list[str], field: str, settings: Settings) -> list[str
 
 
 @router.post("/v1/tasks/{task}/predict", response_model=PredictOne | PredictMany,
-             responses=task_errors(400, *MODEL_ERRORS))
+             responses=task_errors(*MODEL_ERRORS))
 async def predict(task: str, body: PredictRequest, request: Request, response: Response) -> dict:
     """Score every label of a classify task for one text or a list of texts."""
     engine = bridge.engine_of(request)

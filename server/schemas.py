@@ -38,7 +38,7 @@ Text = Annotated[str, Field(min_length=1, max_length=MAX_TEXT_CHARS, pattern=r"\
                  AfterValidator(_valid_unicode), AfterValidator(_not_blank)]
 StopString = Annotated[str, Field(min_length=1, max_length=256), AfterValidator(_valid_unicode)]
 Stop = StopString | Annotated[list[StopString], Field(max_length=MAX_STOPS)] | None
-Seed = Annotated[int, Field(ge=0, le=SEED_MAX, description="seed of this request's sampler (reproducible "
+Seed = Annotated[int, Field(ge=0, lt=SEED_MAX + 1, description="seed of this request's sampler (reproducible "
                                                            "sampling); 0 .. 2**64-1")]
 Temperature = Annotated[float, Field(ge=0, le=2, allow_inf_nan=False, description="0: greedy")]
 TopP = Annotated[float, Field(gt=0, le=1, allow_inf_nan=False, description="nucleus: keep the most likely "
