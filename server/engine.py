@@ -136,15 +136,27 @@ class Engine:
         self.pool = KVPool(mc.num_layers, s.kv_cache_tokens, mc.num_kv_heads, mc.head_dim, loaded.model.dtype,
                            loaded.model.device)
         self.registry = AdapterRegistry(bundle_meta, s.store or bundle, self.tokenizer, self.metrics)
-        loaded_tasks = self.registry.load_all()
-        log.info("serving %d task adapters from %s on %s: %s", len(loaded_tasks), self.registry.store, device,
-                 ", ".join(loaded_tasks) or "(none)")
+        loaded_tasks = self._load_adapters(bundle, device)
         for task in loaded_tasks[: s.num_slots]:
             self.warm(self.registry.get(task))
         self._spawn(self._run, "talora-engine")
         if s.watch_interval_s > 0:
             self._spawn(self._watch, "talora-store-watcher")
         self.ready = True
+
+    def _load_adapters(self, bundle: Path, device: str) -> list[str]:
+        """The bundle's tasks, then the store's: a store task adds a task or replaces the bundle's of that name."""
+        from_bundle = self.registry.load_all(bundle_dir=bundle) if self.registry.store != bundle.resolve() else []
+        from_store = self.registry.load_all()
+        tasks = sorted(self.registry.snapshot())
+        replaced = sorted(set(from_bundle) & set(from_store))
+        log.info("serving %d task adapters on %s: %d from the bundle %s, %d from the store %s (replacing %s): %s",
+                 len(tasks), device, len(from_bundle), bundle, len(from_store), self.registry.store,
+                 ", ".join(replaced) or "none", ", ".join(tasks) or "(none)")
+        if not tasks:
+            log.warning("no task adapter loaded: /ready answers 503 until one is (PUT /v1/adapters/{task}, or "
+                        "files in the store with --watch-interval-s)")
+        return tasks
 
     def _spawn(self, target, name: str) -> None:
         thread = threading.Thread(target=target, name=name, daemon=True)

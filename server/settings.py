@@ -27,8 +27,9 @@ class Settings(BaseSettings):
     device: str = Field("auto", description="torch device; auto picks cuda when present, else cpu")
     bundle: Path | None = Field(None, description="adapter bundle folder (talora.json + shared.safetensors); "
                                                   "default: the packaged demo bundle")
-    store: Path | None = Field(None, description="adapter store the admin routes and the watcher read task "
-                                                 "files from; default: the bundle folder")
+    store: Path | None = Field(None, description="adapter store: its tasks load at start after the bundle's "
+                               "(adding tasks, replacing those of the same name); the admin routes and the "
+                               "watcher read task files from it; default: the bundle folder")
     torch_threads: int = Field(0, ge=0, description="CPU threads torch may use (0: torch's default)")
     num_slots: int = Field(8, ge=1, le=4096, description="task-KV slots kept on the device (LRU)")
     max_batch_size: int = Field(32, ge=1, description="most rows (requests and label rows) in one batch step")
