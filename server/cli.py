@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 import time
@@ -96,7 +97,7 @@ def serve(settings: Settings) -> int:
         return 2
     app = create_app(settings, engine)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False,
-                timeout_graceful_shutdown=settings.drain_timeout_s or None)
+                timeout_graceful_shutdown=math.ceil(settings.drain_timeout_s) or None)
     return 0
 
 

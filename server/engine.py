@@ -17,13 +17,15 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any
 
 import torch
 
 from talora.adapters.bundle import model_from_bundle
+from talora.adapters.config import ModelConfig
 from talora.adapters.loading import LoadedModel, load_model
 from talora.adapters.prompting import encode_prompt
 from talora.server.batch import Row, label_scores, pack
@@ -64,6 +66,8 @@ class _GiveUp(RuntimeError):
 
 def demo_bundle_dir() -> Path:
     spec = importlib.util.find_spec("talora.adapters")
+    if spec is None or not spec.submodule_search_locations:
+        raise BundleMissing("the talora.adapters package is not installed")
     return Path(list(spec.submodule_search_locations)[0]) / "demo"
 
 
@@ -124,12 +128,13 @@ class Engine:
             torch.set_num_threads(s.torch_threads)
         device = s.device if s.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         loaded = self._loaded or load_model(s.model, s.dtype, device)
-        self.tokenizer = loaded.tokenizer
+        self.tokenizer: Any = loaded.tokenizer
         self.model, bundle_meta, _ = model_from_bundle(loaded.model, bundle, loaded.fingerprint, tasks=[])
         self.model.eval()
-        mc = loaded.model.config
+        mc: ModelConfig = loaded.model.config
         eos = mc.eos_token_id if isinstance(mc.eos_token_id, list) else [mc.eos_token_id]
-        self.eos_ids = {t for t in [*eos, self.tokenizer.eos_token_id] if t is not None}
+        tokenizer_eos: int | None = getattr(self.tokenizer, "eos_token_id", None)
+        self.eos_ids = {t for t in [*eos, tokenizer_eos] if t is not None}
         with torch.no_grad():
             self.prefix = self.model.shared_kv()
         self.slots = SlotTable(self.model, self.prefix, s.num_slots, self.metrics)
@@ -295,7 +300,7 @@ class Engine:
         s, now = self.settings, time.monotonic()
         rows_left, tokens_left = s.max_batch_size - len(self._active), s.max_batch_tokens - len(self._active)
         keys = {seq.job.adapter.key for seq in self._active}
-        admitted = []
+        admitted: list[tuple[Job, list[tuple[int, ...]], list[int]]] = []
         while self._queue:
             job = self._queue[0]
             if job.cancelled or job.deadline < now:
@@ -327,7 +332,7 @@ class Engine:
 
     def _allocate(self, job: Job, rows: list[tuple[int, ...]]) -> list[int] | None:
         lengths = [job.cache_tokens()] if job.kind == "generate" else [len(r) for r in rows]
-        starts = []
+        starts: list[int] = []
         for length in lengths:
             start = self.pool.allocate(length)
             if start is None:
@@ -387,8 +392,9 @@ class Engine:
 
     def _new_sequence(self, job: Job, slot: int, start: int) -> _Sequence:
         generator = torch.Generator()
-        generator.manual_seed(job.params.seed if job.params.seed is not None else torch.seed())
-        stream = TextStream(self.tokenizer, job.params.stop)
+        params = job.generation
+        generator.manual_seed(params.seed if params.seed is not None else torch.seed())
+        stream = TextStream(self.tokenizer, params.stop)
         return _Sequence(job, slot, start, list(job.prompt_ids), stream, generator)
 
     def _finish_scores(self, score_jobs, read_offsets: list[int], logprobs: torch.Tensor) -> None:
@@ -403,6 +409,7 @@ class Engine:
         """Sample one token for every generation (``gen_reads``: its read index) and retire the done."""
         still, now = [], time.monotonic()
         for seq, read in gen_reads:
+            finish: str | Failed | None
             try:
                 finish = None if seq.job.cancelled else self._next_token(seq, self._sample(seq, logprobs[read]))
             except Exception as exc:  # noqa: BLE001 - one sequence's failure is its own
@@ -421,7 +428,7 @@ class Engine:
 
     @staticmethod
     def _sample(seq: _Sequence, logprobs: torch.Tensor) -> int:
-        params = seq.job.params
+        params = seq.job.generation
         return sample_token(logprobs, params.temperature, params.top_p, seq.generator)
 
     def _next_token(self, seq: _Sequence, token: int) -> str | None:
@@ -433,7 +440,7 @@ class Engine:
             seq.job.emit(Token(delta))
         if seq.stream.stopped:
             return "stop"
-        return "length" if seq.generated >= seq.job.params.max_new_tokens else None
+        return "length" if seq.generated >= seq.job.generation.max_new_tokens else None
 
     def _retire(self, seq: _Sequence, outcome: str | Failed | None) -> None:
         self.pool.release(seq.start, seq.job.cache_tokens())

@@ -9,6 +9,7 @@ so that its client raises the matching exception. An exception nobody expected i
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -65,7 +66,7 @@ def _is_openai(request: Request) -> bool:
 
 
 def error_response(request: Request, status: int, message: str, kind: str, param: str | None = None,
-                   headers: dict | None = None, errors: list[dict] | None = None) -> JSONResponse:
+                   headers: Mapping[str, str] | None = None, errors: list[dict] | None = None) -> JSONResponse:
     """The one error body of each route family: ``ErrorBody``, or ``OpenAIError`` on the OpenAI routes."""
     if _is_openai(request):
         body: dict = {"error": {"message": message, "type": kind, "param": param, "code": status}}
@@ -93,13 +94,15 @@ def install_error_handlers(app: FastAPI, retry_after_s: int) -> None:
     for exc_type in STATUS:
         app.add_exception_handler(exc_type, mapped)
 
-    def job_failed(request: Request, exc: JobFailed) -> JSONResponse:
+    def job_failed(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, JobFailed)
         headers = {"Retry-After": str(retry_after_s)} if exc.status == 503 else None
         return error_response(request, exc.status, str(exc), "server_error", headers=headers)
 
     app.add_exception_handler(JobFailed, job_failed)
 
-    def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+    def invalid(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
         errors = exc.errors() or [{"loc": (), "msg": "invalid request", "type": "value_error"}]
         main = max(errors, key=lambda e: len(e["loc"]))  # the deepest: in a union, the branch that got furthest
         field = field_name(main["loc"])
@@ -110,8 +113,9 @@ def install_error_handlers(app: FastAPI, retry_after_s: int) -> None:
 
     app.add_exception_handler(RequestValidationError, invalid)
 
-    def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    def http_error(request: Request, exc: Exception) -> JSONResponse:
         """Starlette's own errors (unknown path, wrong method, a body that is not UTF-8) in the route's shape."""
+        assert isinstance(exc, StarletteHTTPException)
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return error_response(request, exc.status_code, str(exc.detail), kind, headers=exc.headers)
 

@@ -17,7 +17,8 @@ from fastapi.openapi.utils import get_openapi
 from talora.server.schemas import ErrorBody, OpenAIError
 from talora.server.settings import Settings
 
-REASONS = {400: "the request cannot be served as asked, or its body is not UTF-8", 401: "a valid bearer token is required",
+REASONS = {400: "the request cannot be served as asked, or its body is not UTF-8",
+           401: "a valid bearer token is required",
            403: "the admin routes are off", 404: "no such task or adapter file",
            409: "adapter version conflict", 413: "the input does not fit (task limit, KV cache, upload size)",
            422: "a field is invalid (the message names it)", 429: "the queue is full; retry after Retry-After",
@@ -30,7 +31,7 @@ SSE_EVENT = {"type": "object", "required": ["data"], "properties": {
     "data": {"type": "string", "description": "JSON: generate sends {type: token, text}, then {type: done, ...} "
                                               "or {type: error, status, message}; completions send OpenAI "
                                               "text_completion chunks, then [DONE]"}}}
-SSE = {200: {"content": {"text/event-stream": {"schema": SSE_EVENT}}}}
+SSE: dict[int | str, dict[str, Any]] = {200: {"content": {"text/event-stream": {"schema": SSE_EVENT}}}}
 
 
 def task_errors(*codes: int) -> dict[int | str, dict[str, Any]]:

@@ -24,8 +24,7 @@ from pathlib import Path
 
 import torch
 
-from talora.adapters.io import AdapterFormatError, BundleMeta, TaskMeta, check_task_name, decode_task, \
-    list_task_names
+from talora.adapters.io import AdapterFormatError, BundleMeta, TaskMeta, check_task_name, decode_task, list_task_names
 from talora.adapters.prompting import verbalizer_ids
 from talora.server.metrics import Metrics
 

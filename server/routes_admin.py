@@ -31,7 +31,7 @@ def _authorise(request: Request) -> JSONResponse | None:
         return JSONResponse({"detail": "the admin routes are off: set TALORA_ADMIN_TOKEN (--admin-token)"},
                             status_code=403)
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    expected = settings.admin_token.get_secret_value()
+    expected = settings.admin_token.get_secret_value() if settings.admin_token else ""
     if scheme.lower() != "bearer" or not secrets.compare_digest(token.encode(), expected.encode()):
         return JSONResponse({"detail": "a valid bearer token is required"}, status_code=401,
                             headers={"WWW-Authenticate": "Bearer"})

@@ -14,7 +14,7 @@ from fastapi.responses import StreamingResponse
 
 from talora.server import bridge
 from talora.server.errors import BadRequest, FieldError
-from talora.server.jobs import Finished, GenerationParams
+from talora.server.jobs import Finished, GenerationParams, Token
 from talora.server.openapi import MODEL_ERRORS, SSE, task_errors
 from talora.server.schemas import GenerateRequest, GenerateResult, PredictMany, PredictOne, PredictRequest, stop_list
 from talora.server.settings import Settings
@@ -99,6 +99,7 @@ async def generate(task: str, body: GenerateRequest, request: Request):
                 if isinstance(event, Finished):
                     yield _sse({"type": "done", **done(event)})
                     return
+                assert isinstance(event, Token)
                 yield _sse({"type": "token", "text": event.text})
                 event = await anext(events)
         except Exception as exc:  # noqa: BLE001 - headers are sent: report in the stream

@@ -53,7 +53,7 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
 
     @model_validator(mode="after")
-    def _check(self) -> "Settings":
+    def _check(self) -> Settings:
         if self.bundle is not None and not self.bundle.is_dir():
             raise ValueError(f"bundle: {self.bundle} is not a folder")
         if self.store is not None and not self.store.is_dir():
