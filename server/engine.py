@@ -18,7 +18,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +28,11 @@ from talora.adapters.config import ModelConfig
 from talora.adapters.loading import LoadedModel, load_model
 from talora.adapters.prompting import encode_prompt
 from talora.server.batch import Row, label_scores, pack
-from talora.server.generation import TextStream, sample_token
-from talora.server.jobs import Failed, Finished, Job, Scored, Token
+from talora.server.jobs import Failed, Job, Scored
 from talora.server.kvpool import KVPool
 from talora.server.metrics import Metrics
 from talora.server.registry import AdapterRegistry, AdapterVersion
+from talora.server.sequences import Sequence
 from talora.server.settings import Settings
 from talora.server.slots import SlotTable
 
@@ -81,22 +80,6 @@ def resolve_bundle(settings: Settings) -> Path:
     return folder
 
 
-@dataclass(eq=False)
-class _Sequence:
-    """A generation in progress: its cache range and its text so far."""
-
-    job: Job
-    slot: int
-    start: int  # first position of its KV cache range
-    tokens: list[int]  # prompt + generated; all but the last are in the cache
-    stream: TextStream
-    generator: torch.Generator
-
-    @property
-    def generated(self) -> int:
-        return len(self.stream.ids)
-
-
 class Engine:
     """Owns the model, the slot table, the KV pool and the worker thread."""
 
@@ -111,7 +94,7 @@ class Engine:
         self._loaded = loaded
         self._queue: deque[Job] = deque()
         self._cv = threading.Condition()
-        self._active: list[_Sequence] = []
+        self._active: list[Sequence] = []
         self._warm: deque[AdapterVersion] = deque()
         self._stopping = self._abort = False
         self._halt = threading.Event()
@@ -364,7 +347,7 @@ class Engine:
                 slot = self.slots.acquire(job.adapter)
                 acquired.append(job.adapter)
                 if job.kind == "generate":
-                    gen_rows.append((self._new_sequence(job, slot, starts[0]), len(rows)))
+                    gen_rows.append((Sequence.begin(job, slot, starts[0], self.tokenizer), len(rows)))
                     rows.append(Row(list(job.prompt_ids), 0, starts[0], slot, [len(job.prompt_ids) - 1]))
                 else:
                     score_jobs.append((job, job_rows, starts, len(rows)))
@@ -390,13 +373,6 @@ class Engine:
         hidden = self.model.forward_cached(flat, meta, self.prefix, self.slots.kv, self.pool.cache)
         return torch.log_softmax(self.model.lm.logits(hidden[read_index]).float(), dim=-1).cpu()
 
-    def _new_sequence(self, job: Job, slot: int, start: int) -> _Sequence:
-        generator = torch.Generator()
-        params = job.generation
-        generator.manual_seed(params.seed if params.seed is not None else torch.seed())
-        stream = TextStream(self.tokenizer, params.stop)
-        return _Sequence(job, slot, start, list(job.prompt_ids), stream, generator)
-
     def _finish_scores(self, score_jobs, read_offsets: list[int], logprobs: torch.Tensor) -> None:
         for job, job_rows, starts, first_row in score_jobs:
             firsts = [read_offsets[first_row + j] for j in range(len(job_rows))]
@@ -405,13 +381,13 @@ class Engine:
                 self.pool.release(st, len(row))
             self.slots.release(job.adapter)
 
-    def _advance(self, gen_reads: list[tuple[_Sequence, int]], logprobs: torch.Tensor) -> None:
+    def _advance(self, gen_reads: list[tuple[Sequence, int]], logprobs: torch.Tensor) -> None:
         """Sample one token for every generation (``gen_reads``: its read index) and retire the done."""
         still, now = [], time.monotonic()
         for seq, read in gen_reads:
             finish: str | Failed | None
             try:
-                finish = None if seq.job.cancelled else self._next_token(seq, self._sample(seq, logprobs[read]))
+                finish = None if seq.job.cancelled else seq.push(seq.sample(logprobs[read]), self.eos_ids)
             except Exception as exc:  # noqa: BLE001 - one sequence's failure is its own
                 log.exception("generation of task %s failed", seq.job.adapter.task)
                 self.metrics.job_failures.labels("sample").inc()
@@ -426,32 +402,13 @@ class Engine:
                 still.append(seq)
         self._active = still
 
-    @staticmethod
-    def _sample(seq: _Sequence, logprobs: torch.Tensor) -> int:
-        params = seq.job.generation
-        return sample_token(logprobs, params.temperature, params.top_p, seq.generator)
-
-    def _next_token(self, seq: _Sequence, token: int) -> str | None:
-        if token in self.eos_ids:
-            return "stop"
-        seq.tokens.append(token)
-        delta = seq.stream.push(token)
-        if delta:
-            seq.job.emit(Token(delta))
-        if seq.stream.stopped:
-            return "stop"
-        return "length" if seq.generated >= seq.job.generation.max_new_tokens else None
-
-    def _retire(self, seq: _Sequence, outcome: str | Failed | None) -> None:
+    def _retire(self, seq: Sequence, outcome: str | Failed | None) -> None:
         self.pool.release(seq.start, seq.job.cache_tokens())
         self.slots.release(seq.job.adapter)
         if isinstance(outcome, Failed):
             seq.job.emit(outcome)
         elif outcome is not None:
-            tail = seq.stream.finish()
-            if tail:
-                seq.job.emit(Token(tail))
-            seq.job.emit(Finished(seq.stream.text, outcome, len(seq.job.prompt_ids), seq.generated))
+            seq.finish(outcome)
 
     # ----- failure, metrics ---------------------------------------------------------------------
     def _fail_step(self, admitted, acquired: list[AdapterVersion], failure: Failed) -> None:

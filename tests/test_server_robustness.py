@@ -92,14 +92,16 @@ def test_seed_must_fit_64_bits(client, path, extra):
 
 
 def test_a_failing_sampler_fails_its_own_generation_only(server, client, monkeypatch):
-    engine, real = server.engine, server.engine._sample
+    from talora.server.sequences import Sequence
+
+    engine, real = server.engine, Sequence.sample
 
     def sample(seq, logprobs):
         if seq.job.params.seed == 13:
             raise RuntimeError("injected sampling fault")
         return real(seq, logprobs)
 
-    monkeypatch.setattr(engine, "_sample", sample)
+    monkeypatch.setattr(Sequence, "sample", sample)
     bad = client.post(GEN, json={"text": "a", "max_new_tokens": 3, "seed": 13})
     good = client.post(GEN, json={"text": "a", "max_new_tokens": 3, "seed": 14})
     assert bad.status_code == 500 and "injected sampling fault" in bad.json()["detail"]
