@@ -21,6 +21,7 @@ from talora.server import routes_admin, routes_openai, routes_tasks
 from talora.server.engine import Engine
 from talora.server.errors import install_error_handlers
 from talora.server.openapi import install_limits
+from talora.server.schemas import Health, Ready
 from talora.server.settings import Settings
 
 log = logging.getLogger("talora.server.requests")
@@ -79,13 +80,15 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
     app.include_router(routes_openai.router)
     app.include_router(routes_admin.router)
 
-    @app.get("/health", responses={503: {"description": "the engine's worker has stopped"}})
+    @app.get("/health", response_model=Health,
+             responses={503: {"model": Health, "description": "the engine's worker has stopped"}})
     async def health() -> JSONResponse:
         """Liveness: 200 unless the engine's worker has stopped without being asked to."""
         dead = engine.dead
         return JSONResponse({"status": "dead" if dead else "ok"}, status_code=503 if dead else 200)
 
-    @app.get("/ready", responses={503: {"description": "loading, draining, no task loaded, or the worker stopped"}})
+    @app.get("/ready", response_model=Ready,
+             responses={503: {"model": Ready, "description": "loading, draining, no task, or the worker stopped"}})
     async def ready() -> JSONResponse:
         """Readiness: 200 once the model and at least one adapter are loaded; 503 before, while draining,
         with no task to serve, or when the worker has stopped."""

@@ -69,7 +69,7 @@ async def _store_path(request: Request, task: str) -> str:
     return path
 
 
-@router.put("/v1/adapters/{task}", responses=task_errors(400, 401, 403, 404, 409, 413))
+@router.put("/v1/adapters/{task}", responses=task_errors(400, 401, 403, 404, 409, 413, 422))
 async def put_adapter(task: str, request: Request):
     """Load or replace ``task`` from the store or an upload; the old version serves until then."""
     if (denied := _authorise(request)) is not None:
@@ -90,7 +90,7 @@ async def put_adapter(task: str, request: Request):
             "changed": changed, "source": adapter.source}
 
 
-@router.delete("/v1/adapters/{task}", responses=task_errors(401, 403, 404))
+@router.delete("/v1/adapters/{task}", responses=task_errors(401, 403, 404, 422))
 async def delete_adapter(task: str, request: Request):
     """Evict ``task``: new requests get 404, requests in flight finish with their version."""
     if (denied := _authorise(request)) is not None:

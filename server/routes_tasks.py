@@ -122,7 +122,7 @@ async def list_tasks(request: Request) -> dict:
             "bundle": {"fingerprint": bundle.fingerprint, "base_model": bundle.base_model}}
 
 
-@router.get("/v1/tasks/{task}", responses=task_errors(404))
+@router.get("/v1/tasks/{task}", responses=task_errors(404, 422))
 async def get_task(task: str, request: Request) -> dict:
     adapter = bridge.lookup(request, task)
     return {**adapter.describe(), "resident": adapter.key in bridge.engine_of(request).resident}

@@ -147,6 +147,15 @@ class Completion(BaseModel):
     usage: CompletionUsage
 
 
+class Health(BaseModel):
+    status: Literal["ok", "dead"]
+
+
+class Ready(BaseModel):
+    ready: bool
+    tasks: int = Field(description="task adapters loaded")
+
+
 class FieldIssue(BaseModel):
     loc: list[str | int]
     msg: str
