@@ -29,6 +29,7 @@ from talora.adapters.prompting import verbalizer_ids
 from talora.server.metrics import Metrics
 
 log = logging.getLogger(__name__)
+MAX_PATH_CHARS = 1024
 
 
 class AdapterNotFound(KeyError):
@@ -121,6 +122,10 @@ class AdapterRegistry:
         """``store/name`` (no suffix) if it stays inside the store, else ``AdapterFormatError``."""
         if not name or Path(name).is_absolute() or "\0" in name:
             raise AdapterFormatError(f"path: {name!r} must be a relative path inside the adapter store")
+        parts = Path(name).parts  # isprintable() is False for lone surrogates and control characters
+        if len(name) > MAX_PATH_CHARS or any(len(part) > 200 for part in parts) or not name.isprintable():
+            raise AdapterFormatError(f"path: {name[:80]!r} is not a usable store path (printable UTF-8, at most "
+                                     f"{MAX_PATH_CHARS} characters, 200 per folder or file name)")
         target = (self.store / name).resolve()
         if not target.is_relative_to(self.store):
             raise AdapterFormatError(f"path: {name!r} is outside the adapter store")
@@ -131,17 +136,21 @@ class AdapterRegistry:
         root = self.store if root is None else Path(root).resolve()
         target = self.resolve_store_path(name) if root == self.store else root / name
         files = [target.with_name(target.name + ".json"), target.with_name(target.name + ".safetensors")]
-        for file in files:
-            if not file.resolve().is_relative_to(root):
-                raise AdapterFormatError(f"path: {name!r} is outside the adapter store")
-            if not file.is_file():
-                raise AdapterNotFound(f"{file.relative_to(root)} is not in the adapter store")
-        return files[0].read_bytes(), files[1].read_bytes()
+        try:
+            for file in files:
+                if not file.resolve().is_relative_to(root):
+                    raise AdapterFormatError(f"path: {name!r} is outside the adapter store")
+                if not file.is_file():
+                    raise AdapterNotFound(f"{file.relative_to(root)} is not in the adapter store")
+            return files[0].read_bytes(), files[1].read_bytes()
+        except OSError as exc:
+            raise AdapterFormatError(f"path: {name[:80]!r} cannot be read from the store ({exc.strerror})") from None
 
     # ----- explicit load / replace / evict --------------------------------------------------
     def load_store(self, task: str, name: str | None = None, source: str = "store",
                    root: Path | None = None) -> tuple[AdapterVersion, bool]:
         """Load or replace ``task`` from ``store/<name or task>.{json,safetensors}`` (or from ``root``)."""
+        check_task_name(task)
         name = name or task
         return self._timed(source, lambda: self._install(
             self.decode(task, *self._read_store(name, root), source=f"{source}:{name}")))

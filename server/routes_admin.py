@@ -64,12 +64,21 @@ async def _store_path(request: Request, task: str) -> str:
     if not isinstance(body, dict) or set(body) - {"path"}:
         raise AdapterFormatError("body: expected {\"path\": \"<relative path in the adapter store>\"}")
     path = body.get("path", task)
-    if not isinstance(path, str):
-        raise AdapterFormatError("path: must be a string")
+    if not isinstance(path, str) or not path:
+        raise AdapterFormatError("path: must be a non-empty string")
     return path
 
 
-@router.put("/v1/adapters/{task}", responses=task_errors(400, 401, 403, 404, 409, 413, 422))
+PUT_BODY = {"required": False, "content": {
+    "application/json": {"schema": {"type": "object", "additionalProperties": False, "properties": {
+        "path": {"type": "string", "minLength": 1, "description": "relative path in the store, no suffix"}}}},
+    "multipart/form-data": {"schema": {"type": "object", "required": ["metadata", "tensors"], "properties": {
+        "metadata": {"type": "string", "format": "binary", "description": "<task>.json"},
+        "tensors": {"type": "string", "format": "binary", "description": "<task>.safetensors"}}}}}}
+
+
+@router.put("/v1/adapters/{task}", responses=task_errors(400, 401, 403, 404, 409, 413, 422),
+            openapi_extra={"requestBody": PUT_BODY})
 async def put_adapter(task: str, request: Request):
     """Load or replace ``task`` from the store or an upload; the old version serves until then."""
     if (denied := _authorise(request)) is not None:

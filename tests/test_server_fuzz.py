@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 
+import httpx
 import hypothesis
 import pytest
 import schemathesis
@@ -32,6 +33,7 @@ from test_server_support import CLASSIFY, GENERATE, serve
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_headers_conformance,
           response_schema_conformance, negative_data_rejection]
 TASKS = [*CLASSIFY, GENERATE]
+ADMIN_TOKEN = "fuzz"  # the admin routes are on, so that load, replace and evict are fuzzed too
 MAX_EXAMPLES = int(os.environ.get("TALORA_FUZZ_EXAMPLES", "100"))  # per operation and mode; CI keeps the default
 RANDOM = os.environ.get("TALORA_FUZZ_RANDOM") == "1"  # explore new examples instead of the fixed, reproducible ones
 
@@ -39,7 +41,8 @@ RANDOM = os.environ.get("TALORA_FUZZ_RANDOM") == "1"  # explore new examples ins
 @pytest.fixture(scope="module")
 def fuzz_server(tiny_bundle, tiny_server_model):
     threads = torch.get_num_threads()
-    with serve(tiny_bundle, tiny_server_model, max_new_tokens_limit=8, request_timeout_s=30) as srv:
+    with serve(tiny_bundle, tiny_server_model, max_new_tokens_limit=8, request_timeout_s=30,
+               admin_token=ADMIN_TOKEN) as srv:
         yield srv
     torch.set_num_threads(threads)
 
@@ -48,7 +51,7 @@ OPERATIONS = ["POST /v1/tasks/{task}/predict", "POST /v1/tasks/{task}/generate",
               "GET /v1/tasks/{task}", "POST /v1/completions", "GET /v1/models", "PUT /v1/adapters/{task}",
               "DELETE /v1/adapters/{task}", "GET /health", "GET /ready", "GET /metrics"]
 MODES = [schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE]
-WITH_BODY = OPERATIONS[0], OPERATIONS[1], OPERATIONS[4]  # the others have nothing to make invalid but a string
+WITH_BODY = OPERATIONS[0], OPERATIONS[1], OPERATIONS[4], OPERATIONS[6]  # the others have nothing to make invalid but a string
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +86,11 @@ def test_api_holds_for_generated_requests(api_schema, fuzz_server, label, mode):
     @hypothesis.given(case=operation.as_strategy(generation_mode=mode))
     def run(case):
         _real_task(case, mode == MODES[0])
-        case.call_and_validate(checks=CHECKS, timeout=60)
+        headers = {"authorization": f"Bearer {ADMIN_TOKEN}"}
+        response = case.call_and_validate(checks=CHECKS, timeout=60, headers=headers)
+        if label.startswith("DELETE") and response.status_code == 200:  # load it back for the next examples
+            task = case.path_parameters["task"]
+            assert httpx.put(f"{fuzz_server.url}/v1/adapters/{task}", headers=headers).status_code == 200
         assert fuzz_server.engine.alive()
 
     run()

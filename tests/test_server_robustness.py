@@ -175,3 +175,19 @@ def _wait_ready(url: str, proc: subprocess.Popen) -> None:
             pass
         time.sleep(0.2)
     raise AssertionError("talora-serve did not become ready")
+
+
+@pytest.mark.parametrize("task,body,status", [
+    ("spam", '{"path": "\\ud800x"}', 400),
+    ("spam", '{"path": "' + "a" * 5000 + '"}', 400),
+    ("spam", '{"path": "' + "a" * 250 + '"}', 400),
+    ("spam", '{"path": "a\\nb"}', 400),
+    ("x" * 300, "", 400),
+    ("%ED%A0%80", "", 400),
+])
+def test_admin_paths_from_requests_are_4xx(tiny_bundle, tiny_server_model, task, body, status):
+    with serve(tiny_bundle, tiny_server_model, admin_token="t") as srv:
+        headers = {"authorization": "Bearer t", "content-type": "application/json"}
+        r = httpx.put(f"{srv.url}/v1/adapters/{task}", content=body.encode(), headers=headers, timeout=30)
+        assert r.status_code == status, r.text
+        assert r.json()["detail"].startswith(("path:", "task:"))
