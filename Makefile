@@ -2,7 +2,7 @@
 VENV ?= .venv
 PYTEST_ARGS ?=
 
-.PHONY: setup serve test test-slow
+.PHONY: setup serve test test-slow lint
 
 setup:
 	bash scripts/setup.sh
@@ -15,3 +15,7 @@ test: setup
 
 test-slow: setup
 	$(VENV)/bin/python -m pytest -q -m slow $(PYTEST_ARGS)
+
+# ruff and mypy alone (make test runs them too, in tests/test_tooling.py)
+lint: setup
+	$(VENV)/bin/python -m pytest -q tests/test_tooling.py

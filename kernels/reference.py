@@ -166,7 +166,7 @@ def gated_prefix_attention_ref(
         else:
             ob = _softmax_attend(main)
             ot = _softmax_attend(task)
-            if ot is not None:
+            if ot is not None and gates is not None:
                 ot = (ot.view(n_kv, group, q_len, head_dim) * gates[slots[b]]).view(n_kv, group * q_len, head_dim)
                 ob = ot if ob is None else ob + ot
         if ob is None:

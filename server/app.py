@@ -13,13 +13,15 @@ import time
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.concurrency import run_in_threadpool
 
 from talora.server import routes_admin, routes_openai, routes_tasks
 from talora.server.engine import Engine
 from talora.server.errors import install_error_handlers
+from talora.server.openapi import install_limits
+from talora.server.schemas import Health, Ready
 from talora.server.settings import Settings
 
 log = logging.getLogger("talora.server.requests")
@@ -73,25 +75,31 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
     app.state.engine = engine
     app.state.settings = settings
     install_error_handlers(app, settings.retry_after_s)
+    install_limits(app, settings)
     app.include_router(routes_tasks.router)
     app.include_router(routes_openai.router)
     app.include_router(routes_admin.router)
 
-    @app.get("/health")
+    @app.get("/health", response_model=Health,
+             responses={503: {"model": Health, "description": "the engine's worker has stopped"}})
     async def health() -> JSONResponse:
-        """Liveness: 200 unless the engine's worker has died."""
-        dead = engine.ready and not engine.alive()
+        """Liveness: 200 unless the engine's worker has stopped without being asked to."""
+        dead = engine.dead
         return JSONResponse({"status": "dead" if dead else "ok"}, status_code=503 if dead else 200)
 
-    @app.get("/ready")
+    @app.get("/ready", response_model=Ready,
+             responses={503: {"model": Ready, "description": "loading, draining, no task, or the worker stopped"}})
     async def ready() -> JSONResponse:
-        """Readiness: 200 once the model and adapters are loaded, 503 before and while draining."""
-        ok = engine.ready and engine.alive()
-        return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
+        """Readiness: 200 once the model and at least one adapter are loaded; 503 before, while draining,
+        with no task to serve, or when the worker has stopped."""
+        tasks = len(engine.registry.snapshot()) if engine.ready else 0
+        ok = engine.ready and engine.alive() and tasks > 0
+        return JSONResponse({"ready": ok, "tasks": tasks}, status_code=200 if ok else 503)
 
-    @app.get("/metrics")
-    async def metrics(request: Request) -> Response:
-        return Response(engine.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def metrics(request: Request) -> PlainTextResponse:
+        """The Prometheus text format."""
+        return PlainTextResponse(engine.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     app.add_middleware(RequestLog, engine=engine)
     return app

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
+import os
 import sys
+import time
 import types
 import typing
 
@@ -59,6 +62,20 @@ def main(argv: list[str] | None = None) -> int:
     return serve(settings)
 
 
+EXIT_WORKER_DEAD = 70  # EX_SOFTWARE: the engine's worker stopped; a supervisor should restart the server
+EXIT_GRACE_S = 1.0
+
+
+def exit_for_restart(exc: BaseException) -> None:
+    """End the process at once when the engine's worker cannot go on: a server that accepts requests it
+    can never answer is worse than one that is restarted (systemd, Kubernetes, Ray restart on exit)."""
+    logging.getLogger("talora.server").critical("exiting with status %d so that the server is restarted: %s",
+                                                EXIT_WORKER_DEAD, exc)
+    time.sleep(EXIT_GRACE_S)  # the event loop still answers: the failed requests get their 500 / 503 first
+    logging.shutdown()
+    os._exit(EXIT_WORKER_DEAD)
+
+
 def serve(settings: Settings) -> int:
     """Load everything, then serve until SIGINT/SIGTERM (which drain the requests in flight)."""
     import uvicorn
@@ -70,7 +87,7 @@ def serve(settings: Settings) -> int:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         resolve_bundle(settings)
-        engine = Engine(settings)
+        engine = Engine(settings, on_fatal=exit_for_restart)
         engine.start()
     except (BundleMissing, ModelLoadError) as exc:
         print(f"talora-serve: {exc}", file=sys.stderr)
@@ -80,7 +97,7 @@ def serve(settings: Settings) -> int:
         return 2
     app = create_app(settings, engine)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False,
-                timeout_graceful_shutdown=settings.drain_timeout_s or None)
+                timeout_graceful_shutdown=math.ceil(settings.drain_timeout_s) or None)
     return 0
 
 

@@ -17,20 +17,22 @@ import logging
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from talora.adapters.bundle import model_from_bundle
+from talora.adapters.config import ModelConfig
 from talora.adapters.loading import LoadedModel, load_model
 from talora.adapters.prompting import encode_prompt
 from talora.server.batch import Row, label_scores, pack
-from talora.server.generation import TextStream, sample_token
-from talora.server.jobs import Failed, Finished, Job, Scored, Token
+from talora.server.jobs import Failed, Job, Scored
 from talora.server.kvpool import KVPool
 from talora.server.metrics import Metrics
 from talora.server.registry import AdapterRegistry, AdapterVersion
+from talora.server.sequences import Sequence
 from talora.server.settings import Settings
 from talora.server.slots import SlotTable
 
@@ -53,8 +55,18 @@ class InputTooLong(ValueError):
     """An input does not fit the task's limit (``on_overflow=reject``) or the KV cache."""
 
 
+class WorkerDead(RuntimeError):
+    """The worker thread has stopped for good; the process is about to exit (or should be restarted)."""
+
+
+class _GiveUp(RuntimeError):
+    """The worker stops: too many steps in a row failed."""
+
+
 def demo_bundle_dir() -> Path:
     spec = importlib.util.find_spec("talora.adapters")
+    if spec is None or not spec.submodule_search_locations:
+        raise BundleMissing("the talora.adapters package is not installed")
     return Path(list(spec.submodule_search_locations)[0]) / "demo"
 
 
@@ -68,32 +80,21 @@ def resolve_bundle(settings: Settings) -> Path:
     return folder
 
 
-@dataclass(eq=False)
-class _Sequence:
-    """A generation in progress: its cache range and its text so far."""
-
-    job: Job
-    slot: int
-    start: int  # first position of its KV cache range
-    tokens: list[int]  # prompt + generated; all but the last are in the cache
-    stream: TextStream
-    generator: torch.Generator
-
-    @property
-    def generated(self) -> int:
-        return len(self.stream.ids)
-
-
 class Engine:
     """Owns the model, the slot table, the KV pool and the worker thread."""
 
-    def __init__(self, settings: Settings, metrics: Metrics | None = None, loaded: LoadedModel | None = None):
+    def __init__(self, settings: Settings, metrics: Metrics | None = None, loaded: LoadedModel | None = None,
+                 on_fatal: Callable[[BaseException], None] | None = None):
+        """``on_fatal`` is called (on the worker thread) when the worker cannot go on; ``talora-serve``
+        passes one that ends the process with a non-zero status so that a supervisor restarts it."""
         self.settings = settings
+        self.on_fatal = on_fatal
+        self._failed_steps = 0  # consecutive steps that raised
         self.metrics = metrics or Metrics()
         self._loaded = loaded
         self._queue: deque[Job] = deque()
         self._cv = threading.Condition()
-        self._active: list[_Sequence] = []
+        self._active: list[Sequence] = []
         self._warm: deque[AdapterVersion] = deque()
         self._stopping = self._abort = False
         self._halt = threading.Event()
@@ -110,27 +111,40 @@ class Engine:
             torch.set_num_threads(s.torch_threads)
         device = s.device if s.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         loaded = self._loaded or load_model(s.model, s.dtype, device)
-        self.tokenizer = loaded.tokenizer
+        self.tokenizer: Any = loaded.tokenizer
         self.model, bundle_meta, _ = model_from_bundle(loaded.model, bundle, loaded.fingerprint, tasks=[])
         self.model.eval()
-        mc = loaded.model.config
+        mc: ModelConfig = loaded.model.config
         eos = mc.eos_token_id if isinstance(mc.eos_token_id, list) else [mc.eos_token_id]
-        self.eos_ids = {t for t in [*eos, self.tokenizer.eos_token_id] if t is not None}
+        tokenizer_eos: int | None = getattr(self.tokenizer, "eos_token_id", None)
+        self.eos_ids = {t for t in [*eos, tokenizer_eos] if t is not None}
         with torch.no_grad():
             self.prefix = self.model.shared_kv()
         self.slots = SlotTable(self.model, self.prefix, s.num_slots, self.metrics)
         self.pool = KVPool(mc.num_layers, s.kv_cache_tokens, mc.num_kv_heads, mc.head_dim, loaded.model.dtype,
                            loaded.model.device)
         self.registry = AdapterRegistry(bundle_meta, s.store or bundle, self.tokenizer, self.metrics)
-        loaded_tasks = self.registry.load_all()
-        log.info("serving %d task adapters from %s on %s: %s", len(loaded_tasks), self.registry.store, device,
-                 ", ".join(loaded_tasks) or "(none)")
+        loaded_tasks = self._load_adapters(bundle, device)
         for task in loaded_tasks[: s.num_slots]:
             self.warm(self.registry.get(task))
         self._spawn(self._run, "talora-engine")
         if s.watch_interval_s > 0:
             self._spawn(self._watch, "talora-store-watcher")
         self.ready = True
+
+    def _load_adapters(self, bundle: Path, device: str) -> list[str]:
+        """The bundle's tasks, then the store's: a store task adds a task or replaces the bundle's of that name."""
+        from_bundle = self.registry.load_all(bundle_dir=bundle) if self.registry.store != bundle.resolve() else []
+        from_store = self.registry.load_all()
+        tasks = sorted(self.registry.snapshot())
+        replaced = sorted(set(from_bundle) & set(from_store))
+        log.info("serving %d task adapters on %s: %d from the bundle %s, %d from the store %s (replacing %s): %s",
+                 len(tasks), device, len(from_bundle), bundle, len(from_store), self.registry.store,
+                 ", ".join(replaced) or "none", ", ".join(tasks) or "(none)")
+        if not tasks:
+            log.warning("no task adapter loaded: /ready answers 503 until one is (PUT /v1/adapters/{task}, or "
+                        "files in the store with --watch-interval-s)")
+        return tasks
 
     def _spawn(self, target, name: str) -> None:
         thread = threading.Thread(target=target, name=name, daemon=True)
@@ -154,6 +168,11 @@ class Engine:
 
     def alive(self) -> bool:
         return bool(self._threads) and self._threads[0].is_alive()
+
+    @property
+    def dead(self) -> bool:
+        """The worker was started and has stopped without being asked to."""
+        return bool(self._threads) and not self._stopping and not self._threads[0].is_alive()
 
     # ----- called from the HTTP layer --------------------------------------------------------
     def encode(self, adapter: AdapterVersion, text: str, question: str | None = None) -> tuple[list[int], bool]:
@@ -180,6 +199,8 @@ class Engine:
         with self._cv:
             if self._stopping:
                 raise ShuttingDown("the server is shutting down")
+            if self._threads and not self.alive():
+                raise WorkerDead("the engine's worker has stopped; the server must be restarted")
             if len(self._queue) + len(jobs) > self.settings.max_queue:
                 raise QueueFull(f"the queue is full ({self.settings.max_queue} requests waiting)")
             self._queue.extend(jobs)
@@ -194,29 +215,75 @@ class Engine:
 
     # ----- the worker ------------------------------------------------------------------------
     def _run(self) -> None:
-        while True:
-            with self._cv:
-                while not (self._queue or self._active or self._warm or self._stopping):
-                    self._cv.wait()
-                if self._abort or (self._stopping and not self._queue and not self._active):
-                    break
-                warm, admitted = list(self._warm), self._admit()
-                self._warm.clear()
-                self.metrics.queue_depth.set(len(self._queue))
+        try:
+            while self._iterate():
+                pass
+        except BaseException as exc:  # noqa: BLE001 - the worker cannot go on: fail everything, then say so
+            log.critical("the engine's worker stops: %s: %s", type(exc).__name__, exc, exc_info=exc)
+            self._fail_all(Failed(503, "the engine's worker stopped; the server is restarting"), reason="worker")
+            if self.on_fatal is not None:
+                self.on_fatal(exc)
+            return
+        self._fail_all(Failed(503, "the server shut down before this request ran"), reason="shutdown")
+
+    def _iterate(self) -> bool:
+        """One pass of the worker: wait for work, warm slots, run one step. False: stop."""
+        with self._cv:
+            while not (self._queue or self._active or self._warm or self._stopping):
+                self._cv.wait()
+            if self._abort or (self._stopping and not self._queue and not self._active):
+                return False
+            warm, admitted = list(self._warm), self._admit()
+            self._warm.clear()
+            self.metrics.queue_depth.set(len(self._queue))
+        try:
             self._warm_slots(warm)
             if admitted or self._active:
                 self._step(admitted)
             elif self._queue:
                 with self._cv:
                     self._cv.wait(0.01)
-        self._fail_all(Failed(503, "the server shut down before this request ran"))
+        except _GiveUp:
+            raise
+        except Exception as exc:  # noqa: BLE001 - fail this step's requests; the worker carries on
+            log.exception("worker step failed")
+            self._recover(admitted, exc)
+        return True
+
+    def _recover(self, admitted, exc: Exception) -> None:
+        """Fail every job the broken step held, then return the pool and the slot pins to a clean state.
+
+        Queued jobs hold no cache ranges and no pins, so after failing the admitted and active jobs
+        every range is free and no slot is pinned. Gives up (raises) after
+        ``max_failed_steps`` consecutive failures: a device in that state will not recover.
+        """
+        failure = Failed(500, f"the batch failed: {type(exc).__name__}: {exc}")
+        for job, _, _ in admitted:
+            self._fail_job(job, failure, "step")
+        for seq in self._active:
+            self._fail_job(seq.job, failure, "step")
+        self._active = []
+        self.pool.reset()
+        self.slots.unpin_all()
+        self._publish_resident()
+        self._count_failed_step(exc)
+
+    def _count_failed_step(self, exc: Exception) -> None:
+        self.metrics.batch_failures.inc()
+        self._failed_steps += 1
+        if self._failed_steps >= self.settings.max_failed_steps:
+            raise _GiveUp(f"{self._failed_steps} batch steps in a row failed; the last: {exc!r}") from exc
+
+    def _fail_job(self, job: Job, failure: Failed, reason: str) -> None:
+        self.metrics.job_failures.labels(reason).inc()
+        job.emit(failure)
 
     def _admit(self) -> list[tuple[Job, list[tuple[int, ...]], list[int]]]:
         """Pop the queued jobs that fit this step: (job, its rows, each row's cache start)."""
         s, now = self.settings, time.monotonic()
         rows_left, tokens_left = s.max_batch_size - len(self._active), s.max_batch_tokens - len(self._active)
         keys = {seq.job.adapter.key for seq in self._active}
-        admitted = []
+        admitted: list[tuple[Job, list[tuple[int, ...]], list[int]]] = []
         while self._queue:
             job = self._queue[0]
             if job.cancelled or job.deadline < now:
@@ -224,7 +291,12 @@ class Engine:
                 if not job.cancelled:
                     job.emit(Failed(504, f"timed out after {s.request_timeout_s} s in the queue"))
                 continue
-            rows = job.score_rows() if job.kind == "score" else [tuple(job.prompt_ids)]
+            try:
+                rows = job.score_rows() if job.kind == "score" else [tuple(job.prompt_ids)]
+            except Exception as exc:  # noqa: BLE001 - a job that cannot be planned fails alone
+                self._queue.popleft()
+                self._fail_job(job, Failed(500, f"the request could not be planned: {exc!r}"), "admit")
+                continue
             n_tokens = sum(len(r) for r in rows)
             alone = not admitted and not self._active  # an oversized job still runs, by itself
             if not alone and (len(rows) > rows_left or n_tokens > tokens_left):
@@ -243,7 +315,7 @@ class Engine:
 
     def _allocate(self, job: Job, rows: list[tuple[int, ...]]) -> list[int] | None:
         lengths = [job.cache_tokens()] if job.kind == "generate" else [len(r) for r in rows]
-        starts = []
+        starts: list[int] = []
         for length in lengths:
             start = self.pool.allocate(length)
             if start is None:
@@ -275,7 +347,7 @@ class Engine:
                 slot = self.slots.acquire(job.adapter)
                 acquired.append(job.adapter)
                 if job.kind == "generate":
-                    gen_rows.append((self._new_sequence(job, slot, starts[0]), len(rows)))
+                    gen_rows.append((Sequence.begin(job, slot, starts[0], self.tokenizer), len(rows)))
                     rows.append(Row(list(job.prompt_ids), 0, starts[0], slot, [len(job.prompt_ids) - 1]))
                 else:
                     score_jobs.append((job, job_rows, starts, len(rows)))
@@ -284,9 +356,10 @@ class Engine:
             logprobs = self._forward(rows)
         except Exception as exc:  # noqa: BLE001 - a failing batch fails its own requests only
             log.exception("batch step of %d rows failed", len(rows))
-            self.metrics.batch_failures.inc()
             self._fail_step(admitted, acquired, Failed(500, f"the batch failed: {type(exc).__name__}: {exc}"))
+            self._count_failed_step(exc)
             return
+        self._failed_steps = 0
         self._record(rows, admitted, time.perf_counter() - start)
         read_offsets = list(itertools.accumulate((len(r.reads) for r in rows), initial=0))
         self._finish_scores(score_jobs, read_offsets, logprobs)
@@ -300,12 +373,6 @@ class Engine:
         hidden = self.model.forward_cached(flat, meta, self.prefix, self.slots.kv, self.pool.cache)
         return torch.log_softmax(self.model.lm.logits(hidden[read_index]).float(), dim=-1).cpu()
 
-    def _new_sequence(self, job: Job, slot: int, start: int) -> _Sequence:
-        generator = torch.Generator()
-        generator.manual_seed(job.params.seed if job.params.seed is not None else torch.seed())
-        stream = TextStream(self.tokenizer, job.params.stop)
-        return _Sequence(job, slot, start, list(job.prompt_ids), stream, generator)
-
     def _finish_scores(self, score_jobs, read_offsets: list[int], logprobs: torch.Tensor) -> None:
         for job, job_rows, starts, first_row in score_jobs:
             firsts = [read_offsets[first_row + j] for j in range(len(job_rows))]
@@ -314,13 +381,17 @@ class Engine:
                 self.pool.release(st, len(row))
             self.slots.release(job.adapter)
 
-    def _advance(self, gen_reads: list[tuple[_Sequence, int]], logprobs: torch.Tensor) -> None:
+    def _advance(self, gen_reads: list[tuple[Sequence, int]], logprobs: torch.Tensor) -> None:
         """Sample one token for every generation (``gen_reads``: its read index) and retire the done."""
         still, now = [], time.monotonic()
         for seq, read in gen_reads:
-            params = seq.job.params
-            token = sample_token(logprobs[read], params.temperature, params.top_p, seq.generator)
-            finish = None if seq.job.cancelled else self._next_token(seq, token)
+            finish: str | Failed | None
+            try:
+                finish = None if seq.job.cancelled else seq.push(seq.sample(logprobs[read]), self.eos_ids)
+            except Exception as exc:  # noqa: BLE001 - one sequence's failure is its own
+                log.exception("generation of task %s failed", seq.job.adapter.task)
+                self.metrics.job_failures.labels("sample").inc()
+                finish = Failed(500, f"the generation failed: {type(exc).__name__}: {exc}")
             if seq.job.cancelled:
                 self._retire(seq, None)
             elif finish is not None:
@@ -331,27 +402,13 @@ class Engine:
                 still.append(seq)
         self._active = still
 
-    def _next_token(self, seq: _Sequence, token: int) -> str | None:
-        if token in self.eos_ids:
-            return "stop"
-        seq.tokens.append(token)
-        delta = seq.stream.push(token)
-        if delta:
-            seq.job.emit(Token(delta))
-        if seq.stream.stopped:
-            return "stop"
-        return "length" if seq.generated >= seq.job.params.max_new_tokens else None
-
-    def _retire(self, seq: _Sequence, outcome: str | Failed | None) -> None:
+    def _retire(self, seq: Sequence, outcome: str | Failed | None) -> None:
         self.pool.release(seq.start, seq.job.cache_tokens())
         self.slots.release(seq.job.adapter)
         if isinstance(outcome, Failed):
             seq.job.emit(outcome)
         elif outcome is not None:
-            tail = seq.stream.finish()
-            if tail:
-                seq.job.emit(Token(tail))
-            seq.job.emit(Finished(seq.stream.text, outcome, len(seq.job.prompt_ids), seq.generated))
+            seq.finish(outcome)
 
     # ----- failure, metrics ---------------------------------------------------------------------
     def _fail_step(self, admitted, acquired: list[AdapterVersion], failure: Failed) -> None:
@@ -361,20 +418,19 @@ class Engine:
             lengths = [job.cache_tokens()] if job.kind == "generate" else [len(r) for r in job_rows]
             for st, n in zip(starts, lengths):
                 self.pool.release(st, n)
-            job.emit(failure)
+            self._fail_job(job, failure, "step")
         for seq in self._active:
-            self._retire(seq, failure)
+            self._retire(seq, None)
+            self._fail_job(seq.job, failure, "step")
         self._active = []
         self.slots.drop_stale(self.registry.current_keys())
         self._publish_resident()
 
-    def _fail_all(self, failure: Failed) -> None:
+    def _fail_all(self, failure: Failed, reason: str) -> None:
         with self._cv:
             queued, self._queue = list(self._queue), deque()
-        for job in queued:
-            job.emit(failure)
-        for seq in self._active:
-            self._retire(seq, failure)
+        for job in [*queued, *(seq.job for seq in self._active)]:
+            self._fail_job(job, failure, reason)
         self._active = []
 
     def _record(self, rows: list[Row], admitted, elapsed: float) -> None:

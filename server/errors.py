@@ -1,19 +1,26 @@
 """How every failure becomes an HTTP response: one table from exception to status code.
 
-Routes raise; ``install_error_handlers`` maps. Responses carry ``{"detail": message}``, except on
-the OpenAI-compatible routes, which use OpenAI's ``{"error": {"message", "type", "param",
-"code"}}`` so that its client raises the matching exception.
+Routes raise; ``install_error_handlers`` maps. Responses carry ``schemas.ErrorBody``
+(``{"detail": message, "field": name or null}``, plus ``errors`` on a 422), except on the
+OpenAI-compatible routes, which use OpenAI's ``{"error": {"message", "type", "param", "code"}}``
+so that its client raises the matching exception. An exception nobody expected is a JSON 500.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Mapping
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from talora.adapters.io import AdapterFormatError
-from talora.server.engine import InputTooLong, QueueFull, ShuttingDown
+from talora.server.engine import InputTooLong, QueueFull, ShuttingDown, WorkerDead
 from talora.server.registry import AdapterConflict, AdapterNotFound
+
+log = logging.getLogger(__name__)
 
 
 class JobFailed(RuntimeError):
@@ -49,6 +56,7 @@ STATUS = {
     InputTooLong: (413, "invalid_request_error"),
     QueueFull: (429, "rate_limit_error"),
     ShuttingDown: (503, "server_error"),
+    WorkerDead: (503, "server_error"),
     RequestTimeout: (504, "timeout_error"),
 }
 
@@ -58,12 +66,23 @@ def _is_openai(request: Request) -> bool:
 
 
 def error_response(request: Request, status: int, message: str, kind: str, param: str | None = None,
-                   headers: dict | None = None) -> JSONResponse:
+                   headers: Mapping[str, str] | None = None, errors: list[dict] | None = None) -> JSONResponse:
+    """The one error body of each route family: ``ErrorBody``, or ``OpenAIError`` on the OpenAI routes."""
     if _is_openai(request):
-        body = {"error": {"message": message, "type": kind, "param": param, "code": status}}
+        body: dict = {"error": {"message": message, "type": kind, "param": param, "code": status}}
     else:
-        body = {"detail": message}
+        body = {"detail": message, "field": param}
+        if errors is not None:
+            body["errors"] = errors
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+def field_name(loc: tuple | list) -> str:
+    """``("body", "text", 3, "function-after[...]")`` -> ``text[3]``: the field and item, not pydantic's tags."""
+    parts = list(loc[1:]) if loc and loc[0] in ("body", "path", "query") else list(loc)
+    if not parts:
+        return "body"
+    return str(parts[0]) + "".join(f"[{p}]" for p in parts[1:] if isinstance(p, int))
 
 
 def install_error_handlers(app: FastAPI, retry_after_s: int) -> None:
@@ -75,20 +94,35 @@ def install_error_handlers(app: FastAPI, retry_after_s: int) -> None:
     for exc_type in STATUS:
         app.add_exception_handler(exc_type, mapped)
 
-    def job_failed(request: Request, exc: JobFailed) -> JSONResponse:
+    def job_failed(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, JobFailed)
         headers = {"Retry-After": str(retry_after_s)} if exc.status == 503 else None
         return error_response(request, exc.status, str(exc), "server_error", headers=headers)
 
     app.add_exception_handler(JobFailed, job_failed)
 
-    def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = exc.errors()
-        first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
-        field = ".".join(str(p) for p in first["loc"] if p != "body") or "body"
-        message = f"{field}: {first['msg']}"
-        if _is_openai(request):
-            return error_response(request, 422, message, "invalid_request_error", field)
-        detail = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in errors]
-        return JSONResponse({"detail": detail, "message": message}, status_code=422)
+    def invalid(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        errors = exc.errors() or [{"loc": (), "msg": "invalid request", "type": "value_error"}]
+        main = max(errors, key=lambda e: len(e["loc"]))  # the deepest: in a union, the branch that got furthest
+        field = field_name(main["loc"])
+        issues = [{"loc": [p if isinstance(p, int) else str(p) for p in e["loc"]], "msg": e["msg"],
+                   "type": e["type"]} for e in errors]
+        return error_response(request, 422, f"{field}: {main['msg']}", "invalid_request_error", field,
+                              errors=issues)
 
     app.add_exception_handler(RequestValidationError, invalid)
+
+    def http_error(request: Request, exc: Exception) -> JSONResponse:
+        """Starlette's own errors (unknown path, wrong method, a body that is not UTF-8) in the route's shape."""
+        assert isinstance(exc, StarletteHTTPException)
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return error_response(request, exc.status_code, str(exc.detail), kind, headers=exc.headers)
+
+    app.add_exception_handler(StarletteHTTPException, http_error)
+
+    def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.error("unhandled %s on %s %s", type(exc).__name__, request.method, request.url.path, exc_info=exc)
+        return error_response(request, 500, f"internal error: {type(exc).__name__}", "server_error")
+
+    app.add_exception_handler(Exception, unexpected)

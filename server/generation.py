@@ -11,18 +11,32 @@ from __future__ import annotations
 import torch
 
 
+class BadLogits(ValueError):
+    """A row of logits holds NaN or no finite value: the model's output, not the request, is broken."""
+
+
 def sample_token(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
-    """Next token id from ``logits (V,)`` float32."""
+    """Next token id from ``logits (V,)`` (any float dtype), for any ``temperature >= 0`` and ``top_p`` in (0, 1].
+
+    Sampling runs in float64 on logits shifted so that the best is 0: after dividing by even a
+    denormal temperature the best token keeps weight ``exp(0) = 1``, so the distribution never
+    becomes all zeros or NaN. The nucleus always keeps the most likely token, however small
+    ``top_p`` is. Raises ``BadLogits`` when the row has a NaN or no finite entry.
+    """
+    best = torch.max(logits)
+    if torch.isnan(logits).any() or not torch.isfinite(best):
+        raise BadLogits("the model produced NaN or non-finite logits")
     if temperature == 0:
         return int(torch.argmax(logits))
-    probs = torch.softmax(logits / temperature, dim=-1)
+    weights = torch.exp((logits.double() - float(best)) / temperature)
     if top_p < 1:
-        sorted_probs, order = torch.sort(probs, descending=True)
-        keep = torch.cumsum(sorted_probs, 0) - sorted_probs < top_p  # always keeps the top token
-        sorted_probs = sorted_probs * keep
-        choice = torch.multinomial(sorted_probs / sorted_probs.sum(), 1, generator=generator)
+        sorted_weights, order = torch.sort(weights, descending=True)
+        cumulative = torch.cumsum(sorted_weights, 0) / sorted_weights.sum()
+        keep = cumulative - sorted_weights / sorted_weights.sum() < top_p
+        keep[0] = True
+        choice = torch.multinomial(sorted_weights * keep, 1, generator=generator)
         return int(order[choice])
-    return int(torch.multinomial(probs, 1, generator=generator))
+    return int(torch.multinomial(weights, 1, generator=generator))
 
 
 class TextStream:

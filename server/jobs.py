@@ -9,8 +9,8 @@ to an asyncio queue). ``cancel()`` from any thread makes the worker drop the job
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from talora.server.registry import AdapterVersion
 
@@ -82,6 +82,13 @@ class Job:
         if self.kind == "generate" and self.params is None:
             raise ValueError("params: a generate job needs GenerationParams")
 
+    @property
+    def generation(self) -> GenerationParams:
+        """The sampling parameters of a generate job."""
+        if self.params is None:
+            raise ValueError(f"params: a {self.kind} job has no GenerationParams")
+        return self.params
+
     def cancel(self) -> None:
         self.cancelled = True
 
@@ -96,5 +103,5 @@ class Job:
     def cache_tokens(self) -> int:
         """KV cache positions this job holds while it runs."""
         if self.kind == "generate":
-            return len(self.prompt_ids) + self.params.max_new_tokens
+            return len(self.prompt_ids) + self.generation.max_new_tokens
         return sum(len(row) for row in self.score_rows())

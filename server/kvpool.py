@@ -31,6 +31,10 @@ class KVPool:
     def largest_free(self) -> int:
         return max((length for _, length in self._free), default=0)
 
+    def reset(self) -> None:
+        """Free every range (after a failed step, when no job holds one any more)."""
+        self._free = [(0, self.capacity)]
+
     def allocate(self, length: int) -> int | None:
         """Start of a free range of ``length`` tokens, or None when no range is large enough."""
         for i, (start, free) in enumerate(self._free):

@@ -47,6 +47,9 @@ class Metrics:
         self.adapter_load_seconds = Histogram("talora_adapter_load_seconds", "time to read and validate an adapter",
                                               buckets=LATENCY_BUCKETS, registry=r)
         self.batch_failures = Counter("talora_batch_failures", "batch steps that raised", registry=r)
+        self.job_failures = Counter("talora_job_failures", "requests the engine failed, by reason (step: their "
+                                    "batch step raised; sample: their own sampling raised; worker: the worker "
+                                    "stopped; shutdown: not run before shutdown)", ["reason"], registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

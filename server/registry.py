@@ -24,12 +24,12 @@ from pathlib import Path
 
 import torch
 
-from talora.adapters.io import AdapterFormatError, BundleMeta, TaskMeta, check_task_name, decode_task, \
-    list_task_names
+from talora.adapters.io import AdapterFormatError, BundleMeta, TaskMeta, check_task_name, decode_task, list_task_names
 from talora.adapters.prompting import verbalizer_ids
 from talora.server.metrics import Metrics
 
 log = logging.getLogger(__name__)
+MAX_PATH_CHARS = 1024
 
 
 class AdapterNotFound(KeyError):
@@ -122,27 +122,38 @@ class AdapterRegistry:
         """``store/name`` (no suffix) if it stays inside the store, else ``AdapterFormatError``."""
         if not name or Path(name).is_absolute() or "\0" in name:
             raise AdapterFormatError(f"path: {name!r} must be a relative path inside the adapter store")
+        parts = Path(name).parts  # isprintable() is False for lone surrogates and control characters
+        if len(name) > MAX_PATH_CHARS or any(len(part) > 200 for part in parts) or not name.isprintable():
+            raise AdapterFormatError(f"path: {name[:80]!r} is not a usable store path (printable UTF-8, at most "
+                                     f"{MAX_PATH_CHARS} characters, 200 per folder or file name)")
         target = (self.store / name).resolve()
         if not target.is_relative_to(self.store):
             raise AdapterFormatError(f"path: {name!r} is outside the adapter store")
         return target
 
-    def _read_store(self, name: str) -> tuple[bytes, bytes]:
-        target = self.resolve_store_path(name)
+    def _read_store(self, name: str, root: Path | None = None) -> tuple[bytes, bytes]:
+        """The two files of ``name`` in the store (or in ``root``, the bundle folder at start-up)."""
+        root = self.store if root is None else Path(root).resolve()
+        target = self.resolve_store_path(name) if root == self.store else root / name
         files = [target.with_name(target.name + ".json"), target.with_name(target.name + ".safetensors")]
-        for file in files:
-            if not file.resolve().is_relative_to(self.store):
-                raise AdapterFormatError(f"path: {name!r} is outside the adapter store")
-            if not file.is_file():
-                raise AdapterNotFound(f"{file.relative_to(self.store)} is not in the adapter store")
-        return files[0].read_bytes(), files[1].read_bytes()
+        try:
+            for file in files:
+                if not file.resolve().is_relative_to(root):
+                    raise AdapterFormatError(f"path: {name!r} is outside the adapter store")
+                if not file.is_file():
+                    raise AdapterNotFound(f"{file.relative_to(root)} is not in the adapter store")
+            return files[0].read_bytes(), files[1].read_bytes()
+        except OSError as exc:
+            raise AdapterFormatError(f"path: {name[:80]!r} cannot be read from the store ({exc.strerror})") from None
 
     # ----- explicit load / replace / evict --------------------------------------------------
-    def load_store(self, task: str, name: str | None = None, source: str = "store") -> tuple[AdapterVersion, bool]:
-        """Load or replace ``task`` from ``store/<name or task>.{json,safetensors}``."""
+    def load_store(self, task: str, name: str | None = None, source: str = "store",
+                   root: Path | None = None) -> tuple[AdapterVersion, bool]:
+        """Load or replace ``task`` from ``store/<name or task>.{json,safetensors}`` (or from ``root``)."""
+        check_task_name(task)
         name = name or task
         return self._timed(source, lambda: self._install(
-            self.decode(task, *self._read_store(name), source=f"{source}:{name}")))
+            self.decode(task, *self._read_store(name, root), source=f"{source}:{name}")))
 
     def load_bytes(self, task: str, meta_bytes: bytes, blob: bytes) -> tuple[AdapterVersion, bool]:
         """Load or replace ``task`` from uploaded bytes."""
@@ -184,21 +195,27 @@ class AdapterRegistry:
         return result
 
     # ----- the store at start-up and the watcher ---------------------------------------------
-    def _signature(self, task: str) -> tuple:
-        stats = [(self.store / f"{task}{ext}").stat() for ext in (".json", ".safetensors")]
+    def _signature(self, task: str, root: Path | None = None) -> tuple:
+        stats = [((root or self.store) / f"{task}{ext}").stat() for ext in (".json", ".safetensors")]
         return tuple((s.st_mtime_ns, s.st_size) for s in stats)
 
-    def load_all(self, tasks: list[str] | None = None) -> list[str]:
-        """Load every task in the store (or ``tasks``); a bad file is logged and skipped."""
+    def load_all(self, tasks: list[str] | None = None, bundle_dir: Path | None = None) -> list[str]:
+        """Load every task in the store (or ``tasks``); a bad file is logged and skipped.
+
+        With ``bundle_dir``, load the bundle folder's tasks instead (source ``bundle``); the
+        watcher does not track them, it watches the store.
+        """
+        root, source = (Path(bundle_dir).resolve(), "bundle") if bundle_dir is not None else (self.store, "store")
         loaded = []
-        for task in tasks if tasks is not None else list_task_names(self.store):
+        for task in tasks if tasks is not None else list_task_names(root):
             try:
-                signature = self._signature(task)
-                self.load_store(task)
+                signature = self._signature(task, root)
+                self.load_store(task, source=source, root=root)
             except (AdapterFormatError, AdapterNotFound, AdapterConflict, OSError) as exc:
-                log.warning("adapter %s not loaded: %s", task, exc)
+                log.warning("adapter %s not loaded from the %s: %s", task, source, exc)
                 continue
-            self._seen[task] = signature
+            if bundle_dir is None:
+                self._seen[task] = signature
             loaded.append(task)
         return loaded
 

@@ -20,6 +20,7 @@ from starlette.concurrency import run_in_threadpool
 from talora.adapters.io import AdapterFormatError
 from talora.server import bridge
 from talora.server.engine import InputTooLong
+from talora.server.openapi import task_errors
 
 router = APIRouter()
 
@@ -30,7 +31,7 @@ def _authorise(request: Request) -> JSONResponse | None:
         return JSONResponse({"detail": "the admin routes are off: set TALORA_ADMIN_TOKEN (--admin-token)"},
                             status_code=403)
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    expected = settings.admin_token.get_secret_value()
+    expected = settings.admin_token.get_secret_value() if settings.admin_token else ""
     if scheme.lower() != "bearer" or not secrets.compare_digest(token.encode(), expected.encode()):
         return JSONResponse({"detail": "a valid bearer token is required"}, status_code=401,
                             headers={"WWW-Authenticate": "Bearer"})
@@ -63,12 +64,21 @@ async def _store_path(request: Request, task: str) -> str:
     if not isinstance(body, dict) or set(body) - {"path"}:
         raise AdapterFormatError("body: expected {\"path\": \"<relative path in the adapter store>\"}")
     path = body.get("path", task)
-    if not isinstance(path, str):
-        raise AdapterFormatError("path: must be a string")
+    if not isinstance(path, str) or not path:
+        raise AdapterFormatError("path: must be a non-empty string")
     return path
 
 
-@router.put("/v1/adapters/{task}")
+PUT_BODY = {"required": False, "content": {
+    "application/json": {"schema": {"type": "object", "additionalProperties": False, "properties": {
+        "path": {"type": "string", "minLength": 1, "description": "relative path in the store, no suffix"}}}},
+    "multipart/form-data": {"schema": {"type": "object", "required": ["metadata", "tensors"], "properties": {
+        "metadata": {"type": "string", "format": "binary", "description": "<task>.json"},
+        "tensors": {"type": "string", "format": "binary", "description": "<task>.safetensors"}}}}}}
+
+
+@router.put("/v1/adapters/{task}", responses=task_errors(400, 401, 403, 404, 409, 413, 422),
+            openapi_extra={"requestBody": PUT_BODY})
 async def put_adapter(task: str, request: Request):
     """Load or replace ``task`` from the store or an upload; the old version serves until then."""
     if (denied := _authorise(request)) is not None:
@@ -89,7 +99,7 @@ async def put_adapter(task: str, request: Request):
             "changed": changed, "source": adapter.source}
 
 
-@router.delete("/v1/adapters/{task}")
+@router.delete("/v1/adapters/{task}", responses=task_errors(401, 403, 404, 422))
 async def delete_adapter(task: str, request: Request):
     """Evict ``task``: new requests get 404, requests in flight finish with their version."""
     if (denied := _authorise(request)) is not None:

@@ -19,8 +19,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from talora.server import bridge
 from talora.server.errors import FieldError
 from talora.server.jobs import Finished
-from talora.server.routes_tasks import VERSION_HEADER, params_of
-from talora.server.schemas import CompletionRequest
+from talora.server.openapi import MODEL_ERRORS, SSE, openai_errors
+from talora.server.routes_tasks import VERSION_HEADER, params_of, texts_of
+from talora.server.schemas import Completion, CompletionRequest
 
 router = APIRouter()
 
@@ -32,11 +33,11 @@ def _chunk(cid: str, created: int, task: str, version: str, text: str, finish_re
             "choices": [{"text": text, "index": index, "logprobs": None, "finish_reason": finish_reason}]}
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", response_model=Completion, responses={**SSE, **openai_errors(*MODEL_ERRORS)})
 async def completions(body: CompletionRequest, request: Request):
     engine = bridge.engine_of(request)
     adapter = bridge.lookup(request, body.model)
-    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+    prompts = texts_of(body.prompt, "prompt", engine.settings)
     if body.stream and len(prompts) > 1:
         raise FieldError("prompt", "streaming takes a single prompt")
     params = params_of(body.max_tokens or 16, 1.0 if body.temperature is None else body.temperature,

@@ -14,8 +14,10 @@ from fastapi.responses import StreamingResponse
 
 from talora.server import bridge
 from talora.server.errors import BadRequest, FieldError
-from talora.server.jobs import Finished, GenerationParams
-from talora.server.schemas import GenerateRequest, PredictRequest
+from talora.server.jobs import Finished, GenerationParams, Token
+from talora.server.openapi import MODEL_ERRORS, SSE, task_errors
+from talora.server.schemas import GenerateRequest, GenerateResult, PredictMany, PredictOne, PredictRequest, stop_list
+from talora.server.settings import Settings
 
 router = APIRouter()
 VERSION_HEADER = "X-Talora-Adapter-Version"
@@ -30,16 +32,24 @@ def _label_result(labels: list[str], scores: list[float], truncated: bool) -> di
             "probabilities": {label: w / total for label, w in zip(labels, weights)}, "truncated": truncated}
 
 
-@router.post("/v1/tasks/{task}/predict")
+def texts_of(value: str | list[str], field: str, settings: Settings) -> list[str]:
+    """One text or a batch as a list, within the one per-request limit every route shares."""
+    texts = [value] if isinstance(value, str) else value
+    if len(texts) > settings.texts_limit:
+        raise FieldError(field, f"{len(texts)} texts is over the server's limit of {settings.texts_limit} "
+                                "(max_texts_per_request, at most max_queue)")
+    return texts
+
+
+@router.post("/v1/tasks/{task}/predict", response_model=PredictOne | PredictMany,
+             responses=task_errors(*MODEL_ERRORS))
 async def predict(task: str, body: PredictRequest, request: Request, response: Response) -> dict:
     """Score every label of a classify task for one text or a list of texts."""
     engine = bridge.engine_of(request)
     adapter = bridge.lookup(request, task)
     if adapter.meta.kind != "classify":
         raise BadRequest(f"task {task!r} is a {adapter.meta.kind} task: use /v1/tasks/{task}/generate")
-    texts = [body.text] if isinstance(body.text, str) else body.text
-    if len(texts) > engine.settings.max_texts_per_request:
-        raise FieldError("text", f"{len(texts)} texts is over the limit of {engine.settings.max_texts_per_request}")
+    texts = texts_of(body.text, "text", engine.settings)
     results = await bridge.score(engine, adapter, texts, body.question)
     response.headers[VERSION_HEADER] = adapter.version
     labels = list(adapter.meta.labels)
@@ -48,19 +58,20 @@ async def predict(task: str, body: PredictRequest, request: Request, response: R
     return {**head, **out[0]} if isinstance(body.text, str) else {**head, "results": out}
 
 
-def params_of(max_new_tokens: int, temperature: float, top_p: float, stop: list[str], seed: int | None,
-              request: Request, field: str) -> GenerationParams:
+def params_of(max_new_tokens: int, temperature: float, top_p: float, stop: str | list[str] | None,
+              seed: int | None, request: Request, field: str) -> GenerationParams:
     limit = bridge.engine_of(request).settings.max_new_tokens_limit
     if max_new_tokens > limit:
-        raise FieldError(field, f"{max_new_tokens} is over the server's limit of {limit}")
-    return GenerationParams(max_new_tokens, temperature, top_p, tuple(stop or ()), seed)
+        raise FieldError(field, f"{max_new_tokens} is over the server's limit of {limit} (max_new_tokens_limit)")
+    return GenerationParams(max_new_tokens, temperature, top_p, tuple(stop_list(stop)), seed)
 
 
 def _sse(payload: dict | str) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
 
 
-@router.post("/v1/tasks/{task}/generate")
+@router.post("/v1/tasks/{task}/generate", response_model=GenerateResult,
+             responses={**SSE, **task_errors(*MODEL_ERRORS)})
 async def generate(task: str, body: GenerateRequest, request: Request):
     """Continue the task's prompt; ``stream: true`` sends server-sent events."""
     engine = bridge.engine_of(request)
@@ -88,6 +99,7 @@ async def generate(task: str, body: GenerateRequest, request: Request):
                 if isinstance(event, Finished):
                     yield _sse({"type": "done", **done(event)})
                     return
+                assert isinstance(event, Token)
                 yield _sse({"type": "token", "text": event.text})
                 event = await anext(events)
         except Exception as exc:  # noqa: BLE001 - headers are sent: report in the stream
@@ -110,7 +122,7 @@ async def list_tasks(request: Request) -> dict:
             "bundle": {"fingerprint": bundle.fingerprint, "base_model": bundle.base_model}}
 
 
-@router.get("/v1/tasks/{task}")
+@router.get("/v1/tasks/{task}", responses=task_errors(404, 422))
 async def get_task(task: str, request: Request) -> dict:
     adapter = bridge.lookup(request, task)
     return {**adapter.describe(), "resident": adapter.key in bridge.engine_of(request).resident}

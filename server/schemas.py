@@ -1,95 +1,183 @@
-"""Request bodies of the HTTP API (pydantic); a malformed body is a 422 that names the field."""
+"""Request and response bodies of the HTTP API (pydantic).
+
+Requests are strict: JSON types are not coerced (``"5"`` is not an integer, ``0`` is not a
+boolean), every bound is one the engine can take (a seed fits torch's 64-bit generator seed,
+``top_p`` is in (0, 1], texts are valid Unicode with something besides whitespace), and the
+schema itself says so, so that ``/openapi.json`` describes exactly what the server accepts. The
+limits that come from ``Settings`` (texts per request, ``max_new_tokens``) are written into the
+served OpenAPI document by ``openapi.py``. A malformed body is a 422 that names the field.
+"""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+MAX_TEXT_CHARS = 100_000  # per text; longer inputs are cut to the task's max_input_tokens anyway
+MAX_STOPS = 4
+SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes an unsigned 64-bit seed
 
 
-def _stop_list(value: str | list[str] | None) -> list[str]:
-    stops = [value] if isinstance(value, str) else list(value or [])
-    if len(stops) > 4:
-        raise ValueError("at most 4 stop strings")
-    if any(not s for s in stops):
-        raise ValueError("stop strings must not be empty")
-    return stops
+def _valid_unicode(value: str) -> str:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode (it holds a lone surrogate such as \\ud800)") from None
+    return value
 
 
-class PredictRequest(BaseModel):
+def _not_blank(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must contain a character that is not whitespace")
+    return value
+
+
+Utf8 = Annotated[str, Field(max_length=MAX_TEXT_CHARS), AfterValidator(_valid_unicode)]
+Text = Annotated[str, Field(min_length=1, max_length=MAX_TEXT_CHARS, pattern=r"\S"),
+                 AfterValidator(_valid_unicode), AfterValidator(_not_blank)]
+StopString = Annotated[str, Field(min_length=1, max_length=256), AfterValidator(_valid_unicode)]
+Stop = StopString | Annotated[list[StopString], Field(max_length=MAX_STOPS)] | None
+Seed = Annotated[int, Field(ge=0, lt=SEED_MAX + 1, description="seed of this request's sampler (reproducible "
+                                                           "sampling); 0 .. 2**64-1")]
+Temperature = Annotated[float, Field(ge=0, le=2, allow_inf_nan=False, description="0: greedy")]
+TopP = Annotated[float, Field(gt=0, le=1, allow_inf_nan=False, description="nucleus: keep the most likely "
+                              "tokens up to this probability mass (always at least one)")]
+TextBatch = Annotated[list[Text], Field(min_length=1)]  # maxItems: the server's max_texts_per_request
+
+
+def stop_list(value: str | list[str] | None) -> list[str]:
+    return [value] if isinstance(value, str) else list(value or [])
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class PredictRequest(_Strict):
     """``POST /v1/tasks/{task}/predict``."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    text: str | list[str] = Field(description="one text, or a list of texts scored with the same version")
-    question: str | None = Field(None, description="fills {question} in templates that have one")
-
-    @field_validator("text")
-    @classmethod
-    def _non_empty(cls, value):
-        if isinstance(value, list) and not value:
-            raise ValueError("must hold at least one text")
-        return value
+    text: Text | TextBatch = Field(description="one text, or a list of texts scored with the same version")
+    question: Utf8 | None = Field(None, description="fills {question} in templates that have one")
 
 
-class GenerateRequest(BaseModel):
+class GenerateRequest(_Strict):
     """``POST /v1/tasks/{task}/generate``."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    text: str
-    question: str | None = None
-    max_new_tokens: int = Field(64, ge=1)
-    temperature: float = Field(1.0, ge=0, le=2, description="0: greedy")
-    top_p: float = Field(1.0, gt=0, le=1)
-    stop: str | list[str] | None = Field(None, description="up to 4 strings that end the generation")
+    text: Text
+    question: Utf8 | None = None
+    max_new_tokens: int = Field(64, ge=1, description="at most the server's max_new_tokens_limit")
+    temperature: Temperature = 1.0
+    top_p: TopP = 1.0
+    stop: Stop = Field(None, description=f"a string or up to {MAX_STOPS} that end the generation")
     stream: bool = Field(False, description="send server-sent events as tokens are generated")
-    seed: int | None = Field(None, description="seed of this request's sampler (reproducible sampling)")
-
-    @field_validator("stop")
-    @classmethod
-    def _stops(cls, value):
-        return _stop_list(value)
+    seed: Seed | None = None
 
 
 class CompletionRequest(BaseModel):
     """OpenAI ``POST /v1/completions``; ``model`` is the task name. Unknown OpenAI fields are ignored."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
-    model: str
-    prompt: str | list[str]
-    max_tokens: int | None = Field(16, ge=1)
-    temperature: float | None = Field(1.0, ge=0, le=2)
-    top_p: float | None = Field(1.0, gt=0, le=1)
-    n: int | None = Field(1, ge=1, le=1, description="only 1 is supported")
+    model: str = Field(min_length=1, description="the task name")
+    prompt: Text | TextBatch
+    max_tokens: int | None = Field(16, ge=1, description="at most the server's max_new_tokens_limit")
+    temperature: Temperature | None = 1.0
+    top_p: TopP | None = 1.0
+    n: Literal[1] | None = Field(1, description="only 1 is supported")
     stream: bool | None = False
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    echo: bool | None = Field(False, description="not supported (must be false)")
-    logprobs: int | None = Field(None, description="not supported (must be null)")
-    best_of: int | None = Field(None, ge=1, le=1, description="only 1 is supported")
+    stop: Stop = None
+    seed: Seed | None = None
+    echo: Literal[False] | None = Field(False, description="not supported (must be false)")
+    logprobs: None = Field(None, description="not supported (must be null)")
+    best_of: Literal[1] | None = Field(None, description="only 1 is supported")
 
-    @field_validator("stop")
-    @classmethod
-    def _stops(cls, value):
-        return _stop_list(value)
 
-    @field_validator("prompt")
-    @classmethod
-    def _prompts(cls, value):
-        if isinstance(value, list) and not value:
-            raise ValueError("must hold at least one prompt")
-        return value
+# ----- responses ---------------------------------------------------------------------------------
+class Prediction(BaseModel):
+    label: str
+    scores: dict[str, float] = Field(description="log-likelihood of each label")
+    probabilities: dict[str, float] = Field(description="softmax of the scores over the labels")
+    truncated: bool
 
-    @field_validator("echo")
-    @classmethod
-    def _no_echo(cls, value):
-        if value:
-            raise ValueError("echo is not supported")
-        return value
 
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, value):
-        if value is not None:
-            raise ValueError("logprobs are not supported")
-        return value
+class PredictOne(Prediction):
+    task: str
+    version: str
+
+
+class PredictMany(BaseModel):
+    task: str
+    version: str
+    results: list[Prediction]
+
+
+class GenerateResult(BaseModel):
+    task: str
+    version: str
+    text: str
+    finish_reason: Literal["stop", "length"]
+    prompt_tokens: int
+    completion_tokens: int
+    truncated: bool
+
+
+class CompletionChoice(BaseModel):
+    text: str
+    index: int
+    logprobs: None = None
+    finish_reason: Literal["stop", "length"] | None
+
+
+class CompletionUsage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class Completion(BaseModel):
+    """OpenAI ``text_completion``; ``system_fingerprint`` is the adapter version."""
+
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    system_fingerprint: str
+    choices: list[CompletionChoice]
+    usage: CompletionUsage
+
+
+class Health(BaseModel):
+    status: Literal["ok", "dead"]
+
+
+class Ready(BaseModel):
+    ready: bool
+    tasks: int = Field(description="task adapters loaded")
+
+
+class FieldIssue(BaseModel):
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class ErrorBody(BaseModel):
+    """Every error of the task, admin and health routes."""
+
+    detail: str = Field(description="what went wrong; starts with the field's name when one field is at fault")
+    field: str | None = Field(None, description="the request field at fault, if one is")
+    errors: list[FieldIssue] | None = Field(None, description="every validation error (422 only)")
+
+
+class OpenAIErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: int | str | None = None
+
+
+class OpenAIError(BaseModel):
+    """Errors of ``/v1/completions`` and ``/v1/models``, in OpenAI's shape."""
+
+    error: OpenAIErrorDetail

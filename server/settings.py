@@ -27,8 +27,9 @@ class Settings(BaseSettings):
     device: str = Field("auto", description="torch device; auto picks cuda when present, else cpu")
     bundle: Path | None = Field(None, description="adapter bundle folder (talora.json + shared.safetensors); "
                                                   "default: the packaged demo bundle")
-    store: Path | None = Field(None, description="adapter store the admin routes and the watcher read task "
-                                                 "files from; default: the bundle folder")
+    store: Path | None = Field(None, description="adapter store: its tasks load at start after the bundle's "
+                               "(adding tasks, replacing those of the same name); the admin routes and the "
+                               "watcher read task files from it; default: the bundle folder")
     torch_threads: int = Field(0, ge=0, description="CPU threads torch may use (0: torch's default)")
     num_slots: int = Field(8, ge=1, le=4096, description="task-KV slots kept on the device (LRU)")
     max_batch_size: int = Field(32, ge=1, description="most rows (requests and label rows) in one batch step")
@@ -36,7 +37,8 @@ class Settings(BaseSettings):
     max_queue: int = Field(256, ge=1, description="most waiting requests; beyond it requests get 429")
     kv_cache_tokens: int = Field(8192, ge=64, description="token capacity of the per-request KV cache pool")
     request_timeout_s: float = Field(60.0, gt=0, description="a request not finished in this time gets 504")
-    max_texts_per_request: int = Field(64, ge=1, description="most texts in one predict request")
+    max_texts_per_request: int = Field(64, ge=1, description="most texts (predict) or prompts (completions) in one "
+                                       "request (at most max_queue)")
     max_new_tokens_limit: int = Field(512, ge=1, description="largest max_new_tokens a request may ask for")
     on_overflow: Literal["truncate", "reject"] = Field(
         "truncate", description="input longer than the task's max_input_tokens: cut it, or refuse with 413")
@@ -45,16 +47,23 @@ class Settings(BaseSettings):
                                                            "every this many seconds (0: off)")
     max_upload_bytes: int = Field(64 * 2**20, ge=1024, description="largest adapter upload accepted")
     drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM, wait this long for requests in flight")
+    max_failed_steps: int = Field(8, ge=1, description="consecutive failed batch steps after which the worker "
+                                  "gives up and talora-serve exits with status 70 (a supervisor restarts it)")
     retry_after_s: int = Field(1, ge=1, description="Retry-After seconds sent with 429")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
 
     @model_validator(mode="after")
-    def _check(self) -> "Settings":
+    def _check(self) -> Settings:
         if self.bundle is not None and not self.bundle.is_dir():
             raise ValueError(f"bundle: {self.bundle} is not a folder")
         if self.store is not None and not self.store.is_dir():
             raise ValueError(f"store: {self.store} is not a folder")
         return self
+
+    @property
+    def texts_limit(self) -> int:
+        """Most texts or prompts one request may hold: a larger request could never be queued whole."""
+        return min(self.max_texts_per_request, self.max_queue)
 
     @property
     def admin_enabled(self) -> bool:

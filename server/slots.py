@@ -77,6 +77,10 @@ class SlotTable:
         if self._pins[key] <= 0:
             del self._pins[key]
 
+    def unpin_all(self) -> None:
+        """Drop every pin (after a failed step, when no work holds a slot any more); KV stays resident."""
+        self._pins.clear()
+
     def drop_stale(self, current: set[tuple[str, int]]) -> None:
         """Free unpinned slots of replaced or evicted adapters: nothing new will ask for them."""
         for key in [k for k in self._slot_of if k not in current and not self._pins[k]]:

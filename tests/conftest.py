@@ -10,7 +10,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from helpers import save_tiny_checkpoint  # noqa: E402
+from helpers import save_tiny_checkpoint, save_tiny_server_model  # noqa: E402
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
@@ -26,3 +26,19 @@ def default_model():
     from talora.adapters.loading import load_model
 
     return load_model()
+
+
+@pytest.fixture(scope="session")
+def tiny_server_model(tmp_path_factory):
+    """A random tiny llama with a byte-level tokenizer (``helpers.save_tiny_server_model``), loaded."""
+    from talora.adapters.loading import load_model
+
+    return load_model(str(save_tiny_server_model(tmp_path_factory.mktemp("tiny-server-model"))))
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory, tiny_server_model) -> Path:
+    """The server tests' bundle (four classify tasks, one generate task) on the tiny model."""
+    from test_server_support import build_bundle
+
+    return build_bundle(tmp_path_factory.mktemp("tiny-bundle"), tiny_server_model)

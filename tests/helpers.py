@@ -30,3 +30,33 @@ def save_tiny_checkpoint(folder: Path, family: str = "llama", seed: int = 0, **o
                 p.add_(torch.randn_like(p) * 0.1)
     model.save_pretrained(folder)
     return folder
+
+
+def save_tiny_server_model(folder: Path, seed: int = 0) -> Path:
+    """A random tiny llama (``TINY``, 258 tokens) with a byte-level tokenizer: the fast tier of the server tests.
+
+    Every UTF-8 byte is one token (ids 0..255), then ``<eos>`` (256) and ``<pad>`` (257), so any
+    text encodes without a download and the model runs in milliseconds per step.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    byte_vocab = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {symbol: i for i, symbol in enumerate(sorted(byte_vocab, key=lambda c: _byte_of(c)))}
+    vocab.update({"<eos>": 256, "<pad>": 257})
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<eos>", pad_token="<pad>")
+    save_tiny_checkpoint(folder, "llama", seed=seed, vocab_size=258, eos_token_id=256, pad_token_id=257,
+                         bos_token_id=None)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _byte_of(symbol: str) -> int:
+    """The byte that ``pre_tokenizers.ByteLevel`` writes as ``symbol`` (GPT-2's printable byte map)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    if ord(symbol) in printable:
+        return ord(symbol)
+    return [b for b in range(256) if b not in printable][ord(symbol) - 256]

@@ -133,7 +133,7 @@ def make_attention_case(seed, dtype, head_dim, group, mode, mix="zipf", n_rows=N
 
 def attention_oracle(q, k, v, cu_seqlens_q, k_starts, kv_lens, prefix_k, prefix_v,
                      slot_k, slot_v, slot_ids, gate, softmax_scale, own_in_task, gated):
-    """The TALORA.md formula, one query at a time, in float64, written independently of the reference."""
+    """The formula of docs/method.md, one query at a time, in float64, written independently of the reference."""
     q, k, v, prefix_k, prefix_v, slot_k, slot_v, gate = (
         t.double().cpu() for t in (q, k, v, prefix_k, prefix_v, slot_k, slot_v, gate))
     group = q.shape[1] // k.shape[1]

@@ -123,7 +123,7 @@ def test_tasks_listing_names_versions_and_metadata(server, bundle_dir):
         assert by_name[name]["version"] == meta["version"] and by_name[name]["labels"] == list(labels)
     assert sum(t["resident"] for t in tasks) <= 3
     assert httpx.get(f"{server.url}/health").status_code == 200
-    assert httpx.get(f"{server.url}/ready").json() == {"ready": True}
+    assert httpx.get(f"{server.url}/ready").json() == {"ready": True, "tasks": 5}
 
 
 def test_bad_inputs_get_their_status(server):
@@ -131,9 +131,9 @@ def test_bad_inputs_get_their_status(server):
         r = c.post("/v1/tasks/nope/predict", json={"text": "x"})
         assert r.status_code == 404 and "nope" in r.json()["detail"]
         r = c.post("/v1/tasks/spam/predict", json={"txt": "x"})
-        assert r.status_code == 422 and r.json()["message"].startswith("text:")
+        assert r.status_code == 422 and r.json()["detail"].startswith("text:")
         r = c.post("/v1/tasks/spam/predict", json={"text": 5})
-        assert r.status_code == 422 and "text" in r.json()["message"]
+        assert r.status_code == 422 and "text" in r.json()["detail"]
         r = c.post("/v1/tasks/spam/predict", content=b"{not json", headers={"content-type": "application/json"})
         assert r.status_code == 422
         r = c.post("/v1/tasks/spam/predict", json={"text": ["x"] * 65})
@@ -141,7 +141,7 @@ def test_bad_inputs_get_their_status(server):
         r = c.post(f"/v1/tasks/{GENERATE}/generate", json={"text": "x", "max_new_tokens": 10_000})
         assert r.status_code == 422 and "max_new_tokens" in r.json()["detail"]
         r = c.post(f"/v1/tasks/{GENERATE}/generate", json={"text": "x", "temperature": -1})
-        assert r.status_code == 422 and "temperature" in r.json()["message"]
+        assert r.status_code == 422 and "temperature" in r.json()["detail"]
         r = c.post(f"/v1/tasks/{GENERATE}/predict", json={"text": "x"})
         assert r.status_code == 400 and "generate" in r.json()["detail"]
         r = c.put("/v1/adapters/spam", headers={"authorization": "Bearer x"})
