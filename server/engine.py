@@ -12,7 +12,6 @@ the worker thread; the event loop only enqueues and waits for events.
 from __future__ import annotations
 
 import importlib.util
-import itertools
 import logging
 import threading
 import time
@@ -23,11 +22,13 @@ from typing import Any
 
 import torch
 
+from talora.adapters.batching import Row, StepBuffers, StepPlan
 from talora.adapters.bundle import model_from_bundle
 from talora.adapters.config import ModelConfig
+from talora.adapters.decoding import StepOutputs, run_step
 from talora.adapters.loading import LoadedModel, load_model
 from talora.adapters.prompting import encode_prompt
-from talora.server.batch import Row, label_scores, pack
+from talora.server.generation import BadLogits
 from talora.server.jobs import Failed, Job, Scored
 from talora.server.kvpool import KVPool
 from talora.server.metrics import Metrics
@@ -124,6 +125,7 @@ class Engine:
         self.pool = KVPool(mc.num_layers, s.kv_cache_tokens, mc.num_kv_heads, mc.head_dim, loaded.model.dtype,
                            loaded.model.device)
         self.registry = AdapterRegistry(bundle_meta, s.store or bundle, self.tokenizer, self.metrics)
+        self._buffers = StepBuffers.make(device, s.max_batch_tokens, s.max_batch_size)
         loaded_tasks = self._load_adapters(bundle, device)
         for task in loaded_tasks[: s.num_slots]:
             self.warm(self.registry.get(task))
@@ -258,7 +260,7 @@ class Engine:
         ``max_failed_steps`` consecutive failures: a device in that state will not recover.
         """
         failure = Failed(500, f"the batch failed: {type(exc).__name__}: {exc}")
-        for job, _, _ in admitted:
+        for job, _ in admitted:
             self._fail_job(job, failure, "step")
         for seq in self._active:
             self._fail_job(seq.job, failure, "step")
@@ -278,12 +280,12 @@ class Engine:
         self.metrics.job_failures.labels(reason).inc()
         job.emit(failure)
 
-    def _admit(self) -> list[tuple[Job, list[tuple[int, ...]], list[int]]]:
-        """Pop the queued jobs that fit this step: (job, its rows, each row's cache start)."""
+    def _admit(self) -> list[tuple[Job, list[int]]]:
+        """Pop the queued jobs that fit this step: (job, each of its rows' cache start)."""
         s, now = self.settings, time.monotonic()
         rows_left, tokens_left = s.max_batch_size - len(self._active), s.max_batch_tokens - len(self._active)
         keys = {seq.job.adapter.key for seq in self._active}
-        admitted: list[tuple[Job, list[tuple[int, ...]], list[int]]] = []
+        admitted: list[tuple[Job, list[int]]] = []
         while self._queue:
             job = self._queue[0]
             if job.cancelled or job.deadline < now:
@@ -292,29 +294,29 @@ class Engine:
                     job.emit(Failed(504, f"timed out after {s.request_timeout_s} s in the queue"))
                 continue
             try:
-                rows = job.score_rows() if job.kind == "score" else [tuple(job.prompt_ids)]
+                lengths = job.row_lengths()
             except Exception as exc:  # noqa: BLE001 - a job that cannot be planned fails alone
                 self._queue.popleft()
                 self._fail_job(job, Failed(500, f"the request could not be planned: {exc!r}"), "admit")
                 continue
-            n_tokens = sum(len(r) for r in rows)
+            n_tokens = sum(lengths)
             alone = not admitted and not self._active  # an oversized job still runs, by itself
-            if not alone and (len(rows) > rows_left or n_tokens > tokens_left):
+            if not alone and (len(lengths) > rows_left or n_tokens > tokens_left):
                 break
             if not self.slots.can_place(keys | {job.adapter.key}):
                 break
-            starts = self._allocate(job, rows)
+            starts = self._allocate(job)
             if starts is None:
                 break
             self._queue.popleft()
-            admitted.append((job, rows, starts))
+            admitted.append((job, starts))
             keys.add(job.adapter.key)
-            rows_left, tokens_left = rows_left - len(rows), tokens_left - n_tokens
+            rows_left, tokens_left = rows_left - len(lengths), tokens_left - n_tokens
             self.metrics.queue_seconds.observe(now - job.enqueued_at)
         return admitted
 
-    def _allocate(self, job: Job, rows: list[tuple[int, ...]]) -> list[int] | None:
-        lengths = [job.cache_tokens()] if job.kind == "generate" else [len(r) for r in rows]
+    def _allocate(self, job: Job) -> list[int] | None:
+        lengths = job.cache_ranges()
         starts: list[int] = []
         for length in lengths:
             start = self.pool.allocate(length)
@@ -339,55 +341,52 @@ class Engine:
 
     def _step(self, admitted) -> None:
         start = time.perf_counter()
-        acquired, gen_rows, score_jobs = [], [], []  # gen_rows: (sequence, its row index)
-        rows = [Row([seq.tokens[-1]], len(seq.tokens) - 1, seq.start, seq.slot, [0]) for seq in self._active]
-        gen_rows = [(seq, i) for i, seq in enumerate(self._active)]
+        plan, acquired, score_jobs = StepPlan(), [], []  # score_jobs: (job, cache starts, first score group)
+        generating = list(self._active)
+        for seq in generating:
+            plan.add_decode_row(seq.tokens, seq.start, seq.slot)
         try:
-            for job, job_rows, starts in admitted:
+            for job, starts in admitted:
                 slot = self.slots.acquire(job.adapter)
                 acquired.append(job.adapter)
                 if job.kind == "generate":
-                    gen_rows.append((Sequence.begin(job, slot, starts[0], self.tokenizer), len(rows)))
-                    rows.append(Row(list(job.prompt_ids), 0, starts[0], slot, [len(job.prompt_ids) - 1]))
+                    generating.append(Sequence.begin(job, slot, starts[0], self.tokenizer))
+                    plan.add_row(Row(job.prompt_ids, 0, starts[0], slot, len(job.prompt_ids) - 1), sample=True)
                 else:
-                    score_jobs.append((job, job_rows, starts, len(rows)))
-                    first = len(job.prompt_ids) - 1
-                    rows += [Row(list(r), 0, st, slot, list(range(first, len(r)))) for r, st in zip(job_rows, starts)]
-            logprobs = self._forward(rows)
+                    score_jobs.append((job, starts, job.label_plan().add_to(plan, slot, starts)))
+            sampled = [i for i, seq in enumerate(generating) if seq.job.generation.temperature > 0]
+            outputs = self._forward(plan, sampled)
         except Exception as exc:  # noqa: BLE001 - a failing batch fails its own requests only
-            log.exception("batch step of %d rows failed", len(rows))
+            log.exception("batch step of %d rows failed", len(plan.rows))
             self._fail_step(admitted, acquired, Failed(500, f"the batch failed: {type(exc).__name__}: {exc}"))
             self._count_failed_step(exc)
             return
         self._failed_steps = 0
-        self._record(rows, admitted, time.perf_counter() - start)
-        read_offsets = list(itertools.accumulate((len(r.reads) for r in rows), initial=0))
-        self._finish_scores(score_jobs, read_offsets, logprobs)
-        self._advance([(seq, read_offsets[i]) for seq, i in gen_rows], logprobs)
+        self._record(plan.rows, admitted, time.perf_counter() - start)
+        self._finish_scores(score_jobs, outputs)
+        self._advance(generating, sampled, outputs)
         self.slots.drop_stale(self.registry.current_keys())
         self._publish_resident()
 
-    @torch.no_grad()
-    def _forward(self, rows: list[Row]) -> torch.Tensor:
-        flat, meta, read_index = pack(rows, self.model.lm.device)
-        hidden = self.model.forward_cached(flat, meta, self.prefix, self.slots.kv, self.pool.cache)
-        return torch.log_softmax(self.model.lm.logits(hidden[read_index]).float(), dim=-1).cpu()
+    def _forward(self, plan: StepPlan, sampled: list[int]) -> StepOutputs:
+        """Run ``plan``; ``sampled``: the generations (by sample read) that need their whole distribution."""
+        return run_step(self.model, self._buffers.prepare(plan), self.prefix, self.slots.kv, self.pool.cache, sampled)
 
-    def _finish_scores(self, score_jobs, read_offsets: list[int], logprobs: torch.Tensor) -> None:
-        for job, job_rows, starts, first_row in score_jobs:
-            firsts = [read_offsets[first_row + j] for j in range(len(job_rows))]
-            job.emit(Scored(label_scores(logprobs, len(job.prompt_ids), job_rows, firsts, job.label_ids)))
-            for row, st in zip(job_rows, starts):
-                self.pool.release(st, len(row))
+    def _finish_scores(self, score_jobs, outputs: StepOutputs) -> None:
+        for job, starts, group in score_jobs:
+            job.emit(Scored(outputs.scores[group:group + len(job.label_ids)].tolist()))
+            for st, n in zip(starts, job.cache_ranges()):
+                self.pool.release(st, n)
             self.slots.release(job.adapter)
 
-    def _advance(self, gen_reads: list[tuple[Sequence, int]], logprobs: torch.Tensor) -> None:
-        """Sample one token for every generation (``gen_reads``: its read index) and retire the done."""
-        still, now = [], time.monotonic()
-        for seq, read in gen_reads:
+    def _advance(self, generating: list[Sequence], sampled: list[int], outputs: StepOutputs) -> None:
+        """Pick one token for every generation (sample read ``i`` is ``generating[i]``) and retire the done."""
+        still, now, whole = [], time.monotonic(), {i: k for k, i in enumerate(sampled)}
+        for i, seq in enumerate(generating):
             finish: str | Failed | None
             try:
-                finish = None if seq.job.cancelled else seq.push(seq.sample(logprobs[read]), self.eos_ids)
+                finish = None if seq.job.cancelled else seq.push(self._next_token(seq, i, whole, outputs),
+                                                                  self.eos_ids)
             except Exception as exc:  # noqa: BLE001 - one sequence's failure is its own
                 log.exception("generation of task %s failed", seq.job.adapter.task)
                 self.metrics.job_failures.labels("sample").inc()
@@ -402,6 +401,16 @@ class Engine:
                 still.append(seq)
         self._active = still
 
+    @staticmethod
+    def _next_token(seq: Sequence, read: int, whole: dict[int, int], outputs: StepOutputs) -> int:
+        """Greedy picks were made on the device; a sampled row draws from its distribution on the host."""
+        if read in whole:
+            assert outputs.logprobs is not None
+            return seq.sample(outputs.logprobs[whole[read]])
+        if not outputs.usable[read]:
+            raise BadLogits("the model produced NaN or non-finite logits")
+        return outputs.next_tokens[read]
+
     def _retire(self, seq: Sequence, outcome: str | Failed | None) -> None:
         self.pool.release(seq.start, seq.job.cache_tokens())
         self.slots.release(seq.job.adapter)
@@ -414,9 +423,8 @@ class Engine:
     def _fail_step(self, admitted, acquired: list[AdapterVersion], failure: Failed) -> None:
         for adapter in acquired:
             self.slots.release(adapter)
-        for job, job_rows, starts in admitted:
-            lengths = [job.cache_tokens()] if job.kind == "generate" else [len(r) for r in job_rows]
-            for st, n in zip(starts, lengths):
+        for job, starts in admitted:
+            for st, n in zip(starts, job.cache_ranges()):
                 self.pool.release(st, n)
             self._fail_job(job, failure, "step")
         for seq in self._active:

@@ -155,10 +155,10 @@ def test_failing_batch_fails_only_its_own_requests(server, monkeypatch):
     poison = engine.encode(engine.registry.get("spam"), "POISON")[0][2]
     real_forward = engine._forward
 
-    def forward(rows):
-        if any(poison in row.tokens for row in rows):
+    def forward(plan, sampled):
+        if any(poison in row.tokens for row in plan.rows):
             raise RuntimeError("injected device failure")
-        return real_forward(rows)
+        return real_forward(plan, sampled)
 
     monkeypatch.setattr(engine, "_forward", forward)
     with httpx.Client(base_url=server.url, timeout=60) as c:
