@@ -103,10 +103,18 @@ def start_engine(loaded, bundle: Path, args):
     return engine
 
 
+def parts(engine):
+    """(registry, model, prefix) of a started engine, of this revision or an older one."""
+    if hasattr(engine, "loaded"):
+        runner = engine.loaded.runner
+        return engine.loaded.registry, runner.model, runner.prefix
+    return engine.registry, engine.model, engine.prefix
+
+
 def engine_runner(engine, prompts: list[list[int]], tasks: list[str]):
     from talora.server.jobs import Job, Scored
 
-    adapters = [engine.registry.get(t) for t in tasks]
+    adapters = [parts(engine)[0].get(t) for t in tasks]
 
     def run() -> None:
         done, results = threading.Semaphore(0), []
@@ -130,14 +138,15 @@ def forward_runner(engine, prompts: list[list[int]], tasks: list[str], batch_siz
     writing a KV cache as the engine does. Uses only what old revisions have too."""
     from talora.adapters.talora_model import BatchMeta, KVCache
 
-    model, device = engine.model, engine.model.lm.device
+    registry, model, prefix = parts(engine)
+    device = model.lm.device
     names = sorted(set(tasks))
     slot_of = {t: i for i, t in enumerate(names)}
     with torch.no_grad():
-        slots = model.task_kv(engine.prefix, *stacked_from(model, [engine.registry.get(t) for t in names]))
+        slots = model.task_kv(prefix, *stacked_from(model, [registry.get(t) for t in names]))
     rows, row_slots = [], []
     for p, t in zip(prompts, tasks):
-        for row in dict.fromkeys(tuple(p) + tuple(v[:-1]) for v in engine.registry.get(t).label_ids):
+        for row in dict.fromkeys(tuple(p) + tuple(v[:-1]) for v in registry.get(t).label_ids):
             rows.append(list(row))
             row_slots.append(slot_of[t])
     prepared = []
@@ -155,7 +164,7 @@ def forward_runner(engine, prompts: list[list[int]], tasks: list[str], batch_siz
     @torch.inference_mode()
     def run() -> None:
         for ids, meta, last in prepared:
-            torch.log_softmax(model.lm.logits(model.forward_cached(ids, meta, engine.prefix, slots, cache)[last])
+            torch.log_softmax(model.lm.logits(model.forward_cached(ids, meta, prefix, slots, cache)[last])
                               .float(), dim=-1)[:, 0].cpu()
         sync()
 
@@ -172,7 +181,7 @@ def stacked_from(model, adapters):
 def profile_engine(engine, run) -> dict:
     """CPU time of one engine run (all threads), and the CPU time its worker spent in the model
     (``forward_cached`` and the LM head): the rest is the engine's own work."""
-    model, inside, steps = engine.model, [], []
+    model, inside, steps = parts(engine)[1], [], []
 
     def timed(inner, count: bool):
         def call(*a, **k):

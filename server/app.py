@@ -92,7 +92,7 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
     async def ready() -> JSONResponse:
         """Readiness: 200 once the model and at least one adapter are loaded; 503 before, while draining,
         with no task to serve, or when the worker has stopped."""
-        tasks = len(engine.registry.snapshot()) if engine.ready else 0
+        tasks = len(engine.adapters()) if engine.ready else 0
         ok = engine.ready and engine.alive() and tasks > 0
         return JSONResponse({"ready": ok, "tasks": tasks}, status_code=200 if ok else 503)
 

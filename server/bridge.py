@@ -53,7 +53,7 @@ def engine_of(request: Request) -> Engine:
 
 def lookup(request: Request, task: str) -> AdapterVersion:
     """The version new requests of ``task`` get now (404 when not loaded); tags the request log."""
-    adapter = engine_of(request).registry.get(task)
+    adapter = engine_of(request).adapter(task)
     request.state.task, request.state.version = task, adapter.version
     return adapter
 

@@ -19,7 +19,7 @@ from starlette.concurrency import run_in_threadpool
 
 from talora.adapters.io import AdapterFormatError
 from talora.server import bridge
-from talora.server.engine import InputTooLong
+from talora.server.errors import InputTooLong
 from talora.server.openapi import task_errors
 
 router = APIRouter()
@@ -84,17 +84,14 @@ async def put_adapter(task: str, request: Request):
     if (denied := _authorise(request)) is not None:
         return denied
     engine = bridge.engine_of(request)
-    registry = engine.registry
-    previous = registry.snapshot().get(task)
+    previous = engine.adapters().get(task)
     if request.headers.get("content-type", "").startswith("multipart/form-data"):
         meta_bytes, blob = await _read_upload(request)
-        adapter, changed = await run_in_threadpool(registry.load_bytes, task, meta_bytes, blob)
+        adapter, changed = await run_in_threadpool(engine.load_bytes, task, meta_bytes, blob)
     else:
         path = await _store_path(request, task)
-        adapter, changed = await run_in_threadpool(registry.load_store, task, path)
+        adapter, changed = await run_in_threadpool(engine.load_store, task, path)
     request.state.task, request.state.version = task, adapter.version
-    if changed:
-        engine.warm(adapter)
     return {"task": task, "version": adapter.version, "previous_version": previous.version if previous else None,
             "changed": changed, "source": adapter.source}
 
@@ -104,6 +101,6 @@ async def delete_adapter(task: str, request: Request):
     """Evict ``task``: new requests get 404, requests in flight finish with their version."""
     if (denied := _authorise(request)) is not None:
         return denied
-    adapter = await run_in_threadpool(bridge.engine_of(request).registry.evict, task)
+    adapter = await run_in_threadpool(bridge.engine_of(request).evict, task)
     request.state.task, request.state.version = task, adapter.version
     return {"task": task, "evicted_version": adapter.version}

@@ -87,6 +87,6 @@ async def _stream(first, events, cid: str, created: int, task: str, version: str
 
 @router.get("/v1/models")
 async def models(request: Request) -> dict:
-    snapshot = bridge.engine_of(request).registry.snapshot()
+    snapshot = bridge.engine_of(request).adapters()
     return {"object": "list", "data": [{"id": task, "object": "model", "created": 0, "owned_by": "talora",
                                         "version": a.version} for task, a in sorted(snapshot.items())]}

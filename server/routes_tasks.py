@@ -116,8 +116,8 @@ async def list_tasks(request: Request) -> dict:
     engine = bridge.engine_of(request)
     resident = engine.resident
     tasks = [{**a.describe(), "resident": a.key in resident}
-             for _, a in sorted(engine.registry.snapshot().items())]
-    bundle = engine.registry.bundle
+             for _, a in sorted(engine.adapters().items())]
+    bundle = engine.bundle
     return {"tasks": tasks, "num_slots": engine.settings.num_slots,
             "bundle": {"fingerprint": bundle.fingerprint, "base_model": bundle.base_model}}
 

@@ -64,7 +64,7 @@ class Collector:
 
 
 def _job(engine, task, text, kind="score", params=None):
-    adapter = engine.registry.get(task)
+    adapter = engine.adapter(task)
     ids, _ = engine.encode(adapter, text)
     sink = Collector()
     return Job(kind, adapter, ids, sink, time.monotonic() + 120, params), sink
