@@ -4,7 +4,8 @@ to status code.
 The engine and the routes raise; ``install_error_handlers`` maps. Responses carry ``schemas.ErrorBody``
 (``{"detail": message, "field": name or null}``, plus ``errors`` on a 422), except on the
 OpenAI-compatible routes, which use OpenAI's ``{"error": {"message", "type", "param", "code"}}``
-so that its client raises the matching exception. An exception nobody expected is a JSON 500.
+so that its client raises the matching exception (their route class marks the request's scope
+with ``OPENAI_FORMAT``). An exception nobody expected is a JSON 500.
 """
 
 from __future__ import annotations
@@ -81,8 +82,11 @@ STATUS = {
 }
 
 
+OPENAI_FORMAT = "talora.openai_errors"  # scope key: the matched route answers errors in OpenAI's shape
+
+
 def _is_openai(request: Request) -> bool:
-    return request.url.path in ("/v1/completions", "/v1/models")
+    return bool(request.scope.get(OPENAI_FORMAT))
 
 
 def error_response(request: Request, status: int, message: str, kind: str, param: str | None = None,
