@@ -5,11 +5,13 @@ two ways, interleaved, warm-up first, then ``--repeats`` rounds and medians:
 
   engine   every request submitted at once to ``talora.server.engine.Engine`` as a score job
            (in-process, no HTTP); the engine forms its own batches of ``--batch-size`` rows
-  forward  the same rows in the same batches through ``TaloraModel.forward_cached`` (no cache)
-           plus the LM head at the rows' read positions: the least work any engine must do
+  forward  the same rows in the same batches through ``TaloraModel.forward_cached`` (writing a
+           KV cache, as the engine does), the LM head and a log-softmax at the rows' read
+           positions: the least work any engine must do
 
 ``engine / forward`` is the ratio of throughputs: on a CPU from process CPU time (the machine
-may be shared; wall-clock ratios are recorded too), on a GPU from wall time. Host time per step
+may be shared; the ratio of the fastest rounds and the wall-clock ratio are recorded too), on a
+GPU from wall time. Host time per step
 and per request comes from a profile of one more engine run: its CPU time less the CPU time spent
 in the model (``forward_cached`` and the LM head), over the steps or the requests.
 
@@ -18,9 +20,12 @@ Models: ``tiny`` (SmolLM2's shape cut to 2 layers, random weights: host work dom
 (random weights in those shapes, for a GPU). ``--old-ref REF`` also measures the engine of git
 revision ``REF`` (exported with ``git archive`` and imported in a subprocess) in the same run, so
 old and new are side by side. Writes ``--out`` with ``"ratios": {"<model>_engine_vs_forward",
-"old_<model>_engine_vs_forward"}``.
+"old_<model>_engine_vs_forward"}`` (on a GPU also ``engine_vs_forward_qwen05b`` and
+``engine_vs_forward_smollm2`` for the random-weight shapes, in ``engine_overhead-<card>.json``).
 
     OMP_NUM_THREADS=1 python benchmarks/engine_overhead.py --device cpu --old-ref main
+    python benchmarks/engine_overhead.py --device cuda --dtype bfloat16 --models qwen05b-random,smollm2-random \
+        --requests qwen05b-random=1024,smollm2-random=1024 --max-tokens 128 --threads 4
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -45,6 +51,7 @@ SHAPES = {
                            rms_norm_eps=1e-6, tie_word_embeddings=True, attention_bias=True, eos_token_id=2),
 }
 MODELS = ("tiny", "smollm2", "smollm2-random", "qwen05b-random")
+GPU_NAMES = {"qwen05b-random": "qwen05b", "smollm2-random": "smollm2"}  # the GPU summary's ratio names
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -59,7 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=5, help="timed rounds (median taken)")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--old-ref", default=None, help="git revision whose engine is measured too")
-    p.add_argument("--out", type=Path, default=HERE / "results" / "engine_overhead.json", help="summary JSON")
+    p.add_argument("--out", type=Path, default=None,
+                   help="summary JSON (default results/engine_overhead.json; on CUDA engine_overhead-<card>.json)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one model, in this process
     return p.parse_args(argv)
 
@@ -243,6 +251,7 @@ def timed_pair(engine, prompts, tasks, args) -> dict:
             "engine_requests_per_s": len(prompts) / engine_s, "forward_requests_per_s": len(prompts) / forward_s,
             "engine_vs_forward_wall": forward_s / engine_s,
             "engine_vs_forward": forward_cpu / engine_cpu if args.device == "cpu" else forward_s / engine_s,
+            "engine_vs_forward_fastest": min(cpus["forward"]) / min(cpus["engine"]),
             "profile": profile,
             "host_us_per_request": 1e6 * host_s / len(prompts),
             "host_us_per_step": 1e6 * host_s / max(profile["steps"], 1)}
@@ -288,12 +297,18 @@ def main(argv=None) -> None:
                 results[f"old_{model}"] = run_worker(model, argv, old)
             results[model] = run_worker(model, argv, None)
     ratios = {f"{key.replace('-', '_')}_engine_vs_forward": row["engine_vs_forward"] for key, row in results.items()}
-    setup = {k: v for k, v in vars(args).items() if k not in ("out", "worker")}
-    write_json(args.out, {"setup": setup, "machine": machine_info(args.threads), "results": results, "ratios": ratios})
+    ratios |= {f"engine_vs_forward_{GPU_NAMES[key]}": ratios[f"{key.replace('-', '_')}_engine_vs_forward"]
+               for key in results if key in GPU_NAMES}
+    card = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu"
+    out = args.out or HERE / "results" / ("engine_overhead.json" if card == "cpu" else
+                                          f"engine_overhead-{re.sub(r'[^A-Za-z0-9]+', '-', card).strip('-').lower()}.json")
+    setup = {k: str(v) for k, v in vars(args).items() if k not in ("out", "worker")}
+    write_json(out, {"setup": setup, "machine": machine_info(args.threads), "card": card, "results": results,
+                     "ratios": ratios})
     for key, row in results.items():
         print(f"{key:24s} engine/forward {row['engine_vs_forward']:.3f}  host {row['host_us_per_request']:8.0f} "
               f"us/request {row['host_us_per_step']:9.0f} us/step")
-    print(f"wrote {args.out}")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
