@@ -103,7 +103,7 @@ class Scheduler:
     def _admit(self, active: list[Sequence], pool: KVPool, slots: SlotTable) -> list[Admitted]:
         s, now = self.settings, time.monotonic()
         rows_left, tokens_left = s.max_batch_size - len(active), s.max_batch_tokens - len(active)
-        keys = {seq.job.adapter.key for seq in active}
+        placement = slots.placement({seq.job.adapter.key for seq in active})
         admitted: list[Admitted] = []
         while self._queue:
             job = self._queue[0]
@@ -122,14 +122,13 @@ class Scheduler:
             alone = not admitted and not active  # an oversized job still runs, by itself
             if not alone and (len(lengths) > rows_left or sum(lengths) > tokens_left):
                 break
-            if job.adapter.key not in keys and not slots.can_place(keys | {job.adapter.key}):
+            if not placement.add(job.adapter.key):  # the placement is dropped with the step if we stop here
                 break
             starts = _allocate(pool, job)
             if starts is None:
                 break
             self._queue.popleft()
             admitted.append(Admitted(job, starts))
-            keys.add(job.adapter.key)
             rows_left, tokens_left = rows_left - len(lengths), tokens_left - sum(lengths)
             self.metrics.queue_seconds.observe(now - job.enqueued_at)
         return admitted

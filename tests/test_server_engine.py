@@ -210,3 +210,15 @@ def test_every_setting_is_documented():
     docs = (Path(__file__).resolve().parent.parent / "docs" / "serving.md").read_text()
     for name in Settings.model_fields:
         assert f"`--{name.replace('_', '-')}` | `TALORA_{name.upper()}`" in docs, name
+
+
+def test_slot_placement_grows_one_key_at_a_time_as_can_place_says(engine):
+    slots = engine.loaded.runner.slots
+    resident = slots.resident()
+    placement = slots.placement(set())
+    keys: set = set()
+    for key in [*resident, ("new-a", 1), ("new-b", 1), ("new-c", 1), ("new-d", 1)]:
+        assert placement.add(key) == slots.can_place(keys | {key})
+        if slots.can_place(keys | {key}):
+            keys.add(key)
+    assert placement.keys == keys
