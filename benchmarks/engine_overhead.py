@@ -219,7 +219,8 @@ def measure(args) -> dict:
     loaded = build_model(args.worker, args.device, args.dtype)
     count = dict(kv.split("=") for kv in args.requests.split(",")).get(args.worker, "256")
     prompts = request_set(int(count), loaded.model.config.vocab_size, args.min_tokens, args.max_tokens)
-    tasks = [task_name(int(i)) for i in torch.randint(0, 64, (len(prompts),), generator=torch.Generator().manual_seed(2))]
+    draws = torch.randint(0, 64, (len(prompts),), generator=torch.Generator().manual_seed(2))
+    tasks = [task_name(int(i)) for i in draws]
     with tempfile.TemporaryDirectory() as tmp:
         bundle = write_random_bundle(loaded.model, loaded.fingerprint, Path(tmp) / "bundle", 64)
         engine = start_engine(loaded, bundle, args)
@@ -300,8 +301,8 @@ def main(argv=None) -> None:
     ratios |= {f"engine_vs_forward_{GPU_NAMES[key]}": ratios[f"{key.replace('-', '_')}_engine_vs_forward"]
                for key in results if key in GPU_NAMES}
     card = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu"
-    out = args.out or HERE / "results" / ("engine_overhead.json" if card == "cpu" else
-                                          f"engine_overhead-{re.sub(r'[^A-Za-z0-9]+', '-', card).strip('-').lower()}.json")
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", card).strip("-").lower()
+    out = args.out or HERE / "results" / ("engine_overhead.json" if card == "cpu" else f"engine_overhead-{slug}.json")
     setup = {k: str(v) for k, v in vars(args).items() if k not in ("out", "worker")}
     write_json(out, {"setup": setup, "machine": machine_info(args.threads), "card": card, "results": results,
                      "ratios": ratios})

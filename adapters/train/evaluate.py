@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from talora.adapters.scoring import ScoreRequest, score_labels
 from talora.adapters.decoding import greedy_generate
+from talora.adapters.scoring import ScoreRequest, score_labels
 from talora.adapters.talora_model import PrefixKV, SlotKV, TaloraModel
 from talora.adapters.train.data import EncodedTask
 from talora.adapters.train.metrics import accuracy, exact_match, macro_f1, majority_rate, token_f1
