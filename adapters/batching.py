@@ -54,7 +54,7 @@ class BatchMeta:
     def prefill(cls, lengths: list[int], slot_ids: list[int], device="cpu") -> BatchMeta:
         """A fresh packed prefill of rows with ``lengths`` tokens and no cache (no token ids needed)."""
         plan = StepPlan([Row(range(n), slot=slot) for n, slot in zip(lengths, slot_ids)])
-        return StepBuffers.make(device).prepare(plan, cached=False).meta
+        return StepBuffers.make(device, reused=False).prepare(plan, cached=False).meta
 
 
 @dataclass
@@ -127,8 +127,8 @@ class StepBuffers:
     """Preallocated metadata buffers (vLLM ``LoRAKernelMeta``): ``make`` once, ``prepare`` every step.
 
     ``host_long``/``host_int`` hold every field of a step back to back (int64 and int32); on
-    CUDA they are pinned and copied to ``device_long``/``device_int`` without blocking; on CPU the
-    device buffers are the host ones. They grow (doubling) when a step does not fit.
+    CUDA they are pinned (when reused) and copied to ``device_long``/``device_int`` without
+    blocking; on CPU the device buffers are the host ones. They grow (doubling) when a step does not fit.
     """
 
     device: torch.device
@@ -139,12 +139,14 @@ class StepBuffers:
     copied: torch.cuda.Event | None = None  # last copy to the device; the host buffers are reused after it
 
     @classmethod
-    def make(cls, device="cpu", max_tokens: int = 256, max_rows: int = 16) -> StepBuffers:
+    def make(cls, device="cpu", max_tokens: int = 256, max_rows: int = 16, reused: bool = True) -> StepBuffers:
+        """Buffers for steps of up to ``max_tokens`` tokens and ``max_rows`` rows (they grow past them).
+        ``reused=False``: for one step only, so the host side is not pinned (pinning costs more than it saves)."""
         device = torch.device(device)
-        pin = device.type == "cuda"
+        pin = device.type == "cuda" and reused
         host_long = torch.empty(8 * max_tokens, dtype=torch.int64, pin_memory=pin)
         host_int = torch.empty(4 * max_rows + 1, dtype=torch.int32, pin_memory=pin)
-        if not pin:
+        if device.type == "cpu":
             return cls(device, host_long, host_int, host_long, host_int)
         return cls(device, host_long, host_int, torch.empty_like(host_long, device=device),
                    torch.empty_like(host_int, device=device))
@@ -168,7 +170,7 @@ class StepBuffers:
             self.copied.synchronize()  # the previous step's copy still reads the host buffers
         if longs > self.host_long.numel() or ints > self.host_int.numel():
             grown = StepBuffers.make(self.device, max(longs, 2 * self.host_long.numel()) // 8 + 1,
-                                     max(ints, 2 * self.host_int.numel()) // 4 + 1)
+                                     max(ints, 2 * self.host_int.numel()) // 4 + 1, self.host_long.is_pinned())
             self.host_long, self.host_int = grown.host_long, grown.host_int
             self.device_long, self.device_int = grown.device_long, grown.device_int
 

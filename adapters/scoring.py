@@ -75,6 +75,6 @@ def score_labels(model: TaloraModel, prefix: PrefixKV, slots: SlotKV,
         return []
     plan = StepPlan()
     groups = [plan_labels(req.prompt_ids, req.label_ids).add_to(plan, req.slot) for req in requests]
-    step = StepBuffers.make(model.lm.device).prepare(plan, cached=False)
+    step = StepBuffers.make(model.lm.device, reused=False).prepare(plan, cached=False)
     scores = run_step(model, step, prefix, slots).scores
     return [scores[g:g + len(req.label_ids)] for g, req in zip(groups, requests)]

@@ -13,7 +13,7 @@ two ways, interleaved, warm-up first, then ``--repeats`` rounds and medians:
 may be shared; the ratio of the fastest rounds and the wall-clock ratio are recorded too), on a
 GPU from wall time. Host time per step
 and per request comes from a profile of one more engine run: its CPU time less the CPU time spent
-in the model (``forward_cached`` and the LM head), over the steps or the requests.
+in the model (``forward_cached``, the LM head and the log-softmax), over the steps or the requests.
 
 Models: ``tiny`` (SmolLM2's shape cut to 2 layers, random weights: host work dominates),
 ``smollm2`` (the embedded default, its real weights), ``smollm2-random`` and ``qwen05b-random``
@@ -188,7 +188,8 @@ def stacked_from(model, adapters):
 
 def profile_engine(engine, run) -> dict:
     """CPU time of one engine run (all threads), and the CPU time its worker spent in the model
-    (``forward_cached`` and the LM head): the rest is the engine's own work."""
+    (``forward_cached``, the LM head, the log-softmax over the vocabulary): the rest is the
+    engine's own work."""
     model, inside, steps = parts(engine)[1], [], []
 
     def timed(inner, count: bool):
@@ -200,13 +201,16 @@ def profile_engine(engine, run) -> dict:
             return out
         return call
 
+    log_softmax = torch.log_softmax
     model.forward_cached, model.lm.logits = timed(model.forward_cached, True), timed(model.lm.logits, False)
+    torch.log_softmax = timed(log_softmax, False)
     try:
         started = time.process_time()
         run()
         cpu = time.process_time() - started
     finally:
         del model.forward_cached, model.lm.logits
+        torch.log_softmax = log_softmax
     return {"cpu_s": cpu, "model_cpu_s": sum(inside), "steps": len(steps)}
 
 
