@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from talora.adapters.batching import BatchMeta
 from talora.adapters.config import TaloraConfig
 from talora.adapters.model import CausalLM, dense_attention
 from talora.kernels import gated_prefix_attention, lowrank_prompt
@@ -50,39 +51,6 @@ class SlotKV:
     keys: torch.Tensor  # (L, S, n, H_kv, h)
     values: torch.Tensor  # (L, S, n, H_kv, h)
     gates: torch.Tensor  # (S, L, H) raw gate values (tanh applied in the kernel)
-
-
-@dataclass
-class BatchMeta:
-    """Layout of one packed batch of request tokens for ``forward_cached``.
-
-    Example: two rows of 3 and 2 new tokens, slots 4 and 0, fresh prefill without a cache::
-
-        cu_seqlens_q = [0, 3, 5]; positions = [0, 1, 2, 0, 1]; slot_ids = [4, 0]
-        k_starts = [0, 3]; kv_lens = [3, 2]; write_index = None
-
-    With a cache of 16 tokens per row, decoding one token for each row after that prefill::
-
-        cu_seqlens_q = [0, 1, 2]; positions = [3, 2]; k_starts = [0, 16]; kv_lens = [4, 3]
-        write_index = [3, 18]
-    """
-
-    cu_seqlens_q: torch.Tensor  # (B+1,) int32 cumulative new-token counts
-    positions: torch.Tensor  # (N,) int64 own position of each new token (0 = first input token)
-    slot_ids: torch.Tensor  # (B,) int32 task slot of each row
-    k_starts: torch.Tensor  # (B,) int32 first own key of each row (in the cache, or in the new tokens)
-    kv_lens: torch.Tensor  # (B,) int32 own keys visible to each row, new tokens included
-    write_index: torch.Tensor | None = None  # (N,) int64 cache index of each new token; None: no cache
-
-    @classmethod
-    def prefill(cls, lengths: list[int], slot_ids: list[int], device="cpu") -> "BatchMeta":
-        """A fresh packed prefill of rows with ``lengths`` tokens and no cache."""
-        lens = torch.tensor(lengths, dtype=torch.int32, device=device)
-        cu = torch.zeros(len(lengths) + 1, dtype=torch.int32, device=device)
-        cu[1:] = torch.cumsum(lens, 0)
-        positions = torch.cat([torch.arange(n, device=device) for n in lengths]) if lengths else \
-            torch.zeros(0, dtype=torch.int64, device=device)
-        return cls(cu, positions, torch.tensor(slot_ids, dtype=torch.int32, device=device), cu[:-1].clone(), lens)
 
 
 class KVCache:

@@ -198,7 +198,7 @@ def make_talora_engine(engine, requests: list[BenchRequest], task_names: list[st
 
     from talora.server.jobs import Job, Scored
 
-    adapters = [engine.registry.get(name) for name in task_names]
+    adapters = [engine.adapter(name) for name in task_names]
 
     def run() -> list[torch.Tensor]:
         results: list = [None] * len(requests)

@@ -68,7 +68,7 @@ def load_and_replace_times(engine, tasks: list[str]) -> dict:
     is computed by the engine's worker thread (``Engine.warm``, as after a PUT), timed until the
     worker publishes the new version as resident. Only the worker touches the slot table.
     """
-    registry = engine.registry
+    registry = engine.loaded.registry
     load_ms, kv_ms, replace_ms = [], [], []
     for task in tasks:
         t0 = time.perf_counter()
@@ -96,8 +96,8 @@ def task_kv_compute_times(engine, tasks: list[str], repeats: int = 5) -> dict:
     """
     from talora.adapters.model import dense_attention
 
-    model, prefix = engine.model, engine.prefix
-    adapters = [engine.registry.get(t) for t in tasks[:8]]
+    model, prefix = engine.loaded.runner.model, engine.loaded.runner.prefix
+    adapters = [engine.adapter(t) for t in tasks[:8]]
     fast = torch.stack([a.fast for a in adapters])
     gate = torch.stack([a.gate for a in adapters])
     n = fast.shape[1]
@@ -127,7 +127,7 @@ def scale_run(engine, tasks: list[str], args) -> dict:
     from bench_requests import assign_tasks, build_request_set, real_task_texts
     from bench_setups import make_talora_engine
 
-    encode = lambda text: engine.tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    encode = lambda text: engine.loaded.tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     requests = build_request_set(real_task_texts(per_task=32), encode, args.requests, 16, 128, args.seed)
     draws = assign_tasks(len(requests), len(tasks), "zipf", args.seed + 1)
     m = engine.metrics
@@ -170,21 +170,21 @@ def main(argv=None) -> None:
             time.sleep(0.2)
         start_s = time.perf_counter() - t0
         try:
-            kv = engine.slots.kv
+            kv = engine.loaded.runner.slots.kv
             slot_bytes = kv.keys.nbytes + kv.values.nbytes + kv.gates.nbytes
-            first = engine.registry.get(task_name(0))
+            first = engine.adapter(task_name(0))
             host_bytes = first.fast.nbytes + first.gate.nbytes
-            memory = {"device_bytes_per_resident_task": slot_bytes / engine.slots.num_slots,
+            memory = {"device_bytes_per_resident_task": slot_bytes / engine.loaded.runner.slots.num_slots,
                       "slot_table_bytes": slot_bytes, "host_bytes_per_adapter_tensors": host_bytes,
                       "adapter_file_bytes": sum(f.stat().st_size for f in bundle.glob(f"{task_name(0)}.*")),
-                      "kv_pool_bytes": engine.pool.cache.keys.nbytes + engine.pool.cache.values.nbytes,
+                      "kv_pool_bytes": engine.loaded.runner.pool.cache.keys.nbytes + engine.loaded.runner.pool.cache.values.nbytes,
                       "rss_mib_before_engine": rss_before, "rss_mib_after_start": current_rss_mib()}
             load_before = os.getloadavg()
             timing = load_and_replace_times(engine, [task_name(i) for i in range(args.samples)])
             timing.update(task_kv_compute_times(engine, [task_name(i) for i in range(args.samples)]))
             timing["loadavg_1_5_15_before"] = load_before
             scale = scale_run(engine, [task_name(i) for i in range(args.store_tasks)], args)
-            resident = len(engine.slots.resident())
+            resident = len(engine.loaded.runner.slots.resident())
         finally:
             engine.stop(timeout=10)
     summary = {"setup": {"model": "SmolLM2-135M-Instruct (embedded, float32)", "m": 64, "n": 16, "r": 8,

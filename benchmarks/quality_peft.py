@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from bench_setups import pad_left
+from talora.adapters.scoring import plan_labels
 from talora.adapters.train.data import EncodedTask, MixedTaskSampler
 from talora.adapters.train.metrics import accuracy, macro_f1, majority_rate
 
@@ -175,27 +176,25 @@ def answer_loss(model, items, pad_id: int, multitask_ids: bool, real_positions: 
 @torch.no_grad()
 def predict_labels(model, task: EncodedTask, task_id: int | None, pad_id: int, real_positions: bool,
                    batch_size: int = 16) -> list[str]:
-    """Argmax over labels of the summed log-likelihood of each label's verbaliser tokens."""
+    """Argmax over labels of the summed log-likelihood of each label's verbaliser tokens.
+
+    The rows and terms are ``talora.adapters.scoring.plan_labels``'s, as TA-LoRA scores them; the
+    rows are left-padded, so read ``r`` of a row of length ``n`` is tail column ``keep - n + r``.
+    """
     keep = max(len(v) for v in task.label_ids)
     preds = []
     for start in range(0, len(task.examples), batch_size):
-        chunk = task.examples[start:start + batch_size]
-        rows, index, reads = [], {}, []
-        for e, ex in enumerate(chunk):
-            per_label = []
-            for verb in task.label_ids:
-                row = tuple(ex.prompt_ids + verb[:-1])
-                if (e, row) not in index:
-                    index[(e, row)] = len(rows)
-                    rows.append(list(row))
-                per_label.append(index[(e, row)])
-            reads.append(per_label)
+        plans = [plan_labels(ex.prompt_ids, task.label_ids) for ex in task.examples[start:start + batch_size]]
+        rows = [list(row) for plan in plans for row in plan.rows]
         ids = None if task_id is None else [task_id] * len(rows)
         logp = torch.log_softmax(_tail_logits(model, rows, ids, keep, pad_id, real_positions), dim=-1)
-        for per_label in reads:
-            scores = [logp[r, keep - len(v) + torch.arange(len(v)), torch.tensor(v)].sum()
-                      for r, v in zip(per_label, task.label_ids)]
-            preds.append(task.labels[int(torch.stack(scores).argmax())])
+        base = 0
+        for plan in plans:
+            scores = torch.zeros(plan.num_labels, dtype=logp.dtype, device=logp.device)
+            for row, read, target, label in plan.terms:
+                scores[label] += logp[base + row, keep - len(rows[base + row]) + plan.first_read + read, target]
+            preds.append(task.labels[int(scores.argmax())])
+            base += len(plan.rows)
     return preds
 
 

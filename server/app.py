@@ -3,7 +3,8 @@
 The lifespan starts the engine (model load, shared KV, adapters) in a worker thread and, on
 shutdown (SIGTERM under uvicorn, after uvicorn has let the requests in flight finish), drains
 and stops it. ``RequestLog`` writes one info line per request and counts it in the metrics by
-task, endpoint and status. Routes live in ``routes_tasks``, ``routes_openai`` and ``routes_admin``.
+task, endpoint and status. Routes live in ``routes_tasks``, ``routes_openai``, ``routes_admin`` and
+``routes_health``; what they depend on (the engine, admin authorisation) in ``deps``.
 """
 
 from __future__ import annotations
@@ -12,16 +13,13 @@ import logging
 import time
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse
-from prometheus_client import CONTENT_TYPE_LATEST
+from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
-from talora.server import routes_admin, routes_openai, routes_tasks
+from talora.server import routes_admin, routes_health, routes_openai, routes_tasks
 from talora.server.engine import Engine
 from talora.server.errors import install_error_handlers
 from talora.server.openapi import install_limits
-from talora.server.schemas import Health, Ready
 from talora.server.settings import Settings
 
 log = logging.getLogger("talora.server.requests")
@@ -79,27 +77,6 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
     app.include_router(routes_tasks.router)
     app.include_router(routes_openai.router)
     app.include_router(routes_admin.router)
-
-    @app.get("/health", response_model=Health,
-             responses={503: {"model": Health, "description": "the engine's worker has stopped"}})
-    async def health() -> JSONResponse:
-        """Liveness: 200 unless the engine's worker has stopped without being asked to."""
-        dead = engine.dead
-        return JSONResponse({"status": "dead" if dead else "ok"}, status_code=503 if dead else 200)
-
-    @app.get("/ready", response_model=Ready,
-             responses={503: {"model": Ready, "description": "loading, draining, no task, or the worker stopped"}})
-    async def ready() -> JSONResponse:
-        """Readiness: 200 once the model and at least one adapter are loaded; 503 before, while draining,
-        with no task to serve, or when the worker has stopped."""
-        tasks = len(engine.registry.snapshot()) if engine.ready else 0
-        ok = engine.ready and engine.alive() and tasks > 0
-        return JSONResponse({"ready": ok, "tasks": tasks}, status_code=200 if ok else 503)
-
-    @app.get("/metrics", response_class=PlainTextResponse)
-    async def metrics(request: Request) -> PlainTextResponse:
-        """The Prometheus text format."""
-        return PlainTextResponse(engine.metrics.render(), media_type=CONTENT_TYPE_LATEST)
-
+    app.include_router(routes_health.router)
     app.add_middleware(RequestLog, engine=engine)
     return app

@@ -47,13 +47,9 @@ class Channel:
         return event
 
 
-def engine_of(request: Request) -> Engine:
-    return request.app.state.engine
-
-
-def lookup(request: Request, task: str) -> AdapterVersion:
+def lookup(engine: Engine, request: Request, task: str) -> AdapterVersion:
     """The version new requests of ``task`` get now (404 when not loaded); tags the request log."""
-    adapter = engine_of(request).registry.get(task)
+    adapter = engine.adapter(task)
     request.state.task, request.state.version = task, adapter.version
     return adapter
 

@@ -82,7 +82,8 @@ def serve(settings: Settings) -> int:
 
     from talora.adapters.loading import ModelLoadError
     from talora.server.app import create_app
-    from talora.server.engine import BundleMissing, Engine, resolve_bundle
+    from talora.server.engine import Engine, resolve_bundle
+    from talora.server.errors import BundleMissing
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

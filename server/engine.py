@@ -1,66 +1,41 @@
 """The serving engine: one frozen model, one worker thread, batches of any tasks.
 
 ``Engine.start()`` loads the frozen model and the bundle, computes the shared-prompt KV once,
-loads the store's adapters (``registry``), and starts the worker thread (and the store watcher
-when configured). The HTTP layer turns requests into ``Job``s and ``submit``s them; the worker
-forms each step from the active generations (one decode row each) plus queued jobs in arrival
-order, while they fit the row and token budgets, the task slots and the KV cache pool, and runs
-it as one packed ``forward_cached`` (see ``batch.py``). Everything touching the device happens on
-the worker thread; the event loop only enqueues and waits for events.
+loads the store's adapters, and starts the worker thread (and the store watcher when
+configured). The HTTP layer looks adapters up (``adapter``, ``adapters``, ``load_*``, ``evict``),
+turns requests into ``Job``s (``encode``) and ``submit``s them. The worker loops: the
+``Scheduler`` hands it the adapters to warm and the jobs admitted to the next step, the
+``Runner`` runs the step and emits the events. Everything touching the device happens on the
+worker thread; the event loop only enqueues and waits for events.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import itertools
 import logging
 import threading
-import time
-from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from talora.adapters.bundle import model_from_bundle
-from talora.adapters.config import ModelConfig
+from talora.adapters.io import BundleMeta
 from talora.adapters.loading import LoadedModel, load_model
 from talora.adapters.prompting import encode_prompt
-from talora.server.batch import Row, label_scores, pack
-from talora.server.jobs import Failed, Job, Scored
+from talora.server.errors import BundleMissing, InputTooLong
+from talora.server.jobs import Failed, Job
 from talora.server.kvpool import KVPool
 from talora.server.metrics import Metrics
 from talora.server.registry import AdapterRegistry, AdapterVersion
-from talora.server.sequences import Sequence
+from talora.server.runner import GiveUp, Runner
+from talora.server.scheduler import Scheduler
 from talora.server.settings import Settings
 from talora.server.slots import SlotTable
 
 log = logging.getLogger(__name__)
-
-
-class BundleMissing(RuntimeError):
-    """No bundle was given and the demo bundle has not been built."""
-
-
-class QueueFull(RuntimeError):
-    """The queue holds ``max_queue`` requests."""
-
-
-class ShuttingDown(RuntimeError):
-    """The engine is draining and takes no new work."""
-
-
-class InputTooLong(ValueError):
-    """An input does not fit the task's limit (``on_overflow=reject``) or the KV cache."""
-
-
-class WorkerDead(RuntimeError):
-    """The worker thread has stopped for good; the process is about to exit (or should be restarted)."""
-
-
-class _GiveUp(RuntimeError):
-    """The worker stops: too many steps in a row failed."""
 
 
 def demo_bundle_dir() -> Path:
@@ -80,8 +55,17 @@ def resolve_bundle(settings: Settings) -> Path:
     return folder
 
 
+@dataclass
+class Loaded:
+    """What ``Engine.start`` builds: the tokenizer, the adapters, and the runner on the device."""
+
+    tokenizer: Any
+    registry: AdapterRegistry
+    runner: Runner
+
+
 class Engine:
-    """Owns the model, the slot table, the KV pool and the worker thread."""
+    """Owns the model, the adapters, the scheduler, the runner and the worker thread."""
 
     def __init__(self, settings: Settings, metrics: Metrics | None = None, loaded: LoadedModel | None = None,
                  on_fatal: Callable[[BaseException], None] | None = None):
@@ -89,18 +73,20 @@ class Engine:
         passes one that ends the process with a non-zero status so that a supervisor restarts it."""
         self.settings = settings
         self.on_fatal = on_fatal
-        self._failed_steps = 0  # consecutive steps that raised
         self.metrics = metrics or Metrics()
-        self._loaded = loaded
-        self._queue: deque[Job] = deque()
-        self._cv = threading.Condition()
-        self._active: list[Sequence] = []
-        self._warm: deque[AdapterVersion] = deque()
-        self._stopping = self._abort = False
+        self.scheduler = Scheduler(settings, self.metrics)
+        self._model = loaded
+        self._loaded: Loaded | None = None
         self._halt = threading.Event()
         self._threads: list[threading.Thread] = []
-        self.resident: frozenset[tuple[str, int]] = frozenset()
+        self.resident: frozenset[tuple[str, int]] = frozenset()  # adapter keys with task KV in a slot
         self.ready = False
+
+    @property
+    def loaded(self) -> Loaded:
+        if self._loaded is None:
+            raise RuntimeError("the engine is not started")
+        return self._loaded
 
     # ----- life cycle ------------------------------------------------------------------------
     def start(self) -> None:
@@ -110,23 +96,21 @@ class Engine:
         if s.torch_threads:
             torch.set_num_threads(s.torch_threads)
         device = s.device if s.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        loaded = self._loaded or load_model(s.model, s.dtype, device)
-        self.tokenizer: Any = loaded.tokenizer
-        self.model, bundle_meta, _ = model_from_bundle(loaded.model, bundle, loaded.fingerprint, tasks=[])
-        self.model.eval()
-        mc: ModelConfig = loaded.model.config
+        lm = self._model or load_model(s.model, s.dtype, device)
+        model, bundle_meta, _ = model_from_bundle(lm.model, bundle, lm.fingerprint, tasks=[])
+        model.eval()
+        mc = lm.model.config
         eos = mc.eos_token_id if isinstance(mc.eos_token_id, list) else [mc.eos_token_id]
-        tokenizer_eos: int | None = getattr(self.tokenizer, "eos_token_id", None)
-        self.eos_ids = {t for t in [*eos, tokenizer_eos] if t is not None}
+        eos_ids = {t for t in [*eos, getattr(lm.tokenizer, "eos_token_id", None)] if t is not None}
         with torch.no_grad():
-            self.prefix = self.model.shared_kv()
-        self.slots = SlotTable(self.model, self.prefix, s.num_slots, self.metrics)
-        self.pool = KVPool(mc.num_layers, s.kv_cache_tokens, mc.num_kv_heads, mc.head_dim, loaded.model.dtype,
-                           loaded.model.device)
-        self.registry = AdapterRegistry(bundle_meta, s.store or bundle, self.tokenizer, self.metrics)
-        loaded_tasks = self._load_adapters(bundle, device)
-        for task in loaded_tasks[: s.num_slots]:
-            self.warm(self.registry.get(task))
+            prefix = model.shared_kv()
+        slots = SlotTable(model, prefix, s.num_slots, self.metrics)
+        pool = KVPool(mc.num_layers, s.kv_cache_tokens, mc.num_kv_heads, mc.head_dim, lm.model.dtype, lm.model.device)
+        runner = Runner(model, prefix, slots, pool, lm.tokenizer, eos_ids, s, self.metrics)
+        registry = AdapterRegistry(bundle_meta, s.store or bundle, lm.tokenizer, self.metrics)
+        self._loaded = Loaded(lm.tokenizer, registry, runner)
+        for task in self._load_adapters(bundle, device)[: s.num_slots]:
+            self.warm(registry.get(task))
         self._spawn(self._run, "talora-engine")
         if s.watch_interval_s > 0:
             self._spawn(self._watch, "talora-store-watcher")
@@ -134,12 +118,13 @@ class Engine:
 
     def _load_adapters(self, bundle: Path, device: str) -> list[str]:
         """The bundle's tasks, then the store's: a store task adds a task or replaces the bundle's of that name."""
-        from_bundle = self.registry.load_all(bundle_dir=bundle) if self.registry.store != bundle.resolve() else []
-        from_store = self.registry.load_all()
-        tasks = sorted(self.registry.snapshot())
+        registry = self.loaded.registry
+        from_bundle = registry.load_all(bundle_dir=bundle) if registry.store != bundle.resolve() else []
+        from_store = registry.load_all()
+        tasks = sorted(registry.snapshot())
         replaced = sorted(set(from_bundle) & set(from_store))
         log.info("serving %d task adapters on %s: %d from the bundle %s, %d from the store %s (replacing %s): %s",
-                 len(tasks), device, len(from_bundle), bundle, len(from_store), self.registry.store,
+                 len(tasks), device, len(from_bundle), bundle, len(from_store), registry.store,
                  ", ".join(replaced) or "none", ", ".join(tasks) or "(none)")
         if not tasks:
             log.warning("no task adapter loaded: /ready answers 503 until one is (PUT /v1/adapters/{task}, or "
@@ -153,16 +138,12 @@ class Engine:
 
     def stop(self, timeout: float | None = None) -> None:
         """Finish queued and running work (up to ``timeout`` s, then fail it with 503) and stop."""
-        with self._cv:
-            self._stopping = True
-            self.ready = False
-            self._cv.notify_all()
+        self.ready = False
+        self.scheduler.stop()
         self._halt.set()
         if self._threads:
             self._threads[0].join(timeout)
-        with self._cv:
-            self._abort = True
-            self._cv.notify_all()
+        self.scheduler.stop(abort=True)
         for thread in self._threads:
             thread.join()
 
@@ -172,46 +153,67 @@ class Engine:
     @property
     def dead(self) -> bool:
         """The worker was started and has stopped without being asked to."""
-        return bool(self._threads) and not self._stopping and not self._threads[0].is_alive()
+        return bool(self._threads) and not self.scheduler.stopping and not self._threads[0].is_alive()
 
-    # ----- called from the HTTP layer --------------------------------------------------------
+    # ----- the adapters (façade over the registry) -------------------------------------------
+    def adapter(self, task: str) -> AdapterVersion:
+        """The version new requests of ``task`` get now (``AdapterNotFound`` when not loaded)."""
+        return self.loaded.registry.get(task)
+
+    def adapters(self) -> dict[str, AdapterVersion]:
+        """Every loaded task's current version (empty before ``start``)."""
+        return self._loaded.registry.snapshot() if self._loaded else {}
+
+    @property
+    def bundle(self) -> BundleMeta:
+        return self.loaded.registry.bundle
+
+    def load_bytes(self, task: str, meta: bytes, tensors: bytes) -> tuple[AdapterVersion, bool]:
+        """Load or replace ``task`` from uploaded files; warms a changed version. (version, changed)."""
+        return self._warm_if(*self.loaded.registry.load_bytes(task, meta, tensors))
+
+    def load_store(self, task: str, path: str) -> tuple[AdapterVersion, bool]:
+        """Load or replace ``task`` from ``path`` in the store; warms a changed version. (version, changed)."""
+        return self._warm_if(*self.loaded.registry.load_store(task, path))
+
+    def evict(self, task: str) -> AdapterVersion:
+        """Unload ``task``: new requests get 404, requests in flight finish with their version."""
+        return self.loaded.registry.evict(task)
+
+    def _warm_if(self, adapter: AdapterVersion, changed: bool) -> tuple[AdapterVersion, bool]:
+        if changed:
+            self.warm(adapter)
+        return adapter, changed
+
+    # ----- requests --------------------------------------------------------------------------
     def encode(self, adapter: AdapterVersion, text: str, question: str | None = None) -> tuple[list[int], bool]:
         """Prompt ids of ``text`` with the task's template; applies ``on_overflow``."""
-        limit = adapter.meta.max_input_tokens
+        limit, tokenizer = adapter.meta.max_input_tokens, self.loaded.tokenizer
+        ids, truncated = encode_prompt(tokenizer, adapter.meta.template, text, limit, question)
         if self.settings.on_overflow == "reject":
-            for name, value in (("text", text), ("question", question)):
-                count = len(self.tokenizer(value or "", add_special_tokens=False)["input_ids"])
+            # the text was tokenised once already: count it again only when it was cut
+            for name, value in ((("text", text),) if truncated else ()) + (("question", question),):
+                count = len(tokenizer(value, add_special_tokens=False)["input_ids"]) if value else 0
                 if count > limit:
                     raise InputTooLong(f"{name}: {count} tokens is over task {adapter.task!r}'s limit of {limit}")
-        ids, truncated = encode_prompt(self.tokenizer, adapter.meta.template, text, limit, question)
         if not ids:
             raise InputTooLong("text: the prompt encodes to no tokens")
         return ids, truncated
 
     def check_fits(self, job: Job) -> None:
         """Refuse a job that could never fit the KV cache pool."""
-        if job.cache_tokens() > self.pool.capacity:
+        capacity = self.settings.kv_cache_tokens
+        if job.cache_tokens() > capacity:
             raise InputTooLong(f"the request needs {job.cache_tokens()} KV cache positions; the server has "
-                               f"{self.pool.capacity} (kv_cache_tokens)")
+                               f"{capacity} (kv_cache_tokens)")
 
     def submit(self, jobs: list[Job]) -> None:
-        """Queue ``jobs`` all together, or none (``QueueFull``, ``ShuttingDown``)."""
-        with self._cv:
-            if self._stopping:
-                raise ShuttingDown("the server is shutting down")
-            if self._threads and not self.alive():
-                raise WorkerDead("the engine's worker has stopped; the server must be restarted")
-            if len(self._queue) + len(jobs) > self.settings.max_queue:
-                raise QueueFull(f"the queue is full ({self.settings.max_queue} requests waiting)")
-            self._queue.extend(jobs)
-            self.metrics.queue_depth.set(len(self._queue))
-            self._cv.notify_all()
+        """Queue ``jobs`` all together, or none (``QueueFull``, ``ShuttingDown``, ``WorkerDead``)."""
+        self.scheduler.submit(jobs, worker_alive=not self._threads or self.alive())
 
     def warm(self, adapter: AdapterVersion) -> None:
         """Compute ``adapter``'s task KV into a slot soon (after a load), if a slot is free to take."""
-        with self._cv:
-            self._warm.append(adapter)
-            self._cv.notify_all()
+        self.scheduler.warm(adapter)
 
     # ----- the worker ------------------------------------------------------------------------
     def _run(self) -> None:
@@ -228,231 +230,52 @@ class Engine:
 
     def _iterate(self) -> bool:
         """One pass of the worker: wait for work, warm slots, run one step. False: stop."""
-        with self._cv:
-            while not (self._queue or self._active or self._warm or self._stopping):
-                self._cv.wait()
-            if self._abort or (self._stopping and not self._queue and not self._active):
-                return False
-            warm, admitted = list(self._warm), self._admit()
-            self._warm.clear()
-            self.metrics.queue_depth.set(len(self._queue))
+        runner = self.loaded.runner
+        work = self.scheduler.next_work(runner.active, runner.pool, runner.slots)
+        if work is None:
+            return False
+        warm, admitted = work
         try:
             self._warm_slots(warm)
-            if admitted or self._active:
-                self._step(admitted)
-            elif self._queue:
-                with self._cv:
-                    self._cv.wait(0.01)
-        except _GiveUp:
+            if admitted or runner.active:
+                runner.step(admitted)
+            else:
+                self.scheduler.pause_if_waiting()
+        except GiveUp:
             raise
         except Exception as exc:  # noqa: BLE001 - fail this step's requests; the worker carries on
             log.exception("worker step failed")
-            self._recover(admitted, exc)
+            runner.recover(admitted, exc)
+        finally:
+            runner.slots.drop_stale(self.loaded.registry.current_keys())
+            self._publish_resident()
         return True
 
-    def _recover(self, admitted, exc: Exception) -> None:
-        """Fail every job the broken step held, then return the pool and the slot pins to a clean state.
-
-        Queued jobs hold no cache ranges and no pins, so after failing the admitted and active jobs
-        every range is free and no slot is pinned. Gives up (raises) after
-        ``max_failed_steps`` consecutive failures: a device in that state will not recover.
-        """
-        failure = Failed(500, f"the batch failed: {type(exc).__name__}: {exc}")
-        for job, _, _ in admitted:
-            self._fail_job(job, failure, "step")
-        for seq in self._active:
-            self._fail_job(seq.job, failure, "step")
-        self._active = []
-        self.pool.reset()
-        self.slots.unpin_all()
-        self._publish_resident()
-        self._count_failed_step(exc)
-
-    def _count_failed_step(self, exc: Exception) -> None:
-        self.metrics.batch_failures.inc()
-        self._failed_steps += 1
-        if self._failed_steps >= self.settings.max_failed_steps:
-            raise _GiveUp(f"{self._failed_steps} batch steps in a row failed; the last: {exc!r}") from exc
-
-    def _fail_job(self, job: Job, failure: Failed, reason: str) -> None:
-        self.metrics.job_failures.labels(reason).inc()
-        job.emit(failure)
-
-    def _admit(self) -> list[tuple[Job, list[tuple[int, ...]], list[int]]]:
-        """Pop the queued jobs that fit this step: (job, its rows, each row's cache start)."""
-        s, now = self.settings, time.monotonic()
-        rows_left, tokens_left = s.max_batch_size - len(self._active), s.max_batch_tokens - len(self._active)
-        keys = {seq.job.adapter.key for seq in self._active}
-        admitted: list[tuple[Job, list[tuple[int, ...]], list[int]]] = []
-        while self._queue:
-            job = self._queue[0]
-            if job.cancelled or job.deadline < now:
-                self._queue.popleft()
-                if not job.cancelled:
-                    job.emit(Failed(504, f"timed out after {s.request_timeout_s} s in the queue"))
-                continue
-            try:
-                rows = job.score_rows() if job.kind == "score" else [tuple(job.prompt_ids)]
-            except Exception as exc:  # noqa: BLE001 - a job that cannot be planned fails alone
-                self._queue.popleft()
-                self._fail_job(job, Failed(500, f"the request could not be planned: {exc!r}"), "admit")
-                continue
-            n_tokens = sum(len(r) for r in rows)
-            alone = not admitted and not self._active  # an oversized job still runs, by itself
-            if not alone and (len(rows) > rows_left or n_tokens > tokens_left):
-                break
-            if not self.slots.can_place(keys | {job.adapter.key}):
-                break
-            starts = self._allocate(job, rows)
-            if starts is None:
-                break
-            self._queue.popleft()
-            admitted.append((job, rows, starts))
-            keys.add(job.adapter.key)
-            rows_left, tokens_left = rows_left - len(rows), tokens_left - n_tokens
-            self.metrics.queue_seconds.observe(now - job.enqueued_at)
-        return admitted
-
-    def _allocate(self, job: Job, rows: list[tuple[int, ...]]) -> list[int] | None:
-        lengths = [job.cache_tokens()] if job.kind == "generate" else [len(r) for r in rows]
-        starts: list[int] = []
-        for length in lengths:
-            start = self.pool.allocate(length)
-            if start is None:
-                for done, n in zip(starts, lengths):
-                    self.pool.release(done, n)
-                return None
-            starts.append(start)
-        return starts
-
     def _warm_slots(self, adapters: list[AdapterVersion]) -> None:
-        current = self.registry.current_keys()
+        current, slots = self.loaded.registry.current_keys(), self.loaded.runner.slots
         for adapter in adapters:
-            if adapter.key in current and self.slots.slot_of(adapter.key) is None \
-                    and self.slots.can_place({adapter.key}):
+            if adapter.key in current and slots.slot_of(adapter.key) is None and slots.can_place({adapter.key}):
                 try:
-                    self.slots.acquire(adapter)
-                    self.slots.release(adapter)
+                    slots.acquire(adapter)
+                    slots.release(adapter)
                 except Exception:  # noqa: BLE001 - a request for this task will retry and report it
                     log.exception("computing the task KV of %s failed", adapter.task)
-        self._publish_resident()
-
-    def _step(self, admitted) -> None:
-        start = time.perf_counter()
-        acquired, gen_rows, score_jobs = [], [], []  # gen_rows: (sequence, its row index)
-        rows = [Row([seq.tokens[-1]], len(seq.tokens) - 1, seq.start, seq.slot, [0]) for seq in self._active]
-        gen_rows = [(seq, i) for i, seq in enumerate(self._active)]
-        try:
-            for job, job_rows, starts in admitted:
-                slot = self.slots.acquire(job.adapter)
-                acquired.append(job.adapter)
-                if job.kind == "generate":
-                    gen_rows.append((Sequence.begin(job, slot, starts[0], self.tokenizer), len(rows)))
-                    rows.append(Row(list(job.prompt_ids), 0, starts[0], slot, [len(job.prompt_ids) - 1]))
-                else:
-                    score_jobs.append((job, job_rows, starts, len(rows)))
-                    first = len(job.prompt_ids) - 1
-                    rows += [Row(list(r), 0, st, slot, list(range(first, len(r)))) for r, st in zip(job_rows, starts)]
-            logprobs = self._forward(rows)
-        except Exception as exc:  # noqa: BLE001 - a failing batch fails its own requests only
-            log.exception("batch step of %d rows failed", len(rows))
-            self._fail_step(admitted, acquired, Failed(500, f"the batch failed: {type(exc).__name__}: {exc}"))
-            self._count_failed_step(exc)
-            return
-        self._failed_steps = 0
-        self._record(rows, admitted, time.perf_counter() - start)
-        read_offsets = list(itertools.accumulate((len(r.reads) for r in rows), initial=0))
-        self._finish_scores(score_jobs, read_offsets, logprobs)
-        self._advance([(seq, read_offsets[i]) for seq, i in gen_rows], logprobs)
-        self.slots.drop_stale(self.registry.current_keys())
-        self._publish_resident()
-
-    @torch.no_grad()
-    def _forward(self, rows: list[Row]) -> torch.Tensor:
-        flat, meta, read_index = pack(rows, self.model.lm.device)
-        hidden = self.model.forward_cached(flat, meta, self.prefix, self.slots.kv, self.pool.cache)
-        return torch.log_softmax(self.model.lm.logits(hidden[read_index]).float(), dim=-1).cpu()
-
-    def _finish_scores(self, score_jobs, read_offsets: list[int], logprobs: torch.Tensor) -> None:
-        for job, job_rows, starts, first_row in score_jobs:
-            firsts = [read_offsets[first_row + j] for j in range(len(job_rows))]
-            job.emit(Scored(label_scores(logprobs, len(job.prompt_ids), job_rows, firsts, job.label_ids)))
-            for row, st in zip(job_rows, starts):
-                self.pool.release(st, len(row))
-            self.slots.release(job.adapter)
-
-    def _advance(self, gen_reads: list[tuple[Sequence, int]], logprobs: torch.Tensor) -> None:
-        """Sample one token for every generation (``gen_reads``: its read index) and retire the done."""
-        still, now = [], time.monotonic()
-        for seq, read in gen_reads:
-            finish: str | Failed | None
-            try:
-                finish = None if seq.job.cancelled else seq.push(seq.sample(logprobs[read]), self.eos_ids)
-            except Exception as exc:  # noqa: BLE001 - one sequence's failure is its own
-                log.exception("generation of task %s failed", seq.job.adapter.task)
-                self.metrics.job_failures.labels("sample").inc()
-                finish = Failed(500, f"the generation failed: {type(exc).__name__}: {exc}")
-            if seq.job.cancelled:
-                self._retire(seq, None)
-            elif finish is not None:
-                self._retire(seq, finish)
-            elif seq.job.deadline < now:
-                self._retire(seq, Failed(504, f"timed out after {self.settings.request_timeout_s} s"))
-            else:
-                still.append(seq)
-        self._active = still
-
-    def _retire(self, seq: Sequence, outcome: str | Failed | None) -> None:
-        self.pool.release(seq.start, seq.job.cache_tokens())
-        self.slots.release(seq.job.adapter)
-        if isinstance(outcome, Failed):
-            seq.job.emit(outcome)
-        elif outcome is not None:
-            seq.finish(outcome)
-
-    # ----- failure, metrics ---------------------------------------------------------------------
-    def _fail_step(self, admitted, acquired: list[AdapterVersion], failure: Failed) -> None:
-        for adapter in acquired:
-            self.slots.release(adapter)
-        for job, job_rows, starts in admitted:
-            lengths = [job.cache_tokens()] if job.kind == "generate" else [len(r) for r in job_rows]
-            for st, n in zip(starts, lengths):
-                self.pool.release(st, n)
-            self._fail_job(job, failure, "step")
-        for seq in self._active:
-            self._retire(seq, None)
-            self._fail_job(seq.job, failure, "step")
-        self._active = []
-        self.slots.drop_stale(self.registry.current_keys())
-        self._publish_resident()
 
     def _fail_all(self, failure: Failed, reason: str) -> None:
-        with self._cv:
-            queued, self._queue = list(self._queue), deque()
-        for job in [*queued, *(seq.job for seq in self._active)]:
-            self._fail_job(job, failure, reason)
-        self._active = []
-
-    def _record(self, rows: list[Row], admitted, elapsed: float) -> None:
-        m = self.metrics
-        decode = sum(1 for r in rows if r.past > 0)
-        prefill = sum(len(r.tokens) for r in rows if r.past == 0)
-        m.batch_rows.observe(len(rows))
-        m.batch_tasks.observe(len({r.slot for r in rows}))
-        m.tokens.labels("prefill").inc(prefill)
-        m.tokens.labels("decode").inc(decode)
-        m.tokens_per_second.set((prefill + decode) / max(elapsed, 1e-9))
-        for _ in admitted:
-            m.prefill_seconds.observe(elapsed)
+        runner = self.loaded.runner
+        for job in self.scheduler.drain():
+            runner.fail_job(job, failure, reason)
+        runner.fail_active(failure, reason)
 
     def _publish_resident(self) -> None:
-        self.resident = frozenset(self.slots.resident())
-        self.metrics.active_sequences.set(len(self._active))
+        runner = self.loaded.runner
+        self.resident = frozenset(runner.slots.resident())
+        self.metrics.active_sequences.set(len(runner.active))
 
     def _watch(self) -> None:
         while not self._halt.wait(self.settings.watch_interval_s):
             try:
-                for task in self.registry.poll_store():
-                    self.warm(self.registry.get(task))
-            except Exception:  # noqa: BLE001 - the watcher must keep running
+                for task in self.loaded.registry.poll_store():
+                    self.warm(self.loaded.registry.get(task))
+            except Exception:  # noqa: BLE001 - watching the adapter store must keep running
                 log.exception("watching the adapter store failed")

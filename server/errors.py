@@ -1,9 +1,11 @@
-"""How every failure becomes an HTTP response: one table from exception to status code.
+"""How every failure becomes an HTTP response: the server's exceptions and one table from exception
+to status code.
 
-Routes raise; ``install_error_handlers`` maps. Responses carry ``schemas.ErrorBody``
+The engine and the routes raise; ``install_error_handlers`` maps. Responses carry ``schemas.ErrorBody``
 (``{"detail": message, "field": name or null}``, plus ``errors`` on a 422), except on the
 OpenAI-compatible routes, which use OpenAI's ``{"error": {"message", "type", "param", "code"}}``
-so that its client raises the matching exception. An exception nobody expected is a JSON 500.
+so that its client raises the matching exception (their route class marks the request's scope
+with ``OPENAI_FORMAT``). An exception nobody expected is a JSON 500.
 """
 
 from __future__ import annotations
@@ -17,10 +19,29 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from talora.adapters.io import AdapterFormatError
-from talora.server.engine import InputTooLong, QueueFull, ShuttingDown, WorkerDead
 from talora.server.registry import AdapterConflict, AdapterNotFound
 
 log = logging.getLogger(__name__)
+
+
+class BundleMissing(RuntimeError):
+    """No bundle was given and the demo bundle has not been built."""
+
+
+class QueueFull(RuntimeError):
+    """The queue holds ``max_queue`` requests."""
+
+
+class ShuttingDown(RuntimeError):
+    """The engine is draining and takes no new work."""
+
+
+class InputTooLong(ValueError):
+    """An input does not fit the task's limit (``on_overflow=reject``) or the KV cache."""
+
+
+class WorkerDead(RuntimeError):
+    """The worker thread has stopped for good; the process is about to exit (or should be restarted)."""
 
 
 class JobFailed(RuntimeError):
@@ -61,8 +82,11 @@ STATUS = {
 }
 
 
+OPENAI_FORMAT = "talora.openai_errors"  # scope key: the matched route answers errors in OpenAI's shape
+
+
 def _is_openai(request: Request) -> bool:
-    return request.url.path in ("/v1/completions", "/v1/models")
+    return bool(request.scope.get(OPENAI_FORMAT))
 
 
 def error_response(request: Request, status: int, message: str, kind: str, param: str | None = None,

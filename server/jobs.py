@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from talora.adapters.scoring import LabelPlan, plan_labels
 from talora.server.registry import AdapterVersion
 
 
@@ -73,6 +74,7 @@ class Job:
     params: GenerationParams | None = None
     enqueued_at: float = field(default_factory=time.monotonic)
     cancelled: bool = False
+    _label_plan: LabelPlan | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.kind not in ("score", "generate"):
@@ -96,12 +98,24 @@ class Job:
     def label_ids(self) -> tuple[tuple[int, ...], ...]:
         return self.adapter.label_ids
 
-    def score_rows(self) -> list[tuple[int, ...]]:
-        """Distinct rows ``prompt + verbaliser[:-1]`` (one for single-token verbalisers)."""
-        return list(dict.fromkeys(tuple(self.prompt_ids) + verb[:-1] for verb in self.label_ids))
+    def label_plan(self) -> LabelPlan:
+        """The rows and terms that score this job's labels (``talora.adapters.scoring``), planned once."""
+        if self._label_plan is None:
+            self._label_plan = plan_labels(self.prompt_ids, self.label_ids)
+        return self._label_plan
+
+    def row_lengths(self) -> list[int]:
+        """New tokens of each row this job runs in its first step."""
+        if self.kind == "generate":
+            return [len(self.prompt_ids)]
+        return [len(row) for row in self.label_plan().rows]
+
+    def cache_ranges(self) -> list[int]:
+        """Length of each KV cache range this job holds while it runs (one per row)."""
+        if self.kind == "generate":
+            return [len(self.prompt_ids) + self.generation.max_new_tokens]
+        return self.row_lengths()
 
     def cache_tokens(self) -> int:
         """KV cache positions this job holds while it runs."""
-        if self.kind == "generate":
-            return len(self.prompt_ids) + self.generation.max_new_tokens
-        return sum(len(row) for row in self.score_rows())
+        return sum(self.cache_ranges())

@@ -4,42 +4,27 @@
 (default: the task name), no body (same), or a multipart upload with the parts ``metadata``
 (``<task>.json``) and ``tensors`` (``<task>.safetensors``). The new version is validated in full
 before it replaces the old one, atomically; requests already admitted finish with the version
-they started with. ``DELETE /v1/adapters/{task}`` evicts a task. With no token configured the
-routes answer 403.
+they started with. ``DELETE /v1/adapters/{task}`` evicts a task. The router depends on
+``deps.require_admin``: with no token configured the routes answer 403, without the token 401.
 """
 
 from __future__ import annotations
 
 import json
-import secrets
 
-from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, Depends, Request
 from starlette.concurrency import run_in_threadpool
 
 from talora.adapters.io import AdapterFormatError
-from talora.server import bridge
-from talora.server.engine import InputTooLong
+from talora.server.deps import EngineDep, require_admin
+from talora.server.errors import InputTooLong
 from talora.server.openapi import task_errors
+from talora.server.schemas import AdapterEvicted, AdapterLoaded
 
-router = APIRouter()
-
-
-def _authorise(request: Request) -> JSONResponse | None:
-    settings = bridge.engine_of(request).settings
-    if not settings.admin_enabled:
-        return JSONResponse({"detail": "the admin routes are off: set TALORA_ADMIN_TOKEN (--admin-token)"},
-                            status_code=403)
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    expected = settings.admin_token.get_secret_value() if settings.admin_token else ""
-    if scheme.lower() != "bearer" or not secrets.compare_digest(token.encode(), expected.encode()):
-        return JSONResponse({"detail": "a valid bearer token is required"}, status_code=401,
-                            headers={"WWW-Authenticate": "Bearer"})
-    return None
+router = APIRouter(tags=["admin"], dependencies=[Depends(require_admin)])
 
 
-async def _read_upload(request: Request) -> tuple[bytes, bytes]:
-    limit = bridge.engine_of(request).settings.max_upload_bytes
+async def _read_upload(request: Request, limit: int) -> tuple[bytes, bytes]:
     form = await request.form(max_part_size=limit)
     parts = {}
     for name in ("metadata", "tensors"):
@@ -77,33 +62,25 @@ PUT_BODY = {"required": False, "content": {
         "tensors": {"type": "string", "format": "binary", "description": "<task>.safetensors"}}}}}}
 
 
-@router.put("/v1/adapters/{task}", responses=task_errors(400, 401, 403, 404, 409, 413, 422),
-            openapi_extra={"requestBody": PUT_BODY})
-async def put_adapter(task: str, request: Request):
+@router.put("/v1/adapters/{task}", response_model=AdapterLoaded,
+            responses=task_errors(400, 401, 403, 404, 409, 413, 422), openapi_extra={"requestBody": PUT_BODY})
+async def put_adapter(task: str, request: Request, engine: EngineDep) -> dict:
     """Load or replace ``task`` from the store or an upload; the old version serves until then."""
-    if (denied := _authorise(request)) is not None:
-        return denied
-    engine = bridge.engine_of(request)
-    registry = engine.registry
-    previous = registry.snapshot().get(task)
+    previous = engine.adapters().get(task)
     if request.headers.get("content-type", "").startswith("multipart/form-data"):
-        meta_bytes, blob = await _read_upload(request)
-        adapter, changed = await run_in_threadpool(registry.load_bytes, task, meta_bytes, blob)
+        meta_bytes, blob = await _read_upload(request, engine.settings.max_upload_bytes)
+        adapter, changed = await run_in_threadpool(engine.load_bytes, task, meta_bytes, blob)
     else:
         path = await _store_path(request, task)
-        adapter, changed = await run_in_threadpool(registry.load_store, task, path)
+        adapter, changed = await run_in_threadpool(engine.load_store, task, path)
     request.state.task, request.state.version = task, adapter.version
-    if changed:
-        engine.warm(adapter)
     return {"task": task, "version": adapter.version, "previous_version": previous.version if previous else None,
             "changed": changed, "source": adapter.source}
 
 
-@router.delete("/v1/adapters/{task}", responses=task_errors(401, 403, 404, 422))
-async def delete_adapter(task: str, request: Request):
+@router.delete("/v1/adapters/{task}", response_model=AdapterEvicted, responses=task_errors(401, 403, 404, 422))
+async def delete_adapter(task: str, request: Request, engine: EngineDep) -> dict:
     """Evict ``task``: new requests get 404, requests in flight finish with their version."""
-    if (denied := _authorise(request)) is not None:
-        return denied
-    adapter = await run_in_threadpool(bridge.engine_of(request).registry.evict, task)
+    adapter = await run_in_threadpool(engine.evict, task)
     request.state.task, request.state.version = task, adapter.version
     return {"task": task, "evicted_version": adapter.version}

@@ -9,21 +9,32 @@ the tasks as models.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 import uuid
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 
 from talora.server import bridge
-from talora.server.errors import FieldError
-from talora.server.jobs import Finished
+from talora.server.deps import EngineDep
+from talora.server.errors import OPENAI_FORMAT, FieldError
+from talora.server.jobs import Event, Finished, Token
 from talora.server.openapi import MODEL_ERRORS, SSE, openai_errors
 from talora.server.routes_tasks import VERSION_HEADER, params_of, texts_of
-from talora.server.schemas import Completion, CompletionRequest
+from talora.server.schemas import Completion, CompletionRequest, ModelList
+from talora.server.sse import stream_events
 
-router = APIRouter()
+
+class OpenAIRoute(APIRoute):
+    """A route whose errors, its own and the router's (such as 405), use OpenAI's body."""
+
+    async def handle(self, scope, receive, send) -> None:
+        scope[OPENAI_FORMAT] = True
+        await super().handle(scope, receive, send)
+
+
+router = APIRouter(tags=["openai"], route_class=OpenAIRoute)
 
 
 def _chunk(cid: str, created: int, task: str, version: str, text: str, finish_reason: str | None,
@@ -34,14 +45,14 @@ def _chunk(cid: str, created: int, task: str, version: str, text: str, finish_re
 
 
 @router.post("/v1/completions", response_model=Completion, responses={**SSE, **openai_errors(*MODEL_ERRORS)})
-async def completions(body: CompletionRequest, request: Request):
-    engine = bridge.engine_of(request)
-    adapter = bridge.lookup(request, body.model)
+async def completions(body: CompletionRequest, request: Request, engine: EngineDep):
+    """OpenAI completions; ``model`` names the task."""
+    adapter = bridge.lookup(engine, request, body.model)
     prompts = texts_of(body.prompt, "prompt", engine.settings)
     if body.stream and len(prompts) > 1:
         raise FieldError("prompt", "streaming takes a single prompt")
     params = params_of(body.max_tokens or 16, 1.0 if body.temperature is None else body.temperature,
-                       body.top_p or 1.0, body.stop, body.seed, request, "max_tokens")
+                       body.top_p or 1.0, body.stop, body.seed, engine.settings, "max_tokens")
     gens: list[bridge.Generation] = []
     try:
         for prompt in prompts:
@@ -53,10 +64,13 @@ async def completions(body: CompletionRequest, request: Request):
     cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     headers = {VERSION_HEADER: adapter.version}
     if body.stream:
-        events = gens[0].events()
-        first = await anext(events)  # errors before the first token still get their status code
-        return StreamingResponse(_stream(first, events, cid, created, body.model, adapter.version),
-                                 media_type="text/event-stream", headers=headers)
+        def render(event: Event) -> dict:
+            if isinstance(event, Finished):
+                return _chunk(cid, created, body.model, adapter.version, "", event.finish_reason)
+            assert isinstance(event, Token)
+            return _chunk(cid, created, body.model, adapter.version, event.text, None)
+
+        return await stream_events(gens[0].events(), render, _stream_error, headers, tail="[DONE]")
     results: list[Finished] = await asyncio.gather(*(g.result() for g in gens))
     choices = [{"text": r.text, "index": i, "logprobs": None, "finish_reason": r.finish_reason}
                for i, r in enumerate(results)]
@@ -68,25 +82,13 @@ async def completions(body: CompletionRequest, request: Request):
                                    "total_tokens": prompt_tokens + completion_tokens}}, headers=headers)
 
 
-async def _stream(first, events, cid: str, created: int, task: str, version: str):
-    event = first
-    try:
-        while True:
-            if isinstance(event, Finished):
-                yield f"data: {json.dumps(_chunk(cid, created, task, version, '', event.finish_reason))}\n\n"
-                break
-            yield f"data: {json.dumps(_chunk(cid, created, task, version, event.text, None))}\n\n"
-            event = await anext(events)
-    except Exception as exc:  # noqa: BLE001 - headers are sent: report in the stream
-        error = {"error": {"message": str(exc), "type": "server_error", "code": getattr(exc, "status", 504)}}
-        yield f"data: {json.dumps(error)}\n\n"
-    finally:
-        await events.aclose()
-    yield "data: [DONE]\n\n"
+def _stream_error(exc: Exception) -> dict:
+    return {"error": {"message": str(exc), "type": "server_error", "code": getattr(exc, "status", 504)}}
 
 
-@router.get("/v1/models")
-async def models(request: Request) -> dict:
-    snapshot = bridge.engine_of(request).registry.snapshot()
+@router.get("/v1/models", response_model=ModelList)
+async def models(engine: EngineDep) -> dict:
+    """The loaded tasks as OpenAI models."""
+    snapshot = engine.adapters()
     return {"object": "list", "data": [{"id": task, "object": "model", "created": 0, "owned_by": "talora",
                                         "version": a.version} for task, a in sorted(snapshot.items())]}

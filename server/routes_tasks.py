@@ -10,16 +10,26 @@ import json
 import math
 
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import StreamingResponse
 
 from talora.server import bridge
+from talora.server.deps import EngineDep
 from talora.server.errors import BadRequest, FieldError
-from talora.server.jobs import Finished, GenerationParams, Token
+from talora.server.jobs import Event, Finished, GenerationParams, Token
 from talora.server.openapi import MODEL_ERRORS, SSE, task_errors
-from talora.server.schemas import GenerateRequest, GenerateResult, PredictMany, PredictOne, PredictRequest, stop_list
+from talora.server.schemas import (
+    GenerateRequest,
+    GenerateResult,
+    PredictMany,
+    PredictOne,
+    PredictRequest,
+    TaskInfo,
+    TaskList,
+    stop_list,
+)
 from talora.server.settings import Settings
+from talora.server.sse import stream_events
 
-router = APIRouter()
+router = APIRouter(tags=["tasks"])
 VERSION_HEADER = "X-Talora-Adapter-Version"
 
 
@@ -43,10 +53,9 @@ def texts_of(value: str | list[str], field: str, settings: Settings) -> list[str
 
 @router.post("/v1/tasks/{task}/predict", response_model=PredictOne | PredictMany,
              responses=task_errors(*MODEL_ERRORS))
-async def predict(task: str, body: PredictRequest, request: Request, response: Response) -> dict:
+async def predict(task: str, body: PredictRequest, request: Request, response: Response, engine: EngineDep) -> dict:
     """Score every label of a classify task for one text or a list of texts."""
-    engine = bridge.engine_of(request)
-    adapter = bridge.lookup(request, task)
+    adapter = bridge.lookup(engine, request, task)
     if adapter.meta.kind != "classify":
         raise BadRequest(f"task {task!r} is a {adapter.meta.kind} task: use /v1/tasks/{task}/generate")
     texts = texts_of(body.text, "text", engine.settings)
@@ -59,25 +68,20 @@ async def predict(task: str, body: PredictRequest, request: Request, response: R
 
 
 def params_of(max_new_tokens: int, temperature: float, top_p: float, stop: str | list[str] | None,
-              seed: int | None, request: Request, field: str) -> GenerationParams:
-    limit = bridge.engine_of(request).settings.max_new_tokens_limit
+              seed: int | None, settings: Settings, field: str) -> GenerationParams:
+    limit = settings.max_new_tokens_limit
     if max_new_tokens > limit:
         raise FieldError(field, f"{max_new_tokens} is over the server's limit of {limit} (max_new_tokens_limit)")
     return GenerationParams(max_new_tokens, temperature, top_p, tuple(stop_list(stop)), seed)
 
 
-def _sse(payload: dict | str) -> str:
-    return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
-
-
 @router.post("/v1/tasks/{task}/generate", response_model=GenerateResult,
              responses={**SSE, **task_errors(*MODEL_ERRORS)})
-async def generate(task: str, body: GenerateRequest, request: Request):
+async def generate(task: str, body: GenerateRequest, request: Request, engine: EngineDep):
     """Continue the task's prompt; ``stream: true`` sends server-sent events."""
-    engine = bridge.engine_of(request)
-    adapter = bridge.lookup(request, task)
+    adapter = bridge.lookup(engine, request, task)
     params = params_of(body.max_new_tokens, body.temperature, body.top_p, body.stop, body.seed,
-                       request, "max_new_tokens")
+                       engine.settings, "max_new_tokens")
     gen = await bridge.generate(engine, adapter, body.text, body.question, params)
     head = {"task": task, "version": adapter.version}
     headers = {VERSION_HEADER: adapter.version}
@@ -89,40 +93,33 @@ async def generate(task: str, body: GenerateRequest, request: Request):
 
     if not body.stream:
         return Response(json.dumps(done(await gen.result())), media_type="application/json", headers=headers)
-    events = gen.events()
-    first = await anext(events)  # errors before the first token still get their status code
 
-    async def stream():
-        event = first
-        try:
-            while True:
-                if isinstance(event, Finished):
-                    yield _sse({"type": "done", **done(event)})
-                    return
-                assert isinstance(event, Token)
-                yield _sse({"type": "token", "text": event.text})
-                event = await anext(events)
-        except Exception as exc:  # noqa: BLE001 - headers are sent: report in the stream
-            yield _sse({"type": "error", "status": getattr(exc, "status", 504), "message": str(exc)})
-        finally:
-            await events.aclose()
+    def render(event: Event) -> dict:
+        if isinstance(event, Finished):
+            return {"type": "done", **done(event)}
+        assert isinstance(event, Token)
+        return {"type": "token", "text": event.text}
 
-    return StreamingResponse(stream(), media_type="text/event-stream", headers=headers)
+    return await stream_events(gen.events(), render, _stream_error, headers)
 
 
-@router.get("/v1/tasks")
-async def list_tasks(request: Request) -> dict:
+def _stream_error(exc: Exception) -> dict:
+    return {"type": "error", "status": getattr(exc, "status", 504), "message": str(exc)}
+
+
+@router.get("/v1/tasks", response_model=TaskList)
+async def list_tasks(engine: EngineDep) -> dict:
     """Loaded tasks with their metadata and versions; ``resident``: task KV is in a device slot."""
-    engine = bridge.engine_of(request)
     resident = engine.resident
     tasks = [{**a.describe(), "resident": a.key in resident}
-             for _, a in sorted(engine.registry.snapshot().items())]
-    bundle = engine.registry.bundle
+             for _, a in sorted(engine.adapters().items())]
+    bundle = engine.bundle
     return {"tasks": tasks, "num_slots": engine.settings.num_slots,
             "bundle": {"fingerprint": bundle.fingerprint, "base_model": bundle.base_model}}
 
 
-@router.get("/v1/tasks/{task}", responses=task_errors(404, 422))
-async def get_task(task: str, request: Request) -> dict:
-    adapter = bridge.lookup(request, task)
-    return {**adapter.describe(), "resident": adapter.key in bridge.engine_of(request).resident}
+@router.get("/v1/tasks/{task}", response_model=TaskInfo, responses=task_errors(404, 422))
+async def get_task(task: str, request: Request, engine: EngineDep) -> dict:
+    """One loaded task's metadata and current version."""
+    adapter = bridge.lookup(engine, request, task)
+    return {**adapter.describe(), "resident": adapter.key in engine.resident}

@@ -10,7 +10,7 @@ served OpenAPI document by ``openapi.py``. A malformed body is a 422 that names 
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
@@ -181,3 +181,57 @@ class OpenAIError(BaseModel):
     """Errors of ``/v1/completions`` and ``/v1/models``, in OpenAI's shape."""
 
     error: OpenAIErrorDetail
+
+
+class BundleInfo(BaseModel):
+    fingerprint: str = Field(description="of the bundle's shared parameters and base model")
+    base_model: str
+
+
+class TaskInfo(BaseModel):
+    """A loaded task's metadata and current version."""
+
+    task: str
+    version: str
+    kind: str = Field(description="classify, extract or generate")
+    labels: list[str]
+    verbalizers: dict[str, str]
+    template: str
+    max_input_tokens: int
+    source: str = Field(description="where the version was loaded from (bundle, store path, upload)")
+    training: dict[str, Any]
+    resident: bool = Field(description="its task KV is in a device slot")
+
+
+class TaskList(BaseModel):
+    tasks: list[TaskInfo]
+    num_slots: int
+    bundle: BundleInfo
+
+
+class ModelCard(BaseModel):
+    """One task as an OpenAI model."""
+
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    version: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class AdapterLoaded(BaseModel):
+    task: str
+    version: str
+    previous_version: str | None
+    changed: bool = Field(description="false when the same version was already loaded")
+    source: str
+
+
+class AdapterEvicted(BaseModel):
+    task: str
+    evicted_version: str

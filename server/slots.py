@@ -24,6 +24,30 @@ class NoFreeSlot(RuntimeError):
     """Every slot is pinned by work in progress."""
 
 
+class Placement:
+    """Keys that must be resident at once: ``missing`` of them need a slot, ``evictable`` slots hold
+    other unpinned keys. Each ``add`` costs O(1), so admitting a step's jobs is linear."""
+
+    def __init__(self, table: SlotTable, keys: set[tuple[str, int]], missing: int, evictable: int):
+        self.table, self.keys, self.missing, self.evictable = table, keys, missing, evictable
+
+    def fits(self) -> bool:
+        return self.missing <= len(self.table._free) + self.evictable
+
+    def add(self, key: tuple[str, int]) -> bool:
+        """Add ``key`` if all keys then still fit; returns whether it was added."""
+        if key in self.keys:
+            return True
+        resident = key in self.table._slot_of
+        missing = self.missing + (not resident)
+        evictable = self.evictable - (resident and not self.table._pins[key])
+        if missing > len(self.table._free) + evictable:
+            return False
+        self.keys.add(key)
+        self.missing, self.evictable = missing, evictable
+        return True
+
+
 class SlotTable:
     """``num_slots`` task-KV slots on the model's device."""
 
@@ -47,9 +71,13 @@ class SlotTable:
 
     def can_place(self, keys: set[tuple[str, int]]) -> bool:
         """Whether all of ``keys`` could be resident at once without evicting pinned slots."""
+        return self.placement(keys).fits()
+
+    def placement(self, keys: set[tuple[str, int]]) -> Placement:
+        """A set of keys to make resident together, grown one key at a time (``Placement.add``)."""
         missing = sum(1 for key in keys if key not in self._slot_of)
         evictable = sum(1 for key in self._slot_of if not self._pins[key] and key not in keys)
-        return missing <= len(self._free) + evictable
+        return Placement(self, set(keys), missing, evictable)
 
     def acquire(self, adapter: AdapterVersion) -> int:
         """Pin ``adapter``'s slot, computing its KV first when it is not resident; returns the slot."""

@@ -86,3 +86,23 @@ def test_summary_has_the_required_ratios_and_setup(tmp_path):
     assert loaded["ratios"]["talora_mixed64_vs_vllm"] is None
     assert loaded["throughputs"]["talora_mixed64"]["input_tokens_per_s"] == 190.0
     assert loaded["setup"] == {"threads": 1} and loaded["machine"] == {"platform": "x"}
+
+
+def test_engine_overhead_exports_an_old_revision_as_talora(tmp_path):
+    import engine_overhead
+
+    root = engine_overhead.export_ref("HEAD", tmp_path)
+    assert (root / "talora" / "server" / "engine.py").is_file()
+    assert (root / "talora" / "adapters" / "talora_model.py").is_file()
+
+
+@pytest.mark.slow
+def test_engine_overhead_runs_old_and_new_on_cpu(tmp_path):
+    import engine_overhead
+
+    out = tmp_path / "overhead.json"
+    engine_overhead.main(["--device", "cpu", "--models", "tiny", "--requests", "tiny=8", "--batch-size", "4",
+                          "--repeats", "1", "--old-ref", "HEAD", "--out", str(out)])
+    summary = json.loads(out.read_text())
+    assert set(summary["ratios"]) == {"tiny_engine_vs_forward", "old_tiny_engine_vs_forward"}
+    assert summary["results"]["tiny"]["profile"]["steps"] == 2

@@ -46,7 +46,7 @@ def _expected(bundle_dir, loaded, engine) -> dict[str, dict[str, list[float]]]:
         adapter.gate.copy_(tensors["gate"])
         prefix = model.shared_kv()
         slots = model.task_kv(prefix, *model.stacked(["sentiment", "v2"]))
-        current = engine.registry.get("sentiment")
+        current = engine.adapter("sentiment")
         requests = [ScoreRequest(engine.encode(current, text)[0], [list(v) for v in current.label_ids], slot)
                     for slot in (0, 1) for text in TEXTS]
         scores = [s.tolist() for s in score_labels(model, prefix, slots, requests)]
@@ -121,7 +121,7 @@ def _upload(client, task, meta: bytes, tensors: bytes):
 
 def test_invalid_adapters_are_refused_and_the_old_version_serves(server, bundle_dir, default_model, tmp_path):
     meta = (bundle_dir / "spam.json").read_bytes()
-    good = server.engine.registry.get("spam")
+    good = server.engine.adapter("spam")
     other = build_bundle(tmp_path / "other", default_model, seed=7)  # another bundle fingerprint
     (bundle_dir / "link").symlink_to(tmp_path)
     cases = {

@@ -152,15 +152,16 @@ def test_bad_inputs_get_their_status(server):
 
 def test_failing_batch_fails_only_its_own_requests(server, monkeypatch):
     engine = server.engine
-    poison = engine.encode(engine.registry.get("spam"), "POISON")[0][2]
-    real_forward = engine._forward
+    poison = engine.encode(engine.adapter("spam"), "POISON")[0][2]
+    runner = engine.loaded.runner
+    real_forward = runner._forward
 
-    def forward(rows):
-        if any(poison in row.tokens for row in rows):
+    def forward(plan, sampled):
+        if any(poison in row.tokens for row in plan.rows):
             raise RuntimeError("injected device failure")
-        return real_forward(rows)
+        return real_forward(plan, sampled)
 
-    monkeypatch.setattr(engine, "_forward", forward)
+    monkeypatch.setattr(runner, "_forward", forward)
     with httpx.Client(base_url=server.url, timeout=60) as c:
         bad = c.post("/v1/tasks/spam/predict", json={"text": "POISON"})
         good = [c.post("/v1/tasks/spam/predict", json={"text": t}) for t in ("hello", "win money")]

@@ -110,21 +110,23 @@ def test_a_failing_sampler_fails_its_own_generation_only(server, client, monkeyp
 
 
 def test_a_fault_escaping_the_step_fails_that_step_and_the_worker_carries_on(server, client, monkeypatch):
-    engine, real = server.engine, server.engine._finish_scores
+    engine = server.engine
+    runner = engine.loaded.runner
+    real = runner._finish_scores
     calls = []
 
-    def finish(score_jobs, offsets, logprobs):
+    def finish(score_jobs, outputs):
         calls.append(1)
         if len(calls) == 1:
             raise RuntimeError("injected fault after the forward")
-        return real(score_jobs, offsets, logprobs)
+        return real(score_jobs, outputs)
 
-    monkeypatch.setattr(engine, "_finish_scores", finish)
+    monkeypatch.setattr(runner, "_finish_scores", finish)
     bad = client.post("/v1/tasks/spam/predict", json={"text": "one"})
     assert bad.status_code == 500 and "injected fault" in bad.json()["detail"]
     assert client.post("/v1/tasks/spam/predict", json={"text": ["two", "three"]}).status_code == 200
     assert client.post(GEN, json={"text": "a", "max_new_tokens": 4}).status_code == 200
-    assert engine.alive() and engine.pool.free_tokens == engine.pool.capacity
+    assert engine.alive() and runner.pool.free_tokens == runner.pool.capacity
     assert client.get("/health").json() == {"status": "ok"}
 
 
@@ -133,7 +135,7 @@ def test_a_worker_that_cannot_go_on_reports_it(tiny_bundle, tiny_server_model, m
     with serve(tiny_bundle, tiny_server_model, max_failed_steps=2) as srv, \
             httpx.Client(base_url=srv.url, timeout=30) as c:
         srv.engine.on_fatal = stops.append
-        monkeypatch.setattr(srv.engine, "_forward", lambda rows: 1 / 0)
+        monkeypatch.setattr(srv.engine.loaded.runner, "_forward", lambda plan, sampled: 1 / 0)
         codes = [c.post("/v1/tasks/spam/predict", json={"text": t}).status_code for t in ("a", "b")]
         srv.engine._threads[0].join(10)  # the worker gives up right after failing the second step
         assert codes == [500, 500] and len(stops) == 1 and not srv.engine.alive()
@@ -146,8 +148,8 @@ def test_talora_serve_exits_70_when_its_worker_stops(tiny_bundle, tiny_server_mo
     port = free_port()
     script = textwrap.dedent(f"""
         import sys
-        from talora.server import cli, engine
-        engine.Engine._forward = lambda self, rows: 1 / 0
+        from talora.server import cli, runner
+        runner.Runner._forward = lambda self, plan, sampled: 1 / 0
         sys.exit(cli.main(["--model", {tiny_server_model.name!r}, "--bundle", {str(tiny_bundle)!r},
                            "--port", "{port}", "--max-failed-steps", "1", "--torch-threads", "1"]))
     """)

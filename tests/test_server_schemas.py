@@ -123,3 +123,21 @@ def test_stop_strings_and_batches_the_schema_allows_are_served(client):
     assert client.post(GEN, json={"text": "a", "max_new_tokens": 3, "stop": ["x", "yz"]}).status_code == 200
     r = client.post(PREDICT, json={"text": ["a", "b"]})
     assert r.status_code == 200 and len(r.json()["results"]) == 2
+
+
+def test_every_json_route_declares_its_response_body(client):
+    paths = client.get("/openapi.json").json()["paths"]
+    for path, ops in paths.items():
+        for method, op in ops.items():
+            content = op["responses"]["200"].get("content", {})
+            if path != "/metrics":
+                assert content.get("application/json", {}).get("schema"), f"{method.upper()} {path}"
+
+
+def test_openai_routes_choose_their_own_error_format(client):
+    wrong_method = client.get("/v1/completions")  # no route's handler ran: the route class still answers
+    assert wrong_method.status_code == 405 and set(wrong_method.json()["error"]) >= {"message", "type"}
+    elsewhere = client.get("/v1/tasks/nope")
+    assert elsewhere.status_code == 404 and "detail" in elsewhere.json()
+    unauthorised = client.put("/v1/adapters/spam")  # admin off: the router's dependency answers
+    assert unauthorised.status_code == 403 and "TALORA_ADMIN_TOKEN" in unauthorised.json()["detail"]

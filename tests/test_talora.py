@@ -7,7 +7,8 @@ import torch
 
 from talora.adapters.config import TaloraConfig
 from talora.adapters.loading import load_checkpoint_folder
-from talora.adapters.talora_model import BatchMeta, KVCache, TaloraModel
+from talora.adapters.batching import Row, StepBuffers, StepPlan
+from talora.adapters.talora_model import KVCache, TaloraModel
 
 TASKS = ["alpha", "beta", "gamma"]
 
@@ -127,16 +128,15 @@ def _cached_vs_full(model: TaloraModel, decode_steps: int = 4):
         capacity = max(lengths) + decode_steps
         mc = model.lm.config
         cache = KVCache(mc.num_layers, capacity * len(lengths), mc.num_kv_heads, mc.head_dim, torch.float32, "cpu")
-        meta = BatchMeta.prefill(lengths, [slot_of[t] for t in tasks])
-        starts = torch.arange(len(lengths), dtype=torch.int32) * capacity
-        meta.write_index = torch.cat([s + torch.arange(n) for s, n in zip(starts.tolist(), lengths)])
-        meta.k_starts = starts
-        flat = torch.cat([ids[b, :n] for b, n in enumerate(lengths)])
-        hidden = model.forward_cached(flat, meta, prefix, slots, cache)
+        buffers, plan = StepBuffers.make("cpu"), StepPlan()
+        for b, n in enumerate(lengths):
+            plan.add_row(Row(ids[b, :n].tolist(), 0, b * capacity, slot_of[tasks[b]]))
+        step = buffers.prepare(plan)
+        hidden = model.forward_cached(step.input_ids, step.meta, prefix, slots, cache)
         cached_logits = model.lm.logits(hidden)
         full = model.forward_full(ids, mask, tasks)
         worst = _rel(cached_logits, torch.cat([full[b, :n] for b, n in enumerate(lengths)]))
-        last = meta.cu_seqlens_q[1:].long() - 1
+        last = step.meta.cu_seqlens_q[1:].long() - 1
         seqs = [ids[b, :n].tolist() for b, n in enumerate(lengths)]
         step_logits = cached_logits[last]
         for _ in range(decode_steps):
@@ -144,9 +144,11 @@ def _cached_vs_full(model: TaloraModel, decode_steps: int = 4):
             for b, tok in enumerate(nxt.tolist()):
                 seqs[b].append(tok)
             kv_lens = torch.tensor([len(s) for s in seqs], dtype=torch.int32)
-            step_meta = BatchMeta(torch.arange(len(lengths) + 1, dtype=torch.int32), (kv_lens - 1).long(),
-                                  meta.slot_ids, starts, kv_lens, (starts + kv_lens - 1).long())
-            step_logits = model.lm.logits(model.forward_cached(nxt, step_meta, prefix, slots, cache))
+            plan = StepPlan()
+            for b, seq in enumerate(seqs):
+                plan.add_decode_row(seq, b * capacity, slot_of[tasks[b]])
+            step = buffers.prepare(plan)
+            step_logits = model.lm.logits(model.forward_cached(step.input_ids, step.meta, prefix, slots, cache))
             width = max(len(s) for s in seqs)
             padded = torch.tensor([s + [0] * (width - len(s)) for s in seqs])
             pad_mask = torch.arange(width)[None] < kv_lens[:, None]

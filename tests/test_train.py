@@ -20,7 +20,7 @@ from talora.adapters.train import TrainConfig, run_eval, run_source, run_target
 from talora.adapters.train.checkpoint import list_checkpoints
 from talora.adapters.train.config import STAGE_FIELDS
 from talora.adapters.train.data import EncodedExample, EncodedTask
-from talora.adapters.train.evaluate import greedy_generate
+from talora.adapters.decoding import greedy_generate
 from talora.adapters.train.logs import read_log
 from talora.adapters.train.metrics import accuracy, exact_match, macro_f1, majority_rate, token_f1
 from talora.adapters.train.objective import AnswerLoss, pack_batch

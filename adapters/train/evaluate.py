@@ -1,7 +1,7 @@
 """Score a task adapter on encoded examples, exactly as serving scores requests.
 
 Classification: rank classification by label log-likelihood (``talora.adapters.scoring``).
-Extractive QA: greedy decoding on the cached path with a ``KVCache`` (stops at the
+Extractive QA: greedy decoding on the cached path (``talora.adapters.decoding``) (stops at the
 end-of-sequence token or a newline), then SQuAD exact match and token F1.
 """
 
@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import torch
 
+from talora.adapters.decoding import greedy_generate
 from talora.adapters.scoring import ScoreRequest, score_labels
-from talora.adapters.talora_model import BatchMeta, KVCache, PrefixKV, SlotKV, TaloraModel
+from talora.adapters.talora_model import PrefixKV, SlotKV, TaloraModel
 from talora.adapters.train.data import EncodedTask
 from talora.adapters.train.metrics import accuracy, exact_match, macro_f1, majority_rate, token_f1
 
@@ -31,41 +32,6 @@ def predict_labels(model: TaloraModel, task: EncodedTask, batch_size: int) -> li
         for scores in score_labels(model, prefix, slots, requests):
             preds.append(task.labels[int(scores.argmax())])
     return preds
-
-
-@torch.no_grad()
-def greedy_generate(model: TaloraModel, prefix: PrefixKV, slots: SlotKV, prompts: list[list[int]],
-                    slot_ids: list[int], max_new_tokens: int, stop_ids: set[int]) -> list[list[int]]:
-    """Greedy continuation of each prompt (stop tokens excluded) on the cached path."""
-    mc, device = model.lm.config, model.lm.device
-    lengths = [len(p) for p in prompts]
-    capacity = max(lengths) + max_new_tokens
-    cache = KVCache(mc.num_layers, capacity * len(prompts), mc.num_kv_heads, mc.head_dim, model.lm.dtype, device)
-    starts = torch.arange(len(prompts), dtype=torch.int32, device=device) * capacity
-    meta = BatchMeta.prefill(lengths, slot_ids, device=device)
-    meta.k_starts = starts
-    meta.write_index = torch.cat([s + torch.arange(n, device=device) for s, n in zip(starts.tolist(), lengths)])
-    flat = torch.tensor([t for p in prompts for t in p], dtype=torch.long, device=device)
-    hidden = model.forward_cached(flat, meta, prefix, slots, cache)
-    logits = model.lm.logits(hidden[meta.cu_seqlens_q[1:].long() - 1])
-    kv_lens = torch.tensor(lengths, dtype=torch.int32, device=device)
-    outputs: list[list[int]] = [[] for _ in prompts]
-    done = [False] * len(prompts)
-    for _ in range(max_new_tokens):
-        next_ids = logits.argmax(-1)
-        for row, token in enumerate(next_ids.tolist()):
-            if not done[row]:
-                if token in stop_ids:
-                    done[row] = True
-                else:
-                    outputs[row].append(token)
-        if all(done):
-            break
-        kv_lens = kv_lens + 1
-        step = BatchMeta(torch.arange(len(prompts) + 1, dtype=torch.int32, device=device), (kv_lens - 1).long(),
-                         meta.slot_ids, starts, kv_lens, (starts + kv_lens - 1).long())
-        logits = model.lm.logits(model.forward_cached(next_ids, step, prefix, slots, cache))
-    return outputs
 
 
 def _stop_ids(tokenizer) -> set[int]:

@@ -1,0 +1,320 @@
+"""Engine overhead: predict throughput of the serving engine against the bare packed forward.
+
+For each model the same request set (random token ids, 64 random tasks mixed, two labels) runs
+two ways, interleaved, warm-up first, then ``--repeats`` rounds and medians:
+
+  engine   every request submitted at once to ``talora.server.engine.Engine`` as a score job
+           (in-process, no HTTP); the engine forms its own batches of ``--batch-size`` rows
+  forward  the same rows in the same batches through ``TaloraModel.forward_cached`` (writing a
+           KV cache, as the engine does), the LM head and a log-softmax at the rows' read
+           positions: the least work any engine must do
+
+``engine / forward`` is the ratio of throughputs: on a CPU from process CPU time (the machine
+may be shared; the ratio of the fastest rounds and the wall-clock ratio are recorded too), on a
+GPU from wall time. Host time per step
+and per request comes from a profile of one more engine run: its CPU time less the CPU time spent
+in the model (``forward_cached``, the LM head and the log-softmax), over the steps or the requests.
+
+Models: ``tiny`` (SmolLM2's shape cut to 2 layers, random weights: host work dominates),
+``smollm2`` (the embedded default, its real weights), ``smollm2-random`` and ``qwen05b-random``
+(random weights in those shapes, for a GPU). ``--old-ref REF`` also measures the engine of git
+revision ``REF`` (exported with ``git archive`` and imported in a subprocess) in the same run, so
+old and new are side by side. Writes ``--out`` with ``"ratios": {"<model>_engine_vs_forward",
+"old_<model>_engine_vs_forward"}`` (on a GPU also ``engine_vs_forward_qwen05b`` and
+``engine_vs_forward_smollm2`` for the random-weight shapes, in ``engine_overhead-<card>.json``).
+
+    OMP_NUM_THREADS=1 python benchmarks/engine_overhead.py --device cpu --old-ref main
+    python benchmarks/engine_overhead.py --device cuda --dtype bfloat16 --models qwen05b-random,smollm2-random \
+        --requests qwen05b-random=1024,smollm2-random=1024 --max-tokens 128 --threads 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+SHAPES = {
+    "qwen05b-random": dict(model_type="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864,
+                           num_layers=24, num_heads=14, num_kv_heads=2, head_dim=64, rope_theta=1000000.0,
+                           rms_norm_eps=1e-6, tie_word_embeddings=True, attention_bias=True, eos_token_id=2),
+}
+MODELS = ("tiny", "smollm2", "smollm2-random", "qwen05b-random")
+GPU_NAMES = {"qwen05b-random": "qwen05b", "smollm2-random": "smollm2"}  # the GPU summary's ratio names
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", default="tiny,smollm2", help=f"comma-separated, of {', '.join(MODELS)}")
+    p.add_argument("--device", default="cpu", help="torch device")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="weights and KV")
+    p.add_argument("--requests", default="tiny=256,smollm2=64", help="requests per run, per model (default 256)")
+    p.add_argument("--min-tokens", type=int, default=16, help="shortest input, tokens")
+    p.add_argument("--max-tokens", type=int, default=48, help="longest input, tokens")
+    p.add_argument("--batch-size", type=int, default=64, help="rows per step (engine) and per forward")
+    p.add_argument("--repeats", type=int, default=5, help="timed rounds (median taken)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument("--old-ref", default=None, help="git revision whose engine is measured too")
+    p.add_argument("--out", type=Path, default=None,
+                   help="summary JSON (default results/engine_overhead.json; on CUDA engine_overhead-<card>.json)")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one model, in this process
+    return p.parse_args(argv)
+
+
+# ----- one model, one engine version (runs in a subprocess) ---------------------------------
+def build_model(name: str, device: str, dtype: str):
+    """A ``LoadedModel``: the embedded SmolLM2, or random weights in a named shape (its tokenizer kept)."""
+    from dataclasses import replace
+
+    from talora.adapters.config import ModelConfig
+    from talora.adapters.loading import LoadedModel, load_model, weights_fingerprint
+    from talora.adapters.model import CausalLM
+
+    smol = load_model(dtype=dtype, device=device)
+    if name == "smollm2":
+        return smol
+    if name in SHAPES:
+        cfg = ModelConfig(**SHAPES[name])
+    else:
+        cfg = replace(smol.model.config, num_layers=2 if name == "tiny" else smol.model.config.num_layers)
+    torch.manual_seed(0)
+    lm = CausalLM(cfg).to(device=device, dtype=getattr(torch, dtype)).eval().requires_grad_(False)
+    return LoadedModel(lm, smol.tokenizer, name, weights_fingerprint(cfg, lm.state_dict()))
+
+
+def request_set(count: int, vocab: int, lo: int, hi: int) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(1)
+    lengths = torch.randint(lo, hi + 1, (count,), generator=gen).tolist()
+    return [torch.randint(100, min(vocab, 40000), (n,), generator=gen).tolist() for n in lengths]
+
+
+def start_engine(loaded, bundle: Path, args):
+    from talora.server.engine import Engine
+    from talora.server.settings import Settings
+
+    settings = Settings(bundle=bundle, num_slots=64, max_batch_size=args.batch_size, max_queue=100_000,
+                        max_batch_tokens=args.batch_size * (args.max_tokens + 8), torch_threads=args.threads,
+                        kv_cache_tokens=args.batch_size * (args.max_tokens + 8) * 2, request_timeout_s=3600)
+    engine = Engine(settings, loaded=loaded)
+    engine.start()
+    return engine
+
+
+def parts(engine):
+    """(registry, model, prefix) of a started engine, of this revision or an older one."""
+    if hasattr(engine, "loaded"):
+        runner = engine.loaded.runner
+        return engine.loaded.registry, runner.model, runner.prefix
+    return engine.registry, engine.model, engine.prefix
+
+
+def engine_runner(engine, prompts: list[list[int]], tasks: list[str]):
+    from talora.server.jobs import Job, Scored
+
+    adapters = [parts(engine)[0].get(t) for t in tasks]
+
+    def run() -> None:
+        done, results = threading.Semaphore(0), []
+
+        def emit(event) -> None:
+            results.append(event)
+            done.release()
+
+        deadline = time.monotonic() + 3600
+        engine.submit([Job("score", a, list(p), emit, deadline) for a, p in zip(adapters, prompts)])
+        for _ in prompts:
+            done.acquire()
+        if not all(isinstance(e, Scored) for e in results):
+            raise RuntimeError(f"engine jobs failed: {[e for e in results if not isinstance(e, Scored)][:1]}")
+
+    return run
+
+
+def forward_runner(engine, prompts: list[list[int]], tasks: list[str], batch_size: int, sync):
+    """The engine's rows (prompt + verbaliser[:-1]), packed in its batches, through ``forward_cached``
+    writing a KV cache as the engine does. Uses only what old revisions have too."""
+    from talora.adapters.talora_model import BatchMeta, KVCache
+
+    registry, model, prefix = parts(engine)
+    device = model.lm.device
+    names = sorted(set(tasks))
+    slot_of = {t: i for i, t in enumerate(names)}
+    with torch.no_grad():
+        slots = model.task_kv(prefix, *stacked_from(model, [registry.get(t) for t in names]))
+    rows, row_slots = [], []
+    for p, t in zip(prompts, tasks):
+        for row in dict.fromkeys(tuple(p) + tuple(v[:-1]) for v in registry.get(t).label_ids):
+            rows.append(list(row))
+            row_slots.append(slot_of[t])
+    prepared = []
+    for s in range(0, len(rows), batch_size):
+        chunk = rows[s:s + batch_size]
+        fresh = BatchMeta.prefill([len(r) for r in chunk], row_slots[s:s + batch_size], device=device)
+        ids = torch.tensor([t for r in chunk for t in r], device=device)
+        meta = BatchMeta(fresh.cu_seqlens_q, fresh.positions, fresh.slot_ids, fresh.k_starts, fresh.kv_lens,
+                         torch.arange(len(ids), device=device))
+        prepared.append((ids, meta, (meta.cu_seqlens_q[1:] - 1).long()))
+    mc = model.lm.config
+    cache = KVCache(mc.num_layers, max(len(ids) for ids, _, _ in prepared), mc.num_kv_heads, mc.head_dim,
+                    model.lm.dtype, device)
+
+    @torch.inference_mode()
+    def run() -> None:
+        for ids, meta, last in prepared:
+            torch.log_softmax(model.lm.logits(model.forward_cached(ids, meta, prefix, slots, cache)[last])
+                              .float(), dim=-1)[:, 0].cpu()
+        sync()
+
+    return run
+
+
+def stacked_from(model, adapters):
+    """Fast weights and gates of registry ``adapters`` stacked, as ``TaloraModel.stacked`` gives them."""
+    device, dtype = model.lm.device, model.lm.dtype
+    return (torch.stack([a.fast.to(device=device, dtype=dtype) for a in adapters]),
+            torch.stack([a.gate.to(device=device, dtype=dtype) for a in adapters]))
+
+
+def profile_engine(engine, run) -> dict:
+    """CPU time of one engine run (all threads), and the CPU time its worker spent in the model
+    (``forward_cached``, the LM head, the log-softmax over the vocabulary): the rest is the
+    engine's own work."""
+    model, inside, steps = parts(engine)[1], [], []
+
+    def timed(inner, count: bool):
+        def call(*a, **k):
+            started = time.thread_time()
+            out = inner(*a, **k)
+            inside.append(time.thread_time() - started)
+            steps.extend([1] if count else [])
+            return out
+        return call
+
+    log_softmax = torch.log_softmax
+    model.forward_cached, model.lm.logits = timed(model.forward_cached, True), timed(model.lm.logits, False)
+    torch.log_softmax = timed(log_softmax, False)
+    try:
+        started = time.process_time()
+        run()
+        cpu = time.process_time() - started
+    finally:
+        del model.forward_cached, model.lm.logits
+        torch.log_softmax = log_softmax
+    return {"cpu_s": cpu, "model_cpu_s": sum(inside), "steps": len(steps)}
+
+
+def measure(args) -> dict:
+    """One model with the engine importable here: throughputs, ratio and host time."""
+    sys.path.insert(0, str(HERE))
+    from bench_bundle import task_name, write_random_bundle
+
+    torch.set_num_threads(args.threads)
+    loaded = build_model(args.worker, args.device, args.dtype)
+    count = dict(kv.split("=") for kv in args.requests.split(",")).get(args.worker, "256")
+    prompts = request_set(int(count), loaded.model.config.vocab_size, args.min_tokens, args.max_tokens)
+    draws = torch.randint(0, 64, (len(prompts),), generator=torch.Generator().manual_seed(2))
+    tasks = [task_name(int(i)) for i in draws]
+    with tempfile.TemporaryDirectory() as tmp:
+        bundle = write_random_bundle(loaded.model, loaded.fingerprint, Path(tmp) / "bundle", 64)
+        engine = start_engine(loaded, bundle, args)
+        try:
+            return timed_pair(engine, prompts, tasks, args)
+        finally:
+            engine.stop(30)
+
+
+def timed_pair(engine, prompts, tasks, args) -> dict:
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    runs = {"engine": engine_runner(engine, prompts, tasks),
+            "forward": forward_runner(engine, prompts, tasks, args.batch_size, sync)}
+    walls: dict[str, list[float]] = {name: [] for name in runs}
+    cpus: dict[str, list[float]] = {name: [] for name in runs}
+    for run in runs.values():
+        run()
+    for _ in range(args.repeats):
+        for name, run in runs.items():
+            started, started_cpu = time.perf_counter(), time.process_time()
+            run()
+            walls[name].append(time.perf_counter() - started)
+            cpus[name].append(time.process_time() - started_cpu)
+    profile = profile_engine(engine, runs["engine"])
+    engine_s, forward_s = statistics.median(walls["engine"]), statistics.median(walls["forward"])
+    engine_cpu, forward_cpu = statistics.median(cpus["engine"]), statistics.median(cpus["forward"])
+    host_s = profile["cpu_s"] - profile["model_cpu_s"]
+    return {"requests": len(prompts), "input_tokens": sum(map(len, prompts)), "wall_s": walls, "cpu_s": cpus,
+            "engine_requests_per_s": len(prompts) / engine_s, "forward_requests_per_s": len(prompts) / forward_s,
+            "engine_vs_forward_wall": forward_s / engine_s,
+            "engine_vs_forward": forward_cpu / engine_cpu if args.device == "cpu" else forward_s / engine_s,
+            "engine_vs_forward_fastest": min(cpus["forward"]) / min(cpus["engine"]),
+            "profile": profile,
+            "host_us_per_request": 1e6 * host_s / len(prompts),
+            "host_us_per_step": 1e6 * host_s / max(profile["steps"], 1)}
+
+
+# ----- the driver ---------------------------------------------------------------------------
+def export_ref(ref: str, into: Path) -> Path:
+    """``ref``'s tree under ``into/src`` and a ``talora`` package of links to it; returns the path to import from."""
+    src = into / "src"
+    src.mkdir(parents=True)
+    archive = subprocess.run(["git", "-C", str(HERE.parent), "archive", ref], check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(src)], input=archive, check=True)
+    (into / "talora").mkdir()
+    (into / "talora" / "__init__.py").write_text("")
+    for name in ("kernels", "adapters", "server"):
+        (into / "talora" / name).symlink_to(src / name, target_is_directory=True)
+    return into
+
+
+def run_worker(model: str, argv: list[str], pythonpath: Path | None) -> dict:
+    env = dict(os.environ)
+    if pythonpath is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(pythonpath), env.get("PYTHONPATH", "")])
+    out = subprocess.run([sys.executable, __file__, *argv, "--worker", model], env=env, check=True,
+                         stdout=subprocess.PIPE, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main(argv=None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    if args.worker:
+        print(json.dumps(measure(args)))
+        return
+    sys.path.insert(0, str(HERE))
+    from bench_report import machine_info, write_json
+
+    results: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        old = export_ref(args.old_ref, Path(tmp)) if args.old_ref else None
+        for model in args.models.split(","):
+            if old is not None:
+                results[f"old_{model}"] = run_worker(model, argv, old)
+            results[model] = run_worker(model, argv, None)
+    ratios = {f"{key.replace('-', '_')}_engine_vs_forward": row["engine_vs_forward"] for key, row in results.items()}
+    ratios |= {f"engine_vs_forward_{GPU_NAMES[key]}": ratios[f"{key.replace('-', '_')}_engine_vs_forward"]
+               for key in results if key in GPU_NAMES}
+    card = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu"
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", card).strip("-").lower()
+    out = args.out or HERE / "results" / ("engine_overhead.json" if card == "cpu" else f"engine_overhead-{slug}.json")
+    setup = {k: str(v) for k, v in vars(args).items() if k not in ("out", "worker")}
+    write_json(out, {"setup": setup, "machine": machine_info(args.threads), "card": card, "results": results,
+                     "ratios": ratios})
+    for key, row in results.items():
+        print(f"{key:24s} engine/forward {row['engine_vs_forward']:.3f}  host {row['host_us_per_request']:8.0f} "
+              f"us/request {row['host_us_per_step']:9.0f} us/step")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

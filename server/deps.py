@@ -1,0 +1,33 @@
+"""What routes depend on, as types (FastAPI ``Depends``): the engine, and admin authorisation.
+
+``EngineDep`` is the app's engine (``create_app`` puts it in ``app.state``). ``require_admin`` is
+the admin router's dependency: 403 when no admin token is configured, 401 (with
+``WWW-Authenticate: Bearer``) when the request's bearer token is not the configured one.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Annotated
+
+from fastapi import Depends, Request
+from starlette.exceptions import HTTPException
+
+from talora.server.engine import Engine
+
+
+def get_engine(request: Request) -> Engine:
+    return request.app.state.engine
+
+
+EngineDep = Annotated[Engine, Depends(get_engine)]
+
+
+def require_admin(request: Request, engine: EngineDep) -> None:
+    settings = engine.settings
+    if not settings.admin_enabled:
+        raise HTTPException(403, "the admin routes are off: set TALORA_ADMIN_TOKEN (--admin-token)")
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    expected = settings.admin_token.get_secret_value() if settings.admin_token else ""
+    if scheme.lower() != "bearer" or not secrets.compare_digest(token.encode(), expected.encode()):
+        raise HTTPException(401, "a valid bearer token is required", headers={"WWW-Authenticate": "Bearer"})
