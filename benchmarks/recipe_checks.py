@@ -74,10 +74,14 @@ def _spread(rows: list[dict]) -> dict:
     return out
 
 
-def small_task(bundle: Path, seeds: list[int], tmp: Path, threads: int) -> dict:
-    runs = [{"seed": s, **_target(bundle, "tweet_sentiment", tmp / f"small-{s}", threads, seed=s, train_limit=60,
-                                  eval_limit=240)} for s in seeds]
-    return {"task": "tweet_sentiment", "train_examples": 60, "runs": runs, **_spread(runs)}
+def small_task(bundle: Path, seeds: list[int], tmp: Path, threads: int, out: dict, save) -> dict:
+    out.update(task="tweet_sentiment", train_examples=60, runs=[])
+    for s in seeds:
+        out["runs"].append({"seed": s, **_target(bundle, "tweet_sentiment", tmp / f"small-{s}", threads, seed=s,
+                                                 train_limit=60, eval_limit=240)})
+        out.update(_spread(out["runs"]))
+        save()
+    return out
 
 
 def imbalanced_file(path: Path, total: int = 1000, share: float = 0.78) -> Path:
@@ -98,18 +102,21 @@ def imbalanced_file(path: Path, total: int = 1000, share: float = 0.78) -> Path:
     return path
 
 
-def imbalanced_task(bundle: Path, seeds: list[int], tmp: Path, threads: int) -> dict:
+def imbalanced_task(bundle: Path, seeds: list[int], tmp: Path, threads: int, out: dict, save) -> dict:
     from talora.adapters.tasks import register_file_task
 
     data = imbalanced_file(tmp / "my_tweets.jsonl")
     register_file_task(data)
-    arms = {}
-    for mode in ("sampler", "none"):
-        runs = [{"seed": s, **_target(bundle, "my_tweets", tmp / f"imb-{mode}-{s}", threads, seed=s,
-                                      class_balance=mode, task_files=[str(data)], train_limit=0, eval_limit=0)}
-                for s in seeds]
-        arms[mode] = {"runs": runs, **_spread(runs)}
-    return {"task": "my_tweets (file task: 1,000 tweets, 78% negative, 80/10/10 split)", "arms": arms}
+    out.update(task="my_tweets (file task: 1,000 tweets, 78% negative, 80/10/10 split)", arms={})
+    for s in seeds:  # seed by seed, both arms, so that a stopped run leaves paired results
+        for mode in ("sampler", "none"):
+            arm = out["arms"].setdefault(mode, {"runs": []})
+            arm["runs"].append({"seed": s, **_target(bundle, "my_tweets", tmp / f"imb-{mode}-{s}", threads, seed=s,
+                                                     class_balance=mode, task_files=[str(data)], train_limit=0,
+                                                     eval_limit=0)})
+            arm.update(_spread(arm["runs"]))
+            save()
+    return out
 
 
 def main(argv=None) -> None:
@@ -118,15 +125,25 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     bundle = source_bundle(args.threads)
+    doc: dict = {"command": "python benchmarks/recipe_checks.py " + " ".join(sys.argv[1:] if argv is None else argv),
+                 "bundle": str(bundle.relative_to(HERE.parent)) if bundle.is_relative_to(HERE.parent) else str(bundle),
+                 "complete": False}
+
+    def save() -> None:  # after every run, so that a stopped check leaves what it measured
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(doc, indent=1) + "\n")
+
     with tempfile.TemporaryDirectory() as tmp:
-        doc = {"command": "python benchmarks/recipe_checks.py " + " ".join(sys.argv[1:] if argv is None else argv),
-               "bundle": str(bundle),
-               "small_task": small_task(bundle, [int(s) for s in args.seeds.split(",")], Path(tmp), args.threads),
-               "imbalanced_task": imbalanced_task(bundle, [int(s) for s in args.imbalance_seeds.split(",")],
-                                                  Path(tmp), args.threads)}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(doc, indent=1) + "\n")
+        imbalanced_task(bundle, _ints(args.imbalance_seeds), Path(tmp), args.threads,
+                        doc.setdefault("imbalanced_task", {}), save)
+        small_task(bundle, _ints(args.seeds), Path(tmp), args.threads, doc.setdefault("small_task", {}), save)
+    doc["complete"] = True
+    save()
     print(json.dumps(doc, indent=1))
+
+
+def _ints(text: str) -> list[int]:
+    return [int(s) for s in text.split(",") if s]
 
 
 if __name__ == "__main__":
