@@ -235,7 +235,8 @@ def build_app(settings: Settings, options: RayOptions):
     """The Serve application: ingress -> ``replicas`` engine replicas."""
     if settings.torch_threads == 0:  # torch would start one thread per core of the node in every replica
         settings = settings.model_copy(update={"torch_threads": max(1, int(options.replica_cpus))})
-    replicas = replica_deployment(settings.num_slots).options(**options.replica_options()).bind(settings, options.app_name)
+    deployment = replica_deployment(settings.num_slots).options(**options.replica_options())
+    replicas = deployment.bind(settings, options.app_name)
     return TaloraIngress.bind(replicas, settings, options)
 
 
