@@ -145,5 +145,6 @@ def merge_metrics(texts: dict[str, str]) -> str:
                 lines.append(f"{sample.name}{_labels(labels)} {float(sample.value)!r}")
     out = []
     for name, (kind, doc, lines) in families.items():
+        name = f"{name}_total" if kind == "counter" else name  # as prometheus_client writes counters
         out += [f"# HELP {name} {doc}", f"# TYPE {name} {kind}", *lines]
     return "\n".join(out) + "\n"
