@@ -34,6 +34,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
+from talora.adapters.io import list_task_names
 from talora.server.app import create_app
 from talora.server.engine import Engine, resolve_bundle
 from talora.server.ray_store import SharedStore
@@ -44,6 +45,7 @@ from talora.server.settings import Settings
 log = logging.getLogger(__name__)
 REPLICA_HEADER = (b"x-talora-replica", b"")
 METRICS_PUSH_S = 2.0
+LISTINGS = ("/v1/tasks", "/v1/models", "/ready")  # answered from the registry: synced with the store first
 
 
 @ray.remote(num_cpus=0)
@@ -98,7 +100,7 @@ class TaloraReplica:
         task, _, version = model_id.partition("@")
         return await asyncio.to_thread(self.sync, task, version)
 
-    def sync(self, task: str, version: str) -> AdapterVersion | None:
+    def sync(self, task: str, version: str, warm: bool = True) -> AdapterVersion | None:
         """Make the registry serve the store's ``version`` of ``task`` ("" : none) and warm its slot."""
         registry = self.engine.registry
         current = registry.snapshot().get(task)
@@ -112,8 +114,18 @@ class TaloraReplica:
             except Exception as exc:  # noqa: BLE001 - the request gets the route's own 404 / old version
                 log.warning("adapter %s@%s could not be loaded from the shared store: %s", task, version, exc)
                 return current
-        self.engine.warm(current)
+        if warm:
+            self.engine.warm(current)
         return current
+
+    def sync_all(self) -> None:
+        """Bring every task to the store's version (before a listing answers; no slot is warmed)."""
+        tasks = set(self.engine.registry.snapshot()) | set(list_task_names(self.store.store))
+        for task in sorted(tasks):
+            version = self.store.version_of(task) or ""
+            current = self.engine.registry.snapshot().get(task)
+            if (current.version if current else "") != version:
+                self.sync(task, version, warm=False)
 
     def _load_from_store(self, task: str) -> AdapterVersion:
         registry = self.engine.registry
@@ -133,6 +145,8 @@ class TaloraReplica:
             current = self.engine.registry.snapshot().get(task)
             if (current.version if current else "") != version:  # an id held from before an evict or a revert
                 await asyncio.to_thread(self.sync, task, version)
+        elif request["path"].rstrip("/") in LISTINGS:
+            await asyncio.to_thread(self.sync_all)
         admin = admin_task(request["method"], request["path"])
         exchange = asgi_exchange(self.app, request["method"], request["path"], request["query"],
                                  request["headers"], request["body"])

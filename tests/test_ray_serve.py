@@ -1,0 +1,232 @@
+"""The Ray Serve application on a local Ray cluster bound to 127.0.0.1, two CPU replicas (``-m ray``).
+
+The tiny model carries the logic tests (answers equal the in-process server's, task affinity, hot
+swap under load, a replica killed under load); the real default model repeats the equality test.
+Each module run starts one local cluster (about a minute on two cores with the model loads).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import time
+
+import httpx
+import pytest
+from test_server_support import CLASSIFY, GENERATE, build_bundle, free_port, serve, write_version
+
+ray = pytest.importorskip("ray")
+pytest.importorskip("ray.serve")
+from helpers import save_tiny_server_model  # noqa: E402
+from ray import serve as ray_serve  # noqa: E402
+
+from talora.server.ray_serve import build_app  # noqa: E402
+from talora.server.ray_support import RayOptions  # noqa: E402
+from talora.server.settings import Settings  # noqa: E402
+
+pytestmark = pytest.mark.ray
+TOKEN = {"authorization": "Bearer s3cret"}
+TEXTS = ["good", "bad", "fine", "awful"]
+APP = "talora"
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    port = free_port()
+    ray_serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield f"http://127.0.0.1:{port}"
+    ray_serve.shutdown()
+    ray.shutdown()
+
+
+def deploy(settings: Settings, replicas: int = 2) -> None:
+    ray_serve.run(build_app(settings, RayOptions(replicas=replicas, replica_cpus=1)), name=APP, route_prefix="/")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, tiny_server_model):
+    """(model folder, store folder with a v2 of sentiment under v2/) of the tiny model."""
+    root = tmp_path_factory.mktemp("ray-tiny")
+    model_dir = save_tiny_server_model(root / "model")
+    store = build_bundle(root / "store", tiny_server_model)
+    write_version(store, tiny_server_model, "sentiment", seed=11, version="v2", out=store / "v2")
+    return model_dir, store
+
+
+@pytest.fixture(scope="module")
+def tiny_app(cluster, tiny):
+    model_dir, store = tiny
+    settings = Settings(model=str(model_dir), bundle=store, num_slots=4, admin_token="s3cret", torch_threads=1,
+                        drain_timeout_s=5)
+    deploy(settings)
+    yield cluster
+    ray_serve.delete(APP)
+
+
+def requests_of(task_kind: str) -> list[tuple[str, dict]]:
+    if task_kind == "classify":
+        return [(f"/v1/tasks/{task}/predict", {"text": TEXTS}) for task in CLASSIFY]
+    return [(f"/v1/tasks/{GENERATE}/generate", {"text": "hello", "max_new_tokens": 6, "temperature": 0}),
+            ("/v1/completions", {"model": GENERATE, "prompt": "hi", "max_tokens": 5, "temperature": 0})]
+
+
+def answers(url: str, calls: list[tuple[str, dict]]) -> list[dict]:
+    with httpx.Client(base_url=url, timeout=120) as client:
+        out = []
+        for path, body in calls:
+            r = client.post(path, json=body)
+            assert r.status_code == 200, r.text
+            out.append(r.json())
+        return out
+
+
+def assert_same_answers(ray_answers: list[dict], local_answers: list[dict]) -> None:
+    for got, want in zip(ray_answers, local_answers):
+        if "results" in want:
+            for g, w in zip(got["results"], want["results"]):
+                assert g["label"] == w["label"]
+                assert g["scores"] == pytest.approx(w["scores"], abs=1e-4)
+        elif "choices" in want:
+            assert [c["text"] for c in got["choices"]] == [c["text"] for c in want["choices"]]
+        else:
+            assert got["text"] == want["text"]
+
+
+def test_answers_equal_the_in_process_server(tiny_app, tiny, tiny_server_model):
+    calls = requests_of("classify") + requests_of("generate")
+    got = answers(tiny_app, calls)
+    with serve(tiny[1], tiny_server_model, num_slots=4) as local:
+        want = answers(local.url, calls)
+    assert_same_answers(got, want)
+
+
+def replica_of(client: httpx.Client, task: str) -> str:
+    r = client.post(f"/v1/tasks/{task}/predict", json={"text": "good"})
+    assert r.status_code == 200, r.text
+    return r.headers["x-talora-replica"]
+
+
+def test_a_task_keeps_landing_on_the_replica_that_holds_it(tiny_app):
+    with httpx.Client(base_url=tiny_app, timeout=60) as client:
+        for task in CLASSIFY:  # warm-up: each task's id reaches a replica, which reports it to the routers
+            replica_of(client, task)
+        time.sleep(2)
+        seen = {task: {replica_of(client, task) for _ in range(8)} for task in CLASSIFY}
+    assert all(len(replicas) == 1 for replicas in seen.values()), seen
+
+
+async def _load(url: str, calls: list[tuple[str, dict]], concurrency: int, retries: int = 0, during=None):
+    """Send ``calls`` with ``concurrency`` in flight; ``during`` runs alongside. Returns (responses, retried)."""
+    sem, done, retried = asyncio.Semaphore(concurrency), [], [0]
+    async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+        async def one(i: int, path: str, body: dict):
+            async with sem:
+                for attempt in range(retries + 1):
+                    sent = time.monotonic()
+                    try:
+                        r = await client.post(path, json=body)
+                    except httpx.TransportError:
+                        r = None
+                    if r is not None and r.status_code < 500:
+                        break
+                    retried[0] += 1
+                    await asyncio.sleep(0.5 * (attempt + 1))
+                done.append((i, sent, r))
+
+        jobs = [one(i, path, body) for i, (path, body) in enumerate(calls)]
+        extra = [during(client, done)] if during else []
+        results = await asyncio.gather(*jobs, *extra)
+    return sorted(done, key=lambda d: d[0]), (results[-1] if during else None), retried[0]
+
+
+def test_hot_swap_under_load_fails_nothing(tiny_app):
+    calls = [("/v1/tasks/sentiment/predict", {"text": TEXTS[i % 4]}) for i in range(160)]
+
+    async def swap(client, done):
+        while len(done) < 40:
+            await asyncio.sleep(0.02)
+        r = await client.put("/v1/adapters/sentiment", json={"path": "v2/sentiment"}, headers=TOKEN)
+        return r, time.monotonic()
+
+    done, (put, swapped_at), _ = asyncio.run(_load(tiny_app, calls, concurrency=16, during=swap))
+    assert put.status_code == 200 and put.json()["version"] == "v2", put.text
+    assert [r.status_code for _, _, r in done] == [200] * len(calls)
+    versions = {r.json()["version"] for _, _, r in done}
+    assert "v2" in versions and len(versions) == 2
+    assert all(r.json()["version"] == "v2" for _, sent, r in done if sent > swapped_at)
+    by_version: dict[tuple[str, str], list[list[float]]] = {}
+    for i, _, r in done:
+        by_version.setdefault((r.json()["version"], TEXTS[i % 4]), []).append(list(r.json()["scores"].values()))
+    for scores in by_version.values():  # a version's answer does not depend on where or when it ran
+        assert all(s == pytest.approx(scores[0], abs=1e-4) for s in scores)
+
+
+def replica_actors() -> list[str]:
+    return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "TaloraReplica" in a["name"]]
+
+
+def running_replicas() -> int:
+    deployment = ray_serve.status().applications[APP].deployments["TaloraReplica"]
+    return deployment.replica_states.get("RUNNING", 0)
+
+
+def test_killing_a_replica_loses_no_retried_request_and_the_app_recovers(tiny_app, tiny):
+    calls = [(path, body) for _ in range(20) for path, body in requests_of("classify")]
+    killed = []
+
+    async def kill(client, done):
+        while len(done) < 20:
+            await asyncio.sleep(0.02)
+        victim = replica_actors()[0]
+        ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+        killed.append(victim)
+        return len(done)
+
+    done, done_at_kill, retried = asyncio.run(_load(tiny_app, calls, concurrency=12, retries=6, during=kill))
+    assert killed and done_at_kill < len(calls) - 12  # the kill came with requests in flight and queued
+    assert [r.status_code if r is not None else None for _, _, r in done] == [200] * len(calls)
+    deadline = time.monotonic() + 180
+    while running_replicas() < 2 or len(replica_actors()) < 2 or killed[0] in replica_actors():
+        assert time.monotonic() < deadline, "Serve did not replace the killed replica"
+        time.sleep(1)
+    with httpx.Client(base_url=tiny_app, timeout=60) as client:
+        for task in CLASSIFY:
+            r = client.post(f"/v1/tasks/{task}/predict", json={"text": "fine"})
+            assert r.status_code == 200, r.text
+        listings = {}  # the replica that answered -> its sentiment version
+        while time.monotonic() < deadline:
+            r = client.get("/v1/tasks")
+            versions = {t["task"]: t["version"] for t in r.json()["tasks"]}
+            listings[r.headers["x-talora-replica"]] = versions["sentiment"]
+            if len(listings) == 2:
+                break
+    # every replica, the new one too, serves the version the store names (v2 after the hot swap test)
+    assert list(listings.values()) == [json.loads((tiny[1] / "sentiment.json").read_text())["version"]] * 2
+    print(f"requests the client retried after the kill: {retried}")
+
+
+@pytest.fixture(scope="module")
+def real_app(cluster, tmp_path_factory):
+    from talora.server.engine import demo_bundle_dir
+
+    if ray_serve.status().applications.get(APP) is not None:
+        ray_serve.delete(APP)  # two CPUs: the tiny replicas make room
+    store = tmp_path_factory.mktemp("ray-demo") / "store"
+    shutil.copytree(demo_bundle_dir(), store, ignore=shutil.ignore_patterns("__*", "*.py", "*.md"))
+    deploy(Settings(bundle=store, num_slots=8, torch_threads=1, drain_timeout_s=5))
+    yield cluster, store
+    ray_serve.delete(APP)
+
+
+def test_real_model_answers_equal_the_in_process_server(real_app, default_model):
+    url, store = real_app
+    with httpx.Client(base_url=url, timeout=120) as client:
+        tasks = [t for t in client.get("/v1/tasks").json()["tasks"] if t["kind"] == "classify"]
+    assert len(tasks) >= 2
+    calls = [(f"/v1/tasks/{t['task']}/predict", {"text": ["I loved it", "the match ended late"]}) for t in tasks]
+    got = answers(url, calls)
+    with serve(store, default_model, num_slots=8) as local:
+        want = answers(local.url, calls)
+    assert_same_answers(got, want)
