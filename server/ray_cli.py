@@ -29,9 +29,14 @@ def build_ray_parser() -> argparse.ArgumentParser:
     parser.prog = "talora-serve --ray"
     group = parser.add_argument_group("Ray Serve", "replicas of the engine behind one HTTP ingress")
     for name, field in RayOptions.model_fields.items():
-        kind = str if name in ("address", "app_name") else type(field.default)
-        group.add_argument("--" + name.replace("_", "-"), dest=f"ray.{name}", type=kind, default=argparse.SUPPRESS,
-                           metavar=name.upper(), help=f"{field.description} (default {field.default})")
+        flag, help_text = "--" + name.replace("_", "-"), f"{field.description} (default {field.default})"
+        if isinstance(field.default, bool):
+            group.add_argument(flag, dest=f"ray.{name}", action=argparse.BooleanOptionalAction,
+                               default=argparse.SUPPRESS, help=help_text)
+            continue
+        kind = {"address": str, "app_name": str, "routing": str, "num_cpus": int}.get(name, type(field.default))
+        group.add_argument(flag, dest=f"ray.{name}", type=kind, default=argparse.SUPPRESS, metavar=name.upper(),
+                           help=help_text)
     return parser
 
 

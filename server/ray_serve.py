@@ -208,7 +208,8 @@ class TaloraIngress:
         version = self.store.version_of(task) if task is not None else None
         request = {"method": method, "path": path, "query": http.url.query.encode(), "body": body,
                    "headers": list(http.headers.raw), "task": task, "version": version or ""}
-        handle = self.replicas.options(multiplexed_model_id=f"{task}@{version}" if version else "", stream=True)
+        affine = version and self.options.routing == "task"
+        handle = self.replicas.options(multiplexed_model_id=f"{task}@{version}" if affine else "", stream=True)
         retries = 0 if admin_task(method, path) else self.options.retries
         for attempt in range(retries + 1):
             stream = handle.call.remote(request)
@@ -251,7 +252,8 @@ def build_app(settings: Settings, options: RayOptions):
         settings = settings.model_copy(update={"torch_threads": max(1, int(options.replica_cpus))})
     deployment = replica_deployment(settings.num_slots).options(**options.replica_options())
     replicas = deployment.bind(settings, options.app_name)
-    return TaloraIngress.bind(replicas, settings, options)
+    ingress = TaloraIngress.options(logging_config={"enable_access_log": options.access_log})
+    return ingress.bind(replicas, settings, options)
 
 
 def app_builder(args: dict[str, str]):

@@ -16,7 +16,7 @@ import asyncio
 import json
 import re
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Literal
 
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import BaseModel, Field, model_validator
@@ -38,8 +38,12 @@ class RayOptions(BaseModel):
     autoscale_max_replicas: int = Field(0, ge=0, description="0: a fixed number of replicas; else autoscale "
                                         "between replicas and this")
     target_ongoing_requests: float = Field(16.0, gt=0, description="autoscaling target per replica")
+    routing: Literal["task", "random"] = Field("task", description="task: multiplexed by task@version, so a task "
+                                               "sticks to the replicas holding its KV; random: Serve's default "
+                                               "(for comparison)")
     retries: int = Field(2, ge=0, description="times the ingress retries a request whose replica died before "
                          "it answered")
+    access_log: bool = Field(True, description="Serve's log line per request in each replica and the ingress")
     address: str | None = Field(None, description="an existing Ray cluster (auto, or ray://host:port); "
                                 "default: start a local one bound to 127.0.0.1")
     num_cpus: int | None = Field(None, ge=1, description="CPUs of the local cluster (default: all)")
@@ -55,7 +59,8 @@ class RayOptions(BaseModel):
         """Keyword arguments of ``Deployment.options`` for the engine replicas."""
         actor = {"num_cpus": self.replica_cpus, "num_gpus": self.replica_gpus}
         options: dict[str, Any] = {"max_ongoing_requests": self.max_ongoing_requests, "ray_actor_options": actor,
-                                   "health_check_period_s": 2, "graceful_shutdown_timeout_s": 30}
+                                   "health_check_period_s": 2, "graceful_shutdown_timeout_s": 30,
+                                   "logging_config": {"enable_access_log": self.access_log}}
         if self.autoscale_max_replicas:
             options["autoscaling_config"] = {"min_replicas": self.replicas, "max_replicas": self.autoscale_max_replicas,
                                              "target_ongoing_requests": self.target_ongoing_requests}
