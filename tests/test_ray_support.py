@@ -113,3 +113,38 @@ def test_ray_flags_parse_into_settings_and_options(tmp_path):
     assert (options.replicas, options.max_ongoing_requests, options.address) == (3, 128, "auto")
     assert main(["--replicas", "0"]) == 2
     assert main(["--admin-token", "x"]) == 2  # the admin routes need a shared store folder
+
+
+def _doc_yaml_blocks() -> list[dict]:
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "scale_out.md").read_text()
+    return [yaml.safe_load(block) for block in re.findall(r"^```yaml\n(.*?)^```", text, re.S | re.M)]
+
+
+def test_the_docs_serve_config_and_rayservice_are_valid_and_build(tmp_path):
+    """The Serve config and the RayService of docs/scale_out.md validate against Serve's schema, and their
+    args build the application (no cluster needed; skipped without the ray extra)."""
+    pytest.importorskip("ray.serve")
+    import shutil
+
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from talora.server.engine import demo_bundle_dir
+    from talora.server.ray_serve import app_builder
+
+    config, service = _doc_yaml_blocks()
+    embedded = yaml.safe_load(service["spec"]["serveConfigV2"])
+    store = tmp_path / "adapters"
+    shutil.copytree(demo_bundle_dir(), store, ignore=shutil.ignore_patterns("__*", "*.py"))
+    for serve_config in (config, embedded):
+        ServeDeploySchema.model_validate(serve_config)
+        app = serve_config["applications"][0]
+        assert app["import_path"] == "talora.server.ray_serve:app_builder"
+        assert [d["name"] for d in app["deployments"]] == ["TaloraReplica"]
+        args = {k: str(store) if v == "/mnt/adapters" else v for k, v in app["args"].items()}
+        assert app_builder(args) is not None
