@@ -90,6 +90,7 @@ class TaloraReplica:
         self.app = create_app(settings, self.engine)
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.hub = metrics_hub(app_name)
+        self._admin_busy: set[str] = set()  # tasks an admin request is changing here: the store lags behind
         self._stop = threading.Event()
         threading.Thread(target=self._push_metrics, name="talora-metrics-push", daemon=True).start()
 
@@ -104,6 +105,8 @@ class TaloraReplica:
         """Make the registry serve the store's ``version`` of ``task`` ("" : none) and warm its slot."""
         registry = self.engine.registry
         current = registry.snapshot().get(task)
+        if task in self._admin_busy:  # a PUT or DELETE here is ahead of the store: do not undo it
+            return current
         if not version:
             if current is not None:
                 registry.evict(task)
@@ -154,8 +157,12 @@ class TaloraReplica:
             async for item in exchange:
                 yield self._tag(item)
             return
-        items = [item async for item in exchange]  # the store is written before the client hears 200
-        await asyncio.to_thread(self._after_admin, request["method"], admin, items[0]["status"])
+        self._admin_busy.add(admin)
+        try:
+            items = [item async for item in exchange]  # the store is written before the client hears 200
+            await asyncio.to_thread(self._after_admin, request["method"], admin, items[0]["status"])
+        finally:
+            self._admin_busy.discard(admin)
         for item in items:
             yield self._tag(item)
 
@@ -219,6 +226,10 @@ class TaloraIngress:
                 log.warning("replica died before answering %s %s (attempt %d): %s", method, path, attempt + 1, exc)
                 await asyncio.sleep(0.2 * (attempt + 1))
                 continue
+            except Exception as exc:  # noqa: BLE001 - e.g. the shared store could not be written
+                log.exception("the replica failed %s %s", method, path)
+                return JSONResponse({"detail": f"the replica failed: {type(exc).__name__}", "field": None},
+                                    status_code=500)
             response = StreamingResponse(self._rest(stream), status_code=head["status"])
             response.raw_headers = head["headers"]
             return response

@@ -141,7 +141,7 @@ async def _load(url: str, calls: list[tuple[str, dict]], concurrency: int, retri
     return sorted(done, key=lambda d: d[0]), (results[-1] if during else None), retried[0]
 
 
-def test_hot_swap_under_load_fails_nothing(tiny_app):
+def test_hot_swap_under_load_fails_nothing(tiny_app, tiny):
     calls = [("/v1/tasks/sentiment/predict", {"text": TEXTS[i % 4]}) for i in range(160)]
 
     async def swap(client, done):
@@ -152,6 +152,7 @@ def test_hot_swap_under_load_fails_nothing(tiny_app):
 
     done, (put, swapped_at), _ = asyncio.run(_load(tiny_app, calls, concurrency=16, during=swap))
     assert put.status_code == 200 and put.json()["version"] == "v2", put.text
+    assert json.loads((tiny[1] / "sentiment.json").read_text())["version"] == "v2"  # the shared store has it
     assert [r.status_code for _, _, r in done] == [200] * len(calls)
     versions = {r.json()["version"] for _, _, r in done}
     assert "v2" in versions and len(versions) == 2
