@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from typing import Any
+from typing import Any, cast
 
 import ray
 from fastapi.responses import JSONResponse, PlainTextResponse
@@ -48,8 +48,7 @@ METRICS_PUSH_S = 2.0
 LISTINGS = ("/v1/tasks", "/v1/models", "/ready")  # answered from the registry: synced with the store first
 
 
-@ray.remote(num_cpus=0)
-class MetricsHub:
+class _MetricsHub:
     """The latest Prometheus text of every replica, pushed by the replicas, read by the ingress."""
 
     def __init__(self) -> None:
@@ -63,6 +62,9 @@ class MetricsHub:
 
     def all(self) -> dict[str, str]:
         return dict(self.texts)
+
+
+MetricsHub: Any = ray.remote(num_cpus=0)(_MetricsHub)
 
 
 def metrics_hub(app_name: str):
@@ -219,7 +221,7 @@ class TaloraIngress:
         handle = self.replicas.options(multiplexed_model_id=f"{task}@{version}" if affine else "", stream=True)
         retries = 0 if admin_task(method, path) else self.options.retries
         for attempt in range(retries + 1):
-            stream = handle.call.remote(request)
+            stream: Any = handle.call.remote(request)
             try:
                 head = await stream.__anext__()
             except RayActorError as exc:
@@ -263,11 +265,11 @@ def build_app(settings: Settings, options: RayOptions):
         settings = settings.model_copy(update={"torch_threads": max(1, int(options.replica_cpus))})
     deployment = replica_deployment(settings.num_slots).options(**options.replica_options())
     replicas = deployment.bind(settings, options.app_name)
-    ingress = TaloraIngress.options(logging_config={"enable_access_log": options.access_log})
+    ingress = cast(Any, TaloraIngress).options(logging_config={"enable_access_log": options.access_log})
     return ingress.bind(replicas, settings, options)
 
 
-def app_builder(args: dict[str, str]):
+def app_builder(args: dict[str, Any]):
     """``serve run talora.server.ray_serve:app_builder key=value ...``: Settings and RayOptions fields."""
     ray_keys = set(RayOptions.model_fields)
     options = RayOptions(**{k: v for k, v in args.items() if k in ray_keys})
