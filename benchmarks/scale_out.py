@@ -18,7 +18,8 @@ setup. Measured: requests per second, latency p50/p99, and the slot hit rate (th
 the machine before and after each setup is recorded (a shared machine's other jobs show there).
 
     python benchmarks/scale_out.py --tasks 64,1000 --duration-s 30 --concurrency 32
-    python benchmarks/scale_out.py --model tests/tiny --tasks 8 --duration-s 2   # a smoke run
+    python benchmarks/scale_out.py --model /path/to/tiny --tasks 8 --duration-s 2   # a smoke run
+    python benchmarks/scale_out.py --replica-gpus 1 --cluster-cpus 4           # a machine with 2 GPUs
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--duration-s", type=float, default=30.0, help="measured seconds per setup")
     p.add_argument("--warmup-requests", type=int, default=64, help="requests before measuring")
     p.add_argument("--zipf-exponent", type=float, default=1.0, help="task popularity ~ rank ** -exponent")
+    p.add_argument("--cluster-cpus", type=int, default=2, help="CPUs of the local Ray cluster (one per replica)")
+    p.add_argument("--replica-gpus", type=float, default=0.0, help="GPUs per replica (a GPU machine: 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the task sequence and the texts")
     p.add_argument("--out", type=Path, default=HERE / "results" / "scale_out.json", help="summary JSON")
     p.add_argument("--jsonl", type=Path, default=None, help="also append one JSONL row per setup here")
@@ -140,8 +143,8 @@ def run_setup(url: str, args, store: Path, name: str, schedule: list[int], texts
     replicas, routing = SETUPS[name]
     settings = Settings(model=args.model, bundle=store, num_slots=args.num_slots, torch_threads=1,
                         max_queue=4 * args.concurrency, log_level="warning")
-    options = RayOptions(replicas=replicas, replica_cpus=1, routing=routing, access_log=False,
-                         max_ongoing_requests=args.concurrency)
+    options = RayOptions(replicas=replicas, replica_cpus=1, replica_gpus=args.replica_gpus, routing=routing,
+                         access_log=False, max_ongoing_requests=args.concurrency)
     load_before = os.getloadavg()
     serve.run(build_app(settings, options), name="talora", route_prefix="/")
     try:
@@ -189,7 +192,7 @@ def main(argv=None) -> int:
     setups = [s for s in args.setups.split(",") if s]
     texts = make_texts(512, args.seed)
     rows: dict[str, dict[str, dict]] = {}
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    ray.init(num_cpus=args.cluster_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     try:
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
