@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from typing import Any, cast
 
 import ray
@@ -45,23 +46,29 @@ from talora.server.settings import Settings
 log = logging.getLogger(__name__)
 REPLICA_HEADER = (b"x-talora-replica", b"")
 METRICS_PUSH_S = 2.0
+METRICS_STALE_S = 5 * METRICS_PUSH_S
 LISTINGS = ("/v1/tasks", "/v1/models", "/ready")  # answered from the registry: synced with the store first
 
 
 class _MetricsHub:
-    """The latest Prometheus text of every replica, pushed by the replicas, read by the ingress."""
+    """The latest Prometheus text of every live replica, pushed by the replicas, read by the ingress.
+
+    A replica that stopped pushing (killed, or its node lost) drops out after ``METRICS_STALE_S``.
+    """
 
     def __init__(self) -> None:
-        self.texts: dict[str, str] = {}
+        self.texts: dict[str, tuple[float, str]] = {}
 
     def put(self, replica: str, text: str) -> None:
-        self.texts[replica] = text
+        self.texts[replica] = (time.monotonic(), text)
 
     def drop(self, replica: str) -> None:
         self.texts.pop(replica, None)
 
     def all(self) -> dict[str, str]:
-        return dict(self.texts)
+        now = time.monotonic()
+        self.texts = {r: (t, text) for r, (t, text) in self.texts.items() if now - t < METRICS_STALE_S}
+        return {r: text for r, (_, text) in self.texts.items()}
 
 
 MetricsHub: Any = ray.remote(num_cpus=0)(_MetricsHub)

@@ -117,6 +117,21 @@ def test_a_task_keeps_landing_on_the_replica_that_holds_it(tiny_app):
     assert all(len(replicas) == 1 for replicas in seen.values()), seen
 
 
+def test_metrics_merge_every_replica(tiny_app):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from talora.server.ray_serve import METRICS_PUSH_S
+
+    with httpx.Client(base_url=tiny_app, timeout=60) as client:
+        served = {replica_of(client, task) for task in CLASSIFY for _ in range(2)}
+        time.sleep(METRICS_PUSH_S + 1)
+        text = client.get("/metrics").text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    requests = [s for s in families["talora_requests"].samples if s.name == "talora_requests_total"]
+    assert {s.labels["replica"] for s in requests} >= served
+    assert sum(s.value for s in requests if s.labels["endpoint"] == "/v1/tasks/{task}/predict") >= 2 * len(CLASSIFY)
+
+
 async def _load(url: str, calls: list[tuple[str, dict]], concurrency: int, retries: int = 0, during=None):
     """Send ``calls`` with ``concurrency`` in flight; ``during`` runs alongside. Returns (responses, retried)."""
     sem, done, retried = asyncio.Semaphore(concurrency), [], [0]
