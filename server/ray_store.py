@@ -68,10 +68,10 @@ class SharedStore:
     def persist(self, adapter: AdapterVersion) -> bool:
         """Make ``adapter`` the store's version of its task; False when the store already names it."""
         task = adapter.task
+        self.tombstone(task).unlink(missing_ok=True)
         if self._read_version(self.store / f"{task}.json") == adapter.version:
             return False
         save_task(self.store, copy.deepcopy(adapter.meta), adapter.fast, adapter.gate)
-        self.tombstone(task).unlink(missing_ok=True)
         log.info("adapter %s version %s written to the shared store %s", task, adapter.version, self.store)
         return True
 

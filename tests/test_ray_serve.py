@@ -52,6 +52,7 @@ def tiny(tmp_path_factory, tiny_server_model):
     model_dir = save_tiny_server_model(root / "model")
     store = build_bundle(root / "store", tiny_server_model)
     write_version(store, tiny_server_model, "sentiment", seed=11, version="v2", out=store / "v2")
+    write_version(store, tiny_server_model, "sentiment", seed=12, version="v3", out=root / "upload")
     return model_dir, store
 
 
@@ -69,6 +70,7 @@ def requests_of(task_kind: str) -> list[tuple[str, dict]]:
     if task_kind == "classify":
         return [(f"/v1/tasks/{task}/predict", {"text": TEXTS}) for task in CLASSIFY]
     return [(f"/v1/tasks/{GENERATE}/generate", {"text": "hello", "max_new_tokens": 6, "temperature": 0}),
+            (f"/v1/tasks/{GENERATE}/generate", {"text": "hey", "max_new_tokens": 6, "temperature": 0, "stream": True}),
             ("/v1/completions", {"model": GENERATE, "prompt": "hi", "max_tokens": 5, "temperature": 0})]
 
 
@@ -78,7 +80,12 @@ def answers(url: str, calls: list[tuple[str, dict]]) -> list[dict]:
         for path, body in calls:
             r = client.post(path, json=body)
             assert r.status_code == 200, r.text
-            out.append(r.json())
+            if body.get("stream"):  # server-sent events: the last one is "done", with the whole text
+                events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: ")]
+                assert [e["type"] for e in events[:-1]] == ["token"] * (len(events) - 1)
+                out.append(events[-1])
+            else:
+                out.append(r.json())
         return out
 
 
@@ -179,6 +186,39 @@ def test_hot_swap_under_load_fails_nothing(tiny_app, tiny):
         assert all(s == pytest.approx(scores[0], abs=1e-4) for s in scores)
 
 
+def listings_by_replica(client: httpx.Client, deadline_s: float = 60) -> dict[str, dict[str, str]]:
+    """Each replica's task -> version, from ``GET /v1/tasks`` until both replicas have answered."""
+    seen: dict[str, dict[str, str]] = {}
+    deadline = time.monotonic() + deadline_s
+    while len(seen) < 2 and time.monotonic() < deadline:
+        r = client.get("/v1/tasks")
+        seen[r.headers["x-talora-replica"]] = {t["task"]: t["version"] for t in r.json()["tasks"]}
+    return seen
+
+
+def test_an_upload_and_an_evict_reach_the_store_and_every_replica(tiny_app, tiny):
+    store = tiny[1]
+    upload = store.parent / "upload"
+    kept = {suffix: (store / f"spam{suffix}").read_bytes() for suffix in (".json", ".safetensors")}
+    with httpx.Client(base_url=tiny_app, timeout=60) as client:
+        files = {"metadata": ("sentiment.json", (upload / "sentiment.json").read_bytes()),
+                 "tensors": ("sentiment.safetensors", (upload / "sentiment.safetensors").read_bytes())}
+        r = client.put("/v1/adapters/sentiment", files=files, headers=TOKEN)
+        assert r.status_code == 200 and r.json()["version"] == "v3", r.text
+        assert json.loads((store / "sentiment.json").read_text())["version"] == "v3"
+        assert client.post("/v1/tasks/sentiment/predict", json={"text": "ok"}).json()["version"] == "v3"
+        r = client.delete("/v1/adapters/spam", headers=TOKEN)
+        assert r.status_code == 200, r.text
+        assert [client.post("/v1/tasks/spam/predict", json={"text": "ok"}).status_code for _ in range(4)] == [404] * 4
+        listings = listings_by_replica(client)
+        assert len(listings) == 2
+        assert all(v["sentiment"] == "v3" and "spam" not in v for v in listings.values()), listings
+        for suffix, data in kept.items():  # spam comes back through the store, for the tests after this one
+            (store / f"spam{suffix}").write_bytes(data)
+        assert client.put("/v1/adapters/spam", headers=TOKEN).status_code == 200
+        assert client.post("/v1/tasks/spam/predict", json={"text": "ok"}).status_code == 200
+
+
 def replica_actors() -> list[str]:
     return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "TaloraReplica" in a["name"]]
 
@@ -211,15 +251,10 @@ def test_killing_a_replica_loses_no_retried_request_and_the_app_recovers(tiny_ap
         for task in CLASSIFY:
             r = client.post(f"/v1/tasks/{task}/predict", json={"text": "fine"})
             assert r.status_code == 200, r.text
-        listings = {}  # the replica that answered -> its sentiment version
-        while time.monotonic() < deadline:
-            r = client.get("/v1/tasks")
-            versions = {t["task"]: t["version"] for t in r.json()["tasks"]}
-            listings[r.headers["x-talora-replica"]] = versions["sentiment"]
-            if len(listings) == 2:
-                break
-    # every replica, the new one too, serves the version the store names (v2 after the hot swap test)
-    assert list(listings.values()) == [json.loads((tiny[1] / "sentiment.json").read_text())["version"]] * 2
+        listings = listings_by_replica(client)
+    # every replica, the new one too, serves the version the store names (v3 after the upload test)
+    stored = json.loads((tiny[1] / "sentiment.json").read_text())["version"]
+    assert [v["sentiment"] for v in listings.values()] == [stored] * 2, listings
     print(f"requests the client retried after the kill: {retried}")
 
 
