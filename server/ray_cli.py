@@ -12,6 +12,7 @@ docs/scale_out.md.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import sys
 
@@ -54,6 +55,9 @@ def main(argv: list[str]) -> int:
     except ValidationError as exc:
         for error in exc.errors():
             print(f"talora-serve --ray: {'.'.join(str(p) for p in error['loc'])}: {error['msg']}", file=sys.stderr)
+        return 2
+    if importlib.util.find_spec("ray") is None:
+        print("talora-serve --ray: Ray Serve is not installed: pip install 'talora[ray]'", file=sys.stderr)
         return 2
     if settings.admin_enabled and settings.store is None:
         print("talora-serve --ray: store: the admin routes write to the adapter store; give --store a folder "

@@ -24,7 +24,7 @@ import asyncio
 import logging
 import threading
 import time
-from typing import Any, cast
+from typing import Any
 
 import ray
 from fastapi.responses import JSONResponse, PlainTextResponse
@@ -272,7 +272,8 @@ def build_app(settings: Settings, options: RayOptions):
         settings = settings.model_copy(update={"torch_threads": max(1, int(options.replica_cpus))})
     deployment = replica_deployment(settings.num_slots).options(**options.replica_options())
     replicas = deployment.bind(settings, options.app_name)
-    ingress = cast(Any, TaloraIngress).options(logging_config={"enable_access_log": options.access_log})
+    ingress_deployment: Any = TaloraIngress  # a Serve Deployment (Ray's stubs type the class itself)
+    ingress = ingress_deployment.options(logging_config={"enable_access_log": options.access_log})
     return ingress.bind(replicas, settings, options)
 
 

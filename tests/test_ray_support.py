@@ -112,7 +112,20 @@ def test_ray_flags_parse_into_settings_and_options(tmp_path):
     assert isinstance(settings, Settings) and settings.num_slots == 16 and settings.store == tmp_path
     assert (options.replicas, options.max_ongoing_requests, options.address) == (3, 128, "auto")
     assert main(["--replicas", "0"]) == 2
-    assert main(["--admin-token", "x"]) == 2  # the admin routes need a shared store folder
+
+
+def test_ray_flag_refuses_what_it_cannot_serve(monkeypatch, capsys):
+    import importlib.util
+
+    from talora.server.cli import main
+
+    real_find_spec = importlib.util.find_spec
+    if real_find_spec("ray") is not None:
+        assert main(["--ray", "--admin-token", "x"]) == 2  # the admin routes need a shared store folder
+        assert "store" in capsys.readouterr().err
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "ray" else real_find_spec(name))
+    assert main(["--ray", "--replicas", "2"]) == 2
+    assert "pip install 'talora[ray]'" in capsys.readouterr().err
 
 
 def _doc_yaml_blocks() -> list[dict]:
