@@ -192,7 +192,10 @@ def main(argv=None) -> int:
     setups = [s for s in args.setups.split(",") if s]
     texts = make_texts(512, args.seed)
     rows: dict[str, dict[str, dict]] = {}
-    ray.init(num_cpus=args.cluster_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    from talora.server.ray_cli import start_cluster
+    from talora.server.ray_support import RayOptions
+
+    start_cluster(RayOptions(num_cpus=args.cluster_cpus), log_to_driver=False)  # bound to 127.0.0.1
     try:
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})

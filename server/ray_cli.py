@@ -14,12 +14,14 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import logging
+import os
+import signal
 import sys
 
 from pydantic import ValidationError
 
 from talora.server.cli import build_parser
-from talora.server.ray_support import RayOptions
+from talora.server.ray_support import LOOPBACK_ENV, RayOptions
 from talora.server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -66,15 +68,30 @@ def main(argv: list[str]) -> int:
     return run(settings, options)
 
 
-def start_cluster(options: RayOptions) -> None:
-    """Join ``options.address``, or start a local cluster that listens on 127.0.0.1 only."""
-    import ray
+def start_cluster(options: RayOptions, log_to_driver: bool = True) -> None:
+    """Join ``options.address``, or start a local cluster whose servers listen on 127.0.0.1 only.
 
+    ``ray.init(_node_ip_address="127.0.0.1")`` alone is not enough: Ray turns a loopback address
+    into the machine's routable one and its servers listen on every interface. Ray's single-node
+    mode (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, inherited by every process of the cluster)
+    keeps the node address, the GCS, the raylets, the workers and Serve on the loopback interface.
+    """
     if options.address:
+        import ray
+
         ray.init(address=options.address)
-    else:
-        ray.init(num_cpus=options.num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
-                 log_to_driver=True)
+        return
+    os.environ[LOOPBACK_ENV] = "0"
+    import ray
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False  # read at call time; ray may have been imported before the variable
+    ray.init(num_cpus=options.num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
+             log_to_driver=log_to_driver)
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def run(settings: Settings, options: RayOptions) -> int:
@@ -86,6 +103,7 @@ def run(settings: Settings, options: RayOptions) -> int:
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     start_cluster(options)
+    signal.signal(signal.SIGTERM, _interrupt)  # after Ray's own handler: a supervisor's stop drains like Ctrl-C
     try:
         serve.start(http_options={"host": settings.host, "port": settings.port})
         serve.run(build_app(settings, options), name=options.app_name, route_prefix="/", blocking=True)

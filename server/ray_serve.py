@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
 from typing import Any
@@ -39,7 +40,7 @@ from talora.adapters.io import list_task_names
 from talora.server.app import create_app
 from talora.server.engine import Engine, resolve_bundle
 from talora.server.ray_store import SharedStore
-from talora.server.ray_support import RayOptions, admin_task, asgi_exchange, merge_metrics, task_of
+from talora.server.ray_support import LOOPBACK_ENV, RayOptions, admin_task, asgi_exchange, merge_metrics, task_of
 from talora.server.registry import AdapterNotFound, AdapterVersion
 from talora.server.settings import Settings
 
@@ -48,6 +49,35 @@ REPLICA_HEADER = (b"x-talora-replica", b"")
 METRICS_PUSH_S = 2.0
 METRICS_STALE_S = 5 * METRICS_PUSH_S
 LISTINGS = ("/v1/tasks", "/v1/models", "/ready")  # answered from the registry: synced with the store first
+
+
+def keep_replica_grpc_on_loopback() -> None:
+    """In a loopback-only local cluster (``ray_cli.start_cluster``), bind each replica's gRPC server to 127.0.0.1.
+
+    Ray Serve 2.60 starts an inter-deployment gRPC server in every replica on ``[::]:0``, every
+    interface, whatever the node address (it carries traffic only with
+    ``RAY_SERVE_USE_GRPC_BY_DEFAULT=1``). Runs when this module is imported, in each replica.
+    """
+    global _grpc_patched
+    if _grpc_patched or os.environ.get(LOOPBACK_ENV) != "0":
+        return
+    try:
+        from ray.serve._private import replica
+    except ImportError:
+        return
+    original = getattr(replica, "add_port_to_grpc_server", None)
+    if original is None:
+        return
+
+    def loopback(server, address: str):
+        return original(server, address.replace("[::]", "127.0.0.1", 1))
+
+    replica.add_port_to_grpc_server = loopback
+    _grpc_patched = True
+
+
+_grpc_patched = False
+keep_replica_grpc_on_loopback()
 
 
 class _MetricsHub:

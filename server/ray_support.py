@@ -21,6 +21,8 @@ from typing import Any, Literal
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import BaseModel, Field, model_validator
 
+# Ray's single-node mode: the node address, the GCS, the raylet and the workers stay on 127.0.0.1
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 TASK_PATH = re.compile(r"^/v1/tasks/([^/]+)(?:/(?:predict|generate))?/?$")
 ADMIN_PATH = re.compile(r"^/v1/adapters/([^/]+)/?$")
 

@@ -21,6 +21,7 @@ pytest.importorskip("ray.serve")
 from helpers import save_tiny_server_model  # noqa: E402
 from ray import serve as ray_serve  # noqa: E402
 
+from talora.server.ray_cli import start_cluster  # noqa: E402
 from talora.server.ray_serve import build_app  # noqa: E402
 from talora.server.ray_support import RayOptions  # noqa: E402
 from talora.server.settings import Settings  # noqa: E402
@@ -33,12 +34,24 @@ APP = "talora"
 
 @pytest.fixture(scope="module")
 def cluster():
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    start_cluster(RayOptions(num_cpus=2), log_to_driver=False)
+    assert ray.util.get_node_ip_address() == "127.0.0.1"
     port = free_port()
     ray_serve.start(http_options={"host": "127.0.0.1", "port": port})
     yield f"http://127.0.0.1:{port}"
     ray_serve.shutdown()
     ray.shutdown()
+
+
+def test_the_cluster_and_serve_listen_on_the_loopback_interface_only(tiny_app):
+    import os
+
+    psutil = pytest.importorskip("psutil")
+    processes = [psutil.Process(os.getpid()), *psutil.Process(os.getpid()).children(recursive=True)]
+    pids = {p.pid for p in processes}
+    listening = [c for c in psutil.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN and c.pid in pids]
+    assert len({c.pid for c in listening}) >= 4  # the GCS, the raylet, Serve's proxy, the replicas...
+    assert {c.laddr.ip for c in listening} <= {"127.0.0.1", "::ffff:127.0.0.1", "::1"}, listening
 
 
 def deploy(settings: Settings, replicas: int = 2) -> None:
