@@ -42,6 +42,7 @@ from bench_bundle import task_name, write_random_bundle  # noqa: E402
 from bench_report import append_jsonl, machine_info, package_version, ratio, write_json  # noqa: E402
 from bench_requests import assign_tasks  # noqa: E402
 
+PREDICT = "/v1/tasks/{task}/predict"
 SETUPS = {"one": (1, "task"), "two": (2, "task"), "two_random": (2, "random")}
 WORDS = ("the match was late and the crowd left early while prices rose again across the region as "
          "new rules for banks came into force and the film won praise from critics at the festival").split()
@@ -54,6 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", default="smollm2-135m-instruct", help="base model (the embedded default or a folder)")
     p.add_argument("--num-slots", type=int, default=8, help="task-KV slots per replica")
     p.add_argument("--concurrency", type=int, default=32, help="requests in flight")
+    p.add_argument("--max-ongoing-requests", type=int, default=None,
+                   help="requests one replica takes at once (default: --concurrency)")
     p.add_argument("--duration-s", type=float, default=30.0, help="measured seconds per setup")
     p.add_argument("--warmup-requests", type=int, default=64, help="requests before measuring")
     p.add_argument("--zipf-exponent", type=float, default=1.0, help="task popularity ~ rank ** -exponent")
@@ -117,8 +120,8 @@ async def drive(url: str, schedule: list[int], texts: list[str], concurrency: in
             "latencies": latencies}
 
 
-def slot_counts(url: str) -> tuple[float, float]:
-    """(hits, misses) summed over the replicas, from the ingress's merged ``/metrics``."""
+def replica_counts(url: str) -> tuple[dict[str, float], dict[str, float]]:
+    """({"hits", "misses"} summed over the replicas, predict requests by replica) from the merged ``/metrics``."""
     import httpx
     from prometheus_client.parser import text_string_to_metric_families
 
@@ -126,11 +129,14 @@ def slot_counts(url: str) -> tuple[float, float]:
 
     time.sleep(METRICS_PUSH_S + 0.5)  # every replica has pushed its counters since
     text = httpx.get(f"{url}/metrics", timeout=30).text
-    totals = {"talora_slot_hits": 0.0, "talora_slot_misses": 0.0}
+    counts: dict[str, dict[str, float]] = {"talora_slot_hits": {}, "talora_slot_misses": {}, "talora_requests": {}}
     for family in text_string_to_metric_families(text):
-        if family.name in totals:
-            totals[family.name] += sum(s.value for s in family.samples if s.name.endswith("_total"))
-    return totals["talora_slot_hits"], totals["talora_slot_misses"]
+        for sample in family.samples if family.name in counts else []:
+            if sample.name.endswith("_total") and sample.labels.get("endpoint", PREDICT) == PREDICT:
+                by_replica = counts[family.name]
+                by_replica[sample.labels["replica"]] = by_replica.get(sample.labels["replica"], 0.0) + sample.value
+    hits, misses, requests = counts["talora_slot_hits"], counts["talora_slot_misses"], counts["talora_requests"]
+    return {"hits": sum(hits.values()), "misses": sum(misses.values())}, requests
 
 
 def run_setup(url: str, args, store: Path, name: str, schedule: list[int], texts: list[str]) -> dict:
@@ -144,17 +150,18 @@ def run_setup(url: str, args, store: Path, name: str, schedule: list[int], texts
     settings = Settings(model=args.model, bundle=store, num_slots=args.num_slots, torch_threads=1,
                         max_queue=4 * args.concurrency, log_level="warning")
     options = RayOptions(replicas=replicas, replica_cpus=1, replica_gpus=args.replica_gpus, routing=routing,
-                         access_log=False, max_ongoing_requests=args.concurrency)
+                         access_log=False, max_ongoing_requests=args.max_ongoing_requests or args.concurrency)
     load_before = os.getloadavg()
     serve.run(build_app(settings, options), name="talora", route_prefix="/")
     try:
         asyncio.run(drive(url, schedule, texts, args.concurrency, None, limit=args.warmup_requests))
-        hits0, misses0 = slot_counts(url)
+        slots0, requests0 = replica_counts(url)
         measured = asyncio.run(drive(url, schedule[args.warmup_requests:], texts, args.concurrency, args.duration_s))
-        hits1, misses1 = slot_counts(url)
+        slots1, requests1 = replica_counts(url)
     finally:
         serve.delete("talora")
-    hits, misses = hits1 - hits0, misses1 - misses0
+    hits, misses = slots1["hits"] - slots0["hits"], slots1["misses"] - slots0["misses"]
+    served = sorted((n - requests0.get(r, 0.0) for r, n in requests1.items()), reverse=True)
     lat = sorted(measured["latencies"]) or [float("nan")]
     return {"setup": name, "replicas": replicas, "routing": routing, "num_tasks": len(set(schedule)),
             "requests_per_s": measured["completed"] / measured["seconds"], "completed": measured["completed"],
@@ -163,6 +170,7 @@ def run_setup(url: str, args, store: Path, name: str, schedule: list[int], texts
             "latency_p99_ms": 1e3 * lat[int(0.99 * (len(lat) - 1))],
             "slot_hits": hits, "slot_misses": misses,
             "slot_hit_rate": hits / (hits + misses) if hits + misses else None,
+            "replica_shares": [n / sum(served) for n in served] if sum(served) else [],
             "loadavg_before": list(load_before), "loadavg_after": list(os.getloadavg())}
 
 

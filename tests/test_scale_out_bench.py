@@ -43,5 +43,7 @@ def test_a_tiny_run_writes_every_setup_and_both_ratios(tmp_path):
     rows = summary["rows"]["zipf6"]
     assert set(rows) == set(scale_out.SETUPS)
     assert all(row["completed"] > 0 and not row["errors"] for row in rows.values())
+    assert [len(rows[name]["replica_shares"]) for name in scale_out.SETUPS] == [1, 2, 2]
+    assert all(sum(row["replica_shares"]) == pytest.approx(1) for row in rows.values())
     assert summary["ratios"]["two_replicas_vs_one"]["zipf6"] > 0
     assert summary["ratios"]["affine_vs_random_hit_rate"]["zipf6"] > 0
