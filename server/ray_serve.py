@@ -45,7 +45,7 @@ from talora.server.registry import AdapterNotFound, AdapterVersion
 from talora.server.settings import Settings
 
 log = logging.getLogger(__name__)
-REPLICA_HEADER = (b"x-talora-replica", b"")
+REPLICA_HEADER = b"x-talora-replica"
 METRICS_PUSH_S = 2.0
 METRICS_STALE_S = 5 * METRICS_PUSH_S
 LISTINGS = ("/v1/tasks", "/v1/models", "/ready")  # answered from the registry: synced with the store first
@@ -140,8 +140,12 @@ class TaloraReplica:
         task, _, version = model_id.partition("@")
         return await asyncio.to_thread(self.sync, task, version)
 
-    def sync(self, task: str, version: str, warm: bool = True) -> AdapterVersion | None:
-        """Make the registry serve the store's ``version`` of ``task`` ("" : none) and warm its slot."""
+    def sync(self, task: str, version: str) -> AdapterVersion | None:
+        """Make the registry serve the store's ``version`` of ``task`` ("" : none).
+
+        No slot is warmed here: the request that asked computes the task KV itself when it is admitted
+        (warming first would compute it on the worker just the same, and count a miss and a hit for it).
+        """
         registry = self.engine.registry
         current = registry.snapshot().get(task)
         if task in self._admin_busy:  # a PUT or DELETE here is ahead of the store: do not undo it
@@ -156,18 +160,16 @@ class TaloraReplica:
             except Exception as exc:  # noqa: BLE001 - the request gets the route's own 404 / old version
                 log.warning("adapter %s@%s could not be loaded from the shared store: %s", task, version, exc)
                 return current
-        if warm:
-            self.engine.warm(current)
         return current
 
     def sync_all(self) -> None:
-        """Bring every task to the store's version (before a listing answers; no slot is warmed)."""
+        """Bring every task to the store's version (before a listing answers)."""
         tasks = set(self.engine.registry.snapshot()) | set(list_task_names(self.store.store))
         for task in sorted(tasks):
             version = self.store.version_of(task) or ""
             current = self.engine.registry.snapshot().get(task)
             if (current.version if current else "") != version:
-                self.sync(task, version, warm=False)
+                self.sync(task, version)
 
     def _load_from_store(self, task: str) -> AdapterVersion:
         registry = self.engine.registry
@@ -207,7 +209,7 @@ class TaloraReplica:
 
     def _tag(self, item):
         if isinstance(item, dict):
-            item["headers"].append((REPLICA_HEADER[0], self.replica_id.encode()))
+            item["headers"].append((REPLICA_HEADER, self.replica_id.encode()))
         return item
 
     def _after_admin(self, method: str, task: str, status: int) -> None:
