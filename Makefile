@@ -2,7 +2,7 @@
 VENV ?= .venv
 PYTEST_ARGS ?=
 
-.PHONY: setup serve test test-slow lint
+.PHONY: setup serve test test-slow test-ray lint
 
 setup:
 	bash scripts/setup.sh
@@ -15,6 +15,11 @@ test: setup
 
 test-slow: setup
 	$(VENV)/bin/python -m pytest -q -m slow $(PYTEST_ARGS)
+
+# the Ray Serve tests (a local cluster on 127.0.0.1, about 2 minutes): installs the ray extra first
+test-ray:
+	TALORA_EXTRAS=test,ray VENV=$(VENV) bash scripts/setup.sh
+	$(VENV)/bin/python -m pytest -q -m ray $(PYTEST_ARGS)
 
 # ruff and mypy alone (make test runs them too, in tests/test_tooling.py)
 lint: setup

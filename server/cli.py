@@ -2,6 +2,7 @@
 
     talora-serve                                # SmolLM2-135M-Instruct + the demo bundle, 127.0.0.1:8000
     talora-serve --bundle runs/b --num-slots 16 --admin-token secret --watch-interval-s 2
+    talora-serve --ray --replicas 2 --store /shared/adapters  # replicas on Ray Serve (see ray_cli.py)
 
 Flags win over ``TALORA_*`` environment variables, which win over the defaults.
 """
@@ -51,6 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--ray" in argv:  # replicas on Ray Serve (the ray extra): server/ray_cli.py, docs/scale_out.md
+        from talora.server.ray_cli import main as ray_main
+
+        return ray_main([a for a in argv if a != "--ray"])
     args = vars(build_parser().parse_args(argv))
     try:
         settings = Settings(**args)

@@ -1,0 +1,236 @@
+"""scale_out: talora on Ray Serve: two replicas against one, task-affine routing against random.
+
+On a local Ray cluster bound to 127.0.0.1, for each task count (default 64 and 1,000 random
+classify tasks of one random bundle on the embedded SmolLM2-135M-Instruct, float32, CPU) and each
+setup, in one run:
+
+  one          1 replica of 1 torch thread, requests multiplexed by task@version
+  two          2 replicas of 1 thread each, multiplexed by task@version (task-affine)
+  two_random   2 replicas of 1 thread each, Serve's default routing (no model id)
+
+Traffic: closed loop, ``--concurrency`` clients sending ``POST /v1/tasks/<task>/predict`` (one
+text, 12..40 words) through Serve's HTTP proxy for ``--duration-s`` after ``--warmup-requests``;
+tasks drawn from Zipf(``--zipf-exponent``) over the tasks, the same seeded sequence for every
+setup. Measured: requests per second, latency p50/p99, and the slot hit rate (the replicas'
+``talora_slot_hits / (hits + misses)`` over the measured phase, read from the ingress's merged
+``/metrics``). Ratios (same run): ``two_replicas_vs_one`` = two / one requests per second,
+``affine_vs_random_hit_rate`` = two / two_random hit rate, per task count. The load average of
+the machine before and after each setup is recorded (a shared machine's other jobs show there).
+
+    python benchmarks/scale_out.py --tasks 64,1000 --duration-s 30 --concurrency 32
+    python benchmarks/scale_out.py --model /path/to/tiny --tasks 8 --duration-s 2   # a smoke run
+    python benchmarks/scale_out.py --replica-gpus 1 --cluster-cpus 4           # a machine with 2 GPUs
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from bench_bundle import task_name, write_random_bundle  # noqa: E402
+from bench_report import append_jsonl, machine_info, package_version, ratio, write_json  # noqa: E402
+from bench_requests import assign_tasks  # noqa: E402
+
+PREDICT = "/v1/tasks/{task}/predict"
+SETUPS = {"one": (1, "task"), "two": (2, "task"), "two_random": (2, "random")}
+WORDS = ("the match was late and the crowd left early while prices rose again across the region as "
+         "new rules for banks came into force and the film won praise from critics at the festival").split()
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--tasks", default="64,1000", help="task counts, comma-separated")
+    p.add_argument("--setups", default=",".join(SETUPS), help=f"setups among {', '.join(SETUPS)}")
+    p.add_argument("--model", default="smollm2-135m-instruct", help="base model (the embedded default or a folder)")
+    p.add_argument("--num-slots", type=int, default=8, help="task-KV slots per replica")
+    p.add_argument("--concurrency", type=int, default=32, help="requests in flight")
+    p.add_argument("--max-ongoing-requests", type=int, default=None,
+                   help="requests one replica takes at once (default: --concurrency)")
+    p.add_argument("--duration-s", type=float, default=30.0, help="measured seconds per setup")
+    p.add_argument("--warmup-requests", type=int, default=64, help="requests before measuring")
+    p.add_argument("--zipf-exponent", type=float, default=1.0, help="task popularity ~ rank ** -exponent")
+    p.add_argument("--cluster-cpus", type=int, default=2, help="CPUs of the local Ray cluster (one per replica)")
+    p.add_argument("--replica-gpus", type=float, default=0.0, help="GPUs per replica (a GPU machine: 1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the task sequence and the texts")
+    p.add_argument("--out", type=Path, default=HERE / "results" / "scale_out.json", help="summary JSON")
+    p.add_argument("--jsonl", type=Path, default=None, help="also append one JSONL row per setup here")
+    return p.parse_args(argv)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def make_texts(count: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choices(WORDS, k=rng.randint(12, 40))) for _ in range(count)]
+
+
+def make_store(model: str, folder: Path, num_tasks: int) -> Path:
+    """A random bundle with ``num_tasks`` classify tasks (the store every replica reads)."""
+    from talora.adapters.loading import load_model
+
+    lm = load_model(model)
+    return write_random_bundle(lm.model, lm.fingerprint, folder, num_tasks, base_model=lm.name)
+
+
+async def drive(url: str, schedule: list[int], texts: list[str], concurrency: int, duration_s: float | None,
+                limit: int | None = None) -> dict:
+    """Closed loop: ``concurrency`` clients, each sending the next request of ``schedule`` until time is up."""
+    import httpx
+
+    latencies: list[float] = []
+    errors: dict[str, int] = {}
+    position = [0]
+    start = time.perf_counter()
+    end = start + duration_s if duration_s else float("inf")
+
+    async def client_loop(client: httpx.AsyncClient) -> None:
+        while time.perf_counter() < end and (limit is None or position[0] < limit):
+            i, position[0] = position[0], position[0] + 1
+            task, text = task_name(schedule[i % len(schedule)]), texts[i % len(texts)]
+            sent = time.perf_counter()
+            try:
+                r = await client.post(f"/v1/tasks/{task}/predict", json={"text": text})
+                status = str(r.status_code)
+            except httpx.TransportError as exc:
+                status = type(exc).__name__
+            if status == "200":
+                latencies.append(time.perf_counter() - sent)
+            else:
+                errors[status] = errors.get(status, 0) + 1
+
+    limits = httpx.Limits(max_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as client:
+        await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))
+    return {"seconds": time.perf_counter() - start, "completed": len(latencies), "errors": errors,
+            "latencies": latencies}
+
+
+def replica_counts(url: str) -> tuple[dict[str, float], dict[str, float]]:
+    """({"hits", "misses"} summed over the replicas, predict requests by replica) from the merged ``/metrics``."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from talora.server.ray_serve import METRICS_PUSH_S
+
+    time.sleep(METRICS_PUSH_S + 0.5)  # every replica has pushed its counters since
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    counts: dict[str, dict[str, float]] = {"talora_slot_hits": {}, "talora_slot_misses": {}, "talora_requests": {}}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples if family.name in counts else []:
+            if sample.name.endswith("_total") and sample.labels.get("endpoint", PREDICT) == PREDICT:
+                by_replica = counts[family.name]
+                by_replica[sample.labels["replica"]] = by_replica.get(sample.labels["replica"], 0.0) + sample.value
+    hits, misses, requests = counts["talora_slot_hits"], counts["talora_slot_misses"], counts["talora_requests"]
+    return {"hits": sum(hits.values()), "misses": sum(misses.values())}, requests
+
+
+def run_setup(url: str, args, store: Path, name: str, schedule: list[int], texts: list[str]) -> dict:
+    from ray import serve
+
+    from talora.server.ray_serve import build_app
+    from talora.server.ray_support import RayOptions
+    from talora.server.settings import Settings
+
+    replicas, routing = SETUPS[name]
+    settings = Settings(model=args.model, bundle=store, num_slots=args.num_slots, torch_threads=1,
+                        max_queue=4 * args.concurrency, log_level="warning")
+    options = RayOptions(replicas=replicas, replica_cpus=1, replica_gpus=args.replica_gpus, routing=routing,
+                         access_log=False, max_ongoing_requests=args.max_ongoing_requests or args.concurrency)
+    load_before = os.getloadavg()
+    serve.run(build_app(settings, options), name="talora", route_prefix="/")
+    try:
+        asyncio.run(drive(url, schedule, texts, args.concurrency, None, limit=args.warmup_requests))
+        slots0, requests0 = replica_counts(url)
+        measured = asyncio.run(drive(url, schedule[args.warmup_requests:], texts, args.concurrency, args.duration_s))
+        slots1, requests1 = replica_counts(url)
+    finally:
+        serve.delete("talora")
+    hits, misses = slots1["hits"] - slots0["hits"], slots1["misses"] - slots0["misses"]
+    served = sorted((n - requests0.get(r, 0.0) for r, n in requests1.items()), reverse=True)
+    lat = sorted(measured["latencies"]) or [float("nan")]
+    return {"setup": name, "replicas": replicas, "routing": routing, "num_tasks": len(set(schedule)),
+            "requests_per_s": measured["completed"] / measured["seconds"], "completed": measured["completed"],
+            "errors": measured["errors"], "seconds": measured["seconds"],
+            "latency_p50_ms": 1e3 * statistics.median(lat),
+            "latency_p99_ms": 1e3 * lat[int(0.99 * (len(lat) - 1))],
+            "slot_hits": hits, "slot_misses": misses,
+            "slot_hit_rate": hits / (hits + misses) if hits + misses else None,
+            "replica_shares": [n / sum(served) for n in served] if sum(served) else [],
+            "loadavg_before": list(load_before), "loadavg_after": list(os.getloadavg())}
+
+
+def summarise(args, rows: dict[str, dict[str, dict]], machine: dict) -> dict:
+    """The summary JSON: rows by mix and setup, and the two ratios per mix (None where a setup is missing)."""
+    def get(mix: str, setup: str, key: str):
+        return rows[mix].get(setup, {}).get(key)
+
+    ratios: dict[str, dict[str, float | None]] = {"two_replicas_vs_one": {}, "affine_vs_random_hit_rate": {}}
+    for mix in rows:
+        ratios["two_replicas_vs_one"][mix] = ratio(get(mix, "two", "requests_per_s"),
+                                                   get(mix, "one", "requests_per_s"))
+        ratios["affine_vs_random_hit_rate"][mix] = ratio(get(mix, "two", "slot_hit_rate"),
+                                                         get(mix, "two_random", "slot_hit_rate"))
+    setup = {k: v for k, v in vars(args).items() if k not in ("out", "jsonl")}
+    return {"setup": setup, "machine": machine, "ratios": ratios, "rows": rows,
+            "notes": {"goal": "two_replicas_vs_one >= 1.7 (issue 12)",
+                      "cpu": "replicas, Serve's proxy and ingress, and the load client share the machine's cores"}}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import ray
+    from ray import serve
+
+    counts = [int(c) for c in args.tasks.split(",")]
+    setups = [s for s in args.setups.split(",") if s]
+    texts = make_texts(512, args.seed)
+    rows: dict[str, dict[str, dict]] = {}
+    from talora.server.ray_cli import start_cluster
+    from talora.server.ray_support import RayOptions
+
+    start_cluster(RayOptions(num_cpus=args.cluster_cpus), log_to_driver=False)  # bound to 127.0.0.1
+    try:
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        url = f"http://127.0.0.1:{port}"
+        with tempfile.TemporaryDirectory() as tmp:
+            for num_tasks in counts:
+                store = make_store(args.model, Path(tmp) / f"tasks{num_tasks}", num_tasks)
+                schedule = assign_tasks(200_000, num_tasks, "zipf", args.seed, args.zipf_exponent)
+                mix = f"zipf{num_tasks}"
+                rows[mix] = {}
+                for name in setups:
+                    row = run_setup(url, args, store, name, schedule, texts)
+                    rows[mix][name] = row
+                    print(f"{mix} {name}: {row['requests_per_s']:.1f} req/s, hit rate {row['slot_hit_rate']}, "
+                          f"p50 {row['latency_p50_ms']:.0f} ms, errors {row['errors']}, load {row['loadavg_after']}",
+                          flush=True)
+                    if args.jsonl:
+                        append_jsonl(args.jsonl, {"mix": mix, **row})
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    machine = machine_info(threads=1, extra_versions={"ray": package_version("ray")})
+    summary = summarise(args, rows, machine)
+    write_json(args.out, summary)
+    print(summary["ratios"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
