@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -33,7 +34,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=8, help="timed steps per dtype and stage (after one warm-up)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--task", default="tweet_sentiment", help="target task of the accuracy check")
-    p.add_argument("--target-steps", type=int, default=48, help="steps of the accuracy check's target stage")
+    p.add_argument("--target-steps", type=int, default=48,
+                   help="steps of the accuracy check's target stage (0: skip the check, keep the stored one)")
     p.add_argument("--eval-limit", type=int, default=240, help="dev items of the accuracy check")
     p.add_argument("--out", type=Path, default=HERE / "results" / "train_dtype.json")
     return p.parse_args(argv)
@@ -114,17 +116,21 @@ def accuracy_check(task: str, steps: int, eval_limit: int, sources: list[str]) -
 def main(argv=None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()[0]
     sources = ["bbc_topic", "inews_sentiment", "multiemo_zh"]
     steps = time_steps(args.repeats, sources, args.task)
     ratios = {stage: steps[f"float32/{stage}"] / steps[f"bfloat16/{stage}"] for stage in ("source", "target")}
-    check = accuracy_check(args.task, args.target_steps, args.eval_limit, sources)
+    if args.target_steps:
+        check = {"task": args.task, "split": "dev", "target_steps": args.target_steps, "eval_limit": args.eval_limit,
+                 **accuracy_check(args.task, args.target_steps, args.eval_limit, sources)}
+    else:  # timing only: keep the accuracy check of the stored file
+        check = json.loads(args.out.read_text())["accuracy_check"] if args.out.is_file() else None
     doc = {"command": "python benchmarks/train_dtype.py " + " ".join(sys.argv[1:] if argv is None else argv),
            "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
                       f"torch {torch.__version__}",
            "step_seconds_median": {k: round(v, 3) for k, v in steps.items()},
            "ratios": {f"bf16_speedup_{k}_step": round(v, 3) for k, v in ratios.items()},
-           "accuracy_check": {"task": args.task, "split": "dev", "target_steps": args.target_steps,
-                              "eval_limit": args.eval_limit, **check}}
+           "load_average": {"start": load_before, "end": os.getloadavg()[0]}, "accuracy_check": check}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(doc, indent=1) + "\n")
     print(json.dumps(doc, indent=1))

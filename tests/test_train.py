@@ -333,6 +333,16 @@ def test_demo_recipe_adds_the_target_tasks_to_the_source_bundle(env, tmp_path):
     assert _tensors(installed) == _tensors(bundle)
 
 
+def test_demo_installs_only_tasks_clear_of_their_majority_rate(tmp_path):
+    from talora.adapters.train.demo import served_tasks
+
+    summary = {"metrics": {"good": {"accuracy": 0.70, "majority_rate": 0.50},
+                           "weak": {"accuracy": 0.60, "majority_rate": 0.50}},
+               "targets": {"new": {"metrics": {"accuracy": 0.30, "majority_rate": 0.15}}}}
+    served, left_out = served_tasks(summary)
+    assert served == ["good", "new"] and list(left_out) == ["weak"] and "0.600" in left_out["weak"]
+
+
 # ----- distributed -------------------------------------------------------------------------
 def test_torchrun_two_processes_with_gloo(env, tmp_path):
     out = tmp_path / "ddp"

@@ -37,6 +37,10 @@ DEMO_TARGETS: dict = {
     "save_every": 0,
 }
 
+# A trained task is installed (served) when its test accuracy beats its majority-class rate by
+# at least this much; the others still shape P and A in the source stage, but are not served.
+DEMO_MIN_MARGIN = 0.15
+
 _SHARED_WITH_TARGETS = ("model", "seed", "threads", "split", "eval_limit", "eval_batch_size", "max_input_tokens",
                         "progress", "device", "dtype", "task_files", "resume")
 
@@ -82,8 +86,22 @@ def demo_folder() -> Path:
     return Path(__file__).resolve().parent.parent / "demo"
 
 
-def install_bundle(bundle_dir: Path, target: Path | None = None) -> Path:
-    """Replace the demo folder's adapter files with those of ``bundle_dir`` (README kept)."""
+def served_tasks(summary: dict, margin: float = DEMO_MIN_MARGIN) -> tuple[list[str], dict[str, str]]:
+    """The tasks of a ``run_demo`` summary good enough to serve, and why each other one is not."""
+    scores = {**summary["metrics"], **{task: r["metrics"] for task, r in summary.get("targets", {}).items()}}
+    served, left_out = [], {}
+    for task, m in sorted(scores.items()):
+        if m["accuracy"] >= m["majority_rate"] + margin:
+            served.append(task)
+        else:
+            left_out[task] = (f"test accuracy {m['accuracy']:.3f} is less than {margin} above the majority rate "
+                              f"{m['majority_rate']:.3f}")
+    return served, left_out
+
+
+def install_bundle(bundle_dir: Path, target: Path | None = None, tasks: list[str] | None = None) -> Path:
+    """Replace the demo folder's adapter files with those of ``bundle_dir`` (all its tasks, or
+    ``tasks``); the README is kept."""
     target = target or demo_folder()
     target.mkdir(parents=True, exist_ok=True)
     for old in list_task_names(target):
@@ -91,7 +109,7 @@ def install_bundle(bundle_dir: Path, target: Path | None = None) -> Path:
         (target / f"{old}.safetensors").unlink()
     for name in (BUNDLE_FILE, SHARED_FILE):
         shutil.copyfile(bundle_dir / name, target / name)
-    for task in list_task_names(bundle_dir):
+    for task in list_task_names(bundle_dir) if tasks is None else tasks:
         _copy_task(bundle_dir, target, task)
     return target
 
