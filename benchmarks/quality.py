@@ -30,8 +30,8 @@ sys.path.insert(0, str(HERE))
 
 from quality_plan import (METHODS, SETTINGS, BenchConfig, PeftRecipe, Run, build_plan,  # noqa: E402
                           estimate_seconds, load_result, measured_rates, save_result, stored_results)
-from quality_report import (markdown_means, markdown_table, markdown_zero_shot, plot, reference_rows,  # noqa: E402
-                            summary_rows, write_summary)
+from quality_report import (dev_table, markdown_means, markdown_table, markdown_zero_shot, plot,  # noqa: E402
+                            reference_rows, summary_rows, write_summary)
 from quality_stats import comparisons  # noqa: E402
 
 WORK_DIR = HERE / "runs" / "quality"  # source-stage weights and scratch folders (git-ignored)
@@ -44,6 +44,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--plan-only", action="store_true", help="print the plan with estimated times and exit")
     p.add_argument("--summarise", action="store_true", help="only rewrite the summary from stored runs")
+    p.add_argument("--dev-table", action="store_true", help="print the dev-split runs by method and learning rate "
+                   "(seed count in brackets) and exit")
     p.add_argument("--max-minutes", type=float, default=0.0, help="stop before starting a run past this budget (0: none)")
     p.add_argument("--methods", default=",".join(base.methods), help="comma-separated subset of " + ",".join(METHODS))
     p.add_argument("--settings", default=",".join(base.settings), help="comma-separated subset of " + ",".join(SETTINGS))
@@ -198,6 +200,9 @@ def main(argv=None) -> None:
     full_cfg = replace(cfg, methods=base.methods, settings=base.settings, target_tasks=base.target_tasks,
                        seeds=base.seeds, source_seeds=base.source_seeds, ablation_seeds=base.ablation_seeds)
     plan = build_plan(cfg)
+    if args.dev_table:
+        print(dev_table(stored_results(args.runs_dir)))
+        return
     if args.plan_only:
         print_plan(plan, args.runs_dir)
         return

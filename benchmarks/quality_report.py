@@ -210,3 +210,27 @@ def markdown_means(means: list[dict], comparisons: list[dict]) -> str:
         lines += [f"| {c['a']} | {c['b']} | {c['setting']} | {c['diff_mean']:+.3f} | [{c['ci90'][0]:+.3f}, "
                   f"{c['ci90'][1]:+.3f}] | {c['n_items']:,} |" for c in comparisons]
     return "\n".join(lines)
+
+
+def _learning_rate(result: dict) -> float:
+    spec = result["spec"]
+    return (spec.get("train") or spec.get("hyper"))["lr"]
+
+
+def dev_table(results: list[dict]) -> str:
+    """Dev-split target runs grouped by method, setting and target learning rate: the mean
+    accuracy of each task over the seeds found, and the mean over tasks (the tuning table)."""
+    groups: dict[tuple, dict[str, list[float]]] = {}
+    for r in results:
+        if r["stage"] == "target" and r["spec"]["eval_split"] == "dev":
+            key = (r["method"], r["setting"], _learning_rate(r))
+            groups.setdefault(key, {}).setdefault(r["task"], []).append(r["metrics"][r["task"]]["accuracy"])
+    tasks = sorted({t for g in groups.values() for t in g})
+    lines = ["| method | setting | target lr | " + " | ".join(tasks) + " | mean over tasks |",
+             "|---|---|---|" + "---|" * (len(tasks) + 1)]
+    for (method, setting, lr), by_task in sorted(groups.items()):
+        cells = [f"{statistics.fmean(v):.3f} ({len(v)})" if (v := by_task.get(t)) else "" for t in tasks]
+        complete = len(by_task) == len(tasks)
+        mean = f"{statistics.fmean(statistics.fmean(v) for v in by_task.values()):.3f}" if complete else "incomplete"
+        lines.append(f"| {method} | {setting} | {lr:g} | " + " | ".join(cells) + f" | {mean} |")
+    return "\n".join(lines)

@@ -324,3 +324,12 @@ def test_estimates_follow_measured_runs():
     assert rates[("peft_prompt", "target")] == 100.0
     assert rates["eval_example"] == pytest.approx((500.0 - qp.DEFAULT_RATES["startup"]) / run.spec["test_limit"])
     assert qp.estimate_seconds(run, rates) == pytest.approx(100.0 * steps + 500.0) != before
+
+
+def test_dev_table_groups_runs_by_method_and_learning_rate():
+    cfg = qp.BenchConfig(eval_split="dev", methods=("talora", "prompt_tuning"), settings=("k16",), seeds=(0, 1),
+                         source_seeds=(0,))
+    results = [_fake_result(r, 0.5 if r.seed == 0 else 0.7) for r in qp.build_plan(cfg) if r.stage == "target"]
+    table = qr.dev_table(results).splitlines()
+    assert len(table) == 2 + 2  # header, rule, one row per (method, setting, lr)
+    assert all("0.600 (2)" in row and row.endswith("| 0.600 |") for row in table[2:])
