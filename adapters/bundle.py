@@ -24,7 +24,7 @@ def export_bundle(model: TaloraModel, folder: Path, base_model: str, base_finger
 
 def export_task(model: TaloraModel, task: str, folder: Path, bundle: BundleMeta, **task_fields) -> TaskMeta:
     """Write task ``task`` of ``model`` next to its bundle."""
-    adapter = model.tasks[task]
+    adapter = model.adapter(task)
     meta = TaskMeta(task=task, bundle_fingerprint=bundle.fingerprint, **task_fields)
     return save_task(folder, meta, adapter.fast, adapter.gate)
 

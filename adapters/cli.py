@@ -11,7 +11,7 @@ import argparse
 import json
 import os
 import sys
-from dataclasses import MISSING, fields
+from dataclasses import fields
 from functools import partial
 
 from talora.adapters.train import recipe
@@ -30,10 +30,10 @@ def _add_field_flags(parser: argparse.ArgumentParser, names: tuple[str, ...], de
     for name in names:
         flag = "--" + name.replace("_", "-")
         spec = by_name[name]
-        default = spec.default if spec.default is not MISSING else spec.default_factory()
+        default = spec.default_factory() if callable(spec.default_factory) else spec.default
         default = (defaults or {}).get(name, default)
         help_text = f"{HELP[name]} (default: {default})".replace("%", "%%")
-        kind = spec.type
+        kind = str(spec.type)
         if kind == "bool":
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
                                 default=argparse.SUPPRESS, help=help_text)

@@ -59,7 +59,7 @@ class ModelConfig:
                  f"rope_type {rope_type!r} is not supported; use one of {SUPPORTED_ROPE_TYPES}")
 
     @classmethod
-    def from_hf(cls, cfg: dict[str, Any]) -> "ModelConfig":
+    def from_hf(cls, cfg: dict[str, Any]) -> ModelConfig:
         """Build from a Hugging Face ``config.json`` dict (transformers 4.x or 5.x keys)."""
         model_type = cfg.get("model_type", "")
         rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
@@ -124,7 +124,7 @@ class TaloraConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TaloraConfig":
+    def from_dict(cls, data: dict[str, Any]) -> TaloraConfig:
         known = {f for f in cls.__dataclass_fields__}
         unknown = sorted(set(data) - known)
         if unknown:

@@ -170,6 +170,7 @@ def load_model(name: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32",
     except ModelLoadError:
         raise
     except Exception as exc:  # a corrupt cache or checkpoint: say what to do
-        hint = f"delete {folder} and run again to reconvert" if name in ("", "default", DEFAULT_MODEL) else "check the files"
+        embedded = name in ("", "default", DEFAULT_MODEL)
+        hint = f"delete {folder} and run again to reconvert" if embedded else "check the files"
         raise ModelLoadError(f"{folder}: could not be read ({exc}); {hint}") from exc
     return LoadedModel(model=model, tokenizer=tokenizer, name=name or DEFAULT_MODEL, fingerprint=fingerprint)

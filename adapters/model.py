@@ -11,7 +11,8 @@ plain causal one used for the bare model. Parameter names match Hugging Face che
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -144,7 +145,7 @@ class CausalLM(nn.Module):
 
     def layer_forward(self, idx: int, hidden: torch.Tensor, positions: torch.Tensor,
                       attend: AttendFn) -> torch.Tensor:
-        layer = self.model.layers[idx]
+        layer = cast(DecoderLayer, self.model.layers[idx])
         q, k, v = layer.self_attn.qkv(layer.input_layernorm(hidden), positions, self.inv_freq)
         attn = attend(idx, q, k, v)
         hidden = hidden + layer.self_attn.o_proj(attn.reshape(*attn.shape[:-2], -1))

@@ -15,6 +15,7 @@ starting at zero. The task prompt is ``ΔP_t = scale · B_t A``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
@@ -139,8 +140,12 @@ class TaloraModel(nn.Module):
         unknown = [t for t in names if t not in self.tasks]
         if unknown:
             raise KeyError(f"unknown task {unknown[0]!r}")
-        return (torch.stack([self.tasks[t].fast for t in names]),
-                torch.stack([self.tasks[t].gate for t in names]))
+        return (torch.stack([self.adapter(t).fast for t in names]),
+                torch.stack([self.adapter(t).gate for t in names]))
+
+    def adapter(self, name: str) -> TaskAdapter:
+        """The ``TaskAdapter`` of task ``name`` (``KeyError`` if absent)."""
+        return cast(TaskAdapter, self.tasks[name])
 
     # ----- the plain full-sequence path -------------------------------------------------
     def forward_full(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,

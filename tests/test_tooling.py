@@ -1,8 +1,8 @@
 """The codebase checks itself: ruff and mypy are clean on the configured packages, and every
 third-party import of the packages and tests is a declared dependency (pyproject.toml).
 
-ruff and mypy settings live in pyproject.toml. The checked packages are ``talora.server`` and
-``talora.kernels``; ``talora.adapters`` and ``benchmarks/`` are not held to them yet.
+ruff and mypy settings live in pyproject.toml. The checked packages are ``talora.kernels``,
+``talora.adapters`` and ``talora.server``; ``benchmarks/`` is not held to them yet.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-CHECKED = ("server", "kernels")  # the folders of talora.server and talora.kernels
+CHECKED = ("server", "kernels", "adapters")  # the folders of the three packages
 PACKAGES = ("server", "kernels", "adapters")
 
 
@@ -37,7 +37,8 @@ def test_mypy_is_clean(tmp_path):
     for folder in PACKAGES:
         (namespace / folder).symlink_to(ROOT / folder, target_is_directory=True)
     done = _run([sys.executable, "-m", "mypy", "--config-file", str(ROOT / "pyproject.toml"),
-                 "--cache-dir", str(ROOT / ".mypy_cache"), "-p", "talora.server", "-p", "talora.kernels"],
+                 "--cache-dir", str(ROOT / ".mypy_cache"), "-p", "talora.server", "-p", "talora.kernels",
+                 "-p", "talora.adapters"],
                 cwd=tmp_path, env={"MYPYPATH": str(tmp_path), "PATH": "/usr/bin:/bin"})
     assert done.returncode == 0, done.stdout + done.stderr
 

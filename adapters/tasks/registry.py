@@ -71,7 +71,8 @@ def register_file_task(
 
     Raises ValueError naming the problem (missing column, one label only, empty file, ...).
     """
-    entry = make_file_task(path, name=name, template=template, labels=labels, verbalizers=verbalizers, language=language)
+    entry = make_file_task(path, name=name, template=template, labels=labels, verbalizers=verbalizers,
+                           language=language)
     if entry.spec.name in _BUILTIN:
         raise ValueError(f"name {entry.spec.name!r} is a built-in task; pass another name")
     _REGISTERED[entry.spec.name] = entry
@@ -142,7 +143,8 @@ def load_split(name: str, split: str, cache_dir=None, limit: int | None = None) 
     return balanced_subset(examples, limit, entry.seed, by_label=entry.spec.kind == "classify")
 
 
-def prepare_all(cache_dir=None, tasks=None, progress=True, fetch_bigbench=False, bigbench_sdist=None) -> dict[str, dict[str, int]]:
+def prepare_all(cache_dir=None, tasks=None, progress=True, fetch_bigbench=False,
+                bigbench_sdist=None) -> dict[str, dict[str, int]]:
     """Materialise every split of `tasks` (default: all built-ins) into the cache; returns counts.
 
     With tasks=None, BIG-bench tasks are skipped (with a note) when their files are absent and

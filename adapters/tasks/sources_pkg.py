@@ -35,7 +35,8 @@ def package_dir(module: str, requirement: str) -> Path:
 def data_file(module: str, requirement: str, relative: str) -> Path:
     path = package_dir(module, requirement) / relative
     if not path.exists():
-        raise MissingDataError(f"{path} is missing: is {requirement!r} the right version? " + INSTALL_HINT.format(requirement=requirement))
+        raise MissingDataError(f"{path} is missing: is {requirement!r} the right version? "
+                               + INSTALL_HINT.format(requirement=requirement))
     return path
 
 
@@ -46,7 +47,8 @@ class BuiltinsOnlyUnpickler(pickle.Unpickler):
     that asks for a class or function is refused instead of being run.
     """
 
-    ALLOWED = {("builtins", name) for name in ("list", "tuple", "dict", "set", "frozenset", "str", "int", "float", "bool")}
+    ALLOWED = {("builtins", name)
+               for name in ("list", "tuple", "dict", "set", "frozenset", "str", "int", "float", "bool")}
 
     def find_class(self, module: str, name: str):
         if (module, name) in self.ALLOWED:

@@ -38,7 +38,7 @@ class Example:
             raise ValueError("Example.answers must be a tuple of strings")
 
     def to_json(self) -> dict:
-        row = {"text": self.text, "label": self.label}
+        row: dict[str, object] = {"text": self.text, "label": self.label}
         if self.question is not None:
             row["question"] = self.question
         if self.answers:
@@ -46,7 +46,7 @@ class Example:
         return row
 
     @classmethod
-    def from_json(cls, row: dict) -> "Example":
+    def from_json(cls, row: dict) -> Example:
         return cls(
             text=row["text"],
             label=row["label"],

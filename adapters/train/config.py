@@ -127,24 +127,27 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def with_updates(self, **changes) -> "TrainConfig":
+    def with_updates(self, **changes) -> TrainConfig:
         return replace(self, **changes)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"{unknown[0]}: unknown TrainConfig field")
         for f in fields(cls):
             if f.name in data:
-                data = {**data, f.name: _coerce(f.name, f.type, data[f.name])}
+                data = {**data, f.name: _coerce(f.name, str(f.type), data[f.name])}
         return cls(**data)
+
+
+_FILE_TYPES: dict[str, type | tuple[type, ...]] = {"int": int, "float": (int, float), "str": str, "bool": bool}
 
 
 def _coerce(name: str, type_name: str, value: Any) -> Any:
     """Check a file value's type (JSON/YAML give ints for floats, which is fine)."""
-    expected = {"int": int, "float": (int, float), "str": str, "bool": bool}.get(type_name)
+    expected = _FILE_TYPES.get(type_name)
     if type_name == "list[str]":
         if isinstance(value, str):
             value = [v for v in value.split(",") if v]
@@ -187,7 +190,8 @@ HELP: dict[str, str] = {
     "slow_lr_ratio": "learning rate of P (and of A unless basis_lr_ratio is set) = lr * slow_lr_ratio",
     "init_std": "std of the random init of source B_t (and of A with basis_init=random)",
     "basis_init": "init of A: random (N(0, init_std)) or embedding (rows at the token embeddings' norm)",
-    "prompt_init_text": "initialise P from the embeddings of this text (repeated to m rows); empty: random vocabulary rows",
+    "prompt_init_text": "initialise P from the embeddings of this text (repeated to m rows); "
+                        "empty: random vocabulary rows",
     "basis_lr_ratio": "learning rate of A = lr * basis_lr_ratio (0: the same as P)",
     "class_balance": "classification batches: sampler (each label equally often) or none (as the data falls)",
     "keep_best": "keep the trained tensors of the best dev evaluation (eval_every > 0), or of the lowest "

@@ -46,7 +46,7 @@ def predict_answers(model: TaloraModel, task: EncodedTask, tokenizer, batch_size
     """Greedy answer text of every example of an extract ``task``."""
     prefix, slots = _task_tables(model, task.name)
     stop = _stop_ids(tokenizer)
-    answers = []
+    answers: list[str] = []
     for start in range(0, len(task.examples), batch_size):
         chunk = task.examples[start:start + batch_size]
         out = greedy_generate(model, prefix, slots, [ex.prompt_ids for ex in chunk], [0] * len(chunk),

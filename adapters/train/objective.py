@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from talora.adapters.talora_model import BatchMeta, TaloraModel
-from talora.kernels import get_backend, set_backend
 from talora.adapters.train.data import EncodedExample
+from talora.kernels import get_backend, set_backend
 
 
 @dataclass
@@ -38,7 +38,7 @@ class PackedBatch:
     target_positions: torch.Tensor  # (K,) int64 packed positions whose next token is a target
     target_ids: torch.Tensor  # (K,) int64 the target tokens
 
-    def to(self, device) -> "PackedBatch":
+    def to(self, device) -> PackedBatch:
         return PackedBatch(self.input_ids.to(device), self.lengths, self.slot_ids, self.task_names,
                            self.target_positions.to(device), self.target_ids.to(device))
 
@@ -47,7 +47,11 @@ def pack_batch(items: list[tuple[str, EncodedExample]]) -> PackedBatch:
     """Pack ``(task name, example)`` pairs into one ``PackedBatch``."""
     names = sorted({task for task, _ in items})
     slot_of = {name: i for i, name in enumerate(names)}
-    tokens, lengths, slots, positions, targets = [], [], [], [], []
+    tokens: list[int] = []
+    lengths: list[int] = []
+    slots: list[int] = []
+    positions: list[int] = []
+    targets: list[int] = []
     for task, ex in items:
         row = ex.prompt_ids + ex.target_ids[:-1]
         start = len(tokens)

@@ -19,6 +19,7 @@ import torch
 from talora.adapters.bundle import export_bundle, export_task, model_from_bundle
 from talora.adapters.io import BUNDLE_FILE, SHARED_FILE, load_bundle
 from talora.adapters.talora_model import TaloraModel
+from talora.adapters.tasks.spec import TaskSpec
 from talora.adapters.train.checkpoint import trained_state
 from talora.adapters.train.config import TrainConfig
 from talora.adapters.train.data import EncodedTask, encode_task, k_shot
@@ -31,7 +32,7 @@ from talora.adapters.train.trainer import build_optimizer, train
 BUNDLE_DIR = "bundle"
 
 
-def _specs(cfg: TrainConfig, names: list[str]) -> dict[str, object]:
+def _specs(cfg: TrainConfig, names: list[str]) -> dict[str, TaskSpec]:
     """Registry specs of ``names``, registering ``cfg.task_files`` first."""
     from talora.adapters.tasks import get_task, register_file_task
 
@@ -188,9 +189,9 @@ def _target_init(model: TaloraModel, sources: list[str], task: EncodedTask, how:
     if how == "random" or not sources:
         return None, "random"
     if how == "mean":
-        return torch.stack([model.tasks[s].fast.detach() for s in sources]).mean(0), "mean"
+        return torch.stack([model.adapter(s).fast.detach() for s in sources]).mean(0), "mean"
     nearest = nearest_source_task(model, sources, task)
-    return model.tasks[nearest].fast.detach().clone(), f"nearest:{nearest}"
+    return model.adapter(nearest).fast.detach().clone(), f"nearest:{nearest}"
 
 
 def run_target(cfg: TrainConfig) -> dict:

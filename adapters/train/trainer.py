@@ -37,8 +37,7 @@ import torch
 from tqdm.auto import tqdm
 
 from talora.adapters.talora_model import TaloraModel
-from talora.adapters.train.checkpoint import list_checkpoints, load_checkpoint, restore, save_checkpoint, \
-    trained_state
+from talora.adapters.train.checkpoint import list_checkpoints, load_checkpoint, restore, save_checkpoint, trained_state
 from talora.adapters.train.config import TrainConfig
 from talora.adapters.train.data import EncodedTask, MixedTaskSampler, label_groups
 from talora.adapters.train.distributed import Runtime, all_mean, barrier, gather_objects
@@ -53,8 +52,8 @@ def build_optimizer(model: TaloraModel, cfg: TrainConfig, tasks: list[str], trai
     shared = [(name, p) for name, p in (("prompt", model.prompt), ("basis", model.basis)) if train_shared and p.numel()]
     basis_ratio = cfg.basis_lr_ratio or cfg.slow_lr_ratio
     groups = [(name, [p], cfg.lr * (cfg.slow_lr_ratio if name == "prompt" else basis_ratio)) for name, p in shared]
-    groups += [("fast", [model.tasks[t].fast for t in tasks], cfg.lr),
-               ("gate", [model.tasks[t].gate for t in tasks], cfg.lr * cfg.gate_lr_ratio)]
+    groups += [("fast", [model.adapter(t).fast for t in tasks], cfg.lr),
+               ("gate", [model.adapter(t).gate for t in tasks], cfg.lr * cfg.gate_lr_ratio)]
     param_groups = []
     for name, params, lr in groups:
         if params:
@@ -93,13 +92,16 @@ class DivergenceGuard:
 
     def __init__(self, tensors: list[torch.Tensor], smoothing: float = 0.9, ratio: float = 1.5,
                  margin: float = 0.25, min_steps: int = 5):
-        self.tensors, self.smoothing, self.ratio, self.margin, self.min_steps = tensors, smoothing, ratio, margin, min_steps
+        self.tensors, self.smoothing, self.ratio = tensors, smoothing, ratio
+        self.margin, self.min_steps = margin, min_steps
         self.smoothed: float | None = None
-        self.best, self.best_step, self.best_state = float("inf"), 0, None
+        self.best, self.best_step = float("inf"), 0
+        self.best_state: list[torch.Tensor] | None = None
         self.warned = False
 
     def update(self, step: int, loss: float) -> bool:
-        s = self.smoothed = loss if self.smoothed is None else self.smoothing * self.smoothed + (1 - self.smoothing) * loss
+        previous = loss if self.smoothed is None else self.smoothed
+        s = self.smoothed = self.smoothing * previous + (1 - self.smoothing) * loss
         if step >= self.min_steps and s < self.best:
             self.best, self.best_step = s, step
             self.best_state = [t.detach().clone() for t in self.tensors]
@@ -118,7 +120,8 @@ class BestEval:
     """The best dev evaluation so far (mean accuracy, or F1 for extraction) and its tensors."""
 
     def __init__(self, tensors: list[torch.Tensor]):
-        self.tensors, self.score, self.step, self.state = tensors, -1.0, 0, None
+        self.tensors, self.score, self.step = tensors, -1.0, 0
+        self.state: list[torch.Tensor] | None = None
         self.metrics: dict | None = None
 
     @staticmethod
@@ -203,6 +206,11 @@ def _checkpoint(cfg, run_dir, step, model, optimizer, sampler, runtime) -> None:
     barrier(runtime)
 
 
+def _gate_opening(gates: list[torch.Tensor]) -> float:
+    """Mean |tanh(g)| over the trained gates (0 when none are trained)."""
+    return float(torch.stack([torch.tanh(g.detach()).abs().mean() for g in gates]).mean()) if gates else 0.0
+
+
 def _warn(log: JsonlLog, step: int, message: str) -> None:
     warnings.warn(message, RuntimeWarning, stacklevel=3)
     log.write({"kind": "warning", "step": step, "message": message})
@@ -252,7 +260,7 @@ def train(cfg: TrainConfig, model: TaloraModel, tasks: list[EncodedTask], optimi
         history.append(loss_value)
         bar.set_postfix(loss=f"{loss_value:.3f}")
         if done % cfg.log_every == 0 or done == cfg.steps:
-            gate_open = float(torch.stack([torch.tanh(g.detach()).abs().mean() for g in gates]).mean()) if gates else 0.0
+            gate_open = _gate_opening(gates)
             log.write({"kind": "step", "step": done, "loss": loss_value, "lr": cfg.lr * factor,
                        "gate_abs_tanh": gate_open, "seconds": durations[-1],
                        "answer_tokens": int(batch.target_ids.numel()), "tasks": sorted({n for n, _ in items})})
