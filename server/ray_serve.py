@@ -146,7 +146,7 @@ class TaloraReplica:
         No slot is warmed here: the request that asked computes the task KV itself when it is admitted
         (warming first would compute it on the worker just the same, and count a miss and a hit for it).
         """
-        registry = self.engine.registry
+        registry = self.engine.loaded.registry
         current = registry.snapshot().get(task)
         if task in self._admin_busy:  # a PUT or DELETE here is ahead of the store: do not undo it
             return current
@@ -164,15 +164,15 @@ class TaloraReplica:
 
     def sync_all(self) -> None:
         """Bring every task to the store's version (before a listing answers)."""
-        tasks = set(self.engine.registry.snapshot()) | set(list_task_names(self.store.store))
+        tasks = set(self.engine.loaded.registry.snapshot()) | set(list_task_names(self.store.store))
         for task in sorted(tasks):
             version = self.store.version_of(task) or ""
-            current = self.engine.registry.snapshot().get(task)
+            current = self.engine.loaded.registry.snapshot().get(task)
             if (current.version if current else "") != version:
                 self.sync(task, version)
 
     def _load_from_store(self, task: str) -> AdapterVersion:
-        registry = self.engine.registry
+        registry = self.engine.loaded.registry
         try:
             return registry.load_store(task)[0]
         except AdapterNotFound:
@@ -186,7 +186,7 @@ class TaloraReplica:
         if serve.get_multiplexed_model_id():
             await self.hold(serve.get_multiplexed_model_id())
         if task is not None:
-            current = self.engine.registry.snapshot().get(task)
+            current = self.engine.loaded.registry.snapshot().get(task)
             if (current.version if current else "") != version:  # an id held from before an evict or a revert
                 await asyncio.to_thread(self.sync, task, version)
         elif request["path"].rstrip("/") in LISTINGS:
@@ -216,7 +216,7 @@ class TaloraReplica:
         if status != 200:
             return
         if method == "PUT":
-            self.store.persist(self.engine.registry.get(task))
+            self.store.persist(self.engine.loaded.registry.get(task))
         else:
             self.store.evict(task)
 
