@@ -141,7 +141,8 @@ def default_model_dir() -> Path:
     return target
 
 
-def _resolve(name: str) -> Path:
+def model_folder(name: str) -> Path:
+    """The checkpoint folder of a model name: the embedded default, a local folder or a hub id."""
     if name in ("", "default", DEFAULT_MODEL):
         return default_model_dir()
     path = Path(name).expanduser()
@@ -163,7 +164,7 @@ def load_model(name: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32",
     from transformers import AutoTokenizer
 
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
-    folder = _resolve(name)
+    folder = model_folder(name)
     try:
         model, fingerprint = load_checkpoint_folder(folder, torch_dtype, device)
         tokenizer = AutoTokenizer.from_pretrained(folder)

@@ -56,7 +56,7 @@ async def completions(body: CompletionRequest, request: Request, engine: EngineD
     gens: list[bridge.Generation] = []
     try:
         for prompt in prompts:
-            gens.append(await bridge.generate(engine, adapter, prompt, None, params))
+            gens.append(await bridge.generate(engine, adapter, prompt, body.question, params))
     except BaseException:
         for gen in gens:
             gen.job.cancel()

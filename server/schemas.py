@@ -91,6 +91,8 @@ class CompletionRequest(BaseModel):
     echo: Literal[False] | None = Field(False, description="not supported (must be false)")
     logprobs: None = Field(None, description="not supported (must be null)")
     best_of: Literal[1] | None = Field(None, description="only 1 is supported")
+    question: Utf8 | None = Field(None, description="talora extension: fills {question} in templates that have one "
+                                                    "(the prompt fills {text}); OpenAI clients pass it in extra_body")
 
 
 # ----- responses ---------------------------------------------------------------------------------

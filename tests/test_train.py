@@ -333,6 +333,65 @@ def test_demo_recipe_adds_the_target_tasks_to_the_source_bundle(env, tmp_path):
     assert _tensors(installed) == _tensors(bundle)
 
 
+def test_demo_targets_only_adapts_from_an_existing_bundle(env, source_run, tmp_path):
+    from talora.adapters.io import list_task_names
+    from talora.adapters.train.demo import run_demo
+
+    source_bundle = source_run[0] / "bundle"
+    before = _tensors(source_bundle)
+    targets = {"tasks": {"toy_new": {"steps": 2}}, "task_files": [env["new"]], "steps": 3, "save_every": 0}
+    out = tmp_path / "more"
+    summary = run_demo(_cfg(env, out, save_every=0), targets, source_bundle=source_bundle)
+    bundle = Path(summary["bundle"])
+    assert list_task_names(bundle) == ["toy_first", "toy_new", "toy_red"] == summary["tasks"]
+    assert _tensors(source_bundle) == before  # the source folder is never written
+    assert _tensors(bundle)["shared.safetensors"] == before["shared.safetensors"]
+    assert set(summary["metrics"]) == {"toy_first", "toy_red"}  # read back from the task files
+    assert len([r for r in read_log(out / "targets" / "toy_new" / "log.jsonl") if r["kind"] == "step"]) == 2
+
+
+def test_demo_targets_narrows_and_rejects_unknown_tasks():
+    from talora.adapters.train.demo import DEMO_TARGETS, demo_targets
+
+    assert list(demo_targets(["squad_dev"], 5)["tasks"]) == ["squad_dev"]
+    assert demo_targets(None, 5)["steps"] == 5 and demo_targets()["tasks"] == DEMO_TARGETS["tasks"]
+    with pytest.raises(ValueError, match="target_tasks: nope"):
+        demo_targets(["nope"])
+
+
+def test_zero_shot_tokens_match_a_plain_greedy_loop(env):
+    from talora.adapters.loading import load_model
+    from talora.adapters.train.evaluate import zero_shot_tokens
+
+    loaded = load_model(env["model"])
+    gen = torch.Generator().manual_seed(3)
+    vocab = loaded.model.config.vocab_size
+    prompts = [torch.randint(3, vocab, (n,), generator=gen).tolist() for n in (5, 9, 2)]
+    expected = []
+    for prompt in prompts:  # no cache, no padding: the whole sequence each step
+        ids = list(prompt)
+        for _ in range(6):
+            with torch.no_grad():
+                ids.append(int(loaded.model(torch.tensor([ids]))[0, -1].argmax()))
+        expected.append(ids[len(prompt):])
+    stop = {expected[0][3]}  # the first row stops before its fourth token
+    want = [row[:next((i for i, t in enumerate(row) if t in stop), len(row))] for row in expected]
+    assert zero_shot_tokens(env["model"], prompts, stop, 2, 6, pad_id=0) == want  # batched, left padding
+    assert len(want[0]) <= 3 and any(len(row) == 6 for row in want)
+
+
+def test_demo_serves_an_extract_task_only_above_its_zero_shot_f1():
+    from talora.adapters.train.demo import served_tasks
+
+    summary = {"metrics": {"cls": {"accuracy": 0.9, "majority_rate": 0.5}},
+               "targets": {"qa": {"metrics": {"f1": 0.40, "exact_match": 0.3}, "zero_shot": {"f1": 0.20}},
+                           "weak_qa": {"metrics": {"f1": 0.30, "exact_match": 0.2}, "zero_shot": {"f1": 0.20}},
+                           "bare_qa": {"metrics": {"f1": 0.90, "exact_match": 0.9}}}}
+    served, left_out = served_tasks(summary)
+    assert served == ["cls", "qa"] and sorted(left_out) == ["bare_qa", "weak_qa"]
+    assert "zero-shot F1 0.200" in left_out["weak_qa"] and "no zero-shot" in left_out["bare_qa"]
+
+
 def test_demo_installs_only_tasks_clear_of_their_majority_rate(tmp_path):
     from talora.adapters.train.demo import served_tasks
 
