@@ -17,11 +17,11 @@ every request, so that no setup can skip work.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
-from bench_requests import BenchRequest, batches, grouped_by_task
+from benchmarks.bench_requests import BenchRequest, batches, grouped_by_task
 
 Runner = Callable[[], list[torch.Tensor]]
 

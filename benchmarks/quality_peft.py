@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bench_setups import pad_left
+from benchmarks.bench_setups import pad_left
 from talora.adapters.scoring import plan_labels
 from talora.adapters.train.data import EncodedTask, MixedTaskSampler
 from talora.adapters.train.metrics import accuracy, macro_f1, majority_rate
@@ -43,7 +43,7 @@ class Budget:
     class_balance: str = "none"
 
     @classmethod
-    def from_spec(cls, budget: dict, lr: float) -> "Budget":
+    def from_spec(cls, budget: dict, lr: float) -> Budget:
         names = ("steps", "batch_size", "warmup_steps", "lr_schedule", "grad_clip", "sampling_temperature",
                  "class_balance")
         return cls(lr=lr, **{n: budget[n] for n in names if n in budget})

@@ -130,7 +130,7 @@ class BenchConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def with_overrides(self, source: dict | None = None, target: dict | None = None, **changes) -> "BenchConfig":
+    def with_overrides(self, source: dict | None = None, target: dict | None = None, **changes) -> BenchConfig:
         """A copy with TrainConfig overrides (validated and typed by ``TrainConfig.from_dict``)."""
         src = _override(self.source, {**(source or {})})
         tgt = _override(self.target, {**(target or {})})

@@ -23,14 +23,14 @@ from pathlib import Path
 
 import torch
 
-from quality_plan import MULTITASK, TALORA_METHODS, Run
+from benchmarks.quality_plan import MULTITASK, TALORA_METHODS, Run
 
 ARTIFACTS = "artifacts"
 
 
 def model_shape(model_name: str) -> dict:
     """Hidden size, layers and heads from the checkpoint's config.json (no weights loaded)."""
-    from quality_peft import model_dir
+    from benchmarks.quality_peft import model_dir
 
     cfg = json.loads((model_dir(model_name) / "config.json").read_text())
     return {"d": cfg["hidden_size"], "L": cfg["num_hidden_layers"], "H": cfg["num_attention_heads"]}
@@ -124,7 +124,7 @@ def _encode(tok, names: list[str], split: str, limit, max_tokens: int):
 
 
 def _build_peft(method: str, base, hyper: dict, seed: int, num_tasks: int, source_file: Path | None):
-    import quality_peft as qp
+    from benchmarks import quality_peft as qp
 
     if method == "prompt_tuning":
         return qp.build_prompt_tuning(base, hyper, seed)
@@ -134,7 +134,7 @@ def _build_peft(method: str, base, hyper: dict, seed: int, num_tasks: int, sourc
 
 
 def run_peft(run: Run, artifacts: Path, progress: bool) -> dict:
-    import quality_peft as qp
+    from benchmarks import quality_peft as qp
     from talora.adapters.tasks import get_task
     from talora.adapters.train.data import encode_task
 

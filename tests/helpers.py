@@ -1,4 +1,4 @@
-"""Shared test helpers: tiny random Hugging Face checkpoints of each supported family."""
+"""Shared test helpers: the repository root, and tiny random Hugging Face checkpoints of each supported family."""
 
 from __future__ import annotations
 
@@ -6,14 +6,21 @@ from pathlib import Path
 
 import torch
 
+ROOT = Path(__file__).resolve().parents[1]  # the repository: docs/, pyproject.toml, the packages
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
 
 
 def save_tiny_checkpoint(folder: Path, family: str = "llama", seed: int = 0, **overrides) -> Path:
     """Write a random tiny ``family`` model (config.json + model.safetensors) to ``folder``."""
-    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, \
-        Qwen2Config, Qwen2ForCausalLM
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
     classes = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM),
                "qwen2": (Qwen2Config, Qwen2ForCausalLM)}

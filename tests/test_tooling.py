@@ -12,10 +12,12 @@ import importlib.metadata
 import re
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+import tomllib
+
+from tests.helpers import ROOT
+
 CHECKED = ("server", "kernels", "adapters")  # the folders of the three packages
 PACKAGES = ("server", "kernels", "adapters")
 

@@ -7,9 +7,6 @@ the preallocated buffers reused and grown across steps.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -19,8 +16,6 @@ from talora.adapters.decoding import run_step
 from talora.adapters.loading import load_checkpoint_folder
 from talora.adapters.scoring import ScoreRequest, plan_labels, score_labels
 from talora.adapters.talora_model import KVCache, TaloraModel
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 LABELS = [[7], [9, 4, 3], [9, 5]]
 
@@ -116,7 +111,7 @@ def test_cached_steps_reuse_the_buffers_and_match_one_prefill(tiny_llama_dir):
 def test_hf_baseline_scores_with_the_same_planner(tiny_llama_dir):
     from transformers import AutoModelForCausalLM
 
-    import quality_peft
+    from benchmarks import quality_peft
     from talora.adapters.train.data import EncodedExample, EncodedTask
 
     hf = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()

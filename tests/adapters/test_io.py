@@ -10,7 +10,7 @@ from safetensors.torch import save
 
 from talora.adapters.bundle import export_bundle, export_task, model_from_bundle
 from talora.adapters.config import TaloraConfig
-from talora.adapters.io import AdapterFormatError, decode_task, encode_task, load_bundle, load_task, TaskMeta
+from talora.adapters.io import AdapterFormatError, TaskMeta, decode_task, encode_task, load_bundle, load_task
 from talora.adapters.loading import load_checkpoint_folder
 from talora.adapters.scoring import ScoreRequest, score_labels
 from talora.adapters.talora_model import TaloraModel

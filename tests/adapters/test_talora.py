@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from talora.adapters.batching import Row, StepBuffers, StepPlan
 from talora.adapters.config import TaloraConfig
 from talora.adapters.loading import load_checkpoint_folder
-from talora.adapters.batching import Row, StepBuffers, StepPlan
 from talora.adapters.talora_model import KVCache, TaloraModel
 
 TASKS = ["alpha", "beta", "gamma"]
@@ -167,7 +167,7 @@ def test_cached_path_equals_full_sequence_path(tiny_llama_dir, cfg):
 
 
 def test_cached_path_on_qwen2(tmp_path):
-    from helpers import save_tiny_checkpoint
+    from tests.helpers import save_tiny_checkpoint
 
     model = _model(save_tiny_checkpoint(tmp_path, "qwen2"))
     _open_gates(model)
