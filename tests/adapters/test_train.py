@@ -454,3 +454,13 @@ def test_a_diverging_run_warns_and_ends_with_its_best_tensors(tiny_llama_dir, tm
     logged = [r["message"] for r in read_log(tmp_path / "log.jsonl") if r["kind"] == "warning"]
     assert any("diverged" in m for m in logged) and any("kept the tensors" in m for m in logged)
 
+
+def test_curves_without_matplotlib_are_skipped_with_the_extra_named(tmp_path, monkeypatch, caplog):
+    from talora.adapters.train.logs import LOG_FILE, JsonlLog, plot_curves
+
+    JsonlLog(tmp_path / LOG_FILE).write({"kind": "step", "step": 1, "loss": 1.0})
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # what an install without the train extra sees
+    with caplog.at_level("WARNING", logger="talora.adapters.train.logs"):
+        assert plot_curves(tmp_path / LOG_FILE, tmp_path) == []
+    assert "pip install 'talora[train]'" in caplog.text
+    assert not (tmp_path / "loss.png").exists()
