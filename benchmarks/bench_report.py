@@ -13,6 +13,7 @@ import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 REQUIRED_RATIOS = ("talora_mixed64_vs_bare", "talora_mixed64_vs_peft", "talora_mixed64_vs_vllm")
 
@@ -40,7 +41,7 @@ def machine_info(threads: int | None = None, extra_versions: dict[str, str | Non
 
     import torch
 
-    info = {
+    info: dict[str, Any] = {
         "platform": platform.platform(),
         "python": platform.python_version(),
         "cpu_model": cpu_model(),

@@ -41,6 +41,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -48,7 +49,7 @@ from benchmarks.bench_args import RESULTS, add_flags, bench_parser
 from benchmarks.bench_report import machine_info, write_json
 
 HERE = Path(__file__).resolve().parent
-SHAPES = {
+SHAPES: dict[str, dict[str, Any]] = {
     "qwen05b-random": dict(model_type="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864,
                            num_layers=24, num_heads=14, num_kv_heads=2, head_dim=64, rope_theta=1000000.0,
                            rms_norm_eps=1e-6, tie_word_embeddings=True, attention_bias=True, eos_token_id=2),

@@ -27,6 +27,7 @@ import re
 import statistics
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -43,7 +44,7 @@ from benchmarks.bench_setups import (
     talora_task_prompts,
 )
 
-QWEN25_05B = dict(hidden_size=896, num_attention_heads=14, num_key_value_heads=2, head_dim=64,
+QWEN25_05B: dict[str, Any] = dict(hidden_size=896, num_attention_heads=14, num_key_value_heads=2, head_dim=64,
                   num_hidden_layers=24, intermediate_size=4864, vocab_size=151936, tie_word_embeddings=True,
                   max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6)
 
@@ -117,7 +118,7 @@ def build_setups(args, hf_model, lm, requests) -> tuple[dict, dict]:
         "talora_mixed64": make_talora(talora_model, prefix, slots, requests, mixed, bs),
         "talora_single": make_talora(talora_model, prefix, slots, requests, [0] * len(requests), bs),
     }
-    notes = {"task_kv_64_tasks_s": task_kv_s, "distinct_tasks_mixed64": len(set(mixed))}
+    notes: dict[str, Any] = {"task_kv_64_tasks_s": task_kv_s, "distinct_tasks_mixed64": len(set(mixed))}
     try:
         from copy import deepcopy
 
@@ -132,7 +133,7 @@ def time_setups(setups: dict, repeats: int, sync) -> dict[str, list[float]]:
     for run in setups.values():
         run()
     sync()
-    walls = {name: [] for name in setups}
+    walls: dict[str, list[float]] = {name: [] for name in setups}
     for _ in range(repeats):
         for name, run in setups.items():
             sync()
@@ -154,27 +155,28 @@ def main(argv=None) -> None:
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     walls = time_setups(setups, args.repeats, sync)
     rows = {name: {"input_tokens_per_s": input_tokens / statistics.median(w), "wall_s": w} for name, w in walls.items()}
-    tps = {name: row["input_tokens_per_s"] for name, row in rows.items()}
+    tps: dict[str, float] = {name: input_tokens / statistics.median(w) for name, w in walls.items()}
     card = torch.cuda.get_device_name(0) if cuda else "cpu"
+    ratios = {
+        "talora_mixed64_vs_bare": ratio(tps["talora_mixed64"], tps["bare_hf"]),
+        "talora_mixed64_vs_reencode": ratio(tps["talora_mixed64"], tps["reencode_mixed64"]),
+        "talora_mixed64_vs_peft": ratio(tps["talora_mixed64"], tps.get("peft_grouped_mixed64")),
+        "talora_single_vs_bare": ratio(tps["talora_single"], tps["bare_hf"]),
+    }
     summary = {
         "setup": {"model": "random-weight Qwen2.5-0.5B shape", "layers": args.layers, "dtype": args.dtype,
                   "num_requests": len(requests), "input_tokens": input_tokens, "batch_size": args.batch_size,
                   "shared_prompt_len": args.shared_prompt_len, "task_prompt_len": args.task_prompt_len,
                   "rank": args.rank, "repeats": args.repeats, "workload": "prefill-only, last-token logits"},
         "machine": machine_info(), "card": card, "throughputs": rows, "notes": notes,
-        "ratios": {
-            "talora_mixed64_vs_bare": ratio(tps["talora_mixed64"], tps["bare_hf"]),
-            "talora_mixed64_vs_reencode": ratio(tps["talora_mixed64"], tps["reencode_mixed64"]),
-            "talora_mixed64_vs_peft": ratio(tps["talora_mixed64"], tps.get("peft_grouped_mixed64")),
-            "talora_single_vs_bare": ratio(tps["talora_single"], tps["bare_hf"]),
-        },
+        "ratios": ratios,
     }
     out = args.out_dir / f"gpu_serve_bench-{re.sub(r'[^A-Za-z0-9]+', '-', card).strip('-')}.json"
     write_json(out, summary)
     for name, value in tps.items():
         print(f"{name:24s} {value:12.0f} input tok/s")
-    for name, value in summary["ratios"].items():
-        print(f"{name:28s} {value:.3f}" if value else f"{name:28s} n/a")
+    for name, ratio_value in ratios.items():
+        print(f"{name:28s} {ratio_value:.3f}" if ratio_value else f"{name:28s} n/a")
     print(f"wrote {out}")
 
 

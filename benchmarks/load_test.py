@@ -33,6 +33,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from benchmarks.bench_args import RESULTS, add_flags, bench_parser
 from benchmarks.bench_report import append_jsonl, machine_info, pyplot, write_json
@@ -68,7 +69,7 @@ def request_texts(num: int, seed: int) -> list[str]:
     """Real task inputs cut to 16..128 tokens (the serve_bench length law), as text."""
     from talora.adapters.loading import load_model
 
-    tokenizer = load_model().tokenizer
+    tokenizer: Any = load_model().tokenizer
     requests = real_request_set(tokenizer, num, 16, 128, seed)
     return [tokenizer.decode(r.input_ids) for r in requests]
 
@@ -155,7 +156,8 @@ def make_swapper(client, tasks: list[str], every_s: float, log: list[tuple[float
 def swap_report(row: dict, swaps: list[tuple[float, int]], window_s: float = 0.5) -> dict:
     """Failed requests, and p99 latency of requests sent within ``window_s`` after a swap vs the rest."""
     swap_times = [at for at, _ in swaps]
-    near, far = [], []
+    near: list[float] = []
+    far: list[float] = []
     for sent, latency, status in row["_results"]:
         if status != 200:
             continue
@@ -288,8 +290,8 @@ def main(argv=None) -> None:
 
         rows = [json.loads(line) for line in args.jsonl.read_text().splitlines() if line.strip()]
         rows = [r for r in rows if r.get("kind") == "sweep"]
-        tasks = [None] * (rows[0]["num_tasks"] if rows else 0)
-        report(args, rows, tasks, argv)
+        no_names: list[str | None] = [None] * (rows[0]["num_tasks"] if rows else 0)
+        report(args, rows, no_names, argv)
         return
     texts = request_texts(512, args.seed)
     with tempfile.TemporaryDirectory(prefix="load_test_") as tmp:

@@ -88,7 +88,7 @@ def method_means(rows: list[dict]) -> list[dict]:
 
 def summary_rows(plan: list[Run], results: dict[str, dict]) -> list[dict]:
     """Rows for every (method, task, setting) of ``plan`` with at least one finished run."""
-    groups: dict[tuple, list[tuple[dict, dict]]] = {}
+    groups: dict[tuple[str, str, str, str], list[tuple[dict, dict]]] = {}
     for run in plan:
         result = results.get(run.key)
         if result is None or run.stage == "reference":

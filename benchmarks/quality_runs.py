@@ -20,6 +20,7 @@ import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -82,7 +83,8 @@ def digits(values: list[int]) -> str:
 def run_talora(run: Run, artifacts: Path, scratch_root: Path, threads: int, progress: bool) -> dict:
     from talora.adapters.train import run_source, run_target
 
-    book = dict(threads=threads, progress=progress, save_every=0)
+    book: dict[str, Any] = dict(threads=threads, progress=progress, save_every=0)
+    assert run.train is not None, run.key  # every TA-LoRA run carries its TrainConfig
     if run.stage == "source":
         out = artifacts / run.key
         shutil.rmtree(out, ignore_errors=True)

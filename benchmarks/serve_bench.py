@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -119,7 +118,7 @@ def build_setups(args, loaded, hf_bare, hf_peft, talora_model, engine, requests,
 def time_interleaved(setups: dict, repeats: int) -> dict[str, dict]:
     for _, warm_run in setups.values():
         warm_run()
-    timings = {name: {"wall_s": [], "cpu_s": []} for name in setups}
+    timings: dict[str, dict[str, list[float]]] = {name: {"wall_s": [], "cpu_s": []} for name in setups}
     for round_index in range(repeats):
         for name, (run, _) in setups.items():
             one = time_repeats(run, 1)
@@ -185,8 +184,8 @@ def main(argv=None) -> None:
     input_tokens = sum(len(r.input_ids) for r in requests)
     cfg = TaloraConfig(shared_prompt_len=args.shared_prompt_len, task_prompt_len=args.task_prompt_len, rank=args.rank)
     task_names = [task_name(i) for i in range(64)]
-    with tempfile.TemporaryDirectory(prefix="serve_bench_") as tmp:
-        tmp = Path(tmp)
+    with tempfile.TemporaryDirectory(prefix="serve_bench_") as tmp_name:
+        tmp = Path(tmp_name)
         write_random_bundle(loaded.model, loaded.fingerprint, tmp / "bundle", 64, cfg, args.seed)
         talora_model, _, _ = model_from_bundle(loaded.model, tmp / "bundle", loaded.fingerprint)
         model_dir = default_model_dir()
@@ -234,4 +233,4 @@ def finish(args, rows, requests, input_tokens, draws) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -59,8 +59,8 @@ def _setup(dtype: str, task_names: list[str], target: str, seed: int = 0):
         encoded[name] = encode_task(get_task(name), load_split(name, "train", limit=64), loaded.tokenizer,
                                     cfg.max_input_tokens)
     with torch.no_grad():
-        for adapter in model.tasks.values():
-            adapter.gate.fill_(0.1)  # an open gate, as after the first steps
+        for name in model.tasks:
+            model.adapter(name).gate.fill_(0.1)  # an open gate, as after the first steps
     return cfg, model, encoded
 
 
@@ -120,6 +120,7 @@ def main(argv=None) -> None:
     sources = ["bbc_topic", "inews_sentiment", "multiemo_zh"]
     steps = time_steps(args.repeats, sources, args.task)
     ratios = {stage: steps[f"float32/{stage}"] / steps[f"bfloat16/{stage}"] for stage in ("source", "target")}
+    check: dict | None
     if args.target_steps:
         check = {"task": args.task, "split": "dev", "target_steps": args.target_steps, "eval_limit": args.eval_limit,
                  **accuracy_check(args.task, args.target_steps, args.eval_limit, sources)}

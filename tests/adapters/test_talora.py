@@ -27,8 +27,9 @@ def _model(folder, **cfg) -> TaloraModel:
 def _open_gates(model: TaloraModel, seed: int = 3) -> None:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for adapter in model.tasks.values():
-            adapter.gate.copy_(torch.randn(adapter.gate.shape, generator=gen))
+        for name in model.tasks:
+            gate = model.adapter(name).gate
+            gate.copy_(torch.randn(gate.shape, generator=gen))
 
 
 def _batch(vocab: int, lengths=(7, 3, 11)):

@@ -11,6 +11,7 @@ import json
 import pickle
 import tarfile
 from collections import Counter
+from typing import Any
 
 import pytest
 
@@ -25,7 +26,7 @@ BIGBENCH_TASKS = [e.spec.name for e in BUILTIN if e.needs_bigbench]
 
 
 def _spec(**overrides) -> TaskSpec:
-    fields = dict(
+    fields: dict[str, Any] = dict(
         name="t", kind="classify", language="en", labels=("a", "b"), verbalizers={"a": " yes", "b": " no"},
         template="Q: {text}\nA:", max_input_tokens=32,
     )

@@ -155,7 +155,7 @@ def _wait_ready(url: str, proc: subprocess.Popen) -> None:
 
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.stdout.read().decode()
+        assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
         try:
             if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
                 return
