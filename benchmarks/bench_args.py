@@ -19,8 +19,12 @@ from typing import Any
 RESULTS = Path(__file__).resolve().parent / "results"  # every summary and raw row lands here by default
 
 FLAGS: dict[str, tuple[type, str]] = {  # name: (type, help)
+    "num_requests": (int, "requests in the set"),
     "min_tokens": (int, "shortest input, tokens"),
     "max_tokens": (int, "longest input, tokens"),
+    "shared_prompt_len": (int, "m, shared soft-prompt rows"),
+    "task_prompt_len": (int, "n, task-prompt rows"),
+    "rank": (int, "r, rank of the shared basis"),
     "batch_size": (int, "requests per forward for every setup"),
     "repeats": (int, "timed rounds (median taken)"),
     "threads": (int, "torch threads"),

@@ -44,19 +44,16 @@ from benchmarks.bench_setups import (
     talora_task_prompts,
 )
 
-QWEN25_05B: dict[str, Any] = dict(hidden_size=896, num_attention_heads=14, num_key_value_heads=2, head_dim=64,
-                  num_hidden_layers=24, intermediate_size=4864, vocab_size=151936, tie_word_embeddings=True,
-                  max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6)
+QWEN25_05B: dict[str, Any] = dict(
+    hidden_size=896, num_attention_heads=14, num_key_value_heads=2, head_dim=64, num_hidden_layers=24,
+    intermediate_size=4864, vocab_size=151936, tie_word_embeddings=True, max_position_embeddings=32768,
+    rope_theta=1000000.0, rms_norm_eps=1e-6)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = bench_parser(__doc__)
-    p.add_argument("--num-requests", type=int, default=1024, help="requests in the set")
-    add_flags(p, min_tokens=16, max_tokens=128)
-    p.add_argument("--shared-prompt-len", type=int, default=64, help="m")
-    p.add_argument("--task-prompt-len", type=int, default=16, help="n")
-    p.add_argument("--rank", type=int, default=8, help="r")
-    add_flags(p, batch_size=64, repeats=5)
+    add_flags(p, num_requests=1024, min_tokens=16, max_tokens=128, shared_prompt_len=64, task_prompt_len=16, rank=8,
+              batch_size=64, repeats=5)
     p.add_argument("--layers", type=int, default=QWEN25_05B["num_hidden_layers"], help="decoder layers (smoke tests)")
     p.add_argument("--device", default="cuda", help="torch device")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"), help="weights and KV")

@@ -68,12 +68,8 @@ DEFAULT_SETUPS = ("bare_hf", "bare_packed", "talora_single", "talora_uniform8", 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = bench_parser(__doc__)
-    p.add_argument("--num-requests", type=int, default=256, help="requests in the set")
-    add_flags(p, min_tokens=16, max_tokens=128)
-    p.add_argument("--shared-prompt-len", type=int, default=64, help="m, shared soft-prompt rows")
-    p.add_argument("--task-prompt-len", type=int, default=16, help="n, task-prompt rows")
-    p.add_argument("--rank", type=int, default=8, help="r, rank of the shared basis")
-    add_flags(p, batch_size=32, threads=1, repeats=3, seed=0,
+    add_flags(p, num_requests=256, min_tokens=16, max_tokens=128, shared_prompt_len=64, task_prompt_len=16, rank=8,
+              batch_size=32, threads=1, repeats=3, seed=0,
               helps={"threads": "torch threads for every setup (vLLM gets the same)"})
     p.add_argument("--warmup-requests", type=int, default=32, help="requests in each setup's warm-up pass")
     p.add_argument("--setups", default=",".join(DEFAULT_SETUPS),
