@@ -11,25 +11,16 @@ import pytest
 import torch
 
 from talora.adapters.batching import BatchMeta, Row, StepBuffers, StepPlan
-from talora.adapters.config import TaloraConfig
 from talora.adapters.decoding import run_step
-from talora.adapters.loading import load_checkpoint_folder
 from talora.adapters.scoring import ScoreRequest, plan_labels, score_labels
 from talora.adapters.talora_model import KVCache, TaloraModel
+from tests.helpers import tiny_talora_model
 
 LABELS = [[7], [9, 4, 3], [9, 5]]
 
 
 def _model(folder) -> TaloraModel:
-    lm, _ = load_checkpoint_folder(folder)
-    model = TaloraModel(lm, TaloraConfig(shared_prompt_len=4, task_prompt_len=2, rank=2, init_std=0.5))
-    gen = torch.Generator().manual_seed(0)
-    model.init_shared(gen)
-    for name in ("a", "b"):
-        model.add_task(name, generator=gen)
-        with torch.no_grad():
-            model.adapter(name).gate.normal_(generator=gen)
-    return model
+    return tiny_talora_model(folder, ("a", "b"), shared_prompt_len=4, task_prompt_len=2, rank=2, init_std=0.5)[0]
 
 
 def test_layout_of_the_docstring_example():

@@ -7,21 +7,15 @@ import torch
 
 from talora.adapters.batching import Row, StepBuffers, StepPlan
 from talora.adapters.config import TaloraConfig
-from talora.adapters.loading import load_checkpoint_folder
 from talora.adapters.talora_model import KVCache, TaloraModel
+from tests.helpers import tiny_talora_model
 
 TASKS = ["alpha", "beta", "gamma"]
 
 
 def _model(folder, **cfg) -> TaloraModel:
-    lm, _ = load_checkpoint_folder(folder)
-    model = TaloraModel(lm, TaloraConfig(**{"shared_prompt_len": 5, "task_prompt_len": 3, "rank": 2,
-                                            "init_std": 0.5, **cfg}))
-    gen = torch.Generator().manual_seed(0)
-    model.init_shared(gen)
-    for name in TASKS:
-        model.add_task(name, generator=gen)
-    return model
+    config = {"shared_prompt_len": 5, "task_prompt_len": 3, "rank": 2, "init_std": 0.5, **cfg}
+    return tiny_talora_model(folder, TASKS, open_gates=False, **config)[0]
 
 
 def _open_gates(model: TaloraModel, seed: int = 3) -> None:
