@@ -11,8 +11,9 @@ import json
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
+from typing import Any
 
 REQUIRED_RATIOS = ("talora_mixed64_vs_bare", "talora_mixed64_vs_peft", "talora_mixed64_vs_vllm")
 
@@ -40,7 +41,7 @@ def machine_info(threads: int | None = None, extra_versions: dict[str, str | Non
 
     import torch
 
-    info = {
+    info: dict[str, Any] = {
         "platform": platform.platform(),
         "python": platform.python_version(),
         "cpu_model": cpu_model(),
@@ -104,6 +105,21 @@ def serve_bench_summary(setup: dict, machine: dict, rows: dict[str, dict], bare_
     }
     return {"setup": setup, "machine": machine, "bare_limit_row": bare_key, "throughputs": rows,
             "ratios": ratios, "ratios_cpu_time": ratios_cpu, "notes": notes or {}}
+
+
+def pyplot():
+    """``matplotlib.pyplot`` on the Agg backend; without matplotlib, an error that names the extra."""
+    try:
+        import matplotlib
+    except ModuleNotFoundError as exc:
+        if exc.name != "matplotlib":
+            raise
+        raise ModuleNotFoundError("the benchmark plots need matplotlib, which comes with the bench extra: "
+                                  "pip install 'talora[bench]'", name="matplotlib") from exc
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def write_json(path: Path, payload: dict) -> None:

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 POPULARITIES = ("uniform", "zipf")
 
@@ -79,7 +79,8 @@ def build_request_set(texts: dict[str, list[str]], encode: Callable[[str], list[
     return requests
 
 
-def real_task_texts(task_names: list[str] | None = None, per_task: int = 64, split: str = "test") -> dict[str, list[str]]:
+def real_task_texts(task_names: list[str] | None = None, per_task: int = 64,
+                    split: str = "test") -> dict[str, list[str]]:
     """Rendered model prompts of real task examples (``talora.adapters.tasks``), by task name.
 
     Tasks whose data is not installed are skipped; the caller gets whatever is available.
@@ -95,6 +96,16 @@ def real_task_texts(task_names: list[str] | None = None, per_task: int = 64, spl
         spec = get_task(name)
         texts[name] = [render_prompt(spec, example) for example in examples]
     return texts
+
+
+def real_request_set(tokenizer, num_requests: int, min_tokens: int = 16, max_tokens: int = 128, seed: int = 0,
+                     per_task: int = 32) -> list[BenchRequest]:
+    """``build_request_set`` over ``per_task`` real inputs of every installed task, encoded by ``tokenizer``
+    (a Hugging Face tokenizer, no special tokens): the request set of serve_bench, load_test and memory_scale."""
+    def encode(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    return build_request_set(real_task_texts(per_task=per_task), encode, num_requests, min_tokens, max_tokens, seed)
 
 
 def save_request_set(path: Path, requests: list[BenchRequest], task_ids: list[int]) -> None:

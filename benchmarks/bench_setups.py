@@ -17,11 +17,12 @@ every request, so that no setup can skip work.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
-from bench_requests import BenchRequest, batches, grouped_by_task
+from benchmarks.bench_requests import BenchRequest, batches, grouped_by_task
 
 Runner = Callable[[], list[torch.Tensor]]
 
@@ -140,7 +141,8 @@ def build_peft_model(hf_model, task_prompts: torch.Tensor):
         peft_model.add_adapter(f"t{task}", config)
     with torch.no_grad():
         for task in range(num_tasks):
-            weight = peft_model.prompt_encoder[f"t{task}"].embedding.weight
+            encoder: Any = peft_model.prompt_encoder[f"t{task}"]  # a PEFT PromptEmbedding
+            weight = encoder.embedding.weight
             weight.copy_(task_prompts[task].to(weight))
     return peft_model.eval()
 

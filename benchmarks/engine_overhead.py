@@ -23,8 +23,8 @@ old and new are side by side. Writes ``--out`` with ``"ratios": {"<model>_engine
 "old_<model>_engine_vs_forward"}`` (on a GPU also ``engine_vs_forward_qwen05b`` and
 ``engine_vs_forward_smollm2`` for the random-weight shapes, in ``engine_overhead-<card>.json``).
 
-    OMP_NUM_THREADS=1 python benchmarks/engine_overhead.py --device cpu --old-ref main
-    python benchmarks/engine_overhead.py --device cuda --dtype bfloat16 --models qwen05b-random,smollm2-random \
+    OMP_NUM_THREADS=1 python -m benchmarks.engine_overhead --device cpu --old-ref main
+    python -m benchmarks.engine_overhead --device cuda --dtype bfloat16 --models qwen05b-random,smollm2-random \
         --requests qwen05b-random=1024,smollm2-random=1024 --max-tokens 128 --threads 4
 """
 
@@ -41,11 +41,15 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from benchmarks.bench_args import RESULTS, add_flags, bench_parser
+from benchmarks.bench_report import machine_info, write_json
+
 HERE = Path(__file__).resolve().parent
-SHAPES = {
+SHAPES: dict[str, dict[str, Any]] = {
     "qwen05b-random": dict(model_type="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864,
                            num_layers=24, num_heads=14, num_kv_heads=2, head_dim=64, rope_theta=1000000.0,
                            rms_norm_eps=1e-6, tie_word_embeddings=True, attention_bias=True, eos_token_id=2),
@@ -55,16 +59,13 @@ GPU_NAMES = {"qwen05b-random": "qwen05b", "smollm2-random": "smollm2"}  # the GP
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = bench_parser(__doc__)
     p.add_argument("--models", default="tiny,smollm2", help=f"comma-separated, of {', '.join(MODELS)}")
     p.add_argument("--device", default="cpu", help="torch device")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="weights and KV")
     p.add_argument("--requests", default="tiny=256,smollm2=64", help="requests per run, per model (default 256)")
-    p.add_argument("--min-tokens", type=int, default=16, help="shortest input, tokens")
-    p.add_argument("--max-tokens", type=int, default=48, help="longest input, tokens")
-    p.add_argument("--batch-size", type=int, default=64, help="rows per step (engine) and per forward")
-    p.add_argument("--repeats", type=int, default=5, help="timed rounds (median taken)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads")
+    add_flags(p, min_tokens=16, max_tokens=48, batch_size=64, repeats=5, threads=1,
+              helps={"batch_size": "rows per step (engine) and per forward"})
     p.add_argument("--old-ref", default=None, help="git revision whose engine is measured too")
     p.add_argument("--out", type=Path, default=None,
                    help="summary JSON (default results/engine_overhead.json; on CUDA engine_overhead-<card>.json)")
@@ -216,8 +217,7 @@ def profile_engine(engine, run) -> dict:
 
 def measure(args) -> dict:
     """One model with the engine importable here: throughputs, ratio and host time."""
-    sys.path.insert(0, str(HERE))
-    from bench_bundle import task_name, write_random_bundle
+    from benchmarks.bench_bundle import task_name, write_random_bundle
 
     torch.set_num_threads(args.threads)
     loaded = build_model(args.worker, args.device, args.dtype)
@@ -280,8 +280,8 @@ def run_worker(model: str, argv: list[str], pythonpath: Path | None) -> dict:
     env = dict(os.environ)
     if pythonpath is not None:
         env["PYTHONPATH"] = os.pathsep.join([str(pythonpath), env.get("PYTHONPATH", "")])
-    out = subprocess.run([sys.executable, __file__, *argv, "--worker", model], env=env, check=True,
-                         stdout=subprocess.PIPE, text=True).stdout
+    out = subprocess.run([sys.executable, "-m", "benchmarks.engine_overhead", *argv, "--worker", model], env=env,
+                         check=True, stdout=subprocess.PIPE, text=True, cwd=HERE.parent).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -291,8 +291,6 @@ def main(argv=None) -> None:
     if args.worker:
         print(json.dumps(measure(args)))
         return
-    sys.path.insert(0, str(HERE))
-    from bench_report import machine_info, write_json
 
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -306,7 +304,7 @@ def main(argv=None) -> None:
                for key in results if key in GPU_NAMES}
     card = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu"
     slug = re.sub(r"[^A-Za-z0-9]+", "-", card).strip("-").lower()
-    out = args.out or HERE / "results" / ("engine_overhead.json" if card == "cpu" else f"engine_overhead-{slug}.json")
+    out = args.out or RESULTS / ("engine_overhead.json" if card == "cpu" else f"engine_overhead-{slug}.json")
     setup = {k: str(v) for k, v in vars(args).items() if k not in ("out", "worker")}
     write_json(out, {"setup": setup, "machine": machine_info(args.threads), "card": card, "results": results,
                      "ratios": ratios})

@@ -13,59 +13,52 @@ run (warm-up pass each, then ``--repeats`` rounds, medians, CUDA-synchronised ``
   talora_single        the same with one task
   peft_grouped_mixed64 PEFT prompt tuning, one adapter at a time, batches of one task (if peft imports)
 
-Runs without talora installed: when ``talora`` does not import, the repository's ``kernels/`` and
-``adapters/`` are linked into a temporary ``talora`` package. Writes
-``<out-dir>/gpu_serve_bench-<card>.json``.
+Needs ``talora`` importable: installed, or (no install on a bare GPU machine) a folder holding
+``talora/kernels`` and ``talora/adapters`` links on ``PYTHONPATH``, as ``benchmarks/gpu_check.sh``
+makes. Writes ``<out-dir>/gpu_serve_bench-<card>.json``.
 
-    python benchmarks/gpu_serve_bench.py --out-dir "$OUT"
+    python -m benchmarks.gpu_serve_bench --out-dir "$OUT"
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import re
 import statistics
-import sys
-import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
-HERE = Path(__file__).resolve().parent
-QWEN25_05B = dict(hidden_size=896, num_attention_heads=14, num_key_value_heads=2, head_dim=64,
-                  num_hidden_layers=24, intermediate_size=4864, vocab_size=151936, tie_word_embeddings=True,
-                  max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6)
+from benchmarks.bench_args import RESULTS, add_flags, bench_parser
+from benchmarks.bench_bundle import random_talora_model, task_name
+from benchmarks.bench_report import machine_info, ratio, write_json
+from benchmarks.bench_requests import assign_tasks, build_request_set
+from benchmarks.bench_setups import (
+    build_peft_model,
+    make_bare_hf,
+    make_peft_grouped,
+    make_reencode_hf,
+    make_talora,
+    talora_task_prompts,
+)
 
-
-def ensure_talora_importable() -> None:
-    """Link ``kernels/`` and ``adapters/`` into a temp ``talora`` package when talora is not installed."""
-    if importlib.util.find_spec("talora") is not None:
-        return
-    root = Path(tempfile.mkdtemp(prefix="talora_pkg_"))
-    (root / "talora").mkdir()
-    (root / "talora" / "__init__.py").write_text("")
-    for name in ("kernels", "adapters"):
-        (root / "talora" / name).symlink_to(HERE.parent / name, target_is_directory=True)
-    sys.path.insert(0, str(root))
+QWEN25_05B: dict[str, Any] = dict(
+    hidden_size=896, num_attention_heads=14, num_key_value_heads=2, head_dim=64, num_hidden_layers=24,
+    intermediate_size=4864, vocab_size=151936, tie_word_embeddings=True, max_position_embeddings=32768,
+    rope_theta=1000000.0, rms_norm_eps=1e-6)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--num-requests", type=int, default=1024, help="requests in the set")
-    p.add_argument("--min-tokens", type=int, default=16, help="shortest input, tokens")
-    p.add_argument("--max-tokens", type=int, default=128, help="longest input, tokens")
-    p.add_argument("--shared-prompt-len", type=int, default=64, help="m")
-    p.add_argument("--task-prompt-len", type=int, default=16, help="n")
-    p.add_argument("--rank", type=int, default=8, help="r")
-    p.add_argument("--batch-size", type=int, default=64, help="requests per forward for every setup")
-    p.add_argument("--repeats", type=int, default=5, help="timed rounds (median taken)")
+    p = bench_parser(__doc__)
+    add_flags(p, num_requests=1024, min_tokens=16, max_tokens=128, shared_prompt_len=64, task_prompt_len=16, rank=8,
+              batch_size=64, repeats=5)
     p.add_argument("--layers", type=int, default=QWEN25_05B["num_hidden_layers"], help="decoder layers (smoke tests)")
     p.add_argument("--device", default="cuda", help="torch device")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"), help="weights and KV")
-    p.add_argument("--seed", type=int, default=0, help="seed of weights, adapters and requests")
-    p.add_argument("--out-dir", type=Path, default=HERE / "results", help="where the JSON goes")
+    add_flags(p, seed=0, helps={"seed": "seed of weights, adapters and requests"})
+    p.add_argument("--out-dir", type=Path, default=RESULTS, help="where the JSON goes")
     return p.parse_args(argv)
 
 
@@ -93,8 +86,6 @@ def build_models(args):
 
 
 def random_requests(args, vocab_size: int):
-    from bench_requests import build_request_set
-
     gen = torch.Generator().manual_seed(args.seed)
     texts = {"random": [" ".join(map(str, torch.randint(0, vocab_size, (64,), generator=gen).tolist()))
                         for _ in range(256)]}
@@ -103,10 +94,6 @@ def random_requests(args, vocab_size: int):
 
 
 def build_setups(args, hf_model, lm, requests) -> tuple[dict, dict]:
-    from bench_bundle import random_talora_model, task_name
-    from bench_requests import assign_tasks
-    from bench_setups import build_peft_model, make_bare_hf, make_peft_grouped, make_reencode_hf, make_talora, \
-        talora_task_prompts
     from talora.adapters.config import TaloraConfig
 
     cfg = TaloraConfig(shared_prompt_len=args.shared_prompt_len, task_prompt_len=args.task_prompt_len, rank=args.rank)
@@ -128,7 +115,7 @@ def build_setups(args, hf_model, lm, requests) -> tuple[dict, dict]:
         "talora_mixed64": make_talora(talora_model, prefix, slots, requests, mixed, bs),
         "talora_single": make_talora(talora_model, prefix, slots, requests, [0] * len(requests), bs),
     }
-    notes = {"task_kv_64_tasks_s": task_kv_s, "distinct_tasks_mixed64": len(set(mixed))}
+    notes: dict[str, Any] = {"task_kv_64_tasks_s": task_kv_s, "distinct_tasks_mixed64": len(set(mixed))}
     try:
         from copy import deepcopy
 
@@ -143,7 +130,7 @@ def time_setups(setups: dict, repeats: int, sync) -> dict[str, list[float]]:
     for run in setups.values():
         run()
     sync()
-    walls = {name: [] for name in setups}
+    walls: dict[str, list[float]] = {name: [] for name in setups}
     for _ in range(repeats):
         for name, run in setups.items():
             sync()
@@ -156,9 +143,6 @@ def time_setups(setups: dict, repeats: int, sync) -> dict[str, list[float]]:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    ensure_talora_importable()
-    sys.path.insert(0, str(HERE))
-    from bench_report import machine_info, ratio, write_json
 
     hf_model, lm = build_models(args)
     requests = random_requests(args, QWEN25_05B["vocab_size"])
@@ -168,27 +152,28 @@ def main(argv=None) -> None:
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     walls = time_setups(setups, args.repeats, sync)
     rows = {name: {"input_tokens_per_s": input_tokens / statistics.median(w), "wall_s": w} for name, w in walls.items()}
-    tps = {name: row["input_tokens_per_s"] for name, row in rows.items()}
+    tps: dict[str, float] = {name: input_tokens / statistics.median(w) for name, w in walls.items()}
     card = torch.cuda.get_device_name(0) if cuda else "cpu"
+    ratios = {
+        "talora_mixed64_vs_bare": ratio(tps["talora_mixed64"], tps["bare_hf"]),
+        "talora_mixed64_vs_reencode": ratio(tps["talora_mixed64"], tps["reencode_mixed64"]),
+        "talora_mixed64_vs_peft": ratio(tps["talora_mixed64"], tps.get("peft_grouped_mixed64")),
+        "talora_single_vs_bare": ratio(tps["talora_single"], tps["bare_hf"]),
+    }
     summary = {
         "setup": {"model": "random-weight Qwen2.5-0.5B shape", "layers": args.layers, "dtype": args.dtype,
                   "num_requests": len(requests), "input_tokens": input_tokens, "batch_size": args.batch_size,
                   "shared_prompt_len": args.shared_prompt_len, "task_prompt_len": args.task_prompt_len,
                   "rank": args.rank, "repeats": args.repeats, "workload": "prefill-only, last-token logits"},
         "machine": machine_info(), "card": card, "throughputs": rows, "notes": notes,
-        "ratios": {
-            "talora_mixed64_vs_bare": ratio(tps["talora_mixed64"], tps["bare_hf"]),
-            "talora_mixed64_vs_reencode": ratio(tps["talora_mixed64"], tps["reencode_mixed64"]),
-            "talora_mixed64_vs_peft": ratio(tps["talora_mixed64"], tps.get("peft_grouped_mixed64")),
-            "talora_single_vs_bare": ratio(tps["talora_single"], tps["bare_hf"]),
-        },
+        "ratios": ratios,
     }
     out = args.out_dir / f"gpu_serve_bench-{re.sub(r'[^A-Za-z0-9]+', '-', card).strip('-')}.json"
     write_json(out, summary)
     for name, value in tps.items():
         print(f"{name:24s} {value:12.0f} input tok/s")
-    for name, value in summary["ratios"].items():
-        print(f"{name:28s} {value:.3f}" if value else f"{name:28s} n/a")
+    for name, ratio_value in ratios.items():
+        print(f"{name:28s} {ratio_value:.3f}" if ratio_value else f"{name:28s} n/a")
     print(f"wrote {out}")
 
 

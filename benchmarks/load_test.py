@@ -17,8 +17,8 @@ latency blip: p99 of requests sent within 0.5 s after a swap against p99 of the 
 With ``--start-server`` the script builds a random 64-task bundle (with alternate versions),
 starts ``talora-serve`` on 127.0.0.1 in a subprocess and stops it at the end.
 
-    python benchmarks/load_test.py --start-server --rates 1,2,4,8 --duration-s 30
-    python benchmarks/load_test.py --start-server --rates 3 --duration-s 30 --hot-swap-every-s 1
+    python -m benchmarks.load_test --start-server --rates 1,2,4,8 --duration-s 30
+    python -m benchmarks.load_test --start-server --rates 3 --duration-s 30 --hot-swap-every-s 1
 """
 
 from __future__ import annotations
@@ -33,17 +33,21 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
-HERE = Path(__file__).resolve().parent
+from benchmarks.bench_args import RESULTS, add_flags, bench_parser
+from benchmarks.bench_report import append_jsonl, machine_info, pyplot, write_json
+from benchmarks.bench_requests import real_request_set, zipf_weights
+
 ADMIN_TOKEN = "load-test-token"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = bench_parser(__doc__)
     p.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL (127.0.0.1 only)")
     p.add_argument("--start-server", action="store_true", help="build a random bundle and start talora-serve")
     p.add_argument("--port", type=int, default=8765, help="port of the started server")
-    p.add_argument("--threads", type=int, default=1, help="torch threads of the started server")
+    add_flags(p, threads=1, helps={"threads": "torch threads of the started server"})
     p.add_argument("--num-tasks", type=int, default=64, help="tasks in the started server's bundle")
     p.add_argument("--rates", default="1,2,4,8", help="comma list of arrival rates, requests/s")
     p.add_argument("--duration-s", type=float, default=30.0, help="sending time per rate")
@@ -51,24 +55,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--timeout-s", type=float, default=60.0, help="client timeout per request")
     p.add_argument("--hot-swap-every-s", type=float, default=0.0, help="replace adapters this often (0: off)")
     p.add_argument("--swap-tasks", type=int, default=8, help="how many of the most popular tasks get swapped")
-    p.add_argument("--seed", type=int, default=0, help="seed of arrivals, tasks and texts")
-    p.add_argument("--jsonl", type=Path, default=HERE / "results" / "load_test.jsonl", help="rows per rate")
-    p.add_argument("--plot", type=Path, default=HERE / "results" / "load_test.png", help="latency-vs-load PNG")
+    add_flags(p, seed=0, jsonl=RESULTS / "load_test.jsonl",
+              helps={"seed": "seed of arrivals, tasks and texts", "jsonl": "rows per rate"})
+    p.add_argument("--plot", type=Path, default=RESULTS / "load_test.png", help="latency-vs-load PNG")
     p.add_argument("--from-jsonl", action="store_true",
                    help="send nothing: rebuild the summary, knee and plot from the sweep rows in --jsonl")
-    p.add_argument("--summary", type=Path, default=HERE / "results" / "load_test.json",
+    p.add_argument("--summary", type=Path, default=RESULTS / "load_test.json",
                    help="summary JSON; a sweep fills its 'sweep' entry, a hot-swap run its 'hot_swap' entry")
     return p.parse_args(argv)
 
 
 def request_texts(num: int, seed: int) -> list[str]:
     """Real task inputs cut to 16..128 tokens (the serve_bench length law), as text."""
-    from bench_requests import build_request_set, real_task_texts
     from talora.adapters.loading import load_model
 
-    tokenizer = load_model().tokenizer
-    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
-    requests = build_request_set(real_task_texts(per_task=32), encode, num, 16, 128, seed)
+    tokenizer: Any = load_model().tokenizer
+    requests = real_request_set(tokenizer, num, 16, 128, seed)
     return [tokenizer.decode(r.input_ids) for r in requests]
 
 
@@ -81,7 +83,6 @@ def percentile(values: list[float], q: float) -> float | None:
 
 async def run_rate(client, rate: float, args, tasks: list[str], texts: list[str], swap=None) -> dict:
     """Send Poisson arrivals at ``rate`` for ``duration_s``; returns the row of this rate."""
-    from bench_requests import zipf_weights
 
     rng = random.Random(args.seed + int(rate * 1000))
     weights = zipf_weights(len(tasks))
@@ -155,7 +156,8 @@ def make_swapper(client, tasks: list[str], every_s: float, log: list[tuple[float
 def swap_report(row: dict, swaps: list[tuple[float, int]], window_s: float = 0.5) -> dict:
     """Failed requests, and p99 latency of requests sent within ``window_s`` after a swap vs the rest."""
     swap_times = [at for at, _ in swaps]
-    near, far = [], []
+    near: list[float] = []
+    far: list[float] = []
     for sent, latency, status in row["_results"]:
         if status != 200:
             continue
@@ -199,10 +201,7 @@ def find_knee(rows: list[dict]) -> float | None:
 
 
 def plot(rows: list[dict], path: Path, knee: float | None) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rates = [r["offered_rate"] for r in rows]
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
@@ -229,7 +228,7 @@ def start_server(args, workdir: Path) -> tuple[subprocess.Popen, list[str]]:
     """Random bundle (with alternates) + ``talora-serve`` on 127.0.0.1:``port``; returns (process, tasks)."""
     import httpx
 
-    from bench_bundle import task_name, write_random_bundle
+    from benchmarks.bench_bundle import task_name, write_random_bundle
     from talora.adapters.config import TaloraConfig
     from talora.adapters.loading import load_model
 
@@ -264,7 +263,6 @@ def start_server(args, workdir: Path) -> tuple[subprocess.Popen, list[str]]:
 async def sweep(args, tasks: list[str], texts: list[str]) -> list[dict]:
     import httpx
 
-    from bench_report import append_jsonl, machine_info
 
     rows = []
     limits = httpx.Limits(max_connections=1000, max_keepalive_connections=100)
@@ -287,14 +285,13 @@ async def sweep(args, tasks: list[str], texts: list[str]) -> list[dict]:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    sys.path.insert(0, str(HERE))
     if args.from_jsonl:
         import json
 
         rows = [json.loads(line) for line in args.jsonl.read_text().splitlines() if line.strip()]
         rows = [r for r in rows if r.get("kind") == "sweep"]
-        tasks = [None] * (rows[0]["num_tasks"] if rows else 0)
-        report(args, rows, tasks, argv)
+        no_names: list[str | None] = [None] * (rows[0]["num_tasks"] if rows else 0)
+        report(args, rows, no_names, argv)
         return
     texts = request_texts(512, args.seed)
     with tempfile.TemporaryDirectory(prefix="load_test_") as tmp:
@@ -314,7 +311,7 @@ def main(argv=None) -> None:
 
 def report(args, rows: list[dict], tasks: list, argv) -> None:
     """Knee and plot (a sweep), and the summary JSON entry of this run."""
-    summary = {"command": " ".join(["benchmarks/load_test.py", *(argv if argv is not None else sys.argv[1:])]),
+    summary = {"command": " ".join(["python -m benchmarks.load_test", *(argv if argv is not None else sys.argv[1:])]),
                "slo_ms": args.slo_ms, "num_tasks": len(tasks), "threads": args.threads,
                "machine": rows[0]["machine"] if rows else None,
                "rows": [{k: v for k, v in r.items() if k not in ("machine",)} for r in rows]}
@@ -336,7 +333,6 @@ def write_summary(path: Path, key: str, entry: dict) -> None:
     """Set ``key`` of the summary JSON at ``path``, keeping its other entries."""
     import json
 
-    from bench_report import write_json
 
     data = json.loads(path.read_text()) if path.exists() else {}
     data[key] = entry

@@ -15,7 +15,7 @@ On the embedded SmolLM2-135M (float32, CPU) with random adapters (m=64, n=16, r=
 
 Writes one JSON summary (``benchmarks/results/memory_scale.json``).
 
-    python benchmarks/memory_scale.py --store-tasks 10000 --resident 1000
+    python -m benchmarks.memory_scale --store-tasks 10000 --resident 1000
 """
 
 from __future__ import annotations
@@ -24,25 +24,26 @@ import argparse
 import os
 import resource
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-HERE = Path(__file__).resolve().parent
+from benchmarks.bench_args import RESULTS, add_flags, bench_parser
+from benchmarks.bench_bundle import task_name, write_random_bundle
+from benchmarks.bench_report import machine_info, write_json
+from benchmarks.bench_requests import assign_tasks, real_request_set
+from benchmarks.bench_setups import make_talora_engine, start_engine
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = bench_parser(__doc__)
     p.add_argument("--store-tasks", type=int, default=10000, help="adapters written to the store")
     p.add_argument("--resident", type=int, default=1000, help="task-KV slots of the engine")
     p.add_argument("--samples", type=int, default=20, help="adapters timed for load/replace")
     p.add_argument("--requests", type=int, default=256, help="score requests in the scale run")
-    p.add_argument("--threads", type=int, default=1, help="torch threads")
-    p.add_argument("--seed", type=int, default=0, help="seed")
-    p.add_argument("--out", type=Path, default=HERE / "results" / "memory_scale.json", help="summary JSON")
+    add_flags(p, threads=1, seed=0, out=RESULTS / "memory_scale.json")
     return p.parse_args(argv)
 
 
@@ -124,11 +125,7 @@ def task_kv_compute_times(engine, tasks: list[str], repeats: int = 5) -> dict:
 
 
 def scale_run(engine, tasks: list[str], args) -> dict:
-    from bench_requests import assign_tasks, build_request_set, real_task_texts
-    from bench_setups import make_talora_engine
-
-    encode = lambda text: engine.loaded.tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
-    requests = build_request_set(real_task_texts(per_task=32), encode, args.requests, 16, 128, args.seed)
+    requests = real_request_set(engine.loaded.tokenizer, args.requests, 16, 128, args.seed)
     draws = assign_tasks(len(requests), len(tasks), "zipf", args.seed + 1)
     m = engine.metrics
     before = {k: getattr(m, k)._value.get() for k in ("slot_hits", "slot_misses", "slot_evictions")}
@@ -144,11 +141,7 @@ def scale_run(engine, tasks: list[str], args) -> dict:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    sys.path.insert(0, str(HERE))
     torch.set_num_threads(args.threads)
-    from bench_bundle import task_name, write_random_bundle
-    from bench_report import machine_info, write_json
-    from bench_setups import start_engine
     from talora.adapters.config import TaloraConfig
     from talora.adapters.loading import load_model
 
@@ -174,10 +167,11 @@ def main(argv=None) -> None:
             slot_bytes = kv.keys.nbytes + kv.values.nbytes + kv.gates.nbytes
             first = engine.adapter(task_name(0))
             host_bytes = first.fast.nbytes + first.gate.nbytes
+            cache = engine.loaded.runner.pool.cache
             memory = {"device_bytes_per_resident_task": slot_bytes / engine.loaded.runner.slots.num_slots,
                       "slot_table_bytes": slot_bytes, "host_bytes_per_adapter_tensors": host_bytes,
                       "adapter_file_bytes": sum(f.stat().st_size for f in bundle.glob(f"{task_name(0)}.*")),
-                      "kv_pool_bytes": engine.loaded.runner.pool.cache.keys.nbytes + engine.loaded.runner.pool.cache.values.nbytes,
+                      "kv_pool_bytes": cache.keys.nbytes + cache.values.nbytes,
                       "rss_mib_before_engine": rss_before, "rss_mib_after_start": current_rss_mib()}
             load_before = os.getloadavg()
             timing = load_and_replace_times(engine, [task_name(i) for i in range(args.samples)])

@@ -6,9 +6,9 @@ classification by label log-likelihood on one class-balanced test subset per tas
 methods (talora*, mpt, lora) first train on the source tasks, then adapt to each held-out target
 task; PromptTuning trains on the target data from scratch. See docs/quality.md.
 
-    python benchmarks/quality.py --plan-only            # the plan and its estimated time
-    python benchmarks/quality.py --max-minutes 60       # run (resumes; stops before the budget ends)
-    python benchmarks/quality.py --summarise            # rewrite results/quality.{json,png} only
+    python -m benchmarks.quality --plan-only            # the plan and its estimated time
+    python -m benchmarks.quality --max-minutes 60       # run (resumes; stops before the budget ends)
+    python -m benchmarks.quality --summarise            # rewrite results/quality.{json,png} only
 
 Each run's result (metrics and per-item predictions) is stored in
 ``benchmarks/results/quality_runs/<key>.json`` under a hash of its configuration and committed;
@@ -25,14 +25,31 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+from benchmarks.quality_plan import (
+    METHODS,
+    SETTINGS,
+    BenchConfig,
+    Run,
+    build_plan,
+    estimate_seconds,
+    load_result,
+    measured_rates,
+    save_result,
+    stored_results,
+)
+from benchmarks.quality_report import (
+    dev_table,
+    markdown_means,
+    markdown_table,
+    markdown_zero_shot,
+    plot,
+    reference_rows,
+    summary_rows,
+    write_summary,
+)
+from benchmarks.quality_stats import comparisons
 
-from quality_plan import (METHODS, SETTINGS, BenchConfig, PeftRecipe, Run, build_plan,  # noqa: E402
-                          estimate_seconds, load_result, measured_rates, save_result, stored_results)
-from quality_report import (dev_table, markdown_means, markdown_table, markdown_zero_shot, plot,  # noqa: E402
-                            reference_rows, summary_rows, write_summary)
-from quality_stats import comparisons  # noqa: E402
+HERE = Path(__file__).resolve().parent
 
 WORK_DIR = HERE / "runs" / "quality"  # source-stage weights and scratch folders (git-ignored)
 RESULTS = HERE / "results"
@@ -46,9 +63,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--summarise", action="store_true", help="only rewrite the summary from stored runs")
     p.add_argument("--dev-table", action="store_true", help="print the dev-split runs by method and learning rate "
                    "(seed count in brackets) and exit")
-    p.add_argument("--max-minutes", type=float, default=0.0, help="stop before starting a run past this budget (0: none)")
-    p.add_argument("--methods", default=",".join(base.methods), help="comma-separated subset of " + ",".join(METHODS))
-    p.add_argument("--settings", default=",".join(base.settings), help="comma-separated subset of " + ",".join(SETTINGS))
+    p.add_argument("--max-minutes", type=float, default=0.0,
+                   help="stop before starting a run past this budget (0: none)")
+    p.add_argument("--methods", default=",".join(base.methods),
+                   help="comma-separated subset of " + ",".join(METHODS))
+    p.add_argument("--settings", default=",".join(base.settings),
+                   help="comma-separated subset of " + ",".join(SETTINGS))
     p.add_argument("--tasks", default="", help="comma-separated subset of the target tasks (default: all)")
     p.add_argument("--seeds", default=_join(base.seeds), help="comma-separated target seeds")
     p.add_argument("--source-seeds", default=_join(base.source_seeds), help="comma-separated source-stage seeds")
@@ -59,8 +79,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--target-steps", type=int, default=0, help="target-stage steps of every method (0: the recipe's)")
     p.add_argument("--talora", default="", help="source-stage TrainConfig overrides, e.g. slow_lr_ratio=0.3,rank=8 "
                    "(every field reaches the trainer; new keys for the source stage and everything after it)")
-    p.add_argument("--talora-target", default="", help="target-stage TrainConfig overrides, e.g. lr=0.1,warmup_steps=0; "
-                   "the source stage is reused")
+    p.add_argument("--talora-target", default="",
+                   help="target-stage TrainConfig overrides, e.g. lr=0.1,warmup_steps=0; the source stage is reused")
     p.add_argument("--peft", default="", help="PeftRecipe overrides, e.g. prompt_lr=0.1,mpt_lr=0.03,lora_lr=1e-3")
     p.add_argument("--test-limit", type=int, default=base.test_limit, help="test examples per task")
     p.add_argument("--eval-split", choices=("test", "dev"), default="test",
@@ -108,9 +128,10 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     target = {**({"steps": args.target_steps} if args.target_steps else {}), **_overrides(args.talora_target)}
     try:
         peft = replace(base.peft, **_overrides(args.peft))
-        return base.with_overrides(source, target, methods=tuple(_csv(args.methods)), settings=tuple(_csv(args.settings)),
-                                   target_tasks=targets, seeds=_ints(args.seeds), source_seeds=_ints(args.source_seeds),
-                                   ablation_seeds=_ints(args.ablation_seeds), peft=peft)
+        return base.with_overrides(source, target, methods=tuple(_csv(args.methods)),
+                                   settings=tuple(_csv(args.settings)), target_tasks=targets, seeds=_ints(args.seeds),
+                                   source_seeds=_ints(args.source_seeds), ablation_seeds=_ints(args.ablation_seeds),
+                                   peft=peft)
     except (TypeError, ValueError) as exc:
         raise SystemExit(f"quality.py: {exc}") from exc
 
@@ -120,7 +141,7 @@ def _ints(text: str) -> tuple[int, ...]:
 
 
 def command_line(argv) -> str:
-    return "python benchmarks/quality.py " + " ".join(shlex.quote(a) for a in argv)
+    return "python -m benchmarks.quality " + " ".join(shlex.quote(a) for a in argv)
 
 
 def print_plan(plan: list[Run], runs_dir: Path) -> None:
@@ -150,7 +171,7 @@ def summarise(full_cfg: BenchConfig, runs_dir: Path, results_dir: Path, command:
 
 
 def _config_record(cfg: BenchConfig) -> dict:
-    from quality_plan import key_fields
+    from benchmarks.quality_plan import key_fields
 
     record = cfg.to_dict()
     record["source"], record["target"] = key_fields(cfg.source), key_fields(cfg.target)
@@ -163,7 +184,7 @@ def execute_plan(plan: list[Run], runs_dir: Path, work_dir: Path, max_minutes: f
     source stage's weights are missing (a new machine) reruns that source stage first."""
     from tqdm.auto import tqdm
 
-    from quality_runs import execute, needs_source, source_ready
+    from benchmarks.quality_runs import execute, needs_source, source_ready
 
     artifacts, scratch = work_dir / "artifacts", work_dir / "scratch"
     start, ran = time.monotonic(), 0

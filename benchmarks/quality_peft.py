@@ -19,11 +19,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from bench_setups import pad_left
+from benchmarks.bench_setups import pad_left
 from talora.adapters.scoring import plan_labels
 from talora.adapters.train.data import EncodedTask, MixedTaskSampler
 from talora.adapters.train.metrics import accuracy, macro_f1, majority_rate
@@ -43,7 +44,7 @@ class Budget:
     class_balance: str = "none"
 
     @classmethod
-    def from_spec(cls, budget: dict, lr: float) -> "Budget":
+    def from_spec(cls, budget: dict, lr: float) -> Budget:
         names = ("steps", "batch_size", "warmup_steps", "lr_schedule", "grad_clip", "sampling_temperature",
                  "class_balance")
         return cls(lr=lr, **{n: budget[n] for n in names if n in budget})
@@ -61,7 +62,8 @@ def load_base(name: str, dtype: str = "float32"):
 
     folder = model_dir(name)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype)).to(device).eval()
+    model: Any = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype))
+    model = model.to(device).eval()
     model.requires_grad_(False)
     return model, AutoTokenizer.from_pretrained(folder)
 
@@ -101,7 +103,7 @@ def build_mpt(base, hyper: dict, seed: int, num_tasks: int, source_file: Path | 
     if source_file is None:
         model = get_peft_model(base, MultitaskPromptTuningConfig(
             prompt_tuning_init=MultitaskPromptTuningInit.RANDOM, **common))
-        encoder = model.prompt_encoder["default"]
+        encoder: Any = model.prompt_encoder["default"]  # a PEFT MultitaskPromptEmbedding
         with torch.no_grad():
             gen = torch.Generator().manual_seed(seed)
             encoder.embedding.weight.copy_(_sampled_vocab_rows(base, hyper["num_virtual_tokens"], gen))
@@ -227,7 +229,7 @@ def train(model, tasks: list[EncodedTask], budget: Budget, seed: int, pad_id: in
     for step in tqdm(range(budget.steps), desc="peft steps", disable=not progress, leave=False):
         tic = time.perf_counter()
         for group in optimizer.param_groups:
-            group["lr"] = budget.lr * lr_factor(step, budget)
+            group["lr"] = budget.lr * lr_factor(step, budget)  # type: ignore[arg-type]  # the same schedule fields
         items = [(t, tasks[t].examples[i]) for t, i in sampler.draw(budget.batch_size)]
         optimizer.zero_grad(set_to_none=True)
         loss = answer_loss(model, items, pad_id, multitask_ids, real_positions)

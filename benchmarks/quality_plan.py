@@ -102,8 +102,9 @@ class BenchConfig:
     test_limit: int = 240  # class-balanced test subset (or the whole split when smaller)
     eval_split: str = "test"  # "dev" to choose settings without looking at test
     dtype: str = "bfloat16"  # frozen model dtype of every method (adapters train in float32)
-    source: TrainConfig | None = None
-    target: TrainConfig | None = None
+    # None (the default) takes the recipe's; __post_init__ always sets both, so they are typed as set
+    source: TrainConfig = None  # type: ignore[assignment]
+    target: TrainConfig = None  # type: ignore[assignment]
     peft: PeftRecipe = field(default_factory=PeftRecipe)
 
     def __post_init__(self) -> None:
@@ -130,7 +131,7 @@ class BenchConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def with_overrides(self, source: dict | None = None, target: dict | None = None, **changes) -> "BenchConfig":
+    def with_overrides(self, source: dict | None = None, target: dict | None = None, **changes) -> BenchConfig:
         """A copy with TrainConfig overrides (validated and typed by ``TrainConfig.from_dict``)."""
         src = _override(self.source, {**(source or {})})
         tgt = _override(self.target, {**(target or {})})
@@ -199,7 +200,8 @@ def source_run(cfg: BenchConfig, method: str, seed: int) -> Run:
 
 
 def target_run(cfg: BenchConfig, method: str, task: str, setting: str, seed: int, source_seed: int | None) -> Run:
-    source = source_run(cfg, method, source_seed).key if method in MULTITASK else None
+    # a multi-task method's target always names its source seed
+    source = source_run(cfg, method, source_seed).key if method in MULTITASK else None  # type: ignore[arg-type]
     spec = {**_common(cfg), "method": method, "stage": "target", "task": task, "setting": setting,
             "shots": SHOTS[setting], "seed": seed, "source": source}
     train = None
@@ -286,7 +288,7 @@ def _median(values: list[float]) -> float:
 def _steps(spec: dict) -> int:
     if spec["stage"] == "reference":
         return 0
-    return (spec.get("train") or spec.get("budget"))["steps"]
+    return (spec.get("train") or spec.get("budget"))["steps"]  # type: ignore[index]  # one of the two is set
 
 
 def _evals(spec: dict) -> int:

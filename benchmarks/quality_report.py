@@ -14,7 +14,8 @@ import platform
 import statistics
 from pathlib import Path
 
-from quality_plan import METHODS, REFERENCE, SETTINGS, Run
+from benchmarks.bench_report import pyplot
+from benchmarks.quality_plan import METHODS, REFERENCE, SETTINGS, Run
 
 REQUIRED = ("method", "task", "setting", "metric", "mean", "std", "seeds", "params_per_task")
 
@@ -87,7 +88,7 @@ def method_means(rows: list[dict]) -> list[dict]:
 
 def summary_rows(plan: list[Run], results: dict[str, dict]) -> list[dict]:
     """Rows for every (method, task, setting) of ``plan`` with at least one finished run."""
-    groups: dict[tuple, list[tuple[dict, dict]]] = {}
+    groups: dict[tuple[str, str, str, str], list[tuple[dict, dict]]] = {}
     for run in plan:
         result = results.get(run.key)
         if result is None or run.stage == "reference":
@@ -121,7 +122,7 @@ def write_summary(path: Path, rows: list[dict], command: str, config: dict, plan
                   zero_shot: list[dict] | None = None, comparisons: list[dict] | None = None) -> dict:
     """Write quality.json. ``command`` is the one that wrote it (``last_invocation``); "command" is
     the one that resumes and completes the whole plan, since the rows come from many sittings."""
-    doc = {"machine": machine(), "command": "python benchmarks/quality.py", "last_invocation": command,
+    doc = {"machine": machine(), "command": "python -m benchmarks.quality", "last_invocation": command,
            "runs_finished": done, "runs_planned": plan_size,
            "config": config, "zero_shot": zero_shot or [], "means": method_means(rows),
            "comparisons": comparisons or [], "rows": rows}
@@ -135,10 +136,7 @@ def write_summary(path: Path, rows: list[dict], command: str, config: dict, plan
 def plot(path: Path, rows: list[dict], zero_shot: list[dict] | None = None) -> Path | None:
     """Grouped bars of target accuracy (mean ± std, seed count on each bar), majority rate dashed,
     the frozen model's zero-shot accuracy dotted."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     target = [r for r in rows if r["role"] == "target"]
     if not target:

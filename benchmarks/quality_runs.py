@@ -20,17 +20,18 @@ import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from quality_plan import MULTITASK, TALORA_METHODS, Run
+from benchmarks.quality_plan import MULTITASK, TALORA_METHODS, Run
 
 ARTIFACTS = "artifacts"
 
 
 def model_shape(model_name: str) -> dict:
     """Hidden size, layers and heads from the checkpoint's config.json (no weights loaded)."""
-    from quality_peft import model_dir
+    from benchmarks.quality_peft import model_dir
 
     cfg = json.loads((model_dir(model_name) / "config.json").read_text())
     return {"d": cfg["hidden_size"], "L": cfg["num_hidden_layers"], "H": cfg["num_attention_heads"]}
@@ -82,7 +83,8 @@ def digits(values: list[int]) -> str:
 def run_talora(run: Run, artifacts: Path, scratch_root: Path, threads: int, progress: bool) -> dict:
     from talora.adapters.train import run_source, run_target
 
-    book = dict(threads=threads, progress=progress, save_every=0)
+    book: dict[str, Any] = dict(threads=threads, progress=progress, save_every=0)
+    assert run.train is not None, run.key  # every TA-LoRA run carries its TrainConfig
     if run.stage == "source":
         out = artifacts / run.key
         shutil.rmtree(out, ignore_errors=True)
@@ -124,7 +126,7 @@ def _encode(tok, names: list[str], split: str, limit, max_tokens: int):
 
 
 def _build_peft(method: str, base, hyper: dict, seed: int, num_tasks: int, source_file: Path | None):
-    import quality_peft as qp
+    from benchmarks import quality_peft as qp
 
     if method == "prompt_tuning":
         return qp.build_prompt_tuning(base, hyper, seed)
@@ -134,7 +136,7 @@ def _build_peft(method: str, base, hyper: dict, seed: int, num_tasks: int, sourc
 
 
 def run_peft(run: Run, artifacts: Path, progress: bool) -> dict:
-    import quality_peft as qp
+    from benchmarks import quality_peft as qp
     from talora.adapters.tasks import get_task
     from talora.adapters.train.data import encode_task
 

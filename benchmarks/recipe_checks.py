@@ -10,7 +10,7 @@ first through the benchmark if its weights are not on this machine):
    its own 80/10/10 split; the recipe's class-balanced draws (``class_balance=sampler``) against
    plain draws (``none``), 3 seeds each; accuracy and macro-F1 on its (equally imbalanced) test split.
 
-    python benchmarks/recipe_checks.py          # ~25 minutes on a 2-core CPU
+    python -m benchmarks.recipe_checks          # ~25 minutes on a 2-core CPU
 """
 from __future__ import annotations
 
@@ -22,10 +22,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+from benchmarks.quality_plan import BenchConfig, load_result, save_result, source_run
 
-from quality_plan import BenchConfig, load_result, save_result, source_run  # noqa: E402
+HERE = Path(__file__).resolve().parent
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -39,8 +38,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def source_bundle(threads: int) -> Path:
     """The benchmark's TA-LoRA source bundle (source seed 0), trained here if missing."""
-    from quality import RUNS, WORK_DIR
-    from quality_runs import execute, source_ready
+    from benchmarks.quality import RUNS, WORK_DIR
+    from benchmarks.quality_runs import execute, source_ready
 
     run = source_run(BenchConfig(), "talora", 0)
     artifacts = WORK_DIR / "artifacts"
@@ -125,7 +124,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     bundle = source_bundle(args.threads)
-    doc: dict = {"command": "python benchmarks/recipe_checks.py " + " ".join(sys.argv[1:] if argv is None else argv),
+    doc: dict = {"command": "python -m benchmarks.recipe_checks " + " ".join(sys.argv[1:] if argv is None else argv),
                  "bundle": str(bundle.relative_to(HERE.parent)) if bundle.is_relative_to(HERE.parent) else str(bundle),
                  "complete": False}
 

@@ -17,9 +17,9 @@ setup. Measured: requests per second, latency p50/p99, and the slot hit rate (th
 ``affine_vs_random_hit_rate`` = two / two_random hit rate, per task count. The load average of
 the machine before and after each setup is recorded (a shared machine's other jobs show there).
 
-    python benchmarks/scale_out.py --tasks 64,1000 --duration-s 30 --concurrency 32
-    python benchmarks/scale_out.py --model /path/to/tiny --tasks 8 --duration-s 2   # a smoke run
-    python benchmarks/scale_out.py --replica-gpus 1 --cluster-cpus 4           # a machine with 2 GPUs
+    python -m benchmarks.scale_out --tasks 64,1000 --duration-s 30 --concurrency 32
+    python -m benchmarks.scale_out --model /path/to/tiny --tasks 8 --duration-s 2   # a smoke run
+    python -m benchmarks.scale_out --replica-gpus 1 --cluster-cpus 4           # a machine with 2 GPUs
 """
 
 from __future__ import annotations
@@ -35,12 +35,10 @@ import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-
-from bench_bundle import task_name, write_random_bundle  # noqa: E402
-from bench_report import append_jsonl, machine_info, package_version, ratio, write_json  # noqa: E402
-from bench_requests import assign_tasks  # noqa: E402
+from benchmarks.bench_args import RESULTS, add_flags, bench_parser
+from benchmarks.bench_bundle import task_name, write_random_bundle
+from benchmarks.bench_report import append_jsonl, machine_info, package_version, ratio, write_json
+from benchmarks.bench_requests import assign_tasks
 
 PREDICT = "/v1/tasks/{task}/predict"
 SETUPS = {"one": (1, "task"), "two": (2, "task"), "two_random": (2, "random")}
@@ -49,7 +47,7 @@ WORDS = ("the match was late and the crowd left early while prices rose again ac
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = bench_parser(__doc__)
     p.add_argument("--tasks", default="64,1000", help="task counts, comma-separated")
     p.add_argument("--setups", default=",".join(SETUPS), help=f"setups among {', '.join(SETUPS)}")
     p.add_argument("--model", default="smollm2-135m-instruct", help="base model (the embedded default or a folder)")
@@ -62,9 +60,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--zipf-exponent", type=float, default=1.0, help="task popularity ~ rank ** -exponent")
     p.add_argument("--cluster-cpus", type=int, default=2, help="CPUs of the local Ray cluster (one per replica)")
     p.add_argument("--replica-gpus", type=float, default=0.0, help="GPUs per replica (a GPU machine: 1)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the task sequence and the texts")
-    p.add_argument("--out", type=Path, default=HERE / "results" / "scale_out.json", help="summary JSON")
-    p.add_argument("--jsonl", type=Path, default=None, help="also append one JSONL row per setup here")
+    add_flags(p, seed=0, out=RESULTS / "scale_out.json", jsonl=None,
+              helps={"seed": "seed of the task sequence and the texts",
+                     "jsonl": "also append one JSONL row per setup here"})
     return p.parse_args(argv)
 
 

@@ -23,7 +23,7 @@ shared machine falls on all setups alike; medians of wall time (``perf_counter``
 CPU time. The bare-model limit is the faster of the two bare rows. Writes the summary JSON
 (``benchmarks/results/serve_bench.json``) and one JSONL row per setup (``--jsonl``).
 
-    python benchmarks/serve_bench.py --threads 1 --repeats 3
+    python -m benchmarks.serve_bench --threads 1 --repeats 3
 """
 
 from __future__ import annotations
@@ -31,18 +31,34 @@ from __future__ import annotations
 import argparse
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from bench_bundle import task_name, write_random_bundle
-from bench_report import append_jsonl, machine_info, serve_bench_summary, throughput, time_repeats, write_json
-from bench_requests import assign_tasks, build_request_set, real_task_texts, save_request_set
-from bench_setups import (build_peft_model, make_bare_hf, make_bare_packed, make_peft_grouped, make_reencode_hf,
-                          make_talora, make_talora_engine, start_engine, talora_task_prompts)
+from benchmarks.bench_args import RESULTS, add_flags, bench_parser
+from benchmarks.bench_bundle import task_name, write_random_bundle
+from benchmarks.bench_report import (
+    append_jsonl,
+    machine_info,
+    serve_bench_summary,
+    throughput,
+    time_repeats,
+    write_json,
+)
+from benchmarks.bench_requests import assign_tasks, real_request_set, save_request_set
+from benchmarks.bench_setups import (
+    build_peft_model,
+    make_bare_hf,
+    make_bare_packed,
+    make_peft_grouped,
+    make_reencode_hf,
+    make_talora,
+    make_talora_engine,
+    start_engine,
+    talora_task_prompts,
+)
 
 HERE = Path(__file__).resolve().parent
 MIXES = {"single": (1, "uniform"), "uniform8": (8, "uniform"), "mixed64": (64, "zipf")}
@@ -51,25 +67,17 @@ DEFAULT_SETUPS = ("bare_hf", "bare_packed", "talora_single", "talora_uniform8", 
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--num-requests", type=int, default=256, help="requests in the set")
-    p.add_argument("--min-tokens", type=int, default=16, help="shortest input, tokens")
-    p.add_argument("--max-tokens", type=int, default=128, help="longest input, tokens")
-    p.add_argument("--shared-prompt-len", type=int, default=64, help="m, shared soft-prompt rows")
-    p.add_argument("--task-prompt-len", type=int, default=16, help="n, task-prompt rows")
-    p.add_argument("--rank", type=int, default=8, help="r, rank of the shared basis")
-    p.add_argument("--batch-size", type=int, default=32, help="requests per forward for every setup")
-    p.add_argument("--threads", type=int, default=1, help="torch threads for every setup (vLLM gets the same)")
-    p.add_argument("--repeats", type=int, default=3, help="timed rounds (median taken)")
+    p = bench_parser(__doc__)
+    add_flags(p, num_requests=256, min_tokens=16, max_tokens=128, shared_prompt_len=64, task_prompt_len=16, rank=8,
+              batch_size=32, threads=1, repeats=3, seed=0,
+              helps={"threads": "torch threads for every setup (vLLM gets the same)"})
     p.add_argument("--warmup-requests", type=int, default=32, help="requests in each setup's warm-up pass")
-    p.add_argument("--seed", type=int, default=0, help="seed of the request set and the task draws")
     p.add_argument("--setups", default=",".join(DEFAULT_SETUPS),
                    help="comma list of in-process setups; also: reencode_mixed64, talora_direct_mixed64")
     p.add_argument("--vllm-python", type=Path, default=HERE / ".venv-vllm" / "bin" / "python",
                    help="python of the vLLM venv ('none' skips vLLM)")
     p.add_argument("--vllm-timeout-s", type=int, default=1800, help="limit for the vLLM subprocess")
-    p.add_argument("--out", type=Path, default=HERE / "results" / "serve_bench.json", help="summary JSON")
-    p.add_argument("--jsonl", type=Path, default=HERE / "results" / "serve_bench.jsonl", help="raw rows")
+    add_flags(p, out=RESULTS / "serve_bench.json", jsonl=RESULTS / "serve_bench.jsonl")
     args = p.parse_args(argv)
     args.setup_list = [name for name in args.setups.split(",") if name]
     return args
@@ -106,7 +114,7 @@ def build_setups(args, loaded, hf_bare, hf_peft, talora_model, engine, requests,
 def time_interleaved(setups: dict, repeats: int) -> dict[str, dict]:
     for _, warm_run in setups.values():
         warm_run()
-    timings = {name: {"wall_s": [], "cpu_s": []} for name in setups}
+    timings: dict[str, dict[str, list[float]]] = {name: {"wall_s": [], "cpu_s": []} for name in setups}
     for round_index in range(repeats):
         for name, (run, _) in setups.items():
             one = time_repeats(run, 1)
@@ -168,14 +176,12 @@ def main(argv=None) -> None:
 
     loaded = load_model()
     tokenizer = loaded.tokenizer
-    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
-    texts = real_task_texts(per_task=64)
-    requests = build_request_set(texts, encode, args.num_requests, args.min_tokens, args.max_tokens, args.seed)
+    requests = real_request_set(tokenizer, args.num_requests, args.min_tokens, args.max_tokens, args.seed, per_task=64)
     input_tokens = sum(len(r.input_ids) for r in requests)
     cfg = TaloraConfig(shared_prompt_len=args.shared_prompt_len, task_prompt_len=args.task_prompt_len, rank=args.rank)
     task_names = [task_name(i) for i in range(64)]
-    with tempfile.TemporaryDirectory(prefix="serve_bench_") as tmp:
-        tmp = Path(tmp)
+    with tempfile.TemporaryDirectory(prefix="serve_bench_") as tmp_name:
+        tmp = Path(tmp_name)
         write_random_bundle(loaded.model, loaded.fingerprint, tmp / "bundle", 64, cfg, args.seed)
         talora_model, _, _ = model_from_bundle(loaded.model, tmp / "bundle", loaded.fingerprint)
         model_dir = default_model_dir()
@@ -190,10 +196,10 @@ def main(argv=None) -> None:
         del setups, hf_bare, hf_peft
         rows["vllm_prompt_embeds_mixed64"] = run_vllm(args, requests, extra["draws"]["mixed64"], extra["prompts"],
                                                       model_dir, tmp)
-    finish(args, rows, requests, texts, input_tokens, extra["draws"])
+    finish(args, rows, requests, input_tokens, extra["draws"])
 
 
-def finish(args, rows, requests, texts, input_tokens, draws) -> None:
+def finish(args, rows, requests, input_tokens, draws) -> None:
     bare_rows = [k for k in ("bare_hf", "bare_packed") if rows.get(k, {}).get("input_tokens_per_s")]
     bare_key = max(bare_rows, key=lambda k: rows[k]["input_tokens_per_s"]) if bare_rows else "bare_hf"
     lengths = [len(r.input_ids) for r in requests]
@@ -201,7 +207,7 @@ def finish(args, rows, requests, texts, input_tokens, draws) -> None:
         "model": "SmolLM2-135M-Instruct (embedded, float32)", "workload": "prefill-only, last-token logits",
         "num_requests": len(requests), "input_tokens": input_tokens,
         "input_len": {"min": min(lengths), "max": max(lengths), "mean": input_tokens / len(requests)},
-        "source_tasks": sorted(texts), "shared_prompt_len": args.shared_prompt_len,
+        "source_tasks": sorted({r.source_task for r in requests}), "shared_prompt_len": args.shared_prompt_len,
         "task_prompt_len": args.task_prompt_len, "rank": args.rank, "batch_size": args.batch_size,
         "repeats": args.repeats, "threads": args.threads, "seed": args.seed,
         "distinct_tasks_used": {mix: len(set(ids)) for mix, ids in draws.items()},
@@ -223,4 +229,4 @@ def finish(args, rows, requests, texts, input_tokens, draws) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

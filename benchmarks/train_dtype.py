@@ -6,8 +6,8 @@ and g_t only), float32 and bfloat16 interleaved (A B A B ...) so that machine no
 then trains the same short target stage from the same start in both dtypes and scores both on
 the same dev items. Writes ``benchmarks/results/train_dtype.json``:
 
-    python benchmarks/train_dtype.py                    # ~6 minutes on a 2-core CPU
-    python benchmarks/train_dtype.py --repeats 3 --eval-limit 60 --target-steps 8   # quick look
+    python -m benchmarks.train_dtype                    # ~6 minutes on a 2-core CPU
+    python -m benchmarks.train_dtype --repeats 3 --eval-limit 60 --target-steps 8   # quick look
 
 The adapter tensors stay float32 in both (``--dtype bfloat16`` of ``talora-train``: the frozen
 model runs in bfloat16, the trained tensors are float32 master copies cast where used).
@@ -59,8 +59,8 @@ def _setup(dtype: str, task_names: list[str], target: str, seed: int = 0):
         encoded[name] = encode_task(get_task(name), load_split(name, "train", limit=64), loaded.tokenizer,
                                     cfg.max_input_tokens)
     with torch.no_grad():
-        for adapter in model.tasks.values():
-            adapter.gate.fill_(0.1)  # an open gate, as after the first steps
+        for name in model.tasks:
+            model.adapter(name).gate.fill_(0.1)  # an open gate, as after the first steps
     return cfg, model, encoded
 
 
@@ -72,7 +72,7 @@ def time_steps(repeats: int, sources: list[str], target: str) -> dict:
     setups = {d: _setup(d, sources, target) for d in DTYPES}
     times: dict[tuple[str, str], list[float]] = {}
     for i in range(repeats + 1):
-        for dtype, (cfg, model, encoded) in setups.items():
+        for dtype, (_, model, encoded) in setups.items():
             for stage in ("source", "target"):
                 names = sources if stage == "source" else [target]
                 size = SOURCE["batch_size"] if stage == "source" else TARGET["batch_size"]
@@ -120,12 +120,13 @@ def main(argv=None) -> None:
     sources = ["bbc_topic", "inews_sentiment", "multiemo_zh"]
     steps = time_steps(args.repeats, sources, args.task)
     ratios = {stage: steps[f"float32/{stage}"] / steps[f"bfloat16/{stage}"] for stage in ("source", "target")}
+    check: dict | None
     if args.target_steps:
         check = {"task": args.task, "split": "dev", "target_steps": args.target_steps, "eval_limit": args.eval_limit,
                  **accuracy_check(args.task, args.target_steps, args.eval_limit, sources)}
     else:  # timing only: keep the accuracy check of the stored file
         check = json.loads(args.out.read_text())["accuracy_check"] if args.out.is_file() else None
-    doc = {"command": "python benchmarks/train_dtype.py " + " ".join(sys.argv[1:] if argv is None else argv),
+    doc = {"command": "python -m benchmarks.train_dtype " + " ".join(sys.argv[1:] if argv is None else argv),
            "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
                       f"torch {torch.__version__}",
            "step_seconds_median": {k: round(v, 3) for k, v in steps.items()},

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from helpers import save_tiny_checkpoint, save_tiny_server_model  # noqa: E402
+from tests.helpers import save_tiny_checkpoint, save_tiny_server_model
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
@@ -34,11 +31,3 @@ def tiny_server_model(tmp_path_factory):
     from talora.adapters.loading import load_model
 
     return load_model(str(save_tiny_server_model(tmp_path_factory.mktemp("tiny-server-model"))))
-
-
-@pytest.fixture(scope="session")
-def tiny_bundle(tmp_path_factory, tiny_server_model) -> Path:
-    """The server tests' bundle (four classify tasks, one generate task) on the tiny model."""
-    from test_server_support import build_bundle
-
-    return build_bundle(tmp_path_factory.mktemp("tiny-bundle"), tiny_server_model)

@@ -1,19 +1,31 @@
-"""Shared test helpers: tiny random Hugging Face checkpoints of each supported family."""
+"""Shared test helpers: the repository root, and tiny random Hugging Face checkpoints of each supported family."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
+if TYPE_CHECKING:
+    from talora.adapters.talora_model import TaloraModel
+
+ROOT = Path(__file__).resolve().parents[1]  # the repository: docs/, pyproject.toml, the packages
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
 
 
 def save_tiny_checkpoint(folder: Path, family: str = "llama", seed: int = 0, **overrides) -> Path:
     """Write a random tiny ``family`` model (config.json + model.safetensors) to ``folder``."""
-    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, \
-        Qwen2Config, Qwen2ForCausalLM
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
     classes = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM),
                "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
@@ -30,6 +42,27 @@ def save_tiny_checkpoint(folder: Path, family: str = "llama", seed: int = 0, **o
                 p.add_(torch.randn_like(p) * 0.1)
     model.save_pretrained(folder)
     return folder
+
+
+def tiny_talora_model(folder: Path, tasks: Iterable[str], open_gates: bool = True, seed: int = 0,
+                      **config) -> tuple[TaloraModel, str]:
+    """A TA-LoRA model (``TaloraConfig(**config)``) on the checkpoint in ``folder``, and the checkpoint's
+    fingerprint: a seeded shared prompt, then each of ``tasks``, its gate drawn from N(0, 1) right
+    after it when ``open_gates``, all from one generator."""
+    from talora.adapters.config import TaloraConfig
+    from talora.adapters.loading import load_checkpoint_folder
+    from talora.adapters.talora_model import TaloraModel
+
+    lm, fingerprint = load_checkpoint_folder(folder)
+    model = TaloraModel(lm, TaloraConfig(**config))
+    gen = torch.Generator().manual_seed(seed)
+    model.init_shared(gen)
+    for name in tasks:
+        model.add_task(name, generator=gen)
+        if open_gates:
+            with torch.no_grad():
+                model.adapter(name).gate.normal_(generator=gen)
+    return model, fingerprint
 
 
 def save_tiny_server_model(folder: Path, seed: int = 0) -> Path:

@@ -17,12 +17,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-import torch
 
 from talora.server.engine import demo_bundle_dir
-from test_server_support import serve, write_version
+from tests.helpers import ROOT
+from tests.server.support import serve, write_version
 
-ROOT = Path(__file__).resolve().parent.parent
 DOCS = ("README.md", "docs/serving.md")
 BLOCK = re.compile(r"^```(bash|python)\n(.*?)^```", re.S | re.M)
 CURL_PRELUDE = 'set -euo pipefail\ncurl() { command curl --fail-with-body --max-time 120 "$@"; }\n'
@@ -56,10 +55,8 @@ def store(tmp_path_factory, default_model) -> Path:
 
 @pytest.fixture(scope="module")
 def demo_server(store, default_model):
-    threads = torch.get_num_threads()
     with serve(demo_bundle_dir(), default_model, store=store, admin_token="change-me", num_slots=8) as srv:
         yield srv
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("example", http_examples(), ids=lambda e: e[0])

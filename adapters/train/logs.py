@@ -3,14 +3,20 @@
 Rows have ``"kind": "step"`` (loss, learning rates, gate opening, seconds per step) or
 ``"kind": "eval"`` (metrics per task). ``loss.png`` and ``scores.png`` are drawn at the end of a
 run from the whole file, so a resumed run's curves include the steps before the restart.
+matplotlib comes with the ``train`` extra; without it a run still finishes, with a warning in place
+of the curves.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 LOG_FILE = "log.jsonl"
+PLOT_EXTRA = "pip install 'talora[train]'"
+
+log = logging.getLogger(__name__)
 
 
 class JsonlLog:
@@ -52,13 +58,28 @@ def _smooth(values: list[float], window: int) -> list[float]:
     return out
 
 
-def plot_curves(log_path: Path, folder: Path) -> list[Path]:
-    """Write ``loss.png`` (and ``scores.png`` when eval rows exist); returns the files written."""
-    import matplotlib
-
+def _pyplot():
+    """``matplotlib.pyplot`` on the Agg backend, or None (with a warning naming the extra) when it is missing."""
+    try:
+        import matplotlib
+    except ModuleNotFoundError as exc:
+        if exc.name != "matplotlib":
+            raise
+        log.warning("no loss.png or scores.png: plotting needs matplotlib, which comes with the train extra "
+                    "(%s); the numbers are in %s", PLOT_EXTRA, LOG_FILE)
+        return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_curves(log_path: Path, folder: Path) -> list[Path]:
+    """Write ``loss.png`` (and ``scores.png`` when eval rows exist); returns the files written (none,
+    with a warning, when matplotlib is not installed: a finished training run does not fail on its plots)."""
+    plt = _pyplot()
+    if plt is None:
+        return []
     rows = read_log(log_path)
     steps = [r for r in rows if r["kind"] == "step"]
     evals = [r for r in rows if r["kind"] == "eval"]

@@ -1,4 +1,5 @@
-"""End to end over HTTP: a real uvicorn on 127.0.0.1 serving the real default model.
+"""End to end over HTTP: a real uvicorn on 127.0.0.1, on the tiny random model (fast tier) and on the
+real default model (``-m slow``).
 
 Concurrent requests of several tasks equal the same requests one at a time; generation as JSON,
 as server-sent events and through the official openai client; every bad input gets its status.
@@ -8,28 +9,21 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import httpx
 import pytest
-import torch
 
-from test_server_support import CLASSIFY, GENERATE, build_bundle, serve
+from tests.server.support import CLASSIFY, GENERATE, serve
 
 TEXTS = {"sentiment": ["I love this phone", "terrible battery"], "topic": ["the match ended 2-1", "new vaccine trial"],
          "spam": ["win a free cruise now", "see you at lunch"], "intent": ["how much is it?", "add two to my cart"]}
 
 
 @pytest.fixture(scope="module")
-def bundle_dir(tmp_path_factory, default_model):
-    return build_bundle(tmp_path_factory.mktemp("bundle"), default_model)
-
-
-@pytest.fixture(scope="module")
-def server(bundle_dir, default_model):
-    threads = torch.get_num_threads()
-    with serve(bundle_dir, default_model) as srv:
+def server(tier_bundle, tier_model):
+    with serve(tier_bundle, tier_model) as srv:
         yield srv
-    torch.set_num_threads(threads)
 
 
 def _calls():
@@ -114,12 +108,12 @@ def test_stop_string_ends_generation(server):
     assert cut["finish_reason"] == "stop" and cut["text"] == full["text"][: full["text"].find(stop)]
 
 
-def test_tasks_listing_names_versions_and_metadata(server, bundle_dir):
+def test_tasks_listing_names_versions_and_metadata(server, tier_bundle):
     tasks = httpx.get(f"{server.url}/v1/tasks").json()["tasks"]
     by_name = {t["task"]: t for t in tasks}
     assert set(by_name) == {*CLASSIFY, GENERATE}
     for name, labels in CLASSIFY.items():
-        meta = json.loads((bundle_dir / f"{name}.json").read_text())
+        meta = json.loads((tier_bundle / f"{name}.json").read_text())
         assert by_name[name]["version"] == meta["version"] and by_name[name]["labels"] == list(labels)
     assert sum(t["resident"] for t in tasks) <= 3
     assert httpx.get(f"{server.url}/health").status_code == 200
@@ -152,7 +146,12 @@ def test_bad_inputs_get_their_status(server):
 
 def test_failing_batch_fails_only_its_own_requests(server, monkeypatch):
     engine = server.engine
-    poison = engine.encode(engine.adapter("spam"), "POISON")[0][2]
+    good_texts = ("hello", "win money")
+
+    def ids(text: str) -> set[int]:
+        return set(engine.encode(engine.adapter("spam"), text)[0])
+
+    poison = min(ids("POISON") - set().union(*map(ids, good_texts)))  # a token only the poisoned prompt has
     runner = engine.loaded.runner
     real_forward = runner._forward
 
@@ -164,15 +163,23 @@ def test_failing_batch_fails_only_its_own_requests(server, monkeypatch):
     monkeypatch.setattr(runner, "_forward", forward)
     with httpx.Client(base_url=server.url, timeout=60) as c:
         bad = c.post("/v1/tasks/spam/predict", json={"text": "POISON"})
-        good = [c.post("/v1/tasks/spam/predict", json={"text": t}) for t in ("hello", "win money")]
+        good = [c.post("/v1/tasks/spam/predict", json={"text": t}) for t in good_texts]
     assert bad.status_code == 500 and "injected device failure" in bad.json()["detail"]
     assert [r.status_code for r in good] == [200, 200]
     assert engine.alive()
 
 
-def test_limits_overflow_queue_and_timeout(bundle_dir, default_model):
-    with serve(bundle_dir, default_model, on_overflow="reject", max_queue=2, max_batch_size=1,
+def test_limits_overflow_queue_and_timeout(tier_bundle, tier_model, monkeypatch):
+    with serve(tier_bundle, tier_model, on_overflow="reject", max_queue=2, max_batch_size=1,
                request_timeout_s=4) as srv, httpx.Client(base_url=srv.url, timeout=60) as c:
+        runner = srv.engine.loaded.runner
+        real_forward = runner._forward
+
+        def slow_forward(plan, sampled):  # 400 steps outlast the 4 s timeout on any model
+            time.sleep(0.02)
+            return real_forward(plan, sampled)
+
+        monkeypatch.setattr(runner, "_forward", slow_forward)
         r = c.post("/v1/tasks/spam/predict", json={"text": "word " * 200})
         assert r.status_code == 413 and "limit of 32" in r.json()["detail"]
 

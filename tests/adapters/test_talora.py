@@ -5,30 +5,25 @@ from __future__ import annotations
 import pytest
 import torch
 
-from talora.adapters.config import TaloraConfig
-from talora.adapters.loading import load_checkpoint_folder
 from talora.adapters.batching import Row, StepBuffers, StepPlan
+from talora.adapters.config import TaloraConfig
 from talora.adapters.talora_model import KVCache, TaloraModel
+from tests.helpers import tiny_talora_model
 
 TASKS = ["alpha", "beta", "gamma"]
 
 
 def _model(folder, **cfg) -> TaloraModel:
-    lm, _ = load_checkpoint_folder(folder)
-    model = TaloraModel(lm, TaloraConfig(**{"shared_prompt_len": 5, "task_prompt_len": 3, "rank": 2,
-                                            "init_std": 0.5, **cfg}))
-    gen = torch.Generator().manual_seed(0)
-    model.init_shared(gen)
-    for name in TASKS:
-        model.add_task(name, generator=gen)
-    return model
+    config = {"shared_prompt_len": 5, "task_prompt_len": 3, "rank": 2, "init_std": 0.5, **cfg}
+    return tiny_talora_model(folder, TASKS, open_gates=False, **config)[0]
 
 
 def _open_gates(model: TaloraModel, seed: int = 3) -> None:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for adapter in model.tasks.values():
-            adapter.gate.copy_(torch.randn(adapter.gate.shape, generator=gen))
+        for name in model.tasks:
+            gate = model.adapter(name).gate
+            gate.copy_(torch.randn(gate.shape, generator=gen))
 
 
 def _batch(vocab: int, lengths=(7, 3, 11)):
@@ -167,7 +162,7 @@ def test_cached_path_equals_full_sequence_path(tiny_llama_dir, cfg):
 
 
 def test_cached_path_on_qwen2(tmp_path):
-    from helpers import save_tiny_checkpoint
+    from tests.helpers import save_tiny_checkpoint
 
     model = _model(save_tiny_checkpoint(tmp_path, "qwen2"))
     _open_gates(model)

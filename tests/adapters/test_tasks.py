@@ -11,11 +11,13 @@ import json
 import pickle
 import tarfile
 from collections import Counter
+from typing import Any
 
 import pytest
 
 from talora.adapters import tasks
-from talora.adapters.tasks import Example, TaskSpec, __main__ as cli, bigbench, registry, sources_pkg
+from talora.adapters.tasks import Example, TaskSpec, bigbench, registry, sources_pkg
+from talora.adapters.tasks import __main__ as cli
 from talora.adapters.tasks.catalog import BUILTIN
 from talora.adapters.tasks.splits import balanced_subset, cache_root, dedupe
 
@@ -24,7 +26,7 @@ BIGBENCH_TASKS = [e.spec.name for e in BUILTIN if e.needs_bigbench]
 
 
 def _spec(**overrides) -> TaskSpec:
-    fields = dict(
+    fields: dict[str, Any] = dict(
         name="t", kind="classify", language="en", labels=("a", "b"), verbalizers={"a": " yes", "b": " no"},
         template="Q: {text}\nA:", max_input_tokens=32,
     )
@@ -62,7 +64,8 @@ def test_at_least_six_tasks_two_chinese_and_both_kinds():
 def test_builtin_spec_renders_and_has_distinct_verbalizers(entry):
     spec = entry.spec
     assert spec.source and spec.license and spec.description
-    ex = Example(text="some text", label=spec.labels[0] if spec.labels else "an answer", question="why?", answers=("an answer",))
+    ex = Example(text="some text", label=spec.labels[0] if spec.labels else "an answer", question="why?",
+                 answers=("an answer",))
     prompt = tasks.render_prompt(spec, ex)
     assert "some text" in prompt and not prompt.endswith(" ")
     target = tasks.target_text(spec, ex)
@@ -95,7 +98,8 @@ def built(tmp_path_factory):
     first, second = tmp_path_factory.mktemp("c1"), tmp_path_factory.mktemp("c2")
     tasks.prepare_all(first, PACKAGE_TASKS, progress=False)
     return {
-        name: (tasks.build_splits(name, second), {split: tasks.load_split(name, split, first) for split in tasks.SPLITS})
+        name: (tasks.build_splits(name, second),
+               {split: tasks.load_split(name, split, first) for split in tasks.SPLITS})
         for name in PACKAGE_TASKS
     }
 
@@ -181,7 +185,8 @@ def test_file_task_from_jsonl_and_csv(tmp_path):
     assert parts == {split: tasks.load_split("my_reviews", split) for split in tasks.SPLITS}
     assert not {e.text for e in parts["train"]} & {e.text for e in parts["test"]}
     csv_path = tmp_path / "topics.csv"
-    csv_path.write_text("text,label\n" + "\n".join(f"\"{r['text']}, yes\",{r['label']}" for r in _rows(labels=("x", "y", "z"))), encoding="utf-8")
+    lines = (f"\"{r['text']}, yes\",{r['label']}" for r in _rows(labels=("x", "y", "z")))
+    csv_path.write_text("text,label\n" + "\n".join(lines), encoding="utf-8")
     spec = tasks.register_file_task(csv_path, name="topics", template="Item: {text}\nTopic? Answer:")
     assert spec.labels == ("x", "y", "z") and spec.verbalizers["x"] == " x"
     assert tasks.render_prompt(spec, Example(text="hi", label="x")) == "Item: hi\nTopic? Answer:"
@@ -191,7 +196,8 @@ def test_file_task_from_jsonl_and_csv(tmp_path):
     "content, suffix, problem",
     [
         ("", ".jsonl", "empty"),
-        ("\n".join(json.dumps({"sentence": r["text"], "label": r["label"]}) for r in _rows()), ".jsonl", "'text' column"),
+        ("\n".join(json.dumps({"sentence": r["text"], "label": r["label"]}) for r in _rows()), ".jsonl",
+         "'text' column"),
         ("text\n" + "\n".join(r["text"] for r in _rows()), ".csv", "'label' column"),
         ("\n".join(json.dumps(r) for r in _rows(labels=("only",))), ".jsonl", "only one label"),
         ("\n".join(json.dumps(r) for r in _rows(n_per_label=3)), ".jsonl", "at least 10"),
@@ -226,7 +232,8 @@ def _bigbench_ready() -> bool:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not _bigbench_ready(), reason="BIG-bench files not in the cache: run scripts/install_data.sh --with-bigbench")
+@pytest.mark.skipif(not _bigbench_ready(),
+                    reason="BIG-bench files not in the cache: run scripts/install_data.sh --with-bigbench")
 @pytest.mark.parametrize("name", BIGBENCH_TASKS)
 def test_bigbench_task_splits(name):
     parts = tasks.build_splits(name)

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import json
-import sys
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-
-from bench_report import REQUIRED_RATIOS, serve_bench_summary, write_json  # noqa: E402
-from bench_requests import (assign_tasks, build_request_set, grouped_by_task, load_request_set,  # noqa: E402
-                            save_request_set, zipf_weights)
+from benchmarks.bench_report import REQUIRED_RATIOS, serve_bench_summary, write_json
+from benchmarks.bench_requests import (
+    assign_tasks,
+    build_request_set,
+    grouped_by_task,
+    load_request_set,
+    save_request_set,
+    zipf_weights,
+)
 
 TEXTS = {"alpha": ["one two three four five", "six seven"], "beta": ["a b c d e f g h i j k"] * 3}
 
@@ -89,7 +91,7 @@ def test_summary_has_the_required_ratios_and_setup(tmp_path):
 
 
 def test_engine_overhead_exports_an_old_revision_as_talora(tmp_path):
-    import engine_overhead
+    from benchmarks import engine_overhead
 
     root = engine_overhead.export_ref("HEAD", tmp_path)
     assert (root / "talora" / "server" / "engine.py").is_file()
@@ -98,7 +100,7 @@ def test_engine_overhead_exports_an_old_revision_as_talora(tmp_path):
 
 @pytest.mark.slow
 def test_engine_overhead_runs_old_and_new_on_cpu(tmp_path):
-    import engine_overhead
+    from benchmarks import engine_overhead
 
     out = tmp_path / "overhead.json"
     engine_overhead.main(["--device", "cpu", "--models", "tiny", "--requests", "tiny=8", "--batch-size", "4",
@@ -106,3 +108,13 @@ def test_engine_overhead_runs_old_and_new_on_cpu(tmp_path):
     summary = json.loads(out.read_text())
     assert set(summary["ratios"]) == {"tiny_engine_vs_forward", "old_tiny_engine_vs_forward"}
     assert summary["results"]["tiny"]["profile"]["steps"] == 2
+
+
+def test_plots_without_matplotlib_name_the_bench_extra(monkeypatch):
+    import sys
+
+    from benchmarks.bench_report import pyplot
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(ModuleNotFoundError, match=r"pip install 'talora\[bench\]'"):
+        pyplot()

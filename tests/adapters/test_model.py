@@ -6,10 +6,10 @@ import json
 
 import pytest
 import torch
-from helpers import save_tiny_checkpoint
 
 from talora.adapters.config import ModelConfig
 from talora.adapters.loading import ModelLoadError, load_checkpoint_folder, load_model
+from tests.helpers import save_tiny_checkpoint
 
 
 def _hf_logits(folder, input_ids, attention_mask):

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import json
-import sys
 from argparse import Namespace
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-
-import scale_out  # noqa: E402
+from benchmarks import scale_out
 
 
 def test_summary_ratios_compare_setups_of_the_same_mix():
@@ -33,7 +30,7 @@ def test_texts_are_seeded():
 @pytest.mark.ray
 def test_a_tiny_run_writes_every_setup_and_both_ratios(tmp_path):
     pytest.importorskip("ray.serve")
-    from helpers import save_tiny_server_model
+    from tests.helpers import save_tiny_server_model
 
     model = save_tiny_server_model(tmp_path / "model")
     out = tmp_path / "scale_out.json"

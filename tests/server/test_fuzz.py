@@ -18,7 +18,6 @@ import httpx
 import hypothesis
 import pytest
 import schemathesis
-import torch
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
@@ -28,7 +27,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from test_server_support import CLASSIFY, GENERATE, serve
+from tests.server.support import CLASSIFY, GENERATE, serve
 
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_headers_conformance,
           response_schema_conformance, negative_data_rejection]
@@ -40,18 +39,17 @@ RANDOM = os.environ.get("TALORA_FUZZ_RANDOM") == "1"  # explore new examples ins
 
 @pytest.fixture(scope="module")
 def fuzz_server(tiny_bundle, tiny_server_model):
-    threads = torch.get_num_threads()
     with serve(tiny_bundle, tiny_server_model, max_new_tokens_limit=8, request_timeout_s=30,
                admin_token=ADMIN_TOKEN) as srv:
         yield srv
-    torch.set_num_threads(threads)
 
 
 OPERATIONS = ["POST /v1/tasks/{task}/predict", "POST /v1/tasks/{task}/generate", "GET /v1/tasks",
               "GET /v1/tasks/{task}", "POST /v1/completions", "GET /v1/models", "PUT /v1/adapters/{task}",
               "DELETE /v1/adapters/{task}", "GET /health", "GET /ready", "GET /metrics"]
 MODES = [schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE]
-WITH_BODY = OPERATIONS[0], OPERATIONS[1], OPERATIONS[4], OPERATIONS[6]  # the others have nothing to make invalid but a string
+# the others have nothing to make invalid but a string
+WITH_BODY = OPERATIONS[0], OPERATIONS[1], OPERATIONS[4], OPERATIONS[6]
 
 
 @pytest.fixture(scope="module")

@@ -14,18 +14,18 @@ import torch
 
 from talora.adapters.bundle import model_from_bundle
 from talora.adapters.config import TaloraConfig
+from talora.adapters.decoding import greedy_generate
 from talora.adapters.loading import load_checkpoint_folder
 from talora.adapters.talora_model import TaloraModel
 from talora.adapters.train import TrainConfig, run_eval, run_source, run_target
 from talora.adapters.train.checkpoint import list_checkpoints
 from talora.adapters.train.config import STAGE_FIELDS
 from talora.adapters.train.data import EncodedExample, EncodedTask
-from talora.adapters.decoding import greedy_generate
+from talora.adapters.train.distributed import Runtime
 from talora.adapters.train.logs import read_log
 from talora.adapters.train.metrics import accuracy, exact_match, macro_f1, majority_rate, token_f1
 from talora.adapters.train.objective import AnswerLoss, pack_batch
 from talora.adapters.train.trainer import build_optimizer, train
-from talora.adapters.train.distributed import Runtime
 
 COLOURS = ["red", "blue", "green", "black"]
 THINGS = ["apple", "car", "house", "tree", "cup", "hat", "boat", "lamp"]
@@ -59,7 +59,7 @@ def _write_task(path: Path, rule, seed: int, rows: int = 120) -> Path:
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    from helpers import save_tiny_checkpoint
+    from tests.helpers import save_tiny_checkpoint
 
     root = tmp_path_factory.mktemp("train")
     # larger init than the default 0.02: a tiny model's logits can then move far enough for the
@@ -299,7 +299,8 @@ def test_config_file_then_flags(tmp_path, capsys):
     path = tmp_path / "run.yaml"
     path.write_text("tasks: [snownlp_sentiment]\nsteps: 7\nlr: 0.5\nshared-prompt-len: 16\n")
     cfg = config_from_args(build_parser().parse_args(["source", "--config", str(path), "--lr", "0.25", "--no-gated"]))
-    assert (cfg.steps, cfg.lr, cfg.shared_prompt_len, cfg.gated, cfg.tasks) == (7, 0.25, 16, False, ["snownlp_sentiment"])
+    assert (cfg.steps, cfg.lr, cfg.shared_prompt_len, cfg.gated) == (7, 0.25, 16, False)
+    assert cfg.tasks == ["snownlp_sentiment"]
     assert main(["source", "--config", str(path), "--rank", "0"]) == 2
     assert "rank:" in capsys.readouterr().err
 
@@ -511,3 +512,14 @@ def test_a_diverging_run_warns_and_ends_with_its_best_tensors(tiny_llama_dir, tm
     assert result.diverged and result.restored_step is not None and result.restored_step <= 12
     logged = [r["message"] for r in read_log(tmp_path / "log.jsonl") if r["kind"] == "warning"]
     assert any("diverged" in m for m in logged) and any("kept the tensors" in m for m in logged)
+
+
+def test_curves_without_matplotlib_are_skipped_with_the_extra_named(tmp_path, monkeypatch, caplog):
+    from talora.adapters.train.logs import LOG_FILE, JsonlLog, plot_curves
+
+    JsonlLog(tmp_path / LOG_FILE).write({"kind": "step", "step": 1, "loss": 1.0})
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # what an install without the train extra sees
+    with caplog.at_level("WARNING", logger="talora.adapters.train.logs"):
+        assert plot_curves(tmp_path / LOG_FILE, tmp_path) == []
+    assert "pip install 'talora[train]'" in caplog.text
+    assert not (tmp_path / "loss.png").exists()

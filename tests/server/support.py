@@ -1,5 +1,6 @@
-"""Helpers for the server tests (no tests here): random bundles on the real default model, and a
-real uvicorn server on 127.0.0.1 in a background thread."""
+"""Helpers for the server tests (no tests here): random bundles on any loaded model (the tiny random
+one of the fast tier, or the real default model), and a real uvicorn server on 127.0.0.1 in a
+background thread. The fixtures built from them are in ``tests/server/conftest.py``."""
 
 from __future__ import annotations
 
@@ -69,7 +70,11 @@ def free_port() -> int:
 
 
 class ServerThread:
-    """``create_app`` under a real uvicorn on 127.0.0.1, in a thread of this process."""
+    """``create_app`` under a real uvicorn on 127.0.0.1, in a thread of this process.
+
+    The engine sets torch's thread count from its settings; leaving the block restores the count
+    the suite had, so that one server's settings do not leak into later tests.
+    """
 
     def __init__(self, settings, loaded):
         import uvicorn
@@ -77,6 +82,7 @@ class ServerThread:
         from talora.server.app import create_app
         from talora.server.engine import Engine
 
+        self.torch_threads = torch.get_num_threads()
         self.engine = Engine(settings, loaded=loaded)
         self.app = create_app(settings, self.engine)
         self.port = free_port()
@@ -89,7 +95,7 @@ class ServerThread:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def __enter__(self) -> "ServerThread":
+    def __enter__(self) -> ServerThread:
         self.thread.start()
         deadline = time.monotonic() + 120
         while not self.server.started:
@@ -101,6 +107,7 @@ class ServerThread:
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True
         self.thread.join(60)
+        torch.set_num_threads(self.torch_threads)
 
 
 def serve(bundle_dir: Path, loaded, **overrides) -> ServerThread:

@@ -7,17 +7,8 @@ import logging
 import shutil
 
 import httpx
-import pytest
-import torch
 
-from test_server_support import CLASSIFY, GENERATE, serve, write_version
-
-
-@pytest.fixture(autouse=True)
-def _threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
+from tests.server.support import CLASSIFY, GENERATE, serve, write_version
 
 
 def _tasks(url: str) -> dict[str, dict]:

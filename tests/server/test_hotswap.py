@@ -14,7 +14,7 @@ from safetensors.torch import save
 from talora.adapters.bundle import model_from_bundle
 from talora.adapters.io import load_task
 from talora.adapters.scoring import ScoreRequest, score_labels
-from test_server_support import GENERATE, build_bundle, serve, write_version
+from tests.server.support import GENERATE, build_bundle, serve, write_version
 
 TOKEN = {"authorization": "Bearer s3cret"}
 TEXTS = ["good", "bad", "fine", "awful"]
@@ -22,19 +22,17 @@ LOAD = 200
 
 
 @pytest.fixture(scope="module")
-def bundle_dir(tmp_path_factory, default_model):
-    folder = build_bundle(tmp_path_factory.mktemp("bundle"), default_model)
-    write_version(folder, default_model, "sentiment", seed=11, version="v2", out=folder / "v2")
-    write_version(folder, default_model, GENERATE, seed=12, version="g2", out=folder / "v2")
+def bundle_dir(tmp_path_factory, tier_model):
+    folder = build_bundle(tmp_path_factory.mktemp("bundle"), tier_model)
+    write_version(folder, tier_model, "sentiment", seed=11, version="v2", out=folder / "v2")
+    write_version(folder, tier_model, GENERATE, seed=12, version="g2", out=folder / "v2")
     return folder
 
 
 @pytest.fixture(scope="module")
-def server(bundle_dir, default_model):
-    threads = torch.get_num_threads()
-    with serve(bundle_dir, default_model, admin_token="s3cret", max_batch_size=64) as srv:
+def server(bundle_dir, tier_model):
+    with serve(bundle_dir, tier_model, admin_token="s3cret", max_batch_size=64) as srv:
         yield srv
-    torch.set_num_threads(threads)
 
 
 def _expected(bundle_dir, loaded, engine) -> dict[str, dict[str, list[float]]]:
@@ -54,8 +52,8 @@ def _expected(bundle_dir, loaded, engine) -> dict[str, dict[str, list[float]]]:
     return {v: dict(zip(TEXTS, scores[i * len(TEXTS):(i + 1) * len(TEXTS)])) for i, v in enumerate(versions)}
 
 
-def test_replace_under_load_fails_nothing_and_versions_match_results(server, bundle_dir, default_model):
-    expected = _expected(bundle_dir, default_model, server.engine)
+def test_replace_under_load_fails_nothing_and_versions_match_results(server, bundle_dir, tier_model):
+    expected = _expected(bundle_dir, tier_model, server.engine)
     v1, v2 = expected
     assert max(abs(a - b) for t in TEXTS for a, b in zip(expected[v1][t], expected[v2][t])) > 0.1
 
@@ -119,10 +117,10 @@ def _upload(client, task, meta: bytes, tensors: bytes):
                       files={"metadata": ("m.json", meta), "tensors": ("t.safetensors", tensors)})
 
 
-def test_invalid_adapters_are_refused_and_the_old_version_serves(server, bundle_dir, default_model, tmp_path):
+def test_invalid_adapters_are_refused_and_the_old_version_serves(server, bundle_dir, tier_model, tmp_path):
     meta = (bundle_dir / "spam.json").read_bytes()
     good = server.engine.adapter("spam")
-    other = build_bundle(tmp_path / "other", default_model, seed=7)  # another bundle fingerprint
+    other = build_bundle(tmp_path / "other", tier_model, seed=7)  # another bundle fingerprint
     (bundle_dir / "link").symlink_to(tmp_path)
     cases = {
         "fast: shape": (meta, save({"fast": torch.zeros(2, 4), "gate": good.gate})),
@@ -155,12 +153,11 @@ def test_evict_and_load_back(server):
         assert client.post("/v1/tasks/topic/predict", json={"text": "goal"}).status_code == 200
 
 
-def test_watcher_picks_up_new_and_changed_adapters(tmp_path, default_model):
-    folder = build_bundle(tmp_path / "b", default_model)
-    threads = torch.get_num_threads()
-    with serve(folder, default_model, watch_interval_s=0.2) as srv, httpx.Client(base_url=srv.url) as client:
-        write_version(folder, default_model, "spam", seed=3, version="w2")
-        write_version(folder, default_model, "spam", seed=4, version="new1", name="spam2")
+def test_watcher_picks_up_new_and_changed_adapters(tmp_path, tier_model):
+    folder = build_bundle(tmp_path / "b", tier_model)
+    with serve(folder, tier_model, watch_interval_s=0.2) as srv, httpx.Client(base_url=srv.url) as client:
+        write_version(folder, tier_model, "spam", seed=3, version="w2")
+        write_version(folder, tier_model, "spam", seed=4, version="new1", name="spam2")
 
         def versions():
             return {t["task"]: t["version"] for t in client.get("/v1/tasks").json()["tasks"]}
@@ -171,4 +168,3 @@ def test_watcher_picks_up_new_and_changed_adapters(tmp_path, default_model):
         assert versions()["spam"] == "w2" and versions()["spam2"] == "new1"
         r = client.post("/v1/tasks/spam2/predict", json={"text": "free money"}, timeout=60)
         assert r.status_code == 200 and r.json()["version"] == "new1"
-    torch.set_num_threads(threads)

@@ -8,11 +8,11 @@ import os
 import shutil
 
 import pytest
-from test_server_support import write_version
 
 from talora.server.metrics import Metrics
 from talora.server.ray_store import SharedStore
 from talora.server.registry import AdapterRegistry
+from tests.server.support import write_version
 
 
 @pytest.fixture()

@@ -9,11 +9,9 @@ import torch
 from safetensors.torch import save
 
 from talora.adapters.bundle import export_bundle, export_task, model_from_bundle
-from talora.adapters.config import TaloraConfig
-from talora.adapters.io import AdapterFormatError, decode_task, encode_task, load_bundle, load_task, TaskMeta
-from talora.adapters.loading import load_checkpoint_folder
+from talora.adapters.io import AdapterFormatError, TaskMeta, decode_task, encode_task, load_bundle, load_task
 from talora.adapters.scoring import ScoreRequest, score_labels
-from talora.adapters.talora_model import TaloraModel
+from tests.helpers import tiny_talora_model
 
 TASK_FIELDS = dict(kind="classify", labels=["neg", "pos"], verbalizers={"neg": " bad", "pos": " good"},
                    template="Review: {text}\nSentiment:", max_input_tokens=64)
@@ -21,14 +19,9 @@ TASK_FIELDS = dict(kind="classify", labels=["neg", "pos"], verbalizers={"neg": "
 
 @pytest.fixture()
 def saved(tiny_llama_dir, tmp_path):
-    lm, fingerprint = load_checkpoint_folder(tiny_llama_dir)
-    model = TaloraModel(lm, TaloraConfig(shared_prompt_len=4, task_prompt_len=3, rank=2))
-    gen = torch.Generator().manual_seed(0)
-    model.init_shared(gen)
-    for task in ("sst", "news"):
-        model.add_task(task, generator=gen)
-        with torch.no_grad():
-            model.tasks[task].gate.normal_(generator=gen)
+    model, fingerprint = tiny_talora_model(tiny_llama_dir, ("sst", "news"), shared_prompt_len=4, task_prompt_len=3,
+                                           rank=2)
+    lm = model.lm
     bundle = export_bundle(model, tmp_path, "tiny", fingerprint)
     for task in ("sst", "news"):
         export_task(model, task, tmp_path, bundle, **TASK_FIELDS)

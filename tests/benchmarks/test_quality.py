@@ -4,22 +4,17 @@ comparisons, and that every override reaches the trainer (no real training)."""
 from __future__ import annotations
 
 import json
-import sys
-from dataclasses import fields, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-
-import quality  # noqa: E402
-import quality_plan as qp  # noqa: E402
-import quality_report as qr  # noqa: E402
-import quality_runs  # noqa: E402
-import quality_stats as qs  # noqa: E402
-from talora.adapters.train import recipe  # noqa: E402
-from talora.adapters.train.config import TrainConfig  # noqa: E402
+from benchmarks import quality, quality_runs
+from benchmarks import quality_plan as qp
+from benchmarks import quality_report as qr
+from benchmarks import quality_stats as qs
+from talora.adapters.train import recipe
 
 SMOL = {"d": 576, "L": 30, "H": 9}
 
@@ -51,7 +46,8 @@ def test_plan_is_deterministic_and_complete():
     assert [r.key for r in first] == [r.key for r in second]
     assert len({r.key for r in first}) == len(first)
     targets = [r for r in first if r.stage == "target"]
-    per_setting_task = (len(cfg.seeds) * (1 + 2 * len(cfg.source_seeds) + len(cfg.source_seeds))  # PT; MPT, LoRA; talora
+    # PT; MPT, LoRA; talora; then the ablations
+    per_setting_task = (len(cfg.seeds) * (1 + 2 * len(cfg.source_seeds) + len(cfg.source_seeds))
                         + len(qp.ABLATIONS) * len(cfg.ablation_seeds))
     assert len(targets) == per_setting_task * len(cfg.target_tasks) * len(cfg.settings)
     sources = [r for r in first if r.stage == "source"]
@@ -107,7 +103,8 @@ def test_plan_uses_the_recipe_and_typed_overrides():
         ["--talora", "slow_lr_ratio=0.3,rank=16,gated=false,lr_schedule=linear,warmup_steps=7,init_std=0.05,"
          "scale=2,weight_decay=0.01", "--talora-target", "lr=0.1,target_init=random,lr_schedule=constant",
          "--source-steps", "33", "--peft", "prompt_lr=0.1,lora_lr=0.001"]))
-    assert (cfg.source.rank, cfg.source.gated, cfg.source.lr_schedule, cfg.source.warmup_steps) == (16, False, "linear", 7)
+    source = cfg.source
+    assert (source.rank, source.gated, source.lr_schedule, source.warmup_steps) == (16, False, "linear", 7)
     assert (cfg.source.init_std, cfg.source.scale, cfg.source.weight_decay, cfg.source.steps) == (0.05, 2.0, 0.01, 33)
     assert type(cfg.source.scale) is float and type(cfg.source.rank) is int
     assert (cfg.target.lr, cfg.target.target_init, cfg.target.lr_schedule) == (0.1, "random", "constant")
@@ -253,7 +250,7 @@ def test_summary_rows_have_the_required_fields(tmp_path):
     source = [r for r in rows if r["role"] == "source"]
     assert {r["task"] for r in source} == set(cfg.source_tasks) and all(r["seeds"] == 1 for r in source)
     compared = qs.comparisons(list(results.values()), cfg.settings, n_boot=200)
-    doc = qr.write_summary(tmp_path / "quality.json", rows, "python benchmarks/quality.py", quality._config_record(cfg),
+    doc = qr.write_summary(tmp_path / "quality.json", rows, "python -m benchmarks.quality", quality._config_record(cfg),
                            len(plan), len(results), zero_shot, compared)
     assert json.loads((tmp_path / "quality.json").read_text())["rows"] == doc["rows"]
     assert set(doc) >= {"machine", "command", "rows", "zero_shot", "means", "comparisons"}
@@ -285,7 +282,7 @@ def test_paired_bootstrap_finds_a_real_difference_and_not_a_null_one():
     def method(accuracy: float, seed: int) -> dict:
         out = {}
         r = np.random.default_rng(seed)
-        for task, g in gold.items():
+        for task in gold:
             out[task] = {s: (r.random(200) < accuracy).astype(float) for s in range(5)}
         return out
 

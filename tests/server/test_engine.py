@@ -21,26 +21,16 @@ from talora.server.kvpool import KVPool
 from talora.server.metrics import Metrics
 from talora.server.registry import AdapterConflict, AdapterNotFound, AdapterRegistry
 from talora.server.settings import Settings
-from test_server_support import GENERATE, build_bundle, write_version
+from tests.helpers import ROOT
+from tests.server.support import GENERATE, build_bundle, write_version
 
 TEXTS = {"sentiment": "I love it", "topic": "the match ended 2-1", "spam": "win money now", "intent": "how much?"}
 
 
 @pytest.fixture(scope="module")
-def default_model(tiny_server_model):
-    """The tiny random model with a byte-level tokenizer: the equivalences hold for any weights."""
-    return tiny_server_model
-
-
-@pytest.fixture(scope="module")
-def bundle_dir(tiny_bundle):
-    return tiny_bundle
-
-
-@pytest.fixture(scope="module")
-def engine(bundle_dir, default_model):
+def engine(tiny_bundle, tiny_server_model):
     threads = torch.get_num_threads()
-    eng = Engine(Settings(bundle=bundle_dir, num_slots=3, torch_threads=1), loaded=default_model)
+    eng = Engine(Settings(bundle=tiny_bundle, num_slots=3, torch_threads=1), loaded=tiny_server_model)
     eng.start()
     yield eng
     eng.stop(10)
@@ -70,11 +60,12 @@ def _job(engine, task, text, kind="score", params=None):
     return Job(kind, adapter, ids, sink, time.monotonic() + 120, params), sink
 
 
-def test_mixed_task_batch_scores_equal_score_labels(engine, bundle_dir, default_model):
+def test_mixed_task_batch_scores_equal_score_labels(engine, tiny_bundle, tiny_server_model):
     pairs = [_job(engine, task, text) for task, text in TEXTS.items()]
     engine.submit([job for job, _ in pairs])
     got = [sink.wait().scores for _, sink in pairs]
-    model, _, _ = model_from_bundle(default_model.model, bundle_dir, default_model.fingerprint, tasks=list(TEXTS))
+    loaded = tiny_server_model
+    model, _, _ = model_from_bundle(loaded.model, tiny_bundle, loaded.fingerprint, tasks=list(TEXTS))
     with torch.no_grad():
         prefix = model.shared_kv()
         slots = model.task_kv(prefix, *model.stacked(list(TEXTS)))
@@ -87,20 +78,21 @@ def test_mixed_task_batch_scores_equal_score_labels(engine, bundle_dir, default_
     assert engine.metrics.slot_evictions._value.get() >= 1  # 4 tasks through 3 slots
 
 
-def test_greedy_generation_equals_full_path(engine, bundle_dir, default_model):
+def test_greedy_generation_equals_full_path(engine, tiny_bundle, tiny_server_model):
     steps = 5
     job, sink = _job(engine, GENERATE, "The capital of France is", "generate",
                      GenerationParams(max_new_tokens=steps, temperature=0))
     engine.submit([job])
     result = sink.wait()
     assert isinstance(result, Finished) and 1 <= result.completion_tokens <= steps
-    model, _, _ = model_from_bundle(default_model.model, bundle_dir, default_model.fingerprint, tasks=[GENERATE])
+    loaded = tiny_server_model
+    model, _, _ = model_from_bundle(loaded.model, tiny_bundle, loaded.fingerprint, tasks=[GENERATE])
     ids = list(job.prompt_ids)
     with torch.no_grad():
         for _ in range(result.completion_tokens):
             logits = model.forward_full(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.bool), [GENERATE])
             ids.append(int(logits[0, -1].argmax()))
-    expected = default_model.tokenizer.decode(ids[len(job.prompt_ids):], skip_special_tokens=True)
+    expected = tiny_server_model.tokenizer.decode(ids[len(job.prompt_ids):], skip_special_tokens=True)
     assert result.text == expected and "".join(e.text for e in sink.events[:-1]) == expected
 
 
@@ -137,14 +129,14 @@ def test_text_stream_holds_back_possible_stop_strings():
     assert out == ["y", "", "", ""] and stream.stopped and stream.text == "abENXy"
 
 
-def test_registry_refuses_bad_files_and_keeps_the_old_version(bundle_dir, default_model, tmp_path):
+def test_registry_refuses_bad_files_and_keeps_the_old_version(tiny_bundle, tiny_server_model, tmp_path):
     from talora.adapters.io import load_bundle
 
-    bundle, _ = load_bundle(bundle_dir)
-    registry = AdapterRegistry(bundle, bundle_dir, default_model.tokenizer, Metrics())
+    bundle, _ = load_bundle(tiny_bundle)
+    registry = AdapterRegistry(bundle, tiny_bundle, tiny_server_model.tokenizer, Metrics())
     assert "sentiment" in registry.load_all()
     old = registry.get("sentiment")
-    meta, blob = (bundle_dir / "sentiment.json").read_bytes(), (bundle_dir / "sentiment.safetensors").read_bytes()
+    meta, blob = (tiny_bundle / "sentiment.json").read_bytes(), (tiny_bundle / "sentiment.safetensors").read_bytes()
     from safetensors.torch import save
 
     wrong_shape = save({"fast": torch.zeros(3, 4), "gate": old.gate})
@@ -167,16 +159,16 @@ def test_registry_refuses_bad_files_and_keeps_the_old_version(bundle_dir, defaul
     assert registry.load_bytes("sentiment", meta, blob) == (old, False)
 
 
-def test_registry_watch_picks_up_new_and_changed_files(tmp_path, default_model):
-    folder = build_bundle(tmp_path / "b", default_model)
+def test_registry_watch_picks_up_new_and_changed_files(tmp_path, tiny_server_model):
+    folder = build_bundle(tmp_path / "b", tiny_server_model)
     from talora.adapters.io import load_bundle
 
     bundle, _ = load_bundle(folder)
-    registry = AdapterRegistry(bundle, folder, default_model.tokenizer, Metrics())
+    registry = AdapterRegistry(bundle, folder, tiny_server_model.tokenizer, Metrics())
     registry.load_all()
     spam = registry.get("spam")
     assert registry.poll_store() == []
-    write_version(folder, default_model, "topic", seed=9, version="v2")
+    write_version(folder, tiny_server_model, "topic", seed=9, version="v2")
     assert registry.poll_store() == []  # seen once: wait for the writer to finish
     assert registry.poll_store() == ["topic"] and registry.get("topic").version == "v2"
     (folder / "spam.safetensors").write_bytes(b"garbage")
@@ -205,9 +197,7 @@ def test_no_bundle_says_how_to_make_one(monkeypatch, tmp_path, capsys):
 
 
 def test_every_setting_is_documented():
-    from pathlib import Path
-
-    docs = (Path(__file__).resolve().parent.parent / "docs" / "serving.md").read_text()
+    docs = (ROOT / "docs" / "serving.md").read_text()
     for name in Settings.model_fields:
         assert f"`--{name.replace('_', '-')}` | `TALORA_{name.upper()}`" in docs, name
 

@@ -10,22 +10,14 @@ import sys
 import time
 
 import httpx
-import pytest
-import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-from test_server_support import CLASSIFY, GENERATE, build_bundle, free_port, serve
+from tests.server.support import CLASSIFY, GENERATE, free_port, serve
 
 
-@pytest.fixture(scope="module")
-def bundle_dir(tmp_path_factory, default_model):
-    return build_bundle(tmp_path_factory.mktemp("bundle"), default_model)
-
-
-def test_metrics_parse_and_add_up(bundle_dir, default_model):
-    threads = torch.get_num_threads()
+def test_metrics_parse_and_add_up(tier_bundle, tier_model):
     sent: dict[tuple[str, str], int] = {}
-    with serve(bundle_dir, default_model) as srv, httpx.Client(base_url=srv.url, timeout=120) as client:
+    with serve(tier_bundle, tier_model) as srv, httpx.Client(base_url=srv.url, timeout=120) as client:
         def call(method, path, endpoint, **kwargs):
             r = client.request(method, path, **kwargs)
             sent[(endpoint, str(r.status_code))] = sent.get((endpoint, str(r.status_code)), 0) + 1
@@ -39,7 +31,6 @@ def test_metrics_parse_and_add_up(bundle_dir, default_model):
         call("GET", "/v1/tasks", "/v1/tasks")
         call("GET", "/health", "/health")
         text = client.get("/metrics").text
-    torch.set_num_threads(threads)
     families = {f.name: f for f in text_string_to_metric_families(text)}
     requests = [s for s in families["talora_requests"].samples if s.name == "talora_requests_total"]
     assert sum(s.value for s in requests) == sum(sent.values()) == 8
@@ -71,11 +62,12 @@ def test_metrics_parse_and_add_up(bundle_dir, default_model):
     assert value("talora_batch_rows", "talora_batch_rows_count") >= 3
 
 
-def test_sigterm_drains_the_request_in_flight(bundle_dir, tmp_path):
+def test_sigterm_drains_the_request_in_flight(tier_bundle, tier_model, tmp_path):
     port = free_port()
     log_file = tmp_path / "serve.log"
     cmd = [sys.executable, "-c", "from talora.server.cli import main; raise SystemExit(main())",
-           "--bundle", str(bundle_dir), "--port", str(port), "--torch-threads", "1", "--num-slots", "2"]
+           "--model", tier_model.name, "--bundle", str(tier_bundle), "--port", str(port), "--torch-threads", "1",
+           "--num-slots", "2"]
     with open(log_file, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     url, polls = f"http://127.0.0.1:{port}", 0

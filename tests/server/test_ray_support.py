@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from talora.server.metrics import Metrics
 from talora.server.ray_support import RayOptions, admin_task, asgi_exchange, merge_metrics, task_of
 from talora.server.settings import Settings
+from tests.helpers import ROOT
 
 
 @pytest.mark.parametrize("method, path, body, task", [
@@ -130,11 +131,10 @@ def test_ray_flag_refuses_what_it_cannot_serve(monkeypatch, capsys):
 
 def _doc_yaml_blocks() -> list[dict]:
     import re
-    from pathlib import Path
 
     import yaml
 
-    text = (Path(__file__).resolve().parents[1] / "docs" / "scale_out.md").read_text()
+    text = (ROOT / "docs" / "scale_out.md").read_text()
     return [yaml.safe_load(block) for block in re.findall(r"^```yaml\n(.*?)^```", text, re.S | re.M)]
 
 

@@ -18,23 +18,9 @@ import pytest
 import torch
 
 from talora.server.generation import sample_token
-from test_server_support import GENERATE, free_port, serve
+from tests.server.support import GENERATE, free_port, serve
 
 GEN = f"/v1/tasks/{GENERATE}/generate"
-
-
-@pytest.fixture(scope="module")
-def server(tiny_bundle, tiny_server_model):
-    threads = torch.get_num_threads()
-    with serve(tiny_bundle, tiny_server_model) as srv:
-        yield srv
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture()
-def client(server):
-    with httpx.Client(base_url=server.url, timeout=30) as c:
-        yield c
 
 
 @pytest.mark.parametrize("temperature", [5e-324, 1e-300, 1e-46, 1e-8, 0.7, 2.0])
@@ -169,7 +155,7 @@ def _wait_ready(url: str, proc: subprocess.Popen) -> None:
 
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.stdout.read().decode()
+        assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
         try:
             if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
                 return

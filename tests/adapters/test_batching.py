@@ -7,34 +7,20 @@ the preallocated buffers reused and grown across steps.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from talora.adapters.batching import BatchMeta, Row, StepBuffers, StepPlan
-from talora.adapters.config import TaloraConfig
 from talora.adapters.decoding import run_step
-from talora.adapters.loading import load_checkpoint_folder
 from talora.adapters.scoring import ScoreRequest, plan_labels, score_labels
 from talora.adapters.talora_model import KVCache, TaloraModel
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from tests.helpers import tiny_talora_model
 
 LABELS = [[7], [9, 4, 3], [9, 5]]
 
 
 def _model(folder) -> TaloraModel:
-    lm, _ = load_checkpoint_folder(folder)
-    model = TaloraModel(lm, TaloraConfig(shared_prompt_len=4, task_prompt_len=2, rank=2, init_std=0.5))
-    gen = torch.Generator().manual_seed(0)
-    model.init_shared(gen)
-    for name in ("a", "b"):
-        model.add_task(name, generator=gen)
-        with torch.no_grad():
-            model.tasks[name].gate.normal_(generator=gen)
-    return model
+    return tiny_talora_model(folder, ("a", "b"), shared_prompt_len=4, task_prompt_len=2, rank=2, init_std=0.5)[0]
 
 
 def test_layout_of_the_docstring_example():
@@ -116,7 +102,7 @@ def test_cached_steps_reuse_the_buffers_and_match_one_prefill(tiny_llama_dir):
 def test_hf_baseline_scores_with_the_same_planner(tiny_llama_dir):
     from transformers import AutoModelForCausalLM
 
-    import quality_peft
+    from benchmarks import quality_peft
     from talora.adapters.train.data import EncodedExample, EncodedTask
 
     hf = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()

@@ -14,17 +14,18 @@ import time
 
 import httpx
 import pytest
-from test_server_support import CLASSIFY, GENERATE, build_bundle, free_port, serve, write_version
+
+from tests.server.support import CLASSIFY, GENERATE, build_bundle, free_port, serve, write_version
 
 ray = pytest.importorskip("ray")
 pytest.importorskip("ray.serve")
-from helpers import save_tiny_server_model  # noqa: E402
 from ray import serve as ray_serve  # noqa: E402
 
 from talora.server.ray_cli import start_cluster  # noqa: E402
 from talora.server.ray_serve import build_app  # noqa: E402
 from talora.server.ray_support import RayOptions  # noqa: E402
 from talora.server.settings import Settings  # noqa: E402
+from tests.helpers import save_tiny_server_model  # noqa: E402
 
 pytestmark = pytest.mark.ray
 TOKEN = {"authorization": "Bearer s3cret"}

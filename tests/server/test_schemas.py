@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import httpx
 import pytest
-import torch
 
-from test_server_support import GENERATE, serve
+from tests.server.support import GENERATE, serve
 
 GEN = f"/v1/tasks/{GENERATE}/generate"
 PREDICT = "/v1/tasks/spam/predict"
@@ -15,16 +14,9 @@ PREDICT = "/v1/tasks/spam/predict"
 
 @pytest.fixture(scope="module")
 def server(tiny_bundle, tiny_server_model):
-    threads = torch.get_num_threads()
+    """A queue longer than the largest request (256 prompts), so that size limits show alone."""
     with serve(tiny_bundle, tiny_server_model, max_queue=300) as srv:
         yield srv
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture()
-def client(server):
-    with httpx.Client(base_url=server.url, timeout=30) as c:
-        yield c
 
 
 @pytest.mark.parametrize("path,body,field", [

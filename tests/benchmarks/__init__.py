@@ -1,0 +1,1 @@
+"""Tests of the benchmark harness (bookkeeping only; no benchmark is timed here)."""

@@ -1,0 +1,1 @@
+"""Tests of talora.kernels: reference twins against float64 oracles, Triton against the reference."""

@@ -1,0 +1,47 @@
+"""Fixtures of the server tests. The fast tier serves ``tiny_bundle`` on ``tiny_server_model`` (a
+random tiny llama with a byte-level tokenizer, milliseconds per step); tests on the real default
+model are marked ``slow``.
+
+``server`` is one real uvicorn per module with the default settings; a module that needs other
+settings defines its own ``server``, and ``client`` follows it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.server.support import build_bundle, serve
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory, tiny_server_model) -> Path:
+    """The server tests' bundle (four classify tasks, one generate task) on the tiny model."""
+    return build_bundle(tmp_path_factory.mktemp("tiny-bundle"), tiny_server_model)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_bundle, tiny_server_model):
+    with serve(tiny_bundle, tiny_server_model) as srv:
+        yield srv
+
+
+@pytest.fixture()
+def client(server):
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        yield c
+
+
+@pytest.fixture(scope="module", params=["tiny", pytest.param("real", marks=pytest.mark.slow)])
+def tier_model(request):
+    """Each tier's model, for the modules whose tests hold on any model: the tiny random model
+    (fast, in the default suite), then the real default model (``-m slow``)."""
+    return request.getfixturevalue("tiny_server_model" if request.param == "tiny" else "default_model")
+
+
+@pytest.fixture(scope="module")
+def tier_bundle(tmp_path_factory, tier_model) -> Path:
+    """The four classify tasks and the generate task of ``build_bundle`` on ``tier_model``."""
+    return build_bundle(tmp_path_factory.mktemp("tier-bundle"), tier_model)
