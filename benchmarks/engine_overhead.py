@@ -25,7 +25,12 @@ old and new are side by side. Writes ``--out`` with ``"ratios": {"<model>_engine
 
     OMP_NUM_THREADS=1 python benchmarks/engine_overhead.py --device cpu --old-ref main
     python benchmarks/engine_overhead.py --device cuda --dtype bfloat16 --models qwen05b-random,smollm2-random \
-        --requests qwen05b-random=1024,smollm2-random=1024 --max-tokens 128 --threads 4
+        --requests qwen05b-random=1024,smollm2-random=1024 --max-tokens 128 --threads 4 --decode
+
+``--decode`` adds, per model, the decode measurements of ``decode_bench.py``: generation
+(``--gen-rows`` concurrent, ``--gen-new-tokens`` each) by the engine against a bare decode loop,
+and the decode attention kernel's HBM fraction at a ``--kernel-cache``-token cache; ratios
+``decode_vs_bare_loop`` and ``decode_hbm_fraction_1k`` (dicts by model; the fraction is null off CUDA).
 """
 
 from __future__ import annotations
@@ -66,6 +71,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=5, help="timed rounds (median taken)")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--old-ref", default=None, help="git revision whose engine is measured too")
+    p.add_argument("--decode", action="store_true", help="also measure generation and the decode kernel")
+    p.add_argument("--gen-rows", type=int, default=64, help="concurrent generations (--decode)")
+    p.add_argument("--gen-prompt-tokens", type=int, default=32, help="prompt tokens per generation (--decode)")
+    p.add_argument("--gen-new-tokens", type=int, default=128, help="new tokens per generation (--decode)")
+    p.add_argument("--gen-repeats", type=int, default=3, help="timed generation rounds, median (--decode)")
+    p.add_argument("--kernel-rows", type=int, default=64, help="rows of the decode kernel call (--decode)")
+    p.add_argument("--kernel-cache", type=int, default=1024, help="cached keys per row, decode kernel (--decode)")
     p.add_argument("--out", type=Path, default=None,
                    help="summary JSON (default results/engine_overhead.json; on CUDA engine_overhead-<card>.json)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one model, in this process
@@ -229,9 +241,16 @@ def measure(args) -> dict:
         bundle = write_random_bundle(loaded.model, loaded.fingerprint, Path(tmp) / "bundle", 64)
         engine = start_engine(loaded, bundle, args)
         try:
-            return timed_pair(engine, prompts, tasks, args)
+            result = timed_pair(engine, prompts, tasks, args)
         finally:
             engine.stop(30)
+        if args.decode:
+            from decode_bench import decode_kernel_hbm, generation_vs_bare_loop
+
+            sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+            result["decode"] = {"generation": generation_vs_bare_loop(loaded, bundle, args, sync),
+                                "kernel": decode_kernel_hbm(loaded.model.config, args)}
+        return result
 
 
 def timed_pair(engine, prompts, tasks, args) -> dict:
@@ -263,6 +282,17 @@ def timed_pair(engine, prompts, tasks, args) -> dict:
 
 
 # ----- the driver ---------------------------------------------------------------------------
+def decode_ratios(results: dict, cache: int) -> dict:
+    """``decode_vs_bare_loop`` and ``decode_hbm_fraction_1k`` (at another cache: ``_cache<N>``), by model."""
+    measured = {GPU_NAMES.get(key, key.replace("-", "_")): row["decode"] for key, row in results.items()
+                if "decode" in row}
+    if not measured:
+        return {}
+    fraction = "decode_hbm_fraction_1k" if cache == 1024 else f"decode_hbm_fraction_cache{cache}"
+    return {"decode_vs_bare_loop": {k: d["generation"]["decode_vs_bare_loop"] for k, d in measured.items()},
+            fraction: {k: d["kernel"]["decode_hbm_fraction"] for k, d in measured.items()}}
+
+
 def export_ref(ref: str, into: Path) -> Path:
     """``ref``'s tree under ``into/src`` and a ``talora`` package of links to it; returns the path to import from."""
     src = into / "src"
@@ -298,12 +328,13 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         old = export_ref(args.old_ref, Path(tmp)) if args.old_ref else None
         for model in args.models.split(","):
-            if old is not None:
-                results[f"old_{model}"] = run_worker(model, argv, old)
+            if old is not None:  # the old engine's predict overhead only
+                results[f"old_{model}"] = run_worker(model, [a for a in argv if a != "--decode"], old)
             results[model] = run_worker(model, argv, None)
     ratios = {f"{key.replace('-', '_')}_engine_vs_forward": row["engine_vs_forward"] for key, row in results.items()}
     ratios |= {f"engine_vs_forward_{GPU_NAMES[key]}": ratios[f"{key.replace('-', '_')}_engine_vs_forward"]
                for key in results if key in GPU_NAMES}
+    ratios |= decode_ratios(results, args.kernel_cache)
     card = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu"
     slug = re.sub(r"[^A-Za-z0-9]+", "-", card).strip("-").lower()
     out = args.out or HERE / "results" / ("engine_overhead.json" if card == "cpu" else f"engine_overhead-{slug}.json")
@@ -313,6 +344,12 @@ def main(argv=None) -> None:
     for key, row in results.items():
         print(f"{key:24s} engine/forward {row['engine_vs_forward']:.3f}  host {row['host_us_per_request']:8.0f} "
               f"us/request {row['host_us_per_step']:9.0f} us/step")
+        if "decode" in row:
+            gen, kernel = row["decode"]["generation"], row["decode"]["kernel"]
+            print(f"{'':24s} decode {gen['engine_tokens_per_s']:.0f} tok/s vs bare loop "
+                  f"{gen['bare_loop_tokens_per_s']:.0f} ({gen['decode_vs_bare_loop']:.3f}x); kernel "
+                  + ", ".join(f"{n} {v['us']:.1f} us" + (f" {100 * v['hbm_fraction']:.0f}% HBM" if v["hbm_fraction"]
+                                                          else "") for n, v in kernel["variants"].items()))
     print(f"wrote {out}")
 
 
