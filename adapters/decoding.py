@@ -37,11 +37,17 @@ def run_step(model: TaloraModel, step: PackedStep, prefix: PrefixKV, slots: Slot
     logprobs = torch.log_softmax(model.lm.logits(hidden[step.read_index]).float(), dim=-1)  # (R, V)
     scores = torch.zeros(step.num_groups, dtype=torch.float32, device=logprobs.device)
     scores.index_add_(0, step.term_groups, logprobs[step.term_reads, step.term_targets])
-    picked = logprobs[step.sample_reads]  # (D, V)
+    return read_outputs(scores, logprobs[step.sample_reads], sampler)
+
+
+def read_outputs(scores: torch.Tensor, picked: torch.Tensor,
+                 sampler: Callable[[torch.Tensor], torch.Tensor] | None = None) -> StepOutputs:
+    """Next tokens and usability of the sample reads' log-probabilities ``picked (D, V)`` and the
+    ``scores (G,)``, read on the device and copied to the host in one transfer."""
     usable = torch.isfinite(picked).any(-1) & ~torch.isnan(picked).any(-1)
     tokens = picked.argmax(-1) if sampler is None else sampler(picked)
     small = torch.cat([scores, tokens.float(), usable.float()]).cpu()  # token ids < 2**24 are exact
-    groups, picks = step.num_groups, len(picked)
+    groups, picks = len(scores), len(picked)
     return StepOutputs(small[:groups], [int(t) for t in small[groups:groups + picks].tolist()],
                        [bool(u) for u in small[groups + picks:].tolist()])
 

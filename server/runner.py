@@ -16,7 +16,8 @@ import logging
 import time
 
 from talora.adapters.batching import Row, StepBuffers, StepPlan
-from talora.adapters.decoding import StepOutputs, run_step
+from talora.adapters.decoding import StepOutputs, read_outputs, run_step
+from talora.adapters.graphs import DecodeGraphs
 from talora.adapters.talora_model import PrefixKV, TaloraModel
 from talora.server.generation import BadLogits, RowSampler, SamplingRow
 from talora.server.jobs import Failed, Job, Scored
@@ -43,6 +44,8 @@ class Runner:
         self.model, self.prefix, self.slots, self.pool = model, prefix, slots, pool
         self.tokenizer, self.eos_ids, self.settings, self.metrics = tokenizer, eos_ids, settings, metrics
         self.buffers = StepBuffers.make(model.lm.device, settings.max_batch_tokens, settings.max_batch_size)
+        self.graphs = (DecodeGraphs(model, prefix, slots.kv, pool.cache, pool.scratch)
+                       if settings.cuda_graphs and DecodeGraphs.supported(model.lm.device) else None)
         self.active: list[Sequence] = []
         self.failed_steps = 0  # consecutive steps that raised
 
@@ -78,6 +81,9 @@ class Runner:
     def _forward(self, plan: StepPlan, sampling: list[SamplingRow]) -> StepOutputs:
         """Run ``plan``; ``sampling``: the generations (by sample read) that sample with a temperature."""
         sampler = RowSampler(sampling, self.model.lm.device) if sampling else None
+        picked = self.graphs.run(plan) if self.graphs is not None else None
+        if picked is not None:  # a decode-only step, replayed from a CUDA graph
+            return read_outputs(picked.new_zeros(0), picked, sampler)
         return run_step(self.model, self.buffers.prepare(plan), self.prefix, self.slots.kv, self.pool.cache, sampler)
 
     def _finish_scores(self, score_jobs: list[tuple[Admitted, int]], outputs: StepOutputs) -> None:
