@@ -84,6 +84,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--gen-repeats", type=int, default=3, help="timed generation rounds, median (--decode)")
     p.add_argument("--kernel-rows", type=int, default=64, help="rows of the decode kernel call (--decode)")
     p.add_argument("--kernel-cache", type=int, default=1024, help="cached keys per row, decode kernel (--decode)")
+    p.add_argument("--cuda-graphs", action="store_true", help="the generation engine replays decode steps from "
+                   "CUDA graphs (--decode, CUDA only)")
     p.add_argument("--out", type=Path, default=None,
                    help="summary JSON (default results/engine_overhead.json; on CUDA engine_overhead-<card>.json)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one model, in this process

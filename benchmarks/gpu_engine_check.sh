@@ -18,7 +18,7 @@ mkdir -p "$shim/talora"
 for pkg in kernels adapters server; do ln -s "$PWD/$pkg" "$shim/talora/$pkg"; done
 export PYTHONPATH="$shim:$PWD/benchmarks:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
 
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/nvidia-smi.txt"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv  # stdout only: $OUT returns 8 files at most
 card=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr 'A-Z' 'a-z' | sed -E 's/[^a-z0-9]+/-/g; s/^-|-$//g')
 workers=""
 $PY -c "import xdist" 2>/dev/null && workers="-n 8"
@@ -32,5 +32,12 @@ timeout 300 $PY benchmarks/engine_overhead.py --device cuda --dtype bfloat16 --m
     --requests qwen05b-random=1024,smollm2-random=1024 --max-tokens 128 --threads 4 --repeats 3 --tokenizer bytes \
     --decode --out "$OUT/engine_overhead-$card.json" 2>&1 | tee "$OUT/engine_overhead.log"
 engine_rc=${PIPESTATUS[0]}
+if [ "${GRAPHS:-0}" = 1 ]; then  # GRAPHS=1: the CUDA-graph test, and generation again with --cuda-graphs
+    timeout 120 $PY -m pytest tests/adapters/test_decode_graphs.py -p no:cacheprovider -q -m gpu 2>&1 \
+        | tee "$OUT/pytest_graphs.log"
+    timeout 240 $PY benchmarks/engine_overhead.py --device cuda --dtype bfloat16 --models qwen05b-random,smollm2-random \
+        --requests qwen05b-random=64,smollm2-random=64 --repeats 1 --threads 4 --tokenizer bytes --decode \
+        --cuda-graphs --out "$OUT/engine_overhead_graphs-$card.json" 2>&1 | tee "$OUT/engine_overhead_graphs.log"
+fi
 echo "pytest rc=$tests_rc decode_kernel rc=$kernel_rc engine_overhead rc=$engine_rc"
 exit $(( tests_rc != 0 || kernel_rc != 0 || engine_rc != 0 ))
