@@ -49,6 +49,8 @@ class BatchMeta:
     k_starts: torch.Tensor  # (B,) int32 first own key of each row (in the cache, or in the new tokens)
     kv_lens: torch.Tensor  # (B,) int32 own keys visible to each row, new tokens included
     write_index: torch.Tensor | None = None  # (N,) int64 cache index of each new token; None: no cache
+    max_q_len: int | None = None  # host int: most new tokens in a row (kernels size grids without a read-back)
+    max_kv_len: int | None = None  # host int: largest ``kv_lens`` (a long decode step may run split-K)
 
     @classmethod
     def prefill(cls, lengths: list[int], slot_ids: list[int], device="cpu") -> BatchMeta:
@@ -161,7 +163,8 @@ class StepBuffers:
         ints = self._fill(self.host_int, self.device_int, [layout[n] for n in _INT_FIELDS], int_sizes)
         tokens, positions, write, reads, term_reads, term_targets, term_groups, sample_reads = longs
         cu, slots, k_starts, kv_lens = ints
-        meta = BatchMeta(cu, positions, slots, k_starts, kv_lens, write if cached else None)
+        meta = BatchMeta(cu, positions, slots, k_starts, kv_lens, write if cached else None,
+                         int(layout["q_lens"].max(initial=0)), int(layout["kv_lens"].max(initial=0)))
         return PackedStep(tokens, meta, reads, term_reads, term_targets, term_groups, sample_reads,
                           plan.num_groups)
 
@@ -213,4 +216,4 @@ def _layout(plan: StepPlan, cached: bool) -> dict[str, np.ndarray]:
             "term_groups": np.asarray(plan.term_groups, dtype=np.int64),
             "sample_reads": np.asarray(plan.sample_reads, dtype=np.int64),
             "cu": cu, "slots": _ints((r.slot for r in rows), count), "k_starts": starts,
-            "kv_lens": past + lengths}
+            "kv_lens": past + lengths, "q_lens": lengths}

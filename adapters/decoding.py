@@ -2,15 +2,14 @@
 
 ``run_step`` runs one packed ``forward_cached`` (``talora.adapters.batching``) and reads what the
 step asks for on the device: the summed label log-probabilities of every score group, and for
-every row that picks a next token its greedy choice and whether its logits are usable. Only
-those few numbers cross to the host, in one copy; the full log-probability rows of the reads
-that sample with a temperature come back only when asked for. The server's engine and training
-evaluation (``greedy_generate``) both decode through it.
+every row that picks a next token its choice (greedy, or the caller's ``sampler`` run on the
+device) and whether its logits are usable. Only those few numbers cross to the host, in one
+copy. The server's engine and training evaluation (``greedy_generate``) both decode through it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -24,29 +23,33 @@ class StepOutputs:
     """What one step hands back to the host."""
 
     scores: torch.Tensor  # (G,) float32, host: summed label log-probabilities of each score group
-    next_tokens: list[int]  # (D,) argmax token of each sample read
+    next_tokens: list[int]  # (D,) next token of each sample read (argmax, or the sampler's pick)
     usable: list[bool]  # (D,) the read's logits hold no NaN and some finite value
-    logprobs: torch.Tensor | None  # (F, V) float32, host: log-probabilities of the ``full_reads`` asked for
 
 
 @torch.no_grad()
 def run_step(model: TaloraModel, step: PackedStep, prefix: PrefixKV, slots: SlotKV, cache: KVCache | None = None,
-             full_reads: Sequence[int] = ()) -> StepOutputs:
-    """Forward ``step`` and read it on the device; ``full_reads``: sample reads (by index) sent back whole."""
+             sampler: Callable[[torch.Tensor], torch.Tensor] | None = None) -> StepOutputs:
+    """Forward ``step`` and read it on the device. ``sampler`` maps the sample reads' log-probabilities
+    ``(D, V)`` float32 to their next tokens ``(D,)`` on the device; None: the argmax (greedy)."""
     hidden = model.forward_cached(step.input_ids, step.meta, prefix, slots, cache)
     # log_softmax, not logsumexp: on CPU it is one fused pass and ~6x faster on wide logits
     logprobs = torch.log_softmax(model.lm.logits(hidden[step.read_index]).float(), dim=-1)  # (R, V)
     scores = torch.zeros(step.num_groups, dtype=torch.float32, device=logprobs.device)
     scores.index_add_(0, step.term_groups, logprobs[step.term_reads, step.term_targets])
-    picked = logprobs[step.sample_reads]  # (D, V)
+    return read_outputs(scores, logprobs[step.sample_reads], sampler)
+
+
+def read_outputs(scores: torch.Tensor, picked: torch.Tensor,
+                 sampler: Callable[[torch.Tensor], torch.Tensor] | None = None) -> StepOutputs:
+    """Next tokens and usability of the sample reads' log-probabilities ``picked (D, V)`` and the
+    ``scores (G,)``, read on the device and copied to the host in one transfer."""
     usable = torch.isfinite(picked).any(-1) & ~torch.isnan(picked).any(-1)
-    small = torch.cat([scores, picked.argmax(-1).float(), usable.float()]).cpu()  # token ids < 2**24 are exact
-    groups, picks = step.num_groups, len(picked)
-    full = None
-    if full_reads:
-        full = picked[torch.tensor(list(full_reads), device=picked.device)].cpu()
+    tokens = picked.argmax(-1) if sampler is None else sampler(picked)
+    small = torch.cat([scores, tokens.float(), usable.float()]).cpu()  # token ids < 2**24 are exact
+    groups, picks = len(scores), len(picked)
     return StepOutputs(small[:groups], [int(t) for t in small[groups:groups + picks].tolist()],
-                       [bool(u) for u in small[groups + picks:].tolist()], full)
+                       [bool(u) for u in small[groups + picks:].tolist()])
 
 
 @torch.no_grad()

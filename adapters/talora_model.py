@@ -233,6 +233,7 @@ class TaloraModel(nn.Module):
             q, k, v, meta.cu_seqlens_q, meta.k_starts, meta.kv_lens,
             prefix.keys[layer], prefix.values[layer], slot_k, slot_v, meta.slot_ids,
             gates[:, layer, :], q.shape[-1] ** -0.5, own_in_task=own_in_task, gated=self.cfg.gated,
+            max_q_len=meta.max_q_len, max_kv_len=meta.max_kv_len,
         )
 
 

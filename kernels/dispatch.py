@@ -5,11 +5,15 @@ support (float32, bfloat16, float16) when triton imports, and the reference othe
 tensors, float64). ``triton`` and ``reference`` force one side; forced ``triton`` also takes CPU
 tensors when ``TRITON_INTERPRET=1`` (Triton's CPU interpreter, used by the CPU test suite), and
 raises otherwise. Triton is imported on first use, so ``import talora.kernels`` works without it.
+
+Decode steps over long caches go to the split-K kernel (``kernels/decode_attention.py``) when
+Triton runs: see ``decode_splits`` for the rule. The reference computes both the same way.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import os
 
 import torch
@@ -55,6 +59,36 @@ def _use_triton(t: torch.Tensor) -> bool:
     return t.is_cuda and t.dtype in _TRITON_DTYPES and triton_available()
 
 
+# Split-K decode: the one-pass kernel runs B * H_kv programs, each streaming its row's whole key
+# sequence. When that grid leaves SMs idle and the sequence is long, cutting it into chunks buys
+# bandwidth at the price of partial writes (B * H * (h + 2) floats per split) and a combine launch.
+SPLITK_MIN_KEYS = 512  # main keys per row below which a decode call is latency-bound: one pass
+SPLITK_MIN_CHUNK = 256  # keys per split, so each program streams at least four 64-key tiles
+SPLITK_PROGRAMS_PER_SM = 4  # enough resident programs per SM to hide load latency
+
+
+@functools.cache
+def _sm_count(device_index: int | None) -> int:
+    """SMs of CUDA device ``device_index``; None (interpreted CPU tensors): 132, an H100/H200's."""
+    if device_index is None:
+        return 132
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def decode_splits(n_rows: int, n_kv_heads: int, main_len: int, sm_count: int = 132) -> int:
+    """Chunks to cut each row's ``main_len`` keys (shared prompt + longest cache) into; 1: one pass.
+
+    ``min(main_len // SPLITK_MIN_CHUNK, ceil(SPLITK_PROGRAMS_PER_SM * sm_count / (n_rows * n_kv_heads)))``
+    when ``main_len >= SPLITK_MIN_KEYS``, else 1. E.g. 64 rows of a 1,024-token cache + 80 prompt keys
+    on 132 SMs: Qwen2.5-0.5B (2 KV heads) 4 splits, SmolLM2 (3 KV heads) 3; one row: 4 splits.
+    """
+    if main_len < SPLITK_MIN_KEYS or n_rows * n_kv_heads == 0:
+        return 1
+    by_length = main_len // SPLITK_MIN_CHUNK
+    by_occupancy = math.ceil(SPLITK_PROGRAMS_PER_SM * sm_count / (n_rows * n_kv_heads))
+    return max(1, min(by_length, by_occupancy))
+
+
 def lowrank_prompt(fast_weights, basis, slot_ids, row_offsets, out, scale):
     """See :func:`talora.kernels.reference.lowrank_prompt_ref` for the contract."""
     if _use_triton(out):
@@ -66,9 +100,23 @@ def lowrank_prompt(fast_weights, basis, slot_ids, row_offsets, out, scale):
 
 def gated_prefix_attention(q, k, v, cu_seqlens_q, k_starts, kv_lens, prefix_k, prefix_v,
                            slot_k, slot_v, slot_ids, gate, softmax_scale,
-                           own_in_task=False, gated=True, out=None, *, max_q_len=None):
-    """See :func:`talora.kernels.reference.gated_prefix_attention_ref` for the contract."""
+                           own_in_task=False, gated=True, out=None, *, max_q_len=None, max_kv_len=None):
+    """See :func:`talora.kernels.reference.gated_prefix_attention_ref` for the contract.
+
+    ``max_kv_len`` (keyword-only, optional) bounds ``kv_lens``; with ``max_q_len == 1`` it lets a
+    decode step over a long cache run split-K (``decode_splits``) without a read-back.
+    """
     if _use_triton(q):
+        if max_q_len == 1 and max_kv_len is not None and not own_in_task:
+            main_len = prefix_k.shape[0] + max_kv_len + (0 if gated else slot_k.shape[1])
+            splits = decode_splits(slot_ids.shape[0], k.shape[1], main_len,
+                                   _sm_count(q.device.index if q.is_cuda else None))
+            if splits > 1:
+                from talora.kernels.decode_attention import gated_decode_attention
+
+                return gated_decode_attention(q, k, v, cu_seqlens_q, k_starts, kv_lens, prefix_k, prefix_v,
+                                              slot_k, slot_v, slot_ids, gate, softmax_scale, gated=gated,
+                                              out=out, max_kv_len=max_kv_len, num_splits=splits)
         from talora.kernels.gated_attention import gated_prefix_attention as attention_triton
 
         return attention_triton(q, k, v, cu_seqlens_q, k_starts, kv_lens, prefix_k, prefix_v,
@@ -76,4 +124,5 @@ def gated_prefix_attention(q, k, v, cu_seqlens_q, k_starts, kv_lens, prefix_k, p
                                 own_in_task=own_in_task, gated=gated, out=out, max_q_len=max_q_len)
     return gated_prefix_attention_ref(q, k, v, cu_seqlens_q, k_starts, kv_lens, prefix_k, prefix_v,
                                       slot_k, slot_v, slot_ids, gate, softmax_scale,
-                                      own_in_task=own_in_task, gated=gated, out=out, max_q_len=max_q_len)
+                                      own_in_task=own_in_task, gated=gated, out=out, max_q_len=max_q_len,
+                                      max_kv_len=max_kv_len)

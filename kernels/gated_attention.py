@@ -224,13 +224,14 @@ def _launch_config(tokens_times_group: int, head_dim: int, interpret: bool):
 def gated_prefix_attention(
     q, k, v, cu_seqlens_q, k_starts, kv_lens, prefix_k, prefix_v,
     slot_k, slot_v, slot_ids, gate, softmax_scale,
-    own_in_task=False, gated=True, out=None, *, max_q_len: int | None = None,
+    own_in_task=False, gated=True, out=None, *, max_q_len: int | None = None, max_kv_len: int | None = None,
 ):
     """Triton implementation; the contract is
     :func:`talora.kernels.reference.gated_prefix_attention_ref`.
 
     ``max_q_len`` (keyword-only) is an upper bound on the rows' query counts; given, it saves
-    reading ``cu_seqlens_q`` back to the host (pass 1 in decode). fp32 products use IEEE fp32,
+    reading ``cu_seqlens_q`` back to the host (pass 1 in decode); ``max_kv_len`` is ignored (the
+    dispatcher's split-K choice). fp32 products use IEEE fp32,
     bf16/fp16 products use the tensor cores; accumulation is float32 throughout.
     """
     n_rows = slot_ids.shape[0]

@@ -84,6 +84,7 @@ def gated_prefix_attention_ref(
     out: torch.Tensor | None = None,
     *,
     max_q_len: int | None = None,
+    max_kv_len: int | None = None,
 ) -> torch.Tensor:
     """Mixed-task gated prefix attention over packed variable-length rows.
 
@@ -113,6 +114,8 @@ def gated_prefix_attention_ref(
         max_q_len: optional upper bound on the rows' query counts; the Triton twin uses it to
             size its grid without reading ``cu_seqlens_q`` back to the host (pass 1 in decode).
             Ignored here.
+        max_kv_len: optional upper bound on ``kv_lens``; with ``max_q_len == 1`` the dispatcher uses
+            it to choose the split-K decode kernel over long caches. Ignored here.
 
     Semantics, per row ``b`` with slot ``s = slot_ids[b]`` and head ``j`` (KV head ``j // (H // H_kv)``)::
 

@@ -1,42 +1,141 @@
-"""Token sampling and incremental detokenisation with stop strings, for the engine's decode steps.
+"""Token sampling on the device and incremental detokenisation with stop strings, for the engine's decode steps.
 
-``sample_token`` picks the next token from one row's logits (greedy at temperature 0, otherwise
-temperature + nucleus sampling with the request's own generator). ``TextStream`` turns the
-generated ids into text deltas: it holds back an incomplete UTF-8 character and any tail that
-could still become a stop string, so a streamed client never sees text that is later withdrawn.
+``RowSampler`` picks the next token of every generation of a step where its logits are, on the
+device: greedy at temperature 0, otherwise temperature, top-k and nucleus (top-p) sampling by an
+**exponential race** whose noise is a counter-based hash of (the request's seed, the token's
+position in the generation, the token id): ``argmax_i (log w_i - log E_i)`` with
+``E_i = -log u_i`` picks token i with probability ``w_i / sum w`` (``w`` the kept weights).
+Only the chosen ids cross to the host. The draws of a row depend on nothing but its seed, its
+step and the vocabulary: not on the batch it runs in, the other rows, or any generator state,
+so a step needs no host random numbers and could be captured in a CUDA graph.
+
+Reproducibility contract: the same seed, prompt, parameters, model weights and dtype give the
+same tokens on the same device type. Across device types (CPU vs CUDA) the hash gives the same
+noise bit for bit, but the logits differ in their last bits, so a near tie may go either way.
+
+``sample_token`` is the same sampler for one row of logits (tests and offline use). ``TextStream``
+turns the generated ids into text deltas: it holds back an incomplete UTF-8 character and any
+tail that could still become a stop string, so a streamed client never sees text that is later
+withdrawn.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import torch
+
+_MASK32 = 0xFFFFFFFF
 
 
 class BadLogits(ValueError):
     """A row of logits holds NaN or no finite value: the model's output, not the request, is broken."""
 
 
-def sample_token(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
-    """Next token id from ``logits (V,)`` (any float dtype), for any ``temperature >= 0`` and ``top_p`` in (0, 1].
+def _mul32(x, c: int):
+    """``(x * c) mod 2**32`` for 32-bit ``x`` (int or int64 tensor), never past 2**63 in between."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _MASK32
 
-    Sampling runs in float64 on logits shifted so that the best is 0: after dividing by even a
-    denormal temperature the best token keeps weight ``exp(0) = 1``, so the distribution never
-    becomes all zeros or NaN. The nucleus always keeps the most likely token, however small
-    ``top_p`` is. Raises ``BadLogits`` when the row has a NaN or no finite entry.
+
+def mix32(x):
+    """A bijection of 32-bit words with full avalanche (Wellons' ``lowbias32``); ints or int64 tensors."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def row_key(seed: int, step: int) -> int:
+    """32-bit key of the draws for token ``step`` (0-based) of a generation seeded with ``seed`` (< 2**64)."""
+    seed_key = mix32((seed & _MASK32) ^ mix32(((seed >> 32) & _MASK32) ^ 0x9E3779B9))
+    return mix32(seed_key ^ mix32(step & _MASK32))
+
+
+def race_noise(keys: torch.Tensor, vocab: int) -> torch.Tensor:
+    """``log E`` (float64, ``(R, vocab)``) with ``E ~ Exp(1)`` drawn by hashing (key, token id).
+
+    ``keys (R, 1)`` int64 in [0, 2**32). The uniform is ``(h + 0.5) / 2**32``: never 0 or 1.
     """
+    token = torch.arange(vocab, device=keys.device, dtype=torch.int64)[None, :]
+    h = mix32(mix32(token ^ keys) ^ mix32(keys ^ 0x85EBCA6B))
+    uniform = (h.double() + 0.5) * 2.0 ** -32
+    return torch.log(-torch.log(uniform))
+
+
+def sample_rows(logprobs: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor,
+                keys: torch.Tensor, truncate: bool = True) -> torch.Tensor:
+    """Next token ids ``(R,)`` int64 of ``logprobs (R, V)`` rows (any float dtype, any device).
+
+    ``temperature (R, 1)`` float64 > 0, ``top_p (R, 1)`` float64 in (0, 1], ``top_k (R, 1)``
+    int64 (0: no limit), ``keys (R, 1)`` int64 from ``row_key``. Works in float64 on logits
+    shifted so that the best is 0: after dividing by even a denormal temperature the best token
+    keeps weight ``exp(0) = 1``, so nothing becomes all zeros or NaN. The nucleus and the top-k
+    set always keep the most likely token, however small ``top_p``. ``truncate=False`` (the host
+    knows no row has ``top_p < 1`` or ``top_k > 0``) skips the sort.
+    """
+    logits = logprobs.double()
+    best = logits.max(-1, keepdim=True).values
+    scaled = torch.where(logits == best, 0.0, (logits - best) / temperature)  # log weights, best 0
+    score = scaled - race_noise(keys, logits.shape[-1])
+    if not truncate:
+        return score.argmax(-1)
+    weights, order = torch.sort(torch.exp(scaled), dim=-1, descending=True)
+    total = weights.sum(-1, keepdim=True)
+    rank = torch.arange(weights.shape[-1], device=weights.device)[None, :]
+    keep = ((weights.cumsum(-1) - weights) / total < top_p) & ((top_k <= 0) | (rank < top_k))
+    keep[:, 0] = True
+    choice = torch.where(keep, score.gather(-1, order), float("-inf")).argmax(-1, keepdim=True)
+    return order.gather(-1, choice)[:, 0]
+
+
+@dataclass(frozen=True)
+class SamplingRow:
+    """One generation's sampling parameters for this step."""
+
+    read: int  # index among the step's sample reads
+    temperature: float  # > 0 (greedy rows are not sampled)
+    top_p: float
+    top_k: int  # 0: no limit
+    seed: int
+    step: int  # tokens generated so far
+
+
+class RowSampler:
+    """Picks the next token of every sample read of a step on the device: ``__call__(logprobs (D, V))``
+    returns ``(D,)`` int64 ids, the argmax for reads not in ``rows`` (temperature 0)."""
+
+    def __init__(self, rows: Sequence[SamplingRow], device: torch.device | str):
+        self.reads = torch.tensor([r.read for r in rows], dtype=torch.int64, device=device)
+        floats = torch.tensor([[r.temperature, r.top_p] for r in rows], dtype=torch.float64, device=device).view(-1, 2)
+        ints = torch.tensor([[r.top_k, row_key(r.seed, r.step)] for r in rows], dtype=torch.int64,
+                            device=device).view(-1, 2)
+        self.temperature, self.top_p = floats[:, :1], floats[:, 1:]
+        self.top_k, self.keys = ints[:, :1], ints[:, 1:]
+        self.truncate = any(r.top_p < 1 or r.top_k > 0 for r in rows)
+
+    def __call__(self, logprobs: torch.Tensor) -> torch.Tensor:
+        tokens = logprobs.argmax(-1)
+        if len(self.reads):
+            tokens[self.reads] = sample_rows(logprobs[self.reads], self.temperature, self.top_p, self.top_k,
+                                             self.keys, self.truncate)
+        return tokens
+
+
+def sample_token(logits: torch.Tensor, temperature: float, top_p: float, seed: int | torch.Generator,
+                 step: int = 0, top_k: int = 0) -> int:
+    """Next token id from ``logits (V,)``, for any ``temperature >= 0``, ``top_p`` in (0, 1] and
+    ``top_k >= 0``: ``RowSampler``'s choice for one row (a generator stands for its initial seed).
+    Raises ``BadLogits`` when the row has a NaN or no finite entry."""
     best = torch.max(logits)
     if torch.isnan(logits).any() or not torch.isfinite(best):
         raise BadLogits("the model produced NaN or non-finite logits")
     if temperature == 0:
         return int(torch.argmax(logits))
-    weights = torch.exp((logits.double() - float(best)) / temperature)
-    if top_p < 1:
-        sorted_weights, order = torch.sort(weights, descending=True)
-        cumulative = torch.cumsum(sorted_weights, 0) / sorted_weights.sum()
-        keep = cumulative - sorted_weights / sorted_weights.sum() < top_p
-        keep[0] = True
-        choice = torch.multinomial(sorted_weights * keep, 1, generator=generator)
-        return int(order[choice])
-    return int(torch.multinomial(weights, 1, generator=generator))
+    seed = seed.initial_seed() if isinstance(seed, torch.Generator) else seed
+    sampler = RowSampler([SamplingRow(0, temperature, top_p, top_k, seed, step)], logits.device)
+    return int(sampler(logits[None])[0])
 
 
 class TextStream:

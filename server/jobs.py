@@ -23,6 +23,7 @@ class GenerationParams:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    top_k: int = 0  # 0: no limit
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -31,6 +32,8 @@ class GenerationParams:
             raise ValueError("temperature: must be >= 0")
         if not 0 < self.top_p <= 1:
             raise ValueError("top_p: must be in (0, 1]")
+        if self.top_k < 0:
+            raise ValueError("top_k: must be >= 0 (0: no limit)")
         if any(not s for s in self.stop):
             raise ValueError("stop: stop strings must not be empty")
 

@@ -3,7 +3,9 @@
 ``gated_prefix_attention`` reads a row's own keys as ``k[k_starts[b] : k_starts[b] + kv_len]``,
 so each row needs one contiguous range: a generation reserves ``prompt + max_new_tokens`` at
 admission, a scoring row its own length for one step. Freed ranges merge with their neighbours.
-Only the engine's worker thread uses a ``KVPool``.
+One more position past ``capacity`` (``scratch``) belongs to no range: the pad rows of a decode
+step replayed from a CUDA graph (``talora.adapters.graphs``) write and read there. Only the
+engine's worker thread uses a ``KVPool``.
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ class KVPool:
 
     def __init__(self, num_layers: int, capacity: int, num_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device):
-        self.cache = KVCache(num_layers, capacity, num_kv_heads, head_dim, dtype, device)
+        self.cache = KVCache(num_layers, capacity + 1, num_kv_heads, head_dim, dtype, device)
         self.capacity = capacity
+        self.scratch = capacity  # the position no range covers
         self._free: list[tuple[int, int]] = [(0, capacity)]  # sorted (start, length)
 
     @property

@@ -52,7 +52,7 @@ async def completions(body: CompletionRequest, request: Request, engine: EngineD
     if body.stream and len(prompts) > 1:
         raise FieldError("prompt", "streaming takes a single prompt")
     params = params_of(body.max_tokens or 16, 1.0 if body.temperature is None else body.temperature,
-                       body.top_p or 1.0, body.stop, body.seed, engine.settings, "max_tokens")
+                       body.top_p or 1.0, body.stop, body.seed, engine.settings, "max_tokens", body.top_k or 0)
     gens: list[bridge.Generation] = []
     try:
         for prompt in prompts:

@@ -68,11 +68,11 @@ async def predict(task: str, body: PredictRequest, request: Request, response: R
 
 
 def params_of(max_new_tokens: int, temperature: float, top_p: float, stop: str | list[str] | None,
-              seed: int | None, settings: Settings, field: str) -> GenerationParams:
+              seed: int | None, settings: Settings, field: str, top_k: int = 0) -> GenerationParams:
     limit = settings.max_new_tokens_limit
     if max_new_tokens > limit:
         raise FieldError(field, f"{max_new_tokens} is over the server's limit of {limit} (max_new_tokens_limit)")
-    return GenerationParams(max_new_tokens, temperature, top_p, tuple(stop_list(stop)), seed)
+    return GenerationParams(max_new_tokens, temperature, top_p, tuple(stop_list(stop)), seed, top_k)
 
 
 @router.post("/v1/tasks/{task}/generate", response_model=GenerateResult,
@@ -81,7 +81,7 @@ async def generate(task: str, body: GenerateRequest, request: Request, engine: E
     """Continue the task's prompt; ``stream: true`` sends server-sent events."""
     adapter = bridge.lookup(engine, request, task)
     params = params_of(body.max_new_tokens, body.temperature, body.top_p, body.stop, body.seed,
-                       engine.settings, "max_new_tokens")
+                       engine.settings, "max_new_tokens", body.top_k)
     gen = await bridge.generate(engine, adapter, body.text, body.question, params)
     head = {"task": task, "version": adapter.version}
     headers = {VERSION_HEADER: adapter.version}

@@ -3,11 +3,11 @@
 ``Runner.step`` puts every active generation (one decode row each) and every admitted job
 (a generation's prefill row, or a score job's label rows from ``talora.adapters.scoring``) into
 one ``StepPlan``, runs it as one packed ``forward_cached`` through ``talora.adapters.decoding``
-(label scores summed and greedy tokens picked on the device), then emits the scores, samples
-the generations that use a temperature, and retires finished sequences, giving back their KV
-cache ranges and slot pins. A step that fails fails its own requests only; after
-``max_failed_steps`` failures in a row the runner gives up (``GiveUp``). Only the engine's worker
-thread calls it.
+(label scores summed and next tokens picked on the device: greedy, or sampled by
+``talora.server.generation.RowSampler``), then emits the scores, appends the tokens, and retires
+finished sequences, giving back their KV cache ranges and slot pins. A step that fails fails
+its own requests only; after ``max_failed_steps`` failures in a row the runner gives up
+(``GiveUp``). Only the engine's worker thread calls it.
 """
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ import logging
 import time
 
 from talora.adapters.batching import Row, StepBuffers, StepPlan
-from talora.adapters.decoding import StepOutputs, run_step
+from talora.adapters.decoding import StepOutputs, read_outputs, run_step
+from talora.adapters.graphs import DecodeGraphs
 from talora.adapters.talora_model import PrefixKV, TaloraModel
-from talora.server.generation import BadLogits
+from talora.server.generation import BadLogits, RowSampler, SamplingRow
 from talora.server.jobs import Failed, Job, Scored
 from talora.server.kvpool import KVPool
 from talora.server.metrics import Metrics
@@ -43,6 +44,8 @@ class Runner:
         self.model, self.prefix, self.slots, self.pool = model, prefix, slots, pool
         self.tokenizer, self.eos_ids, self.settings, self.metrics = tokenizer, eos_ids, settings, metrics
         self.buffers = StepBuffers.make(model.lm.device, settings.max_batch_tokens, settings.max_batch_size)
+        self.graphs = (DecodeGraphs(model, prefix, slots.kv, pool.cache, pool.scratch)
+                       if settings.cuda_graphs and DecodeGraphs.supported(model.lm.device) else None)
         self.active: list[Sequence] = []
         self.failed_steps = 0  # consecutive steps that raised
 
@@ -63,8 +66,8 @@ class Runner:
                     plan.add_row(Row(job.prompt_ids, 0, item.starts[0], slot, len(job.prompt_ids) - 1), sample=True)
                 else:
                     score_jobs.append((item, job.label_plan().add_to(plan, slot, item.starts)))
-            sampled = [i for i, seq in enumerate(generating) if seq.job.generation.temperature > 0]
-            outputs = self._forward(plan, sampled)
+            sampling = [row for i, seq in enumerate(generating) if (row := seq.sampling(i)) is not None]
+            outputs = self._forward(plan, sampling)
         except Exception as exc:  # noqa: BLE001 - a failing batch fails its own requests only
             log.exception("batch step of %d rows failed", len(plan.rows))
             self._fail_step(admitted, acquired, Failed(500, f"the batch failed: {type(exc).__name__}: {exc}"))
@@ -73,11 +76,15 @@ class Runner:
         self.failed_steps = 0
         self._record(plan.rows, admitted, time.perf_counter() - start)
         self._finish_scores(score_jobs, outputs)
-        self._advance(generating, sampled, outputs)
+        self._advance(generating, outputs)
 
-    def _forward(self, plan: StepPlan, sampled: list[int]) -> StepOutputs:
-        """Run ``plan``; ``sampled``: the generations (by sample read) that need their whole distribution."""
-        return run_step(self.model, self.buffers.prepare(plan), self.prefix, self.slots.kv, self.pool.cache, sampled)
+    def _forward(self, plan: StepPlan, sampling: list[SamplingRow]) -> StepOutputs:
+        """Run ``plan``; ``sampling``: the generations (by sample read) that sample with a temperature."""
+        sampler = RowSampler(sampling, self.model.lm.device) if sampling else None
+        picked = self.graphs.run(plan) if self.graphs is not None else None
+        if picked is not None:  # a decode-only step, replayed from a CUDA graph
+            return read_outputs(picked.new_zeros(0), picked, sampler)
+        return run_step(self.model, self.buffers.prepare(plan), self.prefix, self.slots.kv, self.pool.cache, sampler)
 
     def _finish_scores(self, score_jobs: list[tuple[Admitted, int]], outputs: StepOutputs) -> None:
         for item, group in score_jobs:
@@ -86,13 +93,13 @@ class Runner:
             release(self.pool, job, item.starts)
             self.slots.release(job.adapter)
 
-    def _advance(self, generating: list[Sequence], sampled: list[int], outputs: StepOutputs) -> None:
-        """Pick one token for every generation (sample read ``i`` is ``generating[i]``) and retire the done."""
-        still, now, whole = [], time.monotonic(), {i: k for k, i in enumerate(sampled)}
+    def _advance(self, generating: list[Sequence], outputs: StepOutputs) -> None:
+        """Append one token to every generation (sample read ``i`` is ``generating[i]``) and retire the done."""
+        still, now = [], time.monotonic()
         for i, seq in enumerate(generating):
             finish: str | Failed | None
             try:
-                finish = None if seq.job.cancelled else seq.push(_next_token(seq, i, whole, outputs), self.eos_ids)
+                finish = None if seq.job.cancelled else seq.push(_next_token(i, outputs), self.eos_ids)
             except Exception as exc:  # noqa: BLE001 - one sequence's failure is its own
                 log.exception("generation of task %s failed", seq.job.adapter.task)
                 self.metrics.job_failures.labels("sample").inc()
@@ -167,11 +174,8 @@ class Runner:
             m.prefill_seconds.observe(elapsed)
 
 
-def _next_token(seq: Sequence, read: int, whole: dict[int, int], outputs: StepOutputs) -> int:
-    """Greedy picks were made on the device; a row with a temperature samples from its distribution."""
-    if read in whole:
-        assert outputs.logprobs is not None
-        return seq.sample(outputs.logprobs[whole[read]])
+def _next_token(read: int, outputs: StepOutputs) -> int:
+    """The token picked on the device at sample read ``read``, unless its logits were unusable."""
     if not outputs.usable[read]:
         raise BadLogits("the model produced NaN or non-finite logits")
     return outputs.next_tokens[read]

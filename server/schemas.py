@@ -43,6 +43,7 @@ Seed = Annotated[int, Field(ge=0, lt=SEED_MAX + 1, description="seed of this req
 Temperature = Annotated[float, Field(ge=0, le=2, allow_inf_nan=False, description="0: greedy")]
 TopP = Annotated[float, Field(gt=0, le=1, allow_inf_nan=False, description="nucleus: keep the most likely "
                               "tokens up to this probability mass (always at least one)")]
+TopK = Annotated[int, Field(ge=0, lt=2**31, description="keep only the k most likely tokens (0: no limit)")]
 TextBatch = Annotated[list[Text], Field(min_length=1)]  # maxItems: the server's max_texts_per_request
 
 
@@ -69,6 +70,7 @@ class GenerateRequest(_Strict):
     max_new_tokens: int = Field(64, ge=1, description="at most the server's max_new_tokens_limit")
     temperature: Temperature = 1.0
     top_p: TopP = 1.0
+    top_k: TopK = 0
     stop: Stop = Field(None, description=f"a string or up to {MAX_STOPS} that end the generation")
     stream: bool = Field(False, description="send server-sent events as tokens are generated")
     seed: Seed | None = None
@@ -84,6 +86,7 @@ class CompletionRequest(BaseModel):
     max_tokens: int | None = Field(16, ge=1, description="at most the server's max_new_tokens_limit")
     temperature: Temperature | None = 1.0
     top_p: TopP | None = 1.0
+    top_k: TopK | None = Field(0, description="not an OpenAI field (vLLM's): keep the k most likely tokens, 0: all")
     n: Literal[1] | None = Field(1, description="only 1 is supported")
     stream: bool | None = False
     stop: Stop = None

@@ -1,18 +1,17 @@
-"""A generation in progress: its KV cache range, its sampler and its text so far.
+"""A generation in progress: its KV cache range, its sampling seed and its text so far.
 
 The engine's worker makes a ``Sequence`` when a generate job is admitted (``Sequence.begin``),
-then, every step, samples the next token from the row's log-probabilities (``sample``) and
-appends it (``push``), which emits the text that is safe to hand out and says whether the
-generation is done; ``finish`` emits the rest and the ``Finished`` event.
+then, every step, describes its sampling for the device (``sampling``: None when greedy), and
+appends the token picked there (``push``), which emits the text that is safe to hand out and
+says whether the generation is done; ``finish`` emits the rest and the ``Finished`` event.
 """
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass
 
-import torch
-
-from talora.server.generation import TextStream, sample_token
+from talora.server.generation import SamplingRow, TextStream
 from talora.server.jobs import Finished, Job, Token
 
 
@@ -25,24 +24,25 @@ class Sequence:
     start: int  # first position of its KV cache range
     tokens: list[int]  # prompt + generated; all but the last are in the cache
     stream: TextStream
-    generator: torch.Generator
+    seed: int  # the request's seed, else a random one (< 2**64)
 
     @classmethod
     def begin(cls, job: Job, slot: int, start: int, tokenizer) -> Sequence:
-        """A new sequence for ``job``, its sampler seeded with the request's seed (else a random one)."""
+        """A new sequence for ``job``, its sampling seeded with the request's seed (else a random one)."""
         params = job.generation
-        generator = torch.Generator()
-        generator.manual_seed(params.seed if params.seed is not None else torch.seed())
-        return cls(job, slot, start, list(job.prompt_ids), TextStream(tokenizer, params.stop), generator)
+        seed = params.seed if params.seed is not None else secrets.randbits(64)
+        return cls(job, slot, start, list(job.prompt_ids), TextStream(tokenizer, params.stop), seed)
 
     @property
     def generated(self) -> int:
         return len(self.stream.ids)
 
-    def sample(self, logprobs: torch.Tensor) -> int:
-        """The next token from this row's ``logprobs (V,)`` with the request's temperature and top_p."""
+    def sampling(self, read: int) -> SamplingRow | None:
+        """This step's sampling of the next token, picked at sample read ``read``; None: greedy."""
         params = self.job.generation
-        return sample_token(logprobs, params.temperature, params.top_p, self.generator)
+        if params.temperature == 0:
+            return None
+        return SamplingRow(read, params.temperature, params.top_p, params.top_k, self.seed, self.generated)
 
     def push(self, token: int, eos_ids: set[int]) -> str | None:
         """Append ``token`` and emit the new safe text; the finish reason once done, else None."""

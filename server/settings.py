@@ -36,6 +36,8 @@ class Settings(BaseSettings):
     max_batch_tokens: int = Field(2048, ge=16, description="most new tokens in one batch step")
     max_queue: int = Field(256, ge=1, description="most waiting requests; beyond it requests get 429")
     kv_cache_tokens: int = Field(8192, ge=64, description="token capacity of the per-request KV cache pool")
+    cuda_graphs: bool = Field(False, description="replay decode-only steps from CUDA graphs captured per "
+                              "batch-size and cache-length bucket (CUDA only; ignored elsewhere)")
     request_timeout_s: float = Field(60.0, gt=0, description="a request not finished in this time gets 504")
     max_texts_per_request: int = Field(64, ge=1, description="most texts (predict) or prompts (completions) in one "
                                        "request (at most max_queue)")

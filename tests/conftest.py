@@ -31,3 +31,11 @@ def tiny_server_model(tmp_path_factory):
     from talora.adapters.loading import load_model
 
     return load_model(str(save_tiny_server_model(tmp_path_factory.mktemp("tiny-server-model"))))
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory, tiny_server_model) -> Path:
+    """The server tests' bundle (four classify tasks, one generate task) on the tiny model."""
+    from tests.server.support import build_bundle
+
+    return build_bundle(tmp_path_factory.mktemp("tiny-bundle"), tiny_server_model)

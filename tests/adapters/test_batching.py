@@ -85,7 +85,8 @@ def test_cached_steps_reuse_the_buffers_and_match_one_prefill(tiny_llama_dir):
         whole = StepPlan()
         whole.add_row(Row(prompt, 0, 3, 1, 0))
         whole.sample_reads = list(range(len(prompt)))
-        ref = run_step(model, StepBuffers.make("cpu").prepare(whole), prefix, slots, cache(), range(len(prompt)))
+        whole_logprobs: list[torch.Tensor] = []
+        ref = run_step(model, StepBuffers.make("cpu").prepare(whole), prefix, slots, cache(), _keep(whole_logprobs))
         buffers, steps_cache = StepBuffers.make("cpu", max_tokens=3, max_rows=1), cache()
         first = StepPlan()
         first.add_row(Row(prompt[:3], 0, 0, 1, 2), sample=True)
@@ -93,10 +94,19 @@ def test_cached_steps_reuse_the_buffers_and_match_one_prefill(tiny_llama_dir):
         for n in (4, 5):
             step = StepPlan()
             step.add_decode_row(prompt[:n], 0, 1)
-            out = run_step(model, buffers.prepare(step), prefix, slots, steps_cache, full_reads=[0])
-            assert out.logprobs is not None and out.usable == [True]
-            assert out.next_tokens == [int(out.logprobs[0].argmax())] == [ref.next_tokens[n - 1]]
-            assert torch.allclose(out.logprobs[0], ref.logprobs[n - 1], atol=1e-5)
+            logprobs: list[torch.Tensor] = []
+            out = run_step(model, buffers.prepare(step), prefix, slots, steps_cache, _keep(logprobs))
+            assert out.usable == [True]
+            assert out.next_tokens == [int(logprobs[0][0].argmax())] == [ref.next_tokens[n - 1]]
+            assert torch.allclose(logprobs[0][0], whole_logprobs[0][n - 1], atol=1e-5)
+
+
+def _keep(into: list):
+    """A ``run_step`` sampler that keeps the sample reads' log-probabilities and picks greedily."""
+    def sampler(picked: torch.Tensor) -> torch.Tensor:
+        into.append(picked.clone())
+        return picked.argmax(-1)
+    return sampler
 
 
 def test_hf_baseline_scores_with_the_same_planner(tiny_llama_dir):

@@ -16,12 +16,6 @@ import pytest
 from tests.server.support import build_bundle, serve
 
 
-@pytest.fixture(scope="session")
-def tiny_bundle(tmp_path_factory, tiny_server_model) -> Path:
-    """The server tests' bundle (four classify tasks, one generate task) on the tiny model."""
-    return build_bundle(tmp_path_factory.mktemp("tiny-bundle"), tiny_server_model)
-
-
 @pytest.fixture(scope="module")
 def server(tiny_bundle, tiny_server_model):
     with serve(tiny_bundle, tiny_server_model) as srv:

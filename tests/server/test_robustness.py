@@ -80,14 +80,14 @@ def test_seed_must_fit_64_bits(client, path, extra):
 def test_a_failing_sampler_fails_its_own_generation_only(server, client, monkeypatch):
     from talora.server.sequences import Sequence
 
-    engine, real = server.engine, Sequence.sample
+    engine, real = server.engine, Sequence.push
 
-    def sample(seq, logprobs):
+    def push(seq, token, eos_ids):  # the host side of taking the device's pick
         if seq.job.params.seed == 13:
             raise RuntimeError("injected sampling fault")
-        return real(seq, logprobs)
+        return real(seq, token, eos_ids)
 
-    monkeypatch.setattr(Sequence, "sample", sample)
+    monkeypatch.setattr(Sequence, "push", push)
     bad = client.post(GEN, json={"text": "a", "max_new_tokens": 3, "seed": 13})
     good = client.post(GEN, json={"text": "a", "max_new_tokens": 3, "seed": 14})
     assert bad.status_code == 500 and "injected sampling fault" in bad.json()["detail"]

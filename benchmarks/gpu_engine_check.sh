@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Issue 11's device run, under 10 minutes on an H200: the split-K decode kernel's CUDA tests, its
+# HBM fraction at 1,024-token caches (torch + triton only), then engine_overhead --decode (predict
+# engine vs forward, generation vs a bare decode loop, the kernel again) on the random Qwen2.5-0.5B
+# and SmolLM2 shapes in bf16. Usage (repository root, CUDA machine): OUT=/some/dir bash benchmarks/gpu_engine_check.sh
+# The engine needs pydantic, pydantic-settings, fastapi and their dependencies; a bare device image
+# lacks them, so carry their wheels in .whl/ (docs/benchmarks.md lists them); they are installed first.
+set -uo pipefail
+OUT=${OUT:-/tmp/talora-engine-check}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+if ls .whl/*.whl >/dev/null 2>&1; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
+fi
+shim=$(mktemp -d)
+mkdir -p "$shim/talora"
+for pkg in kernels adapters server; do ln -s "$PWD/$pkg" "$shim/talora/$pkg"; done
+export PYTHONPATH="$shim:$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv  # stdout only: $OUT returns 8 files at most
+card=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr 'A-Z' 'a-z' | sed -E 's/[^a-z0-9]+/-/g; s/^-|-$//g')
+workers=""
+$PY -c "import xdist" 2>/dev/null && workers="-n 8"
+timeout 150 $PY -m pytest tests/kernels/test_decode_splitk.py --noconftest -p no:cacheprovider -q \
+    -m "gpu or not slow" $workers 2>&1 | tee "$OUT/pytest.log"
+tests_rc=${PIPESTATUS[0]}
+timeout 90 $PY -m benchmarks.decode_bench --device cuda --dtype bfloat16 --out "$OUT/decode_kernel.json" 2>&1 \
+    | tee "$OUT/decode_kernel.log"
+kernel_rc=${PIPESTATUS[0]}
+timeout 300 $PY -m benchmarks.engine_overhead --device cuda --dtype bfloat16 --models qwen05b-random,smollm2-random \
+    --requests qwen05b-random=1024,smollm2-random=1024 --max-tokens 128 --threads 4 --repeats 3 --tokenizer bytes \
+    --decode --out "$OUT/engine_overhead-$card.json" 2>&1 | tee "$OUT/engine_overhead.log"
+engine_rc=${PIPESTATUS[0]}
+if [ "${GRAPHS:-0}" = 1 ]; then  # GRAPHS=1: the CUDA-graph test, and generation again with --cuda-graphs
+    timeout 120 $PY -m pytest tests/adapters/test_decode_graphs.py -p no:cacheprovider -q -m gpu 2>&1 \
+        | tee "$OUT/pytest_graphs.log"
+    timeout 240 $PY -m benchmarks.engine_overhead --device cuda --dtype bfloat16 --models qwen05b-random,smollm2-random \
+        --requests qwen05b-random=64,smollm2-random=64 --repeats 1 --threads 4 --tokenizer bytes --decode \
+        --cuda-graphs --out "$OUT/engine_overhead_graphs-$card.json" 2>&1 | tee "$OUT/engine_overhead_graphs.log"
+fi
+echo "pytest rc=$tests_rc decode_kernel rc=$kernel_rc engine_overhead rc=$engine_rc"
+exit $(( tests_rc != 0 || kernel_rc != 0 || engine_rc != 0 ))
