@@ -149,7 +149,9 @@ class VllmEngine:
         while self._in_flight and time.monotonic() < deadline:
             time.sleep(0.05)
         if self._thread is not None and self._thread.is_alive():
-            for future in list(self._in_flight):
+            with self._lock:
+                left = list(self._in_flight)
+            for future in left:
                 future.cancel()
             if self._client is not None:
                 self._call(self._client.aclose())
@@ -234,7 +236,12 @@ class VllmEngine:
             for job in jobs:
                 future = asyncio.run_coroutine_threadsafe(self._run(job), self._loop)
                 self._in_flight.add(future)
-                future.add_done_callback(self._in_flight.discard)
+                future.add_done_callback(self._finished)
+            self.metrics.queue_depth.set(len(self._in_flight))
+
+    def _finished(self, future: concurrent.futures.Future) -> None:
+        with self._lock:
+            self._in_flight.discard(future)
             self.metrics.queue_depth.set(len(self._in_flight))
 
     def embeds_of(self, adapter: AdapterVersion, token_ids: list[int] | tuple[int, ...]) -> torch.Tensor:

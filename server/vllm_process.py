@@ -12,6 +12,7 @@ probes for a top-level module named ``kernels``, which a talora checkout has), a
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
@@ -108,8 +109,10 @@ class VllmProcess:
         command = server_command(self.settings, python, self.model_dir, port)
         log.info("starting vLLM (log: %s): %s", log_path, shlex.join(command))
         with open(log_path, "wb") as log_file:
+            # its own session: a Ctrl-C reaches talora, which drains and then stops vLLM
             self.proc = subprocess.Popen(command, cwd=self._scratch.name, env=child_env(self.settings),
                                          stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+        atexit.register(self.stop, 5.0)  # an interpreter that exits without stop() takes vLLM with it
         self.url = f"http://127.0.0.1:{port}"
         self._wait_healthy(log_path)
         return self.url, self.model

