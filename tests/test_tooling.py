@@ -66,7 +66,7 @@ def _imports(folder: Path) -> set[str]:
 
 
 def test_every_import_is_a_declared_dependency():
-    local = {p.stem for folder in ("tests", "benchmarks") for p in (ROOT / folder).glob("*.py")} | {"talora"}
+    local = {p.stem for folder in ("tests", "benchmarks") for p in (ROOT / folder).rglob("*.py")} | {"talora"}
     distributions = importlib.metadata.packages_distributions()
     declared, missing = _declared(), []
     for folder in (*PACKAGES, "tests"):
