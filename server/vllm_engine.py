@@ -173,7 +173,7 @@ class VllmEngine:
         last_poll = time.monotonic()
         while not self._halt.wait(MONITOR_INTERVAL_S):
             status = self._process.exit_status() if self._process is not None else None
-            if status is not None:
+            if status is not None and not self._stopping:
                 exc = VllmUnavailable(f"the vLLM server exited with status {status}")
                 log.critical("%s", exc)
                 if self.on_fatal is not None:
