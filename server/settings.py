@@ -57,7 +57,7 @@ class Settings(BaseSettings):
     vllm_python: Path | None = Field(None, description="--backend vllm: python of the vLLM venv that runs the vLLM "
                                      "server (default: benchmarks/.venv-vllm of this checkout)")
     vllm_url: str | None = Field(None, description="--backend vllm: attach to this running vLLM server instead of "
-                                 "starting one (it must run with --enable-prompt-embeds)")
+                                 "starting one (it must serve --model's checkpoint with --enable-prompt-embeds)")
     vllm_args: str = Field("", description="--backend vllm: extra flags for the vLLM server it starts "
                            "(e.g. '--max-num-seqs 32')")
     vllm_max_model_len: int = Field(2048, ge=64, description="--backend vllm: most positions of one request, "
