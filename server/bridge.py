@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 
-from talora.server.engine import Engine
 from talora.server.errors import JobFailed, RequestTimeout
+from talora.server.facade import ServingEngine
 from talora.server.jobs import Event, Failed, Finished, GenerationParams, Job, Scored
 from talora.server.registry import AdapterVersion
 
@@ -47,18 +47,18 @@ class Channel:
         return event
 
 
-def lookup(engine: Engine, request: Request, task: str) -> AdapterVersion:
+def lookup(engine: ServingEngine, request: Request, task: str) -> AdapterVersion:
     """The version new requests of ``task`` get now (404 when not loaded); tags the request log."""
     adapter = engine.adapter(task)
     request.state.task, request.state.version = task, adapter.version
     return adapter
 
 
-def _deadline(engine: Engine) -> float:
+def _deadline(engine: ServingEngine) -> float:
     return time.monotonic() + engine.settings.request_timeout_s
 
 
-async def score(engine: Engine, adapter: AdapterVersion, texts: list[str],
+async def score(engine: ServingEngine, adapter: AdapterVersion, texts: list[str],
                 question: str | None) -> list[tuple[list[float], bool]]:
     """Label log-likelihoods and truncation flag of each text, all with ``adapter``."""
     encoded = await run_in_threadpool(lambda: [engine.encode(adapter, t, question) for t in texts])
@@ -102,7 +102,7 @@ class Generation:
         raise JobFailed(500, "the generation ended without a result")
 
 
-async def generate(engine: Engine, adapter: AdapterVersion, text: str, question: str | None,
+async def generate(engine: ServingEngine, adapter: AdapterVersion, text: str, question: str | None,
                    params: GenerationParams) -> Generation:
     ids, truncated = await run_in_threadpool(engine.encode, adapter, text, question)
     channel = Channel()

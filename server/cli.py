@@ -3,6 +3,7 @@
     talora-serve                                # SmolLM2-135M-Instruct + the demo bundle, 127.0.0.1:8000
     talora-serve --bundle runs/b --num-slots 16 --admin-token secret --watch-interval-s 2
     talora-serve --ray --replicas 2 --store /shared/adapters  # replicas on Ray Serve (see ray_cli.py)
+    talora-serve --backend vllm --bundle runs/gate-off      # a gate-off bundle on vLLM (see vllm_engine.py)
 
 Flags win over ``TALORA_*`` environment variables, which win over the defaults.
 """
@@ -21,6 +22,9 @@ import typing
 from pydantic import ValidationError
 
 from talora.server.settings import Settings
+
+if typing.TYPE_CHECKING:
+    from talora.server.facade import ServingEngine
 
 
 def _flag_type(annotation):
@@ -82,25 +86,41 @@ def exit_for_restart(exc: BaseException) -> None:
     os._exit(EXIT_WORKER_DEAD)
 
 
+def make_engine(settings: Settings) -> ServingEngine:
+    """The engine of ``settings.backend``: the in-process one, or vLLM for a gate-off bundle."""
+    if settings.backend == "vllm":
+        from talora.server.vllm_engine import VllmEngine
+
+        return VllmEngine(settings, on_fatal=exit_for_restart)
+    from talora.server.engine import Engine
+
+    return Engine(settings, on_fatal=exit_for_restart)
+
+
 def serve(settings: Settings) -> int:
     """Load everything, then serve until SIGINT/SIGTERM (which drain the requests in flight)."""
     import uvicorn
 
     from talora.adapters.loading import ModelLoadError
     from talora.server.app import create_app
-    from talora.server.engine import Engine, resolve_bundle
+    from talora.server.engine import resolve_bundle
     from talora.server.errors import BundleMissing
+    from talora.server.vllm_process import VllmUnavailable
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         resolve_bundle(settings)
-        engine = Engine(settings, on_fatal=exit_for_restart)
+        engine = make_engine(settings)
         engine.start()
     except (BundleMissing, ModelLoadError) as exc:
         print(f"talora-serve: {exc}", file=sys.stderr)
         return 2
-    except ValueError as exc:  # a bundle that does not fit the model, with the field named
+    except ValueError as exc:  # a bundle that does not fit the model (or vLLM), with the field named
         print(f"talora-serve: {exc}", file=sys.stderr)
+        return 2
+    except VllmUnavailable as exc:
+        print(f"talora-serve: {exc}", file=sys.stderr)
+        engine.stop(0)
         return 2
     app = create_app(settings, engine)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False,

@@ -13,14 +13,14 @@ from typing import Annotated
 from fastapi import Depends, Request
 from starlette.exceptions import HTTPException
 
-from talora.server.engine import Engine
+from talora.server.facade import ServingEngine
 
 
-def get_engine(request: Request) -> Engine:
+def get_engine(request: Request) -> ServingEngine:
     return request.app.state.engine
 
 
-EngineDep = Annotated[Engine, Depends(get_engine)]
+EngineDep = Annotated[ServingEngine, Depends(get_engine)]
 
 
 def require_admin(request: Request, engine: EngineDep) -> None:

@@ -55,6 +55,39 @@ def resolve_bundle(settings: Settings) -> Path:
     return folder
 
 
+def encode_request(tokenizer, settings: Settings, adapter: AdapterVersion, text: str,
+                   question: str | None = None) -> tuple[list[int], bool]:
+    """Prompt ids of ``text`` with the task's template, and whether it was cut; applies ``on_overflow``
+    (one definition for every backend)."""
+    limit = adapter.meta.max_input_tokens
+    ids, truncated = encode_prompt(tokenizer, adapter.meta.template, text, limit, question)
+    if settings.on_overflow == "reject":
+        # the text was tokenised once already: count it again only when it was cut
+        for name, value in ((("text", text),) if truncated else ()) + (("question", question),):
+            count = len(tokenizer(value, add_special_tokens=False)["input_ids"]) if value else 0
+            if count > limit:
+                raise InputTooLong(f"{name}: {count} tokens is over task {adapter.task!r}'s limit of {limit}")
+    if not ids:
+        raise InputTooLong("text: the prompt encodes to no tokens")
+    return ids, truncated
+
+
+def load_adapters(registry: AdapterRegistry, bundle: Path, where: str) -> list[str]:
+    """Load the bundle's tasks, then the store's (a store task adds a task or replaces the bundle's of that
+    name); returns the task names, sorted. ``where`` names the device or backend in the log line."""
+    from_bundle = registry.load_all(bundle_dir=bundle) if registry.store != bundle.resolve() else []
+    from_store = registry.load_all()
+    tasks = sorted(registry.snapshot())
+    replaced = sorted(set(from_bundle) & set(from_store))
+    log.info("serving %d task adapters on %s: %d from the bundle %s, %d from the store %s (replacing %s): %s",
+             len(tasks), where, len(from_bundle), bundle, len(from_store), registry.store,
+             ", ".join(replaced) or "none", ", ".join(tasks) or "(none)")
+    if not tasks:
+        log.warning("no task adapter loaded: /ready answers 503 until one is (PUT /v1/adapters/{task}, or "
+                    "files in the store with --watch-interval-s)")
+    return tasks
+
+
 @dataclass
 class Loaded:
     """What ``Engine.start`` builds: the tokenizer, the adapters, and the runner on the device."""
@@ -117,19 +150,7 @@ class Engine:
         self.ready = True
 
     def _load_adapters(self, bundle: Path, device: str) -> list[str]:
-        """The bundle's tasks, then the store's: a store task adds a task or replaces the bundle's of that name."""
-        registry = self.loaded.registry
-        from_bundle = registry.load_all(bundle_dir=bundle) if registry.store != bundle.resolve() else []
-        from_store = registry.load_all()
-        tasks = sorted(registry.snapshot())
-        replaced = sorted(set(from_bundle) & set(from_store))
-        log.info("serving %d task adapters on %s: %d from the bundle %s, %d from the store %s (replacing %s): %s",
-                 len(tasks), device, len(from_bundle), bundle, len(from_store), registry.store,
-                 ", ".join(replaced) or "none", ", ".join(tasks) or "(none)")
-        if not tasks:
-            log.warning("no task adapter loaded: /ready answers 503 until one is (PUT /v1/adapters/{task}, or "
-                        "files in the store with --watch-interval-s)")
-        return tasks
+        return load_adapters(self.loaded.registry, bundle, device)
 
     def _spawn(self, target, name: str) -> None:
         thread = threading.Thread(target=target, name=name, daemon=True)
@@ -188,17 +209,7 @@ class Engine:
     # ----- requests --------------------------------------------------------------------------
     def encode(self, adapter: AdapterVersion, text: str, question: str | None = None) -> tuple[list[int], bool]:
         """Prompt ids of ``text`` with the task's template; applies ``on_overflow``."""
-        limit, tokenizer = adapter.meta.max_input_tokens, self.loaded.tokenizer
-        ids, truncated = encode_prompt(tokenizer, adapter.meta.template, text, limit, question)
-        if self.settings.on_overflow == "reject":
-            # the text was tokenised once already: count it again only when it was cut
-            for name, value in ((("text", text),) if truncated else ()) + (("question", question),):
-                count = len(tokenizer(value, add_special_tokens=False)["input_ids"]) if value else 0
-                if count > limit:
-                    raise InputTooLong(f"{name}: {count} tokens is over task {adapter.task!r}'s limit of {limit}")
-        if not ids:
-            raise InputTooLong("text: the prompt encodes to no tokens")
-        return ids, truncated
+        return encode_request(self.loaded.tokenizer, self.settings, adapter, text, question)
 
     def check_fits(self, job: Job) -> None:
         """Refuse a job that could never fit the KV cache pool."""

@@ -50,6 +50,8 @@ class Metrics:
         self.job_failures = Counter("talora_job_failures", "requests the engine failed, by reason (step: their "
                                     "batch step raised; sample: their own sampling raised; worker: the worker "
                                     "stopped; shutdown: not run before shutdown)", ["reason"], registry=r)
+        self.vllm_cached_tokens = Counter("talora_vllm_cached_prompt_tokens", "prompt positions vLLM read from its "
+                                          "prefix cache, by task (--backend vllm)", ["task"], registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

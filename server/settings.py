@@ -53,6 +53,19 @@ class Settings(BaseSettings):
                                   "gives up and talora-serve exits with status 70 (a supervisor restarts it)")
     retry_after_s: int = Field(1, ge=1, description="Retry-After seconds sent with 429")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
+    backend: Literal["talora", "vllm"] = Field(
+        "talora", description="talora: the in-process TA-LoRA engine; vllm: a gate-off bundle served by vLLM "
+        "(its own venv: scripts/setup_vllm.sh; docs/serving.md)")
+    vllm_python: Path | None = Field(None, description="--backend vllm: python of the vLLM venv that runs the vLLM "
+                                     "server (default: benchmarks/.venv-vllm of this checkout)")
+    vllm_url: str | None = Field(None, description="--backend vllm: attach to this running vLLM server instead of "
+                                 "starting one (it must serve --model's checkpoint with --enable-prompt-embeds)")
+    vllm_args: str = Field("", description="--backend vllm: extra flags for the vLLM server it starts "
+                           "(e.g. '--max-num-seqs 32')")
+    vllm_max_model_len: int = Field(2048, ge=64, description="--backend vllm: most positions of one request, "
+                                    "task prompt included")
+    vllm_start_timeout_s: float = Field(600.0, gt=0, description="--backend vllm: wait this long for the vLLM "
+                                        "server to answer /health")
 
     @model_validator(mode="after")
     def _check(self) -> Settings:

@@ -90,12 +90,12 @@ def zero_shot_metrics(cfg) -> dict:
     task ``cfg.task`` (the same items and prompts the target stage scores)."""
     from transformers import AutoTokenizer
 
-    from talora.adapters.loading import DTYPES, model_folder
+    from talora.adapters.loading import DTYPES, resolve_model_dir
     from talora.adapters.tasks import get_task, load_split
     from talora.adapters.train.data import encode_task
     from talora.adapters.train.evaluate import answer_scores, zero_shot_answers
 
-    folder = model_folder(cfg.model)
+    folder = resolve_model_dir(cfg.model)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     examples = load_split(cfg.task, cfg.split, limit=cfg.eval_limit or None)
     task = encode_task(get_task(cfg.task), examples, tokenizer, cfg.max_input_tokens)

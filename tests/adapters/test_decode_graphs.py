@@ -25,7 +25,7 @@ def _model(folder, device="cpu") -> TaloraModel:
     for name in ("a", "b"):
         model.add_task(name, generator=gen)
         with torch.no_grad():
-            model.tasks[name].gate.normal_(generator=gen)
+            model.adapter(name).gate.normal_(generator=gen)
     return model.to(device)
 
 
