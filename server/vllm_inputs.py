@@ -137,6 +137,8 @@ def generate_body(model: str, embeds_b64: str, salt: str, params: GenerationPara
         body["stop"] = list(params.stop)
     if params.seed is not None:
         body["seed"] = params.seed
+    if params.top_k:
+        body["top_k"] = params.top_k  # vLLM's extension field; 0 (talora) = no limit = absent
     return body
 
 

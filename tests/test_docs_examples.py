@@ -74,3 +74,18 @@ def test_example_runs_against_the_demo(example, demo_server, store):
     # the admin example evicts a task: load it back for the examples after it
     headers = {"authorization": "Bearer change-me"}
     assert httpx.put(f"{demo_server.url}/v1/adapters/tweet_sentiment", headers=headers).status_code == 200
+
+
+CLAIM = re.compile(r"^```bash\n(.*?)^```\n\nThat answers `(.+?)`", re.S | re.M)
+
+
+def test_the_readme_answers_what_it_says(demo_server):
+    """The last command of each README example followed by "That answers `X`" prints X on the demo."""
+    claims = CLAIM.findall((ROOT / "README.md").read_text())
+    assert len(claims) >= 2
+    for block, answer in claims:
+        code = "curl " + block.rsplit("\ncurl ", 1)[-1].removeprefix("curl ")
+        code = code.replace("localhost:8000", f"127.0.0.1:{demo_server.port}")
+        done = subprocess.run(["bash", "-c", CURL_PRELUDE + code], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        assert answer in done.stdout, f"{code}\nanswers {done.stdout[-500:]}, the README says {answer}"

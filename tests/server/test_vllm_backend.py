@@ -217,7 +217,8 @@ def test_request_bodies_map_a_job_to_vllm_completions():
                     "logprob_token_ids": [5, 9], "return_tokens_as_token_ids": True, "cache_salt": "t:v1:0123"}
     gen = generate_body("m", "QUJD", "s", GenerationParams(max_new_tokens=7, temperature=0.0, stop=("\n",), seed=3))
     assert gen["max_tokens"] == 7 and gen["stream"] and gen["stop"] == ["\n"] and gen["seed"] == 3
-    assert gen["temperature"] == 0.0 and gen["cache_salt"] == "s" and "logprobs" not in gen
+    assert gen["temperature"] == 0.0 and gen["cache_salt"] == "s" and "logprobs" not in gen and "top_k" not in gen
+    assert generate_body("m", "QUJD", "s", GenerationParams(top_k=5))["top_k"] == 5
 
 
 def test_target_logprobs_reads_the_label_tokens():
