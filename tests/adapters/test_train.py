@@ -349,6 +349,9 @@ def test_demo_targets_only_adapts_from_an_existing_bundle(env, source_run, tmp_p
     assert _tensors(bundle)["shared.safetensors"] == before["shared.safetensors"]
     assert set(summary["metrics"]) == {"toy_first", "toy_red"}  # read back from the task files
     assert len([r for r in read_log(out / "targets" / "toy_new" / "log.jsonl") if r["kind"] == "step"]) == 2
+    again = run_demo(_cfg(env, tmp_path / "again", save_every=0), {**targets, "seed": 1}, source_bundle=bundle)
+    assert again["tasks"] == summary["tasks"]  # toy_new trained again replaces the one in ``bundle``
+    assert _tensors(Path(again["bundle"]))["toy_new.safetensors"] != _tensors(bundle)["toy_new.safetensors"]
 
 
 def test_demo_targets_narrows_and_rejects_unknown_tasks():
