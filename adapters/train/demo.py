@@ -119,14 +119,16 @@ def run_demo(source_cfg, targets: dict | None = None, source_bundle: Path | None
     else:  # the target stage only: copy the bundle, so the source folder is never written
         bundle = Path(source_cfg.output_dir) / "bundle"
         shutil.copytree(source_bundle, bundle, dirs_exist_ok=True, ignore=shutil.ignore_patterns("*.md", "*.py"))
-        for cfg in target_configs(source_cfg, bundle, targets):  # a target trained again replaces its old files
-            for suffix in (".json", ".safetensors"):
-                (bundle / f"{cfg.task}{suffix}").unlink(missing_ok=True)
         summary = {"stage": "targets", "bundle": str(bundle), "metrics": _installed_metrics(bundle),
                    "verified": True,
                    "source_bundle": json.loads((bundle / BUNDLE_FILE).read_text(encoding="utf-8"))["fingerprint"]}
+    configs = target_configs(source_cfg, bundle, targets)
+    if source_bundle is not None:  # a target trained again replaces its files in the copy
+        for cfg in configs:
+            for suffix in (".json", ".safetensors"):
+                (bundle / f"{cfg.task}{suffix}").unlink(missing_ok=True)
     summary["targets"], trained = {}, []
-    for cfg in target_configs(source_cfg, bundle, targets):  # each from the source tasks alone
+    for cfg in configs:  # each from the source tasks alone
         result = run_target(cfg)
         trained.append((cfg.task, Path(result["bundle"])))
         metrics = result["metrics"][cfg.task]

@@ -17,6 +17,22 @@ from tests.server.support import build_bundle, serve
 
 
 @pytest.fixture(scope="module")
+def engine(tiny_bundle, tiny_server_model):
+    """An in-process engine (no HTTP) on ``tiny_bundle``: 3 slots, 1 thread."""
+    import torch
+
+    from talora.server.engine import Engine
+    from talora.server.settings import Settings
+
+    threads = torch.get_num_threads()
+    eng = Engine(Settings(bundle=tiny_bundle, num_slots=3, torch_threads=1), loaded=tiny_server_model)
+    eng.start()
+    yield eng
+    eng.stop(10)
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
 def server(tiny_bundle, tiny_server_model):
     with serve(tiny_bundle, tiny_server_model) as srv:
         yield srv

@@ -130,19 +130,6 @@ def test_sample_rows_takes_low_precision_logits():
 
 
 # ----- through the engine ------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def engine(tiny_bundle, tiny_server_model):
-    from talora.server.engine import Engine
-    from talora.server.settings import Settings
-
-    threads = torch.get_num_threads()
-    eng = Engine(Settings(bundle=tiny_bundle, num_slots=3, torch_threads=1), loaded=tiny_server_model)
-    eng.start()
-    yield eng
-    eng.stop(10)
-    torch.set_num_threads(threads)
-
-
 def _generate(engine, text: str, params, extra: int = 0):
     """Submit one generate job (and ``extra`` greedy ones beside it); returns it and its ``Finished``."""
     import threading

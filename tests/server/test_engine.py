@@ -14,7 +14,6 @@ import torch
 from talora.adapters.bundle import model_from_bundle
 from talora.adapters.io import AdapterFormatError
 from talora.adapters.scoring import ScoreRequest, score_labels
-from talora.server.engine import Engine
 from talora.server.generation import TextStream
 from talora.server.jobs import Failed, Finished, GenerationParams, Job, Scored
 from talora.server.kvpool import KVPool
@@ -25,16 +24,6 @@ from tests.helpers import ROOT
 from tests.server.support import GENERATE, build_bundle, write_version
 
 TEXTS = {"sentiment": "I love it", "topic": "the match ended 2-1", "spam": "win money now", "intent": "how much?"}
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_bundle, tiny_server_model):
-    threads = torch.get_num_threads()
-    eng = Engine(Settings(bundle=tiny_bundle, num_slots=3, torch_threads=1), loaded=tiny_server_model)
-    eng.start()
-    yield eng
-    eng.stop(10)
-    torch.set_num_threads(threads)
 
 
 class Collector:
