@@ -22,10 +22,10 @@ from typing import Any
 import torch
 
 from talora.adapters.bundle import model_from_bundle
-from talora.adapters.io import BundleMeta
 from talora.adapters.loading import LoadedModel, load_model
 from talora.adapters.prompting import encode_prompt
 from talora.server.errors import BundleMissing, InputTooLong
+from talora.server.facade import AdapterFacade
 from talora.server.jobs import Failed, Job
 from talora.server.kvpool import KVPool
 from talora.server.metrics import Metrics
@@ -97,7 +97,7 @@ class Loaded:
     runner: Runner
 
 
-class Engine:
+class Engine(AdapterFacade):
     """Owns the model, the adapters, the scheduler, the runner and the worker thread."""
 
     def __init__(self, settings: Settings, metrics: Metrics | None = None, loaded: LoadedModel | None = None,
@@ -176,34 +176,10 @@ class Engine:
         """The worker was started and has stopped without being asked to."""
         return bool(self._threads) and not self.scheduler.stopping and not self._threads[0].is_alive()
 
-    # ----- the adapters (façade over the registry) -------------------------------------------
-    def adapter(self, task: str) -> AdapterVersion:
-        """The version new requests of ``task`` get now (``AdapterNotFound`` when not loaded)."""
-        return self.loaded.registry.get(task)
-
-    def adapters(self) -> dict[str, AdapterVersion]:
-        """Every loaded task's current version (empty before ``start``)."""
-        return self._loaded.registry.snapshot() if self._loaded else {}
-
-    @property
-    def bundle(self) -> BundleMeta:
-        return self.loaded.registry.bundle
-
-    def load_bytes(self, task: str, meta: bytes, tensors: bytes) -> tuple[AdapterVersion, bool]:
-        """Load or replace ``task`` from uploaded files; warms a changed version. (version, changed)."""
-        return self._warm_if(*self.loaded.registry.load_bytes(task, meta, tensors))
-
-    def load_store(self, task: str, path: str) -> tuple[AdapterVersion, bool]:
-        """Load or replace ``task`` from ``path`` in the store; warms a changed version. (version, changed)."""
-        return self._warm_if(*self.loaded.registry.load_store(task, path))
-
-    def evict(self, task: str) -> AdapterVersion:
-        """Unload ``task``: new requests get 404, requests in flight finish with their version."""
-        return self.loaded.registry.evict(task)
-
-    def _warm_if(self, adapter: AdapterVersion, changed: bool) -> tuple[AdapterVersion, bool]:
+    # ----- the adapters: ``AdapterFacade`` over the registry ----------------------------------
+    def _changed(self, adapter: AdapterVersion, changed: bool) -> tuple[AdapterVersion, bool]:
         if changed:
-            self.warm(adapter)
+            self.warm(adapter)  # the new version's task KV is computed before requests need it
         return adapter, changed
 
     # ----- requests --------------------------------------------------------------------------

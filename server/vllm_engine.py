@@ -28,10 +28,11 @@ from typing import Any
 
 import torch
 
-from talora.adapters.io import BundleMeta, load_bundle
+from talora.adapters.io import load_bundle
 from talora.adapters.loading import DTYPES, EmbeddingTable, load_embedding_table
 from talora.server.engine import encode_request, load_adapters, resolve_bundle
 from talora.server.errors import InputTooLong, QueueFull, ShuttingDown, WorkerDead
+from talora.server.facade import AdapterFacade
 from talora.server.jobs import Failed, Finished, Job, Scored, Token
 from talora.server.metrics import Metrics
 from talora.server.registry import AdapterRegistry, AdapterVersion
@@ -72,7 +73,7 @@ class VllmLoaded:
     table: EmbeddingTable
 
 
-class VllmEngine:
+class VllmEngine(AdapterFacade):
     """The engine façade over a vLLM server, for gate-off bundles."""
 
     def __init__(self, settings: Settings, metrics: Metrics | None = None, table: EmbeddingTable | None = None,
@@ -186,27 +187,6 @@ class VllmEngine:
                     self.loaded.registry.poll_store()
                 except Exception:  # noqa: BLE001 - watching the adapter store must keep running
                     log.exception("watching the adapter store failed")
-
-    # ----- the adapters (façade over the registry) -------------------------------------------
-    def adapter(self, task: str) -> AdapterVersion:
-        return self.loaded.registry.get(task)
-
-    def adapters(self) -> dict[str, AdapterVersion]:
-        return self._loaded.registry.snapshot() if self._loaded else {}
-
-    @property
-    def bundle(self) -> BundleMeta:
-        return self.loaded.registry.bundle
-
-    def load_bytes(self, task: str, meta: bytes, tensors: bytes) -> tuple[AdapterVersion, bool]:
-        """Load or replace ``task`` from uploaded files: new requests get its rows and salt."""
-        return self.loaded.registry.load_bytes(task, meta, tensors)
-
-    def load_store(self, task: str, path: str) -> tuple[AdapterVersion, bool]:
-        return self.loaded.registry.load_store(task, path)
-
-    def evict(self, task: str) -> AdapterVersion:
-        return self.loaded.registry.evict(task)
 
     # ----- requests --------------------------------------------------------------------------
     def encode(self, adapter: AdapterVersion, text: str, question: str | None = None) -> tuple[list[int], bool]:
