@@ -15,8 +15,9 @@ from dataclasses import fields
 from functools import partial
 from pathlib import Path
 
+from talora.adapters.config import help_of
 from talora.adapters.train import recipe
-from talora.adapters.train.config import HELP, STAGE_FIELDS, TrainConfig, load_config_file
+from talora.adapters.train.config import STAGE_FIELDS, TrainConfig, load_config_file
 
 _DESCRIPTIONS = {
     "source": "multi-task training of the shared prompt P and basis A (slow) and every task's B_t, g_t (fast)",
@@ -40,7 +41,7 @@ def _add_field_flags(parser: argparse.ArgumentParser, names: tuple[str, ...], de
         spec = by_name[name]
         default = spec.default_factory() if callable(spec.default_factory) else spec.default
         default = (defaults or {}).get(name, default)
-        help_text = f"{HELP[name]} (default: {default})".replace("%", "%%")
+        help_text = f"{help_of(TrainConfig, name)} (default: {default})".replace("%", "%%")
         kind = str(spec.type)
         if kind == "bool":
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,

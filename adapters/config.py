@@ -7,7 +7,7 @@ Qwen2); ``TaloraConfig`` holds the adapter's sizes and ablation switches. Both r
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -92,25 +92,30 @@ class ModelConfig:
         return asdict(self)
 
 
+def described(default: Any = MISSING, help: str = "", factory: Any = MISSING) -> Any:
+    """A dataclass field with its help text beside it (``metadata["help"]``; CLI flags show it)."""
+    return field(default=default, default_factory=factory, metadata={"help": help})
+
+
+def help_of(cls: type, name: str) -> str:
+    """The help text of the dataclass field ``name`` of ``cls``."""
+    return next(f.metadata.get("help", "") for f in fields(cls) if f.name == name)
+
+
 @dataclass(frozen=True)
-class TaloraConfig:
-    """Sizes and switches of a TA-LoRA adapter bundle (see docs/method.md).
+class AdapterShape:
+    """The sizes and ablation switches of a TA-LoRA adapter: what a bundle records (``TaloraConfig``)
+    and what a source stage is trained with (``TrainConfig`` inherits them)."""
 
-    ``shared_prompt_len`` (m) shared soft-prompt rows, ``task_prompt_len`` (n) task-prompt rows,
-    ``rank`` (r) of the shared basis. Ablations: ``gated=False`` joins the task keys to the main
-    softmax; ``full_rank=True`` makes each task's fast weight n x d with no basis;
-    ``slow_lr_ratio=1`` removes the fast/slow split; ``shared_prompt_len=0`` drops the shared prompt.
-    """
-
-    shared_prompt_len: int = 32
-    task_prompt_len: int = 8
-    rank: int = 4
-    scale: float = 1.0
-    gated: bool = True
-    full_rank: bool = False
-    slow_lr_ratio: float = 0.1
-    init_std: float = 0.02  # std of the random init of the basis and of source fast weights
-    extra: dict[str, Any] = field(default_factory=dict)
+    shared_prompt_len: int = described(32, "m: rows of the shared prompt P (0 = no shared prompt)")
+    task_prompt_len: int = described(8, "n: rows of each task prompt")
+    rank: int = described(4, "r: rows of the shared basis A")
+    scale: float = described(1.0, "task prompt = scale * B_t A")
+    gated: bool = described(True, "zero-initialised gated attention for the task prompt (false: plain two-part prompt)")
+    full_rank: bool = described(False, "B_t is n x d with no basis (ablation)")
+    slow_lr_ratio: float = described(
+        0.1, "learning rate of P (and of A unless basis_lr_ratio is set) = lr * slow_lr_ratio")
+    init_std: float = described(0.02, "std of the random init of source B_t (and of A with basis_init=random)")
 
     def __post_init__(self) -> None:
         _require(self.shared_prompt_len >= 0, "shared_prompt_len", f"must be >= 0, got {self.shared_prompt_len}")
@@ -119,6 +124,23 @@ class TaloraConfig:
         _require(self.scale > 0, "scale", f"must be > 0, got {self.scale}")
         _require(0 < self.slow_lr_ratio <= 1, "slow_lr_ratio", f"must be in (0, 1], got {self.slow_lr_ratio}")
         _require(self.init_std > 0, "init_std", f"must be > 0, got {self.init_std}")
+
+    def shape(self) -> dict[str, Any]:
+        """The ``AdapterShape`` fields of this config, by name."""
+        return {name: getattr(self, name) for name in AdapterShape.__dataclass_fields__}
+
+
+@dataclass(frozen=True)
+class TaloraConfig(AdapterShape):
+    """Sizes and switches of a TA-LoRA adapter bundle (see docs/method.md).
+
+    ``shared_prompt_len`` (m) shared soft-prompt rows, ``task_prompt_len`` (n) task-prompt rows,
+    ``rank`` (r) of the shared basis. Ablations: ``gated=False`` joins the task keys to the main
+    softmax; ``full_rank=True`` makes each task's fast weight n x d with no basis;
+    ``slow_lr_ratio=1`` removes the fast/slow split; ``shared_prompt_len=0`` drops the shared prompt.
+    """
+
+    extra: dict[str, Any] = described(help="free-form fields a bundle keeps beside the shape", factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -9,11 +9,11 @@ raises ``ValueError`` naming the offending field.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from talora.adapters.config import TaloraConfig
+from talora.adapters.config import AdapterShape, TaloraConfig, described
 
 STAGES = ("source", "target", "eval")
 SAMPLING = ("proportional", "temperature")
@@ -30,65 +30,72 @@ def _require(ok: bool, name: str, message: str) -> None:
         raise ValueError(f"{name}: {message}")
 
 
-@dataclass
-class TrainConfig:
-    """Settings of one ``talora-train`` run; field help lives in ``HELP``."""
+@dataclass(frozen=True)
+class TrainConfig(AdapterShape):
+    """Settings of one ``talora-train`` run, each with its help text (the flags show it). The adapter
+    shape fields come from ``AdapterShape`` (the source stage uses them; the target stage takes the
+    bundle's)."""
 
-    stage: str = "source"
-    model: str = "smollm2-135m-instruct"
-    tasks: list[str] = field(default_factory=list)
-    task_files: list[str] = field(default_factory=list)
-    output_dir: str = "runs/talora"
-    # adapter shape (source stage; the target stage takes them from the bundle)
-    shared_prompt_len: int = 32
-    task_prompt_len: int = 8
-    rank: int = 4
-    scale: float = 1.0
-    gated: bool = True
-    full_rank: bool = False
-    slow_lr_ratio: float = 0.1
-    init_std: float = 0.02
-    basis_init: str = "random"
-    prompt_init_text: str = ""
+    stage: str = described("source", "training stage (set by the subcommand)")
+    model: str = described(
+        "smollm2-135m-instruct",
+        "frozen LM: 'smollm2-135m-instruct' (embedded default), a checkpoint folder or a hub id")
+    tasks: list[str] = described(help="comma-separated registry task names (talora.adapters.tasks)", factory=list)
+    task_files: list[str] = described(
+        help='comma-separated JSONL/CSV (text,label) files registered as tasks named after the file', factory=list)
+    output_dir: str = described("runs/talora", "run folder: bundle, task adapters, checkpoints, log.jsonl, curves")
+    # adapter init (source stage; the shape fields are AdapterShape's)
+    basis_init: str = described(
+        "random", "init of A: random (N(0, init_std)) or embedding (rows at the token embeddings' norm)")
+    prompt_init_text: str = described(
+        "", "initialise P from the embeddings of this text (repeated to m rows); empty: random vocabulary rows")
     # optimisation
-    steps: int = 200
-    batch_size: int = 8
-    lr: float = 0.3
-    gate_lr_ratio: float = 0.1
-    basis_lr_ratio: float = 0.0
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    lr_schedule: str = "constant"
-    grad_clip: float = 1.0
-    sampling: str = "temperature"
-    sampling_temperature: float = 2.0
-    max_input_tokens: int = 96
-    train_limit: int = 2000
-    class_balance: str = "sampler"
-    keep_best: bool = True
+    steps: int = described(200, "optimiser steps")
+    batch_size: int = described(8, "examples per step per process (mixed tasks)")
+    lr: float = described(0.3, "learning rate of the fast weights B_t (AdamW)")
+    gate_lr_ratio: float = described(0.1, "learning rate of the gates g_t = lr * gate_lr_ratio")
+    basis_lr_ratio: float = described(0.0, "learning rate of A = lr * basis_lr_ratio (0: the same as P)")
+    weight_decay: float = described(0.0, "AdamW weight decay of every trained tensor")
+    warmup_steps: int = described(0, "linear learning-rate warm-up steps")
+    lr_schedule: str = described("constant", "constant, cosine or linear decay after the warm-up")
+    grad_clip: float = described(1.0, "clip the global gradient norm to this (0 = off)")
+    sampling: str = described("temperature", "task mixing: proportional (to task size) or temperature (size ** (1/T))")
+    sampling_temperature: float = described(2.0, "T of temperature sampling (1 = proportional, large = uniform)")
+    max_input_tokens: int = described(96, "truncate each input text to this many tokens (at most the task's own limit)")
+    train_limit: int = described(2000, "use at most this many training examples per task (class-balanced; 0 = all)")
+    class_balance: str = described(
+        "sampler", "classification batches: sampler (each label equally often) or none (as the data falls)")
+    keep_best: bool = described(
+        True, "keep the trained tensors of the best dev evaluation (eval_every > 0), or of the lowest "
+              "smoothed training loss if the loss diverges; a warning says when this happens")
     # target stage
-    bundle: str = ""
-    task: str = ""
-    shots: int = 0
-    target_init: str = "mean"
-    train_shared: bool = False
+    bundle: str = described("", "source bundle folder (target and eval stages)")
+    task: str = described("", "the task to adapt (target) or score (eval)")
+    shots: int = described(
+        0, "k-shot: k training examples per label for classification, k in all for QA (0 = full data)")
+    target_init: str = described(
+        "mean", "initial B_target: mean of the source B_t, the nearest source task (lowest loss), or random")
+    train_shared: bool = described(False, "target stage: also train P and A (slow); writes a new bundle")
     # evaluation
-    split: str = "dev"
-    eval_limit: int = 200
-    eval_every: int = 0
-    eval_batch_size: int = 16
-    max_new_tokens: int = 24
+    split: str = described("dev", "split to evaluate (train, dev or test)")
+    eval_limit: int = described(200, "evaluate on at most this many examples per task (class-balanced; 0 = all)")
+    eval_every: int = described(0, "evaluate every this many steps during training (0 = only at the end)")
+    eval_batch_size: int = described(16, "examples per forward pass at evaluation")
+    max_new_tokens: int = described(24, "greedy-decoding budget for extractive QA answers")
     # bookkeeping
-    seed: int = 0
-    save_every: int = 50
-    log_every: int = 1
-    resume: bool = False
-    device: str = "auto"
-    dtype: str = "float32"
-    threads: int = 0
-    progress: bool = True
+    seed: int = described(0, "seed of the initialisation and of the data order")
+    save_every: int = described(50, "write a resumable checkpoint every this many steps (0 = only at the end)")
+    log_every: int = described(1, "write a JSONL log row every this many steps")
+    resume: bool = described(False, "continue from the newest checkpoint in output_dir")
+    device: str = described("auto", "auto (CUDA when available), cpu or cuda")
+    dtype: str = described(
+        "float32", "frozen model dtype: float32, or bfloat16 (adapter tensors stay float32 master copies; "
+                   "~1.6x faster training on CPUs with AVX-512 BF16)")
+    threads: int = described(0, "torch CPU threads (0 = leave torch's default)")
+    progress: bool = described(True, "show progress bars")
 
     def __post_init__(self) -> None:
+        super().__post_init__()  # the shape fields, with their own names
         _require(self.stage in STAGES, "stage", f"{self.stage!r} is not one of {STAGES}")
         _require(bool(self.model), "model", "must name a model")
         for name in ("steps", "batch_size", "max_input_tokens", "eval_batch_size", "max_new_tokens"):
@@ -114,15 +121,12 @@ class TrainConfig:
                  "tasks", "must be a list of task names")
         if self.stage == "source":
             _require(bool(self.tasks or self.task_files), "tasks", "the source stage needs at least one task")
-            self.talora()  # validates the adapter fields with their own names
         if self.stage in ("target", "eval"):
             _require(bool(self.bundle), "bundle", f"the {self.stage} stage needs a bundle folder")
             _require(bool(self.task), "task", f"the {self.stage} stage needs a task name")
 
     def talora(self) -> TaloraConfig:
-        return TaloraConfig(shared_prompt_len=self.shared_prompt_len, task_prompt_len=self.task_prompt_len,
-                            rank=self.rank, scale=self.scale, gated=self.gated, full_rank=self.full_rank,
-                            slow_lr_ratio=self.slow_lr_ratio, init_std=self.init_std)
+        return TaloraConfig(**self.shape())
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -174,60 +178,6 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"config: {path} must hold a mapping of field names to values")
     return {key.replace("-", "_"): value for key, value in data.items()}
 
-
-HELP: dict[str, str] = {
-    "stage": "training stage (set by the subcommand)",
-    "model": "frozen LM: 'smollm2-135m-instruct' (embedded default), a checkpoint folder or a hub id",
-    "tasks": "comma-separated registry task names (talora.adapters.tasks)",
-    "task_files": "comma-separated JSONL/CSV (text,label) files registered as tasks named after the file",
-    "output_dir": "run folder: bundle, task adapters, checkpoints, log.jsonl, curves",
-    "shared_prompt_len": "m: rows of the shared prompt P (0 = no shared prompt)",
-    "task_prompt_len": "n: rows of each task prompt",
-    "rank": "r: rows of the shared basis A",
-    "scale": "task prompt = scale * B_t A",
-    "gated": "zero-initialised gated attention for the task prompt (false: plain two-part prompt)",
-    "full_rank": "B_t is n x d with no basis (ablation)",
-    "slow_lr_ratio": "learning rate of P (and of A unless basis_lr_ratio is set) = lr * slow_lr_ratio",
-    "init_std": "std of the random init of source B_t (and of A with basis_init=random)",
-    "basis_init": "init of A: random (N(0, init_std)) or embedding (rows at the token embeddings' norm)",
-    "prompt_init_text": "initialise P from the embeddings of this text (repeated to m rows); "
-                        "empty: random vocabulary rows",
-    "basis_lr_ratio": "learning rate of A = lr * basis_lr_ratio (0: the same as P)",
-    "class_balance": "classification batches: sampler (each label equally often) or none (as the data falls)",
-    "keep_best": "keep the trained tensors of the best dev evaluation (eval_every > 0), or of the lowest "
-                 "smoothed training loss if the loss diverges; a warning says when this happens",
-    "steps": "optimiser steps",
-    "batch_size": "examples per step per process (mixed tasks)",
-    "lr": "learning rate of the fast weights B_t (AdamW)",
-    "gate_lr_ratio": "learning rate of the gates g_t = lr * gate_lr_ratio",
-    "weight_decay": "AdamW weight decay of every trained tensor",
-    "warmup_steps": "linear learning-rate warm-up steps",
-    "lr_schedule": "constant, cosine or linear decay after the warm-up",
-    "grad_clip": "clip the global gradient norm to this (0 = off)",
-    "sampling": "task mixing: proportional (to task size) or temperature (size ** (1/T))",
-    "sampling_temperature": "T of temperature sampling (1 = proportional, large = uniform)",
-    "max_input_tokens": "truncate each input text to this many tokens (at most the task's own limit)",
-    "train_limit": "use at most this many training examples per task (class-balanced; 0 = all)",
-    "bundle": "source bundle folder (target and eval stages)",
-    "task": "the task to adapt (target) or score (eval)",
-    "shots": "k-shot: k training examples per label for classification, k in all for QA (0 = full data)",
-    "target_init": "initial B_target: mean of the source B_t, the nearest source task (lowest loss), or random",
-    "train_shared": "target stage: also train P and A (slow); writes a new bundle",
-    "split": "split to evaluate (train, dev or test)",
-    "eval_limit": "evaluate on at most this many examples per task (class-balanced; 0 = all)",
-    "eval_every": "evaluate every this many steps during training (0 = only at the end)",
-    "eval_batch_size": "examples per forward pass at evaluation",
-    "max_new_tokens": "greedy-decoding budget for extractive QA answers",
-    "seed": "seed of the initialisation and of the data order",
-    "save_every": "write a resumable checkpoint every this many steps (0 = only at the end)",
-    "log_every": "write a JSONL log row every this many steps",
-    "resume": "continue from the newest checkpoint in output_dir",
-    "device": "auto (CUDA when available), cpu or cuda",
-    "dtype": "frozen model dtype: float32, or bfloat16 (adapter tensors stay float32 master copies; "
-             "~1.6x faster training on CPUs with AVX-512 BF16)",
-    "threads": "torch CPU threads (0 = leave torch's default)",
-    "progress": "show progress bars",
-}
 
 _COMMON = ("model", "output_dir", "seed", "device", "dtype", "threads", "progress", "split", "eval_limit",
            "eval_batch_size", "max_new_tokens", "task_files")

@@ -7,13 +7,14 @@ import os
 import random
 import subprocess
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
 import torch
 
 from talora.adapters.bundle import model_from_bundle
-from talora.adapters.config import TaloraConfig
+from talora.adapters.config import AdapterShape, TaloraConfig, help_of
 from talora.adapters.decoding import greedy_generate
 from talora.adapters.loading import load_checkpoint_folder
 from talora.adapters.talora_model import TaloraModel
@@ -291,6 +292,18 @@ def test_qa_metrics_on_known_strings():
 def test_bad_config_raises_value_error_naming_the_field(changes, field):
     with pytest.raises(ValueError, match=f"^{field}:"):
         TrainConfig.from_dict({"tasks": ["t"], **changes})
+
+
+def test_every_config_field_has_its_help_beside_it_and_the_shape_is_declared_once():
+    for cls in (TrainConfig, TaloraConfig):
+        missing = [f.name for f in fields(cls) if not help_of(cls, f.name)]
+        assert not missing, f"{cls.__name__} fields without help: {missing}"
+    shape = {f.name for f in fields(AdapterShape)}
+    assert shape <= {f.name for f in fields(TrainConfig)} and shape <= {f.name for f in fields(TaloraConfig)}
+    cfg = TrainConfig(tasks=["a"], rank=16, gated=False, init_std=0.5)
+    assert cfg.talora() == TaloraConfig(rank=16, gated=False, init_std=0.5)
+    with pytest.raises(ValueError, match="^rank:"):  # the target stage checks the shape fields too
+        TrainConfig(stage="target", bundle="b", task="t", rank=0)
 
 
 def test_config_file_then_flags(tmp_path, capsys):
