@@ -5,6 +5,6 @@
 row's own causal keys and the row's task slot. ``dispatch`` picks Triton or the reference.
 """
 
-from talora.kernels.dispatch import gated_prefix_attention, get_backend, lowrank_prompt, set_backend
+from talora.kernels.dispatch import gated_prefix_attention, get_backend, kernel_backend, lowrank_prompt
 
-__all__ = ["gated_prefix_attention", "lowrank_prompt", "set_backend", "get_backend"]
+__all__ = ["gated_prefix_attention", "lowrank_prompt", "kernel_backend", "get_backend"]

@@ -12,9 +12,12 @@ Triton runs: see ``decode_splits`` for the rule. The reference computes both the
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
 import os
+from collections.abc import Iterator
 
 import torch
 
@@ -22,21 +25,33 @@ from talora.kernels.reference import gated_prefix_attention_ref, lowrank_prompt_
 
 _BACKENDS = ("auto", "triton", "reference")
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_backend = os.environ.get("TALORA_KERNELS", "auto")
-if _backend not in _BACKENDS:
-    raise ValueError(f"TALORA_KERNELS must be one of {_BACKENDS}, got {_backend!r}")
 
 
-def set_backend(name: str) -> None:
-    """Force ``triton`` or ``reference``, or go back to ``auto``."""
-    global _backend
+def _check(name: str, where: str) -> str:
     if name not in _BACKENDS:
-        raise ValueError(f"kernel backend must be one of {_BACKENDS}, got {name!r}")
-    _backend = name
+        raise ValueError(f"{where} must be one of {_BACKENDS}, got {name!r}")
+    return name
+
+
+DEFAULT_BACKEND = _check(os.environ.get("TALORA_KERNELS", "auto"), "TALORA_KERNELS")  # decided once, at import
+_override: contextvars.ContextVar[str | None] = contextvars.ContextVar("talora_kernel_backend", default=None)
+
+
+@contextlib.contextmanager
+def kernel_backend(name: str) -> Iterator[None]:
+    """Run the block with ``name`` ("auto", "triton", "reference") forced. The override is scoped to
+    this thread (a ``ContextVar``): training on the reference kernels in one thread leaves a server's
+    worker thread on ``DEFAULT_BACKEND``."""
+    token = _override.set(_check(name, "kernel backend"))
+    try:
+        yield
+    finally:
+        _override.reset(token)
 
 
 def get_backend() -> str:
-    return _backend
+    """The backend calls in this thread use now: the innermost ``kernel_backend`` block's, else the default."""
+    return _override.get() or DEFAULT_BACKEND
 
 
 @functools.cache
@@ -50,9 +65,10 @@ def triton_available() -> bool:
 
 
 def _use_triton(t: torch.Tensor) -> bool:
-    if _backend == "reference":
+    backend = get_backend()
+    if backend == "reference":
         return False
-    if _backend == "triton":
+    if backend == "triton":
         if not triton_available():
             raise RuntimeError("kernel backend forced to 'triton' but triton does not import")
         return True

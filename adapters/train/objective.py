@@ -9,7 +9,6 @@ positions that predict a target token. ``AnswerLoss`` is an ``nn.Module`` so tha
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +17,7 @@ from torch import nn
 
 from talora.adapters.talora_model import BatchMeta, TaloraModel
 from talora.adapters.train.data import EncodedExample
-from talora.kernels import get_backend, set_backend
+from talora.kernels import kernel_backend
 
 
 @dataclass
@@ -74,15 +73,9 @@ def answer_logits(model: TaloraModel, batch: PackedBatch) -> torch.Tensor:
     return model.lm.logits(hidden[batch.target_positions]).float()
 
 
-@contextmanager
 def differentiable_kernels():
     """Use the PyTorch reference kernels inside: the Triton twins (picked on CUDA) have no backward."""
-    previous = get_backend()
-    set_backend("reference")
-    try:
-        yield
-    finally:
-        set_backend(previous)
+    return kernel_backend("reference")
 
 
 class AnswerLoss(nn.Module):

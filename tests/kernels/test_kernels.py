@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import zlib
 
 import pytest
@@ -169,12 +170,8 @@ def attention_oracle(q, k, v, cu_seqlens_q, k_starts, kv_lens, prefix_k, prefix_
 def run_attention(backend, args, dtype):
     """Call the public op with ``backend`` forced, into a NaN-poisoned buffer."""
     out = torch.full_like(args[0], float("nan"))
-    previous = dispatch.get_backend()
-    dispatch.set_backend(backend)
-    try:
+    with dispatch.kernel_backend(backend):
         result = dispatch.gated_prefix_attention(*args[:13], own_in_task=args[13], gated=args[14], out=out)
-    finally:
-        dispatch.set_backend(previous)
     assert result is out
     return out
 
@@ -209,12 +206,8 @@ def check_lowrank(backend, seed, dtype, mix):
     args, written = make_lowrank_case(seed, dtype, mix)
     before = args[4].clone()
     expected = lowrank_prompt_ref(*_as_float64(args[:4]), args[4].double().clone(), args[5])
-    previous = dispatch.get_backend()
-    dispatch.set_backend(backend)
-    try:
+    with dispatch.kernel_backend(backend):
         result = dispatch.lowrank_prompt(*args)
-    finally:
-        dispatch.set_backend(previous)
     assert result is args[4]
     written = written.to(result.device)
     assert torch.equal(result[~written], before[~written]), "rows outside the prompts were modified"
@@ -262,17 +255,42 @@ def test_lowrank_reference(mix):
     check_lowrank("reference", 11, torch.bfloat16, mix)
 
 
-def test_backend_selection(monkeypatch):
-    with pytest.raises(ValueError):
-        dispatch.set_backend("cuda")
-    monkeypatch.setattr(dispatch, "_backend", "auto")
-    assert not dispatch._use_triton(torch.zeros(1))  # CPU tensors run the reference
-    monkeypatch.setattr(dispatch, "_backend", "reference")
-    assert not dispatch._use_triton(torch.zeros(1, device=DEVICE))
+def test_backend_selection():
+    with pytest.raises(ValueError, match="kernel backend"):
+        with dispatch.kernel_backend("cuda"):
+            pass
+    with dispatch.kernel_backend("auto"):
+        assert not dispatch._use_triton(torch.zeros(1))  # CPU tensors run the reference
+    with dispatch.kernel_backend("reference"):
+        assert not dispatch._use_triton(torch.zeros(1, device=DEVICE))
     if HAS_CUDA and dispatch.triton_available():
-        monkeypatch.setattr(dispatch, "_backend", "auto")
-        assert dispatch._use_triton(torch.zeros(1, device="cuda", dtype=torch.bfloat16))
-        assert not dispatch._use_triton(torch.zeros(1, device="cuda", dtype=torch.float64))
+        with dispatch.kernel_backend("auto"):
+            assert dispatch._use_triton(torch.zeros(1, device="cuda", dtype=torch.bfloat16))
+            assert not dispatch._use_triton(torch.zeros(1, device="cuda", dtype=torch.float64))
+
+
+def test_a_backend_override_is_scoped_to_its_block_and_its_thread():
+    """Training forces the reference kernels (``differentiable_kernels``); a server's worker thread
+    running meanwhile keeps the default."""
+    seen: dict[str, str] = {}
+    inside, release = threading.Event(), threading.Event()
+
+    def other_thread():
+        inside.wait(10)
+        seen["other"] = dispatch.get_backend()
+        release.set()
+
+    worker = threading.Thread(target=other_thread)
+    worker.start()
+    with dispatch.kernel_backend("reference"):
+        with dispatch.kernel_backend("triton"):
+            seen["nested"] = dispatch.get_backend()
+        seen["outer"] = dispatch.get_backend()
+        inside.set()
+        release.wait(10)
+    worker.join(10)
+    assert seen == {"nested": "triton", "outer": "reference", "other": dispatch.DEFAULT_BACKEND}
+    assert dispatch.get_backend() == dispatch.DEFAULT_BACKEND
 
 
 # ------------------------------------------- Triton, small cases (interpreted on CPU, default run)
