@@ -166,7 +166,7 @@ def summarise(full_cfg: BenchConfig, runs_dir: Path, results_dir: Path, command:
     compared = comparisons(list(results.values()), full_cfg.settings, n_boot=n_boot)
     doc = write_summary(results_dir / "quality.json", rows, command, _config_record(full_cfg), len(plan),
                         len(results), zero_shot, compared)
-    plot(results_dir / "quality.png", rows, zero_shot)
+    plot(results_dir / "quality.png", rows, zero_shot, compared)
     return doc
 
 

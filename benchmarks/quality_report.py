@@ -133,18 +133,33 @@ def write_summary(path: Path, rows: list[dict], command: str, config: dict, plan
     return doc
 
 
-def plot(path: Path, rows: list[dict], zero_shot: list[dict] | None = None) -> Path | None:
-    """Grouped bars of target accuracy (mean ± std, seed count on each bar), majority rate dashed,
-    the frozen model's zero-shot accuracy dotted."""
+def plot(path: Path, rows: list[dict], zero_shot: list[dict] | None = None,
+         comparisons: list[dict] | None = None) -> Path | None:
+    """Left: grouped bars of target accuracy (mean ± std, seed count on each bar), majority rate
+    dashed, the frozen model's zero-shot accuracy dotted. Right (when there are comparisons): each
+    paired difference with its 90 % interval, against 0 and the goal's -0.02 margin."""
     plt = pyplot()
 
     target = [r for r in rows if r["role"] == "target"]
     if not target:
         return None
     groups = sorted({(r["task"], r["setting"]) for r in target}, key=lambda g: (g[0], SETTINGS.index(g[1])))
+    found = [c for c in comparisons or [] if c.get("ci90")]
+    widths = [max(6.0, 1.6 * len(groups) + 2)] + ([4.0] if found else [])
+    fig, axes = plt.subplots(1, len(widths), figsize=(sum(widths), 4.2), width_ratios=widths, squeeze=False)
+    _bars(axes[0][0], target, groups, zero_shot)
+    if found:
+        _forest(axes[0][1], found)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _bars(ax, target: list[dict], groups: list[tuple[str, str]], zero_shot: list[dict] | None) -> None:
     methods = [m for m in METHODS if any(r["method"] == m for r in target)]
     width = 0.8 / len(methods)
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(groups) + 2), 4.2))
     for i, method in enumerate(methods):
         labelled = False
         for g, (task, setting) in enumerate(groups):
@@ -167,11 +182,22 @@ def plot(path: Path, rows: list[dict], zero_shot: list[dict] | None = None) -> P
     ax.set_ylabel("test accuracy (mean ± std; number = seeds)")
     ax.set_title("Held-out target tasks (dashed: majority-class rate; dotted red: frozen model zero-shot)",
                  fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+
+
+def _forest(ax, comparisons: list[dict]) -> None:
+    labels = [f"{c['a']} - {c['b']}, {c['setting']}" for c in comparisons]
+    for y, c in enumerate(comparisons):
+        lo, hi = c["ci90"]
+        ax.hlines(y, lo, hi, colors="k", linewidth=1.5)
+        ax.plot(c["diff_mean"], y, "o", color="C0" if lo > 0 else ("C1" if lo > -0.02 else "C3"))
+    ax.axvline(0.0, color="k", linewidth=0.8)
+    ax.axvline(-0.02, color="gray", linestyle="dashed", linewidth=0.8)
+    ax.set_yticks(range(len(comparisons)), labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.locator_params(axis="x", nbins=5)
+    ax.tick_params(axis="x", labelsize=7)
+    ax.set_xlabel("paired difference of mean accuracy (90 % interval)", fontsize=8)
+    ax.set_title("Paired bootstrap (dashed: the -0.02 margin)", fontsize=9)
 
 
 def markdown_zero_shot(zero_shot: list[dict]) -> str:
