@@ -145,16 +145,16 @@ def test_dispatch_routes_long_decode_to_splitk(monkeypatch):
     monkeypatch.setattr(splitk, "gated_decode_attention", lambda *a, **k: calls.append(k) or real(*a, **k))
     monkeypatch.setattr(dispatch, "SPLITK_MIN_KEYS", 64)
     monkeypatch.setattr(dispatch, "SPLITK_MIN_CHUNK", 64)
-    monkeypatch.setattr(dispatch, "_backend", "triton")
     args, gated = decode_case(4, torch.float32, [200, 7])
-    out = dispatch.gated_prefix_attention(*args, gated=gated, max_q_len=1, max_kv_len=200)
-    assert calls and calls[0]["num_splits"] == 205 // 64  # 5 prefix + 200 cached keys, 64-key chunks
-    ref = gated_prefix_attention_ref(*[a.double() if torch.is_tensor(a) and a.is_floating_point() else a
-                                       for a in args])
-    torch.testing.assert_close(out.double().cpu(), ref.cpu(), rtol=1e-4, atol=1e-4)
-    calls.clear()
-    dispatch.gated_prefix_attention(*args, gated=gated, max_q_len=1)  # no bound: one pass
-    dispatch.gated_prefix_attention(*args, gated=gated, max_q_len=2, max_kv_len=200)  # not decode
+    with dispatch.kernel_backend("triton"):
+        out = dispatch.gated_prefix_attention(*args, gated=gated, max_q_len=1, max_kv_len=200)
+        assert calls and calls[0]["num_splits"] == 205 // 64  # 5 prefix + 200 cached keys, 64-key chunks
+        ref = gated_prefix_attention_ref(*[a.double() if torch.is_tensor(a) and a.is_floating_point() else a
+                                           for a in args])
+        torch.testing.assert_close(out.double().cpu(), ref.cpu(), rtol=1e-4, atol=1e-4)
+        calls.clear()
+        dispatch.gated_prefix_attention(*args, gated=gated, max_q_len=1)  # no bound: one pass
+        dispatch.gated_prefix_attention(*args, gated=gated, max_q_len=2, max_kv_len=200)  # not decode
     assert not calls
 
 
