@@ -97,7 +97,7 @@ class Loaded:
     runner: Runner
 
 
-class Engine(AdapterFacade):
+class Engine(AdapterFacade[Loaded]):
     """Owns the model, the adapters, the scheduler, the runner and the worker thread."""
 
     def __init__(self, settings: Settings, metrics: Metrics | None = None, loaded: LoadedModel | None = None,
@@ -114,12 +114,6 @@ class Engine(AdapterFacade):
         self._threads: list[threading.Thread] = []
         self.resident: frozenset[tuple[str, int]] = frozenset()  # adapter keys with task KV in a slot
         self.ready = False
-
-    @property
-    def loaded(self) -> Loaded:
-        if self._loaded is None:
-            raise RuntimeError("the engine is not started")
-        return self._loaded
 
     # ----- life cycle ------------------------------------------------------------------------
     def start(self) -> None:

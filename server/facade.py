@@ -7,7 +7,7 @@ vLLM). The routes, schemas and error handling are the same for both.
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Generic, Protocol, TypeVar
 
 from talora.adapters.io import BundleMeta
 from talora.server.jobs import Job
@@ -59,21 +59,30 @@ class ServingEngine(Protocol):
         """Queue ``jobs`` all together, or none (``QueueFull``, ``ShuttingDown``, ``WorkerDead``)."""
 
 
-class AdapterFacade:
-    """The adapter half of ``ServingEngine``, for an engine whose ``_loaded`` (None before ``start``)
-    holds the ``registry``. ``_changed`` is called with every loaded version; an engine that keeps
+class HasRegistry(Protocol):
+    registry: AdapterRegistry
+
+
+L = TypeVar("L", bound=HasRegistry)
+
+
+class AdapterFacade(Generic[L]):
+    """The adapter half of ``ServingEngine``, for an engine whose ``start`` sets ``_loaded`` (an ``L``
+    holding the ``registry``). ``_changed`` is called with every loaded version; an engine that keeps
     per-adapter state on the device overrides it (``Engine`` warms the new version's slot)."""
 
-    _loaded: Any = None
+    _loaded: L | None = None
 
-    def _registry(self) -> AdapterRegistry:
+    @property
+    def loaded(self) -> L:
+        """What ``start`` loaded (``RuntimeError`` before it)."""
         if self._loaded is None:
             raise RuntimeError("the engine is not started")
-        return self._loaded.registry
+        return self._loaded
 
     def adapter(self, task: str) -> AdapterVersion:
         """The version new requests of ``task`` get now (``AdapterNotFound`` when not loaded)."""
-        return self._registry().get(task)
+        return self.loaded.registry.get(task)
 
     def adapters(self) -> dict[str, AdapterVersion]:
         """Every loaded task's current version (empty before ``start``)."""
@@ -81,19 +90,19 @@ class AdapterFacade:
 
     @property
     def bundle(self) -> BundleMeta:
-        return self._registry().bundle
+        return self.loaded.registry.bundle
 
     def load_bytes(self, task: str, meta: bytes, tensors: bytes) -> tuple[AdapterVersion, bool]:
         """Load or replace ``task`` from uploaded files. (version, changed)."""
-        return self._changed(*self._registry().load_bytes(task, meta, tensors))
+        return self._changed(*self.loaded.registry.load_bytes(task, meta, tensors))
 
     def load_store(self, task: str, path: str) -> tuple[AdapterVersion, bool]:
         """Load or replace ``task`` from ``path`` in the store. (version, changed)."""
-        return self._changed(*self._registry().load_store(task, path))
+        return self._changed(*self.loaded.registry.load_store(task, path))
 
     def evict(self, task: str) -> AdapterVersion:
         """Unload ``task``: new requests get 404, requests in flight finish with their version."""
-        return self._registry().evict(task)
+        return self.loaded.registry.evict(task)
 
     def _changed(self, adapter: AdapterVersion, changed: bool) -> tuple[AdapterVersion, bool]:
         return adapter, changed

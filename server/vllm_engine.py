@@ -73,7 +73,7 @@ class VllmLoaded:
     table: EmbeddingTable
 
 
-class VllmEngine(AdapterFacade):
+class VllmEngine(AdapterFacade[VllmLoaded]):
     """The engine façade over a vLLM server, for gate-off bundles."""
 
     def __init__(self, settings: Settings, metrics: Metrics | None = None, table: EmbeddingTable | None = None,
@@ -98,12 +98,6 @@ class VllmEngine(AdapterFacade):
         self._stopping = False
         self._halt = threading.Event()
         self._monitor: threading.Thread | None = None
-
-    @property
-    def loaded(self) -> VllmLoaded:
-        if self._loaded is None:
-            raise RuntimeError("the engine is not started")
-        return self._loaded
 
     # ----- life cycle ------------------------------------------------------------------------
     def start(self) -> None:
