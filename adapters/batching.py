@@ -83,13 +83,17 @@ class StepPlan:
     term_targets: list[int] = field(default_factory=list)  # (P,) token id whose log-probability is wanted
     term_groups: list[int] = field(default_factory=list)  # (P,) score the term adds to
     sample_reads: list[int] = field(default_factory=list)  # (D,) reads whose next token is picked
+    fed_at: list[int] = field(default_factory=list)  # (F,) flat token whose id is a pick of the step before
+    fed_from: list[int] = field(default_factory=list)  # (F,) that pick's sample read in the step before
     num_groups: int = 0
     num_reads: int = 0
+    num_tokens: int = 0
 
     def add_row(self, row: Row, sample: bool = False) -> int:
         """Append ``row``; returns the number of its first read. ``sample``: its last read picks a next token."""
         first = self.num_reads
         self.rows.append(row)
+        self.num_tokens += len(row.tokens)
         if row.first_read is not None:
             self.num_reads += len(row.tokens) - row.first_read
         if sample:
@@ -99,6 +103,14 @@ class StepPlan:
     def add_decode_row(self, tokens: Sequence[int], start: int, slot: int) -> int:
         """Append the row that feeds the last of ``tokens`` (the rest cached at ``start``) and picks the next."""
         return self.add_row(Row(tokens[-1:], len(tokens) - 1, start, slot, 0), sample=True)
+
+    def add_fed_decode_row(self, past: int, start: int, slot: int, picked_at: int) -> int:
+        """Append a decode row whose token is not on the host yet: the step before picked it on the
+        device at its sample read ``picked_at`` (``past`` tokens before it are cached at ``start``).
+        ``run_step`` writes it into the step's input ids there, so the host need not wait for it."""
+        self.fed_at.append(self.num_tokens)
+        self.fed_from.append(picked_at)
+        return self.add_row(Row((0,), past, start, slot, 0), sample=True)
 
     def add_term(self, read: int, target: int, group: int) -> None:
         self.term_reads.append(read)
@@ -117,10 +129,13 @@ class PackedStep:
     term_targets: torch.Tensor  # (P,) int64 token ids
     term_groups: torch.Tensor  # (P,) int64 score index
     sample_reads: torch.Tensor  # (D,) int64 index into the R reads: rows that pick a next token
+    fed_at: torch.Tensor  # (F,) int64 flat tokens whose ids are the step before's picks ...
+    fed_from: torch.Tensor  # (F,) int64 ... at these sample reads of it
     num_groups: int
 
 
-_LONG_FIELDS = ("tokens", "positions", "write", "reads", "term_reads", "term_targets", "term_groups", "sample_reads")
+_LONG_FIELDS = ("tokens", "positions", "write", "reads", "term_reads", "term_targets", "term_groups", "sample_reads",
+                "fed_at", "fed_from")
 _INT_FIELDS = ("cu", "slots", "k_starts", "kv_lens")
 
 
@@ -146,7 +161,7 @@ class StepBuffers:
         ``reused=False``: for one step only, so the host side is not pinned (pinning costs more than it saves)."""
         device = torch.device(device)
         pin = device.type == "cuda" and reused
-        host_long = torch.empty(8 * max_tokens, dtype=torch.int64, pin_memory=pin)
+        host_long = torch.empty(10 * max_tokens, dtype=torch.int64, pin_memory=pin)
         host_int = torch.empty(4 * max_rows + 1, dtype=torch.int32, pin_memory=pin)
         if device.type == "cpu":
             return cls(device, host_long, host_int, host_long, host_int)
@@ -161,18 +176,18 @@ class StepBuffers:
         self._reserve(sum(long_sizes), sum(int_sizes))
         longs = self._fill(self.host_long, self.device_long, [layout[n] for n in _LONG_FIELDS], long_sizes)
         ints = self._fill(self.host_int, self.device_int, [layout[n] for n in _INT_FIELDS], int_sizes)
-        tokens, positions, write, reads, term_reads, term_targets, term_groups, sample_reads = longs
+        tokens, positions, write, reads, term_reads, term_targets, term_groups, sample_reads, fed_at, fed_from = longs
         cu, slots, k_starts, kv_lens = ints
         meta = BatchMeta(cu, positions, slots, k_starts, kv_lens, write if cached else None,
                          int(layout["q_lens"].max(initial=0)), int(layout["kv_lens"].max(initial=0)))
         return PackedStep(tokens, meta, reads, term_reads, term_targets, term_groups, sample_reads,
-                          plan.num_groups)
+                          fed_at, fed_from, plan.num_groups)
 
     def _reserve(self, longs: int, ints: int) -> None:
         if self.copied is not None:
             self.copied.synchronize()  # the previous step's copy still reads the host buffers
         if longs > self.host_long.numel() or ints > self.host_int.numel():
-            grown = StepBuffers.make(self.device, max(longs, 2 * self.host_long.numel()) // 8 + 1,
+            grown = StepBuffers.make(self.device, max(longs, 2 * self.host_long.numel()) // 10 + 1,
                                      max(ints, 2 * self.host_int.numel()) // 4 + 1, self.host_long.is_pinned())
             self.host_long, self.host_int = grown.host_long, grown.host_int
             self.device_long, self.device_int = grown.device_long, grown.device_int
@@ -215,5 +230,6 @@ def _layout(plan: StepPlan, cached: bool) -> dict[str, np.ndarray]:
             "term_targets": np.asarray(plan.term_targets, dtype=np.int64),
             "term_groups": np.asarray(plan.term_groups, dtype=np.int64),
             "sample_reads": np.asarray(plan.sample_reads, dtype=np.int64),
+            "fed_at": np.asarray(plan.fed_at, dtype=np.int64), "fed_from": np.asarray(plan.fed_from, dtype=np.int64),
             "cu": cu, "slots": _ints((r.slot for r in rows), count), "k_starts": starts,
             "kv_lens": past + lengths, "q_lens": lengths}

@@ -5,6 +5,11 @@ step asks for on the device: the summed label log-probabilities of every score g
 every row that picks a next token its choice (greedy, or the caller's ``sampler`` run on the
 device) and whether its logits are usable. Only those few numbers cross to the host, in one
 copy. The server's engine and training evaluation (``greedy_generate``) both decode through it.
+
+``launch_step`` is the same step without the wait: it returns ``StepReads``, whose picks stay on
+the device (the next step can feed them to its decode rows, ``StepPlan.add_fed_decode_row``) while
+their copy to the host runs; ``StepReads.result()`` waits for it. On a CPU every op has finished
+when it returns, so the two are the same.
 """
 
 from __future__ import annotations
@@ -27,29 +32,61 @@ class StepOutputs:
     usable: list[bool]  # (D,) the read's logits hold no NaN and some finite value
 
 
+class StepReads:
+    """One step's reads on the device, on their way to the host.
+
+    ``tokens`` (D,) int64 stays on the device (a later step may feed it to its decode rows);
+    the scores, the tokens and their usability are copied to the host in one transfer, without
+    blocking on CUDA (pinned memory and an event); ``result()`` waits for that copy.
+    """
+
+    def __init__(self, scores: torch.Tensor, picked: torch.Tensor,
+                 sampler: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        usable = torch.isfinite(picked).any(-1) & ~torch.isnan(picked).any(-1)
+        self.tokens = picked.argmax(-1) if sampler is None else sampler(picked)
+        small = torch.cat([scores, self.tokens.float(), usable.float()])  # token ids < 2**24 are exact
+        self.groups, self.picks = len(scores), len(picked)
+        self._copied: torch.cuda.Event | None = None
+        if small.is_cuda:
+            self._host = torch.empty(small.shape, dtype=small.dtype, pin_memory=True)
+            self._host.copy_(small, non_blocking=True)
+            self._copied = torch.cuda.Event()
+            self._copied.record()
+        else:
+            self._host = small.cpu()
+
+    def result(self) -> StepOutputs:
+        """The host's copy (waits for the device to reach it)."""
+        if self._copied is not None:
+            self._copied.synchronize()
+        small, groups, picks = self._host, self.groups, self.picks
+        return StepOutputs(small[:groups], [int(t) for t in small[groups:groups + picks].tolist()],
+                           [bool(u) for u in small[groups + picks:].tolist()])
+
+
 @torch.no_grad()
-def run_step(model: TaloraModel, step: PackedStep, prefix: PrefixKV, slots: SlotKV, cache: KVCache | None = None,
-             sampler: Callable[[torch.Tensor], torch.Tensor] | None = None) -> StepOutputs:
-    """Forward ``step`` and read it on the device. ``sampler`` maps the sample reads' log-probabilities
-    ``(D, V)`` float32 to their next tokens ``(D,)`` on the device; None: the argmax (greedy)."""
+def launch_step(model: TaloraModel, step: PackedStep, prefix: PrefixKV, slots: SlotKV, cache: KVCache | None = None,
+                sampler: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                previous: torch.Tensor | None = None) -> StepReads:
+    """Forward ``step`` and start reading it on the device. ``sampler`` maps the sample reads'
+    log-probabilities ``(D, V)`` float32 to their next tokens ``(D,)`` on the device; None: the argmax
+    (greedy). ``previous``: the step before's ``StepReads.tokens``, which ``step``'s fed rows read."""
+    if len(step.fed_at):
+        if previous is None:
+            raise ValueError("previous: the step has fed decode rows but no previous picks were given")
+        step.input_ids.index_copy_(0, step.fed_at, previous[step.fed_from])
     hidden = model.forward_cached(step.input_ids, step.meta, prefix, slots, cache)
     # log_softmax, not logsumexp: on CPU it is one fused pass and ~6x faster on wide logits
     logprobs = torch.log_softmax(model.lm.logits(hidden[step.read_index]).float(), dim=-1)  # (R, V)
     scores = torch.zeros(step.num_groups, dtype=torch.float32, device=logprobs.device)
     scores.index_add_(0, step.term_groups, logprobs[step.term_reads, step.term_targets])
-    return read_outputs(scores, logprobs[step.sample_reads], sampler)
+    return StepReads(scores, logprobs[step.sample_reads], sampler)
 
 
-def read_outputs(scores: torch.Tensor, picked: torch.Tensor,
-                 sampler: Callable[[torch.Tensor], torch.Tensor] | None = None) -> StepOutputs:
-    """Next tokens and usability of the sample reads' log-probabilities ``picked (D, V)`` and the
-    ``scores (G,)``, read on the device and copied to the host in one transfer."""
-    usable = torch.isfinite(picked).any(-1) & ~torch.isnan(picked).any(-1)
-    tokens = picked.argmax(-1) if sampler is None else sampler(picked)
-    small = torch.cat([scores, tokens.float(), usable.float()]).cpu()  # token ids < 2**24 are exact
-    groups, picks = len(scores), len(picked)
-    return StepOutputs(small[:groups], [int(t) for t in small[groups:groups + picks].tolist()],
-                       [bool(u) for u in small[groups + picks:].tolist()])
+def run_step(model: TaloraModel, step: PackedStep, prefix: PrefixKV, slots: SlotKV, cache: KVCache | None = None,
+             sampler: Callable[[torch.Tensor], torch.Tensor] | None = None) -> StepOutputs:
+    """``launch_step`` and wait for its reads."""
+    return launch_step(model, step, prefix, slots, cache, sampler).result()
 
 
 @torch.no_grad()

@@ -7,7 +7,8 @@ the log-softmax of such a step once per bucket into static buffers, and replays 
 
 1. the step's rows are written into pinned host arrays, padded to the bucket with rows that read
    and write one scratch cache position (``scratch_index``, a position no request range covers),
-   and copied without blocking into the static device metadata;
+   and copied without blocking into the static device metadata; the tokens of fed rows (picked by
+   the step before and still on the device, ``StepPlan.add_fed_decode_row``) are gathered there;
 2. the graph replays; the first ``D`` rows of its static log-probabilities are the step's.
 
 The cache-length bucket is the ``max_kv_len`` the graph was captured with, so the dispatcher's
@@ -51,13 +52,14 @@ def decode_only(plan: StepPlan) -> bool:
 class _Static:
     """The static buffers of one bucket: host (pinned on CUDA) and device, and the views a graph reads."""
 
-    host: torch.Tensor  # (5, B) int64: input ids, positions, write index, k_starts, kv_lens
-    device_long: torch.Tensor  # (5, B) int64 on the device
+    host: torch.Tensor  # (6, B) int64: input ids, positions, write index, k_starts, kv_lens, fed from (-1: not fed)
+    device_long: torch.Tensor  # (6, B) int64 on the device
     slots_host: torch.Tensor  # (B,) int32
     slots_device: torch.Tensor  # (B,) int32
     meta: BatchMeta  # views of the device buffers, max_kv_len = the cache bucket
     k_starts: torch.Tensor  # (B,) int32, filled on the device from ``device_long``
     kv_lens: torch.Tensor  # (B,) int32
+    copied: torch.cuda.Event | None = None  # the last copy out of ``host``; it is rewritten after it
 
 
 class DecodeGraphs:
@@ -76,9 +78,10 @@ class DecodeGraphs:
         return device.type == "cuda" and torch.cuda.is_available()
 
     @torch.no_grad()
-    def run(self, plan: StepPlan) -> torch.Tensor | None:
+    def run(self, plan: StepPlan, previous: torch.Tensor | None = None) -> torch.Tensor | None:
         """Log-probabilities ``(D, V)`` float32 of a decode-only ``plan``'s rows (a view of a static
-        buffer, valid until the next call), or None when ``plan`` is not one or fits no bucket."""
+        buffer, valid until the next call), or None when ``plan`` is not one or fits no bucket.
+        ``previous``: the step before's picks on the device, which ``plan``'s fed rows read."""
         if not decode_only(plan):
             return None
         rows = bucket_for(len(plan.rows), ROW_BUCKETS)
@@ -88,7 +91,7 @@ class DecodeGraphs:
         if (rows, kv) not in self._graphs:
             self._graphs[(rows, kv)] = self._capture(rows, kv)
         graph, static, logprobs = self._graphs[(rows, kv)]
-        self._fill(static, plan)
+        self._fill(static, plan, previous)
         if graph is None:
             return self._forward(static)[: len(plan.rows)]
         graph.replay()
@@ -96,28 +99,40 @@ class DecodeGraphs:
 
     def _make_static(self, rows: int, kv_bucket: int) -> _Static:
         pin = self.device.type == "cuda"
-        host = torch.empty(5, rows, dtype=torch.int64, pin_memory=pin)
+        host = torch.empty(6, rows, dtype=torch.int64, pin_memory=pin)
         slots_host = torch.zeros(rows, dtype=torch.int32, pin_memory=pin)
-        host[0], host[1], host[2:4], host[4] = 0, 0, self.scratch_index, 1  # every row a pad row
+        host[0], host[1], host[2:4], host[4], host[5] = 0, 0, self.scratch_index, 1, -1  # every row a pad row
         device_long, slots_device = host.to(self.device), slots_host.to(self.device)
         k_starts, kv_lens = device_long[3].int(), device_long[4].int()
         cu = torch.arange(rows + 1, dtype=torch.int32, device=self.device)
         meta = BatchMeta(cu, device_long[1], slots_device, k_starts, kv_lens, device_long[2], 1, kv_bucket)
         return _Static(host, device_long, slots_host, slots_device, meta, k_starts, kv_lens)
 
-    def _fill(self, static: _Static, plan: StepPlan) -> None:
+    def _fill(self, static: _Static, plan: StepPlan, previous: torch.Tensor | None) -> None:
         """Write ``plan``'s rows (then pad rows) into the static buffers, without blocking on CUDA."""
         n = len(plan.rows)
+        if static.copied is not None:
+            static.copied.synchronize()  # the copy of this bucket's last step may still read ``host``
         host = static.host.numpy()
         host[0, :n] = [r.tokens[0] for r in plan.rows]
         past = np.fromiter((r.past for r in plan.rows), dtype=np.int64, count=n)
         starts = np.fromiter((r.start for r in plan.rows), dtype=np.int64, count=n)
         host[1, :n], host[2, :n], host[3, :n], host[4, :n] = past, starts + past, starts, past + 1
         host[0, n:], host[1, n:], host[2:4, n:], host[4, n:] = 0, 0, self.scratch_index, 1
+        host[5] = -1
+        host[5, plan.fed_at] = plan.fed_from  # a decode-only step's token i is its row i
         static.slots_host.numpy()[:n] = [r.slot for r in plan.rows]
         static.slots_host.numpy()[n:] = 0
         static.device_long.copy_(static.host, non_blocking=True)
         static.slots_device.copy_(static.slots_host, non_blocking=True)
+        if self.device.type == "cuda":
+            static.copied = torch.cuda.Event()
+            static.copied.record()
+        if plan.fed_at:
+            if previous is None:
+                raise ValueError("previous: the step has fed decode rows but no previous picks were given")
+            fed = static.device_long[5]
+            static.device_long[0].copy_(torch.where(fed >= 0, previous[fed.clamp(min=0)], static.device_long[0]))
         # The kernels read int32 starts and lengths: converted on the device, into the captured storage.
         static.k_starts.copy_(static.device_long[3])
         static.kv_lens.copy_(static.device_long[4])

@@ -129,7 +129,8 @@ def generation_vs_bare_loop(loaded, bundle, args, sync) -> dict:
     settings = Settings(bundle=bundle, num_slots=64, max_batch_size=rows, max_queue=100_000,
                         max_batch_tokens=max(rows * prompt_len, 16), torch_threads=args.threads,
                         kv_cache_tokens=rows * (prompt_len + new_tokens) + 64, request_timeout_s=3600,
-                        max_new_tokens_limit=new_tokens, cuda_graphs=getattr(args, "cuda_graphs", False))
+                        max_new_tokens_limit=new_tokens, cuda_graphs=getattr(args, "cuda_graphs", False),
+                        overlap_steps=getattr(args, "overlap_steps", False))
     engine = Engine(settings, loaded=loaded)
     engine.start()
     try:
@@ -150,7 +151,7 @@ def generation_vs_bare_loop(loaded, bundle, args, sync) -> dict:
         engine.stop(30)
     engine_rate, bare_rate = statistics.median(rates["engine"]), statistics.median(rates["bare_loop"])
     return {"rows": rows, "prompt_tokens": prompt_len, "new_tokens": new_tokens, "generated": tokens,
-            "cuda_graphs": settings.cuda_graphs,
+            "cuda_graphs": settings.cuda_graphs, "overlap_steps": settings.overlap_steps,
             "tokens_per_s": rates, "engine_tokens_per_s": engine_rate, "bare_loop_tokens_per_s": bare_rate,
             "decode_vs_bare_loop": engine_rate / bare_rate}
 

@@ -87,6 +87,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--kernel-cache", type=int, default=1024, help="cached keys per row, decode kernel (--decode)")
     p.add_argument("--cuda-graphs", action="store_true", help="the generation engine replays decode steps from "
                    "CUDA graphs (--decode, CUDA only)")
+    p.add_argument("--overlap-steps", action="store_true", help="both engines launch each step before reading the "
+                   "one before it (Settings.overlap_steps)")
     p.add_argument("--out", type=Path, default=None,
                    help="summary JSON (default results/engine_overhead.json; on CUDA engine_overhead-<card>.json)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one model, in this process
@@ -141,7 +143,8 @@ def start_engine(loaded, bundle: Path, args):
 
     settings = Settings(bundle=bundle, num_slots=64, max_batch_size=args.batch_size, max_queue=100_000,
                         max_batch_tokens=args.batch_size * (args.max_tokens + 8), torch_threads=args.threads,
-                        kv_cache_tokens=args.batch_size * (args.max_tokens + 8) * 2, request_timeout_s=3600)
+                        kv_cache_tokens=args.batch_size * (args.max_tokens + 8) * 2, request_timeout_s=3600,
+                        overlap_steps=args.overlap_steps)
     engine = Engine(settings, loaded=loaded)
     engine.start()
     return engine

@@ -32,6 +32,11 @@ timeout 300 $PY -m benchmarks.engine_overhead --device cuda --dtype bfloat16 --m
     --requests qwen05b-random=1024,smollm2-random=1024 --max-tokens 128 --threads 4 --repeats 3 --tokenizer bytes \
     --decode --out "$OUT/engine_overhead-$card.json" 2>&1 | tee "$OUT/engine_overhead.log"
 engine_rc=${PIPESTATUS[0]}
+if [ "${OVERLAP:-0}" = 1 ]; then  # OVERLAP=1: the engines again with --overlap-steps (a smaller run)
+    timeout 200 $PY -m benchmarks.engine_overhead --device cuda --dtype bfloat16 --models qwen05b-random,smollm2-random \
+        --requests qwen05b-random=512,smollm2-random=512 --max-tokens 128 --threads 4 --repeats 1 --tokenizer bytes \
+        --decode --overlap-steps --out "$OUT/engine_overhead_overlap-$card.json" 2>&1 | tee "$OUT/engine_overhead_overlap.log"
+fi
 if [ "${GRAPHS:-0}" = 1 ]; then  # GRAPHS=1: the CUDA-graph test, and generation again with --cuda-graphs
     timeout 120 $PY -m pytest tests/adapters/test_decode_graphs.py -p no:cacheprovider -q -m gpu 2>&1 \
         | tee "$OUT/pytest_graphs.log"

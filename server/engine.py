@@ -212,7 +212,7 @@ class Engine(AdapterFacade[Loaded]):
     def _iterate(self) -> bool:
         """One pass of the worker: wait for work, warm slots, run one step. False: stop."""
         runner = self.loaded.runner
-        work = self.scheduler.next_work(runner.active, runner.pool, runner.slots)
+        work = self.scheduler.next_work(runner.active, runner.pool, runner.slots, busy=runner.pending is not None)
         if work is None:
             return False
         warm, admitted = work
@@ -220,6 +220,8 @@ class Engine(AdapterFacade[Loaded]):
             self._warm_slots(warm)
             if admitted or runner.active:
                 runner.step(admitted)
+            elif runner.pending is not None:
+                runner.flush()
             else:
                 self.scheduler.pause_if_waiting()
         except GiveUp:

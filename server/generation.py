@@ -102,15 +102,23 @@ class SamplingRow:
     step: int  # tokens generated so far
 
 
+def _to_device(values: list, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """``values`` as a tensor on ``device``; to CUDA through pinned memory without blocking (a plain
+    copy would wait for every step queued before it)."""
+    host = torch.tensor(values, dtype=dtype)
+    if torch.device(device).type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host
+
+
 class RowSampler:
     """Picks the next token of every sample read of a step on the device: ``__call__(logprobs (D, V))``
     returns ``(D,)`` int64 ids, the argmax for reads not in ``rows`` (temperature 0)."""
 
     def __init__(self, rows: Sequence[SamplingRow], device: torch.device | str):
-        self.reads = torch.tensor([r.read for r in rows], dtype=torch.int64, device=device)
-        floats = torch.tensor([[r.temperature, r.top_p] for r in rows], dtype=torch.float64, device=device).view(-1, 2)
-        ints = torch.tensor([[r.top_k, row_key(r.seed, r.step)] for r in rows], dtype=torch.int64,
-                            device=device).view(-1, 2)
+        self.reads = _to_device([r.read for r in rows], torch.int64, device)
+        floats = _to_device([[r.temperature, r.top_p] for r in rows], torch.float64, device).view(-1, 2)
+        ints = _to_device([[r.top_k, row_key(r.seed, r.step)] for r in rows], torch.int64, device).view(-1, 2)
         self.temperature, self.top_p = floats[:, :1], floats[:, 1:]
         self.top_k, self.keys = ints[:, :1], ints[:, 1:]
         self.truncate = any(r.top_p < 1 or r.top_k > 0 for r in rows)

@@ -2,21 +2,34 @@
 
 ``Runner.step`` puts every active generation (one decode row each) and every admitted job
 (a generation's prefill row, or a score job's label rows from ``talora.adapters.scoring``) into
-one ``StepPlan``, runs it as one packed ``forward_cached`` through ``talora.adapters.decoding``
-(label scores summed and next tokens picked on the device: greedy, or sampled by
-``talora.server.generation.RowSampler``), then emits the scores, appends the tokens, and retires
-finished sequences, giving back their KV cache ranges and slot pins. A step that fails fails
-its own requests only; after ``max_failed_steps`` failures in a row the runner gives up
-(``GiveUp``). Only the engine's worker thread calls it.
+one ``StepPlan`` and launches it as one packed ``forward_cached`` through
+``talora.adapters.decoding`` (label scores summed and next tokens picked on the device: greedy,
+or sampled by ``talora.server.generation.RowSampler``). Reading a step emits the scores, appends
+the tokens, and retires finished sequences, giving back their KV cache ranges and slot pins.
+
+By default a step is read as soon as it is launched. With ``Settings.overlap_steps`` the runner
+launches step N+1 before reading step N, so the host's planning and reading overlap the
+device's work (on a GPU; a CPU runs every op before returning): the decode rows of step N+1 take
+their tokens from step N's picks on the device (``StepPlan.add_fed_decode_row``), a sequence whose
+last token is in flight gets no row, and a sequence found finished when step N is read has one
+row in step N+1 computed for nothing; its cache range and slot pin go back once step N+1 is read
+(the row writes inside its range: it feeds a token before ``max_new_tokens`` was reached). The
+outputs are the same token for token (``tests/server/test_overlap.py``).
+
+A step that fails fails its own requests only; after ``max_failed_steps`` failures in a row the
+runner gives up (``GiveUp``). Only the engine's worker thread calls it.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass, field
+
+import torch
 
 from talora.adapters.batching import Row, StepBuffers, StepPlan
-from talora.adapters.decoding import StepOutputs, read_outputs, run_step
+from talora.adapters.decoding import StepOutputs, StepReads, launch_step
 from talora.adapters.graphs import DecodeGraphs
 from talora.adapters.talora_model import PrefixKV, TaloraModel
 from talora.server.generation import BadLogits, RowSampler, SamplingRow
@@ -36,6 +49,19 @@ class GiveUp(RuntimeError):
     """The worker stops: too many steps in a row failed."""
 
 
+@dataclass(eq=False)
+class Launched:
+    """A step sent to the device and not read yet."""
+
+    reads: StepReads
+    rows: list[Row]
+    admitted: list[Admitted]
+    generating: list[Sequence]  # sample read i is generating[i]
+    score_jobs: list[tuple[Admitted, int]]  # (admitted, its first score group)
+    started: float
+    retiring: list[Sequence] = field(default_factory=list)  # retired while this step ran: released after it
+
+
 class Runner:
     """The device side of the worker: the model, its slot table, the KV pool and the active generations."""
 
@@ -46,45 +72,93 @@ class Runner:
         self.buffers = StepBuffers.make(model.lm.device, settings.max_batch_tokens, settings.max_batch_size)
         self.graphs = (DecodeGraphs(model, prefix, slots.kv, pool.cache, pool.scratch)
                        if settings.cuda_graphs and DecodeGraphs.supported(model.lm.device) else None)
-        self.active: list[Sequence] = []
+        self.active: list[Sequence] = []  # launched generations not known to be finished
+        self.pending: Launched | None = None  # with overlap_steps: the step launched and not read yet
+        self.reading: Launched | None = None  # the step being read (its jobs fail with it if reading raises)
         self.failed_steps = 0  # consecutive steps that raised
 
     def step(self, admitted: list[Admitted]) -> None:
-        """Run one step of the active generations and ``admitted``; emits every event it produces."""
-        start = time.perf_counter()
-        plan, acquired, score_jobs = StepPlan(), [], []  # score_jobs: (admitted, first score group)
-        generating = list(self.active)
-        for seq in generating:
-            plan.add_decode_row(seq.tokens, seq.start, seq.slot)
+        """Launch a step of the active generations and ``admitted``, then read the step launched before
+        it (``overlap_steps``) or this one. Emits every event the read step produces."""
+        previous, self.pending = self.pending, None
+        acquired: list[AdapterVersion] = []
         try:
-            for item in admitted:
-                job = item.job
-                slot = self.slots.acquire(job.adapter)
-                acquired.append(job.adapter)
-                if job.kind == "generate":
-                    generating.append(Sequence.begin(job, slot, item.starts[0], self.tokenizer))
-                    plan.add_row(Row(job.prompt_ids, 0, item.starts[0], slot, len(job.prompt_ids) - 1), sample=True)
-                else:
-                    score_jobs.append((item, job.label_plan().add_to(plan, slot, item.starts)))
-            sampling = [row for i, seq in enumerate(generating) if (row := seq.sampling(i)) is not None]
-            outputs = self._forward(plan, sampling)
+            launched = self._launch(admitted, previous, acquired)
         except Exception as exc:  # noqa: BLE001 - a failing batch fails its own requests only
-            log.exception("batch step of %d rows failed", len(plan.rows))
+            log.exception("batch step of %d jobs and %d generations failed", len(admitted), len(self.active))
+            if previous is not None:
+                self._read(previous, None)
             self._fail_step(admitted, acquired, Failed(500, f"the batch failed: {type(exc).__name__}: {exc}"))
             self._count_failed_step(exc)
             return
         self.failed_steps = 0
-        self._record(plan.rows, admitted, time.perf_counter() - start)
-        self._finish_scores(score_jobs, outputs)
-        self._advance(generating, outputs)
+        if self.settings.overlap_steps:
+            self.pending = launched
+        if previous is not None:
+            self._read(previous, launched)
+        if launched is not None and not self.settings.overlap_steps:
+            self._read(launched, None)
 
-    def _forward(self, plan: StepPlan, sampling: list[SamplingRow]) -> StepOutputs:
-        """Run ``plan``; ``sampling``: the generations (by sample read) that sample with a temperature."""
+    def flush(self) -> None:
+        """Read the step in flight, if any (nothing new to launch)."""
+        previous, self.pending = self.pending, None
+        if previous is not None:
+            self._read(previous, None)
+
+    def _launch(self, admitted: list[Admitted], previous: Launched | None,
+                acquired: list[AdapterVersion]) -> Launched | None:
+        """Plan and launch one step; None when it has no rows (every generation's last token is in flight)."""
+        start = time.perf_counter()
+        plan, score_jobs, new = StepPlan(), [], []
+        ahead = int(previous is not None)  # every active generation has one token in ``previous``
+        # with a token in flight, a generation one token short of max_new_tokens is done after it
+        generating = [seq for seq in self.active if not ahead or seq.generated + 1 < seq.job.generation.max_new_tokens]
+        for seq in generating:
+            if ahead:
+                plan.add_fed_decode_row(len(seq.tokens), seq.start, seq.slot, seq.read)
+            else:
+                plan.add_decode_row(seq.tokens, seq.start, seq.slot)
+        for item in admitted:
+            job = item.job
+            slot = self.slots.acquire(job.adapter)
+            acquired.append(job.adapter)
+            if job.kind == "generate":
+                new.append(Sequence.begin(job, slot, item.starts[0], self.tokenizer))
+                plan.add_row(Row(job.prompt_ids, 0, item.starts[0], slot, len(job.prompt_ids) - 1), sample=True)
+            else:
+                score_jobs.append((item, job.label_plan().add_to(plan, slot, item.starts)))
+        if not plan.rows:
+            return None
+        sampling = [row for i, seq in enumerate(generating) if (row := seq.sampling(i, ahead)) is not None]
+        sampling += [row for i, seq in enumerate(new, len(generating)) if (row := seq.sampling(i)) is not None]
+        generating += new
+        reads = self._forward(plan, sampling, previous.reads.tokens if previous is not None else None)
+        launched = Launched(reads, plan.rows, admitted, generating, score_jobs, start)
+        for i, seq in enumerate(generating):
+            seq.read, seq.last_step = i, launched
+        self.active += new
+        return launched
+
+    def _forward(self, plan: StepPlan, sampling: list[SamplingRow], previous: torch.Tensor | None) -> StepReads:
+        """Launch ``plan``; ``sampling``: the generations (by sample read) that sample with a temperature;
+        ``previous``: the step before's picks on the device (for fed decode rows)."""
         sampler = RowSampler(sampling, self.model.lm.device) if sampling else None
-        picked = self.graphs.run(plan) if self.graphs is not None else None
+        picked = self.graphs.run(plan, previous) if self.graphs is not None else None
         if picked is not None:  # a decode-only step, replayed from a CUDA graph
-            return read_outputs(picked.new_zeros(0), picked, sampler)
-        return run_step(self.model, self.buffers.prepare(plan), self.prefix, self.slots.kv, self.pool.cache, sampler)
+            return StepReads(picked.new_zeros(0), picked, sampler)
+        return launch_step(self.model, self.buffers.prepare(plan), self.prefix, self.slots.kv, self.pool.cache,
+                           sampler, previous)
+
+    def _read(self, step: Launched, later: Launched | None) -> None:
+        """Wait for ``step``'s reads and emit what they say; ``later``: the step launched after it."""
+        self.reading = step
+        outputs = step.reads.result()
+        self._record(step.rows, step.admitted, time.perf_counter() - step.started)
+        self._finish_scores(step.score_jobs, outputs)
+        self._advance(step.generating, outputs, later)
+        for seq in step.retiring:
+            self._release(seq)
+        self.reading = None
 
     def _finish_scores(self, score_jobs: list[tuple[Admitted, int]], outputs: StepOutputs) -> None:
         for item, group in score_jobs:
@@ -93,10 +167,12 @@ class Runner:
             release(self.pool, job, item.starts)
             self.slots.release(job.adapter)
 
-    def _advance(self, generating: list[Sequence], outputs: StepOutputs) -> None:
+    def _advance(self, generating: list[Sequence], outputs: StepOutputs, later: Launched | None) -> None:
         """Append one token to every generation (sample read ``i`` is ``generating[i]``) and retire the done."""
-        still, now = [], time.monotonic()
+        now = time.monotonic()
         for i, seq in enumerate(generating):
+            if seq.done:  # retired while this step ran: its row was computed for nothing
+                continue
             finish: str | Failed | None
             try:
                 finish = None if seq.job.cancelled else seq.push(_next_token(i, outputs), self.eos_ids)
@@ -105,22 +181,28 @@ class Runner:
                 self.metrics.job_failures.labels("sample").inc()
                 finish = Failed(500, f"the generation failed: {type(exc).__name__}: {exc}")
             if seq.job.cancelled:
-                self._retire(seq, None)
+                self._retire(seq, None, later)
             elif finish is not None:
-                self._retire(seq, finish)
+                self._retire(seq, finish, later)
             elif seq.job.deadline < now:
-                self._retire(seq, Failed(504, f"timed out after {self.settings.request_timeout_s} s"))
-            else:
-                still.append(seq)
-        self.active = still
+                self._retire(seq, Failed(504, f"timed out after {self.settings.request_timeout_s} s"), later)
+        self.active = [seq for seq in self.active if not seq.done]
 
-    def _retire(self, seq: Sequence, outcome: str | Failed | None) -> None:
-        self.pool.release(seq.start, seq.job.cache_tokens())
-        self.slots.release(seq.job.adapter)
+    def _retire(self, seq: Sequence, outcome: str | Failed | None, later: Launched | None = None) -> None:
+        """Emit ``outcome`` now; give back the range and pin now, or after ``later`` when it has a row for ``seq``."""
+        seq.done = True
         if isinstance(outcome, Failed):
             seq.job.emit(outcome)
         elif outcome is not None:
             seq.finish(outcome)
+        if later is not None and seq.last_step is later:
+            later.retiring.append(seq)
+        else:
+            self._release(seq)
+
+    def _release(self, seq: Sequence) -> None:
+        self.pool.release(seq.start, seq.job.cache_tokens())
+        self.slots.release(seq.job.adapter)
 
     # ----- failure ---------------------------------------------------------------------------
     def recover(self, admitted: list[Admitted], exc: Exception) -> None:
@@ -128,9 +210,9 @@ class Runner:
         clean state (queued jobs hold no ranges and no pins, so after this every range is free and no
         slot pinned). Raises ``GiveUp`` after ``max_failed_steps`` consecutive failures."""
         failure = Failed(500, f"the batch failed: {type(exc).__name__}: {exc}")
-        for job in [item.job for item in admitted] + [seq.job for seq in self.active]:
+        for job in self._held([item.job for item in admitted]):
             self.fail_job(job, failure, "step")
-        self.active = []
+        self.active, self.pending, self.reading = [], None, None
         self.pool.reset()
         self.slots.unpin_all()
         self._count_failed_step(exc)
@@ -140,9 +222,16 @@ class Runner:
         job.emit(failure)
 
     def fail_active(self, failure: Failed, reason: str) -> None:
-        for seq in self.active:
-            self.fail_job(seq.job, failure, reason)
-        self.active = []
+        """Fail every generation and every score job of a step not read yet (the worker stops)."""
+        for job in self._held([]):
+            self.fail_job(job, failure, reason)
+        self.active, self.pending, self.reading = [], None, None
+
+    def _held(self, jobs: list[Job]) -> list[Job]:
+        """``jobs``, the active generations' and the unread steps' score jobs, each once."""
+        unread = [step for step in (self.reading, self.pending) if step is not None]
+        held = jobs + [seq.job for seq in self.active] + [item.job for step in unread for item, _ in step.score_jobs]
+        return list({id(job): job for job in held}.values())
 
     def _fail_step(self, admitted: list[Admitted], acquired: list[AdapterVersion], failure: Failed) -> None:
         for adapter in acquired:

@@ -75,13 +75,14 @@ class Scheduler:
             self.aborted = self.aborted or abort
             self._cv.notify_all()
 
-    def next_work(self, active: list[Sequence], pool: KVPool,
-                  slots: SlotTable) -> tuple[list[AdapterVersion], list[Admitted]] | None:
-        """Wait for work; the adapters to warm and the jobs admitted next to ``active``. None: stop."""
+    def next_work(self, active: list[Sequence], pool: KVPool, slots: SlotTable,
+                  busy: bool = False) -> tuple[list[AdapterVersion], list[Admitted]] | None:
+        """Wait for work; the adapters to warm and the jobs admitted next to ``active``. ``busy``: a
+        step is in flight (it is work too). None: stop."""
         with self._cv:
-            while not (self._queue or active or self._warm or self.stopping):
+            while not (self._queue or active or busy or self._warm or self.stopping):
                 self._cv.wait()
-            if self.aborted or (self.stopping and not self._queue and not active):
+            if self.aborted or (self.stopping and not self._queue and not active and not busy):
                 return None
             warm, admitted = list(self._warm), self._admit(active, pool, slots)
             self._warm.clear()

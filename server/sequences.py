@@ -4,6 +4,8 @@ The engine's worker makes a ``Sequence`` when a generate job is admitted (``Sequ
 then, every step, describes its sampling for the device (``sampling``: None when greedy), and
 appends the token picked there (``push``), which emits the text that is safe to hand out and
 says whether the generation is done; ``finish`` emits the rest and the ``Finished`` event.
+When steps overlap (``Settings.overlap_steps``) a sequence is planned one token ahead of the
+host: ``ahead`` counts its token picked on the device but not yet pushed.
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ class Sequence:
     tokens: list[int]  # prompt + generated; all but the last are in the cache
     stream: TextStream
     seed: int  # the request's seed, else a random one (< 2**64)
+    read: int = -1  # its sample read in the last step it was launched in
+    last_step: object = None  # that step (the runner's record of it)
+    done: bool = False  # retired: what the device still computes for it is dropped
 
     @classmethod
     def begin(cls, job: Job, slot: int, start: int, tokenizer) -> Sequence:
@@ -37,12 +42,13 @@ class Sequence:
     def generated(self) -> int:
         return len(self.stream.ids)
 
-    def sampling(self, read: int) -> SamplingRow | None:
-        """This step's sampling of the next token, picked at sample read ``read``; None: greedy."""
+    def sampling(self, read: int, ahead: int = 0) -> SamplingRow | None:
+        """This step's sampling of the next token, picked at sample read ``read`` with ``ahead``
+        tokens picked but not pushed yet; None: greedy."""
         params = self.job.generation
         if params.temperature == 0:
             return None
-        return SamplingRow(read, params.temperature, params.top_p, params.top_k, self.seed, self.generated)
+        return SamplingRow(read, params.temperature, params.top_p, params.top_k, self.seed, self.generated + ahead)
 
     def push(self, token: int, eos_ids: set[int]) -> str | None:
         """Append ``token`` and emit the new safe text; the finish reason once done, else None."""

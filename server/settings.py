@@ -38,6 +38,8 @@ class Settings(BaseSettings):
     kv_cache_tokens: int = Field(8192, ge=64, description="token capacity of the per-request KV cache pool")
     cuda_graphs: bool = Field(False, description="replay decode-only steps from CUDA graphs captured per "
                               "batch-size and cache-length bucket (CUDA only; ignored elsewhere)")
+    overlap_steps: bool = Field(False, description="launch each step before reading the one before it, so the "
+                                "host's planning overlaps the device's work (for GPUs: a CPU gains nothing)")
     request_timeout_s: float = Field(60.0, gt=0, description="a request not finished in this time gets 504")
     max_texts_per_request: int = Field(64, ge=1, description="most texts (predict) or prompts (completions) in one "
                                        "request (at most max_queue)")

@@ -9,7 +9,7 @@ import torch
 
 from talora.adapters.batching import Row, StepBuffers, StepPlan
 from talora.adapters.config import TaloraConfig
-from talora.adapters.decoding import run_step
+from talora.adapters.decoding import launch_step, run_step
 from talora.adapters.graphs import KV_BUCKETS, ROW_BUCKETS, DecodeGraphs, bucket_for, decode_only
 from talora.adapters.loading import load_checkpoint_folder
 from talora.adapters.talora_model import KVCache, TaloraModel
@@ -62,6 +62,39 @@ def _keep(into: list):
         into.append(picked.clone())
         return picked.argmax(-1)
     return sampler
+
+
+def _fed_plan(prompts, slot_ids, picked_at) -> StepPlan:
+    """The decode rows of ``_decode_plan``, their tokens still on the device at reads ``picked_at``."""
+    plan = StepPlan()
+    for i, (prompt, read) in enumerate(zip(prompts, picked_at)):
+        plan.add_fed_decode_row(len(prompt), i * CAPACITY, slot_ids[i], read)
+    return plan
+
+
+def test_fed_rows_read_their_tokens_from_the_previous_picks_on_both_paths(tiny_llama_dir):
+    """A decode row fed from the step before's picks (``overlap_steps``) computes what the row with
+    the token on the host computes, through ``launch_step`` and through the static graph buffers."""
+    model = _model(tiny_llama_dir)
+    prompts, slot_ids = [[5, 17, 33], [2, 9], [40, 41, 42, 43, 44]], [1, 0, 1]
+    prefix, slots, cache, next_tokens = _prefilled(model, prompts, slot_ids)
+    previous = torch.tensor([7, *next_tokens[::-1]])  # picks of a step before, in another order
+    picked_at = [3, 2, 1]
+    fed = _fed_plan(prompts, slot_ids, picked_at)
+    assert fed.fed_at == [0, 1, 2] and decode_only(fed)
+    plain = _decode_plan(prompts, next_tokens, slot_ids)
+    expected, got = [], []
+    with torch.no_grad():
+        run_step(model, StepBuffers.make("cpu").prepare(plain), prefix, slots, _clone(cache), _keep(expected))
+        reads = launch_step(model, StepBuffers.make("cpu").prepare(fed), prefix, slots, _clone(cache), _keep(got),
+                            previous=previous)
+        with pytest.raises(ValueError, match="previous"):
+            launch_step(model, StepBuffers.make("cpu").prepare(fed), prefix, slots, _clone(cache))
+    torch.testing.assert_close(got[0], expected[0])
+    assert reads.result().next_tokens == reads.tokens.tolist() == expected[0].argmax(-1).tolist()
+    graphs = DecodeGraphs(model, prefix, slots, _clone(cache), scratch_index=len(prompts) * CAPACITY, eager=True)
+    torch.testing.assert_close(graphs.run(fed, previous), expected[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(graphs.run(plain), expected[0], atol=1e-5, rtol=1e-5)  # the same buffers, not fed
 
 
 def test_buckets_and_what_counts_as_a_decode_step():

@@ -30,9 +30,12 @@ def test_hbm_peak_by_card_name(card, peak):
 def test_generation_and_kernel_measurements_run_on_cpu(tmp_path, tiny_server_model):
     loaded = tiny_server_model
     bundle = write_random_bundle(loaded.model, loaded.fingerprint, tmp_path / "bundle", 4)
-    gen = decode_bench.generation_vs_bare_loop(loaded, bundle, ARGS, lambda: None)
-    assert gen["generated"]["bare_loop"] == 4 * 5 and 0 < gen["generated"]["engine"] <= 4 * 5
-    assert gen["decode_vs_bare_loop"] > 0 and len(gen["tokens_per_s"]["engine"]) == 1
+    for overlap in (False, True):
+        args = Namespace(**{**vars(ARGS), "overlap_steps": overlap})
+        gen = decode_bench.generation_vs_bare_loop(loaded, bundle, args, lambda: None)
+        assert gen["generated"]["bare_loop"] == 4 * 5 and 0 < gen["generated"]["engine"] <= 4 * 5
+        assert gen["decode_vs_bare_loop"] > 0 and len(gen["tokens_per_s"]["engine"]) == 1
+        assert gen["overlap_steps"] is overlap
     kernel = decode_bench.decode_kernel_hbm(loaded.model.config, ARGS)
     assert kernel["variants"]["dispatched"]["rel_l2"] < 1e-5  # the reference on CPU, fp32 vs fp64
     if os.environ.get("TRITON_INTERPRET") == "1":

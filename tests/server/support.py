@@ -14,6 +14,7 @@ import torch
 from talora.adapters.bundle import export_bundle, export_task
 from talora.adapters.config import TaloraConfig
 from talora.adapters.talora_model import TaloraModel
+from talora.server.jobs import Failed, Finished, Scored
 
 TEMPLATE = "Text: {text}\nAnswer:"
 CLASSIFY = {
@@ -61,6 +62,22 @@ def write_version(folder: Path, loaded, task: str, seed: int, version: str, out:
     fields = {k: meta[k] for k in ("kind", "labels", "verbalizers", "template", "max_input_tokens")}
     export_task(model, name, out or folder, bundle, version=version, **fields)
     return (out or folder) / f"{name}.json"
+
+
+class Collector:
+    """A thread-safe ``emit`` that remembers every event."""
+
+    def __init__(self):
+        self.events, self.done = [], threading.Event()
+
+    def __call__(self, event):
+        self.events.append(event)
+        if isinstance(event, (Scored, Finished, Failed)):
+            self.done.set()
+
+    def wait(self, timeout=120):
+        assert self.done.wait(timeout), "the engine did not answer"
+        return self.events[-1]
 
 
 def free_port() -> int:

@@ -5,7 +5,6 @@ refusals, settings and CLI."""
 from __future__ import annotations
 
 import json
-import threading
 import time
 
 import pytest
@@ -15,31 +14,15 @@ from talora.adapters.bundle import model_from_bundle
 from talora.adapters.io import AdapterFormatError
 from talora.adapters.scoring import ScoreRequest, score_labels
 from talora.server.generation import TextStream
-from talora.server.jobs import Failed, Finished, GenerationParams, Job, Scored
+from talora.server.jobs import Failed, Finished, GenerationParams, Job
 from talora.server.kvpool import KVPool
 from talora.server.metrics import Metrics
 from talora.server.registry import AdapterConflict, AdapterNotFound, AdapterRegistry
 from talora.server.settings import Settings
 from tests.helpers import ROOT
-from tests.server.support import GENERATE, build_bundle, write_version
+from tests.server.support import GENERATE, Collector, build_bundle, write_version
 
 TEXTS = {"sentiment": "I love it", "topic": "the match ended 2-1", "spam": "win money now", "intent": "how much?"}
-
-
-class Collector:
-    """A thread-safe ``emit`` that remembers every event."""
-
-    def __init__(self):
-        self.events, self.done = [], threading.Event()
-
-    def __call__(self, event):
-        self.events.append(event)
-        if isinstance(event, (Scored, Finished, Failed)):
-            self.done.set()
-
-    def wait(self, timeout=120):
-        assert self.done.wait(timeout), "the engine did not answer"
-        return self.events[-1]
 
 
 def _job(engine, task, text, kind="score", params=None):

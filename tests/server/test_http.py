@@ -155,10 +155,10 @@ def test_failing_batch_fails_only_its_own_requests(server, monkeypatch):
     runner = engine.loaded.runner
     real_forward = runner._forward
 
-    def forward(plan, sampled):
+    def forward(plan, *args):
         if any(poison in row.tokens for row in plan.rows):
             raise RuntimeError("injected device failure")
-        return real_forward(plan, sampled)
+        return real_forward(plan, *args)
 
     monkeypatch.setattr(runner, "_forward", forward)
     with httpx.Client(base_url=server.url, timeout=60) as c:
@@ -175,9 +175,9 @@ def test_limits_overflow_queue_and_timeout(tier_bundle, tier_model, monkeypatch)
         runner = srv.engine.loaded.runner
         real_forward = runner._forward
 
-        def slow_forward(plan, sampled):  # 400 steps outlast the 4 s timeout on any model
+        def slow_forward(plan, *args):  # 400 steps outlast the 4 s timeout on any model
             time.sleep(0.02)
-            return real_forward(plan, sampled)
+            return real_forward(plan, *args)
 
         monkeypatch.setattr(runner, "_forward", slow_forward)
         r = c.post("/v1/tasks/spam/predict", json={"text": "word " * 200})

@@ -121,7 +121,7 @@ def test_a_worker_that_cannot_go_on_reports_it(tiny_bundle, tiny_server_model, m
     with serve(tiny_bundle, tiny_server_model, max_failed_steps=2) as srv, \
             httpx.Client(base_url=srv.url, timeout=30) as c:
         srv.engine.on_fatal = stops.append
-        monkeypatch.setattr(srv.engine.loaded.runner, "_forward", lambda plan, sampled: 1 / 0)
+        monkeypatch.setattr(srv.engine.loaded.runner, "_forward", lambda plan, *args: 1 / 0)
         codes = [c.post("/v1/tasks/spam/predict", json={"text": t}).status_code for t in ("a", "b")]
         srv.engine._threads[0].join(10)  # the worker gives up right after failing the second step
         assert codes == [500, 500] and len(stops) == 1 and not srv.engine.alive()
@@ -135,7 +135,7 @@ def test_talora_serve_exits_70_when_its_worker_stops(tiny_bundle, tiny_server_mo
     script = textwrap.dedent(f"""
         import sys
         from talora.server import cli, runner
-        runner.Runner._forward = lambda self, plan, sampled: 1 / 0
+        runner.Runner._forward = lambda self, plan, *args: 1 / 0
         sys.exit(cli.main(["--model", {tiny_server_model.name!r}, "--bundle", {str(tiny_bundle)!r},
                            "--port", "{port}", "--max-failed-steps", "1", "--torch-threads", "1"]))
     """)
