@@ -116,10 +116,16 @@ def _training_summary(cfg: TrainConfig, result, runtime: Runtime, seconds: float
             "seconds_per_step": result.seconds_per_step, "wall_seconds": seconds, "device": str(runtime.device)}
 
 
-def _finish(cfg: TrainConfig, run_dir: Path, summary: dict) -> dict:
+def _finish(run_dir: Path, summary: dict, result, bundle_dir: Path, metrics: dict, eval_fn: _Eval,
+            predictions) -> dict:
+    """A stage's summary once its bundle is exported and verified: written to ``summary.json`` with
+    the plots of its curves; the per-item predictions and gold labels go to the caller only."""
+    summary.update(bundle=str(bundle_dir), metrics=metrics, verified=True, diverged=result.diverged,
+                   restored_step=result.restored_step)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
     summary["curves"] = [str(p) for p in plot_curves(run_dir / LOG_FILE, run_dir)]
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
+    summary["predictions"], summary["gold"] = predictions, eval_fn.gold
     return summary
 
 
@@ -160,10 +166,7 @@ def run_source(cfg: TrainConfig) -> dict:
                             training={"stage": "source", "train_examples": len(task.examples),
                                       f"{cfg.split}_metrics": metrics[task.name]})
             verify_export(bundle_dir, model, loaded.fingerprint, names)
-            summary.update(bundle=str(bundle_dir), metrics=metrics, verified=True, diverged=result.diverged,
-                           restored_step=result.restored_step)
-            summary = _finish(cfg, run_dir, summary)
-            summary["predictions"], summary["gold"] = predictions, eval_fn.gold
+            summary = _finish(run_dir, summary, result, bundle_dir, metrics, eval_fn, predictions)
         barrier(runtime)
         return summary
     finally:
@@ -228,10 +231,7 @@ def run_target(cfg: TrainConfig) -> dict:
             meta = _target_bundle(cfg, model, bundle_meta, bundle_dir, loaded, training)
             export_task(model, cfg.task, bundle_dir, meta, **train_task.export_fields(), training=training)
             verify_export(bundle_dir, _only_task(model, cfg.task), loaded.fingerprint, [cfg.task])
-            summary.update(bundle=str(bundle_dir), metrics=metrics, verified=True, diverged=result.diverged,
-                           restored_step=result.restored_step)
-            summary = _finish(cfg, run_dir, summary)
-            summary["predictions"], summary["gold"] = predictions, eval_fn.gold
+            summary = _finish(run_dir, summary, result, bundle_dir, metrics, eval_fn, predictions)
         barrier(runtime)
         return summary
     finally:
