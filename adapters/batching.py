@@ -107,7 +107,7 @@ class StepPlan:
     def add_fed_decode_row(self, past: int, start: int, slot: int, picked_at: int) -> int:
         """Append a decode row whose token is not on the host yet: the step before picked it on the
         device at its sample read ``picked_at`` (``past`` tokens before it are cached at ``start``).
-        ``run_step`` writes it into the step's input ids there, so the host need not wait for it."""
+        ``launch_step`` writes it into the step's input ids there, so the host need not wait for it."""
         self.fed_at.append(self.num_tokens)
         self.fed_from.append(picked_at)
         return self.add_row(Row((0,), past, start, slot, 0), sample=True)
