@@ -15,7 +15,7 @@ import statistics
 from pathlib import Path
 
 from benchmarks.bench_report import pyplot
-from benchmarks.quality_plan import METHODS, REFERENCE, SETTINGS, Run
+from benchmarks.quality_plan import METHODS, REFERENCE, SETTINGS, PeftRecipe, Run
 
 REQUIRED = ("method", "task", "setting", "metric", "mean", "std", "seeds", "params_per_task")
 
@@ -241,20 +241,47 @@ def _learning_rate(result: dict) -> float:
     return (spec.get("train") or spec.get("hyper"))["lr"]
 
 
+def _changes(spec: dict, method: str, stage: str) -> list[str]:
+    """The fields of one stage's spec that differ from what the committed recipe gives it
+    (TA-LoRA: ``adapters/train/recipe.py``; PEFT: ``PeftRecipe`` and the recipe's budget), the
+    learning rate of a target stage aside (the dev table has a column for it)."""
+    from talora.adapters.train import recipe
+
+    fields = recipe.defaults(stage)
+    if "train" in spec:
+        given, want = spec["train"], fields
+    else:
+        hyper = PeftRecipe().method_hyper(method, stage)
+        given = {**spec.get("budget", {}), **spec.get("hyper", {})}
+        want = {**{k: v for k, v in fields.items() if k in spec.get("budget", {})}, **hyper}
+    skip = {"lr"} if stage == "target" else set()
+    prefix = "source " if stage == "source" else ""
+    return [f"{prefix}{k}={given[k]}" for k in sorted(want) if k not in skip and k in given and given[k] != want[k]]
+
+
 def dev_table(results: list[dict]) -> str:
-    """Dev-split target runs grouped by method, setting and target learning rate: the mean
-    accuracy of each task over the seeds found, and the mean over tasks (the tuning table)."""
+    """Dev-split target runs grouped by method, setting, target learning rate, what else differs
+    from the recipe (either stage), and source seed: the mean accuracy of each task over the
+    seeds found, and the mean over tasks (the tuning table)."""
+    sources = {r["key"]: r for r in results if r["stage"] == "source"}
     groups: dict[tuple, dict[str, list[float]]] = {}
     for r in results:
         if r["stage"] == "target" and r["spec"]["eval_split"] == "dev":
-            key = (r["method"], r["setting"], _learning_rate(r))
+            changes = _changes(r["spec"], r["method"], "target")
+            source = sources.get(r["spec"].get("source"))
+            if source is not None:
+                changes = _changes(source["spec"], r["method"], "source") + changes
+            elif r["spec"].get("source"):
+                changes.append("source not stored")
+            src = "" if r.get("source_seed") is None or not r["spec"].get("source") else str(r["source_seed"])
+            key = (r["method"], r["setting"], _learning_rate(r), ", ".join(changes) or "none", src)
             groups.setdefault(key, {}).setdefault(r["task"], []).append(r["metrics"][r["task"]]["accuracy"])
     tasks = sorted({t for g in groups.values() for t in g})
-    lines = ["| method | setting | target lr | " + " | ".join(tasks) + " | mean over tasks |",
-             "|---|---|---|" + "---|" * (len(tasks) + 1)]
-    for (method, setting, lr), by_task in sorted(groups.items()):
+    lines = ["| method | setting | target lr | changes from the recipe | source seed | " + " | ".join(tasks)
+             + " | mean over tasks |", "|---|---|---|---|---|" + "---|" * (len(tasks) + 1)]
+    for (method, setting, lr, changes, src), by_task in sorted(groups.items()):
         cells = [f"{statistics.fmean(v):.3f} ({len(v)})" if (v := by_task.get(t)) else "" for t in tasks]
         complete = len(by_task) == len(tasks)
         mean = f"{statistics.fmean(statistics.fmean(v) for v in by_task.values()):.3f}" if complete else "incomplete"
-        lines.append(f"| {method} | {setting} | {lr:g} | " + " | ".join(cells) + f" | {mean} |")
+        lines.append(f"| {method} | {setting} | {lr:g} | {changes} | {src} | " + " | ".join(cells) + f" | {mean} |")
     return "\n".join(lines)

@@ -326,7 +326,21 @@ def test_estimates_follow_measured_runs():
 def test_dev_table_groups_runs_by_method_and_learning_rate():
     cfg = qp.BenchConfig(eval_split="dev", methods=("talora", "prompt_tuning"), settings=("k16",), seeds=(0, 1),
                          source_seeds=(0,))
-    results = [_fake_result(r, 0.5 if r.seed == 0 else 0.7) for r in qp.build_plan(cfg) if r.stage == "target"]
+    plan = qp.build_plan(cfg)
+    results = [_fake_result(r, 0.5 if r.seed == 0 else 0.7) for r in plan if r.stage != "zero_shot"]
     table = qr.dev_table(results).splitlines()
-    assert len(table) == 2 + 2  # header, rule, one row per (method, setting, lr)
-    assert all("0.600 (2)" in row and row.endswith("| 0.600 |") for row in table[2:])
+    assert len(table) == 2 + 2  # header, rule, one row per (method, setting, lr, changes, source seed)
+    assert all("0.600 (2)" in row and row.endswith("| 0.600 |") and "| none |" in row for row in table[2:])
+
+
+def test_dev_table_names_what_differs_from_the_recipe_and_splits_source_seeds():
+    base = qp.BenchConfig(eval_split="dev", methods=("talora",), settings=("k16",), seeds=(0,), source_seeds=(0, 1))
+    wider = replace(base, source_seeds=(0,)).with_overrides(source={"rank": 32}, target={"steps": 96, "lr": 0.1})
+    results = [_fake_result(r, 0.5) for cfg in (base, wider) for r in qp.build_plan(cfg) if r.stage != "zero_shot"]
+    rows = qr.dev_table(results).splitlines()[2:]
+    assert len(rows) == 3
+    assert sum("| none | 0 |" in row for row in rows) == sum("| none | 1 |" in row for row in rows) == 1
+    (changed,) = [row for row in rows if "rank" in row]
+    assert "| 0.1 | source rank=32, steps=96 | 0 |" in changed
+    orphan = [r for r in results if r["stage"] == "target"][:1]  # its source stage not stored
+    assert "source not stored" in qr.dev_table(orphan)
