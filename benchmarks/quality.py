@@ -179,14 +179,21 @@ def _config_record(cfg: BenchConfig) -> dict:
 
 
 def execute_plan(plan: list[Run], runs_dir: Path, work_dir: Path, max_minutes: float, threads: int, progress: bool,
-                 after_run) -> int:
+                 after_run, poll_s: float = 30.0) -> int:
     """Run every unfinished run of ``plan`` in order; returns how many ran. A target run whose
-    source stage's weights are missing (a new machine) reruns that source stage first."""
+    source stage's weights are missing (a new machine) reruns that source stage first.
+
+    Several processes may run the same plan on one work folder: each claims a run before it
+    starts it (``benchmarks/quality_claims.py``) and skips runs that another process holds,
+    coming back to them; when only those are left it waits for them (every ``poll_s`` seconds)
+    and takes over any whose process has ended without a result."""
     from tqdm.auto import tqdm
 
+    from benchmarks.quality_claims import RunClaims
     from benchmarks.quality_runs import execute, needs_source, source_ready
 
     artifacts, scratch = work_dir / "artifacts", work_dir / "scratch"
+    claims = RunClaims(work_dir / "claims")
     start, ran = time.monotonic(), 0
     by_key = {r.key: r for r in plan}
 
@@ -197,19 +204,48 @@ def execute_plan(plan: list[Run], runs_dir: Path, work_dir: Path, max_minutes: f
         ran += 1
         after_run()
 
-    bar = tqdm([r for r in plan if load_result(runs_dir, r.key) is None], desc="quality runs", disable=not progress)
-    for run in bar:
-        if load_result(runs_dir, run.key) is not None:
-            continue  # finished meanwhile by another sitting sharing the folders
-        rates = measured_rates(stored_results(runs_dir))
-        if max_minutes and time.monotonic() - start + estimate_seconds(run, rates) > max_minutes * 60:
-            tqdm.write(f"stopping: {run.label} would pass the {max_minutes:g}-minute budget")
-            break
-        if needs_source(run) and not source_ready(by_key[run.spec["source"]], artifacts):
-            tqdm.write(f"{run.label}: its source stage's weights are missing here; running it first")
-            run_one(by_key[run.spec["source"]])
-        run_one(run)
-    bar.close()
+    def attempt(run: Run) -> bool:
+        """Run ``run`` (and its missing source stage) if this process can claim them."""
+        source = by_key[run.spec["source"]] if needs_source(run) else None
+        if source is not None:
+            if not claims.claim(source.key):
+                return False  # another process is (re)running the source stage
+            if not source_ready(source, artifacts):
+                tqdm.write(f"{run.label}: its source stage's weights are missing here; running it first")
+                run_one(source)
+            claims.release(source.key)  # others may start target runs of it now
+        if not claims.claim(run.key):
+            return False
+        if load_result(runs_dir, run.key) is None:  # finished by another process meanwhile
+            run_one(run)
+        return True
+
+    pending = [r for r in plan if load_result(runs_dir, r.key) is None]
+    bar = tqdm(total=len(pending), desc="quality runs", disable=not progress)
+    try:
+        while pending:
+            waiting = []
+            for run in pending:
+                if load_result(runs_dir, run.key) is not None:
+                    bar.update(1)  # finished by another process sharing the folders
+                    continue
+                rates = measured_rates(stored_results(runs_dir))
+                if max_minutes and time.monotonic() - start + estimate_seconds(run, rates) > max_minutes * 60:
+                    tqdm.write(f"stopping: {run.label} would pass the {max_minutes:g}-minute budget")
+                    return ran
+                try:
+                    if attempt(run):
+                        bar.update(1)
+                    else:
+                        waiting.append(run)
+                finally:
+                    claims.release_all()
+            if waiting and len(waiting) == len(pending):
+                time.sleep(poll_s)  # every run left is held by another process
+            pending = waiting
+    finally:
+        claims.release_all()
+        bar.close()
     return ran
 
 
