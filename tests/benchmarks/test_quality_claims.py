@@ -34,7 +34,7 @@ def _holder(folder, key: str, then: str = "") -> subprocess.Popen:
         {then}
     """)
     proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "held"
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "held"
     return proc
 
 
