@@ -113,6 +113,9 @@ class AdapterShape:
     scale: float = described(1.0, "task prompt = scale * B_t A")
     gated: bool = described(True, "zero-initialised gated attention for the task prompt (false: plain two-part prompt)")
     full_rank: bool = described(False, "B_t is n x d with no basis (ablation)")
+    deep_prompt: bool = described(
+        False, "a task prompt per layer: B_t is L x n x r and layer l reads its own rows scale * B_t[l] A as the "
+        "task prompt's input (prefix-tuning style); false: one task prompt at the input, carried through the layers")
     slow_lr_ratio: float = described(
         0.1, "learning rate of P (and of A unless basis_lr_ratio is set) = lr * slow_lr_ratio")
     init_std: float = described(0.02, "std of the random init of source B_t (and of A with basis_init=random)")
@@ -124,6 +127,11 @@ class AdapterShape:
         _require(self.scale > 0, "scale", f"must be > 0, got {self.scale}")
         _require(0 < self.slow_lr_ratio <= 1, "slow_lr_ratio", f"must be in (0, 1], got {self.slow_lr_ratio}")
         _require(self.init_std > 0, "init_std", f"must be > 0, got {self.init_std}")
+
+    def fast_shape(self, num_layers: int, hidden_size: int) -> tuple[int, ...]:
+        """Shape of one task's fast weight B_t: ``(n, r)``, ``(n, d)`` full rank, ``(L, ...)`` deep."""
+        row = (self.task_prompt_len, hidden_size if self.full_rank else self.rank)
+        return (num_layers, *row) if self.deep_prompt else row
 
     def shape(self) -> dict[str, Any]:
         """The ``AdapterShape`` fields of this config, by name."""

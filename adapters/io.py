@@ -2,8 +2,8 @@
 
 A **bundle** folder holds ``talora.json`` and ``shared.safetensors`` ({"prompt": (m, d),
 "basis": (r, d)}), and the task adapters trained with it: ``<task>.json`` and
-``<task>.safetensors`` ({"fast": (n, r) or (n, d), "gate": (L, H)}). The bundle JSON names the
-base model and its fingerprint; each task JSON names the bundle fingerprint it belongs to.
+``<task>.safetensors`` ({"fast": (n, r) or (n, d), (L, n, r) with a deep prompt, "gate": (L, H)}).
+The bundle JSON names the base model and its fingerprint; each task JSON names the bundle fingerprint it belongs to.
 Every reader checks names, shapes, dtypes and fingerprints and raises ``AdapterFormatError``
 saying which field is wrong; nothing is half-loaded.
 """
@@ -199,8 +199,7 @@ def load_bundle(folder: Path, base_fingerprint: str | None = None) -> tuple[Bund
 # ----- tasks -------------------------------------------------------------------------------
 def task_shapes(bundle: BundleMeta) -> dict[str, tuple[int, ...]]:
     cfg, arch = bundle.config, bundle.arch
-    width = arch.hidden_size if cfg.full_rank else cfg.rank
-    return {"fast": (cfg.task_prompt_len, width), "gate": (arch.num_layers, arch.num_heads)}
+    return {"fast": cfg.fast_shape(arch.num_layers, arch.hidden_size), "gate": (arch.num_layers, arch.num_heads)}
 
 
 def encode_task(meta: TaskMeta, fast: torch.Tensor, gate: torch.Tensor) -> tuple[bytes, bytes]:

@@ -151,9 +151,13 @@ class CausalLM(nn.Module):
         hidden = hidden + layer.self_attn.o_proj(attn.reshape(*attn.shape[:-2], -1))
         return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
 
-    def run_layers(self, hidden: torch.Tensor, positions: torch.Tensor, attend: AttendFn) -> torch.Tensor:
-        """All decoder layers then the final norm; returns the last hidden states."""
+    def run_layers(self, hidden: torch.Tensor, positions: torch.Tensor, attend: AttendFn,
+                   before: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+        """All decoder layers then the final norm; returns the last hidden states. ``before(idx,
+        hidden)``, when given, rewrites the hidden states that enter layer ``idx``."""
         for idx in range(self.config.num_layers):
+            if before is not None:
+                hidden = before(idx, hidden)
             hidden = self.layer_forward(idx, hidden, positions, attend)
         return self.model.norm(hidden)
 

@@ -2,7 +2,10 @@
 
 Parameters (docs/method.md): shared prompt ``P (m, d)`` and basis ``A (r, d)`` (slow, shared);
 per task a fast weight ``B_t (n, r)`` (``(n, d)`` with ``full_rank``) and a gate ``g_t (L, H)``
-starting at zero. The task prompt is ``ΔP_t = scale · B_t A``.
+starting at zero. The task prompt is ``ΔP_t = scale · B_t A``. With ``deep_prompt`` each task
+has one ``B_t[l]`` per layer, ``(L, n, r)``: the task-prompt rows that enter layer ``l`` are
+``scale · B_t[l] A`` instead of the previous layer's output (prefix tuning's deep prompts, still
+in the shared basis and behind the gate).
 
 * ``forward_full`` is the plain full-sequence path: every row is ``[P; ΔP_t; X]`` with dense
   two-softmax masks. It is the definition, kept simple, and what the tests compare against.
@@ -85,6 +88,11 @@ class TaloraModel(nn.Module):
     def fast_width(self) -> int:
         return self.lm.config.hidden_size if self.cfg.full_rank else self.cfg.rank
 
+    @property
+    def fast_shape(self) -> tuple[int, ...]:
+        """One task's ``B_t``: ``(n, r)``, ``(n, d)`` full rank, with a leading ``L`` when deep."""
+        return self.cfg.fast_shape(self.lm.config.num_layers, self.lm.config.hidden_size)
+
     def init_shared(self, generator: torch.Generator | None = None, basis_init: str = "random",
                     prompt_ids: list[int] | None = None) -> None:
         """``P`` from token-embedding rows, ``A`` random.
@@ -115,7 +123,7 @@ class TaloraModel(nn.Module):
     def add_task(self, name: str, fast: torch.Tensor | None = None,
                  generator: torch.Generator | None = None) -> TaskAdapter:
         """Add task ``name`` with fast weights ``fast`` (random when None) and a zero gate."""
-        shape = (self.cfg.task_prompt_len, self.fast_width)
+        shape = self.fast_shape
         if fast is None:
             fast = torch.randn(shape, generator=generator) * self.cfg.init_std
         if tuple(fast.shape) != shape:
@@ -126,7 +134,14 @@ class TaloraModel(nn.Module):
         return adapter
 
     def task_prompts(self, fast: torch.Tensor) -> torch.Tensor:
-        """``ΔP`` for stacked fast weights ``(S, n, r)`` -> ``(S, n, d)``."""
+        """``ΔP`` for stacked fast weights ``(S, n, r)`` -> ``(S, n, d)``; deep: ``(S, L, n, r)``
+        -> ``(S, L, n, d)``, one task prompt per layer."""
+        if self.cfg.deep_prompt:
+            s, layers = fast.shape[:2]
+            return self._prompts(fast.flatten(0, 1)).unflatten(0, (s, layers))
+        return self._prompts(fast)
+
+    def _prompts(self, fast: torch.Tensor) -> torch.Tensor:
         if self.cfg.full_rank:
             return self.cfg.scale * fast
         s, n = fast.shape[:2]
@@ -136,7 +151,7 @@ class TaloraModel(nn.Module):
         return lowrank_prompt(fast, self.basis, slots, offsets, out, self.cfg.scale).view(s, n, -1)
 
     def stacked(self, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Fast weights ``(S, n, r)`` and gates ``(S, L, H)`` of the named tasks."""
+        """Fast weights ``(S, *fast_shape)`` and gates ``(S, L, H)`` of the named tasks."""
         unknown = [t for t in names if t not in self.tasks]
         if unknown:
             raise KeyError(f"unknown task {unknown[0]!r}")
@@ -154,9 +169,9 @@ class TaloraModel(nn.Module):
         m, n = self.cfg.shared_prompt_len, self.cfg.task_prompt_len
         batch, t_len = input_ids.shape
         fast, gates = self.stacked(task_names)
-        prompts = self.task_prompts(fast).to(self.lm.dtype)  # (B, n, d)
+        prompts = self.task_prompts(fast).to(self.lm.dtype)  # (B, n, d); deep: (B, L, n, d)
         shared = self.prompt.to(self.lm.dtype).unsqueeze(0).expand(batch, -1, -1)
-        hidden = torch.cat([shared, prompts, self.lm.embed(input_ids)], dim=1)
+        hidden = torch.cat([shared, self._layer_prompt(prompts, 0), self.lm.embed(input_ids)], dim=1)
         seg = torch.tensor([SEG_SHARED] * m + [SEG_TASK] * n + [SEG_INPUT] * t_len, device=input_ids.device)
         valid = torch.cat([torch.ones(batch, m + n, dtype=torch.bool, device=input_ids.device),
                            attention_mask.bool()], dim=1)
@@ -170,8 +185,16 @@ class TaloraModel(nn.Module):
             main = dense_attention(q, k, v, main_mask)
             return main + gate[:, None, :, None] * dense_attention(q, k, v, task_mask)
 
-        hidden = self.lm.run_layers(hidden, positions, attend)
+        def before(layer: int, hidden: torch.Tensor) -> torch.Tensor:
+            rows = self._layer_prompt(prompts, layer)
+            return torch.cat([hidden[:, :m], rows, hidden[:, m + n:]], dim=1)
+
+        hidden = self.lm.run_layers(hidden, positions, attend, before if self.cfg.deep_prompt else None)
         return self.lm.logits(hidden[:, m + n:])
+
+    def _layer_prompt(self, prompts: torch.Tensor, layer: int) -> torch.Tensor:
+        """The task-prompt rows that enter ``layer``: its own with a deep prompt, else the input's."""
+        return prompts[:, layer] if self.cfg.deep_prompt else prompts
 
     # ----- the cached path -------------------------------------------------------------
     def shared_kv(self) -> PrefixKV:
@@ -192,10 +215,13 @@ class TaloraModel(nn.Module):
         return PrefixKV(empty, empty)
 
     def task_kv(self, prefix: PrefixKV, fast: torch.Tensor, gates: torch.Tensor) -> SlotKV:
-        """Task-prompt keys/values for stacked ``fast (S, n, r)`` and ``gates (S, L, H)``."""
+        """Task-prompt keys/values for stacked ``fast (S, *fast_shape)`` and ``gates (S, L, H)``."""
         m, n = self.cfg.shared_prompt_len, self.cfg.task_prompt_len
         s = fast.shape[0]
-        hidden = self.task_prompts(fast).reshape(s * n, -1).to(self.lm.dtype)
+        prompts = self.task_prompts(fast).to(self.lm.dtype)
+
+        def rows(layer: int, hidden: torch.Tensor | None = None) -> torch.Tensor:
+            return self._layer_prompt(prompts, layer).reshape(s * n, -1)
         meta = BatchMeta.prefill([n] * s, list(range(s)), device=fast.device)
         keys, values = [], []
 
@@ -204,7 +230,7 @@ class TaloraModel(nn.Module):
             values.append(v.view(s, n, *v.shape[1:]))
             return self._attend_kernel(layer, q, k, v, meta, prefix, None, gates, own_in_task=True)
 
-        self.lm.run_layers(hidden, m + meta.positions, attend)
+        self.lm.run_layers(rows(0), m + meta.positions, attend, rows if self.cfg.deep_prompt else None)
         return SlotKV(torch.stack(keys), torch.stack(values), gates)
 
     def forward_cached(self, input_ids: torch.Tensor, meta: BatchMeta, prefix: PrefixKV,

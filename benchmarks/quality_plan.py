@@ -170,9 +170,15 @@ def run_key(spec: dict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+# TrainConfig fields added after runs were stored, with the value every earlier run had: a field
+# at that value stays out of the key, so the stored runs keep their keys
+ADDED_FIELDS = {"deep_prompt": False}
+
+
 def key_fields(cfg: TrainConfig) -> dict:
     """The fields of a TrainConfig that can change a result."""
-    return {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in BOOKKEEPING}
+    values = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in BOOKKEEPING}
+    return {name: v for name, v in values.items() if not (name in ADDED_FIELDS and v == ADDED_FIELDS[name])}
 
 
 def _budget(cfg: TrainConfig) -> dict:

@@ -39,10 +39,11 @@ def model_shape(model_name: str) -> dict:
 
 def talora_params(talora: dict, shape: dict) -> tuple[int, int]:
     """(parameters stored per task, shared parameters) of a TA-LoRA adapter shape: B_t (n x r,
-    or n x d full rank) + g_t (L x H, only when gated); shared P (m x d) + A (r x d)."""
+    or n x d full rank; L times that with a deep prompt) + g_t (L x H, only when gated); shared
+    P (m x d) + A (r x d)."""
     d, L, H = shape["d"], shape["L"], shape["H"]
     full = talora["full_rank"]
-    fast = talora["task_prompt_len"] * (d if full else talora["rank"])
+    fast = talora["task_prompt_len"] * (d if full else talora["rank"]) * (L if talora.get("deep_prompt") else 1)
     gate = L * H if talora["gated"] else 0
     return fast + gate, talora["shared_prompt_len"] * d + (0 if full else talora["rank"] * d)
 

@@ -30,17 +30,22 @@ from talora.server.registry import AdapterVersion
 
 
 class GatedBundle(ValueError):
-    """A bundle trained with the gate on, which vLLM cannot run."""
+    """A bundle vLLM cannot run: trained with the gate on, or with a deep task prompt."""
 
 
 def check_gate_off(bundle: BundleMeta) -> None:
-    """Refuse a gated bundle, saying why (``GatedBundle``, a ``ValueError``)."""
+    """Refuse a gated or deep-prompt bundle, saying why (``GatedBundle``, a ``ValueError``)."""
     if bundle.config.gated:
         raise GatedBundle(
             "bundle: this bundle was trained with the gate on (talora.json: \"gated\": true): its task prompt "
             "is read through a second softmax weighted by tanh(g_t) per layer and head, which vLLM's attention "
             "cannot express; vLLM serves gate-off bundles only (trained with gated=False, where [P; ΔP_t; X] is "
             "plain soft-prompt input). Serve this bundle with the default backend (--backend talora)")
+    if bundle.config.deep_prompt:
+        raise GatedBundle(
+            "bundle: this bundle has a deep task prompt (talora.json: \"deep_prompt\": true): each layer reads "
+            "its own task-prompt rows, which input embeddings cannot carry; vLLM serves input-level prompts only. "
+            "Serve this bundle with the default backend (--backend talora)")
 
 
 def task_rows(bundle: BundleMeta, shared: dict[str, torch.Tensor], adapter: AdapterVersion,

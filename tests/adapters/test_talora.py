@@ -153,8 +153,9 @@ def _cached_vs_full(model: TaloraModel, decode_steps: int = 4):
     return worst
 
 
-@pytest.mark.parametrize("cfg", [{}, {"gated": False}, {"full_rank": True}, {"shared_prompt_len": 0}],
-                         ids=["talora", "gate-off", "full-rank", "no-shared-prompt"])
+@pytest.mark.parametrize("cfg", [{}, {"gated": False}, {"full_rank": True}, {"shared_prompt_len": 0},
+                                 {"deep_prompt": True}, {"deep_prompt": True, "full_rank": True}],
+                         ids=["talora", "gate-off", "full-rank", "no-shared-prompt", "deep", "deep-full-rank"])
 def test_cached_path_equals_full_sequence_path(tiny_llama_dir, cfg):
     model = _model(tiny_llama_dir, **cfg)
     _open_gates(model)
@@ -174,6 +175,23 @@ def test_cached_path_on_qwen2(tmp_path):
 def test_bad_talora_config_names_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         TaloraConfig(**{field: value})
+
+
+def test_a_deep_prompt_gives_each_layer_its_own_task_rows(tiny_llama_dir):
+    """With ``deep_prompt`` B_t is (L, n, r) and layer l's task keys/values come from B_t[l]
+    alone: changing one layer's rows changes that layer's task keys and no other's."""
+    model = _model(tiny_llama_dir, deep_prompt=True)
+    layers = model.lm.config.num_layers
+    fast, gates = model.stacked(["alpha"])
+    assert fast.shape == (1, layers, 3, 2)
+    with torch.no_grad():
+        prefix = model.shared_kv()
+        before = model.task_kv(prefix, fast, gates)
+        changed = fast.clone()
+        changed[0, 1] += 1.0
+        after = model.task_kv(prefix, changed, gates)
+    moved = [not torch.equal(before.keys[layer], after.keys[layer]) for layer in range(layers)]
+    assert moved == [layer == 1 for layer in range(layers)]
 
 
 def test_fast_weight_shape_is_checked(model):

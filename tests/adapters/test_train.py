@@ -123,6 +123,26 @@ def test_eval_stage_matches_the_training_time_scores(source_run, env):
     assert set(result["metrics"]) == {"examples", "accuracy", "macro_f1", "majority_rate"}
 
 
+def test_a_deep_prompt_bundle_trains_adapts_and_scores_the_same_from_its_files(env, tmp_path):
+    """``deep_prompt``: B_t is (L, n, r) in the files; the eval stage reproduces the training-time
+    scores from them, and a target stage adapts from the mean of the source tasks' B_t."""
+    out = tmp_path / "deep"
+    summary = run_source(_cfg(env, out, deep_prompt=True, steps=8, save_every=0))
+    assert summary["verified"]
+    lm, fingerprint = load_checkpoint_folder(Path(env["model"]))
+    model, meta, _ = model_from_bundle(lm, Path(summary["bundle"]), fingerprint)
+    layers = lm.config.num_layers
+    assert meta.config.deep_prompt and model.adapter("toy_red").fast.shape == (layers, 2, 2)
+    cfg = TrainConfig.from_dict(dict(stage="eval", model=env["model"], bundle=summary["bundle"], task="toy_red",
+                                     task_files=env["sources"], eval_limit=12, threads=1, progress=False))
+    assert run_eval(cfg)["metrics"] == summary["metrics"]["toy_red"]
+    target = run_target(TrainConfig.from_dict(dict(
+        stage="target", model=env["model"], bundle=summary["bundle"], task="toy_new", task_files=[env["new"]],
+        shots=4, steps=2, batch_size=4, output_dir=str(tmp_path / "t"), eval_limit=8, threads=1, progress=False)))
+    tuned, _, _ = model_from_bundle(lm, Path(target["bundle"]), fingerprint)
+    assert target["verified"] and tuned.adapter("toy_new").fast.shape == (layers, 2, 2)
+
+
 def test_same_seed_same_numbers_other_seed_other_numbers(env, tmp_path):
     runs = [run_source(_cfg(env, tmp_path / name, seed=seed)) for name, seed in (("a", 0), ("b", 0), ("c", 1))]
     logs = [[r["loss"] for r in read_log(tmp_path / n / "log.jsonl") if r["kind"] == "step"] for n in "abc"]

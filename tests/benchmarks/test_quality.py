@@ -344,3 +344,16 @@ def test_dev_table_names_what_differs_from_the_recipe_and_splits_source_seeds():
     assert "| 0.1 | source rank=32, steps=96 | 0 |" in changed
     orphan = [r for r in results if r["stage"] == "target"][:1]  # its source stage not stored
     assert "source not stored" in qr.dev_table(orphan)
+
+
+def test_a_field_added_later_keeps_the_stored_keys_at_its_old_value():
+    """``deep_prompt`` came after runs were stored: at False it stays out of the key (stored runs
+    keep their keys); at True the source stage and every run after it get new keys."""
+    base = replace(qp.BenchConfig(), methods=("talora",), settings=("k16",), seeds=(0,), source_seeds=(0,))
+    deep = base.with_overrides(source={"deep_prompt": True})
+    plain, layered = qp.build_plan(base), qp.build_plan(deep)
+    source = next(r for r in plain if r.stage == "source")
+    assert "deep_prompt" not in source.spec["train"]
+    assert "deep_prompt" in qp.key_fields(deep.source) and "deep_prompt" not in qp.key_fields(base.source)
+    moved = {a.key != b.key for a, b in zip(plain, layered) if a.stage in ("source", "target")}
+    assert moved == {True}

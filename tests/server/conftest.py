@@ -19,13 +19,29 @@ from tests.server.support import build_bundle, serve
 @pytest.fixture(scope="module")
 def engine(tiny_bundle, tiny_server_model):
     """An in-process engine (no HTTP) on ``tiny_bundle``: 3 slots, 1 thread."""
+    yield from _engine(tiny_bundle, tiny_server_model)
+
+
+@pytest.fixture(scope="module")
+def deep_bundle(tmp_path_factory, tiny_server_model):
+    """``tiny_bundle``'s tasks with a deep task prompt (one B_t[l] per layer)."""
+    return build_bundle(tmp_path_factory.mktemp("deep-bundle"), tiny_server_model, deep_prompt=True)
+
+
+@pytest.fixture(scope="module")
+def deep_engine(deep_bundle, tiny_server_model):
+    """An in-process engine on ``deep_bundle``."""
+    yield from _engine(deep_bundle, tiny_server_model)
+
+
+def _engine(bundle, loaded):
     import torch
 
     from talora.server.engine import Engine
     from talora.server.settings import Settings
 
     threads = torch.get_num_threads()
-    eng = Engine(Settings(bundle=tiny_bundle, num_slots=3, torch_threads=1), loaded=tiny_server_model)
+    eng = Engine(Settings(bundle=bundle, num_slots=3, torch_threads=1), loaded=loaded)
     eng.start()
     yield eng
     eng.stop(10)

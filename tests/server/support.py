@@ -26,10 +26,12 @@ CLASSIFY = {
 GENERATE = "echo"
 
 
-def build_bundle(folder: Path, loaded, seed: int = 0) -> Path:
-    """A bundle of four classify tasks and one generate task with random, open gates."""
+def build_bundle(folder: Path, loaded, seed: int = 0, **shape) -> Path:
+    """A bundle of four classify tasks and one generate task with random, open gates
+    (``shape``: ``TaloraConfig`` fields other than the default sizes, e.g. ``deep_prompt=True``)."""
     gen = torch.Generator().manual_seed(seed)
-    model = TaloraModel(loaded.model, TaloraConfig(shared_prompt_len=4, task_prompt_len=4, rank=4, init_std=0.5))
+    config = TaloraConfig(**{"shared_prompt_len": 4, "task_prompt_len": 4, "rank": 4, "init_std": 0.5, **shape})
+    model = TaloraModel(loaded.model, config)
     model.init_shared(gen)
     bundle = export_bundle(model, folder, loaded.name, loaded.fingerprint)
     for task, verbalizers in CLASSIFY.items():

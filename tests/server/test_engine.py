@@ -32,7 +32,13 @@ def _job(engine, task, text, kind="score", params=None):
     return Job(kind, adapter, ids, sink, time.monotonic() + 120, params), sink
 
 
-def test_mixed_task_batch_scores_equal_score_labels(engine, tiny_bundle, tiny_server_model):
+SERVED = pytest.mark.parametrize("served", [("engine", "tiny_bundle"), ("deep_engine", "deep_bundle")],
+                                 ids=["input-prompt", "deep-prompt"])
+
+
+@SERVED
+def test_mixed_task_batch_scores_equal_score_labels(served, request, tiny_server_model):
+    engine, tiny_bundle = (request.getfixturevalue(name) for name in served)
     pairs = [_job(engine, task, text) for task, text in TEXTS.items()]
     engine.submit([job for job, _ in pairs])
     got = [sink.wait().scores for _, sink in pairs]
@@ -50,7 +56,9 @@ def test_mixed_task_batch_scores_equal_score_labels(engine, tiny_bundle, tiny_se
     assert engine.metrics.slot_evictions._value.get() >= 1  # 4 tasks through 3 slots
 
 
-def test_greedy_generation_equals_full_path(engine, tiny_bundle, tiny_server_model):
+@SERVED
+def test_greedy_generation_equals_full_path(served, request, tiny_server_model):
+    engine, tiny_bundle = (request.getfixturevalue(name) for name in served)
     steps = 5
     job, sink = _job(engine, GENERATE, "The capital of France is", "generate",
                      GenerationParams(max_new_tokens=steps, temperature=0))

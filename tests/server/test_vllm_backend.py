@@ -56,19 +56,21 @@ CLASSIFY = {
 GENERATE = "echo"
 
 
-def build_bundle(folder: Path, loaded, gated: bool = False, seed: int = 0, shared_prompt_len: int = 32) -> Path:
+def build_bundle(folder: Path, loaded, gated: bool = False, seed: int = 0, shared_prompt_len: int = 32,
+                 deep_prompt: bool = False) -> Path:
     """A bundle of three classify tasks and one generate task; ``ΔP_t`` at the token embeddings' scale, so
     that every task really changes the answers. m = 32 fills one vLLM cache block with the shared prompt."""
     gen = torch.Generator().manual_seed(seed)
-    cfg = TaloraConfig(shared_prompt_len=shared_prompt_len, task_prompt_len=8, rank=4, gated=gated)
+    cfg = TaloraConfig(shared_prompt_len=shared_prompt_len, task_prompt_len=8, rank=4, gated=gated,
+                       deep_prompt=deep_prompt)
     model = TaloraModel(loaded.model, cfg)
     model.init_shared(gen, basis_init="embedding")
     bundle = export_bundle(model, folder, loaded.name, loaded.fingerprint)
     for task, verbalizers in CLASSIFY.items():
-        model.add_task(task, torch.randn(8, 4, generator=gen) * 0.5)
+        model.add_task(task, torch.randn(model.fast_shape, generator=gen) * 0.5)
         export_task(model, task, folder, bundle, kind="classify", labels=list(verbalizers),
                     verbalizers=verbalizers, template=TEMPLATE, max_input_tokens=48)
-    model.add_task(GENERATE, torch.randn(8, 4, generator=gen) * 0.1)
+    model.add_task(GENERATE, torch.randn(model.fast_shape, generator=gen) * 0.1)
     export_task(model, GENERATE, folder, bundle, kind="generate", template="{text}", max_input_tokens=48)
     return folder
 
@@ -116,6 +118,12 @@ def test_check_gate_off_refuses_a_gated_bundle_and_says_why(tmp_path, tiny_serve
     gated, _ = load_bundle(build_bundle(tmp_path, tiny_server_model, gated=True))
     with pytest.raises(GatedBundle, match="trained with the gate on.*--backend talora"):
         check_gate_off(gated)
+
+
+def test_check_gate_off_refuses_a_deep_prompt_bundle_and_says_why(tmp_path, tiny_server_model):
+    deep, _ = load_bundle(build_bundle(tmp_path, tiny_server_model, deep_prompt=True))
+    with pytest.raises(GatedBundle, match="deep task prompt.*--backend talora"):
+        check_gate_off(deep)
 
 
 def test_vllm_engine_refuses_a_gated_bundle_before_starting_anything(tmp_path, tiny_server_model, tiny_llama_dir):
