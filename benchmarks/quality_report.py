@@ -15,7 +15,7 @@ import statistics
 from pathlib import Path
 
 from benchmarks.bench_report import pyplot
-from benchmarks.quality_plan import METHODS, REFERENCE, SETTINGS, PeftRecipe, Run
+from benchmarks.quality_plan import ADDED_FIELDS, METHODS, REFERENCE, SETTINGS, TALORA_SWITCHES, PeftRecipe, Run
 
 REQUIRED = ("method", "task", "setting", "metric", "mean", "std", "seeds", "params_per_task")
 
@@ -245,11 +245,18 @@ def _changes(spec: dict, method: str, stage: str) -> list[str]:
     """The fields of one stage's spec that differ from what the committed recipe gives it
     (TA-LoRA: ``adapters/train/recipe.py``; PEFT: ``PeftRecipe`` and the recipe's budget), the
     learning rate of a target stage aside (the dev table has a column for it)."""
+    from dataclasses import asdict
+
+    from talora.adapters.config import AdapterShape
     from talora.adapters.train import recipe
 
     fields = recipe.defaults(stage)
     if "train" in spec:
-        given, want = spec["train"], fields
+        if stage == "source":  # every shape field counts, with the method's own switches as given
+            full = {**asdict(recipe.source_config(tasks=["any"])), **TALORA_SWITCHES.get(method, {})}
+            fields = {k: full[k] for k in {*fields, *AdapterShape.__dataclass_fields__}}
+        given = {**{k: v for k, v in ADDED_FIELDS.items() if k in fields}, **spec["train"]}  # absent: old value
+        want = fields
     else:
         hyper = PeftRecipe().method_hyper(method, stage)
         given = {**spec.get("budget", {}), **spec.get("hyper", {})}

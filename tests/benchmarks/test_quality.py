@@ -52,8 +52,9 @@ def test_plan_is_deterministic_and_complete():
     assert len(targets) == per_setting_task * len(cfg.target_tasks) * len(cfg.settings)
     sources = [r for r in first if r.stage == "source"]
     assert {r.method for r in sources} == set(qp.MULTITASK)
-    assert {(r.method, r.seed) for r in sources if r.method in ("talora", "mpt", "lora")} == {
-        (m, s) for m in ("talora", "mpt", "lora") for s in cfg.source_seeds}
+    full_methods = ("talora", "mpt", "lora")
+    assert {(r.method, r.seed) for r in sources if r.method in full_methods} == {
+        (m, s) for m in full_methods for s in cfg.source_seeds}
     position = {r.key: i for i, r in enumerate(first)}
     for run in targets:
         if run.method in qp.MULTITASK:
@@ -335,13 +336,14 @@ def test_dev_table_groups_runs_by_method_and_learning_rate():
 
 def test_dev_table_names_what_differs_from_the_recipe_and_splits_source_seeds():
     base = qp.BenchConfig(eval_split="dev", methods=("talora",), settings=("k16",), seeds=(0,), source_seeds=(0, 1))
-    wider = replace(base, source_seeds=(0,)).with_overrides(source={"rank": 32}, target={"steps": 96, "lr": 0.1})
+    wider = replace(base, source_seeds=(0,)).with_overrides(source={"rank": 32, "deep_prompt": True},
+                                                            target={"steps": 96, "lr": 0.1})
     results = [_fake_result(r, 0.5) for cfg in (base, wider) for r in qp.build_plan(cfg) if r.stage != "zero_shot"]
     rows = qr.dev_table(results).splitlines()[2:]
     assert len(rows) == 3
     assert sum("| none | 0 |" in row for row in rows) == sum("| none | 1 |" in row for row in rows) == 1
     (changed,) = [row for row in rows if "rank" in row]
-    assert "| 0.1 | source rank=32, steps=96 | 0 |" in changed
+    assert "| 0.1 | source deep_prompt=True, source rank=32, steps=96 | 0 |" in changed
     orphan = [r for r in results if r["stage"] == "target"][:1]  # its source stage not stored
     assert "source not stored" in qr.dev_table(orphan)
 
