@@ -161,11 +161,12 @@ class Runner:
         self.reading = None
 
     def _finish_scores(self, score_jobs: list[tuple[Admitted, int]], outputs: StepOutputs) -> None:
-        for item, group in score_jobs:
+        for item, group in score_jobs:  # resources go back before the answer, so a caller that has it sees them free
             job = item.job
-            job.emit(Scored(outputs.scores[group:group + len(job.label_ids)].tolist()))
+            scores = outputs.scores[group:group + len(job.label_ids)].tolist()
             release(self.pool, job, item.starts)
             self.slots.release(job.adapter)
+            job.emit(Scored(scores))
 
     def _advance(self, generating: list[Sequence], outputs: StepOutputs, later: Launched | None) -> None:
         """Append one token to every generation (sample read ``i`` is ``generating[i]``) and retire the done."""
@@ -189,16 +190,17 @@ class Runner:
         self.active = [seq for seq in self.active if not seq.done]
 
     def _retire(self, seq: Sequence, outcome: str | Failed | None, later: Launched | None = None) -> None:
-        """Emit ``outcome`` now; give back the range and pin now, or after ``later`` when it has a row for ``seq``."""
+        """Give back the range and pin (now, or after ``later`` when it has a row for ``seq``), then emit
+        ``outcome``: a caller holding the answer finds the resources already free."""
         seq.done = True
-        if isinstance(outcome, Failed):
-            seq.job.emit(outcome)
-        elif outcome is not None:
-            seq.finish(outcome)
         if later is not None and seq.last_step is later:
             later.retiring.append(seq)
         else:
             self._release(seq)
+        if isinstance(outcome, Failed):
+            seq.job.emit(outcome)
+        elif outcome is not None:
+            seq.finish(outcome)
 
     def _release(self, seq: Sequence) -> None:
         self.pool.release(seq.start, seq.job.cache_tokens())
