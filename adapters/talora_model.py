@@ -85,10 +85,6 @@ class TaloraModel(nn.Module):
 
     # ----- parameters -------------------------------------------------------------------
     @property
-    def fast_width(self) -> int:
-        return self.lm.config.hidden_size if self.cfg.full_rank else self.cfg.rank
-
-    @property
     def fast_shape(self) -> tuple[int, ...]:
         """One task's ``B_t``: ``(n, r)``, ``(n, d)`` full rank, with a leading ``L`` when deep."""
         return self.cfg.fast_shape(self.lm.config.num_layers, self.lm.config.hidden_size)

@@ -15,6 +15,7 @@ item as digit strings (``"0210..."``), for the paired comparisons of ``quality_s
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
@@ -25,6 +26,7 @@ from typing import Any
 import torch
 
 from benchmarks.quality_plan import MULTITASK, TALORA_METHODS, Run
+from talora.adapters.config import AdapterShape
 
 ARTIFACTS = "artifacts"
 
@@ -43,7 +45,8 @@ def talora_params(talora: dict, shape: dict) -> tuple[int, int]:
     P (m x d) + A (r x d)."""
     d, L, H = shape["d"], shape["L"], shape["H"]
     full = talora["full_rank"]
-    fast = talora["task_prompt_len"] * (d if full else talora["rank"]) * (L if talora.get("deep_prompt") else 1)
+    adapter = AdapterShape(**{k: talora[k] for k in AdapterShape.__dataclass_fields__ if k in talora})
+    fast = math.prod(adapter.fast_shape(L, d))
     gate = L * H if talora["gated"] else 0
     return fast + gate, talora["shared_prompt_len"] * d + (0 if full else talora["rank"] * d)
 
