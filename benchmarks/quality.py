@@ -229,8 +229,8 @@ def execute_plan(plan: list[Run], runs_dir: Path, work_dir: Path, max_minutes: f
                 if load_result(runs_dir, run.key) is not None:
                     bar.update(1)  # finished by another process sharing the folders
                     continue
-                rates = measured_rates(stored_results(runs_dir))
-                if max_minutes and time.monotonic() - start + estimate_seconds(run, rates) > max_minutes * 60:
+                if max_minutes and time.monotonic() - start + estimate_seconds(
+                        run, measured_rates(stored_results(runs_dir))) > max_minutes * 60:
                     tqdm.write(f"stopping: {run.label} would pass the {max_minutes:g}-minute budget")
                     return ran
                 try:
