@@ -39,15 +39,17 @@ from benchmarks.quality_plan import (
 )
 from benchmarks.quality_report import (
     dev_table,
+    markdown_by_source_seed,
     markdown_means,
     markdown_table,
     markdown_zero_shot,
     plot,
     reference_rows,
+    source_seed_means,
     summary_rows,
     write_summary,
 )
-from benchmarks.quality_stats import comparisons
+from benchmarks.quality_stats import by_source_seed, comparisons
 
 HERE = Path(__file__).resolve().parent
 
@@ -163,9 +165,12 @@ def summarise(full_cfg: BenchConfig, runs_dir: Path, results_dir: Path, command:
     plan = build_plan(full_cfg)
     results = {r.key: res for r in plan if (res := load_result(runs_dir, r.key)) is not None}
     rows, zero_shot = summary_rows(plan, results), reference_rows(plan, results)
-    compared = comparisons(list(results.values()), full_cfg.settings, n_boot=n_boot)
+    stored = list(results.values())
+    compared = comparisons(stored, full_cfg.settings, n_boot=n_boot)
+    by_seed = {"means": source_seed_means(stored),
+               "comparisons": by_source_seed(stored, full_cfg.settings, n_boot=n_boot)}
     doc = write_summary(results_dir / "quality.json", rows, command, _config_record(full_cfg), len(plan),
-                        len(results), zero_shot, compared)
+                        len(results), zero_shot, compared, by_seed)
     plot(results_dir / "quality.png", rows, zero_shot, compared)
     return doc
 
@@ -275,8 +280,8 @@ def main(argv=None) -> None:
     print(f"{doc['runs_finished']}/{doc['runs_planned']} runs finished; {len(doc['rows'])} rows in "
           f"{args.results_dir / 'quality.json'}")
     if args.summarise:
-        print(markdown_means(doc["means"], doc["comparisons"]) + "\n\n" + markdown_zero_shot(doc["zero_shot"])
-              + "\n\n" + markdown_table(doc["rows"]))
+        print(markdown_means(doc["means"], doc["comparisons"]) + "\n\n" + markdown_by_source_seed(doc["by_source_seed"])
+              + "\n\n" + markdown_zero_shot(doc["zero_shot"]) + "\n\n" + markdown_table(doc["rows"]))
 
 
 if __name__ == "__main__":

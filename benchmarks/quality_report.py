@@ -86,6 +86,21 @@ def method_means(rows: list[dict]) -> list[dict]:
     return out
 
 
+def source_seed_means(results: list[dict]) -> list[dict]:
+    """Mean target accuracy of each multi-task (method, setting, source seed): the mean over target
+    tasks of the mean over target seeds, as in ``method_means``."""
+    groups: dict[tuple[str, str, int], dict[str, list[float]]] = {}
+    for r in results:
+        if r["stage"] == "target" and r.get("source_seed") is not None:
+            key = (r["method"], r["setting"], r["source_seed"])
+            groups.setdefault(key, {}).setdefault(r["task"], []).append(r["metrics"][r["task"]]["accuracy"])
+    order = {m: i for i, m in enumerate(METHODS)}
+    return [{"method": m, "setting": st, "source_seed": s, "tasks": len(tasks),
+             "runs": sum(len(v) for v in tasks.values()),
+             "mean": round(statistics.fmean(statistics.fmean(v) for v in tasks.values()), 4)}
+            for (m, st, s), tasks in sorted(groups.items(), key=lambda kv: (order[kv[0][0]], kv[0][1], kv[0][2]))]
+
+
 def summary_rows(plan: list[Run], results: dict[str, dict]) -> list[dict]:
     """Rows for every (method, task, setting) of ``plan`` with at least one finished run."""
     groups: dict[tuple[str, str, str, str], list[tuple[dict, dict]]] = {}
@@ -119,13 +134,16 @@ def reference_rows(plan: list[Run], results: dict[str, dict]) -> list[dict]:
 
 
 def write_summary(path: Path, rows: list[dict], command: str, config: dict, plan_size: int, done: int,
-                  zero_shot: list[dict] | None = None, comparisons: list[dict] | None = None) -> dict:
+                  zero_shot: list[dict] | None = None, comparisons: list[dict] | None = None,
+                  by_source_seed: dict | None = None) -> dict:
     """Write quality.json. ``command`` is the one that wrote it (``last_invocation``); "command" is
-    the one that resumes and completes the whole plan, since the rows come from many sittings."""
+    the one that resumes and completes the whole plan, since the rows come from many sittings.
+    ``by_source_seed``: ``{"means": source_seed_means, "comparisons": quality_stats.by_source_seed}``."""
     doc = {"machine": machine(), "command": "python -m benchmarks.quality", "last_invocation": command,
            "runs_finished": done, "runs_planned": plan_size,
            "config": config, "zero_shot": zero_shot or [], "means": method_means(rows),
-           "comparisons": comparisons or [], "rows": rows}
+           "comparisons": comparisons or [], "by_source_seed": by_source_seed or {"means": [], "comparisons": []},
+           "rows": rows}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(doc, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
@@ -233,6 +251,20 @@ def markdown_means(means: list[dict], comparisons: list[dict]) -> str:
         lines += ["", "| a | b | setting | a - b | 90% interval | paired units |", "|---|---|---|---|---|---|"]
         lines += [f"| {c['a']} | {c['b']} | {c['setting']} | {c['diff_mean']:+.3f} | [{c['ci90'][0]:+.3f}, "
                   f"{c['ci90'][1]:+.3f}] | {c['n_items']:,} |" for c in comparisons]
+    return "\n".join(lines)
+
+
+def markdown_by_source_seed(by_seed: dict) -> str:
+    """Each multi-task method's mean per source stage, then talora's comparisons on one source stage
+    at a time."""
+    lines = ["| method | setting | source seed | mean accuracy | runs |", "|---|---|---|---|---|"]
+    lines += [f"| {m['method']} | {m['setting']} | {m['source_seed']} | {m['mean']:.3f} | {m['runs']} |"
+              for m in by_seed["means"]]
+    if by_seed["comparisons"]:
+        lines += ["", "| a | b | setting | source seed | a - b | 90% interval | paired units |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {c['a']} | {c['b']} | {c['setting']} | {c['source_seed']} | {c['diff_mean']:+.3f} | "
+                  f"[{c['ci90'][0]:+.3f}, {c['ci90'][1]:+.3f}] | {c['n_items']:,} |" for c in by_seed["comparisons"]]
     return "\n".join(lines)
 
 

@@ -359,3 +359,24 @@ def test_a_field_added_later_keeps_the_stored_keys_at_its_old_value():
     assert "deep_prompt" in qp.key_fields(deep.source) and "deep_prompt" not in qp.key_fields(base.source)
     moved = {a.key != b.key for a, b in zip(plain, layered) if a.stage in ("source", "target")}
     assert moved == {True}
+
+
+def test_comparisons_by_source_seed_pair_like_stages():
+    cfg = replace(qp.BenchConfig(), methods=("talora", "prompt_tuning", "lora"), settings=("k16",), seeds=(0, 1),
+                  source_seeds=(0, 1), target_tasks=("tweet_sentiment",))
+    runs = [r for r in qp.build_plan(cfg) if r.stage == "target"]
+    accuracy = {("talora", 0): 1.0, ("talora", 1): 0.5, ("lora", 0): 0.75, ("prompt_tuning", None): 0.25}
+    results = [_fake_result(r, accuracy[(r.method, r.source_seed)], n=4) for r in runs
+               if (r.method, r.source_seed) in accuracy]  # lora's second source stage has not run
+    means = qr.source_seed_means(results)
+    assert [(m["method"], m["source_seed"], m["mean"], m["runs"]) for m in means] == [
+        ("talora", 0, 1.0, 2), ("talora", 1, 0.5, 2), ("lora", 0, 0.75, 2)]
+    rows = qs.by_source_seed(results, ("k16",), baselines=("prompt_tuning", "lora"), n_boot=50)
+    assert [(c["b"], c["source_seed"], c["diff_mean"]) for c in rows] == [
+        ("prompt_tuning", 0, 0.75), ("lora", 0, 0.25), ("prompt_tuning", 1, 0.25)]
+    assert all(c["n_items"] == 2 * 4 for c in rows)
+    # the pooled comparison averages talora's source stages against lora's only one
+    pooled = qs.comparisons(results, ("k16",), baselines=("lora",), n_boot=50)
+    assert pooled[0]["diff_mean"] == 0.0
+    table = qr.markdown_by_source_seed({"means": means, "comparisons": rows})
+    assert "| talora | k16 | 1 | 0.500 | 2 |" in table and "| talora | lora | k16 | 0 | +0.250 |" in table
