@@ -171,7 +171,7 @@ def summarise(full_cfg: BenchConfig, runs_dir: Path, results_dir: Path, command:
                "comparisons": by_source_seed(stored, full_cfg.settings, n_boot=n_boot)}
     doc = write_summary(results_dir / "quality.json", rows, command, _config_record(full_cfg), len(plan),
                         len(results), zero_shot, compared, by_seed)
-    plot(results_dir / "quality.png", rows, zero_shot, compared)
+    plot(results_dir / "quality.png", rows, zero_shot, compared, by_seed["comparisons"])
     return doc
 
 

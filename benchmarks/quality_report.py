@@ -152,10 +152,11 @@ def write_summary(path: Path, rows: list[dict], command: str, config: dict, plan
 
 
 def plot(path: Path, rows: list[dict], zero_shot: list[dict] | None = None,
-         comparisons: list[dict] | None = None) -> Path | None:
+         comparisons: list[dict] | None = None, by_seed: list[dict] | None = None) -> Path | None:
     """Left: grouped bars of target accuracy (mean ± std, seed count on each bar), majority rate
     dashed, the frozen model's zero-shot accuracy dotted. Right (when there are comparisons): each
-    paired difference with its 90 % interval, against 0 and the goal's -0.02 margin."""
+    paired difference with its 90 % interval, against 0, the goal's -0.02 margin and LoRA's -0.05;
+    under each, thin and hollow, the same comparison on one source stage at a time (``by_seed``)."""
     plt = pyplot()
 
     target = [r for r in rows if r["role"] == "target"]
@@ -167,7 +168,7 @@ def plot(path: Path, rows: list[dict], zero_shot: list[dict] | None = None,
     fig, axes = plt.subplots(1, len(widths), figsize=(sum(widths), 4.2), width_ratios=widths, squeeze=False)
     _bars(axes[0][0], target, groups, zero_shot)
     if found:
-        _forest(axes[0][1], found)
+        _forest(axes[0][1], found, [c for c in by_seed or [] if c.get("ci90")])
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -202,20 +203,29 @@ def _bars(ax, target: list[dict], groups: list[tuple[str, str]], zero_shot: list
                  fontsize=9)
 
 
-def _forest(ax, comparisons: list[dict]) -> None:
+def _forest(ax, comparisons: list[dict], by_seed: list[dict]) -> None:
     labels = [f"{c['a']} - {c['b']}, {c['setting']}" for c in comparisons]
     for y, c in enumerate(comparisons):
         lo, hi = c["ci90"]
         ax.hlines(y, lo, hi, colors="k", linewidth=1.5)
         ax.plot(c["diff_mean"], y, "o", color="C0" if lo > 0 else ("C1" if lo > -0.02 else "C3"))
+        mine = [s for s in by_seed if (s["a"], s["b"], s["setting"]) == (c["a"], c["b"], c["setting"])]
+        for k, s in enumerate(sorted(mine, key=lambda s: s["source_seed"])):
+            dy = 0.15 * (k + 1)
+            ax.hlines(y + dy, *s["ci90"], colors="gray", linewidth=0.6)
+            ax.plot(s["diff_mean"], y + dy, "o", mfc="none", mec="gray", markersize=3)
+            ax.text(s["ci90"][1], y + dy, f" s{s['source_seed']}", fontsize=5, va="center", color="gray")
     ax.axvline(0.0, color="k", linewidth=0.8)
     ax.axvline(-0.02, color="gray", linestyle="dashed", linewidth=0.8)
+    if any(c["b"] == "lora" for c in comparisons):
+        ax.axvline(-0.05, color="C3", linestyle="dotted", linewidth=0.8)
     ax.set_yticks(range(len(comparisons)), labels, fontsize=7)
     ax.invert_yaxis()
     ax.locator_params(axis="x", nbins=5)
     ax.tick_params(axis="x", labelsize=7)
     ax.set_xlabel("paired difference of mean accuracy (90 % interval)", fontsize=8)
-    ax.set_title("Paired bootstrap (dashed: the -0.02 margin)", fontsize=9)
+    ax.set_title("Paired bootstrap (dashed: the -0.02 margin; dotted: LoRA's -0.05;\n"
+                 "gray: one source stage at a time)", fontsize=8)
 
 
 def markdown_zero_shot(zero_shot: list[dict]) -> str:

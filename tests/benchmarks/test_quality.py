@@ -361,7 +361,7 @@ def test_a_field_added_later_keeps_the_stored_keys_at_its_old_value():
     assert moved == {True}
 
 
-def test_comparisons_by_source_seed_pair_like_stages():
+def test_comparisons_by_source_seed_pair_like_stages(tmp_path):
     cfg = replace(qp.BenchConfig(), methods=("talora", "prompt_tuning", "lora"), settings=("k16",), seeds=(0, 1),
                   source_seeds=(0, 1), target_tasks=("tweet_sentiment",))
     runs = [r for r in qp.build_plan(cfg) if r.stage == "target"]
@@ -380,3 +380,7 @@ def test_comparisons_by_source_seed_pair_like_stages():
     assert pooled[0]["diff_mean"] == 0.0
     table = qr.markdown_by_source_seed({"means": means, "comparisons": rows})
     assert "| talora | k16 | 1 | 0.500 | 2 |" in table and "| talora | lora | k16 | 0 | +0.250 |" in table
+    plan = qp.build_plan(cfg)
+    keyed = {r["key"]: r for r in results}
+    png = qr.plot(tmp_path / "q.png", qr.summary_rows(plan, keyed), None, pooled, rows)
+    assert png is not None and png.stat().st_size > 0
