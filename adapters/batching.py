@@ -134,6 +134,18 @@ class PackedStep:
     num_groups: int
 
 
+def feed_picks(input_ids: torch.Tensor, fed_at: torch.Tensor, fed_from: torch.Tensor,
+               previous: torch.Tensor | None) -> None:
+    """Write into ``input_ids`` (in place, on the device) the tokens of a step's fed decode rows
+    (``StepPlan.add_fed_decode_row``): token ``fed_at[i]`` becomes ``previous[fed_from[i]]``, the
+    step before's pick at that sample read. Nothing to do when no row is fed."""
+    if not len(fed_at):
+        return
+    if previous is None:
+        raise ValueError("previous: the step has fed decode rows but no previous picks were given")
+    input_ids.index_copy_(0, fed_at, previous[fed_from])
+
+
 _LONG_FIELDS = ("tokens", "positions", "write", "reads", "term_reads", "term_targets", "term_groups", "sample_reads",
                 "fed_at", "fed_from")
 _INT_FIELDS = ("cu", "slots", "k_starts", "kv_lens")

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from talora.adapters.batching import PackedStep, Row, StepBuffers, StepPlan
+from talora.adapters.batching import PackedStep, Row, StepBuffers, StepPlan, feed_picks
 from talora.adapters.talora_model import KVCache, PrefixKV, SlotKV, TaloraModel
 
 
@@ -71,10 +71,7 @@ def launch_step(model: TaloraModel, step: PackedStep, prefix: PrefixKV, slots: S
     """Forward ``step`` and start reading it on the device. ``sampler`` maps the sample reads'
     log-probabilities ``(D, V)`` float32 to their next tokens ``(D,)`` on the device; None: the argmax
     (greedy). ``previous``: the step before's ``StepReads.tokens``, which ``step``'s fed rows read."""
-    if len(step.fed_at):
-        if previous is None:
-            raise ValueError("previous: the step has fed decode rows but no previous picks were given")
-        step.input_ids.index_copy_(0, step.fed_at, previous[step.fed_from])
+    feed_picks(step.input_ids, step.fed_at, step.fed_from, previous)
     hidden = model.forward_cached(step.input_ids, step.meta, prefix, slots, cache)
     # log_softmax, not logsumexp: on CPU it is one fused pass and ~6x faster on wide logits
     logprobs = torch.log_softmax(model.lm.logits(hidden[step.read_index]).float(), dim=-1)  # (R, V)

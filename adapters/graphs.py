@@ -8,7 +8,8 @@ the log-softmax of such a step once per bucket into static buffers, and replays 
 1. the step's rows are written into pinned host arrays, padded to the bucket with rows that read
    and write one scratch cache position (``scratch_index``, a position no request range covers),
    and copied without blocking into the static device metadata; the tokens of fed rows (picked by
-   the step before and still on the device, ``StepPlan.add_fed_decode_row``) are gathered there;
+   the step before and still on the device, ``StepPlan.add_fed_decode_row``) are written there by
+   ``feed_picks``, as on the eager path;
 2. the graph replays; the first ``D`` rows of its static log-probabilities are the step's.
 
 The cache-length bucket is the ``max_kv_len`` the graph was captured with, so the dispatcher's
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from talora.adapters.batching import BatchMeta, StepPlan
+from talora.adapters.batching import BatchMeta, StepPlan, feed_picks
 from talora.adapters.talora_model import KVCache, PrefixKV, SlotKV, TaloraModel
 
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)  # rows of a captured decode step
@@ -52,8 +53,9 @@ def decode_only(plan: StepPlan) -> bool:
 class _Static:
     """The static buffers of one bucket: host (pinned on CUDA) and device, and the views a graph reads."""
 
-    host: torch.Tensor  # (6, B) int64: input ids, positions, write index, k_starts, kv_lens, fed from (-1: not fed)
-    device_long: torch.Tensor  # (6, B) int64 on the device
+    host: torch.Tensor  # (7, B) int64: input ids, positions, write index, k_starts, kv_lens, then the first F
+    # columns of fed_at and fed_from (``StepPlan``'s, F fed rows)
+    device_long: torch.Tensor  # (7, B) int64 on the device
     slots_host: torch.Tensor  # (B,) int32
     slots_device: torch.Tensor  # (B,) int32
     meta: BatchMeta  # views of the device buffers, max_kv_len = the cache bucket
@@ -99,9 +101,9 @@ class DecodeGraphs:
 
     def _make_static(self, rows: int, kv_bucket: int) -> _Static:
         pin = self.device.type == "cuda"
-        host = torch.empty(6, rows, dtype=torch.int64, pin_memory=pin)
+        host = torch.zeros(7, rows, dtype=torch.int64, pin_memory=pin)
         slots_host = torch.zeros(rows, dtype=torch.int32, pin_memory=pin)
-        host[0], host[1], host[2:4], host[4], host[5] = 0, 0, self.scratch_index, 1, -1  # every row a pad row
+        host[2:4], host[4] = self.scratch_index, 1  # every row a pad row
         device_long, slots_device = host.to(self.device), slots_host.to(self.device)
         k_starts, kv_lens = device_long[3].int(), device_long[4].int()
         cu = torch.arange(rows + 1, dtype=torch.int32, device=self.device)
@@ -119,8 +121,8 @@ class DecodeGraphs:
         starts = np.fromiter((r.start for r in plan.rows), dtype=np.int64, count=n)
         host[1, :n], host[2, :n], host[3, :n], host[4, :n] = past, starts + past, starts, past + 1
         host[0, n:], host[1, n:], host[2:4, n:], host[4, n:] = 0, 0, self.scratch_index, 1
-        host[5] = -1
-        host[5, plan.fed_at] = plan.fed_from  # a decode-only step's token i is its row i
+        fed = len(plan.fed_at)
+        host[5, :fed], host[6, :fed] = plan.fed_at, plan.fed_from  # a decode-only step's token i is its row i
         static.slots_host.numpy()[:n] = [r.slot for r in plan.rows]
         static.slots_host.numpy()[n:] = 0
         static.device_long.copy_(static.host, non_blocking=True)
@@ -128,11 +130,7 @@ class DecodeGraphs:
         if self.device.type == "cuda":
             static.copied = torch.cuda.Event()
             static.copied.record()
-        if plan.fed_at:
-            if previous is None:
-                raise ValueError("previous: the step has fed decode rows but no previous picks were given")
-            fed = static.device_long[5]
-            static.device_long[0].copy_(torch.where(fed >= 0, previous[fed.clamp(min=0)], static.device_long[0]))
+        feed_picks(static.device_long[0], static.device_long[5, :fed], static.device_long[6, :fed], previous)
         # The kernels read int32 starts and lengths: converted on the device, into the captured storage.
         static.k_starts.copy_(static.device_long[3])
         static.kv_lens.copy_(static.device_long[4])
