@@ -26,6 +26,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from benchmarks.quality_plan import (
+    ABLATIONS,
     METHODS,
     SETTINGS,
     BenchConfig,
@@ -49,7 +50,7 @@ from benchmarks.quality_report import (
     summary_rows,
     write_summary,
 )
-from benchmarks.quality_stats import by_source_seed, comparisons
+from benchmarks.quality_stats import HEADLINE_BASELINES, by_source_seed, comparisons
 
 HERE = Path(__file__).resolve().parent
 
@@ -168,7 +169,8 @@ def summarise(full_cfg: BenchConfig, runs_dir: Path, results_dir: Path, command:
     stored = list(results.values())
     compared = comparisons(stored, full_cfg.settings, n_boot=n_boot)
     by_seed = {"means": source_seed_means(stored),
-               "comparisons": by_source_seed(stored, full_cfg.settings, n_boot=n_boot)}
+               "comparisons": by_source_seed(stored, full_cfg.settings, baselines=HEADLINE_BASELINES + ABLATIONS,
+                                             n_boot=n_boot)}
     doc = write_summary(results_dir / "quality.json", rows, command, _config_record(full_cfg), len(plan),
                         len(results), zero_shot, compared, by_seed)
     plot(results_dir / "quality.png", rows, zero_shot, compared, by_seed["comparisons"])
