@@ -69,13 +69,15 @@ def paired_bootstrap(a: dict[str, dict[int, np.ndarray]], b: dict[str, dict[int,
 
 
 def comparisons(results: list[dict], settings: tuple[str, ...], a: str = "talora",
-                baselines: tuple[str, ...] = HEADLINE_BASELINES, n_boot: int = 10_000) -> list[dict]:
-    """``{"a", "b", "setting", "diff_mean", "ci90", "n_items", ...}`` for ``a`` against each baseline."""
+                baselines: tuple[str, ...] = HEADLINE_BASELINES, n_boot: int = 10_000,
+                source_seed: int | None = None) -> list[dict]:
+    """``{"a", "b", "setting", "diff_mean", "ci90", "n_items", ...}`` for ``a`` against each baseline.
+    ``source_seed``: both sides' runs from that source stage only (``correctness``)."""
     out = []
     for setting in settings:
-        mine = correctness(results, a, setting)
+        mine = correctness(results, a, setting, source_seed)
         for b in baselines:
-            found = paired_bootstrap(mine, correctness(results, b, setting), n_boot=n_boot)
+            found = paired_bootstrap(mine, correctness(results, b, setting, source_seed), n_boot=n_boot)
             if found is not None:
                 out.append({"a": a, "b": b, "setting": setting, **found})
     return out
@@ -88,12 +90,5 @@ def by_source_seed(results: list[dict], settings: tuple[str, ...], a: str = "tal
     stage); a row per (setting, source seed, baseline) that both have runs for."""
     seeds = sorted({r["source_seed"] for r in results
                     if r["method"] == a and r["stage"] == "target" and r.get("source_seed") is not None})
-    out = []
-    for setting in settings:
-        for s in seeds:
-            mine = correctness(results, a, setting, s)
-            for b in baselines:
-                found = paired_bootstrap(mine, correctness(results, b, setting, s), n_boot=n_boot)
-                if found is not None:
-                    out.append({"a": a, "b": b, "setting": setting, "source_seed": s, **found})
-    return out
+    return [{**c, "source_seed": s} for setting in settings for s in seeds
+            for c in comparisons(results, (setting,), a, baselines, n_boot, source_seed=s)]
