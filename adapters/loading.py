@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,20 +126,40 @@ def convert_default_model(target: Path) -> None:
     config.pop("quantization_config", None)
     config.pop("_name_or_path", None)
     state = {k: v.contiguous() for k, v in hf_model.state_dict().items() if k != "lm_head.weight"}
-    tmp = target.with_name(target.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
-    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)  # atomic: a half-written conversion is never taken for a cache
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # each process converts into a folder of its own: two first uses at once (two benchmark processes,
+    # two server replicas) never write into the same files
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".partial-", dir=target.parent))
+    try:
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        tokenizer.save_pretrained(tmp)
+        _publish_dir(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _converted(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
+
+
+def _publish_dir(tmp: Path, target: Path) -> None:
+    """Move the finished folder ``tmp`` to ``target`` by one rename, so a half-written conversion is
+    never taken for a cache. If another process published ``target`` first, its folder is kept."""
+    if _converted(target):
+        return
+    shutil.rmtree(target, ignore_errors=True)  # an incomplete folder of an older layout
+    try:
+        tmp.rename(target)
+    except OSError:
+        if not _converted(target):  # not a lost race: a real failure
+            raise
 
 
 def default_model_dir() -> Path:
     """The converted default checkpoint, converting it first when the cache lacks it."""
     target = cache_root() / "models" / DEFAULT_MODEL
-    if not (target / "config.json").is_file() or not (target / "model.safetensors").is_file():
+    if not _converted(target):
         convert_default_model(target)
     return target
 

