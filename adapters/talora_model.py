@@ -117,8 +117,8 @@ class TaloraModel(nn.Module):
             self.basis.copy_(noise.to(self.basis))
 
     def add_task(self, name: str, fast: torch.Tensor | None = None,
-                 generator: torch.Generator | None = None) -> TaskAdapter:
-        """Add task ``name`` with fast weights ``fast`` (random when None) and a zero gate."""
+                 generator: torch.Generator | None = None, gate: torch.Tensor | None = None) -> TaskAdapter:
+        """Add task ``name`` with fast weights ``fast`` (random when None) and gate ``gate`` (zero when None)."""
         shape = self.fast_shape
         if fast is None:
             fast = torch.randn(shape, generator=generator) * self.cfg.init_std
@@ -126,6 +126,9 @@ class TaloraModel(nn.Module):
             raise ValueError(f"fast: expected shape {shape}, got {tuple(fast.shape)}")
         mc = self.lm.config
         adapter = TaskAdapter(fast.to(self.prompt.dtype).to(self.lm.device).clone(), mc.num_layers, mc.num_heads)
+        if gate is not None:
+            with torch.no_grad():
+                adapter.gate.copy_(gate)
         self.tasks[name] = adapter
         return adapter
 

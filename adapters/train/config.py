@@ -18,6 +18,7 @@ from talora.adapters.config import AdapterShape, TaloraConfig, described
 STAGES = ("source", "target", "eval")
 SAMPLING = ("proportional", "temperature")
 TARGET_INIT = ("mean", "nearest", "random")
+GATE_INIT = ("zero", "source")
 LR_SCHEDULES = ("constant", "cosine", "linear")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "bfloat16")
@@ -75,6 +76,9 @@ class TrainConfig(AdapterShape):
         0, "k-shot: k training examples per label for classification, k in all for QA (0 = full data)")
     target_init: str = described(
         "mean", "initial B_target: mean of the source B_t, the nearest source task (lowest loss), or random")
+    gate_init: str = described(
+        "zero", "initial g_target: zero (the method's zero-initialised gate) or source (taken like B_target: the "
+                "mean of the source gates, or the nearest task's; zero with target_init random)")
     train_shared: bool = described(False, "target stage: also train P and A (slow); writes a new bundle")
     # evaluation
     split: str = described("dev", "split to evaluate (train, dev or test)")
@@ -110,6 +114,7 @@ class TrainConfig(AdapterShape):
         _require(self.sampling in SAMPLING, "sampling", f"{self.sampling!r} is not one of {SAMPLING}")
         _require(self.lr_schedule in LR_SCHEDULES, "lr_schedule", f"{self.lr_schedule!r} is not one of {LR_SCHEDULES}")
         _require(self.target_init in TARGET_INIT, "target_init", f"{self.target_init!r} is not one of {TARGET_INIT}")
+        _require(self.gate_init in GATE_INIT, "gate_init", f"{self.gate_init!r} is not one of {GATE_INIT}")
         _require(self.device in DEVICES, "device", f"{self.device!r} is not one of {DEVICES}")
         _require(self.dtype in DTYPES, "dtype", f"{self.dtype!r} is not one of {DTYPES}")
         _require(self.basis_init in BASIS_INITS, "basis_init", f"{self.basis_init!r} is not one of {BASIS_INITS}")
@@ -188,7 +193,7 @@ STAGE_FIELDS: dict[str, tuple[str, ...]] = {
     "source": _COMMON + _TRAIN + ("tasks", "shared_prompt_len", "task_prompt_len", "rank", "scale", "gated",
                                   "full_rank", "deep_prompt", "slow_lr_ratio", "basis_lr_ratio", "init_std",
                                   "basis_init", "prompt_init_text", "sampling", "sampling_temperature"),
-    "target": _COMMON + _TRAIN + ("bundle", "task", "shots", "target_init", "train_shared", "slow_lr_ratio",
+    "target": _COMMON + _TRAIN + ("bundle", "task", "shots", "target_init", "gate_init", "train_shared", "slow_lr_ratio",
                                   "basis_lr_ratio"),
     "eval": tuple(f for f in _COMMON if f != "output_dir") + ("bundle", "task"),
 }

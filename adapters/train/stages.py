@@ -188,13 +188,17 @@ def nearest_source_task(model: TaloraModel, sources: list[str], task: EncodedTas
     return best
 
 
-def _target_init(model: TaloraModel, sources: list[str], task: EncodedTask, how: str, seed: int):
-    if how == "random" or not sources:
-        return None, "random"
-    if how == "mean":
-        return torch.stack([model.adapter(s).fast.detach() for s in sources]).mean(0), "mean"
-    nearest = nearest_source_task(model, sources, task)
-    return model.adapter(nearest).fast.detach().clone(), f"nearest:{nearest}"
+def _target_init(model: TaloraModel, sources: list[str], task: EncodedTask, cfg: TrainConfig):
+    """``(B_target, g_target, name)``: B from the sources (``target_init``), g from the same sources with
+    ``gate_init=source``; None where the tensor starts fresh (random B, zero gate)."""
+    if cfg.target_init == "random" or not sources:
+        return None, None, "random"
+    picked = sources if cfg.target_init == "mean" else [nearest_source_task(model, sources, task)]
+    name = "mean" if cfg.target_init == "mean" else f"nearest:{picked[0]}"
+    fast = torch.stack([model.adapter(s).fast.detach() for s in picked]).mean(0)
+    if cfg.gate_init == "zero":
+        return fast, None, name
+    return fast, torch.stack([model.adapter(s).gate.detach() for s in picked]).mean(0), f"{name}+gate"
 
 
 def run_target(cfg: TrainConfig) -> dict:
@@ -213,8 +217,8 @@ def run_target(cfg: TrainConfig) -> dict:
         chosen = k_shot(pool, cfg.shots, spec.kind, cfg.seed) if cfg.shots else pool
         train_task = encode_task(spec, chosen, tok, cfg.max_input_tokens)
         eval_task = encode_task(spec, _load_examples(cfg.task, cfg.split, cfg.eval_limit), tok, cfg.max_input_tokens)
-        init, init_name = _target_init(model, sources, train_task, cfg.target_init, cfg.seed)
-        model.add_task(cfg.task, init, generator=torch.Generator().manual_seed(cfg.seed))
+        init, gate, init_name = _target_init(model, sources, train_task, cfg)
+        model.add_task(cfg.task, init, generator=torch.Generator().manual_seed(cfg.seed), gate=gate)
         optimizer = build_optimizer(model, cfg, [cfg.task], train_shared=cfg.train_shared)
         run_dir = Path(cfg.output_dir)
         eval_fn = _Eval(model, [eval_task], tok, cfg)

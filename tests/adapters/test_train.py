@@ -273,6 +273,33 @@ def test_target_stage_trains_only_the_target_fast_weights(source_run, env, tmp_p
     assert metas["toy_new"].training["init"] == "mean"
 
 
+@pytest.mark.parametrize("target_init,gate_init,sources_used,name", [
+    ("mean", "zero", None, "mean"),
+    ("mean", "source", ("a", "b"), "mean+gate"),
+    ("nearest", "source", "nearest", "nearest:"),
+    ("random", "source", None, "random"),
+])
+def test_target_gate_starts_from_the_same_sources_as_b(tiny_llama_dir, target_init, gate_init, sources_used, name):
+    from talora.adapters.train.stages import _target_init, nearest_source_task
+
+    model = _tiny_model(tiny_llama_dir)
+    with torch.no_grad():
+        for t in model.tasks.values():
+            t.gate.normal_()
+    task = _toy_task("new", 3)
+    cfg = TrainConfig(stage="target", bundle="x", task="new", target_init=target_init, gate_init=gate_init)
+    fast, gate, got = _target_init(model, ["a", "b"], task, cfg)
+    assert got.startswith(name)
+    if sources_used == "nearest":
+        sources_used = (nearest_source_task(model, ["a", "b"], task),)
+    if sources_used is None:
+        assert gate is None  # add_task gives it the zero gate
+    else:
+        expected = torch.stack([model.tasks[s].gate for s in sources_used]).mean(0)
+        assert torch.equal(gate, expected)
+        assert torch.equal(model.add_task("new", fast, gate=gate).gate, expected)
+
+
 def test_target_training_leaves_every_other_tensor_bit_identical(tiny_llama_dir, tmp_path):
     model = _tiny_model(tiny_llama_dir)
     model.add_task("new", torch.stack([model.tasks[t].fast.detach() for t in ("a", "b")]).mean(0))
@@ -307,7 +334,7 @@ def test_qa_metrics_on_known_strings():
     ({"lr": 0.0}, "lr"), ({"sampling": "roundrobin"}, "sampling"), ({"steps": "ten"}, "steps"),
     ({"rank": 0}, "rank"), ({"batch_size": 0}, "batch_size"), ({"tasks": []}, "tasks"),
     ({"learning_rate": 0.1}, "learning_rate"), ({"stage": "target", "bundle": ""}, "bundle"),
-    ({"target_init": "median"}, "target_init"),
+    ({"target_init": "median"}, "target_init"), ({"gate_init": "one"}, "gate_init"),
 ])
 def test_bad_config_raises_value_error_naming_the_field(changes, field):
     with pytest.raises(ValueError, match=f"^{field}:"):
