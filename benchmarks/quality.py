@@ -14,7 +14,9 @@ Each run's result (metrics and per-item predictions) is stored in
 ``benchmarks/results/quality_runs/<key>.json`` under a hash of its configuration and committed;
 rerunning skips finished runs, on any machine. Source-stage weights stay in the git-ignored
 ``benchmarks/runs/quality/artifacts`` (a source stage whose weights are missing is rerun when a
-target run needs it). The summary is written after every run.
+target run needs it). The summary is written after every run of the published plan; a variant
+(``--eval-split dev``, recipe or budget overrides) leaves ``quality.json`` alone and gets a
+``quality-<split>-<hash>.json`` of its own from ``--summarise``.
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ from benchmarks.quality_plan import (
     estimate_seconds,
     load_result,
     measured_rates,
+    run_key,
     save_result,
     stored_results,
 )
@@ -162,7 +165,8 @@ def print_plan(plan: list[Run], runs_dir: Path) -> None:
 
 
 def summarise(full_cfg: BenchConfig, runs_dir: Path, results_dir: Path, command: str, n_boot: int = 10_000) -> dict:
-    """quality.json and quality.png from the stored runs of the full plan (not just the filter)."""
+    """``<summary_name>.json`` and ``.png`` (``quality.json`` for the published plan) from the stored runs of the
+    full plan (not just the filter)."""
     plan = build_plan(full_cfg)
     results = {r.key: res for r in plan if (res := load_result(runs_dir, r.key)) is not None}
     rows, zero_shot = summary_rows(plan, results), reference_rows(plan, results)
@@ -171,10 +175,24 @@ def summarise(full_cfg: BenchConfig, runs_dir: Path, results_dir: Path, command:
     by_seed = {"means": source_seed_means(stored),
                "comparisons": by_source_seed(stored, full_cfg.settings, baselines=HEADLINE_BASELINES + ABLATIONS,
                                              n_boot=n_boot)}
-    doc = write_summary(results_dir / "quality.json", rows, command, _config_record(full_cfg), len(plan),
+    name = summary_name(full_cfg)
+    doc = write_summary(results_dir / f"{name}.json", rows, command, _config_record(full_cfg), len(plan),
                         len(results), zero_shot, compared, by_seed)
-    plot(results_dir / "quality.png", rows, zero_shot, compared, by_seed["comparisons"])
+    plot(results_dir / f"{name}.png", rows, zero_shot, compared, by_seed["comparisons"])
     return doc
+
+
+def is_headline(cfg: BenchConfig) -> bool:
+    """Whether ``cfg`` is the published plan (test split, the recipe, the default budgets and baselines)."""
+    return _config_record(cfg) == _config_record(BenchConfig())
+
+
+def summary_name(cfg: BenchConfig) -> str:
+    """``quality`` for the published plan; ``quality-<split>-<hash of the config>`` for any variant of it, so
+    that a dev sweep or a changed budget never overwrites the published summary."""
+    if is_headline(cfg):
+        return "quality"
+    return f"quality-{cfg.eval_split}-{run_key(_config_record(cfg))[:8]}"
 
 
 def _config_record(cfg: BenchConfig) -> dict:
@@ -271,20 +289,29 @@ def main(argv=None) -> None:
         print_plan(plan, args.runs_dir)
         return
     command = command_line(argv)
+    headline = is_headline(full_cfg)
     if not args.summarise:
         import torch
 
         torch.set_num_threads(args.threads)
         torch.manual_seed(0)
+        # after each run only the headline plan's summary is rewritten; a variant's is written by --summarise
+        def after_run() -> None:
+            if headline:
+                summarise(full_cfg, args.runs_dir, args.results_dir, command, n_boot=2000)
+
         execute_plan(plan, args.runs_dir, args.work_dir, args.max_minutes, args.threads, not args.no_progress,
-                     lambda: summarise(full_cfg, args.runs_dir, args.results_dir, command, n_boot=2000))
+                     after_run)
+        if not headline:
+            print("a variant of the plan (another split, budget or recipe): quality.json is left as it is; "
+                  "--dev-table lists these runs, and --summarise with the same flags writes their own summary")
+            return
     doc = summarise(full_cfg, args.runs_dir, args.results_dir, command)
     print(f"{doc['runs_finished']}/{doc['runs_planned']} runs finished; {len(doc['rows'])} rows in "
-          f"{args.results_dir / 'quality.json'}")
+          f"{args.results_dir / summary_name(full_cfg)}.json")
     if args.summarise:
         print(markdown_means(doc["means"], doc["comparisons"]) + "\n\n" + markdown_by_source_seed(doc["by_source_seed"])
               + "\n\n" + markdown_zero_shot(doc["zero_shot"]) + "\n\n" + markdown_table(doc["rows"]))
-
 
 if __name__ == "__main__":
     main()

@@ -193,7 +193,7 @@ STAGE_FIELDS: dict[str, tuple[str, ...]] = {
     "source": _COMMON + _TRAIN + ("tasks", "shared_prompt_len", "task_prompt_len", "rank", "scale", "gated",
                                   "full_rank", "deep_prompt", "slow_lr_ratio", "basis_lr_ratio", "init_std",
                                   "basis_init", "prompt_init_text", "sampling", "sampling_temperature"),
-    "target": _COMMON + _TRAIN + ("bundle", "task", "shots", "target_init", "gate_init", "train_shared", "slow_lr_ratio",
-                                  "basis_lr_ratio"),
+    "target": _COMMON + _TRAIN + ("bundle", "task", "shots", "target_init", "gate_init", "train_shared",
+                                  "slow_lr_ratio", "basis_lr_ratio"),
     "eval": tuple(f for f in _COMMON if f != "output_dir") + ("bundle", "task"),
 }

@@ -384,3 +384,19 @@ def test_comparisons_by_source_seed_pair_like_stages(tmp_path):
     keyed = {r["key"]: r for r in results}
     png = qr.plot(tmp_path / "q.png", qr.summary_rows(plan, keyed), None, pooled, rows)
     assert png is not None and png.stat().st_size > 0
+
+
+@pytest.mark.parametrize("argv,headline", [
+    ([], True),
+    (["--methods", "lora", "--source-seeds", "1", "--tasks", "tweet_sentiment"], True),  # a slice of the same plan
+    (["--eval-split", "dev", "--test-limit", "120"], False),
+    (["--talora-target", "gate_init=source"], False),
+    (["--target-steps", "144"], False),
+    (["--peft", "prompt_lr=1.0"], False),
+])
+def test_only_the_published_plan_writes_quality_json(tmp_path, argv, headline):
+    """A dev sweep or a changed budget writes a summary of its own, never over quality.json."""
+    quality.main(argv + ["--summarise", "--runs-dir", str(tmp_path / "runs"), "--results-dir", str(tmp_path)])
+    written = sorted(p.name for p in tmp_path.glob("quality*.json"))
+    assert len(written) == 1 and (written == ["quality.json"]) == headline
+    assert json.loads((tmp_path / written[0]).read_text())["runs_finished"] == 0
