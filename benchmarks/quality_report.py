@@ -283,6 +283,12 @@ def _learning_rate(result: dict) -> float:
     return (spec.get("train") or spec.get("hyper"))["lr"]
 
 
+# target-stage fields that say where a run is, what it adapts and how it is scored, not how it trains
+_NOT_RECIPE = {"model", "output_dir", "seed", "device", "dtype", "threads", "progress", "split", "eval_limit",
+               "eval_batch_size", "max_new_tokens", "task_files", "bundle", "task", "shots", "eval_every", "save_every",
+               "log_every", "resume"}
+
+
 def _changes(spec: dict, method: str, stage: str) -> list[str]:
     """The fields of one stage's spec that differ from what the committed recipe gives it
     (TA-LoRA: ``adapters/train/recipe.py``; PEFT: ``PeftRecipe`` and the recipe's budget), the
@@ -291,12 +297,16 @@ def _changes(spec: dict, method: str, stage: str) -> list[str]:
 
     from talora.adapters.config import AdapterShape
     from talora.adapters.train import recipe
+    from talora.adapters.train.config import STAGE_FIELDS
 
     fields = recipe.defaults(stage)
     if "train" in spec:
         if stage == "source":  # every shape field counts, with the method's own switches as given
             full = {**asdict(recipe.source_config(tasks=["any"])), **TALORA_SWITCHES.get(method, {})}
             fields = {k: full[k] for k in {*fields, *AdapterShape.__dataclass_fields__}}
+        else:  # every training field of talora-train target counts, the recipe's or not (gate_init, train_shared)
+            full = asdict(recipe.target_config(bundle="any", task="any"))
+            fields = {k: full[k] for k in {*fields, *STAGE_FIELDS["target"]} - _NOT_RECIPE}
         given = {**{k: v for k, v in ADDED_FIELDS.items() if k in fields}, **spec["train"]}  # absent: old value
         want = fields
     else:
