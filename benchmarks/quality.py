@@ -175,11 +175,23 @@ def summarise(full_cfg: BenchConfig, runs_dir: Path, results_dir: Path, command:
     by_seed = {"means": source_seed_means(stored),
                "comparisons": by_source_seed(stored, full_cfg.settings, baselines=HEADLINE_BASELINES + ABLATIONS,
                                              n_boot=n_boot)}
+    rebuilt = rebuilt_source_runs(stored)
+    if rebuilt:
+        print(f"warning: {len(rebuilt)} target runs of this summary started from a rebuilt source stage, not the "
+              f"build its stored record scored (first: {rebuilt[0]}); see docs/quality.md, 'Source builds'")
     name = summary_name(full_cfg)
     doc = write_summary(results_dir / f"{name}.json", rows, command, _config_record(full_cfg), len(plan),
                         len(results), zero_shot, compared, by_seed)
     plot(results_dir / f"{name}.png", rows, zero_shot, compared, by_seed["comparisons"])
     return doc
+
+
+def rebuilt_source_runs(results: list[dict]) -> list[str]:
+    """Labels of target runs whose ``source_build`` is not the build their source stage's record scored."""
+    builds = {r["key"]: r.get("build") for r in results if r["stage"] == "source"}
+    return [f"{r['method']}/{r['task']}/{r['setting']}/s{r['seed']}/src{r['source_seed']}" for r in results
+            if r["stage"] == "target" and r.get("source_build")
+            and r["source_build"] != builds.get(r["spec"]["source"])]
 
 
 def is_headline(cfg: BenchConfig) -> bool:
@@ -215,7 +227,7 @@ def execute_plan(plan: list[Run], runs_dir: Path, work_dir: Path, max_minutes: f
     from tqdm.auto import tqdm
 
     from benchmarks.quality_claims import RunClaims
-    from benchmarks.quality_runs import execute, needs_source, source_ready
+    from benchmarks.quality_runs import execute, needs_source, source_ready, store_source_result
 
     artifacts, scratch = work_dir / "artifacts", work_dir / "scratch"
     claims = RunClaims(work_dir / "claims")
@@ -225,7 +237,13 @@ def execute_plan(plan: list[Run], runs_dir: Path, work_dir: Path, max_minutes: f
     def run_one(run: Run) -> None:
         nonlocal ran
         bar.set_postfix_str(run.label)
-        save_result(runs_dir, run.key, execute(run, artifacts, scratch, threads, progress))
+        result = execute(run, artifacts, scratch, threads, progress)
+        if run.stage == "source" and store_source_result(runs_dir, result) == "rebuilt":
+            tqdm.write(f"warning: {run.label} was rebuilt here and differs from its stored record (another "
+                       f"machine's kernels); its record stays, the rebuild is in rebuilds/, and target runs from it "
+                       f"carry source_build={result['build']} (--dev-table: 'source rebuilt')")
+        elif run.stage != "source":
+            save_result(runs_dir, run.key, result)
         ran += 1
         after_run()
 

@@ -330,6 +330,8 @@ def dev_table(results: list[dict]) -> str:
             source = sources.get(r["spec"].get("source"))
             if source is not None:
                 changes = _changes(source["spec"], r["method"], "source") + changes
+                if r.get("source_build") and r["source_build"] != source.get("build"):
+                    changes.append(f"source rebuilt {r['source_build'][:8]}")  # not the build its record scored
             elif r["spec"].get("source"):
                 changes.append("source not stored")
             src = "" if r.get("source_seed") is None or not r["spec"].get("source") else str(r["source_seed"])

@@ -14,6 +14,7 @@ item as digit strings (``"0210..."``), for the paired comparisons of ``quality_s
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -188,6 +189,23 @@ def _peft_scores(scores: dict, tasks) -> dict:
 
 
 # ----- one run -------------------------------------------------------------------------------
+def weight_files(folder: Path) -> list[Path]:
+    """A source stage's weights: a TA-LoRA bundle's tensors, or a PEFT source file."""
+    bundle = Path(folder) / "bundle"
+    return sorted(bundle.glob("*.safetensors")) if bundle.is_dir() else sorted(Path(folder).glob("source.safetensors"))
+
+
+def artifact_build(folder: Path) -> str:
+    """16 hex digits of sha256 over a source stage's weight files: which build of a source stage a
+    target run started from. A source stage retrained on another machine is not bit-identical (other
+    CPU kernels), so a target run records the build it used, and a stored record the build it scored."""
+    digest = hashlib.sha256()
+    for path in weight_files(folder):
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def source_ready(run: Run, artifacts: Path) -> bool:
     """Whether a finished source run's artifact is on disk (it is not committed)."""
     name = "bundle" if run.method in TALORA_METHODS else "source.safetensors"
@@ -211,14 +229,41 @@ def execute(run: Run, artifacts: Path, scratch: Path, threads: int = 1, progress
     else:
         body.pop("trainable_params", None)
         per_task, shared = peft_params(run.method, run.spec["hyper"], shape)
+    if run.stage == "source":
+        body["build"] = artifact_build(Path(artifacts) / run.key)
+    elif needs_source(run):
+        body["source_build"] = artifact_build(Path(artifacts) / run.spec["source"])
     return {"key": run.key, "method": run.method, "stage": run.stage, "task": run.task, "setting": run.setting,
             "seed": run.seed, "source_seed": run.source_seed, "spec": run.spec, "params_per_task": per_task,
             "shared_params": shared, "wall_s": round(time.perf_counter() - tic, 2), "torch": torch.__version__,
             "device": "cuda" if torch.cuda.is_available() else "cpu", **body}
 
 
+def store_source_result(runs_dir: Path, result: dict) -> str:
+    """Store a source stage's record; returns what happened ("new", "same" or "rebuilt").
+
+    A source stage is rerun when its weights are missing (a new machine). The stored record keeps
+    describing the build the stored target runs came from: a rebuild that scores the same items
+    the same way only adds its build id; one that does not is kept beside it in
+    ``rebuilds/<key>-<build>.json``, and the target runs trained from it carry its build id
+    (``source_build``), which ``--dev-table`` reports as "source rebuilt"."""
+    from benchmarks.quality_plan import load_result, save_result
+
+    key = result["key"]
+    stored = load_result(runs_dir, key)
+    if stored is None or stored.get("build") == result["build"]:
+        save_result(runs_dir, key, result)
+        return "new" if stored is None else "same"
+    if "build" not in stored and stored.get("predictions") == result.get("predictions"):
+        save_result(runs_dir, key, {**stored, "build": result["build"]})
+        return "same"
+    save_result(Path(runs_dir) / "rebuilds", f"{key}-{result['build'][:8]}", {**result, "rebuild_of": key})
+    return "rebuilt"
+
+
 def needs_source(run: Run) -> bool:
     return run.stage == "target" and run.method in MULTITASK
 
 
-__all__ = ["execute", "source_ready", "needs_source", "talora_params", "peft_params"]
+__all__ = ["execute", "source_ready", "needs_source", "artifact_build", "store_source_result", "talora_params",
+           "peft_params"]

@@ -218,9 +218,42 @@ def test_lost_source_artifact_reruns_the_source_stage(tmp_path, monkeypatch):
             qp.save_result(tmp_path, run.key, _fake_result(run, 0.5))
     executed = []
     monkeypatch.setattr(quality_runs, "execute", lambda run, *a, **k: executed.append(run.stage)
-                        or _fake_result(run, 0.5))
+                        or {**_fake_result(run, 0.5), "build": "a" * 16})
     quality.execute_plan(plan, tmp_path, tmp_path / "work", 0, 1, False, lambda: None)
     assert executed == ["source", "target"]
+
+
+@pytest.mark.parametrize("rebuilt_accuracy,outcome", [(0.5, "same"), (0.8, "rebuilt")])
+def test_a_rebuilt_source_stage_never_rewrites_the_stored_record(tmp_path, rebuilt_accuracy, outcome):
+    """Another machine's kernels retrain a source stage to other weights: the stored record keeps
+    describing the build that the stored target runs came from."""
+    cfg = replace(qp.BenchConfig(), methods=("talora",), settings=("k16",), seeds=(0,), source_seeds=(0,))
+    source = next(r for r in qp.build_plan(cfg) if r.stage == "source")
+    stored = _fake_result(source, 0.5)
+    qp.save_result(tmp_path, source.key, stored)
+    rebuild = {**_fake_result(source, rebuilt_accuracy), "build": "b" * 16}
+    assert quality_runs.store_source_result(tmp_path, rebuild) == outcome
+    kept = qp.load_result(tmp_path, source.key)
+    assert kept["predictions"] == stored["predictions"]
+    if outcome == "same":  # the same scores: the build is the stored one
+        assert kept["build"] == "b" * 16 and not (tmp_path / "rebuilds").exists()
+    else:
+        assert "build" not in kept
+        aside = qp.load_result(tmp_path / "rebuilds", f"{source.key}-bbbbbbbb")
+        assert aside["rebuild_of"] == source.key and aside["predictions"] == rebuild["predictions"]
+        assert len(qp.stored_results(tmp_path)) == 1  # summaries never read it
+
+
+def test_artifact_build_follows_the_weights(tmp_path):
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "shared.safetensors").write_bytes(b"P and A")
+    (bundle / "talora.json").write_text("{}")
+    first = quality_runs.artifact_build(tmp_path)
+    (bundle / "talora.json").write_text('{"note": 1}')  # metadata is not the weights
+    assert quality_runs.artifact_build(tmp_path) == first
+    (bundle / "shared.safetensors").write_bytes(b"P and A, retrained")
+    assert quality_runs.artifact_build(tmp_path) != first
 
 
 def test_budget_stops_before_a_run_that_does_not_fit(tmp_path, monkeypatch):
@@ -349,6 +382,8 @@ def test_dev_table_names_what_differs_from_the_recipe_and_splits_source_seeds():
     assert "| 0.1 | source deep_prompt=True, source rank=32, steps=96 | 0 |" in changed
     orphan = [r for r in results if r["stage"] == "target"][:1]  # its source stage not stored
     assert "source not stored" in qr.dev_table(orphan)
+    rebuilt = [{**r, "source_build": "c" * 16} if r["stage"] == "target" else r for r in results]
+    assert all("source rebuilt cccccccc" in row for row in qr.dev_table(rebuilt).splitlines()[2:])
 
 
 def test_a_field_added_later_keeps_the_stored_keys_at_its_old_value():
