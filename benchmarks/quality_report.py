@@ -283,7 +283,7 @@ def _learning_rate(result: dict) -> float:
     return (spec.get("train") or spec.get("hyper"))["lr"]
 
 
-# target-stage fields that say where a run is, what it adapts and how it is scored, not how it trains
+# fields that say where a run is, what it adapts and how it is scored, not how it trains
 _NOT_RECIPE = {"model", "output_dir", "seed", "device", "dtype", "threads", "progress", "split", "eval_limit",
                "eval_batch_size", "max_new_tokens", "task_files", "bundle", "task", "shots", "eval_every", "save_every",
                "log_every", "resume"}
@@ -303,7 +303,8 @@ def _changes(spec: dict, method: str, stage: str) -> list[str]:
     if "train" in spec:
         if stage == "source":  # every shape field counts, with the method's own switches as given
             full = {**asdict(recipe.source_config(tasks=["any"])), **TALORA_SWITCHES.get(method, {})}
-            fields = {k: full[k] for k in {*fields, *AdapterShape.__dataclass_fields__}}
+            fields = {k: full[k] for k in {*fields, *AdapterShape.__dataclass_fields__, *STAGE_FIELDS["source"]}
+                      - _NOT_RECIPE - {"tasks"}}
         else:  # every training field of talora-train target counts, the recipe's or not (gate_init, train_shared)
             full = asdict(recipe.target_config(bundle="any", task="any"))
             fields = {k: full[k] for k in {*fields, *STAGE_FIELDS["target"]} - _NOT_RECIPE}

@@ -371,12 +371,13 @@ def test_dev_table_names_what_differs_from_the_recipe_and_splits_source_seeds():
     base = qp.BenchConfig(eval_split="dev", methods=("talora",), settings=("k16",), seeds=(0,), source_seeds=(0, 1))
     wider = replace(base, source_seeds=(0,)).with_overrides(source={"rank": 32, "deep_prompt": True},
                                                             target={"steps": 96, "lr": 0.1})
-    gated = replace(base, source_seeds=(0,)).with_overrides(target={"gate_init": "source"})  # not a recipe field
+    gated = replace(base, source_seeds=(0,)).with_overrides(source={"prompt_init_text": "Hi"},  # not recipe fields
+                                                            target={"gate_init": "source"})
     results = [_fake_result(r, 0.5) for cfg in (base, wider, gated) for r in qp.build_plan(cfg)
                if r.stage != "zero_shot"]
     rows = qr.dev_table(results).splitlines()[2:]
     assert len(rows) == 4
-    assert sum("| gate_init=source | 0 |" in row for row in rows) == 1
+    assert sum("| source prompt_init_text=Hi, gate_init=source | 0 |" in row for row in rows) == 1
     assert sum("| none | 0 |" in row for row in rows) == sum("| none | 1 |" in row for row in rows) == 1
     (changed,) = [row for row in rows if "rank" in row]
     assert "| 0.1 | source deep_prompt=True, source rank=32, steps=96 | 0 |" in changed
