@@ -43,6 +43,7 @@ from benchmarks.quality_plan import (
 )
 from benchmarks.quality_report import (
     dev_table,
+    from_rebuilt_source,
     markdown_by_source_seed,
     markdown_means,
     markdown_table,
@@ -188,10 +189,9 @@ def summarise(full_cfg: BenchConfig, runs_dir: Path, results_dir: Path, command:
 
 def rebuilt_source_runs(results: list[dict]) -> list[str]:
     """Labels of target runs whose ``source_build`` is not the build their source stage's record scored."""
-    builds = {r["key"]: r.get("build") for r in results if r["stage"] == "source"}
+    sources = {r["key"]: r for r in results if r["stage"] == "source"}
     return [f"{r['method']}/{r['task']}/{r['setting']}/s{r['seed']}/src{r['source_seed']}" for r in results
-            if r["stage"] == "target" and r.get("source_build")
-            and r["source_build"] != builds.get(r["spec"]["source"])]
+            if r["stage"] == "target" and from_rebuilt_source(r, sources.get(r["spec"]["source"]))]
 
 
 def is_headline(cfg: BenchConfig) -> bool:
@@ -330,6 +330,7 @@ def main(argv=None) -> None:
     if args.summarise:
         print(markdown_means(doc["means"], doc["comparisons"]) + "\n\n" + markdown_by_source_seed(doc["by_source_seed"])
               + "\n\n" + markdown_zero_shot(doc["zero_shot"]) + "\n\n" + markdown_table(doc["rows"]))
+
 
 if __name__ == "__main__":
     main()

@@ -285,8 +285,14 @@ def _learning_rate(result: dict) -> float:
 
 # fields that say where a run is, what it adapts and how it is scored, not how it trains
 _NOT_RECIPE = {"model", "output_dir", "seed", "device", "dtype", "threads", "progress", "split", "eval_limit",
-               "eval_batch_size", "max_new_tokens", "task_files", "bundle", "task", "shots", "eval_every", "save_every",
-               "log_every", "resume"}
+               "eval_batch_size", "max_new_tokens", "tasks", "task_files", "bundle", "task", "shots", "eval_every",
+               "save_every", "log_every", "resume"}
+
+
+def from_rebuilt_source(target: dict, source: dict | None) -> bool:
+    """Whether a target run started from another build of its source stage than the one the source
+    stage's stored record scored (records without ``source_build`` came from the stored build)."""
+    return bool(target.get("source_build")) and target["source_build"] != (source or {}).get("build")
 
 
 def _changes(spec: dict, method: str, stage: str) -> list[str]:
@@ -295,21 +301,17 @@ def _changes(spec: dict, method: str, stage: str) -> list[str]:
     learning rate of a target stage aside (the dev table has a column for it)."""
     from dataclasses import asdict
 
-    from talora.adapters.config import AdapterShape
     from talora.adapters.train import recipe
     from talora.adapters.train.config import STAGE_FIELDS
 
     fields = recipe.defaults(stage)
-    if "train" in spec:
-        if stage == "source":  # every shape field counts, with the method's own switches as given
+    if "train" in spec:  # every training field of talora-train's stage counts, the recipe's or not (gate_init)
+        if stage == "source":  # with the method's own switches as given
             full = {**asdict(recipe.source_config(tasks=["any"])), **TALORA_SWITCHES.get(method, {})}
-            fields = {k: full[k] for k in {*fields, *AdapterShape.__dataclass_fields__, *STAGE_FIELDS["source"]}
-                      - _NOT_RECIPE - {"tasks"}}
-        else:  # every training field of talora-train target counts, the recipe's or not (gate_init, train_shared)
+        else:
             full = asdict(recipe.target_config(bundle="any", task="any"))
-            fields = {k: full[k] for k in {*fields, *STAGE_FIELDS["target"]} - _NOT_RECIPE}
-        given = {**{k: v for k, v in ADDED_FIELDS.items() if k in fields}, **spec["train"]}  # absent: old value
-        want = fields
+        want = {k: full[k] for k in set(STAGE_FIELDS[stage]) - _NOT_RECIPE}
+        given = {**{k: v for k, v in ADDED_FIELDS.items() if k in want}, **spec["train"]}  # absent: old value
     else:
         hyper = PeftRecipe().method_hyper(method, stage)
         given = {**spec.get("budget", {}), **spec.get("hyper", {})}
@@ -331,7 +333,7 @@ def dev_table(results: list[dict]) -> str:
             source = sources.get(r["spec"].get("source"))
             if source is not None:
                 changes = _changes(source["spec"], r["method"], "source") + changes
-                if r.get("source_build") and r["source_build"] != source.get("build"):
+                if from_rebuilt_source(r, source):
                     changes.append(f"source rebuilt {r['source_build'][:8]}")  # not the build its record scored
             elif r["spec"].get("source"):
                 changes.append("source not stored")
