@@ -12,9 +12,10 @@ task; PromptTuning trains on the target data from scratch. See docs/quality.md.
 
 Each run's result (metrics and per-item predictions) is stored in
 ``benchmarks/results/quality_runs/<key>.json`` under a hash of its configuration and committed;
-rerunning skips finished runs, on any machine. Source-stage weights stay in the git-ignored
-``benchmarks/runs/quality/artifacts`` (a source stage whose weights are missing is rerun when a
-target run needs it). The summary is written after every run of the published plan; a variant
+rerunning skips finished runs, on any machine. Source-stage weights are committed too, one folder
+per build in ``benchmarks/results/quality_sources`` (``quality_sources.py``): a machine without
+them restores them into the git-ignored ``benchmarks/runs/quality/artifacts`` instead of
+retraining, and a source stage with nothing committed is trained when a target run needs it. The summary is written after every run of the published plan; a variant
 (``--eval-split dev``, recipe or budget overrides) leaves ``quality.json`` alone and gets a
 ``quality-<split>-<hash>.json`` of its own from ``--summarise``.
 """
@@ -33,10 +34,13 @@ from benchmarks.quality_plan import (
     SETTINGS,
     BenchConfig,
     Run,
+    bind_builds,
     build_plan,
     estimate_seconds,
+    find_result,
     load_result,
     measured_rates,
+    recorded_build,
     run_key,
     save_result,
     stored_results,
@@ -54,6 +58,7 @@ from benchmarks.quality_report import (
     summary_rows,
     write_summary,
 )
+from benchmarks.quality_sources import source_builds
 from benchmarks.quality_stats import HEADLINE_BASELINES, by_source_seed, comparisons
 
 HERE = Path(__file__).resolve().parent
@@ -61,6 +66,7 @@ HERE = Path(__file__).resolve().parent
 WORK_DIR = HERE / "runs" / "quality"  # source-stage weights and scratch folders (git-ignored)
 RESULTS = HERE / "results"
 RUNS = RESULTS / "quality_runs"  # one small JSON per finished run (committed)
+SOURCES = RESULTS / "quality_sources"  # source-stage weights, one folder per build (committed)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -68,6 +74,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--plan-only", action="store_true", help="print the plan with estimated times and exit")
     p.add_argument("--summarise", action="store_true", help="only rewrite the summary from stored runs")
+    p.add_argument("--sources-only", action="store_true",
+                   help="only put every source stage's weights here (restored from --sources-dir, or trained when "
+                   "none is committed) and commit them there; no target runs")
     p.add_argument("--dev-table", action="store_true", help="print the dev-split runs by method and learning rate "
                    "(seed count in brackets) and exit")
     p.add_argument("--max-minutes", type=float, default=0.0,
@@ -96,6 +105,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--work-dir", type=Path, default=WORK_DIR, help="folder of source-stage weights and scratch")
     p.add_argument("--runs-dir", type=Path, default=RUNS, help="folder of the stored run results")
     p.add_argument("--results-dir", type=Path, default=RESULTS, help="folder of quality.json and quality.png")
+    p.add_argument("--sources-dir", type=Path, default=SOURCES,
+                   help="folder of the committed source-stage weights (restored instead of retraining)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p.parse_args(argv)
 
@@ -151,25 +162,38 @@ def command_line(argv) -> str:
     return "python -m benchmarks.quality " + " ".join(shlex.quote(a) for a in argv)
 
 
-def print_plan(plan: list[Run], runs_dir: Path) -> None:
+def print_plan(plan: list[Run], runs_dir: Path, work_dir: Path | None = None, sources_dir: Path | None = None) -> None:
+    """Every run with its estimated minutes, done or to do for the source builds at hand here."""
     rates = measured_rates(stored_results(runs_dir))
+    artifacts = None if work_dir is None else work_dir / "artifacts"
+    plan = bind_builds(plan, source_builds(plan, runs_dir, artifacts, sources_dir), runs_dir)
     total = todo = 0.0
+    left = 0
     for run in plan:
         est = estimate_seconds(run, rates)
-        done = load_result(runs_dir, run.key) is not None
+        done = find_result(runs_dir, run) is not None
         total += est
         todo += 0 if done else est
-        print(f"{'done' if done else 'todo'}  {run.key}  {run.label:64s} ~{est / 60:5.1f} min")
-    left = sum(load_result(runs_dir, r.key) is None for r in plan)
+        left += not done
+        build = f"  (source build {run.spec['source_build'][:8]})" if "source_build" in run.spec else ""
+        print(f"{'done' if done else 'todo'}  {run.key}  {run.label:64s} ~{est / 60:5.1f} min{build}")
     print(f"{len(plan)} runs, {left} to do; estimated {total / 3600:.2f} h in all, {todo / 3600:.2f} h left "
           f"(rates in s/step: {({f'{k[0]}/{k[1]}': v for k, v in rates.items() if isinstance(k, tuple)})})")
 
 
-def summarise(full_cfg: BenchConfig, runs_dir: Path, results_dir: Path, command: str, n_boot: int = 10_000) -> dict:
+def summarise(full_cfg: BenchConfig, runs_dir: Path, results_dir: Path, command: str, n_boot: int = 10_000,
+              work_dir: Path | None = None, sources_dir: Path | None = None) -> dict:
     """``<summary_name>.json`` and ``.png`` (``quality.json`` for the published plan) from the stored runs of the
-    full plan (not just the filter)."""
+    full plan (not just the filter). The published plan is summarised at the builds its source
+    records scored, whatever is on this machine; a variant at the builds at hand here (weights in
+    ``work_dir``, else committed in ``sources_dir``)."""
     plan = build_plan(full_cfg)
-    results = {r.key: res for r in plan if (res := load_result(runs_dir, r.key)) is not None}
+    if is_headline(full_cfg):
+        builds = source_builds(plan, runs_dir)
+    else:
+        builds = source_builds(plan, runs_dir, None if work_dir is None else work_dir / "artifacts", sources_dir)
+    plan = bind_builds(plan, builds, runs_dir)
+    results = {r.key: res for r in plan if (res := find_result(runs_dir, r)) is not None}
     rows, zero_shot = summary_rows(plan, results), reference_rows(plan, results)
     stored = list(results.values())
     compared = comparisons(stored, full_cfg.settings, n_boot=n_boot)
@@ -216,18 +240,26 @@ def _config_record(cfg: BenchConfig) -> dict:
 
 
 def execute_plan(plan: list[Run], runs_dir: Path, work_dir: Path, max_minutes: float, threads: int, progress: bool,
-                 after_run, poll_s: float = 30.0) -> int:
+                 after_run, poll_s: float = 30.0, sources_dir: Path | None = None, sources_only: bool = False) -> int:
     """Run every unfinished run of ``plan`` in order; returns how many ran. A target run whose
-    source stage's weights are missing (a new machine) reruns that source stage first.
+    source stage's weights are missing (a new machine) restores them from ``sources_dir`` (the
+    committed builds, ``quality_sources``) or, with nothing committed, reruns that source stage
+    first and commits its weights there. Target runs are bound to the build of the weights they
+    start from (``quality_plan.at_build``): after a rebuild, the runs of the stored build count as
+    not done for it.
 
     Several processes may run the same plan on one work folder: each claims a run before it
     starts it (``benchmarks/quality_claims.py``) and skips runs that another process holds,
     coming back to them; when only those are left it waits for them (every ``poll_s`` seconds)
-    and takes over any whose process has ended without a result."""
+    and takes over any whose process has ended without a result.
+
+    ``sources_only``: only put the weights of every source stage of ``plan`` here (restored, or
+    trained when nothing is committed) and commit them to ``sources_dir``; no target runs."""
     from tqdm.auto import tqdm
 
     from benchmarks.quality_claims import RunClaims
-    from benchmarks.quality_runs import execute, needs_source, source_ready, store_source_result
+    from benchmarks.quality_runs import execute, needs_source, store_source_result
+    from benchmarks.quality_sources import artifact_build, commit, preferred_build, restore, weights_here
 
     artifacts, scratch = work_dir / "artifacts", work_dir / "scratch"
     claims = RunClaims(work_dir / "claims")
@@ -238,14 +270,32 @@ def execute_plan(plan: list[Run], runs_dir: Path, work_dir: Path, max_minutes: f
         nonlocal ran
         bar.set_postfix_str(run.label)
         result = execute(run, artifacts, scratch, threads, progress)
-        if run.stage == "source" and store_source_result(runs_dir, result) == "rebuilt":
-            tqdm.write(f"warning: {run.label} was rebuilt here and differs from its stored record (another "
-                       f"machine's kernels); its record stays, the rebuild is in rebuilds/, and target runs from it "
-                       f"carry source_build={result['build']} (--dev-table: 'source rebuilt')")
-        elif run.stage != "source":
+        if run.stage == "source":
+            if store_source_result(runs_dir, result) == "rebuilt":
+                tqdm.write(f"warning: {run.label} was rebuilt here and differs from its stored record (another "
+                           f"machine's kernels); its record stays, the rebuild is in rebuilds/, and target runs from "
+                           f"it get keys of their own with source_build={result['build']}")
+            if sources_dir is not None:
+                commit(artifacts, run.key, sources_dir)
+        else:
             save_result(runs_dir, run.key, result)
         ran += 1
         after_run()
+
+    def ensure_source(source: Run) -> None:
+        """The source stage's weights in ``artifacts``: restored from a committed build, else trained."""
+        if weights_here(source, artifacts):
+            return
+        recorded = recorded_build(load_result(runs_dir, source.key))
+        build = preferred_build(sources_dir, source.key, recorded or "") if sources_dir is not None else None
+        if build is not None:
+            tqdm.write(f"{source.label}: restoring its committed build {build}")
+            restore(sources_dir, source.key, build, artifacts)  # type: ignore[arg-type]  # set when build is
+        else:
+            tqdm.write(f"{source.label}: its weights are neither here nor committed; running it first")
+            run_one(source)
+            if not weights_here(source, artifacts):
+                raise RuntimeError(f"{source.label} finished with no weights in {artifacts / source.key}")
 
     def attempt(run: Run) -> bool:
         """Run ``run`` (and its missing source stage) if this process can claim them."""
@@ -253,39 +303,58 @@ def execute_plan(plan: list[Run], runs_dir: Path, work_dir: Path, max_minutes: f
         if source is not None:
             if not claims.claim(source.key):
                 return False  # another process is (re)running the source stage
-            if not source_ready(source, artifacts):
-                tqdm.write(f"{run.label}: its source stage's weights are missing here; running it first")
-                run_one(source)
+            ensure_source(source)
             claims.release(source.key)  # others may start target runs of it now
+            run = bind_builds([run], {source.key: artifact_build(artifacts / source.key)}, runs_dir)[0]
+            if find_result(runs_dir, run) is not None:
+                return True  # done from this build already
         if not claims.claim(run.key):
             return False
-        if load_result(runs_dir, run.key) is None:  # finished by another process meanwhile
+        if find_result(runs_dir, run) is None:  # finished by another process meanwhile
             run_one(run)
         return True
 
-    pending = [r for r in plan if load_result(runs_dir, r.key) is None]
+    def unfinished() -> list[Run]:
+        builds = source_builds(plan, runs_dir, artifacts, sources_dir)
+        return [r for r in bind_builds(plan, builds, runs_dir) if find_result(runs_dir, r) is None]
+
+    if sources_only:
+        bar = tqdm(total=sum(r.stage == "source" for r in plan), desc="source stages", disable=not progress)
+        try:
+            for source in (r for r in plan if r.stage == "source"):
+                while not claims.claim(source.key):
+                    time.sleep(poll_s)  # another process is training it
+                ensure_source(source)
+                if sources_dir is not None:
+                    commit(artifacts, source.key, sources_dir)
+                claims.release(source.key)
+                bar.update(1)
+        finally:
+            claims.release_all()
+            bar.close()
+        return ran
+    pending = unfinished()
     bar = tqdm(total=len(pending), desc="quality runs", disable=not progress)
     try:
         while pending:
-            waiting = []
+            held = 0
             for run in pending:
-                if load_result(runs_dir, run.key) is not None:
-                    bar.update(1)  # finished by another process sharing the folders
-                    continue
+                if find_result(runs_dir, run) is not None:
+                    continue  # finished by another process sharing the folders
                 if max_minutes and time.monotonic() - start + estimate_seconds(
                         run, measured_rates(stored_results(runs_dir))) > max_minutes * 60:
                     tqdm.write(f"stopping: {run.label} would pass the {max_minutes:g}-minute budget")
                     return ran
                 try:
-                    if attempt(run):
-                        bar.update(1)
-                    else:
-                        waiting.append(run)
+                    held += not attempt(run)
                 finally:
                     claims.release_all()
-            if waiting and len(waiting) == len(pending):
+            left = unfinished()  # after a rebuild, the runs of the stored build are not done for this one
+            bar.total = bar.n + len(left)
+            bar.update(max(0, len(pending) - len(left)))
+            if left and held == len(left):
                 time.sleep(poll_s)  # every run left is held by another process
-            pending = waiting
+            pending = left
     finally:
         claims.release_all()
         bar.close()
@@ -304,7 +373,7 @@ def main(argv=None) -> None:
         print(dev_table(stored_results(args.runs_dir)))
         return
     if args.plan_only:
-        print_plan(plan, args.runs_dir)
+        print_plan(plan, args.runs_dir, args.work_dir, args.sources_dir)
         return
     command = command_line(argv)
     headline = is_headline(full_cfg)
@@ -319,12 +388,15 @@ def main(argv=None) -> None:
                 summarise(full_cfg, args.runs_dir, args.results_dir, command, n_boot=2000)
 
         execute_plan(plan, args.runs_dir, args.work_dir, args.max_minutes, args.threads, not args.no_progress,
-                     after_run)
+                     after_run, sources_dir=args.sources_dir, sources_only=args.sources_only)
+        if args.sources_only:
+            return
         if not headline:
             print("a variant of the plan (another split, budget or recipe): quality.json is left as it is; "
                   "--dev-table lists these runs, and --summarise with the same flags writes their own summary")
             return
-    doc = summarise(full_cfg, args.runs_dir, args.results_dir, command)
+    doc = summarise(full_cfg, args.runs_dir, args.results_dir, command, work_dir=args.work_dir,
+                    sources_dir=args.sources_dir)
     print(f"{doc['runs_finished']}/{doc['runs_planned']} runs finished; {len(doc['rows'])} rows in "
           f"{args.results_dir / summary_name(full_cfg)}.json")
     if args.summarise:

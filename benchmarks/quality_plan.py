@@ -9,7 +9,9 @@ they start from, so a changed source stage changes every key downstream of it.
 
 Results are small JSON records (metrics and per-item predictions, no weights) in
 ``benchmarks/results/quality_runs/<key>.json``: committed, so a new machine resumes from them.
-Source-stage weights live in the git-ignored ``benchmarks/runs/quality/artifacts/<key>``.
+Source-stage weights are used from the git-ignored ``benchmarks/runs/quality/artifacts/<key>`` and
+committed in ``benchmarks/results/quality_sources/<key>/<build>`` (``quality_sources``); target runs
+from another build than the one their source record scored get keys of their own (``at_build``).
 """
 from __future__ import annotations
 
@@ -157,6 +159,9 @@ class Run:
     spec: dict  # everything that can change the result, source key included
     key: str
     train: TrainConfig | None = None  # TA-LoRA runs: the config the trainer receives (less bookkeeping)
+    # target runs of a multi-task method, once bound (``at_build``): the build of the source stage's
+    # weights they start from; None: not bound (any record at ``key`` counts)
+    source_build: str | None = None
 
     @property
     def label(self) -> str:
@@ -217,6 +222,53 @@ def target_run(cfg: BenchConfig, method: str, task: str, setting: str, seed: int
     else:
         spec.update(budget=_budget(cfg.target), hyper=cfg.peft.method_hyper(method))
     return Run(method, "target", task, setting, seed, source_seed if source else None, spec, run_key(spec), train)
+
+
+# ----- source builds -------------------------------------------------------------------------
+# A source stage retrained on another machine is another build (docs/quality.md, "Source builds").
+# Target runs from the build that the source stage's stored record scored keep the key of their
+# spec; target runs from any other build (a rebuild) hash the build into their key as well, so
+# runs from two builds never share a record and a rebuild never passes for the stored build.
+LEGACY_BUILD = ""  # the build of source records made before build ids (their target runs carry none)
+
+
+def recorded_build(record: dict | None) -> str | None:
+    """The build a source stage's stored record scored; None when nothing is stored."""
+    return None if record is None else record.get("build", LEGACY_BUILD)
+
+
+def at_build(run: Run, build: str | None, recorded: str | None) -> Run:
+    """``run`` bound to source build ``build`` (the stored source record scored ``recorded``)."""
+    if run.stage != "target" or not run.spec.get("source") or build is None:
+        return run
+    plain = {k: v for k, v in run.spec.items() if k != "source_build"}
+    if recorded is None or build == recorded:
+        return replace(run, spec=plain, key=run_key(plain), source_build=build)
+    spec = {**plain, "source_build": build}
+    return replace(run, spec=spec, key=run_key(spec), source_build=build)
+
+
+def bind_builds(plan: list[Run], builds: dict[str, str | None], runs_dir: Path) -> list[Run]:
+    """``plan`` with every target run bound to the build ``builds`` gives its source stage."""
+    recorded = {k: recorded_build(load_result(runs_dir, k)) for k in builds}
+    return [at_build(r, builds.get(r.spec.get("source") or ""), recorded.get(r.spec.get("source") or ""))
+            for r in plan]
+
+
+def find_result(runs_dir: Path, run: Run) -> dict | None:
+    """The stored record of ``run``: the one at its key, if it came from the build ``run`` is bound
+    to (records made before build ids came from the recorded build); a rebuild's run stored under the
+    key of its spec (before keys held builds) is found there."""
+    record = load_result(runs_dir, run.key)
+    if run.source_build is None:
+        return record
+    if "source_build" in run.spec:  # a rebuild
+        if record is None:
+            plain = {k: v for k, v in run.spec.items() if k != "source_build"}
+            record = load_result(runs_dir, run_key(plain))
+            return record if record is not None and record.get("source_build") == run.source_build else None
+        return record
+    return record if record is not None and record.get("source_build") in (None, run.source_build) else None
 
 
 def reference_run(cfg: BenchConfig, task: str) -> Run:

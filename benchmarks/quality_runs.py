@@ -14,7 +14,6 @@ item as digit strings (``"0210..."``), for the paired comparisons of ``quality_s
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -27,6 +26,7 @@ from typing import Any
 import torch
 
 from benchmarks.quality_plan import MULTITASK, TALORA_METHODS, Run
+from benchmarks.quality_sources import artifact_build, weights_here
 from talora.adapters.config import AdapterShape
 
 ARTIFACTS = "artifacts"
@@ -189,27 +189,9 @@ def _peft_scores(scores: dict, tasks) -> dict:
 
 
 # ----- one run -------------------------------------------------------------------------------
-def weight_files(folder: Path) -> list[Path]:
-    """A source stage's weights: a TA-LoRA bundle's tensors, or a PEFT source file."""
-    bundle = Path(folder) / "bundle"
-    return sorted(bundle.glob("*.safetensors")) if bundle.is_dir() else sorted(Path(folder).glob("source.safetensors"))
-
-
-def artifact_build(folder: Path) -> str:
-    """16 hex digits of sha256 over a source stage's weight files: which build of a source stage a
-    target run started from. A source stage retrained on another machine is not bit-identical (other
-    CPU kernels), so a target run records the build it used, and a stored record the build it scored."""
-    digest = hashlib.sha256()
-    for path in weight_files(folder):
-        digest.update(path.name.encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()[:16]
-
-
 def source_ready(run: Run, artifacts: Path) -> bool:
-    """Whether a finished source run's artifact is on disk (it is not committed)."""
-    name = "bundle" if run.method in TALORA_METHODS else "source.safetensors"
-    return (Path(artifacts) / run.key / name).exists()
+    """Whether a finished source run's weights are on disk here (``quality_sources.weights_here``)."""
+    return weights_here(run, artifacts)
 
 
 def execute(run: Run, artifacts: Path, scratch: Path, threads: int = 1, progress: bool = True) -> dict:

@@ -190,9 +190,11 @@ def test_cached_runs_are_skipped(tmp_path, monkeypatch):
     runs_dir, work = tmp_path / "runs", tmp_path / "work"
     missing = plan[-1]
     for run in plan[:-1]:
-        qp.save_result(runs_dir, run.key, _fake_result(run, 0.5))
-        if run.stage == "source":
+        record = _fake_result(run, 0.5)
+        if run.stage == "source":  # the weights its record scored are here
             _fake_artifact(work, run)
+            record["build"] = quality_runs.artifact_build(work / "artifacts" / run.key)
+        qp.save_result(runs_dir, run.key, record)
     executed = []
 
     def fake_execute(run, artifacts, scratch, threads=1, progress=True):
@@ -217,10 +219,25 @@ def test_lost_source_artifact_reruns_the_source_stage(tmp_path, monkeypatch):
         if run.key != missing.key:
             qp.save_result(tmp_path, run.key, _fake_result(run, 0.5))
     executed = []
-    monkeypatch.setattr(quality_runs, "execute", lambda run, *a, **k: executed.append(run.stage)
-                        or {**_fake_result(run, 0.5), "build": "a" * 16})
+
+    def fake_execute(run, artifacts, *args, **kwargs):
+        executed.append(run.stage)
+        if run.stage != "source":
+            return _fake_result(run, 0.5)
+        _fake_artifact(tmp_path / "work", run)  # scores as the stored record did: the same build
+        build = quality_runs.artifact_build(tmp_path / "work" / "artifacts" / run.key)
+        return {**_fake_result(run, 0.5), "build": build}
+
+    monkeypatch.setattr(quality_runs, "execute", fake_execute)
     quality.execute_plan(plan, tmp_path, tmp_path / "work", 0, 1, False, lambda: None)
     assert executed == ["source", "target"]
+
+
+def test_a_source_stage_that_leaves_no_weights_stops_the_plan(tmp_path, monkeypatch):
+    cfg = replace(qp.BenchConfig(), methods=("talora",), settings=("k16",), seeds=(0,), source_seeds=(0,))
+    monkeypatch.setattr(quality_runs, "execute", lambda run, *a, **k: {**_fake_result(run, 0.5), "build": "a" * 16})
+    with pytest.raises(RuntimeError, match="no weights"):  # never a loop retraining it
+        quality.execute_plan(qp.build_plan(cfg), tmp_path, tmp_path / "work", 0, 1, False, lambda: None)
 
 
 @pytest.mark.parametrize("rebuilt_accuracy,outcome", [(0.5, "same"), (0.8, "rebuilt")])
