@@ -15,9 +15,10 @@ Each run's result (metrics and per-item predictions) is stored in
 rerunning skips finished runs, on any machine. Source-stage weights are committed too, one folder
 per build in ``benchmarks/results/quality_sources`` (``quality_sources.py``): a machine without
 them restores them into the git-ignored ``benchmarks/runs/quality/artifacts`` instead of
-retraining, and a source stage with nothing committed is trained when a target run needs it. The summary is written after every run of the published plan; a variant
-(``--eval-split dev``, recipe or budget overrides) leaves ``quality.json`` alone and gets a
-``quality-<split>-<hash>.json`` of its own from ``--summarise``.
+retraining, and a source stage with nothing committed is trained when a target run needs it. The
+summary is written after every run of the published plan; a variant (``--eval-split dev``, recipe
+or budget overrides) leaves ``quality.json`` alone and gets a ``quality-<split>-<hash>.json`` of its
+own from ``--summarise``.
 """
 from __future__ import annotations
 

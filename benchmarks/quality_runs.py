@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from benchmarks.quality_plan import MULTITASK, TALORA_METHODS, Run
+from benchmarks.quality_report import machine
 from benchmarks.quality_sources import artifact_build, weights_here
 from talora.adapters.config import AdapterShape
 
@@ -218,7 +219,7 @@ def execute(run: Run, artifacts: Path, scratch: Path, threads: int = 1, progress
     return {"key": run.key, "method": run.method, "stage": run.stage, "task": run.task, "setting": run.setting,
             "seed": run.seed, "source_seed": run.source_seed, "spec": run.spec, "params_per_task": per_task,
             "shared_params": shared, "wall_s": round(time.perf_counter() - tic, 2), "torch": torch.__version__,
-            "device": "cuda" if torch.cuda.is_available() else "cpu", **body}
+            "device": "cuda" if torch.cuda.is_available() else "cpu", "machine": machine(), **body}
 
 
 def store_source_result(runs_dir: Path, result: dict) -> str:
