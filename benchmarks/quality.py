@@ -74,6 +74,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     base = BenchConfig()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--plan-only", action="store_true", help="print the plan with estimated times and exit")
+    p.add_argument("--verify", type=int, default=0, metavar="N",
+                   help="rerun N stored target runs of the plan (the first of each method in turn) from their "
+                   "recorded source builds, in a scratch folder, and report whether every per-item prediction "
+                   "is the stored one; stores nothing")
     p.add_argument("--summarise", action="store_true", help="only rewrite the summary from stored runs")
     p.add_argument("--sources-only", action="store_true",
                    help="only put every source stage's weights here (restored from --sources-dir, or trained when "
@@ -362,6 +366,61 @@ def execute_plan(plan: list[Run], runs_dir: Path, work_dir: Path, max_minutes: f
     return ran
 
 
+def verify_runs(plan: list[Run], runs_dir: Path, work_dir: Path, sources_dir: Path | None, n: int, threads: int,
+                progress: bool) -> list[dict]:
+    """Rerun up to ``n`` stored target runs of ``plan`` (round-robin over methods, in plan order)
+    from the source builds their records name, restoring committed weights where needed, and
+    compare their per-item predictions with the stored ones. Nothing is stored: the reruns go to a
+    scratch folder. A run whose recorded source build is neither here nor committed is skipped
+    (retraining it would test another build)."""
+    import tempfile
+
+    from benchmarks.quality_runs import execute, needs_source
+    from benchmarks.quality_sources import artifact_build, committed_builds, restore, weights_here
+
+    artifacts = work_dir / "artifacts"
+    plan = bind_builds(plan, source_builds(plan, runs_dir), runs_dir)  # the recorded builds
+    by_key = {r.key: r for r in plan}
+    queues: dict[str, list[Run]] = {}
+    for run in plan:
+        if run.stage == "target" and find_result(runs_dir, run) is not None:
+            queues.setdefault(run.method, []).append(run)
+    picked: list[Run] = []
+    while len(picked) < n and any(queues.values()):
+        for queue in queues.values():
+            if queue and len(picked) < n:
+                picked.append(queue.pop(0))
+    outcomes = []
+    for run in picked:
+        stored = find_result(runs_dir, run)
+        assert stored is not None
+        if needs_source(run):
+            source, build = by_key[run.spec["source"]], run.source_build
+            if weights_here(source, artifacts):
+                if artifact_build(artifacts / source.key) != build:  # never overwrite another build in use
+                    print(f"skip   {run.label}: another build of its source stage is in {artifacts / source.key}")
+                    continue
+            elif sources_dir is not None and build in committed_builds(sources_dir, source.key):
+                restore(sources_dir, source.key, build, artifacts)  # type: ignore[arg-type]  # in the list
+            else:
+                print(f"skip   {run.label}: its source build {build or '(unrecorded)'} is neither here nor committed")
+                continue
+        with tempfile.TemporaryDirectory(prefix="quality-verify-") as scratch:
+            result = execute(run, artifacts, Path(scratch), threads, progress)
+        task = run.task
+        same = result["predictions"][task] == stored["predictions"][task]
+        differ = sum(a != b for a, b in zip(result["predictions"][task], stored["predictions"][task], strict=True))
+        outcomes.append({"run": run.label, "key": run.key, "identical": same, "items": len(stored["gold"][task]),
+                         "items_differing": differ, "stored_accuracy": stored["metrics"][task]["accuracy"],
+                         "accuracy": result["metrics"][task]["accuracy"]})
+        print(f"{'same ' if same else 'DIFF '}  {run.label}: {differ} of {len(stored['gold'][task])} predictions "
+              f"differ; accuracy {stored['metrics'][task]['accuracy']:.3f} stored, "
+              f"{result['metrics'][task]['accuracy']:.3f} now", flush=True)
+    same_n = sum(o["identical"] for o in outcomes)
+    print(f"{same_n} of {len(outcomes)} reruns reproduce their stored predictions exactly")
+    return outcomes
+
+
 def main(argv=None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
@@ -375,6 +434,13 @@ def main(argv=None) -> None:
         return
     if args.plan_only:
         print_plan(plan, args.runs_dir, args.work_dir, args.sources_dir)
+        return
+    if args.verify:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        verify_runs(plan, args.runs_dir, args.work_dir, args.sources_dir, args.verify, args.threads,
+                    not args.no_progress)
         return
     command = command_line(argv)
     headline = is_headline(full_cfg)

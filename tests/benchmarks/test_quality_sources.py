@@ -141,3 +141,26 @@ def test_sources_only_puts_every_source_stage_here_and_runs_no_target(tmp_path, 
     for source in (r for r in plan if r.stage == "source"):
         assert qs.weights_here(source, work / "artifacts")
         assert qs.committed_builds(store, source.key) == [qs.artifact_build(work / "artifacts" / source.key)]
+
+
+def test_verify_reruns_stored_runs_from_their_committed_builds_and_finds_a_difference(tmp_path, monkeypatch, capsys):
+    plan, runs, store = _stored_plan(tmp_path, monkeypatch)
+    before = sorted(p.name for p in runs.glob("*.json"))
+    trainer = FakeTrainer()
+    monkeypatch.setattr(quality_runs, "execute", trainer)
+    work = tmp_path / "new-machine"
+    outcomes = quality.verify_runs(plan, runs, work, store, 3, 1, False)
+    assert [o["identical"] for o in outcomes] == [True] * 3
+    assert {r.method for r in trainer.ran} == {"talora", "mpt"}  # round-robin over methods
+    assert all(r.stage == "target" for r in trainer.ran)  # sources restored, not retrained
+    assert sorted(p.name for p in runs.glob("*.json")) == before  # nothing stored
+
+    def other_kernels(run, *args, **kwargs):
+        record = trainer(run, *args, **kwargs)
+        flipped = "".join("1" if c == "0" else "0" for c in record["predictions"][run.task])
+        return {**record, "predictions": {run.task: flipped}}
+
+    monkeypatch.setattr(quality_runs, "execute", other_kernels)
+    outcomes = quality.verify_runs(plan, runs, work, store, 1, 1, False)
+    assert not outcomes[0]["identical"] and outcomes[0]["items_differing"] == outcomes[0]["items"]
+    assert "0 of 1 reruns reproduce" in capsys.readouterr().out
