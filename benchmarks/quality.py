@@ -443,7 +443,7 @@ def main(argv=None) -> None:
                     not args.no_progress)
         return
     command = command_line(argv)
-    headline = is_headline(full_cfg)
+    headline = is_headline(full_cfg) and not args.sources_only  # source stages alone change no row
     if not args.summarise:
         import torch
 
