@@ -401,7 +401,7 @@ def verify_runs(plan: list[Run], runs_dir: Path, work_dir: Path, sources_dir: Pa
                     print(f"skip   {run.label}: another build of its source stage is in {artifacts / source.key}")
                     continue
             elif sources_dir is not None and build in committed_builds(sources_dir, source.key):
-                restore(sources_dir, source.key, build, artifacts)  # type: ignore[arg-type]  # in the list
+                restore(sources_dir, source.key, build, artifacts)
             else:
                 print(f"skip   {run.label}: its source build {build or '(unrecorded)'} is neither here nor committed")
                 continue
