@@ -59,7 +59,7 @@ from benchmarks.quality_report import (
     summary_rows,
     write_summary,
 )
-from benchmarks.quality_sources import source_builds
+from benchmarks.quality_sources import SOURCES, source_builds
 from benchmarks.quality_stats import HEADLINE_BASELINES, by_source_seed, comparisons
 
 HERE = Path(__file__).resolve().parent
@@ -67,7 +67,6 @@ HERE = Path(__file__).resolve().parent
 WORK_DIR = HERE / "runs" / "quality"  # source-stage weights and scratch folders (git-ignored)
 RESULTS = HERE / "results"
 RUNS = RESULTS / "quality_runs"  # one small JSON per finished run (committed)
-SOURCES = RESULTS / "quality_sources"  # source-stage weights, one folder per build (committed)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

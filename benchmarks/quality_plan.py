@@ -237,11 +237,16 @@ def recorded_build(record: dict | None) -> str | None:
     return None if record is None else record.get("build", LEGACY_BUILD)
 
 
+def _plain_spec(spec: dict) -> dict:
+    """``spec`` without the source build a rebuild's target run adds to it."""
+    return {k: v for k, v in spec.items() if k != "source_build"}
+
+
 def at_build(run: Run, build: str | None, recorded: str | None) -> Run:
     """``run`` bound to source build ``build`` (the stored source record scored ``recorded``)."""
     if run.stage != "target" or not run.spec.get("source") or build is None:
         return run
-    plain = {k: v for k, v in run.spec.items() if k != "source_build"}
+    plain = _plain_spec(run.spec)
     if recorded is None or build == recorded:
         return replace(run, spec=plain, key=run_key(plain), source_build=build)
     spec = {**plain, "source_build": build}
@@ -264,8 +269,7 @@ def find_result(runs_dir: Path, run: Run) -> dict | None:
         return record
     if "source_build" in run.spec:  # a rebuild
         if record is None:
-            plain = {k: v for k, v in run.spec.items() if k != "source_build"}
-            record = load_result(runs_dir, run_key(plain))
+            record = load_result(runs_dir, run_key(_plain_spec(run.spec)))
             return record if record is not None and record.get("source_build") == run.source_build else None
         return record
     return record if record is not None and record.get("source_build") in (None, run.source_build) else None

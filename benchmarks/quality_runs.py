@@ -27,7 +27,7 @@ import torch
 
 from benchmarks.quality_plan import MULTITASK, TALORA_METHODS, Run
 from benchmarks.quality_report import machine
-from benchmarks.quality_sources import artifact_build, weights_here
+from benchmarks.quality_sources import artifact_build
 from talora.adapters.config import AdapterShape
 
 ARTIFACTS = "artifacts"
@@ -190,11 +190,6 @@ def _peft_scores(scores: dict, tasks) -> dict:
 
 
 # ----- one run -------------------------------------------------------------------------------
-def source_ready(run: Run, artifacts: Path) -> bool:
-    """Whether a finished source run's weights are on disk here (``quality_sources.weights_here``)."""
-    return weights_here(run, artifacts)
-
-
 def execute(run: Run, artifacts: Path, scratch: Path, threads: int = 1, progress: bool = True) -> dict:
     """Train and evaluate ``run``; the result record that ``quality_plan.save_result`` stores."""
     tic = time.perf_counter()
@@ -248,5 +243,5 @@ def needs_source(run: Run) -> bool:
     return run.stage == "target" and run.method in MULTITASK
 
 
-__all__ = ["execute", "source_ready", "needs_source", "artifact_build", "store_source_result", "talora_params",
+__all__ = ["execute", "needs_source", "artifact_build", "store_source_result", "talora_params",
            "peft_params"]

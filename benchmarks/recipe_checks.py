@@ -39,11 +39,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 def source_bundle(threads: int) -> Path:
     """The benchmark's TA-LoRA source bundle (source seed 0), trained here if missing."""
     from benchmarks.quality import RUNS, WORK_DIR
-    from benchmarks.quality_runs import execute, source_ready
+    from benchmarks.quality_runs import execute
+    from benchmarks.quality_sources import weights_here
 
     run = source_run(BenchConfig(), "talora", 0)
     artifacts = WORK_DIR / "artifacts"
-    if not source_ready(run, artifacts):
+    if not weights_here(run, artifacts):
         record = execute(run, artifacts, WORK_DIR / "scratch", threads, progress=True)
         if load_result(RUNS, run.key) is None:
             save_result(RUNS, run.key, record)
