@@ -210,17 +210,26 @@ def source_run(cfg: BenchConfig, method: str, seed: int) -> Run:
     return Run(method, "source", "+".join(sorted(cfg.source_tasks)), "source", seed, seed, spec, run_key(spec), train)
 
 
+def target_steps(cfg: BenchConfig, setting: str) -> int:
+    """Every method's target steps in ``setting``: the configured steps, or when those are 0 the
+    recipe's for the setting's training set (full data: ``full_train_limit`` examples, which every
+    target task has)."""
+    examples = cfg.full_train_limit if SHOTS[setting] == 0 else 0
+    return cfg.target.steps or recipe.target_steps(SHOTS[setting], examples, cfg.target.batch_size)
+
+
 def target_run(cfg: BenchConfig, method: str, task: str, setting: str, seed: int, source_seed: int | None) -> Run:
     # a multi-task method's target always names its source seed
     source = source_run(cfg, method, source_seed).key if method in MULTITASK else None  # type: ignore[arg-type]
     spec = {**_common(cfg), "method": method, "stage": "target", "task": task, "setting": setting,
             "shots": SHOTS[setting], "seed": seed, "source": source}
+    target = replace(cfg.target, steps=target_steps(cfg, setting))
     train = None
     if method in TALORA_METHODS:
-        train = replace(cfg.target, task=task, shots=SHOTS[setting], seed=seed)
+        train = replace(target, task=task, shots=SHOTS[setting], seed=seed)
         spec["train"] = key_fields(train)
     else:
-        spec.update(budget=_budget(cfg.target), hyper=cfg.peft.method_hyper(method))
+        spec.update(budget=_budget(target), hyper=cfg.peft.method_hyper(method))
     return Run(method, "target", task, setting, seed, source_seed if source else None, spec, run_key(spec), train)
 
 

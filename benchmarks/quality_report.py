@@ -316,6 +316,8 @@ def _changes(spec: dict, method: str, stage: str) -> list[str]:
         hyper = PeftRecipe().method_hyper(method, stage)
         given = {**spec.get("budget", {}), **spec.get("hyper", {})}
         want = {**{k: v for k, v in fields.items() if k in spec.get("budget", {})}, **hyper}
+    if want.get("steps") == 0:  # the recipe's budget for this run's training data
+        want["steps"] = recipe.target_steps(spec["shots"], given["train_limit"], given["batch_size"])
     skip = {"lr"} if stage == "target" else set()
     prefix = "source " if stage == "source" else ""
     return [f"{prefix}{k}={given[k]}" for k in sorted(want) if k not in skip and k in given and given[k] != want[k]]

@@ -51,7 +51,9 @@ class TrainConfig(AdapterShape):
     prompt_init_text: str = described(
         "", "initialise P from the embeddings of this text (repeated to m rows); empty: random vocabulary rows")
     # optimisation
-    steps: int = described(200, "optimiser steps")
+    steps: int = described(
+        200, "optimiser steps (target stage: 0 = by the training data, 48 for k-shot sets and about 4.5 passes "
+             "over full data, 48-144)")
     batch_size: int = described(8, "examples per step per process (mixed tasks)")
     lr: float = described(0.3, "learning rate of the fast weights B_t (AdamW)")
     gate_lr_ratio: float = described(0.1, "learning rate of the gates g_t = lr * gate_lr_ratio")
@@ -102,8 +104,12 @@ class TrainConfig(AdapterShape):
         super().__post_init__()  # the shape fields, with their own names
         _require(self.stage in STAGES, "stage", f"{self.stage!r} is not one of {STAGES}")
         _require(bool(self.model), "model", "must name a model")
-        for name in ("steps", "batch_size", "max_input_tokens", "eval_batch_size", "max_new_tokens"):
+        for name in ("batch_size", "max_input_tokens", "eval_batch_size", "max_new_tokens"):
             _require(getattr(self, name) > 0, name, f"must be > 0, got {getattr(self, name)}")
+        if self.stage == "target":  # 0: set from the training data (recipe.target_steps)
+            _require(self.steps >= 0, "steps", f"must be >= 0 (0 = by the training data), got {self.steps}")
+        else:
+            _require(self.steps > 0, "steps", f"must be > 0, got {self.steps}")
         for name in ("shots", "eval_limit", "eval_every", "warmup_steps", "save_every", "threads", "train_limit"):
             _require(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
         _require(self.log_every > 0, "log_every", f"must be > 0, got {self.log_every}")

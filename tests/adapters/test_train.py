@@ -15,6 +15,7 @@ import torch
 
 from talora.adapters.bundle import model_from_bundle
 from talora.adapters.config import AdapterShape, TaloraConfig, help_of
+from talora.adapters.io import load_bundle, load_task
 from talora.adapters.decoding import greedy_generate
 from talora.adapters.loading import load_checkpoint_folder
 from talora.adapters.talora_model import TaloraModel
@@ -273,6 +274,32 @@ def test_target_stage_trains_only_the_target_fast_weights(source_run, env, tmp_p
     assert metas["toy_new"].training["init"] == "mean"
 
 
+def test_target_steps_follow_the_training_data():
+    from talora.adapters.train.recipe import target_steps
+
+    assert target_steps(16, 112, 8) == target_steps(4, 8, 8) == 48  # k-shot: the k16 budget, whatever the labels
+    assert target_steps(0, 256, 8) == 144 and target_steps(0, 5000, 8) == 144  # ~4.5 passes, at most 144
+    assert target_steps(0, 40, 8) == 48 and target_steps(0, 100, 8) == 56 and target_steps(0, 256, 16) == 72
+    with pytest.raises(ValueError, match="^steps:"):
+        TrainConfig(stage="source", tasks=["a"], steps=0)  # only the target stage sets its steps from the data
+
+
+def test_a_target_stage_without_steps_takes_the_recipes_for_its_data(source_run, env, tmp_path):
+    from talora.adapters.train.recipe import target_steps
+
+    cfg = TrainConfig.from_dict(dict(stage="target", model=env["model"], bundle=str(source_run[1]["bundle"]),
+                                     task="toy_new", task_files=[env["new"]], steps=0, batch_size=16, lr=0.1,
+                                     output_dir=str(tmp_path / "t"), eval_limit=8, threads=1, progress=False,
+                                     save_every=0))
+    result = run_target(cfg)
+    steps = target_steps(0, result["train_examples"], 16)
+    assert result["steps"] == steps
+    bundle, _ = load_bundle(Path(result["bundle"]))
+    meta, _ = load_task(Path(result["bundle"]), "toy_new", bundle)
+    assert meta.training["steps"] == steps  # what GET /v1/tasks shows
+    assert len([r for r in read_log(tmp_path / "t" / "log.jsonl") if r["kind"] == "step"]) == steps
+
+
 @pytest.mark.parametrize("target_init,gate_init,sources_used,name", [
     ("mean", "zero", None, "mean"),
     ("mean", "source", ("a", "b"), "mean+gate"),
@@ -418,7 +445,8 @@ def test_demo_targets_narrows_and_rejects_unknown_tasks():
     from talora.adapters.train.demo import DEMO_TARGETS, demo_targets
 
     assert list(demo_targets(["squad_dev"], 5)["tasks"]) == ["squad_dev"]
-    assert demo_targets(None, 5)["steps"] == 5 and demo_targets()["tasks"] == DEMO_TARGETS["tasks"]
+    assert demo_targets()["tasks"] == DEMO_TARGETS["tasks"] and DEMO_TARGETS["tasks"]["squad_dev"]["steps"] == 48
+    assert all(fields["steps"] == 5 for fields in demo_targets(None, 5)["tasks"].values())  # over a task's own
     with pytest.raises(ValueError, match="target_tasks: nope"):
         demo_targets(["nope"])
 

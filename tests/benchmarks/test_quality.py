@@ -169,10 +169,13 @@ def test_dev_split_plan_has_its_own_keys():
 def test_peft_budget_is_the_talora_budget():
     cfg = qp.BenchConfig()
     plan = qp.build_plan(cfg)
-    pt = next(r for r in plan if r.method == "prompt_tuning" and r.stage == "target")
-    for name in qp.BUDGET:
-        assert pt.spec["budget"][name] == getattr(cfg.target, name), name
-    longer = {r.label: r.key for r in qp.build_plan(cfg.with_overrides(target={"steps": cfg.target.steps + 1}))}
+    for setting, steps in (("k16", 48), ("full", 144)):  # the recipe's budget for each setting's data
+        pt, ta = (next(r for r in plan if r.method == m and r.stage == "target" and r.setting == setting)
+                  for m in ("prompt_tuning", "talora"))
+        for name in qp.BUDGET:
+            assert pt.spec["budget"][name] == getattr(ta.train, name), name
+        assert pt.spec["budget"]["steps"] == ta.train.steps == steps == qp.target_steps(cfg, setting)
+    longer = {r.label: r.key for r in qp.build_plan(cfg.with_overrides(target={"steps": 200}))}
     for run in plan:  # a longer target stage changes every method's target keys and nothing else
         assert (longer[run.label] != run.key) == (run.stage == "target"), run.label
 
