@@ -1,8 +1,8 @@
 """Is the recipe dependable on a user's small or imbalanced task? Two checks, one JSON.
 
 Both adapt a new task with ``talora-train target``'s defaults (``talora.adapters.train.recipe``)
-from the quality benchmark's TA-LoRA source stage (source seed 0, the test plan's; trained
-first through the benchmark if its weights are not on this machine):
+from the quality benchmark's TA-LoRA source stage (source seed 0, the test plan's; restored from
+its committed weights, or trained first through the benchmark when those are missing too):
 
 1. **Small task**: ``tweet_sentiment`` with 60 training examples (20 per label), 5 seeds;
    accuracy and macro-F1 on 240 test items: the spread over seeds.
@@ -37,17 +37,23 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def source_bundle(threads: int) -> Path:
-    """The benchmark's TA-LoRA source bundle (source seed 0), trained here if missing."""
+    """The benchmark's TA-LoRA source bundle (source seed 0): here already, else restored from the
+    build its record scored (committed in ``quality_sources``), else trained here."""
     from benchmarks.quality import RUNS, WORK_DIR
+    from benchmarks.quality_plan import recorded_build
     from benchmarks.quality_runs import execute
-    from benchmarks.quality_sources import weights_here
+    from benchmarks.quality_sources import SOURCES, preferred_build, restore, weights_here
 
     run = source_run(BenchConfig(), "talora", 0)
     artifacts = WORK_DIR / "artifacts"
     if not weights_here(run, artifacts):
-        record = execute(run, artifacts, WORK_DIR / "scratch", threads, progress=True)
-        if load_result(RUNS, run.key) is None:
-            save_result(RUNS, run.key, record)
+        build = preferred_build(SOURCES, run.key, recorded_build(load_result(RUNS, run.key)) or "")
+        if build is not None:
+            restore(SOURCES, run.key, build, artifacts)
+        else:
+            record = execute(run, artifacts, WORK_DIR / "scratch", threads, progress=True)
+            if load_result(RUNS, run.key) is None:
+                save_result(RUNS, run.key, record)
     return artifacts / run.key / "bundle"
 
 

@@ -164,3 +164,24 @@ def test_verify_reruns_stored_runs_from_their_committed_builds_and_finds_a_diffe
     outcomes = quality.verify_runs(plan, runs, work, store, 1, 1, False)
     assert not outcomes[0]["identical"] and outcomes[0]["items_differing"] == outcomes[0]["items"]
     assert "0 of 1 reruns reproduce" in capsys.readouterr().out
+
+
+def test_recipe_checks_restore_the_committed_source_stage_instead_of_training(tmp_path, monkeypatch):
+    from benchmarks import recipe_checks
+
+    run = qp.source_run(qp.BenchConfig(), "talora", 0)
+    first, runs, store = tmp_path / "first", tmp_path / "runs", tmp_path / "sources"
+    _write_weights(first / run.key, run, b"committed")
+    build = qs.commit(first, run.key, store)
+    qp.save_result(runs, run.key, {**_fake_result(run, 0.5), "build": build})
+    monkeypatch.setattr(quality, "RUNS", runs)
+    monkeypatch.setattr(quality, "WORK_DIR", tmp_path / "work")
+    monkeypatch.setattr(qs, "SOURCES", store)
+    trainer = FakeTrainer()
+    monkeypatch.setattr(quality_runs, "execute", trainer)
+    bundle = recipe_checks.source_bundle(threads=1)
+    assert not trainer.ran and qs.artifact_build(bundle.parent) == build
+    shutil.rmtree(store)  # neither here nor committed: trained here
+    shutil.rmtree(bundle.parent)
+    recipe_checks.source_bundle(threads=1)
+    assert [r.key for r in trainer.ran] == [run.key]
