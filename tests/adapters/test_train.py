@@ -15,8 +15,8 @@ import torch
 
 from talora.adapters.bundle import model_from_bundle
 from talora.adapters.config import AdapterShape, TaloraConfig, help_of
-from talora.adapters.io import load_bundle, load_task
 from talora.adapters.decoding import greedy_generate
+from talora.adapters.io import load_bundle, load_task
 from talora.adapters.loading import load_checkpoint_folder
 from talora.adapters.talora_model import TaloraModel
 from talora.adapters.train import TrainConfig, run_eval, run_source, run_target
