@@ -434,7 +434,9 @@ def test_demo_targets_only_adapts_from_an_existing_bundle(env, source_run, tmp_p
     assert list_task_names(bundle) == ["toy_first", "toy_new", "toy_red"] == summary["tasks"]
     assert _tensors(source_bundle) == before  # the source folder is never written
     assert _tensors(bundle)["shared.safetensors"] == before["shared.safetensors"]
-    assert set(summary["metrics"]) == {"toy_first", "toy_red"}  # read back from the task files
+    assert set(summary["metrics"]) == {"toy_first", "toy_red", "toy_new"}  # read back, and the new target's
+    assert summary["kept"] == ["toy_first", "toy_red"] and summary["metrics"]["toy_new"] == \
+        summary["targets"]["toy_new"]["metrics"]
     assert len([r for r in read_log(out / "targets" / "toy_new" / "log.jsonl") if r["kind"] == "step"]) == 2
     again = run_demo(_cfg(env, tmp_path / "again", save_every=0), {**targets, "seed": 1}, source_bundle=bundle)
     assert again["tasks"] == summary["tasks"]  # toy_new trained again replaces the one in ``bundle``
@@ -482,6 +484,10 @@ def test_demo_serves_an_extract_task_only_above_its_zero_shot_f1():
     served, left_out = served_tasks(summary)
     assert served == ["cls", "qa"] and sorted(left_out) == ["bare_qa", "weak_qa"]
     assert "zero-shot F1 0.200" in left_out["weak_qa"] and "no zero-shot" in left_out["bare_qa"]
+    # --targets-only adapting another task keeps an installed extract task it did not train again
+    kept = {"metrics": {"squad": {"f1": 0.44, "exact_match": 0.35}, "intent": {"accuracy": 0.8, "majority_rate": 0.2}},
+            "targets": {"intent": {"metrics": {"accuracy": 0.8, "majority_rate": 0.2}}}, "kept": ["squad"]}
+    assert served_tasks(kept) == (["intent", "squad"], {})
 
 
 def test_demo_installs_only_tasks_clear_of_their_majority_rate(tmp_path):
