@@ -10,7 +10,8 @@ its committed weights, or trained first through the benchmark when those are mis
    its own 80/10/10 split; the recipe's class-balanced draws (``class_balance=sampler``) against
    plain draws (``none``), 3 seeds each; accuracy and macro-F1 on its (equally imbalanced) test split.
 
-    python -m benchmarks.recipe_checks          # ~25 minutes on a 2-core CPU
+    python -m benchmarks.recipe_checks                       # ~40 minutes on a 2-core CPU
+    python -m benchmarks.recipe_checks --parts imbalanced    # one check; the other's stored results stay
 """
 from __future__ import annotations
 
@@ -31,6 +32,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", default="0,1,2,3,4", help="seeds of the small-task check")
     p.add_argument("--imbalance-seeds", default="0,1,2", help="seeds of each arm of the imbalance check")
+    p.add_argument("--parts", default="imbalanced,small",
+                   help="checks to run (imbalanced, small); the other part's results stay as stored in --out")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=HERE / "results" / "recipe_checks.json")
     return p.parse_args(argv)
@@ -125,27 +128,45 @@ def imbalanced_task(bundle: Path, seeds: list[int], tmp: Path, threads: int, out
     return out
 
 
+PARTS = {"imbalanced": "imbalanced_task", "small": "small_task"}  # --parts name -> key in the JSON
+
+
 def main(argv=None) -> None:
     import torch
 
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    parts = [p for p in args.parts.split(",") if p]
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        raise SystemExit(f"--parts: unknown {unknown}; choose from {list(PARTS)}")
     bundle = source_bundle(args.threads)
-    doc: dict = {"command": "python -m benchmarks.recipe_checks " + " ".join(sys.argv[1:] if argv is None else argv),
-                 "bundle": str(bundle.relative_to(HERE.parent)) if bundle.is_relative_to(HERE.parent) else str(bundle),
-                 "complete": False}
+    command = "python -m benchmarks.recipe_checks " + " ".join(sys.argv[1:] if argv is None else argv)
+    stored = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    doc: dict = {"bundle": str(bundle.relative_to(HERE.parent)) if bundle.is_relative_to(HERE.parent) else str(bundle),
+                 "complete": False, "commands": {**_commands(stored), **{p: command for p in parts}}}
+    doc.update({PARTS[p]: stored[PARTS[p]] for p in PARTS if p not in parts and PARTS[p] in stored})
 
     def save() -> None:  # after every run, so that a stopped check leaves what it measured
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(doc, indent=1) + "\n")
 
     with tempfile.TemporaryDirectory() as tmp:
-        imbalanced_task(bundle, _ints(args.imbalance_seeds), Path(tmp), args.threads,
-                        doc.setdefault("imbalanced_task", {}), save)
-        small_task(bundle, _ints(args.seeds), Path(tmp), args.threads, doc.setdefault("small_task", {}), save)
-    doc["complete"] = True
+        if "imbalanced" in parts:
+            imbalanced_task(bundle, _ints(args.imbalance_seeds), Path(tmp), args.threads,
+                            doc.setdefault("imbalanced_task", {}), save)
+        if "small" in parts:
+            small_task(bundle, _ints(args.seeds), Path(tmp), args.threads, doc.setdefault("small_task", {}), save)
+    doc["complete"] = all(PARTS[p] in doc for p in PARTS)
     save()
     print(json.dumps(doc, indent=1))
+
+
+def _commands(stored: dict) -> dict[str, str]:
+    """The command each stored part came from (files from before ``--parts`` name one for both)."""
+    if "commands" in stored:
+        return dict(stored["commands"])
+    return {p: stored["command"] for p, key in PARTS.items() if key in stored and "command" in stored}
 
 
 def _ints(text: str) -> list[int]:
