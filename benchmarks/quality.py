@@ -60,7 +60,7 @@ from benchmarks.quality_report import (
     write_summary,
 )
 from benchmarks.quality_sources import SOURCES, source_builds
-from benchmarks.quality_stats import HEADLINE_BASELINES, by_source_seed, comparisons
+from benchmarks.quality_stats import HEADLINE_BASELINES, budget_comparisons, by_source_seed, comparisons
 
 HERE = Path(__file__).resolve().parent
 
@@ -83,6 +83,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "none is committed) and commit them there; no target runs")
     p.add_argument("--dev-table", action="store_true", help="print the dev-split runs by method and learning rate "
                    "(seed count in brackets) and exit")
+    p.add_argument("--against-target-steps", type=int, default=0, metavar="N",
+                   help="print each method's target runs of this plan against the same runs with N target steps "
+                        "(paired bootstrap, one source stage at a time) and exit")
     p.add_argument("--max-minutes", type=float, default=0.0,
                    help="stop before starting a run past this budget (0: none)")
     p.add_argument("--methods", default=",".join(base.methods),
@@ -197,7 +200,7 @@ def summarise(full_cfg: BenchConfig, runs_dir: Path, results_dir: Path, command:
     else:
         builds = source_builds(plan, runs_dir, None if work_dir is None else work_dir / "artifacts", sources_dir)
     plan = bind_builds(plan, builds, runs_dir)
-    results = {r.key: res for r in plan if (res := find_result(runs_dir, r)) is not None}
+    results = _results(plan, runs_dir)
     rows, zero_shot = summary_rows(plan, results), reference_rows(plan, results)
     stored = list(results.values())
     compared = comparisons(stored, full_cfg.settings, n_boot=n_boot)
@@ -213,6 +216,28 @@ def summarise(full_cfg: BenchConfig, runs_dir: Path, results_dir: Path, command:
                         len(results), zero_shot, compared, by_seed)
     plot(results_dir / f"{name}.png", rows, zero_shot, compared, by_seed["comparisons"])
     return doc
+
+
+def _results(plan: list[Run], runs_dir: Path) -> dict[str, dict]:
+    """The stored record of each run of a bound ``plan`` that has one, by run key."""
+    return {r.key: res for r in plan if (res := find_result(runs_dir, r)) is not None}
+
+
+def budget_report(cfg: BenchConfig, runs_dir: Path, steps: int, n_boot: int = 10_000) -> list[dict]:
+    """``budget_comparisons`` of the target runs ``cfg`` and ``cfg`` with ``steps`` target steps do
+    not share, each plan at the builds its source records scored; printed and returned."""
+    found = []
+    for plan_cfg in (cfg, cfg.with_overrides(target={"steps": steps})):
+        plan = build_plan(plan_cfg)
+        found.append(_results(bind_builds(plan, source_builds(plan, runs_dir), runs_dir), runs_dir))
+    now, before = ([r for key, r in runs.items() if key not in found[1 - i]] for i, runs in enumerate(found))
+    rows = budget_comparisons(now, before, cfg.settings, n_boot)
+    for c in rows:
+        src = "" if c["source_seed"] is None else f" from source seed {c['source_seed']}"
+        print(f"{c['method']} {c['setting']}{src}: this plan - {steps} target steps {c['diff_mean']:+.3f} "
+              f"[{c['ci90'][0]:+.3f}, {c['ci90'][1]:+.3f}] ({c['n_items']} paired units, target seeds "
+              f"{','.join(map(str, c['seeds']))})")
+    return rows
 
 
 def rebuilt_source_runs(results: list[dict]) -> list[str]:
@@ -430,6 +455,9 @@ def main(argv=None) -> None:
     plan = build_plan(cfg)
     if args.dev_table:
         print(dev_table(stored_results(args.runs_dir)))
+        return
+    if args.against_target_steps:
+        budget_report(cfg, args.runs_dir, args.against_target_steps)
         return
     if args.plan_only:
         print_plan(plan, args.runs_dir, args.work_dir, args.sources_dir)

@@ -92,3 +92,21 @@ def by_source_seed(results: list[dict], settings: tuple[str, ...], a: str = "tal
                     if r["method"] == a and r["stage"] == "target" and r.get("source_seed") is not None})
     return [{**c, "source_seed": s} for setting in settings for s in seeds
             for c in comparisons(results, (setting,), a, baselines, n_boot, source_seed=s)]
+
+
+def budget_comparisons(now: list[dict], before: list[dict], settings: tuple[str, ...],
+                       n_boot: int = 10_000) -> list[dict]:
+    """Each method's target runs ``now`` against its runs ``before`` (the same runs under another
+    budget: same tasks, target seeds, items), one source stage at a time (a method without one,
+    whole): ``{"method", "setting", "source_seed", "diff_mean", "ci90", "n_items", ...}``."""
+    pooled = [{**r, "method": f"{r['method']}@now"} for r in now] + \
+             [{**r, "method": f"{r['method']}@before"} for r in before]
+    out = []
+    for setting in settings:
+        mine = [r for r in now if r["stage"] == "target" and r["setting"] == setting]
+        for method in sorted({r["method"] for r in mine}):
+            seeds = sorted({r.get("source_seed") for r in mine if r["method"] == method}, key=lambda s: s or 0)
+            for s in seeds:
+                for c in comparisons(pooled, (setting,), f"{method}@now", (f"{method}@before",), n_boot, s):
+                    out.append({**c, "method": method, "source_seed": s})
+    return out

@@ -459,3 +459,21 @@ def test_only_the_published_plan_writes_quality_json(tmp_path, argv, headline):
     written = sorted(p.name for p in tmp_path.glob("quality*.json"))
     assert len(written) == 1 and (written == ["quality.json"]) == headline
     assert json.loads((tmp_path / written[0]).read_text())["runs_finished"] == 0
+
+
+def test_against_target_steps_pairs_each_method_with_its_runs_at_the_other_budget(tmp_path, capsys):
+    flags = ["--methods", "talora,prompt_tuning", "--settings", "full", "--seeds", "0,1", "--source-seeds", "0"]
+    cfg = quality.config_from_args(quality.parse_args(flags))
+    now, before = qp.build_plan(cfg), qp.build_plan(cfg.with_overrides(target={"steps": 48}))
+    runs = tmp_path / "runs"
+    for run in before:
+        qp.save_result(runs, run.key, _fake_result(run, 0.5))
+    for run in now:  # the longer stage: right on 0.7 of the items; k16 and source runs are shared
+        if qp.load_result(runs, run.key) is None:
+            qp.save_result(runs, run.key, _fake_result(run, 0.7))
+    quality.main([*flags, "--against-target-steps", "48", "--runs-dir", str(runs)])
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split(" [")[0] for line in out] == [
+        "prompt_tuning full: this plan - 48 target steps +0.200",
+        "talora full from source seed 0: this plan - 48 target steps +0.200"]
+    assert all(line.endswith("] (120 paired units, target seeds 0,1)") for line in out)
