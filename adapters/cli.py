@@ -67,8 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_field_flags(demo, ("output_dir", "steps", "threads", "resume", "progress", "eval_limit", "dtype"),
                      {**recipe.SOURCE, **DEMO_CONFIG})
     demo.add_argument("--target-steps", type=int, default=argparse.SUPPRESS,
-                      help="optimiser steps of each target task (default: the recipe's, by each task's training "
-                           "data: 48 for k-shot sets, about 4.5 passes over full data, 48-144)")
+                      help="optimiser steps of each target task (default: DEMO_TARGETS' own, else the recipe's by "
+                           "the task's training data: 48 for k-shot sets, about 4.5 passes over full data, "
+                           "48-144)")
     demo.add_argument("--target-tasks", type=_task_list, default=argparse.SUPPRESS, metavar="A,B",
                       help="train only these of the demo's target tasks (default: all of DEMO_TARGETS)")
     demo.add_argument("--targets-only", action="store_true",
