@@ -39,9 +39,7 @@ from benchmarks.quality_plan import (
     build_plan,
     estimate_seconds,
     find_result,
-    load_result,
     measured_rates,
-    recorded_build,
     run_key,
     save_result,
     stored_results,
@@ -288,7 +286,7 @@ def execute_plan(plan: list[Run], runs_dir: Path, work_dir: Path, max_minutes: f
 
     from benchmarks.quality_claims import RunClaims
     from benchmarks.quality_runs import execute, needs_source, store_source_result
-    from benchmarks.quality_sources import artifact_build, commit, preferred_build, restore, weights_here
+    from benchmarks.quality_sources import artifact_build, commit, restore_preferred, weights_here
 
     artifacts, scratch = work_dir / "artifacts", work_dir / "scratch"
     claims = RunClaims(work_dir / "claims")
@@ -315,11 +313,9 @@ def execute_plan(plan: list[Run], runs_dir: Path, work_dir: Path, max_minutes: f
         """The source stage's weights in ``artifacts``: restored from a committed build, else trained."""
         if weights_here(source, artifacts):
             return
-        recorded = recorded_build(load_result(runs_dir, source.key))
-        build = preferred_build(sources_dir, source.key, recorded or "") if sources_dir is not None else None
+        build = restore_preferred(source, runs_dir, sources_dir, artifacts) if sources_dir is not None else None
         if build is not None:
-            tqdm.write(f"{source.label}: restoring its committed build {build}")
-            restore(sources_dir, source.key, build, artifacts)  # type: ignore[arg-type]  # set when build is
+            tqdm.write(f"{source.label}: restored its committed build {build}")
         else:
             tqdm.write(f"{source.label}: its weights are neither here nor committed; running it first")
             run_one(source)

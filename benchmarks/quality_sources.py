@@ -115,6 +115,15 @@ def restore(store: Path, key: str, build: str, artifacts: Path) -> None:
         raise ValueError(f"source stage {key}: committed build {build} hashes to {found}")
 
 
+def restore_preferred(run: Run, runs_dir: Path, store: Path, artifacts: Path) -> str | None:
+    """Restore source stage ``run``'s ``preferred_build`` (the one its stored record scored, else a
+    committed rebuild) into ``artifacts``; the build restored, or None when nothing is committed."""
+    build = preferred_build(store, run.key, recorded_build(load_result(runs_dir, run.key)) or "")
+    if build is not None:
+        restore(store, run.key, build, artifacts)
+    return build
+
+
 def _copy_atomically(src: Path, dest: Path) -> None:
     """Copy the weight layout of one source stage (``source_layout``) from ``src`` to a new folder
     ``dest`` through a scratch folder renamed into place, so that a reader sees all of it or none.

@@ -43,20 +43,15 @@ def source_bundle(threads: int) -> Path:
     """The benchmark's TA-LoRA source bundle (source seed 0): here already, else restored from the
     build its record scored (committed in ``quality_sources``), else trained here."""
     from benchmarks.quality import RUNS, WORK_DIR
-    from benchmarks.quality_plan import recorded_build
     from benchmarks.quality_runs import execute
-    from benchmarks.quality_sources import SOURCES, preferred_build, restore, weights_here
+    from benchmarks.quality_sources import SOURCES, restore_preferred, weights_here
 
     run = source_run(BenchConfig(), "talora", 0)
     artifacts = WORK_DIR / "artifacts"
-    if not weights_here(run, artifacts):
-        build = preferred_build(SOURCES, run.key, recorded_build(load_result(RUNS, run.key)) or "")
-        if build is not None:
-            restore(SOURCES, run.key, build, artifacts)
-        else:
-            record = execute(run, artifacts, WORK_DIR / "scratch", threads, progress=True)
-            if load_result(RUNS, run.key) is None:
-                save_result(RUNS, run.key, record)
+    if not weights_here(run, artifacts) and restore_preferred(run, RUNS, SOURCES, artifacts) is None:
+        record = execute(run, artifacts, WORK_DIR / "scratch", threads, progress=True)
+        if load_result(RUNS, run.key) is None:
+            save_result(RUNS, run.key, record)
     return artifacts / run.key / "bundle"
 
 
