@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks import quality, quality_runs
+from benchmarks import quality, quality_exec, quality_runs
 from benchmarks import quality_plan as qp
 from benchmarks import quality_report as qr
 from benchmarks import quality_stats as qs
@@ -205,10 +205,10 @@ def test_cached_runs_are_skipped(tmp_path, monkeypatch):
         return _fake_result(run, 0.6)
 
     monkeypatch.setattr(quality_runs, "execute", fake_execute)
-    assert quality.execute_plan(plan, runs_dir, work, 0, 1, False, lambda: None) == 1
+    assert quality_exec.execute_plan(plan, runs_dir, work, 0, 1, False, lambda: None) == 1
     assert executed == [missing.key]
     assert qp.load_result(runs_dir, missing.key)["metrics"][missing.task]["accuracy"] == 0.6
-    assert quality.execute_plan(plan, runs_dir, work, 0, 1, False, lambda: None) == 0
+    assert quality_exec.execute_plan(plan, runs_dir, work, 0, 1, False, lambda: None) == 0
     assert not list(runs_dir.glob("*.tmp*"))
 
 
@@ -232,7 +232,7 @@ def test_lost_source_artifact_reruns_the_source_stage(tmp_path, monkeypatch):
         return {**_fake_result(run, 0.5), "build": build}
 
     monkeypatch.setattr(quality_runs, "execute", fake_execute)
-    quality.execute_plan(plan, tmp_path, tmp_path / "work", 0, 1, False, lambda: None)
+    quality_exec.execute_plan(plan, tmp_path, tmp_path / "work", 0, 1, False, lambda: None)
     assert executed == ["source", "target"]
 
 
@@ -240,7 +240,7 @@ def test_a_source_stage_that_leaves_no_weights_stops_the_plan(tmp_path, monkeypa
     cfg = replace(qp.BenchConfig(), methods=("talora",), settings=("k16",), seeds=(0,), source_seeds=(0,))
     monkeypatch.setattr(quality_runs, "execute", lambda run, *a, **k: {**_fake_result(run, 0.5), "build": "a" * 16})
     with pytest.raises(RuntimeError, match="no weights"):  # never a loop retraining it
-        quality.execute_plan(qp.build_plan(cfg), tmp_path, tmp_path / "work", 0, 1, False, lambda: None)
+        quality_exec.execute_plan(qp.build_plan(cfg), tmp_path, tmp_path / "work", 0, 1, False, lambda: None)
 
 
 @pytest.mark.parametrize("rebuilt_accuracy,outcome", [(0.5, "same"), (0.8, "rebuilt")])
@@ -279,7 +279,7 @@ def test_artifact_build_follows_the_weights(tmp_path):
 def test_budget_stops_before_a_run_that_does_not_fit(tmp_path, monkeypatch):
     plan = qp.build_plan(replace(qp.BenchConfig(), methods=("prompt_tuning",), settings=("k16",), seeds=(0,)))
     monkeypatch.setattr(quality_runs, "execute", lambda *a, **k: pytest.fail("a run started past the budget"))
-    assert quality.execute_plan(plan, tmp_path, tmp_path, 0.01, 1, False, lambda: None) == 0
+    assert quality_exec.execute_plan(plan, tmp_path, tmp_path, 0.01, 1, False, lambda: None) == 0
 
 
 def test_summary_rows_have_the_required_fields(tmp_path):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import quality, quality_runs
+from benchmarks import quality_exec, quality_runs
 from benchmarks import quality_plan as qp
 from benchmarks.quality_claims import RunClaims
 from tests.benchmarks.test_quality import _fake_artifact, _fake_result
@@ -75,7 +75,7 @@ def test_a_run_another_process_holds_is_left_to_it(tmp_path, monkeypatch):
         return _fake_result(run, 0.5)
 
     monkeypatch.setattr(quality_runs, "execute", fake_execute)
-    assert quality.execute_plan(plan, runs, work, 0, 1, False, lambda: None, poll_s=0.05) == len(plan) - 1
+    assert quality_exec.execute_plan(plan, runs, work, 0, 1, False, lambda: None, poll_s=0.05) == len(plan) - 1
     proc.wait(timeout=30)
     assert held.key not in executed and sorted(executed) == sorted(r.key for r in plan[1:])
     assert qp.load_result(runs, held.key)["metrics"][held.task]["accuracy"] == 0.9
@@ -94,7 +94,7 @@ def test_a_run_whose_holder_died_is_taken_over(tmp_path, monkeypatch):
         return _fake_result(run, 0.5)
 
     monkeypatch.setattr(quality_runs, "execute", fake_execute)
-    assert quality.execute_plan(plan, tmp_path / "runs", work, 0, 1, False, lambda: None, poll_s=0.05) == 2
+    assert quality_exec.execute_plan(plan, tmp_path / "runs", work, 0, 1, False, lambda: None, poll_s=0.05) == 2
     assert executed == [plan[1].key, plan[0].key]
 
 
@@ -122,8 +122,8 @@ def test_target_runs_wait_for_a_source_stage_another_process_trains(tmp_path, mo
             _fake_artifact(work, source)
             proc.communicate("\n")
 
-    monkeypatch.setattr(quality.time, "sleep", fake_sleep)
-    ran = quality.execute_plan(plan, runs, work, 0, 1, False, lambda: None, poll_s=7)
+    monkeypatch.setattr(quality_exec.time, "sleep", fake_sleep)
+    ran = quality_exec.execute_plan(plan, runs, work, 0, 1, False, lambda: None, poll_s=7)
     assert ran == len(executed) == len(plan) - 1 and sleeps == [7, 7]
 
 

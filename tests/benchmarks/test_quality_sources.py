@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import quality, quality_runs
+from benchmarks import quality, quality_exec, quality_runs
 from benchmarks import quality_plan as qp
 from benchmarks import quality_sources as qs
 from tests.benchmarks.test_quality import _fake_result
@@ -55,7 +55,7 @@ def _stored_plan(tmp_path: Path, monkeypatch) -> tuple[list[qp.Run], Path, Path]
     """Every run of the plan done on a first machine, its source weights committed."""
     monkeypatch.setattr(quality_runs, "execute", FakeTrainer())
     plan, runs, store = _plan(), tmp_path / "runs", tmp_path / "sources"
-    assert quality.execute_plan(plan, runs, tmp_path / "first", 0, 1, False, lambda: None, sources_dir=store) == 10
+    assert quality_exec.execute_plan(plan, runs, tmp_path / "first", 0, 1, False, lambda: None, sources_dir=store) == 10
     return plan, runs, store
 
 
@@ -71,7 +71,7 @@ def test_a_finished_source_stage_is_committed_and_restored_on_a_new_machine(tmp_
     again = FakeTrainer(payload=b"other kernels")  # would train another build
     monkeypatch.setattr(quality_runs, "execute", again)
     work = tmp_path / "second"
-    assert quality.execute_plan(plan, runs, work, 0, 1, False, lambda: None, sources_dir=store) == 1
+    assert quality_exec.execute_plan(plan, runs, work, 0, 1, False, lambda: None, sources_dir=store) == 1
     assert [r.key for r in again.ran] == [lost.key]  # restored, not retrained; nothing else rerun
     mpt_source = next(r for r in sources if r.method == "mpt")
     assert qs.artifact_build(work / "artifacts" / mpt_source.key) == qp.load_result(runs, mpt_source.key)["build"]
@@ -87,7 +87,7 @@ def test_runs_from_a_rebuild_get_keys_of_their_own_and_leave_the_stored_runs_alo
     monkeypatch.setattr(quality_runs, "execute", rebuilt)
     lost = next(r for r in plan if r.stage == "target" and r.method == "talora")
     qp.result_path(runs, lost.key).unlink()
-    quality.execute_plan(plan, runs, tmp_path / "second", 0, 1, False, lambda: None, sources_dir=store)
+    quality_exec.execute_plan(plan, runs, tmp_path / "second", 0, 1, False, lambda: None, sources_dir=store)
     targets = [r for r in plan if r.stage == "target" and r.method == "talora"]
     # the source stage is retrained (another build), then every talora target run again from it
     assert [r.stage for r in rebuilt.ran] == ["source"] + ["target"] * len(targets)
@@ -136,7 +136,7 @@ def test_sources_only_puts_every_source_stage_here_and_runs_no_target(tmp_path, 
     trainer = FakeTrainer()
     monkeypatch.setattr(quality_runs, "execute", trainer)
     work = tmp_path / "second"
-    quality.execute_plan(plan, runs, work, 0, 1, False, lambda: None, sources_dir=store, sources_only=True)
+    quality_exec.execute_plan(plan, runs, work, 0, 1, False, lambda: None, sources_dir=store, sources_only=True)
     assert [r.key for r in trainer.ran] == [mpt_source.key]
     for source in (r for r in plan if r.stage == "source"):
         assert qs.weights_here(source, work / "artifacts")
@@ -149,7 +149,7 @@ def test_verify_reruns_stored_runs_from_their_committed_builds_and_finds_a_diffe
     trainer = FakeTrainer()
     monkeypatch.setattr(quality_runs, "execute", trainer)
     work = tmp_path / "new-machine"
-    outcomes = quality.verify_runs(plan, runs, work, store, 3, 1, False)
+    outcomes = quality_exec.verify_runs(plan, runs, work, store, 3, 1, False)
     assert [o["identical"] for o in outcomes] == [True] * 3
     assert {r.method for r in trainer.ran} == {"talora", "mpt"}  # round-robin over methods
     assert all(r.stage == "target" for r in trainer.ran)  # sources restored, not retrained
@@ -161,7 +161,7 @@ def test_verify_reruns_stored_runs_from_their_committed_builds_and_finds_a_diffe
         return {**record, "predictions": {run.task: flipped}}
 
     monkeypatch.setattr(quality_runs, "execute", other_kernels)
-    outcomes = quality.verify_runs(plan, runs, work, store, 1, 1, False)
+    outcomes = quality_exec.verify_runs(plan, runs, work, store, 1, 1, False)
     assert not outcomes[0]["identical"] and outcomes[0]["items_differing"] == outcomes[0]["items"]
     assert "0 of 1 reruns reproduce" in capsys.readouterr().out
 

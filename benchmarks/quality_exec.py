@@ -1,0 +1,195 @@
+"""Running the quality benchmark's plan: ``execute_plan`` trains and scores every unfinished run (several
+processes may share one plan), ``verify_runs`` reruns stored runs and compares their predictions.
+
+``benchmarks/quality.py`` is the command line; this module does the work it hands off.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from benchmarks.quality_plan import (
+    Run,
+    bind_builds,
+    estimate_seconds,
+    find_result,
+    measured_rates,
+    save_result,
+    stored_results,
+)
+from benchmarks.quality_sources import source_builds
+
+
+def execute_plan(plan: list[Run], runs_dir: Path, work_dir: Path, max_minutes: float, threads: int, progress: bool,
+                 after_run, poll_s: float = 30.0, sources_dir: Path | None = None, sources_only: bool = False) -> int:
+    """Run every unfinished run of ``plan`` in order; returns how many ran. A target run whose
+    source stage's weights are missing (a new machine) restores them from ``sources_dir`` (the
+    committed builds, ``quality_sources``) or, with nothing committed, reruns that source stage
+    first and commits its weights there. Target runs are bound to the build of the weights they
+    start from (``quality_plan.at_build``): after a rebuild, the runs of the stored build count as
+    not done for it.
+
+    Several processes may run the same plan on one work folder: each claims a run before it
+    starts it (``benchmarks/quality_claims.py``) and skips runs that another process holds,
+    coming back to them; when only those are left it waits for them (every ``poll_s`` seconds)
+    and takes over any whose process has ended without a result.
+
+    ``sources_only``: only put the weights of every source stage of ``plan`` here (restored, or
+    trained when nothing is committed) and commit them to ``sources_dir``; no target runs."""
+    from tqdm.auto import tqdm
+
+    from benchmarks.quality_claims import RunClaims
+    from benchmarks.quality_runs import execute, needs_source, store_source_result
+    from benchmarks.quality_sources import artifact_build, commit, restore_preferred, weights_here
+
+    artifacts, scratch = work_dir / "artifacts", work_dir / "scratch"
+    claims = RunClaims(work_dir / "claims")
+    start, ran = time.monotonic(), 0
+    by_key = {r.key: r for r in plan}
+
+    def run_one(run: Run) -> None:
+        nonlocal ran
+        bar.set_postfix_str(run.label)
+        result = execute(run, artifacts, scratch, threads, progress)
+        if run.stage == "source":
+            if store_source_result(runs_dir, result) == "rebuilt":
+                tqdm.write(f"warning: {run.label} was rebuilt here and differs from its stored record (another "
+                           f"machine's kernels); its record stays, the rebuild is in rebuilds/, and target runs from "
+                           f"it get keys of their own with source_build={result['build']}")
+            if sources_dir is not None:
+                commit(artifacts, run.key, sources_dir)
+        else:
+            save_result(runs_dir, run.key, result)
+        ran += 1
+        after_run()
+
+    def ensure_source(source: Run) -> None:
+        """The source stage's weights in ``artifacts``: restored from a committed build, else trained."""
+        if weights_here(source, artifacts):
+            return
+        build = restore_preferred(source, runs_dir, sources_dir, artifacts) if sources_dir is not None else None
+        if build is not None:
+            tqdm.write(f"{source.label}: restored its committed build {build}")
+        else:
+            tqdm.write(f"{source.label}: its weights are neither here nor committed; running it first")
+            run_one(source)
+            if not weights_here(source, artifacts):
+                raise RuntimeError(f"{source.label} finished with no weights in {artifacts / source.key}")
+
+    def attempt(run: Run) -> bool:
+        """Run ``run`` (and its missing source stage) if this process can claim them."""
+        source = by_key[run.spec["source"]] if needs_source(run) else None
+        if source is not None:
+            if not claims.claim(source.key):
+                return False  # another process is (re)running the source stage
+            ensure_source(source)
+            claims.release(source.key)  # others may start target runs of it now
+            run = bind_builds([run], {source.key: artifact_build(artifacts / source.key)}, runs_dir)[0]
+            if find_result(runs_dir, run) is not None:
+                return True  # done from this build already
+        if not claims.claim(run.key):
+            return False
+        if find_result(runs_dir, run) is None:  # finished by another process meanwhile
+            run_one(run)
+        return True
+
+    def unfinished() -> list[Run]:
+        builds = source_builds(plan, runs_dir, artifacts, sources_dir)
+        return [r for r in bind_builds(plan, builds, runs_dir) if find_result(runs_dir, r) is None]
+
+    if sources_only:
+        bar = tqdm(total=sum(r.stage == "source" for r in plan), desc="source stages", disable=not progress)
+        try:
+            for source in (r for r in plan if r.stage == "source"):
+                while not claims.claim(source.key):
+                    time.sleep(poll_s)  # another process is training it
+                ensure_source(source)
+                if sources_dir is not None:
+                    commit(artifacts, source.key, sources_dir)
+                claims.release(source.key)
+                bar.update(1)
+        finally:
+            claims.release_all()
+            bar.close()
+        return ran
+    pending = unfinished()
+    bar = tqdm(total=len(pending), desc="quality runs", disable=not progress)
+    try:
+        while pending:
+            held = 0
+            for run in pending:
+                if find_result(runs_dir, run) is not None:
+                    continue  # finished by another process sharing the folders
+                if max_minutes and time.monotonic() - start + estimate_seconds(
+                        run, measured_rates(stored_results(runs_dir))) > max_minutes * 60:
+                    tqdm.write(f"stopping: {run.label} would pass the {max_minutes:g}-minute budget")
+                    return ran
+                try:
+                    held += not attempt(run)
+                finally:
+                    claims.release_all()
+            left = unfinished()  # after a rebuild, the runs of the stored build are not done for this one
+            bar.total = bar.n + len(left)
+            bar.update(max(0, len(pending) - len(left)))
+            if left and held == len(left):
+                time.sleep(poll_s)  # every run left is held by another process
+            pending = left
+    finally:
+        claims.release_all()
+        bar.close()
+    return ran
+
+
+def verify_runs(plan: list[Run], runs_dir: Path, work_dir: Path, sources_dir: Path | None, n: int, threads: int,
+                progress: bool) -> list[dict]:
+    """Rerun up to ``n`` stored target runs of ``plan`` (round-robin over methods, in plan order)
+    from the source builds their records name, restoring committed weights where needed, and
+    compare their per-item predictions with the stored ones. Nothing is stored: the reruns go to a
+    scratch folder. A run whose recorded source build is neither here nor committed is skipped
+    (retraining it would test another build)."""
+    import tempfile
+
+    from benchmarks.quality_runs import execute, needs_source
+    from benchmarks.quality_sources import artifact_build, committed_builds, restore, weights_here
+
+    artifacts = work_dir / "artifacts"
+    plan = bind_builds(plan, source_builds(plan, runs_dir), runs_dir)  # the recorded builds
+    by_key = {r.key: r for r in plan}
+    queues: dict[str, list[Run]] = {}
+    for run in plan:
+        if run.stage == "target" and find_result(runs_dir, run) is not None:
+            queues.setdefault(run.method, []).append(run)
+    picked: list[Run] = []
+    while len(picked) < n and any(queues.values()):
+        for queue in queues.values():
+            if queue and len(picked) < n:
+                picked.append(queue.pop(0))
+    outcomes = []
+    for run in picked:
+        stored = find_result(runs_dir, run)
+        assert stored is not None
+        if needs_source(run):
+            source, build = by_key[run.spec["source"]], run.source_build
+            if weights_here(source, artifacts):
+                if artifact_build(artifacts / source.key) != build:  # never overwrite another build in use
+                    print(f"skip   {run.label}: another build of its source stage is in {artifacts / source.key}")
+                    continue
+            elif sources_dir is not None and build in committed_builds(sources_dir, source.key):
+                restore(sources_dir, source.key, build, artifacts)
+            else:
+                print(f"skip   {run.label}: its source build {build or '(unrecorded)'} is neither here nor committed")
+                continue
+        with tempfile.TemporaryDirectory(prefix="quality-verify-") as scratch:
+            result = execute(run, artifacts, Path(scratch), threads, progress)
+        task = run.task
+        same = result["predictions"][task] == stored["predictions"][task]
+        differ = sum(a != b for a, b in zip(result["predictions"][task], stored["predictions"][task], strict=True))
+        outcomes.append({"run": run.label, "key": run.key, "identical": same, "items": len(stored["gold"][task]),
+                         "items_differing": differ, "stored_accuracy": stored["metrics"][task]["accuracy"],
+                         "accuracy": result["metrics"][task]["accuracy"]})
+        print(f"{'same ' if same else 'DIFF '}  {run.label}: {differ} of {len(stored['gold'][task])} predictions "
+              f"differ; accuracy {stored['metrics'][task]['accuracy']:.3f} stored, "
+              f"{result['metrics'][task]['accuracy']:.3f} now", flush=True)
+    same_n = sum(o["identical"] for o in outcomes)
+    print(f"{same_n} of {len(outcomes)} reruns reproduce their stored predictions exactly")
+    return outcomes
