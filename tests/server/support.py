@@ -5,10 +5,13 @@ background thread. The fixtures built from them are in ``tests/server/conftest.p
 from __future__ import annotations
 
 import socket
+import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 import torch
 
 from talora.adapters.bundle import export_bundle, export_task
@@ -86,6 +89,29 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def wait_ready(url: str, proc: subprocess.Popen, output: Callable[[], str], timeout: float = 180) -> int:
+    """Poll ``/ready`` of a talora-serve subprocess until it answers 200; returns how many polls
+    reached the server (each writes one request-log line). Fails with ``output()`` (the process's
+    log) if the process exits first or ``timeout`` passes (then it kills the process): a subprocess
+    importing torch is ready in seconds on an idle machine and in minutes on a loaded 2-core one."""
+    deadline, polls = time.monotonic() + timeout, 0
+    while True:
+        assert proc.poll() is None, output()
+        if time.monotonic() > deadline:
+            proc.kill()  # so that output() can read the whole log
+            proc.wait()
+            raise AssertionError("talora-serve did not become ready\n" + output())
+        try:
+            polls += 1
+            if httpx.get(f"{url}/ready", timeout=5).status_code == 200:
+                return polls
+        except httpx.ConnectError:
+            polls -= 1  # never reached the server: no log line
+        except httpx.TransportError:
+            pass  # reached it and timed out: the server still answers and logs it
+        time.sleep(0.2)
 
 
 class ServerThread:

@@ -7,12 +7,11 @@ import json
 import signal
 import subprocess
 import sys
-import time
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.server.support import CLASSIFY, GENERATE, free_port, serve
+from tests.server.support import CLASSIFY, GENERATE, free_port, serve, wait_ready
 
 
 def test_metrics_parse_and_add_up(tier_bundle, tier_model):
@@ -70,18 +69,9 @@ def test_sigterm_drains_the_request_in_flight(tier_bundle, tier_model, tmp_path)
            "--num-slots", "2"]
     with open(log_file, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    url, polls = f"http://127.0.0.1:{port}", 0
+    url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None and time.monotonic() < deadline, log_file.read_text()
-            try:
-                polls += 1
-                if httpx.get(f"{url}/ready").status_code == 200:
-                    break
-            except httpx.TransportError:
-                polls -= 1  # never reached the server: no log line
-            time.sleep(0.2)
+        polls = wait_ready(url, proc, log_file.read_text)
         body = {"text": "Once upon a time", "max_new_tokens": 20, "temperature": 0, "stream": True}
         with httpx.stream("POST", f"{url}/v1/tasks/{GENERATE}/generate", json=body, timeout=120) as resp:
             lines = resp.iter_lines()

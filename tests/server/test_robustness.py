@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from talora.server.generation import sample_token
-from tests.server.support import GENERATE, free_port, serve
+from tests.server.support import GENERATE, free_port, serve, wait_ready
 
 GEN = f"/v1/tasks/{GENERATE}/generate"
 
@@ -141,28 +141,13 @@ def test_talora_serve_exits_70_when_its_worker_stops(tiny_bundle, tiny_server_mo
     """)
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
-        _wait_ready(f"http://127.0.0.1:{port}", proc)
+        wait_ready(f"http://127.0.0.1:{port}", proc, lambda: proc.stdout.read().decode())
         r = httpx.post(f"http://127.0.0.1:{port}/v1/tasks/spam/predict", json={"text": "x"}, timeout=30)
         assert r.status_code in (500, 503)
         assert proc.wait(30) == 70
     finally:
         proc.kill()
     assert b"exiting with status 70" in proc.stdout.read()
-
-
-def _wait_ready(url: str, proc: subprocess.Popen) -> None:
-    import time
-
-    deadline = time.monotonic() + 180  # a subprocess importing torch: seconds idle, minutes on a loaded 2-core machine
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
-        try:
-            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError("talora-serve did not become ready")
 
 
 @pytest.mark.parametrize("task,body,status", [
