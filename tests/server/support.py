@@ -107,7 +107,7 @@ def wait_ready(url: str, proc: subprocess.Popen, output: Callable[[], str], time
             polls += 1
             if httpx.get(f"{url}/ready", timeout=5).status_code == 200:
                 return polls
-        except httpx.ConnectError:
+        except (httpx.ConnectError, httpx.ConnectTimeout):
             polls -= 1  # never reached the server: no log line
         except httpx.TransportError:
             pass  # reached it and timed out: the server still answers and logs it
