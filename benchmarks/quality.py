@@ -83,6 +83,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--against-target-steps", type=int, default=0, metavar="N",
                    help="print each method's target runs of this plan against the same runs with N target steps "
                         "(paired bootstrap, one source stage at a time) and exit")
+    p.add_argument("--against-recipe", action="store_true",
+                   help="print each method's target runs of this variant (--talora, --talora-target, --peft, "
+                        "--source-steps, --target-steps) against the same runs under the recipe (paired bootstrap, "
+                        "one source stage at a time) and exit")
     p.add_argument("--max-minutes", type=float, default=0.0,
                    help="stop before starting a run past this budget (0: none)")
     p.add_argument("--methods", default=",".join(base.methods),
@@ -220,21 +224,30 @@ def _results(plan: list[Run], runs_dir: Path) -> dict[str, dict]:
     return {r.key: res for r in plan if (res := find_result(runs_dir, r)) is not None}
 
 
-def budget_report(cfg: BenchConfig, runs_dir: Path, steps: int, n_boot: int = 10_000) -> list[dict]:
-    """``budget_comparisons`` of the target runs ``cfg`` and ``cfg`` with ``steps`` target steps do
-    not share, each plan at the builds its source records scored; printed and returned."""
+def paired_report(cfg: BenchConfig, other: BenchConfig, runs_dir: Path, label: str,
+                  n_boot: int = 10_000) -> list[dict]:
+    """``budget_comparisons`` of the target runs the plans of ``cfg`` and ``other`` do not share (the
+    same tasks, target seeds and items under another budget or recipe), each plan at the builds its
+    source records scored; printed as ``this plan - <label>`` and returned."""
     found = []
-    for plan_cfg in (cfg, cfg.with_overrides(target={"steps": steps})):
+    for plan_cfg in (cfg, other):
         plan = build_plan(plan_cfg)
         found.append(_results(bind_builds(plan, source_builds(plan, runs_dir), runs_dir), runs_dir))
     now, before = ([r for key, r in runs.items() if key not in found[1 - i]] for i, runs in enumerate(found))
     rows = budget_comparisons(now, before, cfg.settings, n_boot)
     for c in rows:
         src = "" if c["source_seed"] is None else f" from source seed {c['source_seed']}"
-        print(f"{c['method']} {c['setting']}{src}: this plan - {steps} target steps {c['diff_mean']:+.3f} "
+        print(f"{c['method']} {c['setting']}{src}: this plan - {label} {c['diff_mean']:+.3f} "
               f"[{c['ci90'][0]:+.3f}, {c['ci90'][1]:+.3f}] ({c['n_items']} paired units, target seeds "
               f"{','.join(map(str, c['seeds']))})")
+    if not rows:
+        print(f"no target run of this plan has a stored counterpart under {label}")
     return rows
+
+
+def the_recipe(cfg: BenchConfig) -> BenchConfig:
+    """``cfg`` with the recipe's stage configs and PEFT recipe (its filters, split and limits kept)."""
+    return replace(cfg, source=None, target=None, peft=BenchConfig().peft)
 
 
 def rebuilt_source_runs(results: list[dict]) -> list[str]:
@@ -277,7 +290,15 @@ def main(argv=None) -> None:
         print(dev_table(stored_results(args.runs_dir)))
         return
     if args.against_target_steps:
-        budget_report(cfg, args.runs_dir, args.against_target_steps)
+        paired_report(cfg, cfg.with_overrides(target={"steps": args.against_target_steps}), args.runs_dir,
+                      f"{args.against_target_steps} target steps")
+        return
+    if args.against_recipe:
+        recipe_cfg = the_recipe(cfg)
+        if _config_record(recipe_cfg) == _config_record(cfg):
+            raise SystemExit("--against-recipe: this plan is the recipe; give the variant's flags "
+                             "(--talora, --talora-target, --peft, --source-steps or --target-steps)")
+        paired_report(cfg, recipe_cfg, args.runs_dir, "the recipe")
         return
     if args.plan_only:
         print_plan(plan, args.runs_dir, args.work_dir, args.sources_dir)

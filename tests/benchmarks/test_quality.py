@@ -477,3 +477,20 @@ def test_against_target_steps_pairs_each_method_with_its_runs_at_the_other_budge
         "prompt_tuning full: this plan - 48 target steps +0.200",
         "talora full from source seed 0: this plan - 48 target steps +0.200"]
     assert all(line.endswith("] (120 paired units, target seeds 0,1)") for line in out)
+
+
+def test_against_recipe_pairs_a_variants_runs_with_the_recipes(tmp_path, capsys):
+    flags = ["--methods", "talora,prompt_tuning", "--settings", "full", "--seeds", "0,1", "--source-seeds", "0",
+             "--eval-split", "dev", "--test-limit", "60"]
+    variant = [*flags, "--talora-target", "gate_init=source"]
+    runs = tmp_path / "runs"
+    for argv, right in ((flags, 0.5), (variant, 0.75)):
+        for run in qp.build_plan(quality.config_from_args(quality.parse_args(argv))):
+            if qp.load_result(runs, run.key) is None:  # prompt tuning and the source stage are shared
+                qp.save_result(runs, run.key, _fake_result(run, right))
+    quality.main([*variant, "--against-recipe", "--runs-dir", str(runs)])
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split(" [")[0] for line in out] == ["talora full from source seed 0: this plan - the recipe +0.250"]
+    assert out[0].endswith("] (120 paired units, target seeds 0,1)")
+    with pytest.raises(SystemExit, match="this plan is the recipe"):
+        quality.main([*flags, "--against-recipe", "--runs-dir", str(runs)])
