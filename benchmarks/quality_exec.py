@@ -36,108 +36,140 @@ def execute_plan(plan: list[Run], runs_dir: Path, work_dir: Path, max_minutes: f
 
     ``sources_only``: only put the weights of every source stage of ``plan`` here (restored, or
     trained when nothing is committed) and commit them to ``sources_dir``; no target runs."""
-    from tqdm.auto import tqdm
-
-    from benchmarks.quality_claims import RunClaims
-    from benchmarks.quality_runs import execute, needs_source, store_source_result
-    from benchmarks.quality_sources import artifact_build, commit, restore_preferred, weights_here
-
-    artifacts, scratch = work_dir / "artifacts", work_dir / "scratch"
-    claims = RunClaims(work_dir / "claims")
-    start, ran = time.monotonic(), 0
-    by_key = {r.key: r for r in plan}
-
-    def run_one(run: Run) -> None:
-        nonlocal ran
-        bar.set_postfix_str(run.label)
-        result = execute(run, artifacts, scratch, threads, progress)
-        if run.stage == "source":
-            if store_source_result(runs_dir, result) == "rebuilt":
-                tqdm.write(f"warning: {run.label} was rebuilt here and differs from its stored record (another "
-                           f"machine's kernels); its record stays, the rebuild is in rebuilds/, and target runs from "
-                           f"it get keys of their own with source_build={result['build']}")
-            if sources_dir is not None:
-                commit(artifacts, run.key, sources_dir)
-        else:
-            save_result(runs_dir, run.key, result)
-        ran += 1
-        after_run()
-
-    def ensure_source(source: Run) -> None:
-        """The source stage's weights in ``artifacts``: restored from a committed build, else trained."""
-        if weights_here(source, artifacts):
-            return
-        build = restore_preferred(source, runs_dir, sources_dir, artifacts) if sources_dir is not None else None
-        if build is not None:
-            tqdm.write(f"{source.label}: restored its committed build {build}")
-        else:
-            tqdm.write(f"{source.label}: its weights are neither here nor committed; running it first")
-            run_one(source)
-            if not weights_here(source, artifacts):
-                raise RuntimeError(f"{source.label} finished with no weights in {artifacts / source.key}")
-
-    def attempt(run: Run) -> bool:
-        """Run ``run`` (and its missing source stage) if this process can claim them."""
-        source = by_key[run.spec["source"]] if needs_source(run) else None
-        if source is not None:
-            if not claims.claim(source.key):
-                return False  # another process is (re)running the source stage
-            ensure_source(source)
-            claims.release(source.key)  # others may start target runs of it now
-            run = bind_builds([run], {source.key: artifact_build(artifacts / source.key)}, runs_dir)[0]
-            if find_result(runs_dir, run) is not None:
-                return True  # done from this build already
-        if not claims.claim(run.key):
-            return False
-        if find_result(runs_dir, run) is None:  # finished by another process meanwhile
-            run_one(run)
-        return True
-
-    def unfinished() -> list[Run]:
-        builds = source_builds(plan, runs_dir, artifacts, sources_dir)
-        return [r for r in bind_builds(plan, builds, runs_dir) if find_result(runs_dir, r) is None]
-
+    runner = _PlanRunner(plan, runs_dir, work_dir, threads, progress, after_run, poll_s, sources_dir)
     if sources_only:
-        bar = tqdm(total=sum(r.stage == "source" for r in plan), desc="source stages", disable=not progress)
+        runner.put_sources()
+    else:
+        runner.run_pending(max_minutes)
+    return runner.ran
+
+
+class _PlanRunner:
+    """One process's share of a plan on a work folder it may share with others (``execute_plan``)."""
+
+    def __init__(self, plan: list[Run], runs_dir: Path, work_dir: Path, threads: int, progress: bool, after_run,
+                 poll_s: float, sources_dir: Path | None) -> None:
+        from benchmarks.quality_claims import RunClaims
+
+        self.plan, self.by_key = plan, {r.key: r for r in plan}
+        self.runs_dir, self.sources_dir = runs_dir, sources_dir
+        self.artifacts, self.scratch = work_dir / "artifacts", work_dir / "scratch"
+        self.claims = RunClaims(work_dir / "claims")
+        self.threads, self.progress, self.after_run, self.poll_s = threads, progress, after_run, poll_s
+        self.ran = 0
+        self.bar = None
+
+    def _progress_bar(self, total: int, desc: str):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, desc=desc, disable=not self.progress)
+        return self.bar
+
+    def put_sources(self) -> None:
+        """The weights of every source stage here, committed to ``sources_dir``; no target runs."""
+        from benchmarks.quality_sources import commit
+
+        bar = self._progress_bar(sum(r.stage == "source" for r in self.plan), "source stages")
         try:
-            for source in (r for r in plan if r.stage == "source"):
-                while not claims.claim(source.key):
-                    time.sleep(poll_s)  # another process is training it
-                ensure_source(source)
-                if sources_dir is not None:
-                    commit(artifacts, source.key, sources_dir)
-                claims.release(source.key)
+            for source in (r for r in self.plan if r.stage == "source"):
+                while not self.claims.claim(source.key):
+                    time.sleep(self.poll_s)  # another process is training it
+                self._ensure_source(source)
+                if self.sources_dir is not None:
+                    commit(self.artifacts, source.key, self.sources_dir)
+                self.claims.release(source.key)
                 bar.update(1)
         finally:
-            claims.release_all()
+            self.claims.release_all()
             bar.close()
-        return ran
-    pending = unfinished()
-    bar = tqdm(total=len(pending), desc="quality runs", disable=not progress)
-    try:
-        while pending:
-            held = 0
-            for run in pending:
-                if find_result(runs_dir, run) is not None:
-                    continue  # finished by another process sharing the folders
-                if max_minutes and time.monotonic() - start + estimate_seconds(
-                        run, measured_rates(stored_results(runs_dir))) > max_minutes * 60:
-                    tqdm.write(f"stopping: {run.label} would pass the {max_minutes:g}-minute budget")
-                    return ran
-                try:
-                    held += not attempt(run)
-                finally:
-                    claims.release_all()
-            left = unfinished()  # after a rebuild, the runs of the stored build are not done for this one
-            bar.total = bar.n + len(left)
-            bar.update(max(0, len(pending) - len(left)))
-            if left and held == len(left):
-                time.sleep(poll_s)  # every run left is held by another process
-            pending = left
-    finally:
-        claims.release_all()
-        bar.close()
-    return ran
+
+    def run_pending(self, max_minutes: float) -> None:
+        """Every unfinished run in plan order, stopping before one would pass ``max_minutes`` (0: none)."""
+        start = time.monotonic()
+        pending = self._unfinished()
+        bar = self._progress_bar(len(pending), "quality runs")
+        try:
+            while pending:
+                held = 0
+                for run in pending:
+                    if find_result(self.runs_dir, run) is not None:
+                        continue  # finished by another process sharing the folders
+                    if max_minutes and time.monotonic() - start + estimate_seconds(
+                            run, measured_rates(stored_results(self.runs_dir))) > max_minutes * 60:
+                        bar.write(f"stopping: {run.label} would pass the {max_minutes:g}-minute budget")
+                        return
+                    try:
+                        held += not self._attempt(run)
+                    finally:
+                        self.claims.release_all()
+                left = self._unfinished()  # after a rebuild, the runs of the stored build are not done for this one
+                bar.total = bar.n + len(left)
+                bar.update(max(0, len(pending) - len(left)))
+                if left and held == len(left):
+                    time.sleep(self.poll_s)  # every run left is held by another process
+                pending = left
+        finally:
+            self.claims.release_all()
+            bar.close()
+
+    def _unfinished(self) -> list[Run]:
+        builds = source_builds(self.plan, self.runs_dir, self.artifacts, self.sources_dir)
+        return [r for r in bind_builds(self.plan, builds, self.runs_dir) if find_result(self.runs_dir, r) is None]
+
+    def _attempt(self, run: Run) -> bool:
+        """Run ``run`` (and its missing source stage) if this process can claim them."""
+        from benchmarks.quality_runs import needs_source
+        from benchmarks.quality_sources import artifact_build
+
+        source = self.by_key[run.spec["source"]] if needs_source(run) else None
+        if source is not None:
+            if not self.claims.claim(source.key):
+                return False  # another process is (re)running the source stage
+            self._ensure_source(source)
+            self.claims.release(source.key)  # others may start target runs of it now
+            run = bind_builds([run], {source.key: artifact_build(self.artifacts / source.key)}, self.runs_dir)[0]
+            if find_result(self.runs_dir, run) is not None:
+                return True  # done from this build already
+        if not self.claims.claim(run.key):
+            return False
+        if find_result(self.runs_dir, run) is None:  # finished by another process meanwhile
+            self._run_one(run)
+        return True
+
+    def _ensure_source(self, source: Run) -> None:
+        """The source stage's weights in ``artifacts``: restored from a committed build, else trained."""
+        from benchmarks.quality_sources import restore_preferred, weights_here
+
+        if weights_here(source, self.artifacts):
+            return
+        build = None
+        if self.sources_dir is not None:
+            build = restore_preferred(source, self.runs_dir, self.sources_dir, self.artifacts)
+        if build is not None:
+            self.bar.write(f"{source.label}: restored its committed build {build}")
+            return
+        self.bar.write(f"{source.label}: its weights are neither here nor committed; running it first")
+        self._run_one(source)
+        if not weights_here(source, self.artifacts):
+            raise RuntimeError(f"{source.label} finished with no weights in {self.artifacts / source.key}")
+
+    def _run_one(self, run: Run) -> None:
+        from benchmarks.quality_runs import execute, store_source_result
+        from benchmarks.quality_sources import commit
+
+        self.bar.set_postfix_str(run.label)
+        result = execute(run, self.artifacts, self.scratch, self.threads, self.progress)
+        if run.stage == "source":
+            if store_source_result(self.runs_dir, result) == "rebuilt":
+                self.bar.write(f"warning: {run.label} was rebuilt here and differs from its stored record (another "
+                               f"machine's kernels); its record stays, the rebuild is in rebuilds/, and target runs "
+                               f"from it get keys of their own with source_build={result['build']}")
+            if self.sources_dir is not None:
+                commit(self.artifacts, run.key, self.sources_dir)
+        else:
+            save_result(self.runs_dir, run.key, result)
+        self.ran += 1
+        self.after_run()
 
 
 def verify_runs(plan: list[Run], runs_dir: Path, work_dir: Path, sources_dir: Path | None, n: int, threads: int,
