@@ -246,8 +246,10 @@ def paired_report(cfg: BenchConfig, other: BenchConfig, runs_dir: Path, label: s
 
 
 def the_recipe(cfg: BenchConfig) -> BenchConfig:
-    """``cfg`` with the recipe's stage configs and PEFT recipe (its filters, split and limits kept)."""
-    return replace(cfg, source=None, target=None, peft=BenchConfig().peft)
+    """``cfg`` with the recipe's stage configs and PEFT recipe (its filters, model, split and limits kept:
+    ``BenchConfig`` sets those on the stage configs it is given)."""
+    recipe_cfg = BenchConfig()
+    return replace(cfg, source=recipe_cfg.source, target=recipe_cfg.target, peft=recipe_cfg.peft)
 
 
 def rebuilt_source_runs(results: list[dict]) -> list[str]:

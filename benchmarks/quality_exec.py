@@ -8,6 +8,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from benchmarks.quality_plan import (
     Run,
     bind_builds,
@@ -57,12 +59,11 @@ class _PlanRunner:
         self.claims = RunClaims(work_dir / "claims")
         self.threads, self.progress, self.after_run, self.poll_s = threads, progress, after_run, poll_s
         self.ran = 0
-        self.bar = None
+        self.bar = tqdm(total=0, disable=not progress)  # sized by put_sources or run_pending
 
-    def _progress_bar(self, total: int, desc: str):
-        from tqdm.auto import tqdm
-
-        self.bar = tqdm(total=total, desc=desc, disable=not self.progress)
+    def _progress_bar(self, total: int, desc: str) -> tqdm:
+        self.bar.reset(total=total)
+        self.bar.set_description_str(desc)
         return self.bar
 
     def put_sources(self) -> None:
