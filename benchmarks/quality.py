@@ -284,48 +284,56 @@ def main(argv=None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     cfg = config_from_args(args)
-    base = BenchConfig()  # the summary covers the whole plan of these settings, not just the filter
-    full_cfg = replace(cfg, methods=base.methods, settings=base.settings, target_tasks=base.target_tasks,
-                       seeds=base.seeds, source_seeds=base.source_seeds, ablation_seeds=base.ablation_seeds)
-    plan = build_plan(cfg)
+    if not _report(args, cfg):
+        _run_and_summarise(args, cfg, command_line(argv))
+
+
+def _report(args: argparse.Namespace, cfg: BenchConfig) -> bool:
+    """The modes that only read or check stored runs (``--dev-table``, ``--against-target-steps``,
+    ``--against-recipe``, ``--plan-only``, ``--verify``); False when none was asked for."""
     if args.dev_table:
         print(dev_table(stored_results(args.runs_dir)))
-        return
-    if args.against_target_steps:
+    elif args.against_target_steps:
         paired_report(cfg, cfg.with_overrides(target={"steps": args.against_target_steps}), args.runs_dir,
                       f"{args.against_target_steps} target steps")
-        return
-    if args.against_recipe:
+    elif args.against_recipe:
         recipe_cfg = the_recipe(cfg)
         if _config_record(recipe_cfg) == _config_record(cfg):
             raise SystemExit("--against-recipe: this plan is the recipe; give the variant's flags "
                              "(--talora, --talora-target, --peft, --source-steps or --target-steps)")
         paired_report(cfg, recipe_cfg, args.runs_dir, "the recipe")
-        return
-    if args.plan_only:
-        print_plan(plan, args.runs_dir, args.work_dir, args.sources_dir)
-        return
-    if args.verify:
+    elif args.plan_only:
+        print_plan(build_plan(cfg), args.runs_dir, args.work_dir, args.sources_dir)
+    elif args.verify:
         import torch
 
         torch.set_num_threads(args.threads)
-        verify_runs(plan, args.runs_dir, args.work_dir, args.sources_dir, args.verify, args.threads,
+        verify_runs(build_plan(cfg), args.runs_dir, args.work_dir, args.sources_dir, args.verify, args.threads,
                     not args.no_progress)
-        return
-    command = command_line(argv)
+    else:
+        return False
+    return True
+
+
+def _run_and_summarise(args: argparse.Namespace, cfg: BenchConfig, command: str) -> None:
+    """Run what the plan is missing (unless ``--summarise``), then rewrite the summary of the whole plan
+    of these settings (not just the filtered slice): only the published plan's after each run."""
+    base = BenchConfig()
+    full_cfg = replace(cfg, methods=base.methods, settings=base.settings, target_tasks=base.target_tasks,
+                       seeds=base.seeds, source_seeds=base.source_seeds, ablation_seeds=base.ablation_seeds)
     headline = is_headline(full_cfg) and not args.sources_only  # source stages alone change no row
     if not args.summarise:
         import torch
 
         torch.set_num_threads(args.threads)
         torch.manual_seed(0)
-        # after each run only the headline plan's summary is rewritten; a variant's is written by --summarise
+
         def after_run() -> None:
             if headline:
                 summarise(full_cfg, args.runs_dir, args.results_dir, command, n_boot=2000)
 
-        execute_plan(plan, args.runs_dir, args.work_dir, args.max_minutes, args.threads, not args.no_progress,
-                     after_run, sources_dir=args.sources_dir, sources_only=args.sources_only)
+        execute_plan(build_plan(cfg), args.runs_dir, args.work_dir, args.max_minutes, args.threads,
+                     not args.no_progress, after_run, sources_dir=args.sources_dir, sources_only=args.sources_only)
         if args.sources_only:
             return
         if not headline:
