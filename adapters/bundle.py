@@ -26,7 +26,7 @@ def export_task(model: TaloraModel, task: str, folder: Path, bundle: BundleMeta,
     """Write task ``task`` of ``model`` next to its bundle."""
     adapter = model.adapter(task)
     meta = TaskMeta(task=task, bundle_fingerprint=bundle.fingerprint, **task_fields)
-    return save_task(folder, meta, adapter.fast, adapter.gate)
+    return save_task(folder, meta, adapter.fast, adapter.gate, adapter.basis)
 
 
 def model_from_bundle(lm: CausalLM, folder: Path, base_fingerprint: str | None,
@@ -44,7 +44,7 @@ def model_from_bundle(lm: CausalLM, folder: Path, base_fingerprint: str | None,
     task_metas = {}
     for task in tasks if tasks is not None else list_task_names(folder):
         task_meta, tensors = load_task(folder, task, meta)
-        adapter = model.add_task(task, tensors["fast"])
+        adapter = model.add_task(task, tensors["fast"], basis=tensors.get("basis"))
         with torch.no_grad():
             adapter.gate.copy_(tensors["gate"].to(adapter.gate))
         task_metas[task] = task_meta

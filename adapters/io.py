@@ -3,6 +3,8 @@
 A **bundle** folder holds ``talora.json`` and ``shared.safetensors`` ({"prompt": (m, d),
 "basis": (r, d)}), and the task adapters trained with it: ``<task>.json`` and
 ``<task>.safetensors`` ({"fast": (n, r) or (n, d), (L, n, r) with a deep prompt, "gate": (L, H)}).
+A task with ``k`` basis rows of its own also holds ``"basis": (k, d)``, and its ``"fast"`` is
+``(n, r + k)`` (``(L, n, r + k)`` deep); files without it are read exactly as before.
 The bundle JSON names the base model and its fingerprint; each task JSON names the bundle fingerprint it belongs to.
 Every reader checks names, shapes, dtypes and fingerprints and raises ``AdapterFormatError``
 saying which field is wrong; nothing is half-loaded.
@@ -197,25 +199,37 @@ def load_bundle(folder: Path, base_fingerprint: str | None = None) -> tuple[Bund
 
 
 # ----- tasks -------------------------------------------------------------------------------
-def task_shapes(bundle: BundleMeta) -> dict[str, tuple[int, ...]]:
+def task_shapes(bundle: BundleMeta, basis_rows: int = 0) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes of a task adapter of ``bundle`` owning ``basis_rows`` basis rows."""
     cfg, arch = bundle.config, bundle.arch
-    return {"fast": cfg.fast_shape(arch.num_layers, arch.hidden_size), "gate": (arch.num_layers, arch.num_heads)}
+    *lead, last = cfg.fast_shape(arch.num_layers, arch.hidden_size)
+    shapes = {"fast": (*lead, last + basis_rows), "gate": (arch.num_layers, arch.num_heads)}
+    if basis_rows:
+        shapes["basis"] = (basis_rows, arch.hidden_size)
+    return shapes
 
 
-def encode_task(meta: TaskMeta, fast: torch.Tensor, gate: torch.Tensor) -> tuple[bytes, bytes]:
+def _task_tensors(fast: torch.Tensor, gate: torch.Tensor, basis: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    tensors = {"fast": fast, "gate": gate} | ({"basis": basis} if basis is not None else {})
+    return {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
+
+
+def encode_task(meta: TaskMeta, fast: torch.Tensor, gate: torch.Tensor,
+                basis: torch.Tensor | None = None) -> tuple[bytes, bytes]:
     """Serialise a task adapter to (json bytes, safetensors bytes); fills in version and dtype."""
     meta.dtype = _dtype_name(fast.dtype)
-    blob = save({"fast": fast.detach().cpu().contiguous(), "gate": gate.detach().cpu().contiguous()})
+    blob = save(_task_tensors(fast, gate, basis))
     if not meta.version:
         meta.version = _digest(blob, meta.task.encode())[:12]
     return json.dumps(asdict(meta), indent=2, sort_keys=True).encode(), blob
 
 
-def save_task(folder: Path, meta: TaskMeta, fast: torch.Tensor, gate: torch.Tensor) -> TaskMeta:
+def save_task(folder: Path, meta: TaskMeta, fast: torch.Tensor, gate: torch.Tensor,
+              basis: torch.Tensor | None = None) -> TaskMeta:
     """Write ``<task>.json`` + ``<task>.safetensors`` into ``folder`` (tensors first, JSON last)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    meta_bytes, blob = encode_task(meta, fast, gate)
+    meta_bytes, blob = encode_task(meta, fast, gate, basis)
     tmp = folder / f".{meta.task}.safetensors.tmp"
     tmp.write_bytes(blob)
     tmp.replace(folder / f"{meta.task}.safetensors")
@@ -223,6 +237,21 @@ def save_task(folder: Path, meta: TaskMeta, fast: torch.Tensor, gate: torch.Tens
     tmp.write_bytes(meta_bytes)
     tmp.replace(folder / f"{meta.task}.json")
     return meta
+
+
+def _basis_rows(blob: bytes, bundle: BundleMeta, what: str) -> int:
+    """k of a task file: the rows of its ``basis`` tensor (0 without one)."""
+    try:
+        basis = load(blob).get("basis")
+    except (SafetensorError, ValueError, RuntimeError) as exc:
+        raise AdapterFormatError(f"{what}: not a safetensors file ({exc})") from None
+    if basis is None:
+        return 0
+    if bundle.config.full_rank:
+        raise AdapterFormatError("basis: a full-rank bundle's task adapters have no basis rows")
+    if basis.dim() != 2 or basis.shape[0] < 1:
+        raise AdapterFormatError(f"basis: shape {tuple(basis.shape)} is not (k, d) with k >= 1")
+    return basis.shape[0]
 
 
 def decode_task(meta_bytes: bytes, blob: bytes, bundle: BundleMeta,
@@ -242,7 +271,8 @@ def decode_task(meta_bytes: bytes, blob: bytes, bundle: BundleMeta,
                                  f"not the loaded bundle {bundle.fingerprint[:12]}")
     if meta.dtype != bundle.dtype:
         raise AdapterFormatError(f"dtype: {meta.dtype} does not match the bundle's {bundle.dtype}")
-    tensors = parse_tensors(blob, task_shapes(bundle), meta.dtype, f"{meta.task}.safetensors")
+    what = f"{meta.task}.safetensors"
+    tensors = parse_tensors(blob, task_shapes(bundle, _basis_rows(blob, bundle, what)), meta.dtype, what)
     return meta, tensors
 
 

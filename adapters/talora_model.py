@@ -2,7 +2,11 @@
 
 Parameters (docs/method.md): shared prompt ``P (m, d)`` and basis ``A (r, d)`` (slow, shared);
 per task a fast weight ``B_t (n, r)`` (``(n, d)`` with ``full_rank``) and a gate ``g_t (L, H)``
-starting at zero. The task prompt is ``ΔP_t = scale · B_t A``. With ``deep_prompt`` each task
+starting at zero. The task prompt is ``ΔP_t = scale · B_t A``. A task may also own ``k`` basis rows
+``V_t (k, d)`` beside the shared ``A``: its fast weight is then ``[B_t | U_t] (n, r + k)`` and
+``ΔP_t = scale · (B_t A + U_t V_t)``, a rank-k residual outside the span of ``A`` (``U_t`` starts at
+zero, so the task starts where the shared basis put it). Tasks with and without rows share a batch:
+stacking pads ``U`` and ``V`` with zeros, which add nothing. With ``deep_prompt`` each task
 has one ``B_t[l]`` per layer, ``(L, n, r)``: the task-prompt rows that enter layer ``l`` are
 ``scale · B_t[l] A`` instead of the previous layer's output (prefix tuning's deep prompts, still
 in the shared basis and behind the gate).
@@ -32,12 +36,19 @@ SEG_SHARED, SEG_TASK, SEG_INPUT = 0, 1, 2
 
 
 class TaskAdapter(nn.Module):
-    """One task's fast weights: ``fast (n, r)`` (or ``(n, d)`` full rank) and ``gate (L, H)``."""
+    """One task's fast weights: ``fast (n, r + k)`` (or ``(n, d)`` full rank), ``gate (L, H)`` and,
+    when it owns basis rows, ``basis (k, d)`` (``None`` when k = 0)."""
 
-    def __init__(self, fast: torch.Tensor, num_layers: int, num_heads: int):
+    def __init__(self, fast: torch.Tensor, num_layers: int, num_heads: int, basis: torch.Tensor | None = None):
         super().__init__()
         self.fast = nn.Parameter(fast)
         self.gate = nn.Parameter(torch.zeros(num_layers, num_heads, dtype=fast.dtype, device=fast.device))
+        self.basis = nn.Parameter(basis) if basis is not None else None
+
+    @property
+    def basis_rows(self) -> int:
+        """k: the task's own basis rows."""
+        return 0 if self.basis is None else self.basis.shape[0]
 
 
 @dataclass
@@ -89,6 +100,16 @@ class TaloraModel(nn.Module):
         """One task's ``B_t``: ``(n, r)``, ``(n, d)`` full rank, with a leading ``L`` when deep."""
         return self.cfg.fast_shape(self.lm.config.num_layers, self.lm.config.hidden_size)
 
+    def task_fast_shape(self, basis_rows: int) -> tuple[int, ...]:
+        """``fast_shape`` of a task with ``basis_rows`` rows of its own: ``(..., n, r + k)``."""
+        *lead, last = self.fast_shape
+        return (*lead, last + basis_rows)
+
+    def _embedding_scale(self, rows: torch.Tensor) -> torch.Tensor:
+        """``rows`` rescaled so that each has the mean norm of a token-embedding row."""
+        row_norm = self.lm.model.embed_tokens.weight.float().norm(dim=-1).mean().cpu()
+        return rows / rows.norm(dim=-1, keepdim=True).clamp_min(1e-6) * row_norm
+
     def init_shared(self, generator: torch.Generator | None = None, basis_init: str = "random",
                     prompt_ids: list[int] | None = None) -> None:
         """``P`` from token-embedding rows, ``A`` random.
@@ -108,8 +129,7 @@ class TaloraModel(nn.Module):
             self.prompt.copy_(emb[rows.to(emb.device)])
             noise = torch.randn(self.basis.shape, generator=generator)
             if basis_init == "embedding":
-                row_norm = emb.float().norm(dim=-1).mean().cpu()
-                noise = noise / noise.norm(dim=-1, keepdim=True).clamp_min(1e-6) * row_norm
+                noise = self._embedding_scale(noise)
             elif basis_init == "random":
                 noise = noise * self.cfg.init_std
             else:
@@ -117,45 +137,89 @@ class TaloraModel(nn.Module):
             self.basis.copy_(noise.to(self.basis))
 
     def add_task(self, name: str, fast: torch.Tensor | None = None,
-                 generator: torch.Generator | None = None, gate: torch.Tensor | None = None) -> TaskAdapter:
-        """Add task ``name`` with fast weights ``fast`` (random when None) and gate ``gate`` (zero when None)."""
-        shape = self.fast_shape
+                 generator: torch.Generator | None = None, gate: torch.Tensor | None = None,
+                 basis: torch.Tensor | None = None, basis_rows: int = 0) -> TaskAdapter:
+        """Add task ``name`` with fast weights ``fast`` (random when None), gate ``gate`` (zero when None)
+        and its own basis rows ``basis (k, d)``.
+
+        ``basis_rows`` k > 0 without ``basis`` draws ``V_t`` at the token embeddings' scale and, when
+        ``fast`` is None or has the shared shape ``(..., n, r)``, appends k zero columns ``U_t`` to it,
+        so the new rows start switched off.
+        """
+        if basis is not None:
+            basis_rows = basis.shape[0] if basis.dim() == 2 else -1
+        if basis_rows < 0 or (basis is not None and tuple(basis.shape[1:]) != (self.lm.config.hidden_size,)):
+            raise ValueError(f"basis: expected shape (k, {self.lm.config.hidden_size}), got {tuple(basis.shape)}")
+        if basis_rows and self.cfg.full_rank:
+            raise ValueError("basis: a full-rank task prompt has no basis to extend")
         if fast is None:
-            fast = torch.randn(shape, generator=generator) * self.cfg.init_std
+            fast = torch.randn(self.fast_shape, generator=generator) * self.cfg.init_std
+        if basis_rows and basis is None:
+            basis = self._embedding_scale(torch.randn(basis_rows, self.lm.config.hidden_size, generator=generator))
+            if tuple(fast.shape) == self.fast_shape:
+                fast = torch.cat([fast, fast.new_zeros(*fast.shape[:-1], basis_rows)], dim=-1)
+        shape = self.task_fast_shape(basis_rows)
         if tuple(fast.shape) != shape:
             raise ValueError(f"fast: expected shape {shape}, got {tuple(fast.shape)}")
         mc = self.lm.config
-        adapter = TaskAdapter(fast.to(self.prompt.dtype).to(self.lm.device).clone(), mc.num_layers, mc.num_heads)
+
+        def own(t: torch.Tensor) -> torch.Tensor:
+            return t.to(self.prompt.dtype).to(self.lm.device).clone()
+        adapter = TaskAdapter(own(fast), mc.num_layers, mc.num_heads, own(basis) if basis is not None else None)
         if gate is not None:
             with torch.no_grad():
                 adapter.gate.copy_(gate)
         self.tasks[name] = adapter
         return adapter
 
-    def task_prompts(self, fast: torch.Tensor) -> torch.Tensor:
-        """``ΔP`` for stacked fast weights ``(S, n, r)`` -> ``(S, n, d)``; deep: ``(S, L, n, r)``
-        -> ``(S, L, n, d)``, one task prompt per layer."""
+    def task_prompts(self, fast: torch.Tensor, bases: torch.Tensor | None = None) -> torch.Tensor:
+        """``ΔP`` for stacked fast weights ``(S, n, r + k)`` and task bases ``(S, k, d)`` (None when
+        k = 0) -> ``(S, n, d)``; deep: ``(S, L, n, r + k)`` -> ``(S, L, n, d)``, one task prompt per
+        layer (a task's rows ``V_t`` serve every layer)."""
         if self.cfg.deep_prompt:
             s, layers = fast.shape[:2]
-            return self._prompts(fast.flatten(0, 1)).unflatten(0, (s, layers))
-        return self._prompts(fast)
+            flat_bases = None if bases is None else bases.repeat_interleave(layers, dim=0)
+            return self._prompts(fast.flatten(0, 1), flat_bases).unflatten(0, (s, layers))
+        return self._prompts(fast, bases)
 
-    def _prompts(self, fast: torch.Tensor) -> torch.Tensor:
+    def _prompts(self, fast: torch.Tensor, bases: torch.Tensor | None) -> torch.Tensor:
         if self.cfg.full_rank:
             return self.cfg.scale * fast
         s, n = fast.shape[:2]
+        r = self.basis.shape[0]
         out = torch.zeros(s * n, self.lm.config.hidden_size, dtype=fast.dtype, device=fast.device)
         offsets = torch.arange(s, device=fast.device) * n
         slots = torch.arange(s, dtype=torch.int32, device=fast.device)
-        return lowrank_prompt(fast, self.basis, slots, offsets, out, self.cfg.scale).view(s, n, -1)
+        shared = fast[..., :r].contiguous() if bases is not None else fast
+        prompts = lowrank_prompt(shared, self.basis, slots, offsets, out, self.cfg.scale).view(s, n, -1)
+        if bases is None:
+            return prompts
+        return prompts + self.cfg.scale * torch.bmm(fast[..., r:], bases.to(fast.dtype))
 
     def stacked(self, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Fast weights ``(S, *fast_shape)`` and gates ``(S, L, H)`` of the named tasks."""
+        """Fast weights ``(S, *fast_shape)`` and gates ``(S, L, H)`` of the named tasks; with task
+        basis rows, fast is ``(S, ..., n, r + k_max)``, zero-padded (``task_bases`` pads alike)."""
         unknown = [t for t in names if t not in self.tasks]
         if unknown:
             raise KeyError(f"unknown task {unknown[0]!r}")
-        return (torch.stack([self.adapter(t).fast for t in names]),
-                torch.stack([self.adapter(t).gate for t in names]))
+        adapters = [self.adapter(t) for t in names]
+        k_max = max(a.basis_rows for a in adapters)
+        return (torch.stack([_pad_last(a.fast, k_max - a.basis_rows) for a in adapters]),
+                torch.stack([a.gate for a in adapters]))
+
+    def task_bases(self, names: list[str]) -> torch.Tensor | None:
+        """The named tasks' own basis rows ``(S, k_max, d)``, zero-padded; None when no task has any."""
+        adapters = [self.adapter(t) for t in names]
+        k_max = max((a.basis_rows for a in adapters), default=0)
+        if not k_max:
+            return None
+        d = self.lm.config.hidden_size
+        rows = [a.basis if a.basis is not None else self.prompt.new_zeros(0, d) for a in adapters]
+        return torch.stack([torch.cat([v, v.new_zeros(k_max - v.shape[0], d)]) for v in rows])
+
+    def task_slots(self, prefix: PrefixKV, names: list[str]) -> SlotKV:
+        """``task_kv`` of the named tasks (one slot each, in order)."""
+        return self.task_kv(prefix, *self.stacked(names), self.task_bases(names))
 
     def adapter(self, name: str) -> TaskAdapter:
         """The ``TaskAdapter`` of task ``name`` (``KeyError`` if absent)."""
@@ -168,7 +232,8 @@ class TaloraModel(nn.Module):
         m, n = self.cfg.shared_prompt_len, self.cfg.task_prompt_len
         batch, t_len = input_ids.shape
         fast, gates = self.stacked(task_names)
-        prompts = self.task_prompts(fast).to(self.lm.dtype)  # (B, n, d); deep: (B, L, n, d)
+        # (B, n, d); deep: (B, L, n, d)
+        prompts = self.task_prompts(fast, self.task_bases(task_names)).to(self.lm.dtype)
         shared = self.prompt.to(self.lm.dtype).unsqueeze(0).expand(batch, -1, -1)
         hidden = torch.cat([shared, self._layer_prompt(prompts, 0), self.lm.embed(input_ids)], dim=1)
         seg = torch.tensor([SEG_SHARED] * m + [SEG_TASK] * n + [SEG_INPUT] * t_len, device=input_ids.device)
@@ -213,11 +278,13 @@ class TaloraModel(nn.Module):
         empty = self.prompt.new_zeros(mc.num_layers, 0, mc.num_kv_heads, mc.head_dim, dtype=self.lm.dtype)
         return PrefixKV(empty, empty)
 
-    def task_kv(self, prefix: PrefixKV, fast: torch.Tensor, gates: torch.Tensor) -> SlotKV:
-        """Task-prompt keys/values for stacked ``fast (S, *fast_shape)`` and ``gates (S, L, H)``."""
+    def task_kv(self, prefix: PrefixKV, fast: torch.Tensor, gates: torch.Tensor,
+                bases: torch.Tensor | None = None) -> SlotKV:
+        """Task-prompt keys/values for stacked ``fast (S, *fast_shape)``, ``gates (S, L, H)`` and
+        task basis rows ``bases (S, k, d)`` (None: no task has any)."""
         m, n = self.cfg.shared_prompt_len, self.cfg.task_prompt_len
         s = fast.shape[0]
-        prompts = self.task_prompts(fast).to(self.lm.dtype)
+        prompts = self.task_prompts(fast, bases).to(self.lm.dtype)
 
         def rows(layer: int, hidden: torch.Tensor | None = None) -> torch.Tensor:
             return self._layer_prompt(prompts, layer).reshape(s * n, -1)
@@ -260,6 +327,11 @@ class TaloraModel(nn.Module):
             gates[:, layer, :], q.shape[-1] ** -0.5, own_in_task=own_in_task, gated=self.cfg.gated,
             max_q_len=meta.max_q_len, max_kv_len=meta.max_kv_len,
         )
+
+
+def _pad_last(t: torch.Tensor, extra: int) -> torch.Tensor:
+    """``t`` with ``extra`` zero columns appended on its last dimension."""
+    return torch.cat([t, t.new_zeros(*t.shape[:-1], extra)], dim=-1) if extra else t
 
 
 def segment_masks(seg: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

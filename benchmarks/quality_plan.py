@@ -177,7 +177,7 @@ def run_key(spec: dict) -> str:
 
 # TrainConfig fields added after runs were stored, with the value every earlier run had: a field
 # at that value stays out of the key, so the stored runs keep their keys
-ADDED_FIELDS = {"deep_prompt": False, "gate_init": "zero"}
+ADDED_FIELDS = {"deep_prompt": False, "gate_init": "zero", "task_basis_rows": 0}
 
 
 def key_fields(cfg: TrainConfig) -> dict:

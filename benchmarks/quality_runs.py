@@ -43,12 +43,13 @@ def model_shape(model_name: str) -> dict:
 
 def talora_params(talora: dict, shape: dict) -> tuple[int, int]:
     """(parameters stored per task, shared parameters) of a TA-LoRA adapter shape: B_t (n x r,
-    or n x d full rank; L times that with a deep prompt) + g_t (L x H, only when gated); shared
-    P (m x d) + A (r x d)."""
+    or n x d full rank; L times that with a deep prompt; k more columns U_t and k rows V_t (k x d)
+    with ``task_basis_rows`` k) + g_t (L x H, only when gated); shared P (m x d) + A (r x d)."""
     d, L, H = shape["d"], shape["L"], shape["H"]
-    full = talora["full_rank"]
+    full, k = talora["full_rank"], talora.get("task_basis_rows", 0)
     adapter = AdapterShape(**{k: talora[k] for k in AdapterShape.__dataclass_fields__ if k in talora})
-    fast = math.prod(adapter.fast_shape(L, d))
+    *lead, last = adapter.fast_shape(L, d)
+    fast = math.prod(lead) * (last + k) + k * d
     gate = L * H if talora["gated"] else 0
     return fast + gate, talora["shared_prompt_len"] * d + (0 if full else talora["rank"] * d)
 
@@ -203,7 +204,8 @@ def execute(run: Run, artifacts: Path, scratch: Path, threads: int = 1, progress
     elif run.method in TALORA_METHODS:
         talora = run.spec["train"] if run.stage == "source" else json.loads(
             (Path(artifacts) / run.spec["source"] / "bundle" / "talora.json").read_text())["talora"]
-        per_task, shared = talora_params(talora, shape)
+        rows = run.spec["train"].get("task_basis_rows", 0)  # a field of the trained tasks, not of the bundle
+        per_task, shared = talora_params({**talora, "task_basis_rows": rows}, shape)
     else:
         body.pop("trainable_params", None)
         per_task, shared = peft_params(run.method, run.spec["hyper"], shape)

@@ -82,6 +82,9 @@ class TrainConfig(AdapterShape):
         "zero", "initial g_target: zero (the method's zero-initialised gate) or source (taken like B_target: the "
                 "mean of the source gates, or the nearest task's; zero with target_init random)")
     train_shared: bool = described(False, "target stage: also train P and A (slow); writes a new bundle")
+    task_basis_rows: int = described(
+        0, "k: rows of each trained task's own basis V_t (k x d) beside the shared A; the task prompt becomes "
+        "scale * (B_t A + U_t V_t) with U_t (n x k) starting at zero (0 = none; not with full_rank)")
     # evaluation
     split: str = described("dev", "split to evaluate (train, dev or test)")
     eval_limit: int = described(200, "evaluate on at most this many examples per task (class-balanced; 0 = all)")
@@ -126,6 +129,9 @@ class TrainConfig(AdapterShape):
         _require(self.basis_init in BASIS_INITS, "basis_init", f"{self.basis_init!r} is not one of {BASIS_INITS}")
         _require(self.class_balance in CLASS_BALANCE, "class_balance",
                  f"{self.class_balance!r} is not one of {CLASS_BALANCE}")
+        _require(self.task_basis_rows >= 0, "task_basis_rows", f"must be >= 0, got {self.task_basis_rows}")
+        _require(not (self.task_basis_rows and self.full_rank), "task_basis_rows",
+                 "a full-rank task prompt has no basis to extend; use 0 with full_rank")
         _require(self.basis_lr_ratio >= 0, "basis_lr_ratio", f"must be >= 0, got {self.basis_lr_ratio}")
         _require(self.split in ("train", "dev", "test"), "split", f"{self.split!r} is not train, dev or test")
         _require(isinstance(self.tasks, list) and all(isinstance(t, str) for t in self.tasks),
@@ -198,8 +204,9 @@ _TRAIN = ("steps", "batch_size", "lr", "gate_lr_ratio", "weight_decay", "warmup_
 STAGE_FIELDS: dict[str, tuple[str, ...]] = {
     "source": _COMMON + _TRAIN + ("tasks", "shared_prompt_len", "task_prompt_len", "rank", "scale", "gated",
                                   "full_rank", "deep_prompt", "slow_lr_ratio", "basis_lr_ratio", "init_std",
-                                  "basis_init", "prompt_init_text", "sampling", "sampling_temperature"),
+                                  "basis_init", "prompt_init_text", "sampling", "sampling_temperature",
+                                  "task_basis_rows"),
     "target": _COMMON + _TRAIN + ("bundle", "task", "shots", "target_init", "gate_init", "train_shared",
-                                  "slow_lr_ratio", "basis_lr_ratio"),
+                                  "slow_lr_ratio", "basis_lr_ratio", "task_basis_rows"),
     "eval": tuple(f for f in _COMMON if f != "output_dir") + ("bundle", "task"),
 }

@@ -21,7 +21,7 @@ from talora.adapters.train.metrics import accuracy, exact_match, macro_f1, major
 
 def _task_tables(model: TaloraModel, task: str) -> tuple[PrefixKV, SlotKV]:
     prefix = model.shared_kv()
-    return prefix, model.task_kv(prefix, *model.stacked([task]))
+    return prefix, model.task_slots(prefix, [task])
 
 
 @torch.no_grad()

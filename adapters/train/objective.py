@@ -67,7 +67,7 @@ def pack_batch(items: list[tuple[str, EncodedExample]]) -> PackedBatch:
 def answer_logits(model: TaloraModel, batch: PackedBatch) -> torch.Tensor:
     """Logits ``(K, V)`` (float32) at the target positions of ``batch``."""
     prefix = model.shared_kv()
-    slots = model.task_kv(prefix, *model.stacked(batch.task_names))
+    slots = model.task_slots(prefix, batch.task_names)
     meta = BatchMeta.prefill(batch.lengths, batch.slot_ids, device=batch.input_ids.device)
     hidden = model.forward_cached(batch.input_ids, meta, prefix, slots)
     return model.lm.logits(hidden[batch.target_positions]).float()

@@ -113,6 +113,7 @@ def _training_summary(cfg: TrainConfig, result, runtime: Runtime, seconds: float
             "sampling": cfg.sampling, "sampling_temperature": cfg.sampling_temperature,
             "max_input_tokens": cfg.max_input_tokens, "final_loss": result.final_loss,
             "basis_lr_ratio": cfg.basis_lr_ratio, "class_balance": cfg.class_balance, "dtype": cfg.dtype,
+            "task_basis_rows": cfg.task_basis_rows,
             "diverged": result.diverged, "restored_step": result.restored_step,
             "skipped_steps": result.skipped_steps,
             "seconds_per_step": result.seconds_per_step, "wall_seconds": seconds, "device": str(runtime.device)}
@@ -149,7 +150,7 @@ def run_source(cfg: TrainConfig) -> dict:
         prompt_ids = tok(cfg.prompt_init_text, add_special_tokens=False)["input_ids"] if cfg.prompt_init_text else None
         model.init_shared(gen, cfg.basis_init, prompt_ids)
         for name in names:
-            model.add_task(name, generator=gen)
+            model.add_task(name, generator=gen, basis_rows=cfg.task_basis_rows)
         optimizer = build_optimizer(model, cfg, names, train_shared=True)
         run_dir = Path(cfg.output_dir)
         eval_fn = _Eval(model, eval_tasks, tok, cfg)
@@ -197,7 +198,8 @@ def _target_init(model: TaloraModel, sources: list[str], task: EncodedTask, cfg:
         return None, None, "random"
     picked = sources if cfg.target_init == "mean" else [nearest_source_task(model, sources, task)]
     name = "mean" if cfg.target_init == "mean" else f"nearest:{picked[0]}"
-    fast = torch.stack([model.adapter(s).fast.detach() for s in picked]).mean(0)
+    shared_rank = model.fast_shape[-1]  # a source's own basis columns mean nothing to the target
+    fast = torch.stack([model.adapter(s).fast.detach()[..., :shared_rank] for s in picked]).mean(0)
     if cfg.gate_init == "zero":
         return fast, None, name
     return fast, torch.stack([model.adapter(s).gate.detach() for s in picked]).mean(0), f"{name}+gate"
@@ -222,7 +224,8 @@ def run_target(cfg: TrainConfig) -> dict:
             cfg = replace(cfg, steps=recipe.target_steps(cfg.shots, len(train_task.examples), cfg.batch_size))
         eval_task = encode_task(spec, _load_examples(cfg.task, cfg.split, cfg.eval_limit), tok, cfg.max_input_tokens)
         init, gate, init_name = _target_init(model, sources, train_task, cfg)
-        model.add_task(cfg.task, init, generator=torch.Generator().manual_seed(cfg.seed), gate=gate)
+        model.add_task(cfg.task, init, generator=torch.Generator().manual_seed(cfg.seed), gate=gate,
+                       basis_rows=cfg.task_basis_rows)
         optimizer = build_optimizer(model, cfg, [cfg.task], train_shared=cfg.train_shared)
         run_dir = Path(cfg.output_dir)
         eval_fn = _Eval(model, [eval_task], tok, cfg)

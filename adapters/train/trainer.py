@@ -2,7 +2,8 @@
 
 ``build_optimizer`` makes AdamW with named groups: ``prompt`` (P at ``lr * slow_lr_ratio``),
 ``basis`` (A at ``lr * basis_lr_ratio``, or P's rate when that is 0), ``fast`` (each trained B_t
-at ``lr``) and ``gate`` (each trained g_t at ``lr * gate_lr_ratio``).
+at ``lr``), ``task_basis`` (each trained task's own rows V_t, at ``lr`` like a prompt-tuning
+prompt's rows, which are at the same embedding scale) and ``gate`` (each trained g_t at ``lr * gate_lr_ratio``).
 ``train`` runs ``cfg.steps`` steps of mixed-task batches (DDP-wrapped under ``torchrun``),
 logs every step to JSONL, evaluates every ``eval_every`` steps on rank 0, writes resumable
 checkpoints and resumes from the newest one with ``cfg.resume``.
@@ -52,8 +53,10 @@ def build_optimizer(model: TaloraModel, cfg: TrainConfig, tasks: list[str], trai
     shared = [(name, p) for name, p in (("prompt", model.prompt), ("basis", model.basis)) if train_shared and p.numel()]
     basis_ratio = cfg.basis_lr_ratio or cfg.slow_lr_ratio
     groups = [(name, [p], cfg.lr * (cfg.slow_lr_ratio if name == "prompt" else basis_ratio)) for name, p in shared]
-    groups += [("fast", [model.adapter(t).fast for t in tasks], cfg.lr),
-               ("gate", [model.adapter(t).gate for t in tasks], cfg.lr * cfg.gate_lr_ratio)]
+    adapters = [model.adapter(t) for t in tasks]
+    groups += [("fast", [a.fast for a in adapters], cfg.lr),
+               ("task_basis", [a.basis for a in adapters if a.basis is not None], cfg.lr),
+               ("gate", [a.gate for a in adapters], cfg.lr * cfg.gate_lr_ratio)]
     param_groups = []
     for name, params, lr in groups:
         if params:

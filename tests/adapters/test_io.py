@@ -38,6 +38,17 @@ def test_round_trip(saved):
         assert tasks[task].version and tasks[task].labels == ["neg", "pos"]
 
 
+def test_a_task_with_basis_rows_of_its_own_round_trips_beside_one_without(saved):
+    model, lm, fingerprint, bundle, folder = saved
+    d = lm.config.hidden_size
+    model.add_task("own", torch.randn(3, 4), basis=torch.randn(2, d))
+    export_task(model, "own", folder, bundle, **TASK_FIELDS)
+    loaded, _, tasks = model_from_bundle(lm, folder, fingerprint)
+    assert sorted(tasks) == ["news", "own", "sst"] and loaded.tasks["sst"].basis is None
+    assert torch.equal(loaded.tasks["own"].fast, model.tasks["own"].fast)
+    assert torch.equal(loaded.tasks["own"].basis, model.tasks["own"].basis)
+
+
 def test_other_base_model_is_refused(saved):
     *_, folder = saved
     with pytest.raises(AdapterFormatError, match="base_fingerprint"):
@@ -54,6 +65,9 @@ def _task_bytes(folder, task="sst"):
     ({"fast": torch.zeros(3, 2, dtype=torch.float16), "gate": torch.zeros(2, 4)}, "fast: dtype"),
     ({"fast": torch.zeros(3, 2)}, "do not match the expected"),
     ({"fast": torch.full((3, 2), float("nan")), "gate": torch.zeros(2, 4)}, "NaN"),
+    ({"fast": torch.zeros(3, 2), "gate": torch.zeros(2, 4), "basis": torch.zeros(1, 64)}, "fast: shape"),
+    ({"fast": torch.zeros(3, 3), "gate": torch.zeros(2, 4), "basis": torch.zeros(1, 7)}, "basis: shape"),
+    ({"fast": torch.zeros(3, 3), "gate": torch.zeros(2, 4), "basis": torch.zeros(32)}, "basis: shape"),
 ])
 def test_bad_tensors_are_refused(saved, tensors, match):
     *_, bundle, folder = saved

@@ -119,7 +119,7 @@ def _cached_vs_full(model: TaloraModel, decode_steps: int = 4):
     slot_of = {t: i for i, t in enumerate(names)}
     with torch.no_grad():
         prefix = model.shared_kv()
-        slots = model.task_kv(prefix, *model.stacked(names))
+        slots = model.task_slots(prefix, names)
         capacity = max(lengths) + decode_steps
         mc = model.lm.config
         cache = KVCache(mc.num_layers, capacity * len(lengths), mc.num_kv_heads, mc.head_dim, torch.float32, "cpu")
@@ -197,3 +197,53 @@ def test_a_deep_prompt_gives_each_layer_its_own_task_rows(tiny_llama_dir):
 def test_fast_weight_shape_is_checked(model):
     with pytest.raises(ValueError, match="fast: expected shape"):
         model.add_task("bad", fast=torch.zeros(2, 2))
+
+
+def _with_task_bases(model: TaloraModel, rows: dict[str, int], seed: int = 5) -> None:
+    """Give tasks basis rows of their own, with non-zero U_t so that the rows count."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, k in rows.items():
+        old = model.adapter(name)
+        shared = old.fast.detach()
+        fast = torch.cat([shared, torch.randn(*shared.shape[:-1], k, generator=gen)], dim=-1)
+        basis = torch.randn(k, model.lm.config.hidden_size, generator=gen)
+        model.add_task(name, fast, gate=old.gate.detach(), basis=basis)
+
+
+@pytest.mark.parametrize("cfg", [{}, {"deep_prompt": True}], ids=["talora", "deep"])
+def test_task_basis_rows_keep_the_cached_path_equal_to_the_full_path(tiny_llama_dir, cfg):
+    """Tasks with 0, 1 and 2 rows of their own in one batch: stacking pads U and V with zeros."""
+    model = _model(tiny_llama_dir, **cfg)
+    _open_gates(model)
+    _with_task_bases(model, {"beta": 2, "gamma": 1})
+    assert model.task_bases(["alpha", "beta"]).shape == (2, 2, model.lm.config.hidden_size)
+    assert model.task_bases(["alpha"]) is None
+    assert _cached_vs_full(model) <= 1e-5
+
+
+def test_task_basis_rows_add_u_v_to_the_task_prompt(model):
+    """ΔP = scale * (B A + U V), and new rows start switched off (U = 0)."""
+    d = model.lm.config.hidden_size
+    b = model.adapter("alpha").fast.detach().clone()
+    gen = torch.Generator().manual_seed(1)
+    fresh = model.add_task("fresh", b, generator=gen, basis_rows=2)
+    assert fresh.fast.shape == (3, 4) and fresh.basis.shape == (2, d)
+    assert torch.equal(fresh.fast[:, 2:], torch.zeros(3, 2))
+    with torch.no_grad():
+        plain = model.task_prompts(*model.stacked(["alpha"])[:1])
+        started = model.task_prompts(model.stacked(["fresh"])[0], model.task_bases(["fresh"]))
+        assert torch.allclose(started, plain)
+        fresh.fast[:, 2:] = torch.randn(3, 2, generator=gen)
+        got = model.task_prompts(model.stacked(["fresh"])[0], model.task_bases(["fresh"]))[0]
+    want = model.cfg.scale * (b @ model.basis + fresh.fast[:, 2:] @ fresh.basis)
+    assert torch.allclose(got, want.detach(), atol=1e-5)
+
+
+def test_task_basis_rows_are_checked(tiny_llama_dir, model):
+    with pytest.raises(ValueError, match="basis: expected shape"):
+        model.add_task("bad", basis=torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="fast: expected shape"):
+        model.add_task("bad", fast=torch.zeros(3, 2), basis=torch.zeros(1, model.lm.config.hidden_size))
+    full = _model(tiny_llama_dir, full_rank=True)
+    with pytest.raises(ValueError, match="basis: a full-rank"):
+        full.add_task("bad", basis_rows=1)

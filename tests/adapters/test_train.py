@@ -197,6 +197,9 @@ def test_learning_rate_groups_split_slow_and_fast(tiny_llama_dir):
     assert groups["fast"]["params"] == [model.tasks["a"].fast, model.tasks["b"].fast]
     assert groups["gate"]["params"] == [model.tasks["a"].gate, model.tasks["b"].gate]
     assert not any(p.requires_grad for p in model.lm.parameters())
+    own = model.add_task("c", basis_rows=1)
+    with_rows = {g["name"]: g for g in build_optimizer(model, cfg, ["b", "c"], train_shared=False).param_groups}
+    assert with_rows["task_basis"]["params"] == [own.basis] and with_rows["task_basis"]["lr"] == 0.2
     target = build_optimizer(model, cfg, ["b"], train_shared=False)
     assert [g["name"] for g in target.param_groups] == ["fast", "gate"]
     assert [n for n, p in model.named_parameters() if p.requires_grad] == ["tasks.b.fast", "tasks.b.gate"]
@@ -272,6 +275,27 @@ def test_target_stage_trains_only_the_target_fast_weights(source_run, env, tmp_p
     mean = torch.stack([src.tasks[t].fast for t in src.tasks]).mean(0)
     assert not torch.equal(tgt.tasks["toy_new"].fast, mean) and tgt.tasks["toy_new"].gate.abs().sum() > 0
     assert metas["toy_new"].training["init"] == "mean"
+
+
+def test_a_target_with_basis_rows_of_its_own_trains_them_and_scores_the_same_from_its_files(source_run, env,
+                                                                                            tmp_path):
+    _, summary = source_run
+    cfg = TrainConfig.from_dict(dict(stage="target", model=env["model"], bundle=summary["bundle"], task="toy_new",
+                                     task_files=[env["new"]], shots=4, steps=4, batch_size=4, lr=0.1,
+                                     task_basis_rows=2, output_dir=str(tmp_path / "t"), eval_limit=8, threads=1,
+                                     progress=False))
+    result = run_target(cfg)
+    assert result["verified"]
+    lm, fingerprint = load_checkpoint_folder(Path(env["model"]))
+    tgt, meta, metas = model_from_bundle(lm, Path(result["bundle"]), fingerprint)
+    adapter, r = tgt.adapter("toy_new"), meta.config.rank
+    assert adapter.basis.shape == (2, lm.config.hidden_size) and adapter.fast.shape[-1] == r + 2
+    assert adapter.fast[..., r:].abs().sum() > 0  # U_t moved off zero
+    assert metas["toy_new"].training["task_basis_rows"] == 2
+    scored = run_eval(TrainConfig.from_dict(dict(stage="eval", model=env["model"], bundle=result["bundle"],
+                                                 task="toy_new", task_files=[env["new"]], eval_limit=8, threads=1,
+                                                 progress=False)))
+    assert scored["metrics"] == result["metrics"]["toy_new"]
 
 
 def test_target_steps_follow_the_training_data():
