@@ -71,7 +71,7 @@ class SharedStore:
         self.tombstone(task).unlink(missing_ok=True)
         if self._read_version(self.store / f"{task}.json") == adapter.version:
             return False
-        save_task(self.store, copy.deepcopy(adapter.meta), adapter.fast, adapter.gate)
+        save_task(self.store, copy.deepcopy(adapter.meta), adapter.fast, adapter.gate, adapter.basis)
         log.info("adapter %s version %s written to the shared store %s", task, adapter.version, self.store)
         return True
 

@@ -48,12 +48,13 @@ class AdapterVersion:
     """One validated, immutable host copy of a task adapter."""
 
     meta: TaskMeta
-    fast: torch.Tensor  # (n, r) or (n, d), the bundle's dtype, on the host
+    fast: torch.Tensor  # (n, r + k) or (n, d), the bundle's dtype, on the host
     gate: torch.Tensor  # (L, H)
     label_ids: tuple[tuple[int, ...], ...]  # verbaliser tokens of each label (classify); () otherwise
     digest: str  # sha256 of the metadata and tensor bytes
     source: str  # "store:<relative path>", "upload" or "watch:<relative path>"
     serial: int  # unique per load in this process
+    basis: torch.Tensor | None = None  # (k, d): the task's own basis rows, when it has any
 
     @property
     def task(self) -> str:
@@ -116,7 +117,8 @@ class AdapterRegistry:
         else:
             label_ids = ()
         digest = hashlib.sha256(meta_bytes + b"\0" + blob).hexdigest()
-        return AdapterVersion(meta, tensors["fast"], tensors["gate"], label_ids, digest, source, next(self._serials))
+        return AdapterVersion(meta, tensors["fast"], tensors["gate"], label_ids, digest, source, next(self._serials),
+                              tensors.get("basis"))
 
     def resolve_store_path(self, name: str) -> Path:
         """``store/name`` (no suffix) if it stays inside the store, else ``AdapterFormatError``."""

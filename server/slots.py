@@ -128,7 +128,8 @@ class SlotTable:
         device, dtype = self.kv.keys.device, self.kv.keys.dtype
         fast = adapter.fast.to(device=device, dtype=dtype)[None]
         gate = adapter.gate.to(device=device, dtype=dtype)[None]
-        kv = self.model.task_kv(self.prefix, fast, gate)
+        basis = None if adapter.basis is None else adapter.basis.to(device=device, dtype=dtype)[None]
+        kv = self.model.task_kv(self.prefix, fast, gate, basis)
         self.kv.keys[:, slot] = kv.keys[:, 0]
         self.kv.values[:, slot] = kv.values[:, 0]
         self.kv.gates[slot] = gate[0]

@@ -51,10 +51,17 @@ def check_gate_off(bundle: BundleMeta) -> None:
 def task_rows(bundle: BundleMeta, shared: dict[str, torch.Tensor], adapter: AdapterVersion,
               dtype: torch.dtype) -> torch.Tensor:
     """``[P; ΔP_t]`` of ``adapter``: ``(m + n, d)`` in ``dtype``, with ``ΔP_t = scale · B_t A``
-    (``scale · B_t`` when the bundle is full rank), computed in float32 as the training path does."""
+    (``scale · B_t`` when the bundle is full rank; ``scale · (B_t A + U_t V_t)`` when the task owns
+    basis rows ``V_t``), computed in float32 as the training path does."""
     cfg = bundle.config
     fast = adapter.fast.float()
-    delta = cfg.scale * (fast if cfg.full_rank else fast @ shared["basis"].float())
+    if cfg.full_rank:
+        delta = cfg.scale * fast
+    else:
+        rows = shared["basis"].float()
+        if adapter.basis is not None:
+            rows = torch.cat([rows, adapter.basis.float()])
+        delta = cfg.scale * (fast @ rows)
     return torch.cat([shared["prompt"].float(), delta]).to(dtype)
 
 

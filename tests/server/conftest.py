@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.server.support import build_bundle, serve
+from tests.server.support import GENERATE, build_bundle, serve
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +32,19 @@ def deep_bundle(tmp_path_factory, tiny_server_model):
 def deep_engine(deep_bundle, tiny_server_model):
     """An in-process engine on ``deep_bundle``."""
     yield from _engine(deep_bundle, tiny_server_model)
+
+
+@pytest.fixture(scope="module")
+def rows_bundle(tmp_path_factory, tiny_server_model):
+    """``tiny_bundle``'s tasks, three of them with basis rows of their own (k = 2 and k = 1)."""
+    return build_bundle(tmp_path_factory.mktemp("rows-bundle"), tiny_server_model,
+                        basis_rows={"spam": 2, "intent": 1, GENERATE: 1})
+
+
+@pytest.fixture(scope="module")
+def rows_engine(rows_bundle, tiny_server_model):
+    """An in-process engine on ``rows_bundle``."""
+    yield from _engine(rows_bundle, tiny_server_model)
 
 
 def _engine(bundle, loaded):

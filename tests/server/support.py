@@ -29,27 +29,32 @@ CLASSIFY = {
 GENERATE = "echo"
 
 
-def build_bundle(folder: Path, loaded, seed: int = 0, **shape) -> Path:
+def build_bundle(folder: Path, loaded, seed: int = 0, basis_rows: dict[str, int] | None = None, **shape) -> Path:
     """A bundle of four classify tasks and one generate task with random, open gates
-    (``shape``: ``TaloraConfig`` fields other than the default sizes, e.g. ``deep_prompt=True``)."""
+    (``shape``: ``TaloraConfig`` fields other than the default sizes, e.g. ``deep_prompt=True``;
+    ``basis_rows``: tasks that own that many basis rows, with random U_t and V_t)."""
     gen = torch.Generator().manual_seed(seed)
     config = TaloraConfig(**{"shared_prompt_len": 4, "task_prompt_len": 4, "rank": 4, "init_std": 0.5, **shape})
     model = TaloraModel(loaded.model, config)
     model.init_shared(gen)
     bundle = export_bundle(model, folder, loaded.name, loaded.fingerprint)
     for task, verbalizers in CLASSIFY.items():
-        add_random_task(model, task, gen)
+        add_random_task(model, task, gen, basis_rows=(basis_rows or {}).get(task, 0))
         export_task(model, task, folder, bundle, kind="classify", labels=list(verbalizers),
                     verbalizers=verbalizers, template=TEMPLATE, max_input_tokens=32)
-    add_random_task(model, GENERATE, gen, gate_std=0.05)
+    add_random_task(model, GENERATE, gen, gate_std=0.05, basis_rows=(basis_rows or {}).get(GENERATE, 0))
     export_task(model, GENERATE, folder, bundle, kind="generate", template="{text}", max_input_tokens=32)
     return folder
 
 
-def add_random_task(model: TaloraModel, task: str, gen: torch.Generator, gate_std: float = 1.0) -> None:
-    adapter = model.add_task(task, generator=gen)
+def add_random_task(model: TaloraModel, task: str, gen: torch.Generator, gate_std: float = 1.0,
+                    basis_rows: int = 0) -> None:
+    adapter = model.add_task(task, generator=gen, basis_rows=basis_rows)
     with torch.no_grad():
         adapter.gate.copy_(torch.randn(adapter.gate.shape, generator=gen) * gate_std)
+        if basis_rows:  # U_t starts at zero; open it so that the rows count
+            u = adapter.fast[..., -basis_rows:]
+            u.copy_(torch.randn(u.shape, generator=gen))
 
 
 def write_version(folder: Path, loaded, task: str, seed: int, version: str, out: Path | None = None,

@@ -32,8 +32,9 @@ def _job(engine, task, text, kind="score", params=None):
     return Job(kind, adapter, ids, sink, time.monotonic() + 120, params), sink
 
 
-SERVED = pytest.mark.parametrize("served", [("engine", "tiny_bundle"), ("deep_engine", "deep_bundle")],
-                                 ids=["input-prompt", "deep-prompt"])
+SERVED = pytest.mark.parametrize("served", [("engine", "tiny_bundle"), ("deep_engine", "deep_bundle"),
+                                            ("rows_engine", "rows_bundle")],
+                                 ids=["input-prompt", "deep-prompt", "task-basis-rows"])
 
 
 @SERVED
@@ -46,7 +47,7 @@ def test_mixed_task_batch_scores_equal_score_labels(served, request, tiny_server
     model, _, _ = model_from_bundle(loaded.model, tiny_bundle, loaded.fingerprint, tasks=list(TEXTS))
     with torch.no_grad():
         prefix = model.shared_kv()
-        slots = model.task_kv(prefix, *model.stacked(list(TEXTS)))
+        slots = model.task_slots(prefix, list(TEXTS))
         requests = [ScoreRequest(job.prompt_ids, [list(v) for v in job.label_ids], i)
                     for i, (job, _) in enumerate(pairs)]
         expected = score_labels(model, prefix, slots, requests)

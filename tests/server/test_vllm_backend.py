@@ -159,6 +159,25 @@ def test_task_rows_are_the_shared_and_task_prompts(tiny_gate_off, tiny_server_mo
     torch.testing.assert_close(rows, expected, rtol=1e-6, atol=1e-6)
 
 
+def test_task_rows_of_a_task_with_basis_rows_of_its_own(tiny_gate_off, tiny_server_model, tmp_path):
+    import shutil
+
+    folder = Path(shutil.copytree(tiny_gate_off, tmp_path / "bundle"))
+    model, meta, metas = model_from_bundle(tiny_server_model.model, folder, tiny_server_model.fingerprint)
+    own = model.add_task("own", generator=torch.Generator().manual_seed(4), basis_rows=2)
+    with torch.no_grad():
+        own.fast[:, -2:] = torch.randn(8, 2, generator=torch.Generator().manual_seed(5))
+    fields = {k: getattr(metas["topic"], k) for k in ("kind", "labels", "verbalizers", "template", "max_input_tokens")}
+    export_task(model, "own", folder, meta, **fields)
+    _, shared = load_bundle(folder)
+    rows = task_rows(meta, shared, registry_of(folder, tiny_server_model).get("own"), torch.float32)
+    with torch.no_grad():
+        expected = torch.cat([model.prompt, model.task_prompts(own.fast[None], own.basis[None])[0]])
+        without = torch.cat([model.prompt, model.task_prompts(own.fast[None, :, :-2])[0]])
+    torch.testing.assert_close(rows, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(rows, without, atol=1e-3)
+
+
 @pytest.mark.parametrize("task", ["sentiment", "topic", "intent"])
 def test_prompt_embeds_through_a_plain_causal_lm_score_as_talora_gate_off(task, tiny_gate_off, tiny_server_model):
     """What vLLM receives, run by a plain causal LM (no TA-LoRA attention), gives talora's label scores."""
