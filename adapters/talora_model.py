@@ -147,9 +147,9 @@ class TaloraModel(nn.Module):
         so the new rows start switched off.
         """
         if basis is not None:
-            basis_rows = basis.shape[0] if basis.dim() == 2 else -1
-        if basis_rows < 0 or (basis is not None and tuple(basis.shape[1:]) != (self.lm.config.hidden_size,)):
-            raise ValueError(f"basis: expected shape (k, {self.lm.config.hidden_size}), got {tuple(basis.shape)}")
+            if basis.dim() != 2 or basis.shape[1] != self.lm.config.hidden_size:
+                raise ValueError(f"basis: expected shape (k, {self.lm.config.hidden_size}), got {tuple(basis.shape)}")
+            basis_rows = basis.shape[0]
         if basis_rows and self.cfg.full_rank:
             raise ValueError("basis: a full-rank task prompt has no basis to extend")
         if fast is None:
