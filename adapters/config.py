@@ -128,9 +128,10 @@ class AdapterShape:
         _require(0 < self.slow_lr_ratio <= 1, "slow_lr_ratio", f"must be in (0, 1], got {self.slow_lr_ratio}")
         _require(self.init_std > 0, "init_std", f"must be > 0, got {self.init_std}")
 
-    def fast_shape(self, num_layers: int, hidden_size: int) -> tuple[int, ...]:
-        """Shape of one task's fast weight B_t: ``(n, r)``, ``(n, d)`` full rank, ``(L, ...)`` deep."""
-        row = (self.task_prompt_len, hidden_size if self.full_rank else self.rank)
+    def fast_shape(self, num_layers: int, hidden_size: int, basis_rows: int = 0) -> tuple[int, ...]:
+        """Shape of one task's fast weight B_t: ``(n, r)``, ``(n, d)`` full rank, ``(L, ...)`` deep;
+        ``(..., n, r + k)`` for a task owning ``basis_rows`` k basis rows (``[B_t | U_t]``)."""
+        row = (self.task_prompt_len, (hidden_size if self.full_rank else self.rank) + basis_rows)
         return (num_layers, *row) if self.deep_prompt else row
 
     def shape(self) -> dict[str, Any]:

@@ -132,12 +132,21 @@ def _meta_from(cls, data: dict[str, Any], what: str):
     return meta
 
 
-def parse_tensors(blob: bytes, expected: dict[str, tuple[int, ...]], dtype: str, what: str) -> dict[str, torch.Tensor]:
-    """Parse safetensors bytes and check the tensor names, shapes and dtype."""
+def _load_tensors(blob: bytes, what: str) -> dict[str, torch.Tensor]:
     try:
-        tensors = load(blob)
+        return load(blob)
     except (SafetensorError, ValueError, RuntimeError) as exc:
         raise AdapterFormatError(f"{what}: not a safetensors file ({exc})") from None
+
+
+def parse_tensors(blob: bytes, expected: dict[str, tuple[int, ...]], dtype: str, what: str) -> dict[str, torch.Tensor]:
+    """Parse safetensors bytes and check the tensor names, shapes and dtype."""
+    return check_tensors(_load_tensors(blob, what), expected, dtype, what)
+
+
+def check_tensors(tensors: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], dtype: str,
+                  what: str) -> dict[str, torch.Tensor]:
+    """Check parsed tensors' names, shapes, dtype and values; returns them."""
     if set(tensors) != set(expected):
         raise AdapterFormatError(f"{what}: tensors {sorted(tensors)} do not match the expected {sorted(expected)}")
     for name, shape in expected.items():
@@ -202,8 +211,8 @@ def load_bundle(folder: Path, base_fingerprint: str | None = None) -> tuple[Bund
 def task_shapes(bundle: BundleMeta, basis_rows: int = 0) -> dict[str, tuple[int, ...]]:
     """Tensor shapes of a task adapter of ``bundle`` owning ``basis_rows`` basis rows."""
     cfg, arch = bundle.config, bundle.arch
-    *lead, last = cfg.fast_shape(arch.num_layers, arch.hidden_size)
-    shapes = {"fast": (*lead, last + basis_rows), "gate": (arch.num_layers, arch.num_heads)}
+    shapes = {"fast": cfg.fast_shape(arch.num_layers, arch.hidden_size, basis_rows),
+              "gate": (arch.num_layers, arch.num_heads)}
     if basis_rows:
         shapes["basis"] = (basis_rows, arch.hidden_size)
     return shapes
@@ -239,12 +248,9 @@ def save_task(folder: Path, meta: TaskMeta, fast: torch.Tensor, gate: torch.Tens
     return meta
 
 
-def _basis_rows(blob: bytes, bundle: BundleMeta, what: str) -> int:
+def _basis_rows(tensors: dict[str, torch.Tensor], bundle: BundleMeta) -> int:
     """k of a task file: the rows of its ``basis`` tensor (0 without one)."""
-    try:
-        basis = load(blob).get("basis")
-    except (SafetensorError, ValueError, RuntimeError) as exc:
-        raise AdapterFormatError(f"{what}: not a safetensors file ({exc})") from None
+    basis = tensors.get("basis")
     if basis is None:
         return 0
     if bundle.config.full_rank:
@@ -272,7 +278,8 @@ def decode_task(meta_bytes: bytes, blob: bytes, bundle: BundleMeta,
     if meta.dtype != bundle.dtype:
         raise AdapterFormatError(f"dtype: {meta.dtype} does not match the bundle's {bundle.dtype}")
     what = f"{meta.task}.safetensors"
-    tensors = parse_tensors(blob, task_shapes(bundle, _basis_rows(blob, bundle, what)), meta.dtype, what)
+    tensors = _load_tensors(blob, what)
+    tensors = check_tensors(tensors, task_shapes(bundle, _basis_rows(tensors, bundle)), meta.dtype, what)
     return meta, tensors
 
 

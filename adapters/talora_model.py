@@ -100,11 +100,6 @@ class TaloraModel(nn.Module):
         """One task's ``B_t``: ``(n, r)``, ``(n, d)`` full rank, with a leading ``L`` when deep."""
         return self.cfg.fast_shape(self.lm.config.num_layers, self.lm.config.hidden_size)
 
-    def task_fast_shape(self, basis_rows: int) -> tuple[int, ...]:
-        """``fast_shape`` of a task with ``basis_rows`` rows of its own: ``(..., n, r + k)``."""
-        *lead, last = self.fast_shape
-        return (*lead, last + basis_rows)
-
     def _embedding_scale(self, rows: torch.Tensor) -> torch.Tensor:
         """``rows`` rescaled so that each has the mean norm of a token-embedding row."""
         row_norm = self.lm.model.embed_tokens.weight.float().norm(dim=-1).mean().cpu()
@@ -158,7 +153,7 @@ class TaloraModel(nn.Module):
             basis = self._embedding_scale(torch.randn(basis_rows, self.lm.config.hidden_size, generator=generator))
             if tuple(fast.shape) == self.fast_shape:
                 fast = torch.cat([fast, fast.new_zeros(*fast.shape[:-1], basis_rows)], dim=-1)
-        shape = self.task_fast_shape(basis_rows)
+        shape = self.cfg.fast_shape(self.lm.config.num_layers, self.lm.config.hidden_size, basis_rows)
         if tuple(fast.shape) != shape:
             raise ValueError(f"fast: expected shape {shape}, got {tuple(fast.shape)}")
         mc = self.lm.config

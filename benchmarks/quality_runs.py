@@ -48,8 +48,7 @@ def talora_params(talora: dict, shape: dict) -> tuple[int, int]:
     d, L, H = shape["d"], shape["L"], shape["H"]
     full, k = talora["full_rank"], talora.get("task_basis_rows", 0)
     adapter = AdapterShape(**{k: talora[k] for k in AdapterShape.__dataclass_fields__ if k in talora})
-    *lead, last = adapter.fast_shape(L, d)
-    fast = math.prod(lead) * (last + k) + k * d
+    fast = math.prod(adapter.fast_shape(L, d, k)) + k * d
     gate = L * H if talora["gated"] else 0
     return fast + gate, talora["shared_prompt_len"] * d + (0 if full else talora["rank"] * d)
 
