@@ -127,6 +127,26 @@ def test_missing_default_package_says_what_to_install(tmp_path, monkeypatch):
         load_model()
 
 
+@pytest.mark.parametrize("native", [False, True])
+def test_a_16_bit_model_on_a_cpu_without_native_kernels_warns_and_still_loads(tmp_path, monkeypatch, native):
+    from talora.adapters import loading
+    from tests.helpers import save_tiny_server_model
+
+    monkeypatch.setattr(loading, "native_half", lambda dtype: native)
+    assert loading.cpu_half_warning(torch.float32, "cpu") is None  # float32 is never emulated
+    assert loading.cpu_half_warning(torch.bfloat16, "cuda") is None  # nor is a GPU's bfloat16
+    message = loading.cpu_half_warning(torch.bfloat16, "cpu")
+    assert (message is None) == native
+    folder = save_tiny_server_model(tmp_path / "m")
+    if native:
+        loaded = load_model(str(folder), "bfloat16")
+    else:
+        assert message.startswith("dtype: bfloat16 on this CPU") and "float32" in message
+        with pytest.warns(RuntimeWarning, match="dtype: bfloat16 on this CPU"):
+            loaded = load_model(str(folder), "bfloat16")
+    assert next(loaded.model.parameters()).dtype == torch.bfloat16
+
+
 def _folder_with(tmp_path, name, files):
     folder = tmp_path / name
     folder.mkdir()
