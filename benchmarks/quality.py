@@ -99,6 +99,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ablation-seeds", default=_join(base.ablation_seeds), help="target seeds of the ablations")
     p.add_argument("--model", default=base.model, help="frozen model: the embedded default or a folder")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=base.dtype, help="frozen model dtype")
+    p.add_argument("--target-dtype", choices=("float32", "bfloat16"), default="",
+                   help="frozen model dtype of the target stages only (default: --dtype); e.g. float32 target "
+                        "runs from the committed bfloat16 source stages on a CPU without native bfloat16")
     p.add_argument("--source-steps", type=int, default=0, help="source-stage steps of every method (0: the recipe's)")
     p.add_argument("--target-steps", type=int, default=0, help="target-stage steps of every method (0: the recipe's)")
     p.add_argument("--talora", default="", help="source-stage TrainConfig overrides, e.g. slow_lr_ratio=0.3,rank=8 "
@@ -145,7 +148,8 @@ def _overrides(text: str) -> dict:
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
-    base = BenchConfig(model=args.model, dtype=args.dtype, test_limit=args.test_limit, eval_split=args.eval_split)
+    base = BenchConfig(model=args.model, dtype=args.dtype, target_dtype=args.target_dtype, test_limit=args.test_limit,
+                       eval_split=args.eval_split)
     targets = tuple(_csv(args.tasks)) or base.target_tasks
     unknown = [t for t in targets if t not in base.target_tasks]
     if unknown:

@@ -104,6 +104,9 @@ class BenchConfig:
     test_limit: int = 240  # class-balanced test subset (or the whole split when smaller)
     eval_split: str = "test"  # "dev" to choose settings without looking at test
     dtype: str = "bfloat16"  # frozen model dtype of every method (adapters train in float32)
+    # the target stages' frozen-model dtype when not dtype ("": dtype): target runs on a CPU without
+    # native bfloat16 from the committed bfloat16 source stages (their own keys, the sources' keys)
+    target_dtype: str = ""
     # None (the default) takes the recipe's; __post_init__ always sets both, so they are typed as set
     source: TrainConfig = None  # type: ignore[assignment]
     target: TrainConfig = None  # type: ignore[assignment]
@@ -119,6 +122,8 @@ class BenchConfig:
         overlap = set(self.source_tasks) & set(self.target_tasks)
         if overlap:
             raise ValueError(f"target_tasks: {sorted(overlap)} are also source tasks; targets must be held out")
+        if self.target_dtype not in ("", "float32", "bfloat16"):
+            raise ValueError(f"target_dtype: must be float32 or bfloat16, got {self.target_dtype!r}")
         if self.test_limit <= 0:
             raise ValueError(f"test_limit: must be > 0, got {self.test_limit}")
         src = self.source or recipe.source_config(tasks=list(self.source_tasks))
@@ -127,7 +132,8 @@ class BenchConfig:
         # hold no target data, so dev-split target runs reuse the same source stage
         object.__setattr__(self, "source", replace(src, model=self.model, tasks=sorted(self.source_tasks),
                                                    dtype=self.dtype, split="test", eval_limit=SOURCE_EVAL_LIMIT))
-        object.__setattr__(self, "target", replace(tgt, model=self.model, dtype=self.dtype, split=self.eval_split,
+        object.__setattr__(self, "target", replace(tgt, model=self.model, dtype=self.target_dtype or self.dtype,
+                                                   split=self.eval_split,
                                                    eval_limit=self.test_limit, train_limit=self.full_train_limit))
 
     def to_dict(self) -> dict:

@@ -166,6 +166,21 @@ def test_dev_split_plan_has_its_own_keys():
         qp.BenchConfig(eval_split="train")
 
 
+def test_target_dtype_changes_the_target_runs_only():
+    plan = {r.label: r for r in qp.build_plan(qp.BenchConfig())}
+    fp32 = {r.label: r for r in qp.build_plan(qp.BenchConfig(target_dtype="float32"))}
+    for label, run in plan.items():  # the same source stages (their weights are reused), new target keys
+        assert (fp32[label].key != run.key) == (run.stage == "target"), label
+        if run.stage == "target":
+            new = fp32[label]
+            dtype = new.train.dtype if new.train is not None else new.spec["budget"]["dtype"]
+            assert dtype == "float32" and new.spec["source"] == run.spec["source"], label
+    args = quality.parse_args(["--target-dtype", "float32"])
+    assert quality.config_from_args(args).target.dtype == "float32"
+    with pytest.raises(ValueError, match="target_dtype"):
+        qp.BenchConfig(target_dtype="float64")
+
+
 def test_peft_budget_is_the_talora_budget():
     cfg = qp.BenchConfig()
     plan = qp.build_plan(cfg)
