@@ -219,9 +219,6 @@ def load_embedding_table(name: str = DEFAULT_MODEL, dtype: str | torch.dtype = "
     """The token embeddings and fingerprint of ``name`` without building the model: tensors are read one
     at a time, so a model far larger than this process's memory can still be fingerprinted."""
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
-    slow = cpu_half_warning(torch_dtype, device)
-    if slow:
-        warnings.warn(slow, RuntimeWarning, stacklevel=2)
     folder = resolve_model_dir(name)
     config_path = folder / "config.json"
     if not config_path.is_file():

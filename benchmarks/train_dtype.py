@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.bench_report import cpu_model
 from talora.adapters.loading import native_half
 
 HERE = Path(__file__).resolve().parent
@@ -131,7 +132,7 @@ def main(argv=None) -> None:
     doc = {"command": "python -m benchmarks.train_dtype " + " ".join(sys.argv[1:] if argv is None else argv),
            "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
                       f"torch {torch.__version__}",
-           "cpu": {"model": _cpu_model(), "torch_capability": torch.backends.cpu.get_cpu_capability(),
+           "cpu": {"model": cpu_model(), "torch_capability": torch.backends.cpu.get_cpu_capability(),
                    "native_bfloat16": native_half(torch.bfloat16)},
            "step_seconds_median": {k: round(v, 3) for k, v in steps.items()},
            "ratios": {f"bf16_speedup_{k}_step": round(v, 3) for k, v in ratios.items()},
@@ -139,17 +140,6 @@ def main(argv=None) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(doc, indent=1) + "\n")
     print(json.dumps(doc, indent=1))
-
-
-def _cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (Linux), or the platform's processor string."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":
