@@ -224,6 +224,15 @@ def target_steps(cfg: BenchConfig, setting: str) -> int:
     return cfg.target.steps or recipe.target_steps(SHOTS[setting], examples, cfg.target.batch_size)
 
 
+def target_basis_rows(cfg: BenchConfig, method: str, setting: str) -> int:
+    """A TA-LoRA target's own basis rows in ``setting``: the configured rows, or when those are -1
+    the recipe's for the setting's training set (none for a full-rank method)."""
+    if cfg.target.task_basis_rows >= 0:
+        return cfg.target.task_basis_rows
+    examples = cfg.full_train_limit if SHOTS[setting] == 0 else 0
+    return recipe.target_basis_rows(SHOTS[setting], examples, TALORA_SWITCHES[method].get("full_rank", False))
+
+
 def target_run(cfg: BenchConfig, method: str, task: str, setting: str, seed: int, source_seed: int | None) -> Run:
     # a multi-task method's target always names its source seed
     source = source_run(cfg, method, source_seed).key if method in MULTITASK else None  # type: ignore[arg-type]
@@ -232,7 +241,8 @@ def target_run(cfg: BenchConfig, method: str, task: str, setting: str, seed: int
     target = replace(cfg.target, steps=target_steps(cfg, setting))
     train = None
     if method in TALORA_METHODS:
-        train = replace(target, task=task, shots=SHOTS[setting], seed=seed)
+        train = replace(target, task=task, shots=SHOTS[setting], seed=seed,
+                        task_basis_rows=target_basis_rows(cfg, method, setting))
         spec["train"] = key_fields(train)
     else:
         spec.update(budget=_budget(target), hyper=cfg.peft.method_hyper(method))

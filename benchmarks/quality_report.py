@@ -318,6 +318,9 @@ def _changes(spec: dict, method: str, stage: str) -> list[str]:
         want = {**{k: v for k, v in fields.items() if k in spec.get("budget", {})}, **hyper}
     if want.get("steps") == 0:  # the recipe's budget for this run's training data
         want["steps"] = recipe.target_steps(spec["shots"], given["train_limit"], given["batch_size"])
+    if want.get("task_basis_rows", 0) < 0:  # the recipe's rows for this run's training data
+        want["task_basis_rows"] = recipe.target_basis_rows(spec["shots"], given["train_limit"],
+                                                           TALORA_SWITCHES.get(method, {}).get("full_rank", False))
     skip = {"lr"} if stage == "target" else set()
     prefix = "source " if stage == "source" else ""
     return [f"{prefix}{k}={given[k]}" for k in sorted(want) if k not in skip and k in given and given[k] != want[k]]

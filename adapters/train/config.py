@@ -84,7 +84,8 @@ class TrainConfig(AdapterShape):
     train_shared: bool = described(False, "target stage: also train P and A (slow); writes a new bundle")
     task_basis_rows: int = described(
         0, "k: rows of each trained task's own basis V_t (k x d) beside the shared A; the task prompt becomes "
-        "scale * (B_t A + U_t V_t) with U_t (n x k) starting at zero (0 = none; not with full_rank)")
+        "scale * (B_t A + U_t V_t) with U_t (n x k) starting at zero (0 = none; not with full_rank; target "
+        "stage: -1 = by the training data, 1 for full data of at least 128 examples and 0 otherwise)")
     # evaluation
     split: str = described("dev", "split to evaluate (train, dev or test)")
     eval_limit: int = described(200, "evaluate on at most this many examples per task (class-balanced; 0 = all)")
@@ -129,8 +130,12 @@ class TrainConfig(AdapterShape):
         _require(self.basis_init in BASIS_INITS, "basis_init", f"{self.basis_init!r} is not one of {BASIS_INITS}")
         _require(self.class_balance in CLASS_BALANCE, "class_balance",
                  f"{self.class_balance!r} is not one of {CLASS_BALANCE}")
-        _require(self.task_basis_rows >= 0, "task_basis_rows", f"must be >= 0, got {self.task_basis_rows}")
-        _require(not (self.task_basis_rows and self.full_rank), "task_basis_rows",
+        if self.stage == "target":  # -1: set from the training data (recipe.target_basis_rows)
+            _require(self.task_basis_rows >= -1, "task_basis_rows",
+                     f"must be >= 0, or -1 (by the training data), got {self.task_basis_rows}")
+        else:
+            _require(self.task_basis_rows >= 0, "task_basis_rows", f"must be >= 0, got {self.task_basis_rows}")
+        _require(not (self.task_basis_rows > 0 and self.full_rank), "task_basis_rows",
                  "a full-rank task prompt has no basis to extend; use 0 with full_rank")
         _require(self.basis_lr_ratio >= 0, "basis_lr_ratio", f"must be >= 0, got {self.basis_lr_ratio}")
         _require(self.split in ("train", "dev", "test"), "split", f"{self.split!r} is not train, dev or test")

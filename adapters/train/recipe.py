@@ -50,6 +50,7 @@ TARGET: dict = {
     "max_input_tokens": 48,
     "train_limit": 256,
     "class_balance": "sampler",
+    "task_basis_rows": -1,  # -1: by the training data (target_basis_rows below)
 }
 
 RECIPES = {"source": SOURCE, "target": TARGET}
@@ -71,6 +72,24 @@ def target_steps(shots: int, train_examples: int, batch_size: int) -> int:
         return KSHOT_TARGET_STEPS
     low, high = FULL_DATA_STEPS
     return max(low, min(high, round(FULL_DATA_EPOCHS * train_examples / batch_size)))
+
+
+# A target task's own basis rows when ``task_basis_rows`` is -1 (the recipe's default): one row
+# V_t beside the shared basis for full data of at least 128 examples, none for k-shot sets and
+# smaller tasks. On test with full data (256 examples, 144 steps) one row was ahead of the plain
+# rank-8 prompt and level with MPT at 918 numbers per task; with 16 examples per label it was level
+# with the plain prompt on dev, where 576 more free numbers have little data to fit
+# (docs/quality.md, "Task basis rows").
+FULL_DATA_BASIS_ROWS = 1
+BASIS_ROWS_MIN_EXAMPLES = 128
+
+
+def target_basis_rows(shots: int, train_examples: int, full_rank: bool = False) -> int:
+    """A target task's own basis rows for a training set of ``train_examples`` (``shots`` > 0: a
+    k-shot set); 0 for a full-rank bundle, which has no basis to extend."""
+    if shots or full_rank or train_examples < BASIS_ROWS_MIN_EXAMPLES:
+        return 0
+    return FULL_DATA_BASIS_ROWS
 
 
 def defaults(stage: str) -> dict:

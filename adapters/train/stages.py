@@ -222,6 +222,9 @@ def run_target(cfg: TrainConfig) -> dict:
         train_task = encode_task(spec, chosen, tok, cfg.max_input_tokens)
         if not cfg.steps:
             cfg = replace(cfg, steps=recipe.target_steps(cfg.shots, len(train_task.examples), cfg.batch_size))
+        if cfg.task_basis_rows < 0:
+            cfg = replace(cfg, task_basis_rows=recipe.target_basis_rows(cfg.shots, len(train_task.examples),
+                                                                        model.cfg.full_rank))
         eval_task = encode_task(spec, _load_examples(cfg.task, cfg.split, cfg.eval_limit), tok, cfg.max_input_tokens)
         init, gate, init_name = _target_init(model, sources, train_task, cfg)
         model.add_task(cfg.task, init, generator=torch.Generator().manual_seed(cfg.seed), gate=gate,

@@ -308,19 +308,39 @@ def test_target_steps_follow_the_training_data():
         TrainConfig(stage="source", tasks=["a"], steps=0)  # only the target stage sets its steps from the data
 
 
-def test_a_target_stage_without_steps_takes_the_recipes_for_its_data(source_run, env, tmp_path):
-    from talora.adapters.train.recipe import target_steps
+def test_target_basis_rows_follow_the_training_data():
+    from talora.adapters.train import recipe
 
+    assert recipe.TARGET["task_basis_rows"] == -1  # by the data, as the steps are
+    assert recipe.target_basis_rows(0, 256) == recipe.target_basis_rows(0, 5000) == 1  # full data: one row
+    assert recipe.target_basis_rows(16, 112) == recipe.target_basis_rows(0, 100) == 0  # k-shot and small tasks
+    assert recipe.target_basis_rows(0, recipe.BASIS_ROWS_MIN_EXAMPLES) == 1
+    assert recipe.target_basis_rows(0, 256, full_rank=True) == 0  # no basis to extend
+    assert recipe.target_config(bundle="b", task="t", full_rank=True).task_basis_rows == -1  # allowed: resolves to 0
+    with pytest.raises(ValueError, match="^task_basis_rows:"):
+        TrainConfig(stage="source", tasks=["a"], task_basis_rows=-1)  # only the target stage has data to go by
+    with pytest.raises(ValueError, match="^task_basis_rows:"):
+        TrainConfig(stage="target", bundle="b", task="t", task_basis_rows=-2)
+
+
+@pytest.mark.parametrize("min_examples", [10_000, 1])  # the toy task is under the first and over the second
+def test_a_target_stage_without_steps_takes_the_recipes_for_its_data(source_run, env, tmp_path, monkeypatch,
+                                                                      min_examples):
+    from talora.adapters.train import recipe
+
+    monkeypatch.setattr(recipe, "BASIS_ROWS_MIN_EXAMPLES", min_examples)
     cfg = TrainConfig.from_dict(dict(stage="target", model=env["model"], bundle=str(source_run[1]["bundle"]),
                                      task="toy_new", task_files=[env["new"]], steps=0, batch_size=16, lr=0.1,
-                                     output_dir=str(tmp_path / "t"), eval_limit=8, threads=1, progress=False,
-                                     save_every=0))
+                                     task_basis_rows=-1, output_dir=str(tmp_path / "t"), eval_limit=8, threads=1,
+                                     progress=False, save_every=0))
     result = run_target(cfg)
-    steps = target_steps(0, result["train_examples"], 16)
-    assert result["steps"] == steps
+    steps = recipe.target_steps(0, result["train_examples"], 16)
+    rows = recipe.target_basis_rows(0, result["train_examples"])
+    assert result["steps"] == steps and rows == (1 if min_examples == 1 else 0)
     bundle, _ = load_bundle(Path(result["bundle"]))
-    meta, _ = load_task(Path(result["bundle"]), "toy_new", bundle)
+    meta, tensors = load_task(Path(result["bundle"]), "toy_new", bundle)
     assert meta.training["steps"] == steps  # what GET /v1/tasks shows
+    assert meta.training["task_basis_rows"] == rows and ("basis" in tensors) == bool(rows)
     assert len([r for r in read_log(tmp_path / "t" / "log.jsonl") if r["kind"] == "step"]) == steps
 
 

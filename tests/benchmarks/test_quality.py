@@ -190,6 +190,14 @@ def test_peft_budget_is_the_talora_budget():
         for name in qp.BUDGET:
             assert pt.spec["budget"][name] == getattr(ta.train, name), name
         assert pt.spec["budget"]["steps"] == ta.train.steps == steps == qp.target_steps(cfg, setting)
+    for run in plan:  # the recipe's basis rows: one for full data, none at k16 or for a full-rank prompt
+        if run.stage == "target" and run.method in qp.TALORA_METHODS:
+            want = 1 if run.setting == "full" and run.method != "talora_full_rank" else 0
+            assert run.train.task_basis_rows == want == ("task_basis_rows" in run.spec["train"]), run.label
+    plain = {r.label: r.key for r in qp.build_plan(cfg.with_overrides(target={"task_basis_rows": 0}))}
+    for run in plan:  # rows 0 given: the same keys as before rows existed, except the full-data rows' runs
+        changed = run.train is not None and run.stage == "target" and run.train.task_basis_rows > 0
+        assert (plain[run.label] != run.key) == changed, run.label
     longer = {r.label: r.key for r in qp.build_plan(cfg.with_overrides(target={"steps": 200}))}
     for run in plan:  # a longer target stage changes every method's target keys and nothing else
         assert (longer[run.label] != run.key) == (run.stage == "target"), run.label
