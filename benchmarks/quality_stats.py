@@ -68,6 +68,25 @@ def paired_bootstrap(a: dict[str, dict[int, np.ndarray]], b: dict[str, dict[int,
             "seeds": sorted({s for t in mats for s in set(a[t]) & set(b[t])})}
 
 
+def like_stages(results: list[dict], a: str, b: str, setting: str) -> list[dict]:
+    """``results`` less the target runs of ``a`` and ``b`` in ``setting`` that the other method has
+    no run of from the same source stage (same task and target seed), so that a pooled comparison of
+    two multi-task methods pairs like source stages even where one has runs from fewer stages; a
+    method without a source stage pairs with every stage."""
+    stages: dict[tuple, set] = {}
+    for r in results:
+        if r["method"] in (a, b) and r["stage"] == "target" and r["setting"] == setting:
+            stages.setdefault((r["method"], r["task"], r["seed"]), set()).add(r.get("source_seed"))
+
+    def keep(r: dict) -> bool:
+        if r["method"] not in (a, b) or r["stage"] != "target" or r["setting"] != setting:
+            return True
+        other = stages.get((b if r["method"] == a else a, r["task"], r["seed"]), set())
+        return r.get("source_seed") is None or None in other or r.get("source_seed") in other
+
+    return [r for r in results if keep(r)]
+
+
 def comparisons(results: list[dict], settings: tuple[str, ...], a: str = "talora",
                 baselines: tuple[str, ...] = HEADLINE_BASELINES, n_boot: int = 10_000,
                 source_seed: int | None = None) -> list[dict]:
@@ -75,9 +94,10 @@ def comparisons(results: list[dict], settings: tuple[str, ...], a: str = "talora
     ``source_seed``: both sides' runs from that source stage only (``correctness``)."""
     out = []
     for setting in settings:
-        mine = correctness(results, a, setting, source_seed)
         for b in baselines:
-            found = paired_bootstrap(mine, correctness(results, b, setting, source_seed), n_boot=n_boot)
+            like = like_stages(results, a, b, setting)
+            found = paired_bootstrap(correctness(like, a, setting, source_seed),
+                                     correctness(like, b, setting, source_seed), n_boot=n_boot)
             if found is not None:
                 out.append({"a": a, "b": b, "setting": setting, **found})
     return out

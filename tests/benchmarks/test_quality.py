@@ -380,6 +380,19 @@ def test_correctness_averages_source_seeds():
     assert list(got) == ["tweet_sentiment"] and got["tweet_sentiment"][0].tolist() == [1.0, 1.0, 0.5, 0.5]
 
 
+def test_comparisons_pair_like_source_stages():
+    """talora from source seed 0 only against mpt from seeds 0 and 1: mpt's seed-1 runs stay out."""
+    cfg = replace(qp.BenchConfig(), methods=("talora", "mpt", "prompt_tuning"), settings=("full",), seeds=(0,),
+                  source_seeds=(0, 1), target_tasks=("tweet_sentiment",))
+    runs = {(r.method, r.source_seed): r for r in qp.build_plan(cfg) if r.stage == "target"}
+    results = [_fake_result(runs["talora", 0], 0.5, n=40), _fake_result(runs["mpt", 0], 0.5, n=40),
+               _fake_result(runs["mpt", 1], 0.0, n=40), _fake_result(runs["prompt_tuning", None], 0.5, n=40)]
+    rows = {c["b"]: c for c in qs.comparisons(results, ("full",), baselines=("mpt", "prompt_tuning"), n_boot=200)}
+    assert rows["mpt"]["diff_mean"] == 0 and rows["mpt"]["n_items"] == 40  # not +0.25 against both stages' mean
+    assert rows["prompt_tuning"]["diff_mean"] == 0  # no source stage: pairs with any
+    assert len(qs.like_stages(results, "talora", "mpt", "full")) == 3
+
+
 def test_plan_only_prints_every_run(tmp_path, capsys):
     quality.main(["--plan-only", "--runs-dir", str(tmp_path)])
     out = capsys.readouterr().out.strip().splitlines()
@@ -457,9 +470,9 @@ def test_comparisons_by_source_seed_pair_like_stages(tmp_path):
     assert [(c["b"], c["source_seed"], c["diff_mean"]) for c in rows] == [
         ("prompt_tuning", 0, 0.75), ("lora", 0, 0.25), ("prompt_tuning", 1, 0.25)]
     assert all(c["n_items"] == 2 * 4 for c in rows)
-    # the pooled comparison averages talora's source stages against lora's only one
+    # the pooled comparison pairs like stages: talora's source seed 1 has no lora run to pair with
     pooled = qs.comparisons(results, ("k16",), baselines=("lora",), n_boot=50)
-    assert pooled[0]["diff_mean"] == 0.0
+    assert pooled[0]["diff_mean"] == 0.25
     table = qr.markdown_by_source_seed({"means": means, "comparisons": rows})
     assert "| talora | k16 | 1 | 0.500 | 2 |" in table and "| talora | lora | k16 | 0 | +0.250 |" in table
     plan = qp.build_plan(cfg)
