@@ -16,7 +16,6 @@ import logging
 import os
 import shutil
 import tempfile
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from talora.adapters.config import ModelConfig
 from talora.adapters.model import CausalLM, rope_inv_freq
+from talora.adapters.precision import float_matmul_needed
 
 log = logging.getLogger(__name__)
 
@@ -231,25 +231,14 @@ def load_embedding_table(name: str = DEFAULT_MODEL, dtype: str | torch.dtype = "
     return EmbeddingTable(cfg, state[key].to(torch_dtype), weights_fingerprint(cfg, state), folder)
 
 
-def native_half(dtype: torch.dtype) -> bool:
-    """Whether torch's CPU kernels for the 16-bit float ``dtype`` run natively on this CPU (oneDNN's
-    own check: AVX-512 or AMX on x86, BF16 / FP16 extensions on Arm)."""
-    check = "_is_mkldnn_bf16_supported" if dtype == torch.bfloat16 else "_is_mkldnn_fp16_supported"
-    try:
-        return bool(getattr(torch.ops.mkldnn, check)())
-    except (AttributeError, RuntimeError):  # a build without the check: assume native
-        return True
-
-
-def cpu_half_warning(dtype: torch.dtype, device: str | torch.device) -> str | None:
-    """The warning for a 16-bit frozen model on a CPU without native kernels for it, else None.
-    There its matrix products run emulated: a training step of the recipe took 17x longer in
-    bfloat16 than in float32 on a 2-core AVX2 CPU (docs/quality.md, "Precision")."""
-    if torch.device(device).type != "cpu" or dtype not in (torch.bfloat16, torch.float16) or native_half(dtype):
+def cpu_half_note(dtype: torch.dtype, device: str | torch.device) -> str | None:
+    """What ``load_model`` logs for a 16-bit frozen model on a CPU without native kernels for it
+    (its products then run in float32 kernels: ``talora.adapters.precision``), else None."""
+    if not float_matmul_needed(dtype, device):
         return None
     name = str(dtype).removeprefix("torch.")
-    return (f"dtype: {name} on this CPU ({torch.backends.cpu.get_cpu_capability()}) has no native {name} kernels; "
-            f"its matrix products run emulated, often 10-20x slower than float32; use float32 here")
+    return (f"dtype: {name} on this CPU ({torch.backends.cpu.get_cpu_capability()}) has no native {name} "
+            f"kernels; its matrix products run in float32 kernels on {name} operands, rounded back to {name}")
 
 
 def load_model(name: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32",
@@ -258,9 +247,9 @@ def load_model(name: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32",
     from transformers import AutoTokenizer
 
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
-    slow = cpu_half_warning(torch_dtype, device)
-    if slow:
-        warnings.warn(slow, RuntimeWarning, stacklevel=2)
+    note = cpu_half_note(torch_dtype, device)
+    if note:
+        log.info(note)
     folder = resolve_model_dir(name)
     try:
         model, fingerprint = load_checkpoint_folder(folder, torch_dtype, device)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from talora.adapters.config import ModelConfig
+from talora.adapters.precision import float_matmul_needed, float_matmul_scope
 
 # attend(layer_idx, q (..., H, h), k (..., H_kv, h), v (..., H_kv, h)) -> (..., H, h)
 AttendFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -140,9 +141,16 @@ class CausalLM(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.model.embed_tokens.weight.dtype
 
+    @property
+    def float_matmul(self) -> bool:
+        """Whether the matrix products run in float32 on 16-bit inputs (a CPU without native
+        16-bit kernels: ``talora.adapters.precision``)."""
+        return float_matmul_needed(self.dtype, self.device)
+
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(input_ids)
 
+    @float_matmul_scope
     def layer_forward(self, idx: int, hidden: torch.Tensor, positions: torch.Tensor,
                       attend: AttendFn) -> torch.Tensor:
         layer = cast(DecoderLayer, self.model.layers[idx])
@@ -151,6 +159,7 @@ class CausalLM(nn.Module):
         hidden = hidden + layer.self_attn.o_proj(attn.reshape(*attn.shape[:-2], -1))
         return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
 
+    @float_matmul_scope
     def run_layers(self, hidden: torch.Tensor, positions: torch.Tensor, attend: AttendFn,
                    before: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
         """All decoder layers then the final norm; returns the last hidden states. ``before(idx,
@@ -161,6 +170,7 @@ class CausalLM(nn.Module):
             hidden = self.layer_forward(idx, hidden, positions, attend)
         return self.model.norm(hidden)
 
+    @float_matmul_scope
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
 

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.bench_setups import pad_left
+from talora.adapters.precision import FloatMatmul, float_matmul_needed
 from talora.adapters.scoring import plan_labels
 from talora.adapters.train.data import EncodedTask, MixedTaskSampler
 from talora.adapters.train.metrics import accuracy, macro_f1, majority_rate
@@ -159,6 +160,10 @@ def _tail_logits(model, rows, task_ids, keep: int, pad_id: int, real_positions: 
         kwargs["task_ids"] = torch.tensor(task_ids, dtype=torch.long, device=device)
     if real_positions:  # LoRA and the bare model; prompt learning ignores position_ids (module doc)
         kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if float_matmul_needed(base.get_input_embeddings().weight.dtype, device):  # as CausalLM does
+        with FloatMatmul():
+            return model(**kwargs).logits.float()
     return model(**kwargs).logits.float()
 
 

@@ -215,7 +215,22 @@ def execute(run: Run, artifacts: Path, scratch: Path, threads: int = 1, progress
     return {"key": run.key, "method": run.method, "stage": run.stage, "task": run.task, "setting": run.setting,
             "seed": run.seed, "source_seed": run.source_seed, "spec": run.spec, "params_per_task": per_task,
             "shared_params": shared, "wall_s": round(time.perf_counter() - tic, 2), "torch": torch.__version__,
-            "device": "cuda" if torch.cuda.is_available() else "cpu", "machine": machine(), **body}
+            "device": "cuda" if torch.cuda.is_available() else "cpu", "machine": machine(),
+            **half_matmul(run.spec), **body}
+
+
+def half_matmul(spec: dict) -> dict:
+    """``{"half_matmul": "native" | "float32"}`` for a run whose frozen model is 16-bit: whether its
+    products ran on the CPU's native 16-bit kernels or through float32 ones
+    (``talora.adapters.precision``); ``{}`` for a float32 run."""
+    from talora.adapters.precision import HALF, float_matmul_needed
+
+    name = spec.get("train", {}).get("dtype") or spec.get("budget", {}).get("dtype") or spec.get("dtype", "float32")
+    dtype = getattr(torch, name)
+    if dtype not in HALF:
+        return {}
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return {"half_matmul": "float32" if float_matmul_needed(dtype, device) else "native"}
 
 
 def store_source_result(runs_dir: Path, result: dict) -> str:

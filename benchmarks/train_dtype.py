@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.bench_report import cpu_model
-from talora.adapters.loading import native_half
+from talora.adapters.precision import float_matmul_needed, native_half
 
 HERE = Path(__file__).resolve().parent
 DTYPES = ("float32", "bfloat16")
@@ -133,7 +133,8 @@ def main(argv=None) -> None:
            "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
                       f"torch {torch.__version__}",
            "cpu": {"model": cpu_model(), "torch_capability": torch.backends.cpu.get_cpu_capability(),
-                   "native_bfloat16": native_half(torch.bfloat16)},
+                   "native_bfloat16": native_half(torch.bfloat16),
+                   "float_matmul": float_matmul_needed(torch.bfloat16, "cpu")},
            "step_seconds_median": {k: round(v, 3) for k, v in steps.items()},
            "ratios": {f"bf16_speedup_{k}_step": round(v, 3) for k, v in ratios.items()},
            "load_average": {"start": load_before, "end": os.getloadavg()[0]}, "accuracy_check": check}

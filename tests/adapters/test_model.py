@@ -128,23 +128,25 @@ def test_missing_default_package_says_what_to_install(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("native", [False, True])
-def test_a_16_bit_model_on_a_cpu_without_native_kernels_warns_and_still_loads(tmp_path, monkeypatch, native):
-    from talora.adapters import loading
+def test_a_16_bit_model_on_a_cpu_without_native_kernels_runs_its_products_in_float32(tmp_path, monkeypatch,
+                                                                                    caplog, native):
+    import logging
+
+    from talora.adapters import loading, precision
     from tests.helpers import save_tiny_server_model
 
-    monkeypatch.setattr(loading, "native_half", lambda dtype: native)
-    assert loading.cpu_half_warning(torch.float32, "cpu") is None  # float32 is never emulated
-    assert loading.cpu_half_warning(torch.bfloat16, "cuda") is None  # nor is a GPU's bfloat16
-    message = loading.cpu_half_warning(torch.bfloat16, "cpu")
-    assert (message is None) == native
+    monkeypatch.setattr(precision, "native_half", lambda dtype: native)
+    assert loading.cpu_half_note(torch.float32, "cpu") is None  # float32 is never emulated
+    assert loading.cpu_half_note(torch.bfloat16, "cuda") is None  # nor is a GPU's bfloat16
+    assert (loading.cpu_half_note(torch.bfloat16, "cpu") is None) == native
     folder = save_tiny_server_model(tmp_path / "m")
-    if native:
+    with caplog.at_level(logging.INFO, logger="talora.adapters.loading"):
         loaded = load_model(str(folder), "bfloat16")
-    else:
-        assert message.startswith("dtype: bfloat16 on this CPU") and "float32" in message
-        with pytest.warns(RuntimeWarning, match="dtype: bfloat16 on this CPU"):
-            loaded = load_model(str(folder), "bfloat16")
     assert next(loaded.model.parameters()).dtype == torch.bfloat16
+    assert loaded.model.float_matmul == (not native)
+    assert ("has no native bfloat16 kernels" in caplog.text) == (not native)
+    monkeypatch.setenv("TALORA_FLOAT_MATMUL", "0")  # the switch to time torch's own path
+    assert not loaded.model.float_matmul
 
 
 def _folder_with(tmp_path, name, files):
