@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from talora.adapters.config import ModelConfig
-from talora.adapters.precision import float_matmul_needed, float_matmul_scope
+from talora.adapters.precision import float_matmul_enabled, float_matmul_scope, half_cpu
 
 # attend(layer_idx, q (..., H, h), k (..., H_kv, h), v (..., H_kv, h)) -> (..., H, h)
 AttendFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -126,11 +126,13 @@ class CausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        self._half_cpu: bool | None = None  # 16-bit weights on a CPU without native kernels (cached)
 
     def _apply(self, fn, recurse=True):
         # RoPE frequencies stay float32 whatever dtype the weights are cast to.
         super()._apply(fn, recurse)
         self.inv_freq = rope_inv_freq(self.config).to(self.model.embed_tokens.weight.device)
+        self._half_cpu = None  # dtype or device may have changed
         return self
 
     @property
@@ -144,8 +146,11 @@ class CausalLM(nn.Module):
     @property
     def float_matmul(self) -> bool:
         """Whether the matrix products run in float32 on 16-bit inputs (a CPU without native
-        16-bit kernels: ``talora.adapters.precision``)."""
-        return float_matmul_needed(self.dtype, self.device)
+        16-bit kernels: ``talora.adapters.precision``). Checked once per dtype and device, so the
+        layers of a GPU step pay one attribute read; ``TALORA_FLOAT_MATMUL`` is read on each call."""
+        if self._half_cpu is None:
+            self._half_cpu = half_cpu(self.dtype, self.device)
+        return self._half_cpu and float_matmul_enabled()
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(input_ids)

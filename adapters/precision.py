@@ -50,11 +50,19 @@ def native_half(dtype: torch.dtype) -> bool:
         return True
 
 
+def half_cpu(dtype: torch.dtype, device: str | torch.device) -> bool:
+    """Whether ``dtype`` is 16-bit and ``device`` a CPU without native kernels for it."""
+    return dtype in HALF and torch.device(device).type == "cpu" and not native_half(dtype)
+
+
+def float_matmul_enabled() -> bool:
+    """False when ``TALORA_FLOAT_MATMUL`` is 0 / false / no / off (to time torch's own path)."""
+    return os.environ.get("TALORA_FLOAT_MATMUL", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
 def float_matmul_needed(dtype: torch.dtype, device: str | torch.device) -> bool:
     """Whether a model in ``dtype`` on ``device`` should run its products through ``FloatMatmul``."""
-    if os.environ.get("TALORA_FLOAT_MATMUL", "1").strip().lower() in ("0", "false", "no", "off"):
-        return False
-    return torch.device(device).type == "cpu" and dtype in HALF and not native_half(dtype)
+    return half_cpu(dtype, device) and float_matmul_enabled()
 
 
 def _half_of(tensors: list[torch.Tensor]) -> torch.dtype | None:
