@@ -20,6 +20,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -64,10 +65,12 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     tasks = args.tasks.split(",")
+    bundle = demo_bundle_dir()
+    assert bundle is not None  # required: raises when missing
     models = {}
     for dtype in ("bfloat16", "float32"):
         loaded = load_model(dtype=dtype)
-        models[dtype] = model_from_bundle(loaded.model, demo_bundle_dir(), loaded.fingerprint, tasks)[0]
+        models[dtype] = model_from_bundle(loaded.model, bundle, loaded.fingerprint, tasks)[0]
     tokenizer = loaded.tokenizer
     encoded = {t: encode_task(get_task(t), load_split(t, "test", limit=args.limit), tokenizer,
                               get_task(t).max_input_tokens) for t in tasks}
@@ -85,7 +88,7 @@ def main(argv=None) -> None:
     def preds(path, task):
         return scores[path][task].argmax(-1)
 
-    per_task = {}
+    per_task: dict[str, Any] = {}
     for task in tasks:
         gold = torch.tensor([encoded[task].labels.index(ex.label) for ex in encoded[task].examples])
         per_task[task] = {
