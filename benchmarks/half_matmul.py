@@ -38,21 +38,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _scores(model, task, batch_size: int = 8) -> torch.Tensor:
-    """Label log-likelihoods ``(items, labels)`` of ``task``'s items, as the trainer's evaluation scores them."""
-    from talora.adapters.scoring import ScoreRequest, score_labels
-    from talora.adapters.train.evaluate import _task_tables
-
-    prefix, slots = _task_tables(model, task.name)
-    rows = []
-    with torch.no_grad():
-        for start in range(0, len(task.examples), batch_size):
-            chunk = task.examples[start:start + batch_size]
-            rows += [s.float() for s in score_labels(model, prefix, slots,
-                                                     [ScoreRequest(ex.prompt_ids, task.label_ids, 0) for ex in chunk])]
-    return torch.stack(rows)
-
-
 def main(argv=None) -> None:
     from benchmarks.bench_report import cpu_model
     from talora.adapters.bundle import model_from_bundle
@@ -61,6 +46,7 @@ def main(argv=None) -> None:
     from talora.adapters.precision import native_half
     from talora.adapters.tasks import get_task, load_split
     from talora.adapters.train.data import encode_task
+    from talora.adapters.train.evaluate import label_scores
 
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -81,7 +67,7 @@ def main(argv=None) -> None:
             model = models["float32" if path == "float32" else "bfloat16"]
             os.environ["TALORA_FLOAT_MATMUL"] = "0" if path == "native" else "1"
             tic = time.perf_counter()
-            scores[path][task] = _scores(model, encoded[task])
+            scores[path][task] = torch.stack(label_scores(model, encoded[task], 8))
             seconds[path] += time.perf_counter() - tic
     os.environ.pop("TALORA_FLOAT_MATMUL")
 

@@ -17,6 +17,7 @@ Evaluation is rank classification by label log-likelihood on the same test subse
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -161,10 +162,9 @@ def _tail_logits(model, rows, task_ids, keep: int, pad_id: int, real_positions: 
     if real_positions:  # LoRA and the bare model; prompt learning ignores position_ids (module doc)
         kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if float_matmul_needed(base.get_input_embeddings().weight.dtype, device):  # as CausalLM does
-        with FloatMatmul():
-            return model(**kwargs).logits.float()
-    return model(**kwargs).logits.float()
+    half_cpu = float_matmul_needed(base.get_input_embeddings().weight.dtype, device)
+    with FloatMatmul() if half_cpu else nullcontext():  # as CausalLM does
+        return model(**kwargs).logits.float()
 
 
 def answer_loss(model, items, pad_id: int, multitask_ids: bool, real_positions: bool) -> torch.Tensor:

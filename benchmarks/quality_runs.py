@@ -148,8 +148,7 @@ def run_peft(run: Run, artifacts: Path, progress: bool) -> dict:
 
     s = run.spec
     budget = s.get("budget", {})
-    dtype = budget.get("dtype", s.get("dtype", "float32"))
-    base, tok = qp.load_base(s["model"], dtype)
+    base, tok = qp.load_base(s["model"], run_dtype(s))
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     if run.stage == "reference":
         test = _encode(tok, [s["task"]], s["eval_split"], s["test_limit"], s["max_input_tokens"])[0]
@@ -219,14 +218,19 @@ def execute(run: Run, artifacts: Path, scratch: Path, threads: int = 1, progress
             **half_matmul(run.spec), **body}
 
 
+def run_dtype(spec: dict) -> str:
+    """The frozen model's dtype of a run: its ``TrainConfig``'s (TA-LoRA), its budget's (PEFT
+    methods) or the spec's own (references); float32 when none names one."""
+    return spec.get("train", {}).get("dtype") or spec.get("budget", {}).get("dtype") or spec.get("dtype", "float32")
+
+
 def half_matmul(spec: dict) -> dict:
     """``{"half_matmul": "native" | "float32"}`` for a run whose frozen model is 16-bit: whether its
     products ran on the CPU's native 16-bit kernels or through float32 ones
     (``talora.adapters.precision``); ``{}`` for a float32 run."""
     from talora.adapters.precision import HALF, float_matmul_needed
 
-    name = spec.get("train", {}).get("dtype") or spec.get("budget", {}).get("dtype") or spec.get("dtype", "float32")
-    dtype = getattr(torch, name)
+    dtype = getattr(torch, run_dtype(spec))
     if dtype not in HALF:
         return {}
     device = "cuda" if torch.cuda.is_available() else "cpu"

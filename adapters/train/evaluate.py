@@ -25,16 +25,19 @@ def _task_tables(model: TaloraModel, task: str) -> tuple[PrefixKV, SlotKV]:
 
 
 @torch.no_grad()
-def predict_labels(model: TaloraModel, task: EncodedTask, batch_size: int) -> list[str]:
-    """Predicted label of every example of ``task`` (argmax of label log-likelihood)."""
+def label_scores(model: TaloraModel, task: EncodedTask, batch_size: int) -> list[torch.Tensor]:
+    """Label log-likelihoods ``(labels,)`` of every example of ``task``, in order."""
     prefix, slots = _task_tables(model, task.name)
-    preds = []
+    out: list[torch.Tensor] = []
     for start in range(0, len(task.examples), batch_size):
         chunk = task.examples[start:start + batch_size]
-        requests = [ScoreRequest(ex.prompt_ids, task.label_ids, 0) for ex in chunk]
-        for scores in score_labels(model, prefix, slots, requests):
-            preds.append(task.labels[int(scores.argmax())])
-    return preds
+        out += score_labels(model, prefix, slots, [ScoreRequest(ex.prompt_ids, task.label_ids, 0) for ex in chunk])
+    return out
+
+
+def predict_labels(model: TaloraModel, task: EncodedTask, batch_size: int) -> list[str]:
+    """Predicted label of every example of ``task`` (argmax of label log-likelihood)."""
+    return [task.labels[int(scores.argmax())] for scores in label_scores(model, task, batch_size)]
 
 
 def _stop_ids(tokenizer) -> set[int]:
