@@ -57,7 +57,13 @@ from benchmarks.quality_report import (
     write_summary,
 )
 from benchmarks.quality_sources import SOURCES, source_builds
-from benchmarks.quality_stats import HEADLINE_BASELINES, budget_comparisons, by_source_seed, comparisons
+from benchmarks.quality_stats import (
+    HEADLINE_BASELINES,
+    budget_comparisons,
+    by_source_seed,
+    comparisons,
+    rerun_report,
+)
 
 HERE = Path(__file__).resolve().parent
 
@@ -73,7 +79,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--verify", type=int, default=0, metavar="N",
                    help="rerun N stored target runs of the plan (the first of each method in turn) from their "
                    "recorded source builds, in a scratch folder, and report whether every per-item prediction "
-                   "is the stored one; stores nothing")
+                   "is the stored one; stores nothing in --runs-dir")
+    p.add_argument("--keep-reruns", type=Path, default=None, metavar="DIR",
+                   help="with --verify: keep each rerun's record in DIR (and take one kept there instead of "
+                   "rerunning it, so a check resumes, and two processes can split it by --seeds)")
+    p.add_argument("--rerun-report", type=Path, default=None, metavar="DIR",
+                   help="compare the reruns kept in DIR with the stored runs (each method's shift, and TA-LoRA "
+                   "against the baselines among runs made on the reruns' kernel path only); writes DIR.json")
     p.add_argument("--summarise", action="store_true", help="only rewrite the summary from stored runs")
     p.add_argument("--sources-only", action="store_true",
                    help="only put every source stage's weights here (restored from --sources-dir, or trained when "
@@ -294,7 +306,7 @@ def main(argv=None) -> None:
 
 def _report(args: argparse.Namespace, cfg: BenchConfig) -> bool:
     """The modes that only read or check stored runs (``--dev-table``, ``--against-target-steps``,
-    ``--against-recipe``, ``--plan-only``, ``--verify``); False when none was asked for."""
+    ``--against-recipe``, ``--plan-only``, ``--verify``, ``--rerun-report``); False when none was asked for."""
     if args.dev_table:
         print(dev_table(stored_results(args.runs_dir)))
     elif args.against_target_steps:
@@ -313,10 +325,37 @@ def _report(args: argparse.Namespace, cfg: BenchConfig) -> bool:
 
         torch.set_num_threads(args.threads)
         verify_runs(build_plan(cfg), args.runs_dir, args.work_dir, args.sources_dir, args.verify, args.threads,
-                    not args.no_progress)
+                    not args.no_progress, args.keep_reruns)
+    elif args.rerun_report:
+        print_rerun_report(args.runs_dir, args.rerun_report, cfg.settings)
     else:
         return False
     return True
+
+
+def print_rerun_report(runs_dir: Path, reruns_dir: Path, settings: tuple[str, ...]) -> dict:
+    """``quality_stats.rerun_report`` of the reruns kept in ``reruns_dir``, printed and written to
+    ``reruns_dir`` + ``.json``."""
+    import json
+
+    reruns = stored_results(reruns_dir)
+    if not reruns:
+        raise SystemExit(f"--rerun-report: no reruns kept in {reruns_dir} (make them with --verify N "
+                         f"--keep-reruns {reruns_dir})")
+    report = {"reruns_dir": str(reruns_dir), **rerun_report(stored_results(runs_dir), reruns, settings)}
+    print(f"{report['reruns']} reruns on {', '.join(' / '.join(filter(None, p)) for p in report['paths'])}")
+    for row in report["shift"]:
+        print(f"shift      {row['method']:<14} {row['setting']:<5} source seed {row['source_seed']}: "
+              f"{row['diff_mean']:+.3f} [{row['ci90'][0]:+.3f}, {row['ci90'][1]:+.3f}] rerun - stored, "
+              f"{row['n_items']} units")
+    for row in report["same_path"]:
+        stage = "pooled" if row["source_seed"] is None else f"source seed {row['source_seed']}"
+        print(f"same path  {row['a']} - {row['b']:<14} {row['setting']:<5} {stage}: {row['diff_mean']:+.3f} "
+              f"[{row['ci90'][0]:+.3f}, {row['ci90'][1]:+.3f}], {row['n_items']} units")
+    out = reruns_dir.with_name(reruns_dir.name + ".json")
+    out.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    print(f"wrote {out}")
+    return report
 
 
 def _run_and_summarise(args: argparse.Namespace, cfg: BenchConfig, command: str) -> None:

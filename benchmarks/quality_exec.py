@@ -15,6 +15,7 @@ from benchmarks.quality_plan import (
     bind_builds,
     estimate_seconds,
     find_result,
+    load_result,
     measured_rates,
     save_result,
     stored_results,
@@ -174,16 +175,19 @@ class _PlanRunner:
 
 
 def verify_runs(plan: list[Run], runs_dir: Path, work_dir: Path, sources_dir: Path | None, n: int, threads: int,
-                progress: bool) -> list[dict]:
+                progress: bool, keep_dir: Path | None = None) -> list[dict]:
     """Rerun up to ``n`` stored target runs of ``plan`` (round-robin over methods, in plan order)
     from the source builds their records name, restoring committed weights where needed, and
-    compare their per-item predictions with the stored ones. Nothing is stored: the reruns go to a
-    scratch folder. A run whose recorded source build is neither here nor committed is skipped
-    (retraining it would test another build)."""
+    compare their per-item predictions with the stored ones. Nothing in ``runs_dir`` changes: the
+    reruns train in a scratch folder. A run whose recorded source build is neither here nor
+    committed is skipped (retraining it would test another build).
+
+    ``keep_dir``: keep each rerun's record there under its key (``rerun_report`` reads them), and
+    take a rerun already kept there instead of running it again, so that an interrupted check
+    resumes and two processes can split one by target seeds."""
     import tempfile
 
-    from benchmarks.quality_runs import execute, needs_source
-    from benchmarks.quality_sources import artifact_build, committed_builds, restore, weights_here
+    from benchmarks.quality_runs import execute
 
     artifacts = work_dir / "artifacts"
     plan = bind_builds(plan, source_builds(plan, runs_dir), runs_dir)  # the recorded builds
@@ -201,19 +205,14 @@ def verify_runs(plan: list[Run], runs_dir: Path, work_dir: Path, sources_dir: Pa
     for run in picked:
         stored = find_result(runs_dir, run)
         assert stored is not None
-        if needs_source(run):
-            source, build = by_key[run.spec["source"]], run.source_build
-            if weights_here(source, artifacts):
-                if artifact_build(artifacts / source.key) != build:  # never overwrite another build in use
-                    print(f"skip   {run.label}: another build of its source stage is in {artifacts / source.key}")
-                    continue
-            elif sources_dir is not None and build in committed_builds(sources_dir, source.key):
-                restore(sources_dir, source.key, build, artifacts)
-            else:
-                print(f"skip   {run.label}: its source build {build or '(unrecorded)'} is neither here nor committed")
+        result = load_result(keep_dir, run.key) if keep_dir is not None else None
+        if result is None:
+            if not _source_in_place(run, by_key, artifacts, sources_dir):
                 continue
-        with tempfile.TemporaryDirectory(prefix="quality-verify-") as scratch:
-            result = execute(run, artifacts, Path(scratch), threads, progress)
+            with tempfile.TemporaryDirectory(prefix="quality-verify-") as scratch:
+                result = execute(run, artifacts, Path(scratch), threads, progress)
+            if keep_dir is not None:
+                save_result(keep_dir, run.key, result)
         task = run.task
         same = result["predictions"][task] == stored["predictions"][task]
         differ = sum(a != b for a, b in zip(result["predictions"][task], stored["predictions"][task], strict=True))
@@ -226,3 +225,25 @@ def verify_runs(plan: list[Run], runs_dir: Path, work_dir: Path, sources_dir: Pa
     same_n = sum(o["identical"] for o in outcomes)
     print(f"{same_n} of {len(outcomes)} reruns reproduce their stored predictions exactly")
     return outcomes
+
+
+def _source_in_place(run: Run, by_key: dict[str, Run], artifacts: Path, sources_dir: Path | None) -> bool:
+    """Whether the weights of the source build ``run`` records are in ``artifacts`` (restored from
+    ``sources_dir`` if need be) for a rerun; False, saying why, when that build is not to be had or
+    another build of its source stage is in use there."""
+    from benchmarks.quality_runs import needs_source
+    from benchmarks.quality_sources import artifact_build, committed_builds, restore, weights_here
+
+    if not needs_source(run):
+        return True
+    source, build = by_key[run.spec["source"]], run.source_build
+    if weights_here(source, artifacts):
+        if artifact_build(artifacts / source.key) != build:  # never overwrite another build in use
+            print(f"skip   {run.label}: another build of its source stage is in {artifacts / source.key}")
+            return False
+    elif sources_dir is not None and build in committed_builds(sources_dir, source.key):
+        restore(sources_dir, source.key, build, artifacts)
+    else:
+        print(f"skip   {run.label}: its source build {build or '(unrecorded)'} is neither here nor committed")
+        return False
+    return True

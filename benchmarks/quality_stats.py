@@ -130,3 +130,31 @@ def budget_comparisons(now: list[dict], before: list[dict], settings: tuple[str,
                 for c in comparisons(pooled, (setting,), f"{method}@now", (f"{method}@before",), n_boot, s):
                     out.append({**c, "method": method, "source_seed": s})
     return out
+
+
+def kernel_path(record: dict) -> tuple[str, str]:
+    """Where a run's arithmetic came from: the CPU (or GPU) model of its recorded machine and how its
+    16-bit products ran (``"half_matmul"``: ``"native"``, ``"float32"``; empty for float32 models and
+    for records made before the field was kept)."""
+    return record.get("machine", "").split(",")[0], record.get("half_matmul") or ""
+
+
+def rerun_report(stored: list[dict], reruns: list[dict], settings: tuple[str, ...], a: str = "talora",
+                 baselines: tuple[str, ...] = HEADLINE_BASELINES, n_boot: int = 10_000) -> dict:
+    """What reruns of stored runs on another machine or kernel path (``verify_runs`` with a
+    ``keep_dir``) say. ``"shift"``: each method's reruns against the same runs as stored (rerun -
+    stored, per source stage). ``"same_path"``: ``a`` against each baseline among the runs made on
+    the reruns' path only, the reruns and the stored runs with the same ``kernel_path``, pooled and
+    per source stage, so that no comparison mixes two paths."""
+    keys = {r["key"] for r in reruns}
+    stored_of = [r for r in stored if r["key"] in keys]
+    paths = {kernel_path(r) for r in reruns}
+    pool = [r for r in stored if r["key"] not in keys and kernel_path(r) in paths] + reruns
+    same_path = [{**c, "source_seed": None} for c in comparisons(pool, settings, a, baselines, n_boot)]
+    same_path += by_source_seed(pool, settings, a, baselines, n_boot)
+    return {"paths": [list(p) for p in sorted(paths)],
+            "reruns": len(reruns),
+            "shift": budget_comparisons(reruns, stored_of, settings, n_boot),
+            "same_path": same_path,
+            "same_path_runs": {m: sum(r["method"] == m and r["stage"] == "target" for r in pool)
+                               for m in (a, *baselines)}}

@@ -4,6 +4,7 @@ one a source record scored get keys of their own (no real training)."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -164,6 +165,46 @@ def test_verify_reruns_stored_runs_from_their_committed_builds_and_finds_a_diffe
     outcomes = quality_exec.verify_runs(plan, runs, work, store, 1, 1, False)
     assert not outcomes[0]["identical"] and outcomes[0]["items_differing"] == outcomes[0]["items"]
     assert "0 of 1 reruns reproduce" in capsys.readouterr().out
+
+
+def test_kept_reruns_resume_and_compare_methods_only_among_runs_made_on_their_kernel_path(tmp_path, monkeypatch):
+    """Reruns of MPT on a CPU whose bfloat16 products run in float32 kernels are kept; a second check
+    takes them instead of rerunning; the report gives MPT's shift and pairs TA-LoRA with MPT only
+    among runs made on that path (TA-LoRA's stored runs from there, not its runs from elsewhere)."""
+    plan, runs, store = _stored_plan(tmp_path, monkeypatch)
+    here = {"machine": "AMD EPYC, 2 logical cores", "half_matmul": "float32"}
+    talora = [r for r in plan if r.stage == "target" and r.method == "talora"]
+    for run in talora:  # TA-LoRA's runs of target seed 0 were made here (0.6), the others elsewhere (0.9)
+        record = qp.load_result(runs, run.key)
+        made_here = run.seed == 0
+        fake = _fake_result(run, 0.6 if made_here else 0.9)
+        record.update({**(here if made_here else {"machine": "Intel Xeon"}),
+                       "predictions": fake["predictions"], "metrics": fake["metrics"]})
+        qp.save_result(runs, run.key, record)
+
+    ran = []
+
+    def here_kernels(run, *args, **kwargs):
+        ran.append(run.key)
+        return {**_fake_result(run, 0.3), "source_build": qp.load_result(runs, run.key)["source_build"], **here}
+
+    monkeypatch.setattr(quality_runs, "execute", here_kernels)
+    mpt_plan = [r for r in plan if r.method == "mpt"]
+    work, kept = tmp_path / "here", tmp_path / "reruns"
+    first = quality_exec.verify_runs(mpt_plan, runs, work, store, 4, 1, False, keep_dir=kept)
+    assert len(ran) == 4 and len(list(kept.glob("*.json"))) == 4
+    again = quality_exec.verify_runs(mpt_plan, runs, work, store, 4, 1, False, keep_dir=kept)
+    assert len(ran) == 4 and again == first  # taken from the kept records, nothing rerun
+
+    report = quality.print_rerun_report(runs, kept, ("k16",))
+    assert json.loads((tmp_path / "reruns.json").read_text())["shift"] == report["shift"]
+    (shift,) = report["shift"]
+    assert (shift["method"], shift["diff_mean"], shift["n_items"]) == ("mpt", -0.2, 80)
+    assert report["paths"] == [["AMD EPYC", "float32"]]
+    pooled = next(c for c in report["same_path"] if c["b"] == "mpt" and c["source_seed"] is None)
+    assert pooled["diff_mean"] == pytest.approx(0.3)  # 0.6 - 0.3: the 0.9 runs made elsewhere stay out
+    assert pooled["seeds"] == [0] and pooled["n_items"] == 40
+    assert report["same_path_runs"]["talora"] == 2
 
 
 def test_recipe_checks_restore_the_committed_source_stage_instead_of_training(tmp_path, monkeypatch):
