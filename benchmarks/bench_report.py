@@ -18,14 +18,15 @@ from typing import Any
 REQUIRED_RATIOS = ("talora_mixed64_vs_bare", "talora_mixed64_vs_peft", "talora_mixed64_vs_vllm")
 
 
-def cpu_model() -> str:
+def cpu_model(unknown: str = "unknown") -> str:
+    """The CPU's model name (/proc/cpuinfo, else the platform's); ``unknown`` when neither says."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or "unknown"
+    return platform.processor() or unknown
 
 
 def package_version(name: str) -> str | None:

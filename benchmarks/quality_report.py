@@ -14,7 +14,7 @@ import platform
 import statistics
 from pathlib import Path
 
-from benchmarks.bench_report import pyplot
+from benchmarks.bench_report import cpu_model, pyplot
 from benchmarks.quality_plan import ADDED_FIELDS, METHODS, REFERENCE, SETTINGS, TALORA_SWITCHES, PeftRecipe, Run
 
 REQUIRED = ("method", "task", "setting", "metric", "mean", "std", "seeds", "params_per_task")
@@ -24,14 +24,7 @@ def machine() -> str:
     """CPU model, logical cores, OS and library versions, in one line."""
     import torch
 
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model("unknown CPU")
     try:
         import peft
         import transformers
