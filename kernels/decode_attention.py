@@ -177,6 +177,12 @@ def split_layout(main_len: int, num_splits: int) -> tuple[int, int]:
     return tiles_per_split * BLOCK_N, triton.cdiv(tiles, tiles_per_split)
 
 
+def _split_stages(element_size: int, head_dim: int) -> int:
+    """Pipeline stages of the split kernel: 3, or 2 where three stages of K and V tiles would not fit
+    in shared memory (float32 at head_dim 128 asks for 268 KiB on a Hopper SM's 227 KiB)."""
+    return 2 if element_size * head_dim > 256 else 3
+
+
 def gated_decode_attention(
     q, k, v, cu_seqlens_q, k_starts, kv_lens, prefix_k, prefix_v,
     slot_k, slot_v, slot_ids, gate, softmax_scale,
@@ -230,7 +236,7 @@ def gated_decode_attention(
         HEAD_DIM=head_dim, BLOCK_M=max(16, triton.next_power_of_2(group)), BLOCK_N=BLOCK_N,
         GATED=bool(gated), INTERPRET=interpret,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=4, num_stages=1 if interpret else 3,
+        num_warps=4, num_stages=1 if interpret else _split_stages(q.element_size(), head_dim),
     )
     _combine_kernel[(n_rows, n_heads)](
         part_m, part_l, part_acc, slot_ids, gate, out,

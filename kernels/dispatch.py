@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
-import math
 import os
 from collections.abc import Iterator
 
@@ -76,11 +75,13 @@ def _use_triton(t: torch.Tensor) -> bool:
 
 
 # Split-K decode: the one-pass kernel runs B * H_kv programs, each streaming its row's whole key
-# sequence. When that grid leaves SMs idle and the sequence is long, cutting it into chunks buys
-# bandwidth at the price of partial writes (B * H * (h + 2) floats per split) and a combine launch.
-SPLITK_MIN_KEYS = 512  # main keys per row below which a decode call is latency-bound: one pass
+# sequence. Cutting the sequence into chunks costs partial writes (B * H * (h + 2) floats per split),
+# a combine launch and two allocations; measured on an H200 (docs/kernels.md, "When the dispatcher
+# uses it") that pays only when the one-pass grid leaves nearly every SM idle over a long cache.
+SPLITK_MIN_KEYS = 4096  # main keys per row below which one pass was faster at every row count measured
 SPLITK_MIN_CHUNK = 256  # keys per split, so each program streams at least four 64-key tiles
-SPLITK_PROGRAMS_PER_SM = 4  # enough resident programs per SM to hide load latency
+SPLITK_GRID_SHARE = 16  # split only when B * H_kv <= SMs // this (8 programs on 132 SMs)
+SPLITK_SPLITS = 4  # chunks per row when splitting (the fastest count measured at 1 row x 8k keys)
 
 
 @functools.cache
@@ -94,15 +95,14 @@ def _sm_count(device_index: int | None) -> int:
 def decode_splits(n_rows: int, n_kv_heads: int, main_len: int, sm_count: int = 132) -> int:
     """Chunks to cut each row's ``main_len`` keys (shared prompt + longest cache) into; 1: one pass.
 
-    ``min(main_len // SPLITK_MIN_CHUNK, ceil(SPLITK_PROGRAMS_PER_SM * sm_count / (n_rows * n_kv_heads)))``
-    when ``main_len >= SPLITK_MIN_KEYS``, else 1. E.g. 64 rows of a 1,024-token cache + 80 prompt keys
-    on 132 SMs: Qwen2.5-0.5B (2 KV heads) 4 splits, SmolLM2 (3 KV heads) 3; one row: 4 splits.
+    ``min(main_len // SPLITK_MIN_CHUNK, SPLITK_SPLITS)`` when ``main_len >= SPLITK_MIN_KEYS`` and the
+    one-pass grid ``n_rows * n_kv_heads`` is at most ``sm_count // SPLITK_GRID_SHARE``, else 1. On 132
+    SMs: one to four rows of an 8k cache (2 KV heads) split in 4; 64 rows of any cache run one pass.
     """
-    if main_len < SPLITK_MIN_KEYS or n_rows * n_kv_heads == 0:
+    programs = n_rows * n_kv_heads
+    if main_len < SPLITK_MIN_KEYS or programs == 0 or programs > sm_count // SPLITK_GRID_SHARE:
         return 1
-    by_length = main_len // SPLITK_MIN_CHUNK
-    by_occupancy = math.ceil(SPLITK_PROGRAMS_PER_SM * sm_count / (n_rows * n_kv_heads))
-    return max(1, min(by_length, by_occupancy))
+    return max(1, min(main_len // SPLITK_MIN_CHUNK, SPLITK_SPLITS))
 
 
 def lowrank_prompt(fast_weights, basis, slot_ids, row_offsets, out, scale):

@@ -86,9 +86,13 @@ def check_splitk(args: Any, gated: bool, num_splits: int) -> None:
 
 def test_decode_splits_rule():
     assert dispatch.decode_splits(64, 2, 80 + 48) == 1  # short cache: one pass
-    assert dispatch.decode_splits(64, 2, 80 + 1024) == 4  # Qwen2.5-0.5B shape, 1k cache
-    assert dispatch.decode_splits(64, 3, 80 + 1024) == 3  # SmolLM2 shape
-    assert dispatch.decode_splits(1, 2, 80 + 1024) == 4  # one row: bounded by chunk length
+    assert dispatch.decode_splits(64, 2, 80 + 1024) == 1  # Qwen2.5-0.5B shape, 1k cache: the grid is wide
+    assert dispatch.decode_splits(64, 3, 80 + 8192) == 1  # SmolLM2 shape, 8k cache: likewise
+    assert dispatch.decode_splits(1, 2, 80 + 1024) == 1  # one row, 1k cache: too short to pay
+    assert dispatch.decode_splits(1, 2, 80 + 8192) == 4  # one row, 8k cache: split
+    assert dispatch.decode_splits(4, 2, 80 + 8192) == 4  # 8 programs: still a sliver of 132 SMs
+    assert dispatch.decode_splits(8, 2, 80 + 8192) == 1  # 16 programs: one pass was faster
+    assert dispatch.decode_splits(1, 2, 80 + 8192, sm_count=16) == 1  # a small card: the grid is a share
     assert dispatch.decode_splits(512, 8, 80 + 4096) == 1  # the one-pass grid already fills the card
     assert dispatch.decode_splits(0, 2, 4096) == 1
 
