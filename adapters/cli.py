@@ -104,6 +104,23 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
+    code = _run(argv)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        _leave_distributed(code)
+    return code
+
+
+def _leave_distributed(code: int) -> None:
+    """End a ``torchrun`` worker without the interpreter's teardown. Its work is done and on disk and
+    its process group destroyed, but the teardown still frees gloo's and DDP's C++ state, and
+    freeing it there (threads still joinable, the interpreter half gone) can abort a finished
+    worker now and then, which fails the whole job. ``os._exit`` skips that phase."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _run(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     try:
         cfg = config_from_args(args)

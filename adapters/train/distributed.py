@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 
@@ -64,5 +65,8 @@ def barrier(runtime: Runtime) -> None:
 
 
 def shutdown(runtime: Runtime) -> None:
+    """Leave the process group: first free what still refers to it (a DDP wrapper held in a reference
+    cycle keeps its reducer, and through it the group, alive past the destroy)."""
     if runtime.distributed and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()

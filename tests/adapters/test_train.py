@@ -557,6 +557,8 @@ def test_torchrun_two_processes_with_gloo(env, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["ranks_agree"] and summary["verified"]
+    # the workers leave through os._exit: rank 0's printed summary must still reach stdout whole
+    assert json.loads(proc.stdout[proc.stdout.index("{"):])["world_size"] == 2
     assert len([r for r in read_log(out / "log.jsonl") if r["kind"] == "step"]) == 3
     assert sorted(p.name for p in (out / "bundle").glob("*.safetensors")) == \
         ["shared.safetensors", "toy_first.safetensors", "toy_red.safetensors"]
