@@ -6,11 +6,7 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/talora-decode-sweep}
 mkdir -p "$OUT/sweep"
-PY=${PYTHON:-python3}
-shim=$(mktemp -d)
-mkdir -p "$shim/talora"
-for pkg in kernels adapters server; do ln -s "$PWD/$pkg" "$shim/talora/$pkg"; done
-export PYTHONPATH="$shim:$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
+source benchmarks/gpu_env.sh
 for rows in ${ROWS:-1 8 64}; do
     for cache in ${CACHES:-1024 8192}; do
         timeout 60 $PY -m benchmarks.decode_bench --device cuda --dtype bfloat16 --kernel-rows "$rows" \
@@ -28,7 +24,5 @@ for run in runs:
         us = {k: round(v["us"], 1) for k, v in r["variants"].items()}
         print(f"{model:8s} rows {r['rows']:3d} cache {r['cache']:5d} dispatched splits {r['dispatched_splits']}: {us}")
 PY
-workers=""
-$PY -c "import xdist" 2>/dev/null && workers="-n 8"
 timeout 150 $PY -m pytest tests/kernels --noconftest -p no:cacheprovider -q -m gpu $workers 2>&1 \
     | grep -v PytestBenchmarkWarning | tee "$OUT/pytest.log" | tail -n 15

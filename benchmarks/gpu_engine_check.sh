@@ -8,20 +8,14 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/talora-engine-check}
 mkdir -p "$OUT"
-PY=${PYTHON:-python3}
+source benchmarks/gpu_env.sh
 if ls .whl/*.whl >/dev/null 2>&1; then
     $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
         && export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
 fi
-shim=$(mktemp -d)
-mkdir -p "$shim/talora"
-for pkg in kernels adapters server; do ln -s "$PWD/$pkg" "$shim/talora/$pkg"; done
-export PYTHONPATH="$shim:$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv  # stdout only: $OUT returns 8 files at most
 card=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr 'A-Z' 'a-z' | sed -E 's/[^a-z0-9]+/-/g; s/^-|-$//g')
-workers=""
-$PY -c "import xdist" 2>/dev/null && workers="-n 8"
 timeout 150 $PY -m pytest tests/kernels/test_decode_splitk.py --noconftest -p no:cacheprovider -q \
     -m "gpu or not slow" $workers 2>&1 | tee "$OUT/pytest.log"
 tests_rc=${PIPESTATUS[0]}
