@@ -24,35 +24,9 @@ import triton
 import triton.language as tl
 
 from talora.kernels._triton_support import interpreting
-from talora.kernels.gated_attention import _LOG2E, _attend_block, _check, _last_dim_contiguous
+from talora.kernels.gated_attention import _LOG2E, _attend_segment, _check, _last_dim_contiguous
 
 BLOCK_N = 64  # keys per tile; every chunk is a multiple of it
-
-
-@triton.jit
-def _attend_range(
-    acc, m_i, l_i, q,
-    k_base, v_base,
-    lo, hi,
-    stride_kt, stride_vt,
-    offs_d, qk_scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):
-    """Fold keys ``lo .. hi-1`` of one segment into the online softmax (all visible: decode)."""
-    limit = tl.full([BLOCK_M], 2**30, dtype=tl.int32)
-    if INTERPRET:  # the interpreter cannot take a run-time range() bound under NumPy >= 2.4
-        start_n = lo
-        while start_n < hi:
-            acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, k_base, v_base, start_n, hi, limit,
-                                          stride_kt, stride_vt, offs_d, qk_scale,
-                                          BLOCK_N, INTERPRET, DOT_PRECISION)
-            start_n += BLOCK_N
-    else:
-        for start_n in range(lo, hi, BLOCK_N):
-            acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, k_base, v_base, start_n, hi, limit,
-                                          stride_kt, stride_vt, offs_d, qk_scale,
-                                          BLOCK_N, INTERPRET, DOT_PRECISION)
-    return acc, m_i, l_i
 
 
 @triton.jit
@@ -98,28 +72,30 @@ def _split_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     task_k = slot_k_ptr + slot * stride_sks + kv_head * stride_skh
     task_v = slot_v_ptr + slot * stride_svs + kv_head * stride_svh
+    all_keys = tl.full([BLOCK_M], 2**30, dtype=tl.int32)  # decode: every key of a segment is visible
     if split == num_splits:  # GATED only: the task slot, its own softmax
-        acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, task_k, task_v, 0, n_task, stride_skt, stride_svt,
-                                      offs_d, qk_scale, BLOCK_M, BLOCK_N, INTERPRET, DOT_PRECISION)
+        acc, m_i, l_i = _attend_segment(acc, m_i, l_i, q, task_k, task_v, 0, n_task, all_keys,
+                                        stride_skt, stride_svt, offs_d, qk_scale, BLOCK_N, INTERPRET, DOT_PRECISION)
     else:
         # Main sequence positions [lo, hi): prefix 0..m-1, own keys m..m+kv_len-1, (ungated) task after.
         lo = split * chunk
         hi = lo + chunk
-        acc, m_i, l_i = _attend_range(
+        acc, m_i, l_i = _attend_segment(
             acc, m_i, l_i, q, prefix_k_ptr + kv_head * stride_pkh, prefix_v_ptr + kv_head * stride_pvh,
-            lo, tl.minimum(hi, n_prefix), stride_pkt, stride_pvt,
-            offs_d, qk_scale, BLOCK_M, BLOCK_N, INTERPRET, DOT_PRECISION)
-        acc, m_i, l_i = _attend_range(
+            lo, tl.minimum(hi, n_prefix), all_keys, stride_pkt, stride_pvt,
+            offs_d, qk_scale, BLOCK_N, INTERPRET, DOT_PRECISION)
+        acc, m_i, l_i = _attend_segment(
             acc, m_i, l_i, q, k_ptr + k_start * stride_kt + kv_head * stride_kh,
             v_ptr + k_start * stride_vt + kv_head * stride_vh,
-            tl.maximum(lo - n_prefix, 0), tl.minimum(hi - n_prefix, kv_len), stride_kt, stride_vt,
-            offs_d, qk_scale, BLOCK_M, BLOCK_N, INTERPRET, DOT_PRECISION)
+            tl.maximum(lo - n_prefix, 0), tl.minimum(hi - n_prefix, kv_len), all_keys, stride_kt, stride_vt,
+            offs_d, qk_scale, BLOCK_N, INTERPRET, DOT_PRECISION)
         if not GATED:
             own_end = n_prefix + kv_len
-            acc, m_i, l_i = _attend_range(
+            acc, m_i, l_i = _attend_segment(
                 acc, m_i, l_i, q, task_k, task_v,
-                tl.maximum(lo - own_end, 0), tl.minimum(hi - own_end, n_task), stride_skt, stride_svt,
-                offs_d, qk_scale, BLOCK_M, BLOCK_N, INTERPRET, DOT_PRECISION)
+                tl.maximum(lo - own_end, 0), tl.minimum(hi - own_end, n_task), all_keys,
+                stride_skt, stride_svt,
+                offs_d, qk_scale, BLOCK_N, INTERPRET, DOT_PRECISION)
 
     # Partials are (B, H, num_splits + GATED) for m and l, (B, H, num_splits + GATED, h) for acc.
     total_splits = num_splits + GATED

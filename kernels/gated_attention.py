@@ -57,28 +57,29 @@ def _attend_block(
 def _attend_segment(
     acc, m_i, l_i, q,
     k_base, v_base,
-    hi, limit,
+    lo, hi, limit,
     stride_kt, stride_vt,
     offs_d, qk_scale,
     BLOCK_N: tl.constexpr, INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """Fold keys ``0..hi-1`` of one segment into an online softmax (log2 domain).
+    """Fold keys ``lo..hi-1`` of one segment into an online softmax (log2 domain).
 
     Row ``i`` of the block sees key ``j`` iff ``j <= limit[i]``: ``limit`` is the causal
     position for own keys and ``n_keys - 1`` for segments seen in full; -1 hides a row.
-    ``hi`` is the segment's key count, cut to the block's last causal position plus one.
+    ``hi`` is the segment's key count, cut to the block's last causal position plus one; ``lo``
+    is 0 in the one-pass kernel and a chunk's first key in the split-K decode kernel.
     """
     if INTERPRET:
         # The interpreter cannot turn a run-time scalar into a range() bound under NumPy >= 2.4;
         # a while loop compares instead. Compiled code keeps the pipelined for loop.
-        start_n = 0
+        start_n = lo
         while start_n < hi:
             acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, k_base, v_base, start_n, hi, limit,
                                           stride_kt, stride_vt, offs_d, qk_scale,
                                           BLOCK_N, INTERPRET, DOT_PRECISION)
             start_n += BLOCK_N
     else:
-        for start_n in range(0, hi, BLOCK_N):
+        for start_n in range(lo, hi, BLOCK_N):
             acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, k_base, v_base, start_n, hi, limit,
                                           stride_kt, stride_vt, offs_d, qk_scale,
                                           BLOCK_N, INTERPRET, DOT_PRECISION)
@@ -148,32 +149,32 @@ def _kernel(
     acc_main, m_main, l_main = _attend_segment(
         acc_main, m_main, l_main, q,
         prefix_k_ptr + kv_head * stride_pkh, prefix_v_ptr + kv_head * stride_pvh,
-        n_prefix, prefix_limit, stride_pkt, stride_pvt, offs_d, qk_scale,
+        0, n_prefix, prefix_limit, stride_pkt, stride_pvt, offs_d, qk_scale,
         BLOCK_N, INTERPRET, DOT_PRECISION)
     own_k = k_ptr + k_start * stride_kt + kv_head * stride_kh
     own_v = v_ptr + k_start * stride_vt + kv_head * stride_vh
     if OWN_IN_TASK:
         if GATED:
             acc_task, m_task, l_task = _attend_segment(
-                acc_task, m_task, l_task, q, own_k, own_v, own_hi, causal_limit,
+                acc_task, m_task, l_task, q, own_k, own_v, 0, own_hi, causal_limit,
                 stride_kt, stride_vt, offs_d, qk_scale, BLOCK_N, INTERPRET, DOT_PRECISION)
         else:
             acc_main, m_main, l_main = _attend_segment(
-                acc_main, m_main, l_main, q, own_k, own_v, own_hi, causal_limit,
+                acc_main, m_main, l_main, q, own_k, own_v, 0, own_hi, causal_limit,
                 stride_kt, stride_vt, offs_d, qk_scale, BLOCK_N, INTERPRET, DOT_PRECISION)
     else:
         acc_main, m_main, l_main = _attend_segment(
-            acc_main, m_main, l_main, q, own_k, own_v, own_hi, causal_limit,
+            acc_main, m_main, l_main, q, own_k, own_v, 0, own_hi, causal_limit,
             stride_kt, stride_vt, offs_d, qk_scale, BLOCK_N, INTERPRET, DOT_PRECISION)
         task_k = slot_k_ptr + slot * stride_sks + kv_head * stride_skh
         task_v = slot_v_ptr + slot * stride_svs + kv_head * stride_svh
         if GATED:
             acc_task, m_task, l_task = _attend_segment(
-                acc_task, m_task, l_task, q, task_k, task_v, n_task, task_limit,
+                acc_task, m_task, l_task, q, task_k, task_v, 0, n_task, task_limit,
                 stride_skt, stride_svt, offs_d, qk_scale, BLOCK_N, INTERPRET, DOT_PRECISION)
         else:
             acc_main, m_main, l_main = _attend_segment(
-                acc_main, m_main, l_main, q, task_k, task_v, n_task, task_limit,
+                acc_main, m_main, l_main, q, task_k, task_v, 0, n_task, task_limit,
                 stride_skt, stride_svt, offs_d, qk_scale, BLOCK_N, INTERPRET, DOT_PRECISION)
 
     # An empty key set contributes zero: divide by 1 where the weight sum is 0.
