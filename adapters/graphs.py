@@ -79,6 +79,11 @@ class DecodeGraphs:
     def supported(device: torch.device) -> bool:
         return device.type == "cuda" and torch.cuda.is_available()
 
+    @property
+    def buckets(self) -> list[tuple[int, int]]:
+        """The (rows, longest cache) buckets captured so far, in capture order."""
+        return list(self._graphs)
+
     @torch.no_grad()
     def run(self, plan: StepPlan, previous: torch.Tensor | None = None) -> torch.Tensor | None:
         """Log-probabilities ``(D, V)`` float32 of a decode-only ``plan``'s rows (a view of a static

@@ -131,6 +131,7 @@ def generation_vs_bare_loop(loaded, bundle, args, sync) -> dict:
                         kv_cache_tokens=rows * (prompt_len + new_tokens) + 64, request_timeout_s=3600,
                         max_new_tokens_limit=new_tokens, cuda_graphs=getattr(args, "cuda_graphs", False),
                         overlap_steps=getattr(args, "overlap_steps", False))
+    memory = {"before_engine": device_memory(loaded.model.device)}
     engine = Engine(settings, loaded=loaded)
     engine.start()
     try:
@@ -140,8 +141,11 @@ def generation_vs_bare_loop(loaded, bundle, args, sync) -> dict:
                 "bare_loop": bare_decode_loop(loaded.model, prompts, new_tokens, sync)}
         rates: dict[str, list[float]] = {name: [] for name in runs}
         tokens: dict[str, int] = {}
-        for run in runs.values():
-            run()  # warm-up
+        runs["engine"]()  # warm-up: captures the graphs the rounds replay
+        memory["after_engine_warmup"] = device_memory(loaded.model.device)
+        graphs = engine.loaded.runner.graphs
+        memory["graph_buckets"] = [list(b) for b in graphs.buckets] if graphs is not None else []
+        runs["bare_loop"]()  # warm-up
         for _ in range(args.gen_repeats):
             for name, run in runs.items():
                 started = time.perf_counter()
@@ -153,7 +157,17 @@ def generation_vs_bare_loop(loaded, bundle, args, sync) -> dict:
     return {"rows": rows, "prompt_tokens": prompt_len, "new_tokens": new_tokens, "generated": tokens,
             "cuda_graphs": settings.cuda_graphs, "overlap_steps": settings.overlap_steps,
             "tokens_per_s": rates, "engine_tokens_per_s": engine_rate, "bare_loop_tokens_per_s": bare_rate,
-            "decode_vs_bare_loop": engine_rate / bare_rate}
+            "decode_vs_bare_loop": engine_rate / bare_rate, "device_memory": memory}
+
+
+def device_memory(device: torch.device) -> dict | None:
+    """MiB of CUDA memory torch holds on ``device`` (allocated, reserved, peak allocated); None off CUDA."""
+    if torch.device(device).type != "cuda":
+        return None
+    mib = 2.0**20
+    return {"allocated_mib": torch.cuda.memory_allocated(device) / mib,
+            "reserved_mib": torch.cuda.memory_reserved(device) / mib,
+            "peak_allocated_mib": torch.cuda.max_memory_allocated(device) / mib}
 
 
 # ----- the decode kernel's HBM fraction ----------------------------------------------------------

@@ -125,7 +125,7 @@ def test_eager_static_path_equals_run_step_and_keeps_pad_rows_on_scratch(tiny_ll
         got = graphs.run(plan)
         assert got is not None and got.shape == picked[0].shape
         torch.testing.assert_close(got, picked[0], atol=1e-5, rtol=1e-5)
-    assert list(graphs._graphs) == [(4, 256)]
+    assert graphs.buckets == [(4, 256)]
     assert got.argmax(-1).tolist() == expected.next_tokens
     real = torch.ones(cache.keys.shape[1], dtype=torch.bool)
     real[scratch] = False
@@ -139,7 +139,7 @@ def test_steps_that_are_not_decode_only_are_declined(tiny_llama_dir):
     graphs = DecodeGraphs(model, prefix, slots, cache, scratch_index=CAPACITY, eager=True)
     prefill = StepPlan()
     prefill.add_row(Row([3, 4], 0, 0, 0, 1), sample=True)
-    assert graphs.run(prefill) is None and not graphs._graphs
+    assert graphs.run(prefill) is None and not graphs.buckets
     assert not DecodeGraphs.supported(torch.device("cpu"))
 
 
@@ -178,4 +178,4 @@ def test_replayed_graph_equals_run_step_on_cuda(tiny_llama_dir, dtype):
         real = torch.ones(cache.keys.shape[1], dtype=torch.bool, device="cuda")
         real[scratch] = False
         assert torch.equal(cache.keys[:, real], reference_cache.keys[:, real])
-    assert set(graphs._graphs) == {(4, 256), (1, 256)}
+    assert graphs.buckets == [(4, 256), (1, 256)]  # in capture order

@@ -36,6 +36,7 @@ def test_generation_and_kernel_measurements_run_on_cpu(tmp_path, tiny_server_mod
         assert gen["generated"]["bare_loop"] == 4 * 5 and 0 < gen["generated"]["engine"] <= 4 * 5
         assert gen["decode_vs_bare_loop"] > 0 and len(gen["tokens_per_s"]["engine"]) == 1
         assert gen["overlap_steps"] is overlap
+        assert gen["device_memory"] == {"before_engine": None, "after_engine_warmup": None, "graph_buckets": []}
     kernel = decode_bench.decode_kernel_hbm(loaded.model.config, ARGS)
     assert kernel["variants"]["dispatched"]["rel_l2"] < 1e-5  # the reference on CPU, fp32 vs fp64
     if os.environ.get("TRITON_INTERPRET") == "1":
