@@ -262,10 +262,11 @@ def paired_report(cfg: BenchConfig, other: BenchConfig, runs_dir: Path, label: s
 
 
 def the_recipe(cfg: BenchConfig) -> BenchConfig:
-    """``cfg`` with the recipe's stage configs and PEFT recipe (its filters, model, split and limits kept:
-    ``BenchConfig`` sets those on the stage configs it is given)."""
+    """``cfg`` with the recipe's stage configs, PEFT recipe and frozen-model dtypes (its filters, model,
+    split and limits kept: ``BenchConfig`` sets those on the stage configs it is given)."""
     recipe_cfg = BenchConfig()
-    return replace(cfg, source=recipe_cfg.source, target=recipe_cfg.target, peft=recipe_cfg.peft)
+    return replace(cfg, source=recipe_cfg.source, target=recipe_cfg.target, peft=recipe_cfg.peft,
+                   dtype=recipe_cfg.dtype, target_dtype=recipe_cfg.target_dtype)
 
 
 def rebuilt_source_runs(results: list[dict]) -> list[str]:
@@ -316,7 +317,8 @@ def _report(args: argparse.Namespace, cfg: BenchConfig) -> bool:
         recipe_cfg = the_recipe(cfg)
         if _config_record(recipe_cfg) == _config_record(cfg):
             raise SystemExit("--against-recipe: this plan is the recipe; give the variant's flags "
-                             "(--talora, --talora-target, --peft, --source-steps or --target-steps)")
+                             "(--talora, --talora-target, --peft, --source-steps, --target-steps, --dtype "
+                             "or --target-dtype)")
         paired_report(cfg, recipe_cfg, args.runs_dir, "the recipe")
     elif args.plan_only:
         print_plan(build_plan(cfg), args.runs_dir, args.work_dir, args.sources_dir)

@@ -530,3 +530,19 @@ def test_against_recipe_pairs_a_variants_runs_with_the_recipes(tmp_path, capsys)
     assert out[0].endswith("] (120 paired units, target seeds 0,1)")
     with pytest.raises(SystemExit, match="this plan is the recipe"):
         quality.main([*flags, "--against-recipe", "--runs-dir", str(runs)])
+
+
+def test_against_recipe_pairs_target_runs_of_another_frozen_dtype_with_the_recipes(tmp_path, capsys):
+    flags = ["--methods", "talora,prompt_tuning", "--settings", "full", "--seeds", "0", "--source-seeds", "0",
+             "--eval-split", "dev", "--test-limit", "60"]
+    variant = [*flags, "--target-dtype", "float32"]
+    runs = tmp_path / "runs"
+    for argv, right in ((flags, 0.5), (variant, 0.6)):
+        for run in qp.build_plan(quality.config_from_args(quality.parse_args(argv))):
+            if qp.load_result(runs, run.key) is None:  # the bfloat16 source stage is shared
+                qp.save_result(runs, run.key, _fake_result(run, right))
+    quality.main([*variant, "--against-recipe", "--runs-dir", str(runs)])
+    out = capsys.readouterr().out.splitlines()
+    assert sorted(line.split(" [")[0] for line in out) == [
+        "prompt_tuning full: this plan - the recipe +0.100",
+        "talora full from source seed 0: this plan - the recipe +0.100"]
