@@ -131,7 +131,7 @@ def generation_vs_bare_loop(loaded, bundle, args, sync) -> dict:
                         kv_cache_tokens=rows * (prompt_len + new_tokens) + 64, request_timeout_s=3600,
                         max_new_tokens_limit=new_tokens, cuda_graphs=getattr(args, "cuda_graphs", False),
                         overlap_steps=getattr(args, "overlap_steps", False))
-    memory = {"before_engine": device_memory(loaded.model.device)}
+    memory: dict[str, Any] = {"before_engine": device_memory(loaded.model.device)}
     engine = Engine(settings, loaded=loaded)
     engine.start()
     try:
