@@ -515,17 +515,23 @@ def test_against_target_steps_pairs_each_method_with_its_runs_at_the_other_budge
     assert all(line.endswith("] (120 paired units, target seeds 0,1)") for line in out)
 
 
+def _against_recipe(runs: Path, flags: list[str], variant: list[str], variant_right: float, capsys) -> list[str]:
+    """The lines ``--against-recipe`` prints for ``variant`` after storing fake runs: the recipe's
+    (``flags``) right on 0.5 of the items, the variant's on ``variant_right``; runs both plans share
+    (prompt tuning where only TA-LoRA changes, the source stage) keep the recipe's."""
+    for argv, right in ((flags, 0.5), (variant, variant_right)):
+        for run in qp.build_plan(quality.config_from_args(quality.parse_args(argv))):
+            if qp.load_result(runs, run.key) is None:
+                qp.save_result(runs, run.key, _fake_result(run, right))
+    quality.main([*variant, "--against-recipe", "--runs-dir", str(runs)])
+    return capsys.readouterr().out.splitlines()
+
+
 def test_against_recipe_pairs_a_variants_runs_with_the_recipes(tmp_path, capsys):
     flags = ["--methods", "talora,prompt_tuning", "--settings", "full", "--seeds", "0,1", "--source-seeds", "0",
              "--eval-split", "dev", "--test-limit", "60"]
-    variant = [*flags, "--talora-target", "gate_init=source"]
     runs = tmp_path / "runs"
-    for argv, right in ((flags, 0.5), (variant, 0.75)):
-        for run in qp.build_plan(quality.config_from_args(quality.parse_args(argv))):
-            if qp.load_result(runs, run.key) is None:  # prompt tuning and the source stage are shared
-                qp.save_result(runs, run.key, _fake_result(run, right))
-    quality.main([*variant, "--against-recipe", "--runs-dir", str(runs)])
-    out = capsys.readouterr().out.splitlines()
+    out = _against_recipe(runs, flags, [*flags, "--talora-target", "gate_init=source"], 0.75, capsys)
     assert [line.split(" [")[0] for line in out] == ["talora full from source seed 0: this plan - the recipe +0.250"]
     assert out[0].endswith("] (120 paired units, target seeds 0,1)")
     with pytest.raises(SystemExit, match="this plan is the recipe"):
@@ -535,14 +541,7 @@ def test_against_recipe_pairs_a_variants_runs_with_the_recipes(tmp_path, capsys)
 def test_against_recipe_pairs_target_runs_of_another_frozen_dtype_with_the_recipes(tmp_path, capsys):
     flags = ["--methods", "talora,prompt_tuning", "--settings", "full", "--seeds", "0", "--source-seeds", "0",
              "--eval-split", "dev", "--test-limit", "60"]
-    variant = [*flags, "--target-dtype", "float32"]
-    runs = tmp_path / "runs"
-    for argv, right in ((flags, 0.5), (variant, 0.6)):
-        for run in qp.build_plan(quality.config_from_args(quality.parse_args(argv))):
-            if qp.load_result(runs, run.key) is None:  # the bfloat16 source stage is shared
-                qp.save_result(runs, run.key, _fake_result(run, right))
-    quality.main([*variant, "--against-recipe", "--runs-dir", str(runs)])
-    out = capsys.readouterr().out.splitlines()
+    out = _against_recipe(tmp_path / "runs", flags, [*flags, "--target-dtype", "float32"], 0.6, capsys)
     assert sorted(line.split(" [")[0] for line in out) == [
         "prompt_tuning full: this plan - the recipe +0.100",
         "talora full from source seed 0: this plan - the recipe +0.100"]
