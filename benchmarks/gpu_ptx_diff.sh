@@ -14,10 +14,7 @@ TESTS=${TESTS:-tests/kernels}
 mkdir -p "$OUT"
 base_path=${PYTHONPATH:-}
 source benchmarks/gpu_env.sh
-old_shim=$(mktemp -d)
-mkdir -p "$old_shim/talora"
-ln -s "$(cd "$OLD" && pwd)" "$old_shim/talora/kernels"
-for pkg in adapters server; do ln -s "$PWD/$pkg" "$old_shim/talora/$pkg"; done
+old_shim=$(talora_shim "$OLD")
 caches=$(mktemp -d)
 rcs=""
 for side in old new; do
