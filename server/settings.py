@@ -49,7 +49,23 @@ class Settings(BaseSettings):
     admin_token: SecretStr | None = Field(None, description="bearer token of the admin routes; unset: they are off")
     watch_interval_s: float = Field(0.0, ge=0, description="poll the store for new and changed adapters "
                                                            "every this many seconds (0: off)")
-    max_upload_bytes: int = Field(64 * 2**20, ge=1024, description="largest adapter upload accepted")
+    max_upload_bytes: int = Field(64 * 2**20, ge=1024, description="largest adapter upload accepted, and largest "
+                                  "adapter file read from the store (413)")
+    max_body_bytes: int = Field(4 * 2**20, ge=1024, description="largest request body on every route but the "
+                                "adapter upload (413, refused from Content-Length before the body is read)")
+    max_request_chars: int = Field(262_144, ge=1, description="most characters of texts, prompts and questions "
+                                   "together in one request (413)")
+    max_request_tokens: int = Field(32_768, ge=16, description="most prompt tokens of one request, after each "
+                                    "text is cut to its task's max_input_tokens (413)")
+    header_timeout_s: float = Field(10.0, gt=0, description="a connection that has not sent a whole request "
+                                    "head (line and headers) this long after it opened, or after its last "
+                                    "answer, gets 408 and is closed")
+    body_timeout_s: float = Field(15.0, gt=0, description="a request whose body stalls this long between two "
+                                  "reads gets 408 and its connection is closed")
+    keep_alive_timeout_s: int = Field(5, ge=1, description="an idle keep-alive connection is closed after this "
+                                      "many seconds")
+    max_connections: int = Field(1024, ge=8, description="most open client connections; one more is answered "
+                                 "503 and closed at once (also capped below the process's file limit)")
     drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM, wait this long for requests in flight")
     max_failed_steps: int = Field(8, ge=1, description="consecutive failed batch steps after which the worker "
                                   "gives up and talora-serve exits with status 70 (a supervisor restarts it)")
