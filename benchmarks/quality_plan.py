@@ -134,7 +134,10 @@ class BenchConfig:
                                                    dtype=self.dtype, split="test", eval_limit=SOURCE_EVAL_LIMIT))
         object.__setattr__(self, "target", replace(tgt, model=self.model, dtype=self.target_dtype or self.dtype,
                                                    split=self.eval_split,
-                                                   eval_limit=self.test_limit, train_limit=self.full_train_limit))
+                                                   eval_limit=self.test_limit, train_limit=self.full_train_limit,
+                                                   # the recipe's 0 ("by the task") is 48 for a packaged task
+                                                   max_input_tokens=tgt.max_input_tokens
+                                                   or recipe.PACKAGED_INPUT_TOKENS))
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -309,6 +309,10 @@ def _changes(spec: dict, method: str, stage: str) -> list[str]:
         hyper = PeftRecipe().method_hyper(method, stage)
         given = {**spec.get("budget", {}), **spec.get("hyper", {})}
         want = {**{k: v for k, v in fields.items() if k in spec.get("budget", {})}, **hyper}
+    if want.get("max_input_tokens") == 0:  # the recipe's "by the task": a packaged task's
+        want["max_input_tokens"] = recipe.PACKAGED_INPUT_TOKENS
+    if want.get("train_limit", 0) < 0:  # the recipe's "by the task": a packaged task's
+        want["train_limit"] = recipe.PACKAGED_TRAIN_LIMIT
     if want.get("steps") == 0:  # the recipe's budget for this run's training data
         want["steps"] = recipe.target_steps(spec["shots"], given["train_limit"], given["batch_size"])
     if want.get("task_basis_rows", 0) < 0:  # the recipe's rows for this run's training data

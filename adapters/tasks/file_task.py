@@ -100,7 +100,7 @@ def make_file_task(path, name=None, template=None, labels=None, verbalizers=None
     spec = TaskSpec(
         name=name, kind="classify", language=language, labels=labels,
         verbalizers=dict(verbalizers) if verbalizers else {label: " " + label for label in labels},
-        template=template or default_template(labels), max_input_tokens=256,
+        template=template or default_template(labels), max_input_tokens=512,
         source=f"user file {path}", license="as stated by the file's owner",
         description=f"user task from {path.name}",
     )

@@ -64,8 +64,13 @@ class TrainConfig(AdapterShape):
     grad_clip: float = described(1.0, "clip the global gradient norm to this (0 = off)")
     sampling: str = described("temperature", "task mixing: proportional (to task size) or temperature (size ** (1/T))")
     sampling_temperature: float = described(2.0, "T of temperature sampling (1 = proportional, large = uniform)")
-    max_input_tokens: int = described(96, "truncate each input text to this many tokens (at most the task's own limit)")
-    train_limit: int = described(2000, "use at most this many training examples per task (class-balanced; 0 = all)")
+    max_input_tokens: int = described(
+        96, "truncate each input text to this many tokens (at most the task's own limit; target stage: 0 = by the "
+            "task, 48 for a packaged task, for a user's file the 95th percentile of its training texts' token "
+            "lengths, at most 512)")
+    train_limit: int = described(
+        2000, "use at most this many training examples per task (class-balanced; 0 = all; target stage: -1 = by "
+              "the task, 256 for a packaged task, all of a user's file)")
     class_balance: str = described(
         "sampler", "classification batches: sampler (each label equally often) or none (as the data falls)")
     keep_best: bool = described(
@@ -108,13 +113,21 @@ class TrainConfig(AdapterShape):
         super().__post_init__()  # the shape fields, with their own names
         _require(self.stage in STAGES, "stage", f"{self.stage!r} is not one of {STAGES}")
         _require(bool(self.model), "model", "must name a model")
-        for name in ("batch_size", "max_input_tokens", "eval_batch_size", "max_new_tokens"):
+        for name in ("batch_size", "eval_batch_size", "max_new_tokens"):
             _require(getattr(self, name) > 0, name, f"must be > 0, got {getattr(self, name)}")
+        if self.stage == "target":  # 0 / -1: set from the task (recipe.target_input_tokens, target_train_limit)
+            _require(self.max_input_tokens >= 0, "max_input_tokens",
+                     f"must be > 0, or 0 (by the task), got {self.max_input_tokens}")
+            _require(self.train_limit >= -1, "train_limit",
+                     f"must be >= 0 (0 = all), or -1 (by the task), got {self.train_limit}")
+        else:
+            _require(self.max_input_tokens > 0, "max_input_tokens", f"must be > 0, got {self.max_input_tokens}")
+            _require(self.train_limit >= 0, "train_limit", f"must be >= 0, got {self.train_limit}")
         if self.stage == "target":  # 0: set from the training data (recipe.target_steps)
             _require(self.steps >= 0, "steps", f"must be >= 0 (0 = by the training data), got {self.steps}")
         else:
             _require(self.steps > 0, "steps", f"must be > 0, got {self.steps}")
-        for name in ("shots", "eval_limit", "eval_every", "warmup_steps", "save_every", "threads", "train_limit"):
+        for name in ("shots", "eval_limit", "eval_every", "warmup_steps", "save_every", "threads"):
             _require(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
         _require(self.log_every > 0, "log_every", f"must be > 0, got {self.log_every}")
         for name in ("lr", "gate_lr_ratio", "sampling_temperature"):

@@ -37,6 +37,7 @@ class EncodedTask:
     max_input_tokens: int  # the truncation actually used; recorded in the task file
     examples: list[EncodedExample] = field(default_factory=list)
     label_ids: list[list[int]] = field(default_factory=list)  # verbaliser tokens, label order
+    cut: int = 0  # examples whose text (or question) was cut to max_input_tokens
 
     def export_fields(self) -> dict:
         """Keyword arguments of ``export_task`` describing this task."""
@@ -53,7 +54,8 @@ def encode_task(spec, examples, tokenizer, max_input_tokens: int) -> EncodedTask
         task.label_ids = verbalizer_ids(tokenizer, labels, spec.verbalizers)
     eos = tokenizer.eos_token_id
     for ex in examples:
-        prompt, _ = encode_prompt(tokenizer, spec.template, ex.text, limit, ex.question)
+        prompt, cut = encode_prompt(tokenizer, spec.template, ex.text, limit, ex.question)
+        task.cut += cut
         if spec.kind == "classify":
             target = task.label_ids[labels.index(ex.label)]
         else:
@@ -61,6 +63,12 @@ def encode_task(spec, examples, tokenizer, max_input_tokens: int) -> EncodedTask
             target = target + ([eos] if eos is not None else [])
         task.examples.append(EncodedExample(prompt, list(target), ex.label, tuple(ex.answers) or (ex.label,)))
     return task
+
+
+def text_lengths(tokenizer, examples) -> list[int]:
+    """Token count of each example's text, the part ``max_input_tokens`` cuts (the template's own
+    tokens come on top and are never cut)."""
+    return [len(tokenizer(ex.text, add_special_tokens=False)["input_ids"]) for ex in examples]
 
 
 def task_weights(sizes: list[int], sampling: str, temperature: float) -> torch.Tensor:

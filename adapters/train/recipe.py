@@ -47,13 +47,49 @@ TARGET: dict = {
     "batch_size": 8,
     "warmup_steps": 4,
     "lr_schedule": "cosine",
-    "max_input_tokens": 48,
-    "train_limit": 256,
+    "max_input_tokens": 0,  # 0: by the task (target_input_tokens below)
+    "train_limit": -1,  # -1: by the task (target_train_limit below)
     "class_balance": "sampler",
     "task_basis_rows": -1,  # -1: by the training data (target_basis_rows below)
 }
 
 RECIPES = {"source": SOURCE, "target": TARGET}
+
+# A target task's data when ``max_input_tokens`` is 0 and ``train_limit`` -1 (the recipe's
+# defaults; a value given by flag or config file wins). A packaged task keeps what the quality
+# benchmark measured: its texts cut at 48 tokens (the benchmark's tasks are decided by the start
+# of the text) and at most 256 class-balanced training examples. A user's own task (a file:
+# ``--task-files``, or ``python -m talora.adapters.tasks add``) was never measured that way, and
+# its texts may be longer and its examples fewer: it trains on all of its training examples, with
+# its texts cut at the 95th percentile of their token lengths (at most 512), so that about one
+# text in twenty is cut. The run logs what was chosen and how many texts are cut, and its summary
+# says what was cut (``inputs``).
+PACKAGED_INPUT_TOKENS = 48
+PACKAGED_TRAIN_LIMIT = 256
+USER_INPUT_QUANTILE = 0.95
+USER_INPUT_TOKENS_CAP = 512
+
+
+def target_train_limit(user_task: bool) -> int:
+    """The target stage's ``train_limit`` when it is -1: all examples (0) for a user's own task."""
+    return 0 if user_task else PACKAGED_TRAIN_LIMIT
+
+
+def fitted_input_tokens(lengths: list[int], quantile: float = USER_INPUT_QUANTILE,
+                        cap: int = USER_INPUT_TOKENS_CAP) -> int:
+    """The smallest length at or above the ``quantile`` of ``lengths`` (token counts of the training
+    texts; nearest rank), at least 1 and at most ``cap``."""
+    if not lengths:
+        return cap
+    ordered = sorted(lengths)
+    rank = max(1, -(-len(ordered) * quantile // 1))  # ceil(n * q), 1-based
+    return max(1, min(cap, int(ordered[int(rank) - 1])))
+
+
+def target_input_tokens(user_task: bool, lengths: list[int]) -> int:
+    """The target stage's ``max_input_tokens`` when it is 0: the packaged tasks' 48, or for a user's
+    own task ``fitted_input_tokens`` of its training texts' token ``lengths``."""
+    return fitted_input_tokens(lengths) if user_task else PACKAGED_INPUT_TOKENS
 
 # The target stage's budget when ``steps`` is 0 (the recipe's default). k-shot sets get 48 steps
 # (8-12 passes over k16's examples; the k16 dev sweeps chose it). Full data gets about 4.5 passes

@@ -9,6 +9,7 @@ compare it with the trained tensors before reporting success.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import time
 from dataclasses import replace
@@ -24,7 +25,7 @@ from talora.adapters.tasks.spec import TaskSpec
 from talora.adapters.train import recipe
 from talora.adapters.train.checkpoint import trained_state
 from talora.adapters.train.config import TrainConfig
-from talora.adapters.train.data import EncodedTask, encode_task, k_shot
+from talora.adapters.train.data import EncodedTask, encode_task, k_shot, text_lengths
 from talora.adapters.train.distributed import Runtime, barrier, init_runtime, shutdown
 from talora.adapters.train.evaluate import evaluate_task
 from talora.adapters.train.logs import LOG_FILE, plot_curves
@@ -32,6 +33,8 @@ from talora.adapters.train.objective import AnswerLoss, pack_batch
 from talora.adapters.train.trainer import build_optimizer, train
 
 BUNDLE_DIR = "bundle"
+
+log = logging.getLogger(__name__)
 
 
 def _specs(cfg: TrainConfig, names: list[str]) -> dict[str, TaskSpec]:
@@ -217,8 +220,7 @@ def run_target(cfg: TrainConfig) -> dict:
             raise ValueError(f"task: {cfg.task!r} is already a task of bundle {cfg.bundle}; pick a new task")
         spec = _specs(cfg, [cfg.task])[cfg.task]
         tok = loaded.tokenizer
-        pool = _load_examples(cfg.task, "train", 0 if cfg.shots else cfg.train_limit)
-        chosen = k_shot(pool, cfg.shots, spec.kind, cfg.seed) if cfg.shots else pool
+        cfg, chosen, inputs = _target_data(cfg, spec, tok)
         train_task = encode_task(spec, chosen, tok, cfg.max_input_tokens)
         if not cfg.steps:
             cfg = replace(cfg, steps=recipe.target_steps(cfg.shots, len(train_task.examples), cfg.batch_size))
@@ -233,13 +235,15 @@ def run_target(cfg: TrainConfig) -> dict:
         run_dir = Path(cfg.output_dir)
         eval_fn = _Eval(model, [eval_task], tok, cfg)
         result = train(cfg, model, [train_task], optimizer, runtime, run_dir, eval_fn)
+        inputs.update(train_texts_cut=train_task.cut, eval_texts=len(eval_task.examples),
+                      eval_texts_cut=eval_task.cut)
         summary = {"stage": "target", "task": cfg.task, "init": init_name, "shots": cfg.shots, "steps": cfg.steps,
-                   "train_examples": len(train_task.examples), "ranks_agree": result.ranks_agree,
+                   "train_examples": len(train_task.examples), "inputs": inputs, "ranks_agree": result.ranks_agree,
                    "final_loss": result.final_loss, "seconds_per_step": result.seconds_per_step}
         if runtime.is_main:
             metrics, predictions = eval_fn.final(result, run_dir, cfg.steps)
             training = {**_training_summary(cfg, result, runtime, time.perf_counter() - tic), "init": init_name,
-                        "shots": cfg.shots, "train_examples": len(train_task.examples),
+                        "shots": cfg.shots, "train_examples": len(train_task.examples), "inputs": inputs,
                         f"{cfg.split}_metrics": metrics[cfg.task], "source_bundle": bundle_meta.fingerprint}
             bundle_dir = run_dir / BUNDLE_DIR
             meta = _target_bundle(cfg, model, bundle_meta, bundle_dir, loaded, training)
@@ -250,6 +254,48 @@ def run_target(cfg: TrainConfig) -> dict:
         return summary
     finally:
         shutdown(runtime)
+
+
+def is_user_task(spec) -> bool:
+    """Whether ``spec`` is a user's own file task (``--task-files``, ``tasks add``), not a packaged one."""
+    return str(getattr(spec, "source", "")).startswith("user file")
+
+
+def _target_data(cfg: TrainConfig, spec, tokenizer) -> tuple[TrainConfig, list, dict]:
+    """``(cfg, training examples, inputs)``: ``cfg`` with ``train_limit`` -1 and ``max_input_tokens`` 0 (the
+    recipe's "by the task") set for this task (``recipe.target_train_limit``, ``target_input_tokens``;
+    given values are kept), the examples it trains on, and what the run summary says about them
+    (``inputs``: the choices, how they were made, the training examples available and left out).
+    The choice is logged, with how many training texts it cuts."""
+    user = is_user_task(spec)
+    notes = []
+    if cfg.train_limit < 0:
+        cfg = replace(cfg, train_limit=recipe.target_train_limit(user))
+        notes.append("train_limit by the task: " + ("all training examples of a user's file" if user else
+                                                      f"{cfg.train_limit} for a packaged task"))
+    pool = _load_examples(cfg.task, "train", 0 if cfg.shots else cfg.train_limit)
+    chosen = k_shot(pool, cfg.shots, spec.kind, cfg.seed) if cfg.shots else pool
+    available = len(pool) if cfg.shots or not cfg.train_limit else len(_load_examples(cfg.task, "train", 0))
+    lengths = text_lengths(tokenizer, chosen)
+    how = "given"
+    if cfg.max_input_tokens == 0:
+        cfg = replace(cfg, max_input_tokens=recipe.target_input_tokens(user, lengths))
+        how = (f"by the task: the {recipe.USER_INPUT_QUANTILE:.0%} point of its training texts' token lengths, "
+               f"at most {recipe.USER_INPUT_TOKENS_CAP}" if user else "by the task: the packaged tasks' "
+               f"{recipe.PACKAGED_INPUT_TOKENS}")
+    limit = min(cfg.max_input_tokens, spec.max_input_tokens)
+    if limit < cfg.max_input_tokens:
+        how += f"; the task's own limit {spec.max_input_tokens}"
+    cut = sum(n > limit for n in lengths)
+    inputs = {"max_input_tokens": limit, "max_input_tokens_from": how, "user_task": user,
+              "train_limit": cfg.train_limit, "train_available": available,
+              "train_left_out": available - len(pool) if not cfg.shots else 0,
+              "train_texts": len(lengths), "train_text_tokens_max": max(lengths, default=0)}
+    message = (f"target task {cfg.task!r}: inputs cut at {limit} tokens ({how}); {cut} of {len(lengths)} training "
+               f"texts are cut (longest {inputs['train_text_tokens_max']} tokens); training on {len(chosen)} of "
+               f"{available} training examples" + (f" ({'; '.join(notes)})" if notes else ""))
+    (log.warning if user or cut else log.info)(message)
+    return cfg, chosen, inputs
 
 
 def _target_bundle(cfg, model, bundle_meta, bundle_dir: Path, loaded, training):

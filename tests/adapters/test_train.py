@@ -323,6 +323,79 @@ def test_target_basis_rows_follow_the_training_data():
         TrainConfig(stage="target", bundle="b", task="t", task_basis_rows=-2)
 
 
+def test_a_users_input_length_is_the_95th_percentile_of_its_texts_at_most_512():
+    from talora.adapters.train import recipe
+
+    assert recipe.TARGET["max_input_tokens"] == 0 and recipe.TARGET["train_limit"] == -1  # by the task
+    assert recipe.fitted_input_tokens(list(range(1, 101))) == 95  # nearest rank: 95 of 100 texts fit
+    assert recipe.fitted_input_tokens([10] * 19 + [900]) == 10 and recipe.fitted_input_tokens([900] * 3) == 512
+    assert recipe.target_input_tokens(False, [900] * 3) == 48 and recipe.target_train_limit(False) == 256
+    assert recipe.target_input_tokens(True, [7, 9]) == 9 and recipe.target_train_limit(True) == 0  # 0: all
+    assert recipe.target_config(bundle="b", task="t").max_input_tokens == 0
+    with pytest.raises(ValueError, match="^max_input_tokens:"):
+        TrainConfig(stage="source", tasks=["a"], max_input_tokens=0)  # only the target stage goes by its task
+    with pytest.raises(ValueError, match="^train_limit:"):
+        TrainConfig(stage="source", tasks=["a"], train_limit=-1)
+
+
+def _long_texts_task(path: Path, rows: int = 400) -> Path:
+    """A user's file of ``rows`` texts of 4 to 61 words (one in twenty has 61), label by the first words."""
+    rng = random.Random(11)
+    lines = []
+    for i in range(rows):
+        words = [rng.choice(COLOURS + THINGS) for _ in range(4 + 3 * (i % 20))]
+        lines.append(json.dumps({"text": " ".join(words), "label": "yes" if "green" in words[:4] else "no"}))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_a_users_file_trains_on_all_its_examples_with_inputs_that_fit_its_texts(source_run, env, tmp_path, caplog):
+    import logging
+
+    from talora.adapters.tasks import load_split
+    from talora.adapters.train import recipe
+
+    data = _long_texts_task(tmp_path / "toy_long.jsonl")
+    base = dict(model=env["model"], bundle=str(source_run[1]["bundle"]), task="toy_long", task_files=[str(data)],
+                steps=2, batch_size=4, eval_limit=8, threads=1, progress=False, save_every=0)
+    with caplog.at_level(logging.INFO, logger="talora.adapters.train.stages"):
+        result = run_target(recipe.target_config(**base, output_dir=str(tmp_path / "auto")))
+    train = load_split("toy_long", "train")
+    assert len(train) > recipe.PACKAGED_TRAIN_LIMIT  # 320: more than the packaged tasks' cap of 256
+    assert result["train_examples"] == len(train)  # all of them
+    lengths = sorted(len(ex.text.split()) for ex in train)
+    chosen = recipe.fitted_input_tokens(lengths)
+    assert recipe.PACKAGED_INPUT_TOKENS < chosen < 512  # fits the texts: 48 would cut one in five
+    cut = sum(n > chosen for n in lengths)
+    assert 0 < cut <= len(train) // 20  # about one text in twenty
+    inputs = result["inputs"]
+    assert (inputs["max_input_tokens"], inputs["train_texts_cut"], inputs["train_left_out"]) == (chosen, cut, 0)
+    assert inputs["user_task"] and inputs["train_available"] == len(train) and "95%" in inputs["max_input_tokens_from"]
+    bundle, _ = load_bundle(Path(result["bundle"]))
+    meta, _ = load_task(Path(result["bundle"]), "toy_long", bundle)
+    assert meta.max_input_tokens == chosen  # serving cuts where training did
+    assert meta.training["inputs"]["train_texts_cut"] == cut
+    line = next(r.getMessage() for r in caplog.records if "toy_long" in r.getMessage())
+    assert f"inputs cut at {chosen} tokens" in line and f"{cut} of {len(train)} training texts are cut" in line
+    assert f"training on {len(train)} of {len(train)}" in line
+
+
+def test_explicit_flags_win_over_a_users_task_defaults(source_run, env, tmp_path, capsys):
+    from talora.adapters.cli import main
+
+    data = _long_texts_task(tmp_path / "toy_long.jsonl")
+    code = main(["target", "--model", env["model"], "--bundle", str(source_run[1]["bundle"]), "--task", "toy_long",
+                 "--task-files", str(data), "--steps", "2", "--batch-size", "4", "--eval-limit", "8", "--threads", "1",
+                 "--no-progress", "--save-every", "0", "--output-dir", str(tmp_path / "given"),
+                 "--train-limit", "100", "--max-input-tokens", "8"])
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out)
+    inputs = summary["inputs"]
+    assert summary["train_examples"] == 100 and inputs["train_left_out"] == inputs["train_available"] - 100
+    assert inputs["max_input_tokens"] == 8 and inputs["max_input_tokens_from"] == "given"
+    assert inputs["train_texts"] == 100 and inputs["train_texts_cut"] > 50  # 8 of 4-61 words: most are cut
+
+
 @pytest.mark.parametrize("min_examples", [10_000, 1])  # the toy task is under the first and over the second
 def test_a_target_stage_without_steps_takes_the_recipes_for_its_data(source_run, env, tmp_path, monkeypatch,
                                                                       min_examples):

@@ -98,8 +98,10 @@ def test_plan_uses_the_recipe_and_typed_overrides():
     for name, value in recipe.SOURCE.items():
         assert getattr(cfg.source, name) == value, name
     for name, value in recipe.TARGET.items():
-        if name != "train_limit":  # the benchmark caps the full data itself
+        if name not in ("train_limit", "max_input_tokens"):  # the benchmark's are a packaged task's
             assert getattr(cfg.target, name) == value, name
+    assert (cfg.target.train_limit, cfg.target.max_input_tokens) == (recipe.PACKAGED_TRAIN_LIMIT,
+                                                                     recipe.PACKAGED_INPUT_TOKENS)
     cfg = quality.config_from_args(quality.parse_args(
         ["--talora", "slow_lr_ratio=0.3,rank=16,gated=false,lr_schedule=linear,warmup_steps=7,init_std=0.05,"
          "scale=2,weight_decay=0.01", "--talora-target", "lr=0.1,target_init=random,lr_schedule=constant",
