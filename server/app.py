@@ -4,7 +4,8 @@ The lifespan starts the engine (model load, shared KV, adapters) in a worker thr
 shutdown (SIGTERM under uvicorn, after uvicorn has let the requests in flight finish), drains
 and stops it. ``RequestLog`` writes one info line per request and counts it in the metrics by
 task, endpoint and status. Routes live in ``routes_tasks``, ``routes_openai``, ``routes_admin`` and
-``routes_health``; what they depend on (the engine, admin authorisation) in ``deps``.
+``routes_health``; what they depend on (the engine, admin authorisation) in ``deps``; the limits that
+hold before a route runs (body size and read timeout, errors kept to their request) in ``limits``.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from starlette.concurrency import run_in_threadpool
 from talora.server import routes_admin, routes_health, routes_openai, routes_tasks
 from talora.server.errors import install_error_handlers
 from talora.server.facade import ServingEngine
+from talora.server.limits import BodyLimit, KeepErrorsInRequest
 from talora.server.openapi import install_limits
 from talora.server.settings import Settings
 
@@ -79,5 +81,7 @@ def create_app(settings: Settings, engine: ServingEngine) -> FastAPI:
     app.include_router(routes_openai.router)
     app.include_router(routes_admin.router)
     app.include_router(routes_health.router)
-    app.add_middleware(RequestLog, engine=engine)
+    app.add_middleware(BodyLimit, settings=settings)  # innermost of the three: bodies are bounded
+    app.add_middleware(KeepErrorsInRequest)  # an unexpected error is its request's 500, never the server's
+    app.add_middleware(RequestLog, engine=engine)  # outermost: it sees the status every request ends with
     return app

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 import sys
 import time
@@ -98,16 +97,20 @@ def make_engine(settings: Settings) -> ServingEngine:
 
 
 def serve(settings: Settings) -> int:
-    """Load everything, then serve until SIGINT/SIGTERM (which drain the requests in flight)."""
-    import uvicorn
-
+    """Bind the port, load everything, then serve until SIGINT/SIGTERM (which drain the requests in flight)."""
     from talora.adapters.loading import ModelLoadError
     from talora.server.app import create_app
     from talora.server.engine import resolve_bundle
     from talora.server.errors import BundleMissing
+    from talora.server.http_server import TaloraServer, bind_socket, uvicorn_config
     from talora.server.vllm_process import VllmUnavailable
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        sock = bind_socket(settings.host, settings.port)  # a busy port is reported before the model loads
+    except OSError as exc:
+        print(f"talora-serve: cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
     try:
         resolve_bundle(settings)
         engine = make_engine(settings)
@@ -123,8 +126,7 @@ def serve(settings: Settings) -> int:
         engine.stop(0)
         return 2
     app = create_app(settings, engine)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False,
-                timeout_graceful_shutdown=math.ceil(settings.drain_timeout_s) or None)
+    TaloraServer(uvicorn_config(app, settings), engine, settings.drain_timeout_s).run(sockets=[sock])
     return 0
 
 

@@ -101,6 +101,24 @@ def error_response(request: Request, status: int, message: str, kind: str, param
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+MAX_REPORTED_ERRORS = 20  # a 422 lists at most this many validation errors; its detail says how many there were
+_TYPE_MISMATCH = ("_type", "is_instance_of", "union_tag_invalid")
+
+
+def _relevance(error: dict) -> tuple[bool, int]:
+    """Which validation error a 422's detail reports: in a union, a branch of the right JSON type that
+    failed a constraint says more than "should be a valid list"; then the deepest."""
+    return (not error["type"].endswith(_TYPE_MISMATCH), len(error["loc"]))
+
+
+def field_loc(loc: tuple | list) -> list[str | int]:
+    """``("body", "text", "list[...]", 3)`` -> ``["body", "text", 3]``: pydantic's union-branch tags left out
+    (request bodies are flat: the field is the first name after the source, then item indices)."""
+    parts = list(loc)
+    head = parts[:2] if parts and parts[0] in ("body", "path", "query", "header") else parts[:1]
+    return [str(p) for p in head] + [p for p in parts[len(head):] if isinstance(p, int)]
+
+
 def field_name(loc: tuple | list) -> str:
     """``("body", "text", 3, "function-after[...]")`` -> ``text[3]``: the field and item, not pydantic's tags."""
     parts = list(loc[1:]) if loc and loc[0] in ("body", "path", "query") else list(loc)
@@ -128,11 +146,13 @@ def install_error_handlers(app: FastAPI, retry_after_s: int) -> None:
     def invalid(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
         errors = exc.errors() or [{"loc": (), "msg": "invalid request", "type": "value_error"}]
-        main = max(errors, key=lambda e: len(e["loc"]))  # the deepest: in a union, the branch that got furthest
+        main = max(errors, key=_relevance)
         field = field_name(main["loc"])
-        issues = [{"loc": [p if isinstance(p, int) else str(p) for p in e["loc"]], "msg": e["msg"],
-                   "type": e["type"]} for e in errors]
-        return error_response(request, 422, f"{field}: {main['msg']}", "invalid_request_error", field,
+        issues = [{"loc": field_loc(e["loc"]), "msg": e["msg"], "type": e["type"]}
+                  for e in errors[:MAX_REPORTED_ERRORS]]
+        more = f" ({len(errors) - 1} more errors, the first {MAX_REPORTED_ERRORS} in 'errors')" \
+            if len(errors) > 1 else ""
+        return error_response(request, 422, f"{field}: {main['msg']}{more}", "invalid_request_error", field,
                               errors=issues)
 
     app.add_exception_handler(RequestValidationError, invalid)
@@ -145,8 +165,9 @@ def install_error_handlers(app: FastAPI, retry_after_s: int) -> None:
 
     app.add_exception_handler(StarletteHTTPException, http_error)
 
-    def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.error("unhandled %s on %s %s", type(exc).__name__, request.method, request.url.path, exc_info=exc)
-        return error_response(request, 500, f"internal error: {type(exc).__name__}", "server_error")
 
-    app.add_exception_handler(Exception, unexpected)
+
+def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    """The JSON 500 of an exception nobody expected (``limits.KeepErrorsInRequest`` sends it)."""
+    log.error("unhandled %s on %s %s", type(exc).__name__, request.method, request.url.path, exc_info=exc)
+    return error_response(request, 500, f"internal error: {type(exc).__name__}", "server_error")

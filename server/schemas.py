@@ -44,7 +44,8 @@ Temperature = Annotated[float, Field(ge=0, le=2, allow_inf_nan=False, descriptio
 TopP = Annotated[float, Field(gt=0, le=1, allow_inf_nan=False, description="nucleus: keep the most likely "
                               "tokens up to this probability mass (always at least one)")]
 TopK = Annotated[int, Field(ge=0, lt=2**31, description="keep only the k most likely tokens (0: no limit)")]
-TextBatch = Annotated[list[Text], Field(min_length=1)]  # maxItems: the server's max_texts_per_request
+MAX_TEXTS = 4096  # the most texts any server takes (max_texts_per_request is at most this); validation stops here
+TextBatch = Annotated[list[Text], Field(min_length=1, max_length=MAX_TEXTS)]  # maxItems: the server's limit
 
 
 def stop_list(value: str | list[str] | None) -> list[str]:

@@ -41,8 +41,8 @@ class Settings(BaseSettings):
     overlap_steps: bool = Field(False, description="launch each step before reading the one before it, so the "
                                 "host's planning overlaps the device's work (for GPUs: a CPU gains nothing)")
     request_timeout_s: float = Field(60.0, gt=0, description="a request not finished in this time gets 504")
-    max_texts_per_request: int = Field(64, ge=1, description="most texts (predict) or prompts (completions) in one "
-                                       "request (at most max_queue)")
+    max_texts_per_request: int = Field(64, ge=1, le=4096, description="most texts (predict) or prompts "
+                                       "(completions) in one request (at most max_queue)")
     max_new_tokens_limit: int = Field(512, ge=1, description="largest max_new_tokens a request may ask for")
     on_overflow: Literal["truncate", "reject"] = Field(
         "truncate", description="input longer than the task's max_input_tokens: cut it, or refuse with 413")

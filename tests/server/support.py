@@ -120,25 +120,24 @@ def wait_ready(url: str, proc: subprocess.Popen, output: Callable[[], str], time
 
 
 class ServerThread:
-    """``create_app`` under a real uvicorn on 127.0.0.1, in a thread of this process.
+    """``create_app`` under a real uvicorn on 127.0.0.1, in a thread of this process, with the limits and
+    the drain of ``talora-serve`` (``http_server``).
 
     The engine sets torch's thread count from its settings; leaving the block restores the count
     the suite had, so that one server's settings do not leak into later tests.
     """
 
     def __init__(self, settings, loaded):
-        import uvicorn
-
         from talora.server.app import create_app
         from talora.server.engine import Engine
+        from talora.server.http_server import TaloraServer, uvicorn_config
 
         self.torch_threads = torch.get_num_threads()
         self.engine = Engine(settings, loaded=loaded)
         self.app = create_app(settings, self.engine)
         self.port = free_port()
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning",
-                                access_log=False, lifespan="on")
-        self.server = uvicorn.Server(config)
+        config = uvicorn_config(self.app, settings, host="127.0.0.1", port=self.port, log_level="warning")
+        self.server = TaloraServer(config, self.engine, settings.drain_timeout_s)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     @property
