@@ -60,9 +60,8 @@ from benchmarks.quality_sources import SOURCES, source_builds
 from benchmarks.quality_stats import (
     HEADLINE_BASELINES,
     budget_comparisons,
-    by_source_seed,
-    comparisons,
     rerun_report,
+    stage_comparisons,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -220,17 +219,18 @@ def summarise(full_cfg: BenchConfig, runs_dir: Path, results_dir: Path, command:
     results = _results(plan, runs_dir)
     rows, zero_shot = summary_rows(plan, results), reference_rows(plan, results)
     stored = list(results.values())
-    compared = comparisons(stored, full_cfg.settings, n_boot=n_boot)
-    by_seed = {"means": source_seed_means(stored),
-               "comparisons": by_source_seed(stored, full_cfg.settings, baselines=HEADLINE_BASELINES + ABLATIONS,
-                                             n_boot=n_boot)}
+    # source stages as a random effect (issue 35): the pooled rows resample them, the stage-pair rows
+    # hold one stage of each method at a time; a "better" needs both (quality_stats.verdict)
+    staged = stage_comparisons(stored, full_cfg.settings, baselines=HEADLINE_BASELINES + ABLATIONS, n_boot=n_boot)
+    compared = staged["comparisons"]
+    by_seed = {"means": source_seed_means(stored), "comparisons": staged["stage_pairs"]}
     rebuilt = rebuilt_source_runs(stored)
     if rebuilt:
         print(f"warning: {len(rebuilt)} target runs of this summary started from a rebuilt source stage, not the "
               f"build its stored record scored (first: {rebuilt[0]}); see docs/quality.md, 'Source builds'")
     name = summary_name(full_cfg)
     doc = write_summary(results_dir / f"{name}.json", rows, command, _config_record(full_cfg), len(plan),
-                        len(results), zero_shot, compared, by_seed)
+                        len(results), zero_shot, compared, by_seed, recipe_record(full_cfg))
     plot(results_dir / f"{name}.png", rows, zero_shot, compared, by_seed["comparisons"])
     return doc
 
@@ -287,6 +287,17 @@ def summary_name(cfg: BenchConfig) -> str:
     if is_headline(cfg):
         return "quality"
     return f"quality-{cfg.eval_split}-{run_key(_config_record(cfg))[:8]}"
+
+
+def recipe_record(cfg: BenchConfig) -> dict:
+    """What froze the runs of a summary: the hash of the TA-LoRA recipe module
+    (``recipe.recipe_hash``), of the PEFT baselines' recipe, and of the whole plan configuration."""
+    from dataclasses import asdict
+
+    from talora.adapters.train import recipe
+
+    return {"recipe_hash": recipe.recipe_hash(), "peft_recipe_hash": run_key(asdict(cfg.peft))[:12],
+            "plan_hash": run_key(_config_record(cfg))[:12]}
 
 
 def _config_record(cfg: BenchConfig) -> dict:

@@ -128,12 +128,14 @@ def reference_rows(plan: list[Run], results: dict[str, dict]) -> list[dict]:
 
 def write_summary(path: Path, rows: list[dict], command: str, config: dict, plan_size: int, done: int,
                   zero_shot: list[dict] | None = None, comparisons: list[dict] | None = None,
-                  by_source_seed: dict | None = None) -> dict:
+                  by_source_seed: dict | None = None, frozen: dict | None = None) -> dict:
     """Write quality.json. ``command`` is the one that wrote it (``last_invocation``); "command" is
     the one that resumes and completes the whole plan, since the rows come from many sittings.
-    ``by_source_seed``: ``{"means": source_seed_means, "comparisons": quality_stats.by_source_seed}``."""
+    ``comparisons``: ``quality_stats.stage_comparisons``' pooled rows; ``by_source_seed``: ``{"means":
+    source_seed_means, "comparisons": the stage-pair rows}``; ``frozen``: the recipe hashes
+    (``quality.recipe_record``)."""
     doc = {"machine": machine(), "command": "python -m benchmarks.quality", "last_invocation": command,
-           "runs_finished": done, "runs_planned": plan_size,
+           **(frozen or {}), "runs_finished": done, "runs_planned": plan_size,
            "config": config, "zero_shot": zero_shot or [], "means": method_means(rows),
            "comparisons": comparisons or [], "by_source_seed": by_source_seed or {"means": [], "comparisons": []},
            "rows": rows}
@@ -203,11 +205,12 @@ def _forest(ax, comparisons: list[dict], by_seed: list[dict]) -> None:
         ax.hlines(y, lo, hi, colors="k", linewidth=1.5)
         ax.plot(c["diff_mean"], y, "o", color="C0" if lo > 0 else ("C1" if lo > -0.02 else "C3"))
         mine = [s for s in by_seed if (s["a"], s["b"], s["setting"]) == (c["a"], c["b"], c["setting"])]
-        for k, s in enumerate(sorted(mine, key=lambda s: s["source_seed"])):
-            dy = 0.15 * (k + 1)
+        step = 0.6 / (len(mine) + 1)
+        for k, s in enumerate(sorted(mine, key=_stage_label)):
+            dy = step * (k + 1)
             ax.hlines(y + dy, *s["ci90"], colors="gray", linewidth=0.6)
             ax.plot(s["diff_mean"], y + dy, "o", mfc="none", mec="gray", markersize=3)
-            ax.text(s["ci90"][1], y + dy, f" s{s['source_seed']}", fontsize=5, va="center", color="gray")
+            ax.text(s["ci90"][1], y + dy, f" {_stage_label(s)}", fontsize=5, va="center", color="gray")
     ax.axvline(0.0, color="k", linewidth=0.8)
     ax.axvline(-0.02, color="gray", linestyle="dashed", linewidth=0.8)
     if any(c["b"] == "lora" for c in comparisons):
@@ -219,6 +222,14 @@ def _forest(ax, comparisons: list[dict], by_seed: list[dict]) -> None:
     ax.set_xlabel("paired difference of mean accuracy (90 % interval)", fontsize=8)
     ax.set_title("Paired bootstrap (dashed: the -0.02 margin; dotted: LoRA's -0.05;\n"
                  "gray: one source stage at a time)", fontsize=8)
+
+
+def _stage_label(row: dict) -> str:
+    """"s0/s1": the source stage of each side of a stage-pair row ("-": none); "s0" for a row of
+    ``quality_stats.by_source_seed`` (the same stage on both sides)."""
+    if "stage_a" not in row:
+        return f"s{row['source_seed']}"
+    return "/".join("-" if s is None else f"s{s}" for s in (row["stage_a"], row["stage_b"]))
 
 
 def markdown_zero_shot(zero_shot: list[dict]) -> str:
@@ -251,10 +262,18 @@ def markdown_means(means: list[dict], comparisons: list[dict]) -> str:
         params = next(x["params_per_task"] for x in means if x["method"] == method)
         lines.append(f"| {method} | {params:,} | " + " | ".join(cells) + " |")
     if comparisons:
-        lines += ["", "| a | b | setting | a - b | 90% interval | paired units |", "|---|---|---|---|---|---|"]
-        lines += [f"| {c['a']} | {c['b']} | {c['setting']} | {c['diff_mean']:+.3f} | [{c['ci90'][0]:+.3f}, "
-                  f"{c['ci90'][1]:+.3f}] | {c['n_items']:,} |" for c in comparisons]
+        lines += ["", "| a | b | setting | a - b | 90% interval (source stages resampled) | source stages held "
+                  "fixed | stage pairs: above 0 / below 0 / all | verdict | paired units |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {c['a']} | {c['b']} | {c['setting']} | {c['diff_mean']:+.3f} | {_ci(c['ci90'])} | "
+                  f"{_ci(c.get('ci90_stages_fixed'))} | {c.get('stage_pairs_above_0', '')} / "
+                  f"{c.get('stage_pairs_below_0', '')} / {c.get('stage_pairs', '')} | {c.get('verdict', '')} | "
+                  f"{c['n_items']:,} |" for c in comparisons]
     return "\n".join(lines)
+
+
+def _ci(ci) -> str:
+    return "" if not ci else f"[{ci[0]:+.3f}, {ci[1]:+.3f}]"
 
 
 def markdown_by_source_seed(by_seed: dict) -> str:
@@ -264,9 +283,9 @@ def markdown_by_source_seed(by_seed: dict) -> str:
     lines += [f"| {m['method']} | {m['setting']} | {m['source_seed']} | {m['mean']:.3f} | {m['runs']} |"
               for m in by_seed["means"]]
     if by_seed["comparisons"]:
-        lines += ["", "| a | b | setting | source seed | a - b | 90% interval | paired units |",
+        lines += ["", "| a | b | setting | source stages (a/b) | a - b | 90% interval | paired units |",
                   "|---|---|---|---|---|---|---|"]
-        lines += [f"| {c['a']} | {c['b']} | {c['setting']} | {c['source_seed']} | {c['diff_mean']:+.3f} | "
+        lines += [f"| {c['a']} | {c['b']} | {c['setting']} | {_stage_label(c)} | {c['diff_mean']:+.3f} | "
                   f"[{c['ci90'][0]:+.3f}, {c['ci90'][1]:+.3f}] | {c['n_items']:,} |" for c in by_seed["comparisons"]]
     return "\n".join(lines)
 

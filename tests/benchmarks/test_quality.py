@@ -476,7 +476,7 @@ def test_comparisons_by_source_seed_pair_like_stages(tmp_path):
     pooled = qs.comparisons(results, ("k16",), baselines=("lora",), n_boot=50)
     assert pooled[0]["diff_mean"] == 0.25
     table = qr.markdown_by_source_seed({"means": means, "comparisons": rows})
-    assert "| talora | k16 | 1 | 0.500 | 2 |" in table and "| talora | lora | k16 | 0 | +0.250 |" in table
+    assert "| talora | k16 | 1 | 0.500 | 2 |" in table and "| talora | lora | k16 | s0 | +0.250 |" in table
     plan = qp.build_plan(cfg)
     keyed = {r["key"]: r for r in results}
     png = qr.plot(tmp_path / "q.png", qr.summary_rows(plan, keyed), None, pooled, rows)
@@ -496,7 +496,28 @@ def test_only_the_published_plan_writes_quality_json(tmp_path, argv, headline):
     quality.main(argv + ["--summarise", "--runs-dir", str(tmp_path / "runs"), "--results-dir", str(tmp_path)])
     written = sorted(p.name for p in tmp_path.glob("quality*.json"))
     assert len(written) == 1 and (written == ["quality.json"]) == headline
-    assert json.loads((tmp_path / written[0]).read_text())["runs_finished"] == 0
+    doc = json.loads((tmp_path / written[0]).read_text())
+    assert doc["runs_finished"] == 0
+    assert doc["recipe_hash"] == recipe.recipe_hash() and len(doc["plan_hash"]) == 12  # the frozen recipe
+
+
+def test_the_summary_resamples_source_stages_and_rows_each_stage_pair(tmp_path):
+    cfg = quality.config_from_args(quality.parse_args(["--methods", "talora,mpt,prompt_tuning", "--settings", "k16",
+                                                       "--seeds", "0,1", "--tasks", "tweet_sentiment"]))
+    accuracy = {("talora", 0): 0.9, ("talora", 1): 0.5, ("mpt", 0): 0.6, ("mpt", 1): 0.6,
+                ("prompt_tuning", None): 0.4}
+    for run in qp.build_plan(cfg):
+        if run.stage == "target":
+            qp.save_result(tmp_path / "runs", run.key, _fake_result(run, accuracy[run.method, run.source_seed], n=40))
+    doc = quality.summarise(quality.BenchConfig(), tmp_path / "runs", tmp_path, "test", n_boot=300)
+    rows = {c["b"]: c for c in doc["comparisons"]}
+    assert rows["mpt"]["stages"] == {"a": [0, 1], "b": [0, 1]} and rows["mpt"]["stage_pairs"] == 4
+    assert rows["mpt"]["verdict"] == "level / not shown"  # +0.1 on average, but one stage of two is below
+    assert rows["prompt_tuning"]["verdict"] == "better" and rows["prompt_tuning"]["stage_pairs_above_0"] == 2
+    pairs = [(c["b"], c["stage_a"], c["stage_b"]) for c in doc["by_source_seed"]["comparisons"]]
+    assert ("mpt", 1, 0) in pairs and ("prompt_tuning", 0, None) in pairs
+    assert "| talora | mpt | k16 | s1/s0 |" in qr.markdown_by_source_seed(doc["by_source_seed"])
+    assert "level / not shown" in qr.markdown_means(doc["means"], doc["comparisons"])
 
 
 def test_against_target_steps_pairs_each_method_with_its_runs_at_the_other_budget(tmp_path, capsys):
