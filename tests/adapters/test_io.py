@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save
 
 from talora.adapters.bundle import export_bundle, export_task, model_from_bundle
-from talora.adapters.io import AdapterFormatError, TaskMeta, decode_task, encode_task, load_bundle, load_task
+from talora.adapters.io import (
+    TASK_NAME,
+    AdapterFormatError,
+    TaskMeta,
+    check_task_name,
+    decode_task,
+    encode_task,
+    load_bundle,
+    load_task,
+)
 from talora.adapters.scoring import ScoreRequest, score_labels
 from tests.helpers import tiny_talora_model
 
@@ -135,3 +146,140 @@ def test_scores_match_full_path(saved):
                 start = len(req.prompt_ids) - 1
                 want = sum(logp[start + j, tok] for j, tok in enumerate(verb))
                 assert abs(score.item() - want.item()) < 1e-4
+
+
+# ----- issue 34: one strict schema for a task's metadata, and a JSON bound to its tensors -------------------------
+LABELS_3000 = {"labels": [f"l{i}" for i in range(3000)], "verbalizers": {f"l{i}": f" w{i}" for i in range(3000)}}
+
+
+@pytest.mark.parametrize("change,field", [
+    ({"version": 3}, "version"),
+    ({"version": None}, "version"),
+    ({"version": ""}, "version"),
+    ({"version": "v\u00e9"}, "version"),  # non-ASCII: it goes into a response header
+    ({"version": "v1\r\nX-Evil: 1"}, "version"),
+    ({"version": "v1\u0000"}, "version"),
+    ({"version": "v 1"}, "version"),
+    ({"version": "v" * 65}, "version"),
+    ({"max_input_tokens": 2.5}, "max_input_tokens"),
+    ({"max_input_tokens": True}, "max_input_tokens"),
+    ({"max_input_tokens": "64"}, "max_input_tokens"),
+    ({"max_input_tokens": 0}, "max_input_tokens"),
+    ({"max_input_tokens": -5}, "max_input_tokens"),
+    ({"max_input_tokens": 10**9}, "max_input_tokens"),
+    ({"format_version": True}, "format_version"),
+    ({"training": "x"}, "training"),
+    ({"training": {"a": [[[[[[[[[1]]]]]]]]]}}, "training"),
+    ({"training": {"blob": "x" * 70000}}, "training"),
+    ({"template": "{text} {foo}"}, "template"),
+    ({"template": "{text} {"}, "template"),
+    ({"template": "{text} }"}, "template"),
+    ({"template": "{text} {0}"}, "template"),
+    ({"template": "{text} {}"}, "template"),
+    ({"template": "{text.__class__}"}, "template"),
+    ({"template": "{text:>99999999}"}, "template"),
+    ({"template": "{text!r}"}, "template"),
+    ({"template": "{{text}}"}, "template"),
+    ({"template": 5}, "template"),
+    ({"task": "sst\n"}, "task"),
+    ({"task": 7}, "task"),
+    ({"labels": "neg,pos"}, "labels"),
+    ({"labels": [1, 2], "verbalizers": {"1": " a", "2": " b"}}, "labels"),
+    ({"labels": ["neg", "neg"]}, "labels"),
+    ({"labels": ["neg", ""], "verbalizers": {"neg": " bad", "": " x"}}, "labels"),
+    ({"labels": ["pos"], "verbalizers": {"pos": " good"}}, "labels"),
+    (LABELS_3000, "labels"),
+    ({"verbalizers": {"neg": 1, "pos": " good"}}, "verbalizers"),
+    ({"verbalizers": {"neg": " bad", "pos": " good", "mid": " meh"}}, "verbalizers"),
+    ({"verbalizers": {"neg": " bad", "pos": " bad"}}, "verbalizers"),
+    ({"verbalizers": ["neg", "pos"]}, "verbalizers"),
+    ({"kind": "generate"}, "labels"),  # a generate task has no labels
+    ({"kind": "extract", "labels": [], "verbalizers": {"neg": " bad"}}, "verbalizers"),
+    ({"kind": 1}, "kind"),
+    ({"bundle_fingerprint": 5}, "bundle_fingerprint"),
+    ({"tensors_sha256": "xyz"}, "tensors_sha256"),
+    ({"tensors_sha256": "0" * 64}, "tensors_sha256"),  # well-formed, but not these tensors
+])
+def test_metadata_has_one_strict_schema_and_errors_name_the_field(saved, change, field):
+    *_, bundle, folder = saved
+    meta_bytes, blob = _task_bytes(folder)
+    data = {**json.loads(meta_bytes), **change}
+    with pytest.raises(AdapterFormatError) as info:
+        decode_task(json.dumps(data).encode(), blob, bundle)
+    assert str(info.value).startswith(f"{field}"), str(info.value)
+
+
+@pytest.mark.parametrize("raw,needle", [
+    (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+    (b'{"task": "sst", "version": "a", "version": "b"}', "appears twice"),
+    (b'{"training": {"loss": NaN}}', "NaN"),
+    (b'\xff\xfe{}', "not UTF-8"),
+    (b'{"task": "sst", "labels": ["\\ud800", "x"]}', "lone surrogate"),
+    (b" " * (2**20 + 1), "over the limit"),
+])
+def test_metadata_that_is_not_plain_json_is_refused(saved, raw, needle):
+    *_, bundle, folder = saved
+    _, blob = _task_bytes(folder)
+    data = json.loads(_task_bytes(folder)[0])
+    if raw.startswith(b'{"task": "sst", "labels"'):  # a whole document but for one lone surrogate label
+        data["labels"] = ["\ud800", "x"]
+        data["verbalizers"] = {"\ud800": " a", "x": " b"}
+        raw = json.dumps(data).encode()
+    with pytest.raises(AdapterFormatError, match=needle):
+        decode_task(raw, blob, bundle)
+
+
+def test_save_binds_the_json_to_its_tensors(saved):
+    model, *_, bundle, folder = saved
+    sst_meta, sst_blob = _task_bytes(folder, "sst")
+    assert json.loads(sst_meta)["tensors_sha256"] == hashlib.sha256(sst_blob).hexdigest()
+    # version s2 of sst: its JSON beside s1's tensors (a half-copied store) is refused, and the other way round
+    meta2 = TaskMeta(task="sst", bundle_fingerprint=bundle.fingerprint, version="s2", **TASK_FIELDS)
+    meta2_bytes, blob2 = encode_task(meta2, model.tasks["sst"].fast + 1, model.tasks["sst"].gate)
+    for meta_bytes, blob in ((meta2_bytes, sst_blob), (sst_meta, blob2)):
+        with pytest.raises(AdapterFormatError, match="^tensors_sha256: .* the pair is from two versions"):
+            decode_task(meta_bytes, blob, bundle)
+    assert decode_task(meta2_bytes, blob2, bundle)[0].version == "s2"
+
+
+def test_files_without_the_digest_stay_readable_unless_it_is_required(saved):
+    *_, bundle, folder = saved
+    meta_bytes, blob = _task_bytes(folder)
+    old = json.loads(meta_bytes)
+    del old["tensors_sha256"]
+    old_bytes = json.dumps(old).encode()
+    assert decode_task(old_bytes, blob, bundle)[0].tensors_sha256 == ""
+    with pytest.raises(AdapterFormatError, match="^tensors_sha256: missing"):
+        decode_task(old_bytes, blob, bundle, require_digest=True)
+
+
+def test_written_files_always_pass_the_schema(saved):
+    model, *_, bundle, _ = saved
+    meta = TaskMeta(task="sst", bundle_fingerprint=bundle.fingerprint,
+                    training={"final_loss": float("nan"), "steps": (1, 2)}, **TASK_FIELDS)
+    meta_bytes, blob = encode_task(meta, model.tasks["sst"].fast, model.tasks["sst"].gate)
+    got = decode_task(meta_bytes, blob, bundle)[0]
+    assert got.training == {"final_loss": None, "steps": [1, 2]}  # a diverged run's NaN is written as null
+    meta.version = "bad version"
+    with pytest.raises(AdapterFormatError, match="^version"):
+        encode_task(meta, model.tasks["sst"].fast, model.tasks["sst"].gate)
+    with pytest.raises(AdapterFormatError, match="^labels"):
+        TaskMeta(task="sst", bundle_fingerprint=bundle.fingerprint, **{**TASK_FIELDS, **LABELS_3000})
+
+
+def test_task_names_end_at_the_end():
+    assert TASK_NAME.fullmatch("evil\n") is None and TASK_NAME.match("evil\n") is None
+    with pytest.raises(AdapterFormatError, match="^task"):
+        check_task_name("evil\n")
+
+
+def test_the_packaged_demo_bundle_still_reads():
+    import talora.adapters
+    from talora.adapters.io import list_task_names
+
+    folder = Path(talora.adapters.__file__).parent / "demo"
+    if not (folder / "talora.json").is_file():
+        pytest.skip("the demo bundle is not built")
+    bundle, _ = load_bundle(folder)
+    for task in list_task_names(folder):
+        assert load_task(folder, task, bundle)[0].version
