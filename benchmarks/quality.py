@@ -9,6 +9,7 @@ task; PromptTuning trains on the target data from scratch. See docs/quality.md.
     python -m benchmarks.quality --plan-only            # the plan and its estimated time
     python -m benchmarks.quality --max-minutes 60       # run (resumes; stops before the budget ends)
     python -m benchmarks.quality --summarise            # rewrite results/quality.{json,png} only
+    python -m benchmarks.quality --protocol dev --plan-only   # the protocol's dev grids (docs/quality.md)
 
 Each run's result (metrics and per-item predictions) is stored in
 ``benchmarks/results/quality_runs/<key>.json`` under a hash of its configuration and committed;
@@ -37,9 +38,12 @@ from benchmarks.quality_plan import (
     Run,
     bind_builds,
     build_plan,
+    check_frozen,
     estimate_seconds,
     find_result,
     measured_rates,
+    protocol_dev_plan,
+    protocol_test_plan,
     run_key,
     stored_results,
 )
@@ -85,6 +89,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rerun-report", type=Path, default=None, metavar="DIR",
                    help="compare the reruns kept in DIR with the stored runs (each method's shift, and TA-LoRA "
                    "against the baselines among runs made on the reruns' kernel path only); writes DIR.json")
+    p.add_argument("--protocol", choices=("dev", "test"), default="",
+                   help="the protocol of docs/quality.md instead of the published plan: 'dev', every method's dev "
+                        "grid on the new targets; 'test', the one test reading (runs only once the recipe is "
+                        "frozen: quality_plan.PROTOCOL_FROZEN); with --plan-only, list it")
     p.add_argument("--summarise", action="store_true", help="only rewrite the summary from stored runs")
     p.add_argument("--sources-only", action="store_true",
                    help="only put every source stage's weights here (restored from --sources-dir, or trained when "
@@ -331,8 +339,30 @@ def _report(args: argparse.Namespace, cfg: BenchConfig) -> bool:
                              "(--talora, --talora-target, --peft, --source-steps, --target-steps, --dtype "
                              "or --target-dtype)")
         paired_report(cfg, recipe_cfg, args.runs_dir, "the recipe")
+    elif args.protocol:
+        plan = protocol_dev_plan() if args.protocol == "dev" else protocol_test_plan()
+        if args.plan_only:
+            print_plan(plan, args.runs_dir, args.work_dir, args.sources_dir)
+            return True
+        if args.protocol == "test":
+            try:
+                check_frozen()
+            except ValueError as exc:
+                raise SystemExit(f"--protocol test: {exc}") from exc
+        import torch
+
+        torch.set_num_threads(args.threads)
+        torch.manual_seed(0)
+        execute_plan(plan, args.runs_dir, args.work_dir, args.max_minutes, args.threads, not args.no_progress,
+                     lambda: None, sources_dir=args.sources_dir)
+        print("the protocol's runs are stored; --dev-table lists the dev runs")
     elif args.plan_only:
         print_plan(build_plan(cfg), args.runs_dir, args.work_dir, args.sources_dir)
+        rates = measured_rates(stored_results(args.runs_dir))
+        for name, plan in (("dev", protocol_dev_plan()), ("test", protocol_test_plan())):
+            hours = sum(estimate_seconds(r, rates) for r in plan) / 3600
+            print(f"protocol {name} (docs/quality.md, 'Protocol'): {len(plan)} runs, estimated {hours:.1f} h; "
+                  f"--protocol {name} --plan-only lists them")
     elif args.verify:
         import torch
 

