@@ -4,6 +4,7 @@ A predict request of K texts is K score jobs; a generate request is one generate
 pins the ``AdapterVersion`` it was admitted with and carries an ``emit`` callback the worker
 thread calls with ``Scored``, ``Token``, ``Finished`` or ``Failed`` (the HTTP layer bridges it
 to an asyncio queue). ``cancel()`` from any thread makes the worker drop the job at its next step.
+``client`` names who sent it: the scheduler admits the jobs of different clients in turn.
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ class Job:
     emit: Callable[[Event], None]
     deadline: float  # time.monotonic() after which the job fails with 504
     params: GenerationParams | None = None
+    client: str = "-"  # who sent it: the scheduler takes turns between clients (``bridge.client_of``)
     enqueued_at: float = field(default_factory=time.monotonic)
     cancelled: bool = False
     _label_plan: LabelPlan | None = field(default=None, repr=False)

@@ -34,6 +34,10 @@ class Metrics:
         self.tokens_per_second = Gauge("talora_tokens_per_second", "tokens per second of the last batch step",
                                        registry=r)
         self.queue_depth = Gauge("talora_queue_depth", "requests waiting for a batch", registry=r)
+        self.queue_jobs = Gauge("talora_queue_jobs", "jobs (texts and prompts) waiting for a batch", registry=r)
+        self.requests_cancelled = Counter("talora_requests_cancelled", "requests whose jobs were cancelled before "
+                                          "they finished, by reason (disconnect: the client went away; timeout: "
+                                          "request_timeout_s passed)", ["reason"], registry=r)
         self.active_sequences = Gauge("talora_active_sequences", "generations in progress", registry=r)
         self.resident_tasks = Gauge("talora_resident_tasks", "task adapters with KV in a device slot", registry=r)
         self.loaded_tasks = Gauge("talora_loaded_tasks", "task adapters loaded (host copies)", registry=r)
