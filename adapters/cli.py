@@ -145,6 +145,14 @@ def _run(argv: list[str] | None) -> int:
     except ValueError as exc:
         print(f"talora-train: error: {exc}", file=sys.stderr)
         return 2
+    except KeyError as exc:  # the task registry's "unknown task 'x'; known tasks: ..."; any other is a bug
+        message = str(exc.args[0]) if exc.args else ""
+        if not message.startswith("unknown task"):
+            raise
+        print(f"talora-train: error: {message}\nhint: a task of your own (not packaged) is found by name only "
+              "with --task-files PATH (its JSONL or CSV), or after `python -m talora.adapters.tasks add`",
+              file=sys.stderr)
+        return 2
     if args.command == "demo" and args.install and summary.get("verified"):
         from talora.adapters.train.demo import install_bundle, served_tasks
 

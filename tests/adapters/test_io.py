@@ -283,3 +283,15 @@ def test_the_packaged_demo_bundle_still_reads():
     bundle, _ = load_bundle(folder)
     for task in list_task_names(folder):
         assert load_task(folder, task, bundle)[0].version
+
+
+def test_eval_of_a_task_the_registry_does_not_know_is_a_usage_error(tiny_bundle, tiny_server_model, capsys):
+    """``talora-train eval --task X`` on a bundle task with no registry data (a task of one's own, without
+    --task-files): one error line and a hint, status 2, not a traceback."""
+    from talora.adapters.cli import main
+
+    code = main(["eval", "--model", tiny_server_model.name, "--bundle", str(tiny_bundle), "--task", "sentiment",
+                 "--device", "cpu", "--threads", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("talora-train: error: unknown task 'sentiment'"), err
+    assert "--task-files" in err and "Traceback" not in err
