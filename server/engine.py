@@ -85,6 +85,11 @@ def load_adapters(registry: AdapterRegistry, bundle: Path, where: str) -> list[s
     if not tasks:
         log.warning("no task adapter loaded: /ready answers 503 until one is (PUT /v1/adapters/{task}, or "
                     "files in the store with --watch-interval-s)")
+    missing = registry.missing()
+    if missing:
+        log.error("%d task adapters served before this start are not served now: %s; /ready answers 503 until "
+                  "each is loaded (PUT /v1/adapters/{task}, or good files in the store with --watch-interval-s) or "
+                  "deleted (DELETE /v1/adapters/{task})", len(missing), ", ".join(missing))
     return tasks
 
 
@@ -134,7 +139,7 @@ class Engine(AdapterFacade[Loaded]):
         slots = SlotTable(model, prefix, s.num_slots, self.metrics)
         pool = KVPool(mc.num_layers, s.kv_cache_tokens, mc.num_kv_heads, mc.head_dim, lm.model.dtype, lm.model.device)
         runner = Runner(model, prefix, slots, pool, lm.tokenizer, eos_ids, s, self.metrics)
-        registry = AdapterRegistry(bundle_meta, s.store or bundle, lm.tokenizer, self.metrics)
+        registry = AdapterRegistry(bundle_meta, s.store or bundle, lm.tokenizer, self.metrics, s.max_upload_bytes)
         self._loaded = Loaded(lm.tokenizer, registry, runner)
         for task in self._load_adapters(bundle, device)[: s.num_slots]:
             self.warm(registry.get(task))

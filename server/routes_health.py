@@ -7,6 +7,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from talora.server.deps import EngineDep
+from talora.server.facade import AdapterFacade
 from talora.server.schemas import Health, Ready
 
 router = APIRouter(tags=["health"])
@@ -21,13 +22,19 @@ async def health(engine: EngineDep) -> JSONResponse:
 
 
 @router.get("/ready", response_model=Ready,
-            responses={503: {"model": Ready, "description": "loading, draining, no task, or the worker stopped"}})
+            responses={503: {"model": Ready, "description": "loading, draining, no task, a task served before the "
+                                                            "last start missing, or the worker stopped"}})
 async def ready(engine: EngineDep) -> JSONResponse:
     """Readiness: 200 once the model and at least one adapter are loaded; 503 before, while draining,
-    with no task to serve, or when the worker has stopped."""
+    with no task to serve, when the worker has stopped, or while a task served before the last start
+    is not served (``missing`` names them; each is loaded again or deleted to clear it)."""
     tasks = len(engine.adapters()) if engine.ready else 0
-    ok = engine.ready and engine.alive() and tasks > 0
-    return JSONResponse({"ready": ok, "tasks": tasks}, status_code=200 if ok else 503)
+    missing = engine.loaded.registry.missing() if engine.ready and isinstance(engine, AdapterFacade) else []
+    ok = engine.ready and engine.alive() and tasks > 0 and not missing
+    body: dict = {"ready": ok, "tasks": tasks}
+    if missing:
+        body["missing"] = missing
+    return JSONResponse(body, status_code=200 if ok else 503)
 
 
 @router.get("/metrics", response_class=PlainTextResponse)

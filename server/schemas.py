@@ -160,6 +160,9 @@ class Health(BaseModel):
 class Ready(BaseModel):
     ready: bool
     tasks: int = Field(description="task adapters loaded")
+    missing: list[str] = Field(default_factory=list, description="only while not empty: tasks served before the "
+                               "last start that are not served now (the answer is 503 until each is loaded or "
+                               "deleted)")
 
 
 class FieldIssue(BaseModel):

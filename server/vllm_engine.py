@@ -112,7 +112,7 @@ class VllmEngine(AdapterFacade[VllmLoaded]):
         if meta.arch != table.config:
             raise ValueError("model_config: the bundle's architecture does not match the model")
         tokenizer = AutoTokenizer.from_pretrained(table.folder)
-        registry = AdapterRegistry(meta, s.store or bundle_dir, tokenizer, self.metrics)
+        registry = AdapterRegistry(meta, s.store or bundle_dir, tokenizer, self.metrics, s.max_upload_bytes)
         self._loaded = VllmLoaded(tokenizer, registry, shared, table)
         load_adapters(registry, bundle_dir, "vLLM")
         self._process = VllmProcess(s, table.folder)
