@@ -168,3 +168,63 @@ def test_watcher_picks_up_new_and_changed_adapters(tmp_path, tier_model):
         assert versions()["spam"] == "w2" and versions()["spam2"] == "new1"
         r = client.post("/v1/tasks/spam2/predict", json={"text": "free money"}, timeout=60)
         assert r.status_code == 200 and r.json()["version"] == "new1"
+
+
+def _wait_for(condition, timeout=30.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.1)
+    return condition()
+
+
+def test_watcher_never_serves_a_half_copied_pair_in_either_order(tmp_path, tiny_server_model):
+    """`cp x.*` or rsync copy a task's JSON before its tensors: the watcher refuses the mixed pair (the old
+    version keeps serving, with its own scores), and loads the new version once both files agree; the
+    same with the tensors first. An admin PUT in between is a 400, not a later 409."""
+    import shutil
+
+    folder = build_bundle(tmp_path / "b", tiny_server_model)
+    for seed, version in ((31, "s2"), (32, "s3")):
+        write_version(folder, tiny_server_model, "spam", seed=seed, version=version, out=tmp_path / version)
+    with serve(folder, tiny_server_model, watch_interval_s=0.1, admin_token="s3cret") as srv, \
+            httpx.Client(base_url=srv.url, timeout=60) as client:
+        def version():
+            return client.get("/v1/tasks/spam").json()["version"]
+
+        s1 = version()
+        s1_answer = client.post("/v1/tasks/spam/predict", json={"text": "free money"}).json()
+        for new, first, second in (("s2", ".json", ".safetensors"), ("s3", ".safetensors", ".json")):
+            old = version()
+            old_answer = client.post("/v1/tasks/spam/predict", json={"text": "free money"}).json()
+            shutil.copy(tmp_path / new / f"spam{first}", folder / f"spam{first}")
+            time.sleep(1.0)  # ten polls: the half pair has been stable long enough to be read
+            assert version() == old
+            answer = client.post("/v1/tasks/spam/predict", json={"text": "free money"}).json()
+            assert answer["version"] == old and answer["scores"] == pytest.approx(old_answer["scores"], abs=1e-5)
+            r = client.put("/v1/adapters/spam", headers=TOKEN)
+            assert r.status_code == 400 and r.json()["detail"].startswith("tensors_sha256:"), r.text
+            shutil.copy(tmp_path / new / f"spam{second}", folder / f"spam{second}")
+            assert _wait_for(lambda: version() == new), version()  # noqa: B023 - used at once
+            answer = client.post("/v1/tasks/spam/predict", json={"text": "free money"}).json()
+            assert answer["version"] == new and answer["scores"] != pytest.approx(old_answer["scores"], abs=1e-5)
+        assert s1 != "s3" and s1_answer["version"] == s1
+
+
+def test_watcher_loads_only_files_that_name_their_tensors(tmp_path, tiny_server_model):
+    """A JSON without tensors_sha256 (written before it existed) cannot be checked against its tensors:
+    the watcher leaves it (and says why), an explicit PUT loads it."""
+    folder = build_bundle(tmp_path / "b", tiny_server_model)
+    write_version(folder, tiny_server_model, "spam", seed=41, version="old-format", out=tmp_path / "o")
+    meta = json.loads((tmp_path / "o" / "spam.json").read_text())
+    del meta["tensors_sha256"]
+    with serve(folder, tiny_server_model, watch_interval_s=0.1, admin_token="s3cret") as srv, \
+            httpx.Client(base_url=srv.url, timeout=60) as client:
+        before = client.get("/v1/tasks/spam").json()["version"]
+        (folder / "spam.safetensors").write_bytes((tmp_path / "o" / "spam.safetensors").read_bytes())
+        (folder / "spam.json").write_text(json.dumps(meta))
+        time.sleep(1.0)
+        assert client.get("/v1/tasks/spam").json()["version"] == before
+        r = client.put("/v1/adapters/spam", headers=TOKEN)
+        assert r.status_code == 200 and r.json()["version"] == "old-format", r.text
