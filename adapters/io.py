@@ -37,8 +37,8 @@ BUNDLE_FILE = "talora.json"
 SHARED_FILE = "shared.safetensors"
 TASK_KINDS = ("classify", "extract", "generate")
 TASK_NAME = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")  # \Z: "$" would accept a trailing newline
-# a version goes into the X-Talora-Adapter-Version response header: ASCII, no spaces or controls
-VERSION = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._+-]{0,63}\Z")
+# a version goes into the X-Talora-Adapter-Version response header: visible ASCII, no spaces, controls or ':'
+VERSION = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._+@/-]{0,63}\Z")
 _SHA256 = re.compile(r"\A[0-9a-f]{64}\Z")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # bounds of a task's metadata (each refusal names its field)
@@ -230,7 +230,7 @@ def check_task_document(data: Mapping[str, Any], complete: bool = True) -> None:
     version = values["version"]
     if (complete or version) and not VERSION.fullmatch(version):
         raise AdapterFormatError(f"version: {version[:80]!r} is not a valid version (1 to 64 of A-Z a-z 0-9 "
-                                 "'.' '_' '+' '-', starting with a letter or digit)")
+                                 "'.' '_' '+' '@' '/' '-', starting with a letter or digit)")
     digest = values["tensors_sha256"]
     if digest and not _SHA256.fullmatch(digest):
         raise AdapterFormatError("tensors_sha256: must be 64 lowercase hex digits (a sha256)")
