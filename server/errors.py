@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from talora.adapters.io import AdapterFormatError
-from talora.server.registry import AdapterConflict, AdapterNotFound
+from talora.server.registry import AdapterConflict, AdapterNotFound, AdapterTooLarge
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +68,9 @@ class FieldError(ValueError):
         self.field = field
 
 
-STATUS = {
+STATUS = {  # the first entry that matches wins: a subclass comes before its base
     AdapterNotFound: (404, "not_found_error"),
+    AdapterTooLarge: (413, "invalid_request_error"),
     AdapterFormatError: (400, "invalid_request_error"),
     AdapterConflict: (409, "conflict_error"),
     BadRequest: (400, "invalid_request_error"),

@@ -82,7 +82,7 @@ PUT_BODY = {"required": False, "content": {
 
 
 @router.put("/v1/adapters/{task}", response_model=AdapterLoaded,
-            responses=task_errors(400, 401, 403, 404, 409, 413, 422), openapi_extra={"requestBody": PUT_BODY})
+            responses=task_errors(400, 401, 403, 404, 409, 413, 422, 507), openapi_extra={"requestBody": PUT_BODY})
 async def put_adapter(task: str, request: Request, engine: EngineDep) -> dict:
     """Load or replace ``task`` from the store or an upload; the old version serves until then."""
     if request.headers.get("content-type", "").startswith("multipart/form-data"):

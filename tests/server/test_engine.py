@@ -4,6 +4,7 @@ refusals, settings and CLI."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 
@@ -132,8 +133,9 @@ def test_registry_refuses_bad_files_and_keeps_the_old_version(tiny_bundle, tiny_
         registry.load_store("sentiment", "../elsewhere/sentiment")
     with pytest.raises(AdapterNotFound):
         registry.load_store("sentiment", "missing/sentiment")
-    same_version = json.dumps({**json.loads(meta), "version": old.version}).encode()
-    other = save({"fast": old.fast + 1, "gate": old.gate})
+    other = save({"fast": old.fast + 1, "gate": old.gate})  # a consistent pair under a version already loaded
+    same_version = json.dumps({**json.loads(meta), "version": old.version,
+                               "tensors_sha256": hashlib.sha256(other).hexdigest()}).encode()
     with pytest.raises(AdapterConflict, match="version"):
         registry.load_bytes("sentiment", same_version, other)
     assert registry.get("sentiment") is old
