@@ -21,7 +21,7 @@ import logging
 import time
 from pathlib import Path
 
-from talora.adapters.io import TASK_NAME, save_task
+from talora.adapters.io import MAX_META_BYTES, TASK_NAME, save_task
 from talora.server.registry import AdapterVersion
 
 log = logging.getLogger(__name__)
@@ -44,9 +44,11 @@ class SharedStore:
         cached = self._cache.get(path)
         if cached is not None and cached[0] == signature:
             return cached[1]
+        if stat.st_size > MAX_META_BYTES:
+            return None  # not a task's metadata: the replica's load refuses it and says why
         try:
             version = str(json.loads(path.read_bytes()).get("version", ""))
-        except (OSError, ValueError, AttributeError):
+        except (OSError, ValueError, AttributeError, RecursionError):
             return None  # a writer is busy or the file is bad: the replica's load reports it
         self._cache[path] = (signature, version)
         return version
