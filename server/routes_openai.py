@@ -8,12 +8,11 @@ the tasks as models.
 
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.routing import APIRoute
 
 from talora.server import bridge
@@ -53,14 +52,7 @@ async def completions(body: CompletionRequest, request: Request, engine: EngineD
         raise FieldError("prompt", "streaming takes a single prompt")
     params = params_of(body.max_tokens or 16, 1.0 if body.temperature is None else body.temperature,
                        body.top_p or 1.0, body.stop, body.seed, engine.settings, "max_tokens", body.top_k or 0)
-    gens: list[bridge.Generation] = []
-    try:
-        for prompt in prompts:
-            gens.append(await bridge.generate(engine, adapter, prompt, body.question, params))
-    except BaseException:
-        for gen in gens:
-            gen.job.cancel()
-        raise
+    call = bridge.Call(engine, request, "prompt")
     cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     headers = {VERSION_HEADER: adapter.version}
     if body.stream:
@@ -70,8 +62,17 @@ async def completions(body: CompletionRequest, request: Request, engine: EngineD
             assert isinstance(event, Token)
             return _chunk(cid, created, body.model, adapter.version, event.text, None)
 
-        return await stream_events(gens[0].events(), render, _stream_error, headers, tail="[DONE]")
-    results: list[Finished] = await asyncio.gather(*(g.result() for g in gens))
+        async def stream() -> StreamingResponse:
+            [gen] = await call.generate(adapter, prompts, body.question, params)
+            return await stream_events(gen.events(), render, _stream_error, headers, tail="[DONE]")
+
+        return await call.guard(stream())
+
+    async def run() -> list[Finished]:
+        gens = await call.generate(adapter, prompts, body.question, params)
+        return await bridge.gather_all([g.result() for g in gens])
+
+    results = await call.guard(run())
     choices = [{"text": r.text, "index": i, "logprobs": None, "finish_reason": r.finish_reason}
                for i, r in enumerate(results)]
     prompt_tokens = sum(r.prompt_tokens for r in results)

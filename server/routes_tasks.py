@@ -1,7 +1,9 @@
 """Task routes: predict (label scores), generate (JSON or server-sent events), task listing.
 
-Each route validates, pins the task's current adapter version, and hands off to ``bridge``;
-every response names that version (body and ``X-Talora-Adapter-Version`` header).
+Each route validates, pins the task's current adapter version, and hands off to a ``bridge.Call``
+(limits, tokenising, jobs; its ``guard`` cancels them when the client goes away or time runs out,
+until a stream's response starts); every response names that version (body and
+``X-Talora-Adapter-Version`` header).
 """
 
 from __future__ import annotations
@@ -59,7 +61,8 @@ async def predict(task: str, body: PredictRequest, request: Request, response: R
     if adapter.meta.kind != "classify":
         raise BadRequest(f"task {task!r} is a {adapter.meta.kind} task: use /v1/tasks/{task}/generate")
     texts = texts_of(body.text, "text", engine.settings)
-    results = await bridge.score(engine, adapter, texts, body.question)
+    call = bridge.Call(engine, request, "text")
+    results = await call.guard(call.score(adapter, texts, body.question))
     response.headers[VERSION_HEADER] = adapter.version
     labels = list(adapter.meta.labels)
     out = [_label_result(labels, scores, truncated) for scores, truncated in results]
@@ -82,25 +85,30 @@ async def generate(task: str, body: GenerateRequest, request: Request, engine: E
     adapter = bridge.lookup(engine, request, task)
     params = params_of(body.max_new_tokens, body.temperature, body.top_p, body.stop, body.seed,
                        engine.settings, "max_new_tokens", body.top_k)
-    gen = await bridge.generate(engine, adapter, body.text, body.question, params)
+    call = bridge.Call(engine, request, "text")
     head = {"task": task, "version": adapter.version}
     headers = {VERSION_HEADER: adapter.version}
 
-    def done(event: Finished) -> dict:
+    def done(event: Finished, truncated: bool) -> dict:
         return {**head, "text": event.text, "finish_reason": event.finish_reason,
                 "prompt_tokens": event.prompt_tokens, "completion_tokens": event.completion_tokens,
-                "truncated": gen.truncated}
+                "truncated": truncated}
 
-    if not body.stream:
-        return Response(json.dumps(done(await gen.result())), media_type="application/json", headers=headers)
+    async def answer() -> Response:
+        [gen] = await call.generate(adapter, [body.text], body.question, params)
+        if not body.stream:
+            return Response(json.dumps(done(await gen.result(), gen.truncated)), media_type="application/json",
+                            headers=headers)
 
-    def render(event: Event) -> dict:
-        if isinstance(event, Finished):
-            return {"type": "done", **done(event)}
-        assert isinstance(event, Token)
-        return {"type": "token", "text": event.text}
+        def render(event: Event) -> dict:
+            if isinstance(event, Finished):
+                return {"type": "done", **done(event, gen.truncated)}
+            assert isinstance(event, Token)
+            return {"type": "token", "text": event.text}
 
-    return await stream_events(gen.events(), render, _stream_error, headers)
+        return await stream_events(gen.events(), render, _stream_error, headers)
+
+    return await call.guard(answer())
 
 
 def _stream_error(exc: Exception) -> dict:

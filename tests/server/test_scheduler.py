@@ -30,7 +30,8 @@ class FakeAdapter:
 
 class FakePlacement:
     def __init__(self, capacity: int):
-        self.capacity, self.keys = capacity, set()
+        self.capacity = capacity
+        self.keys: set[tuple[str, int]] = set()
 
     def add(self, key) -> bool:
         if key in self.keys or len(self.keys) < self.capacity:
@@ -71,7 +72,7 @@ def pool(capacity: int = 256) -> KVPool:
 
 def run_all(sched: Scheduler, kv: KVPool, slots: FakeSlots, limit: int = 10_000) -> list[list[Admitted]]:
     """Steps until nothing waits, each step's jobs finishing (their ranges given back) before the next."""
-    steps = []
+    steps: list[list[Admitted]] = []
     while sched.waiting[1] and len(steps) < limit:
         work = sched.next_work([], kv, cast(Any, slots))
         assert work is not None
