@@ -130,6 +130,8 @@ class FairQueue:
         for client in list(self._clients):
             tasks = self._clients[client]
             for task in list(tasks):
+                if not any(dead(batch.jobs[0]) for batch in tasks[task]):
+                    continue  # the usual case: nothing to rebuild
                 kept: deque[_Batch] = deque()
                 for batch in tasks[task]:
                     if dead(batch.jobs[0]):
@@ -160,10 +162,6 @@ class FairQueue:
             for batches in tasks.values():
                 for batch in batches:
                     yield from batch.jobs
-
-    def waiting_of(self, client: str) -> int:
-        """Requests of ``client`` with a job waiting."""
-        return len({id(b.request) for batches in self._clients.get(client, {}).values() for b in batches})
 
     def _taken(self, batch: _Batch) -> None:
         self.jobs -= 1

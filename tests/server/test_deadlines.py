@@ -141,22 +141,26 @@ def test_the_deadline_starts_at_arrival_and_covers_tokenising(qa_bundle, tiny_se
 
 # ----- abandoned requests ----------------------------------------------------------------------
 
-@pytest.mark.parametrize("path,body,task,rows", [
-    (GEN, {"text": "Count:", "max_new_tokens": 512, "temperature": 0}, GENERATE, 1),
+@pytest.mark.parametrize("path,body,rows,status", [
+    (GEN, {"text": "Count:", "max_new_tokens": 512, "temperature": 0}, 1, 499),
     ("/v1/completions", {"model": GENERATE, "prompt": ["Count:", "Again:"], "max_tokens": 512, "temperature": 0},
-     GENERATE, 2),
-], ids=["generate", "completions"])
-def test_an_abandoned_generation_is_cancelled(server, monkeypatch, path, body, task, rows):
+     2, 499),
+    (GEN, {"text": "Count:", "max_new_tokens": 512, "temperature": 0, "stream": True}, 1, 200),
+], ids=["generate", "completions", "stream"])
+def test_an_abandoned_generation_is_cancelled(server, monkeypatch, path, body, rows, status):
     runner = server.engine.loaded.runner
     slow_steps(runner, monkeypatch, 0.1)  # 512 tokens: 51 s at least, far past the waits below
     before = cancelled(server, "disconnect")
-    endpoint = "/v1/completions" if path.startswith("/v1/completions") else "/v1/tasks/{task}/generate"
-    gone_before = statuses(server, task, endpoint, 499)
+    endpoint = "/v1/completions" if path == "/v1/completions" else "/v1/tasks/{task}/generate"
+    logged = statuses(server, GENERATE, endpoint, status)
     sock = post_raw(server.port, path, body)
     wait_until(lambda: len(runner.active) == rows, "the generations run")
+    if body.get("stream"):
+        assert sock.recv(1) == b"H"  # the stream has started: from here Starlette watches the connection
     sock.close()
     wait_until(lambda: not runner.active, "the abandoned generations are dropped", timeout=30)
-    wait_until(lambda: statuses(server, task, endpoint, 499) == gone_before + 1, "the request is logged 499")
+    # a request whose client left before its answer is logged 499 (nobody receives it); a stream, 200
+    wait_until(lambda: statuses(server, GENERATE, endpoint, status) == logged + 1, f"the request is logged {status}")
     assert cancelled(server, "disconnect") == before + 1
     assert b"talora_active_sequences 0.0" in server.engine.metrics.render()
 
