@@ -203,6 +203,7 @@ def stage_comparisons(results: list[dict], settings: tuple[str, ...], a: str = "
             if found is None:
                 continue
             fixed = stage_bootstrap(ca, cb, n_boot=n_boot, resample_stages=False)
+            assert fixed is not None  # the same data as ``found``
             pairs = stage_pair_rows(results, setting, a, b, n_boot=n_boot)
             row = {"a": a, "b": b, "setting": setting, **found, "ci90_stages_fixed": fixed["ci90"],
                    "stage_pairs": len(pairs), "stage_pairs_above_0": sum(p["ci90"][0] > 0 for p in pairs),

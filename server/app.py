@@ -38,6 +38,7 @@ class RequestLog:
             return await self.app(scope, receive, send)
         start, status = time.perf_counter(), 500
         state = scope.setdefault("state", {})
+        state["arrived"] = time.monotonic()  # the request deadline counts from here: reading the body counts too
 
         async def send_status(message):
             nonlocal status

@@ -34,13 +34,15 @@ class Settings(BaseSettings):
     num_slots: int = Field(8, ge=1, le=4096, description="task-KV slots kept on the device (LRU)")
     max_batch_size: int = Field(32, ge=1, description="most rows (requests and label rows) in one batch step")
     max_batch_tokens: int = Field(2048, ge=16, description="most new tokens in one batch step")
-    max_queue: int = Field(256, ge=1, description="most waiting requests; beyond it requests get 429")
+    max_queue: int = Field(256, ge=1, description="most waiting requests (a request of many texts is one; it waits "
+                           "until its last text is admitted); beyond it requests get 429")
     kv_cache_tokens: int = Field(8192, ge=64, description="token capacity of the per-request KV cache pool")
     cuda_graphs: bool = Field(False, description="replay decode-only steps from CUDA graphs captured per "
                               "batch-size and cache-length bucket (CUDA only; ignored elsewhere)")
     overlap_steps: bool = Field(False, description="launch each step before reading the one before it, so the "
                                 "host's planning overlaps the device's work (for GPUs: a CPU gains nothing)")
-    request_timeout_s: float = Field(60.0, gt=0, description="a request not finished in this time gets 504")
+    request_timeout_s: float = Field(60.0, gt=0, description="a request not finished this long after it arrived "
+                                     "(tokenising included) gets 504")
     max_texts_per_request: int = Field(64, ge=1, le=4096, description="most texts (predict) or prompts "
                                        "(completions) in one request (at most max_queue)")
     max_new_tokens_limit: int = Field(512, ge=1, description="largest max_new_tokens a request may ask for")
