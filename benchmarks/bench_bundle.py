@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
-from talora.adapters.bundle import export_bundle, export_task
-from talora.adapters.config import TaloraConfig
-from talora.adapters.talora_model import TaloraModel
+from talora.adapters.formats.bundle import export_bundle, export_task
+from talora.adapters.model.config import TaloraConfig
+from talora.adapters.model.talora_model import TaloraModel
 
 
 def task_name(index: int) -> str:

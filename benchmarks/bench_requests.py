@@ -85,7 +85,7 @@ def real_task_texts(task_names: list[str] | None = None, per_task: int = 64,
 
     Tasks whose data is not installed are skipped; the caller gets whatever is available.
     """
-    from talora.adapters.tasks import MissingDataError, get_task, list_tasks, load_split, render_prompt
+    from talora.adapters.data import MissingDataError, get_task, list_tasks, load_split, render_prompt
 
     texts = {}
     for name in task_names or list_tasks():

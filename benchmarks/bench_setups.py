@@ -84,7 +84,7 @@ def make_reencode_hf(hf_model, task_prompts: torch.Tensor, requests: list[BenchR
 
 
 def _packed(requests: list[BenchRequest], chunk: list[int], slot_ids: list[int], device):
-    from talora.adapters.talora_model import BatchMeta
+    from talora.adapters.model.talora_model import BatchMeta
 
     lengths = [len(requests[i].input_ids) for i in chunk]
     ids = torch.tensor([t for i in chunk for t in requests[i].input_ids], device=device)
@@ -233,8 +233,8 @@ def start_vllm_backend(bundle_dir, vllm_python, batch_size: int, max_tokens: int
     child gets the worker's settings (``vllm_worker.py``: max sequences, batched tokens, model length)."""
     import os
 
+    from talora.server.backends.vllm.engine import VllmEngine
     from talora.server.settings import Settings
-    from talora.server.vllm_engine import VllmEngine
 
     os.environ.setdefault("VLLM_SERVER_DEV_MODE", "1")  # /reset_prefix_cache, so that every pass starts cold
     max_len = prompt_len + max_tokens

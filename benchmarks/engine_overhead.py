@@ -101,9 +101,9 @@ def build_model(name: str, device: str, dtype: str, tokenizer: str = "smollm2"):
     model's tokenizer (``tokenizer="bytes"``: ``byte_tokenizer()``, and the embedded model is not loaded)."""
     from dataclasses import replace
 
-    from talora.adapters.config import ModelConfig
-    from talora.adapters.loading import LoadedModel, load_model, weights_fingerprint
-    from talora.adapters.model import CausalLM
+    from talora.adapters.model.config import ModelConfig
+    from talora.adapters.model.frozen_lm import CausalLM
+    from talora.adapters.model.loading import LoadedModel, load_model, weights_fingerprint
 
     smol = None if name in SHAPES and tokenizer == "bytes" else load_model(dtype=dtype, device=device)
     if name == "smollm2" and smol is not None:
@@ -183,7 +183,7 @@ def engine_runner(engine, prompts: list[list[int]], tasks: list[str]):
 def forward_runner(engine, prompts: list[list[int]], tasks: list[str], batch_size: int, sync):
     """The engine's rows (prompt + verbaliser[:-1]), packed in its batches, through ``forward_cached``
     writing a KV cache as the engine does. Uses only what old revisions have too."""
-    from talora.adapters.talora_model import BatchMeta, KVCache
+    from talora.adapters.model.talora_model import BatchMeta, KVCache
 
     registry, model, prefix = parts(engine)
     device = model.lm.device

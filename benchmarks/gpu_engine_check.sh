@@ -45,7 +45,7 @@ if has overlap; then  # the engines again with --overlap-steps (a smaller run)
         --decode --overlap-steps --out "$OUT/engine_overhead_overlap-$card.json" 2>&1 | tee "$OUT/engine_overhead_overlap.log"
 fi
 if has graphs; then  # the CUDA-graph tests, then generation with and without --cuda-graphs at the same size
-    timeout 120 $PY -m pytest tests/adapters/test_decode_graphs.py -p no:cacheprovider -q -m gpu 2>&1 \
+    timeout 120 $PY -m pytest tests/adapters/runtime/test_decode_graphs.py -p no:cacheprovider -q -m gpu 2>&1 \
         | tee "$OUT/pytest_graphs.log"
     graphs_rc=${PIPESTATUS[0]}
     for mode in eager graphs; do

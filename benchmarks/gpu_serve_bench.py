@@ -66,8 +66,8 @@ def build_models(args):
     """HF Qwen2 with random weights, and talora's CausalLM holding the same tensors."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from talora.adapters.config import ModelConfig
-    from talora.adapters.model import CausalLM, rope_inv_freq
+    from talora.adapters.model.config import ModelConfig
+    from talora.adapters.model.frozen_lm import CausalLM, rope_inv_freq
 
     dtype = getattr(torch, args.dtype)
     config = Qwen2Config(**{**QWEN25_05B, "num_hidden_layers": args.layers})
@@ -94,7 +94,7 @@ def random_requests(args, vocab_size: int):
 
 
 def build_setups(args, hf_model, lm, requests) -> tuple[dict, dict]:
-    from talora.adapters.config import TaloraConfig
+    from talora.adapters.model.config import TaloraConfig
 
     cfg = TaloraConfig(shared_prompt_len=args.shared_prompt_len, task_prompt_len=args.task_prompt_len, rank=args.rank)
     talora_model = random_talora_model(lm, cfg, 64, args.seed)

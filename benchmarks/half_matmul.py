@@ -40,11 +40,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     from benchmarks.bench_report import cpu_model
-    from talora.adapters.bundle import model_from_bundle
+    from talora.adapters.data import get_task, load_split
     from talora.adapters.demo import demo_bundle_dir
-    from talora.adapters.loading import load_model
-    from talora.adapters.precision import native_half
-    from talora.adapters.tasks import get_task, load_split
+    from talora.adapters.formats.bundle import model_from_bundle
+    from talora.adapters.model.loading import load_model
+    from talora.adapters.model.precision import native_half
     from talora.adapters.train.data import encode_task
     from talora.adapters.train.evaluate import label_scores
 

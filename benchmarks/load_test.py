@@ -67,7 +67,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def request_texts(num: int, seed: int) -> list[str]:
     """Real task inputs cut to 16..128 tokens (the serve_bench length law), as text."""
-    from talora.adapters.loading import load_model
+    from talora.adapters.model.loading import load_model
 
     tokenizer: Any = load_model().tokenizer
     requests = real_request_set(tokenizer, num, 16, 128, seed)
@@ -229,8 +229,8 @@ def start_server(args, workdir: Path) -> tuple[subprocess.Popen, list[str]]:
     import httpx
 
     from benchmarks.bench_bundle import task_name, write_random_bundle
-    from talora.adapters.config import TaloraConfig
-    from talora.adapters.loading import load_model
+    from talora.adapters.model.config import TaloraConfig
+    from talora.adapters.model.loading import load_model
 
     loaded = load_model()
     cfg = TaloraConfig(shared_prompt_len=64, task_prompt_len=16, rank=8)

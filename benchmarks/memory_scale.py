@@ -95,7 +95,7 @@ def task_kv_compute_times(engine, tasks: list[str], repeats: int = 5) -> dict:
     Runs on this thread while the engine is idle and only reads the model and the shared prefix;
     the bare model's forward of the same n tokens is timed next to it for comparison.
     """
-    from talora.adapters.model import dense_attention
+    from talora.adapters.model.frozen_lm import dense_attention
 
     model, prefix = engine.loaded.runner.model, engine.loaded.runner.prefix
     adapters = [engine.adapter(t) for t in tasks[:8]]
@@ -142,8 +142,8 @@ def scale_run(engine, tasks: list[str], args) -> dict:
 def main(argv=None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    from talora.adapters.config import TaloraConfig
-    from talora.adapters.loading import load_model
+    from talora.adapters.model.config import TaloraConfig
+    from talora.adapters.model.loading import load_model
 
     loaded = load_model()
     cfg = TaloraConfig(shared_prompt_len=64, task_prompt_len=16, rank=8)

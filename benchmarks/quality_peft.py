@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.bench_setups import pad_left
-from talora.adapters.precision import FloatMatmul, float_matmul_needed
-from talora.adapters.scoring import plan_labels
+from talora.adapters.model.precision import FloatMatmul, float_matmul_needed
+from talora.adapters.runtime.scoring import plan_labels
 from talora.adapters.train.data import EncodedTask, MixedTaskSampler
 from talora.adapters.train.metrics import accuracy, macro_f1, majority_rate
 
@@ -53,7 +53,7 @@ class Budget:
 
 
 def model_dir(name: str) -> Path:
-    from talora.adapters.loading import DEFAULT_MODEL, default_model_dir
+    from talora.adapters.model.loading import DEFAULT_MODEL, default_model_dir
 
     return default_model_dir() if name in ("", "default", DEFAULT_MODEL) else Path(name)
 

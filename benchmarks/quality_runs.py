@@ -28,7 +28,7 @@ import torch
 from benchmarks.quality_plan import MULTITASK, TALORA_METHODS, Run
 from benchmarks.quality_report import machine
 from benchmarks.quality_sources import artifact_build
-from talora.adapters.config import AdapterShape
+from talora.adapters.model.config import AdapterShape
 
 ARTIFACTS = "artifacts"
 
@@ -65,7 +65,7 @@ def peft_params(method: str, hyper: dict, shape: dict) -> tuple[int, int]:
 
 
 def _examples(task: str, split: str, limit: int | None):
-    from talora.adapters.tasks import load_split
+    from talora.adapters.data import load_split
 
     return load_split(task, split, limit=limit or None)
 
@@ -125,7 +125,7 @@ def _last_gate_opening(log_path: Path) -> float | None:
 
 # ----- PEFT ----------------------------------------------------------------------------------
 def _encode(tok, names: list[str], split: str, limit, max_tokens: int):
-    from talora.adapters.tasks import get_task
+    from talora.adapters.data import get_task
     from talora.adapters.train.data import encode_task
 
     return [encode_task(get_task(n), _examples(n, split, limit), tok, max_tokens) for n in names]
@@ -143,7 +143,7 @@ def _build_peft(method: str, base, hyper: dict, seed: int, num_tasks: int, sourc
 
 def run_peft(run: Run, artifacts: Path, progress: bool) -> dict:
     from benchmarks import quality_peft as qp
-    from talora.adapters.tasks import get_task
+    from talora.adapters.data import get_task
     from talora.adapters.train.data import encode_task
 
     s = run.spec
@@ -228,7 +228,7 @@ def half_matmul(spec: dict) -> dict:
     """``{"half_matmul": "native" | "float32"}`` for a run whose frozen model is 16-bit: whether its
     products ran on the CPU's native 16-bit kernels or through float32 ones
     (``talora.adapters.precision``); ``{}`` for a float32 run."""
-    from talora.adapters.precision import HALF, float_matmul_needed
+    from talora.adapters.model.precision import HALF, float_matmul_needed
 
     dtype = getattr(torch, run_dtype(spec))
     if dtype not in HALF:

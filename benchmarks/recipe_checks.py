@@ -90,7 +90,7 @@ def small_task(bundle: Path, seeds: list[int], tmp: Path, threads: int, out: dic
 
 def imbalanced_file(path: Path, total: int = 1000, share: float = 0.78) -> Path:
     """A 3-class tweet file with ``share`` negatives (drawn from the train split only)."""
-    from talora.adapters.tasks import load_split
+    from talora.adapters.data import load_split
 
     pool = load_split("tweet_sentiment", "train")
     by_label: dict[str, list] = {}
@@ -107,7 +107,7 @@ def imbalanced_file(path: Path, total: int = 1000, share: float = 0.78) -> Path:
 
 
 def imbalanced_task(bundle: Path, seeds: list[int], tmp: Path, threads: int, out: dict, save) -> dict:
-    from talora.adapters.tasks import register_file_task
+    from talora.adapters.data import register_file_task
 
     data = imbalanced_file(tmp / "my_tweets.jsonl")
     register_file_task(data)

@@ -79,7 +79,7 @@ def make_texts(count: int, seed: int) -> list[str]:
 
 def make_store(model: str, folder: Path, num_tasks: int) -> Path:
     """A random bundle with ``num_tasks`` classify tasks (the store every replica reads)."""
-    from talora.adapters.loading import load_model
+    from talora.adapters.model.loading import load_model
 
     lm = load_model(model)
     return write_random_bundle(lm.model, lm.fingerprint, folder, num_tasks, base_model=lm.name)
@@ -123,7 +123,7 @@ def replica_counts(url: str) -> tuple[dict[str, float], dict[str, float]]:
     import httpx
     from prometheus_client.parser import text_string_to_metric_families
 
-    from talora.server.ray_serve import METRICS_PUSH_S
+    from talora.server.backends.ray.serve import METRICS_PUSH_S
 
     time.sleep(METRICS_PUSH_S + 0.5)  # every replica has pushed its counters since
     text = httpx.get(f"{url}/metrics", timeout=30).text
@@ -140,8 +140,8 @@ def replica_counts(url: str) -> tuple[dict[str, float], dict[str, float]]:
 def run_setup(url: str, args, store: Path, name: str, schedule: list[int], texts: list[str]) -> dict:
     from ray import serve
 
-    from talora.server.ray_serve import build_app
-    from talora.server.ray_support import RayOptions
+    from talora.server.backends.ray.serve import build_app
+    from talora.server.backends.ray.support import RayOptions
     from talora.server.settings import Settings
 
     replicas, routing = SETUPS[name]
@@ -198,8 +198,8 @@ def main(argv=None) -> int:
     setups = [s for s in args.setups.split(",") if s]
     texts = make_texts(512, args.seed)
     rows: dict[str, dict[str, dict]] = {}
-    from talora.server.ray_cli import start_cluster
-    from talora.server.ray_support import RayOptions
+    from talora.server.backends.ray.cli import start_cluster
+    from talora.server.backends.ray.support import RayOptions
 
     start_cluster(RayOptions(num_cpus=args.cluster_cpus), log_to_driver=False)  # bound to 127.0.0.1
     try:

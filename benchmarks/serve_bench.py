@@ -200,9 +200,9 @@ def main(argv=None) -> None:
     torch.manual_seed(args.seed)
     from transformers import AutoModelForCausalLM
 
-    from talora.adapters.bundle import model_from_bundle
-    from talora.adapters.config import TaloraConfig
-    from talora.adapters.loading import default_model_dir, load_model
+    from talora.adapters.formats.bundle import model_from_bundle
+    from talora.adapters.model.config import TaloraConfig
+    from talora.adapters.model.loading import default_model_dir, load_model
 
     loaded = load_model()
     tokenizer = loaded.tokenizer

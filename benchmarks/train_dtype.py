@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.bench_report import cpu_model
-from talora.adapters.precision import float_matmul_needed, native_half
+from talora.adapters.model.precision import float_matmul_needed, native_half
 
 HERE = Path(__file__).resolve().parent
 DTYPES = ("float32", "bfloat16")
@@ -45,9 +45,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def _setup(dtype: str, task_names: list[str], target: str, seed: int = 0):
-    from talora.adapters.loading import load_model
-    from talora.adapters.talora_model import TaloraModel
-    from talora.adapters.tasks import get_task, load_split
+    from talora.adapters.data import get_task, load_split
+    from talora.adapters.model.loading import load_model
+    from talora.adapters.model.talora_model import TaloraModel
     from talora.adapters.train import recipe
     from talora.adapters.train.data import encode_task
 

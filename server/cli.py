@@ -2,8 +2,8 @@
 
     talora-serve                                # SmolLM2-135M-Instruct + the demo bundle, 127.0.0.1:8000
     talora-serve --bundle runs/b --num-slots 16 --admin-token secret --watch-interval-s 2
-    talora-serve --ray --replicas 2 --store /shared/adapters  # replicas on Ray Serve (see ray_cli.py)
-    talora-serve --backend vllm --bundle runs/gate-off      # a gate-off bundle on vLLM (see vllm_engine.py)
+    talora-serve --ray --replicas 2 --store /shared/adapters  # replicas on Ray Serve (see backends/ray/cli.py)
+    talora-serve --backend vllm --bundle runs/gate-off      # a gate-off bundle on vLLM (see backends/vllm/engine.py)
 
 Flags win over ``TALORA_*`` environment variables, which win over the defaults.
 """
@@ -56,8 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if "--ray" in argv:  # replicas on Ray Serve (the ray extra): server/ray_cli.py, docs/scale_out.md
-        from talora.server.ray_cli import main as ray_main
+    if "--ray" in argv:  # replicas on Ray Serve (the ray extra): server/backends/ray/cli.py, docs/scale_out.md
+        from talora.server.backends.ray.cli import main as ray_main
 
         return ray_main([a for a in argv if a != "--ray"])
     args = vars(build_parser().parse_args(argv))
@@ -88,7 +88,7 @@ def exit_for_restart(exc: BaseException) -> None:
 def make_engine(settings: Settings) -> ServingEngine:
     """The engine of ``settings.backend``: the in-process one, or vLLM for a gate-off bundle."""
     if settings.backend == "vllm":
-        from talora.server.vllm_engine import VllmEngine
+        from talora.server.backends.vllm.engine import VllmEngine
 
         return VllmEngine(settings, on_fatal=exit_for_restart)
     from talora.server.engine import Engine
@@ -98,12 +98,12 @@ def make_engine(settings: Settings) -> ServingEngine:
 
 def serve(settings: Settings) -> int:
     """Bind the port, load everything, then serve until SIGINT/SIGTERM (which drain the requests in flight)."""
-    from talora.adapters.loading import ModelLoadError
-    from talora.server.app import create_app
-    from talora.server.engine import resolve_bundle
+    from talora.adapters.model.loading import ModelLoadError
+    from talora.server.backends.vllm.process import VllmUnavailable
     from talora.server.errors import BundleMissing
-    from talora.server.http_server import TaloraServer, bind_socket, uvicorn_config
-    from talora.server.vllm_process import VllmUnavailable
+    from talora.server.facade import resolve_bundle
+    from talora.server.http.app import create_app
+    from talora.server.http.server import TaloraServer, bind_socket, uvicorn_config
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

@@ -18,8 +18,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from talora.adapters.io import AdapterFormatError
-from talora.server.registry import AdapterConflict, AdapterNotFound, AdapterTooLarge
+from talora.adapters.formats.io import AdapterFormatError
+from talora.server.adapter_registry import AdapterConflict, AdapterNotFound, AdapterTooLarge
 
 log = logging.getLogger(__name__)
 

@@ -1,19 +1,73 @@
-"""The façade the HTTP layer serves: what routes, ``bridge`` and the app's lifespan use of an engine.
-
-Two engines stand behind it: ``talora.server.engine.Engine`` (the in-process TA-LoRA engine, the
-default) and ``talora.server.vllm_engine.VllmEngine`` (``--backend vllm``: gate-off bundles on
-vLLM). The routes, schemas and error handling are the same for both.
+"""What the HTTP layer and every backend share of an engine: the ``ServingEngine`` protocol, the adapter
+half (``AdapterFacade``) and ``resolve_bundle``, ``load_adapters``, ``encode_request``. Behind it:
+``talora.server.engine.Engine`` (in-process; also each Ray replica) or ``VllmEngine`` (``--backend vllm``).
 """
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
 from typing import Generic, Protocol, TypeVar
 
-from talora.adapters.io import BundleMeta
+from talora.adapters.demo import demo_bundle_dir
+from talora.adapters.formats.io import BundleMeta
+from talora.adapters.runtime.prompting import encode_prompt
+from talora.server.adapter_registry import AdapterRegistry, AdapterVersion
+from talora.server.errors import BundleMissing, InputTooLong
 from talora.server.jobs import Job
 from talora.server.metrics import Metrics
-from talora.server.registry import AdapterRegistry, AdapterVersion
 from talora.server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def resolve_bundle(settings: Settings) -> Path:
+    """``--bundle``, or the demo bundle shipped in ``talora.adapters.demo`` (``BundleMissing`` when not built)."""
+    if settings.bundle is not None:
+        return settings.bundle
+    folder = demo_bundle_dir()
+    if not (folder / "talora.json").is_file():
+        raise BundleMissing(f"the demo adapter bundle is not built yet ({folder} has no talora.json): produce it "
+                            "with `talora-train demo`, or serve another bundle with `talora-serve --bundle PATH`")
+    return folder
+
+
+def encode_request(tokenizer, settings: Settings, adapter: AdapterVersion, text: str,
+                   question: str | None = None) -> tuple[list[int], bool]:
+    """Prompt ids of ``text`` with the task's template, and whether it was cut; applies ``on_overflow``
+    (one definition for every backend)."""
+    limit = adapter.meta.max_input_tokens
+    ids, truncated = encode_prompt(tokenizer, adapter.meta.template, text, limit, question)
+    if settings.on_overflow == "reject":
+        # the text was tokenised once already: count it again only when it was cut
+        for name, value in ((("text", text),) if truncated else ()) + (("question", question),):
+            count = len(tokenizer(value, add_special_tokens=False)["input_ids"]) if value else 0
+            if count > limit:
+                raise InputTooLong(f"{name}: {count} tokens is over task {adapter.task!r}'s limit of {limit}")
+    if not ids:
+        raise InputTooLong("text: the prompt encodes to no tokens")
+    return ids, truncated
+
+
+def load_adapters(registry: AdapterRegistry, bundle: Path, where: str) -> list[str]:
+    """Load the bundle's tasks, then the store's (a store task adds a task or replaces the bundle's of that
+    name); returns the task names, sorted. ``where`` names the device or backend in the log line."""
+    from_bundle = registry.load_all(bundle_dir=bundle) if registry.store != bundle.resolve() else []
+    from_store = registry.load_all()
+    tasks = sorted(registry.snapshot())
+    replaced = sorted(set(from_bundle) & set(from_store))
+    log.info("serving %d task adapters on %s: %d from the bundle %s, %d from the store %s (replacing %s): %s",
+             len(tasks), where, len(from_bundle), bundle, len(from_store), registry.store,
+             ", ".join(replaced) or "none", ", ".join(tasks) or "(none)")
+    if not tasks:
+        log.warning("no task adapter loaded: /ready answers 503 until one is (PUT /v1/adapters/{task}, or "
+                    "files in the store with --watch-interval-s)")
+    missing = registry.missing()
+    if missing:
+        log.error("%d task adapters served before this start are not served now: %s; /ready answers 503 until "
+                  "each is loaded (PUT /v1/adapters/{task}, or good files in the store with --watch-interval-s) or "
+                  "deleted (DELETE /v1/adapters/{task})", len(missing), ", ".join(missing))
+    return tasks
 
 
 class ServingEngine(Protocol):

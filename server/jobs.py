@@ -13,8 +13,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from talora.adapters.scoring import LabelPlan, plan_labels
-from talora.server.registry import AdapterVersion
+from talora.adapters.runtime.scoring import LabelPlan, plan_labels
+from talora.server.adapter_registry import AdapterVersion
 
 
 @dataclass(frozen=True)
@@ -104,7 +104,7 @@ class Job:
         return self.adapter.label_ids
 
     def label_plan(self) -> LabelPlan:
-        """The rows and terms that score this job's labels (``talora.adapters.scoring``), planned once."""
+        """The rows and terms that score this job's labels (``talora.adapters.runtime.scoring``), planned once."""
         if self._label_plan is None:
             self._label_plan = plan_labels(self.prompt_ids, self.label_ids)
         return self._label_plan

@@ -20,7 +20,7 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def default_model():
     """The embedded real default model (SmolLM2-135M-Instruct), float32 on CPU."""
-    from talora.adapters.loading import load_model
+    from talora.adapters.model.loading import load_model
 
     return load_model()
 
@@ -28,7 +28,7 @@ def default_model():
 @pytest.fixture(scope="session")
 def tiny_server_model(tmp_path_factory):
     """A random tiny llama with a byte-level tokenizer (``helpers.save_tiny_server_model``), loaded."""
-    from talora.adapters.loading import load_model
+    from talora.adapters.model.loading import load_model
 
     return load_model(str(save_tiny_server_model(tmp_path_factory.mktemp("tiny-server-model"))))
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from talora.adapters.talora_model import TaloraModel
+    from talora.adapters.model.talora_model import TaloraModel
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository: docs/, pyproject.toml, the packages
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -49,9 +49,9 @@ def tiny_talora_model(folder: Path, tasks: Iterable[str], open_gates: bool = Tru
     """A TA-LoRA model (``TaloraConfig(**config)``) on the checkpoint in ``folder``, and the checkpoint's
     fingerprint: a seeded shared prompt, then each of ``tasks``, its gate drawn from N(0, 1) right
     after it when ``open_gates``, all from one generator."""
-    from talora.adapters.config import TaloraConfig
-    from talora.adapters.loading import load_checkpoint_folder
-    from talora.adapters.talora_model import TaloraModel
+    from talora.adapters.model.config import TaloraConfig
+    from talora.adapters.model.loading import load_checkpoint_folder
+    from talora.adapters.model.talora_model import TaloraModel
 
     lm, fingerprint = load_checkpoint_folder(folder)
     model = TaloraModel(lm, TaloraConfig(**config))

@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from talora.server.engine import demo_bundle_dir
+from talora.adapters.demo import demo_bundle_dir
 from tests.helpers import ROOT
 from tests.server.support import serve, write_version
 

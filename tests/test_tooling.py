@@ -94,3 +94,46 @@ def test_the_server_install_leaves_plotting_out():
     core = {_normal(re.split(r"[<>=!~\[; ]", r, maxsplit=1)[0]) for r in project["dependencies"]}
     assert "matplotlib" not in core and "pyyaml" in core
     assert "matplotlib" in {_normal(r.split(">")[0]) for r in project["optional-dependencies"]["train"]}
+
+
+# who may import whom, by folder: a file under the key imports no module under the values
+FORBIDDEN = {
+    "kernels": ("talora.adapters", "talora.server"),
+    "adapters": ("talora.server",),
+    # the parts every engine shares (facade, jobs, errors, adapter registry, settings, metrics)
+    **{f"server/{name}.py": ("talora.server.engine", "talora.server.http", "talora.server.backends")
+       for name in ("facade", "jobs", "errors", "adapter_registry", "settings", "metrics")},
+    "server/engine": ("talora.server.http", "talora.server.backends"),
+    "server/http": ("talora.server.engine", "talora.server.backends"),  # an engine only through the facade
+    "server/backends/vllm": ("talora.server.engine", "talora.server.http", "talora.server.backends.ray"),
+    "server/backends/ray": ("talora.server.engine", "talora.server.http", "talora.server.backends.vllm"),
+}
+# Ray replicas run the in-process engine (its class only); the HTTP app is the ingress's and each replica's
+ALLOWED = {"server/backends/ray": {"talora.server.engine", "talora.server.engine.Engine",
+                                   "talora.server.http.app", "talora.server.http.app.create_app"}}
+
+
+def _talora_imports(file: Path) -> set[str]:
+    modules = set()
+    for node in ast.walk(ast.parse(file.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            modules |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            modules |= {node.module, *(f"{node.module}.{a.name}" for a in node.names)}
+    return {m for m in modules if m.startswith("talora.")}
+
+
+def test_imports_flow_one_way():
+    """kernels <- adapters <- server; in server, HTTP and backends reach an engine only through the facade,
+    and no route module imports another."""
+    wrong = []
+    for where, banned in FORBIDDEN.items():
+        files = [ROOT / where] if where.endswith(".py") else sorted((ROOT / where).rglob("*.py"))
+        for file in files:
+            wrong += [f"{file.relative_to(ROOT)} imports {m}" for m in sorted(_talora_imports(file))
+                      if m not in ALLOWED.get(where, set()) and any(m == b or m.startswith(b + ".")
+                                                                    for b in banned)]
+    for file in sorted((ROOT / "server" / "http").glob("routes_*.py")):
+        wrong += [f"{file.relative_to(ROOT)} imports {m}" for m in sorted(_talora_imports(file))
+                  if m.startswith("talora.server.http.routes_")]
+    assert not wrong, "\n".join(wrong)

@@ -12,14 +12,6 @@ from pathlib import Path
 _FOLDER = Path(__file__).resolve().parent
 
 
-class DemoBundleMissing(FileNotFoundError):
-    """The demo bundle's files are not in the package (not built or not installed)."""
-
-
-def demo_bundle_dir(required: bool = True) -> Path | None:
-    """The demo bundle folder; when its ``talora.json`` is absent, raise (or return None)."""
-    if (_FOLDER / "talora.json").is_file() and (_FOLDER / "shared.safetensors").is_file():
-        return _FOLDER
-    if not required:
-        return None
-    raise DemoBundleMissing(f"{_FOLDER} holds no demo bundle; build it with `talora-train demo --install`")
+def demo_bundle_dir() -> Path:
+    """This folder; ``talora.json`` in it says whether the bundle is built (``talora-train demo --install``)."""
+    return _FOLDER

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from talora.adapters.config import AdapterShape, TaloraConfig, described
+from talora.adapters.model.config import AdapterShape, TaloraConfig, described
 
 STAGES = ("source", "target", "eval")
 SAMPLING = ("proportional", "temperature")
@@ -41,7 +41,7 @@ class TrainConfig(AdapterShape):
     model: str = described(
         "smollm2-135m-instruct",
         "frozen LM: 'smollm2-135m-instruct' (embedded default), a checkpoint folder or a hub id")
-    tasks: list[str] = described(help="comma-separated registry task names (talora.adapters.tasks)", factory=list)
+    tasks: list[str] = described(help="comma-separated registry task names (talora.adapters.data)", factory=list)
     task_files: list[str] = described(
         help='comma-separated JSONL/CSV (text,label) files registered as tasks named after the file', factory=list)
     output_dir: str = described("runs/talora", "run folder: bundle, task adapters, checkpoints, log.jsonl, curves")

@@ -1,7 +1,7 @@
 """Training data: tasks encoded once into token rows, and a seeded mixed-task batch sampler.
 
 Each example becomes ``EncodedExample(prompt_ids, target_ids)``: the task template filled with
-the (truncated) text, encoded exactly as serving encodes it (``talora.adapters.prompting``), and
+the (truncated) text, encoded exactly as serving encodes it (``talora.adapters.runtime.prompting``), and
 the answer tokens that follow it: the label's verbaliser for classification, the answer span
 plus the end-of-sequence token for extractive QA (so greedy decoding learns where to stop).
 The sampler draws each batch slot's task from ``p_t ∝ size_t ** (1/T)`` and an example of that
@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from talora.adapters.prompting import encode_prompt, verbalizer_ids
+from talora.adapters.runtime.prompting import encode_prompt, verbalizer_ids
 
 
 @dataclass

@@ -19,7 +19,7 @@ import json
 import shutil
 from pathlib import Path
 
-from talora.adapters.io import BUNDLE_FILE, SHARED_FILE, list_task_names
+from talora.adapters.formats.io import BUNDLE_FILE, SHARED_FILE, list_task_names
 
 # source-stage fields on top of the recipe (``recipe.SOURCE``)
 DEMO_CONFIG: dict = {
@@ -93,8 +93,8 @@ def zero_shot_metrics(cfg) -> dict:
     task ``cfg.task`` (the same items and prompts the target stage scores)."""
     from transformers import AutoTokenizer
 
-    from talora.adapters.loading import DTYPES, resolve_model_dir
-    from talora.adapters.tasks import get_task, load_split
+    from talora.adapters.data import get_task, load_split
+    from talora.adapters.model.loading import DTYPES, resolve_model_dir
     from talora.adapters.train.data import encode_task
     from talora.adapters.train.evaluate import answer_scores, zero_shot_answers
 
@@ -112,8 +112,8 @@ def run_demo(source_cfg, targets: dict | None = None, source_bundle: Path | None
     """Source stage (or the existing ``source_bundle``), then every target task; the target
     adapters are added to the bundle, which is then loaded whole (every file checked against the
     base model) before returning."""
-    from talora.adapters.bundle import model_from_bundle
-    from talora.adapters.loading import load_model
+    from talora.adapters.formats.bundle import model_from_bundle
+    from talora.adapters.model.loading import load_model
     from talora.adapters.train.stages import run_source, run_target
 
     if source_bundle is None:

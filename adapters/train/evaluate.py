@@ -1,7 +1,7 @@
 """Score a task adapter on encoded examples, exactly as serving scores requests.
 
-Classification: rank classification by label log-likelihood (``talora.adapters.scoring``).
-Extractive QA: greedy decoding on the cached path (``talora.adapters.decoding``) (stops at the
+Classification: rank classification by label log-likelihood (``talora.adapters.runtime.scoring``).
+Extractive QA: greedy decoding on the cached path (``talora.adapters.runtime.decoding``) (stops at the
 end-of-sequence token or a newline), then SQuAD exact match and token F1.
 
 ``zero_shot_answers`` is the reference an extract adapter has to beat: the frozen model alone
@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import torch
 
-from talora.adapters.decoding import greedy_generate
-from talora.adapters.scoring import ScoreRequest, score_labels
-from talora.adapters.talora_model import PrefixKV, SlotKV, TaloraModel
+from talora.adapters.model.talora_model import PrefixKV, SlotKV, TaloraModel
+from talora.adapters.runtime.decoding import greedy_generate
+from talora.adapters.runtime.scoring import ScoreRequest, score_labels
 from talora.adapters.train.data import EncodedTask
 from talora.adapters.train.metrics import accuracy, exact_match, macro_f1, majority_rate, token_f1
 

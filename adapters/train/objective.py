@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from talora.adapters.talora_model import BatchMeta, TaloraModel
+from talora.adapters.model.talora_model import BatchMeta, TaloraModel
 from talora.adapters.train.data import EncodedExample
 from talora.kernels import kernel_backend
 

@@ -65,7 +65,7 @@ RECIPES = {"source": SOURCE, "target": TARGET}
 # defaults; a value given by flag or config file wins). A packaged task keeps what the quality
 # benchmark measured: its texts cut at 48 tokens (the benchmark's tasks are decided by the start
 # of the text) and at most 256 class-balanced training examples. A user's own task (a file:
-# ``--task-files``, or ``python -m talora.adapters.tasks add``) was never measured that way, and
+# ``--task-files``, or ``python -m talora.adapters.data add``) was never measured that way, and
 # its texts may be longer and its examples fewer: it trains on all of its training examples, with
 # its texts cut at the 95th percentile of their token lengths (at most 512), so that about one
 # text in twenty is cut. The run logs what was chosen and how many texts are cut, and its summary

@@ -2,7 +2,7 @@
 
 Each takes a ``TrainConfig`` and returns a JSON-able summary (also written to
 ``<output_dir>/summary.json`` by the training stages). Training stages write the adapter files
-to ``<output_dir>/bundle`` in the format of ``talora.adapters.io``, read every file back and
+to ``<output_dir>/bundle`` in the format of ``talora.adapters.formats.io``, read every file back and
 compare it with the trained tensors before reporting success.
 """
 
@@ -18,10 +18,10 @@ from types import SimpleNamespace
 
 import torch
 
-from talora.adapters.bundle import export_bundle, export_task, model_from_bundle
-from talora.adapters.io import BUNDLE_FILE, SHARED_FILE, load_bundle
-from talora.adapters.talora_model import TaloraModel
-from talora.adapters.tasks.spec import TaskSpec
+from talora.adapters.data.spec import TaskSpec
+from talora.adapters.formats.bundle import export_bundle, export_task, model_from_bundle
+from talora.adapters.formats.io import BUNDLE_FILE, SHARED_FILE, load_bundle
+from talora.adapters.model.talora_model import TaloraModel
 from talora.adapters.train import recipe
 from talora.adapters.train.checkpoint import trained_state
 from talora.adapters.train.config import TrainConfig
@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 def _specs(cfg: TrainConfig, names: list[str]) -> dict[str, TaskSpec]:
     """Registry specs of ``names``, registering ``cfg.task_files`` first."""
-    from talora.adapters.tasks import get_task, register_file_task
+    from talora.adapters.data import get_task, register_file_task
 
     for path in cfg.task_files:
         register_file_task(path)
@@ -47,13 +47,13 @@ def _specs(cfg: TrainConfig, names: list[str]) -> dict[str, TaskSpec]:
 
 
 def _load_examples(name: str, split: str, limit: int):
-    from talora.adapters.tasks import load_split
+    from talora.adapters.data import load_split
 
     return load_split(name, split, limit=limit or None)
 
 
 def _file_task_names(cfg: TrainConfig) -> list[str]:
-    from talora.adapters.tasks.file_task import task_name_for
+    from talora.adapters.data.file_task import task_name_for
 
     return [task_name_for(Path(p)) for p in cfg.task_files]
 
@@ -62,7 +62,7 @@ def _setup(cfg: TrainConfig):
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     runtime = init_runtime(cfg.device)
-    from talora.adapters.loading import load_model
+    from talora.adapters.model.loading import load_model
 
     return runtime, load_model(cfg.model, cfg.dtype, runtime.device)
 

@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from talora.adapters.talora_model import TaloraModel
+from talora.adapters.model.talora_model import TaloraModel
 from talora.adapters.train.checkpoint import list_checkpoints, load_checkpoint, restore, save_checkpoint, trained_state
 from talora.adapters.train.config import TrainConfig
 from talora.adapters.train.data import EncodedTask, MixedTaskSampler, label_groups

@@ -94,8 +94,8 @@ def test_engine_overhead_exports_an_old_revision_as_talora(tmp_path):
     from benchmarks import engine_overhead
 
     root = engine_overhead.export_ref("HEAD", tmp_path)
-    assert (root / "talora" / "server" / "engine.py").is_file()
-    assert (root / "talora" / "adapters" / "talora_model.py").is_file()
+    assert (root / "talora" / "server" / "engine" / "core.py").is_file()
+    assert (root / "talora" / "adapters" / "model" / "talora_model.py").is_file()
 
 
 @pytest.mark.slow

@@ -14,9 +14,9 @@ from pathlib import Path
 import httpx
 import torch
 
-from talora.adapters.bundle import export_bundle, export_task
-from talora.adapters.config import TaloraConfig
-from talora.adapters.talora_model import TaloraModel
+from talora.adapters.formats.bundle import export_bundle, export_task
+from talora.adapters.model.config import TaloraConfig
+from talora.adapters.model.talora_model import TaloraModel
 from talora.server.jobs import Failed, Finished, Scored
 
 TEMPLATE = "Text: {text}\nAnswer:"
@@ -63,7 +63,7 @@ def write_version(folder: Path, loaded, task: str, seed: int, version: str, out:
     under task name ``name`` (default ``task``), with new random fast weights and gates."""
     import json
 
-    from talora.adapters.bundle import model_from_bundle
+    from talora.adapters.formats.bundle import model_from_bundle
 
     name = name or task
     meta = json.loads((folder / f"{task}.json").read_text())
@@ -128,9 +128,9 @@ class ServerThread:
     """
 
     def __init__(self, settings, loaded):
-        from talora.server.app import create_app
         from talora.server.engine import Engine
-        from talora.server.http_server import TaloraServer, uvicorn_config
+        from talora.server.http.app import create_app
+        from talora.server.http.server import TaloraServer, uvicorn_config
 
         self.torch_threads = torch.get_num_threads()
         self.engine = Engine(settings, loaded=loaded)

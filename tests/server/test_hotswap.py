@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors.torch import save
 
-from talora.adapters.bundle import model_from_bundle
-from talora.adapters.io import load_task
-from talora.adapters.scoring import ScoreRequest, score_labels
+from talora.adapters.formats.bundle import model_from_bundle
+from talora.adapters.formats.io import load_task
+from talora.adapters.runtime.scoring import ScoreRequest, score_labels
 from tests.server.support import GENERATE, build_bundle, serve, write_version
 
 TOKEN = {"authorization": "Bearer s3cret"}

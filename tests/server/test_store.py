@@ -46,7 +46,7 @@ def test_nothing_to_serve_is_not_ready(tiny_bundle, tiny_server_model, tmp_path,
     empty.mkdir()
     for name in ("talora.json", "shared.safetensors"):
         shutil.copy(tiny_bundle / name, empty / name)
-    with caplog.at_level(logging.WARNING, logger="talora.server.engine"), \
+    with caplog.at_level(logging.WARNING, logger="talora.server.facade"), \
             serve(empty, tiny_server_model) as srv:
         r = httpx.get(f"{srv.url}/ready")
         assert r.status_code == 503 and r.json() == {"ready": False, "tasks": 0}
@@ -74,7 +74,7 @@ def test_a_broken_store_file_after_a_restart_serves_the_last_known_good_copy(tin
         before = httpx.post(f"{srv.url}/v1/tasks/spam/predict", json={"text": "win money"}).json()
     blob = (tmp_path / "spam.safetensors").read_bytes()
     (tmp_path / "spam.safetensors").write_bytes(blob[: len(blob) // 2])
-    with caplog.at_level(logging.WARNING, logger="talora.server.registry"), \
+    with caplog.at_level(logging.WARNING, logger="talora.server.adapter_registry"), \
             serve(tiny_bundle, tiny_server_model, store=tmp_path) as srv:
         spam = _tasks(srv.url)["spam"]
         assert (spam["version"], spam["source"]) == ("store-v1", "last-known-good:spam")

@@ -1,0 +1,1 @@
+"""``talora-serve --ray``: the Serve application, its CLI, the shared adapter store, the Ray-free parts."""

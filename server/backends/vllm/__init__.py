@@ -1,0 +1,1 @@
+"""``talora-serve --backend vllm``: the engine, its inputs to vLLM, and the vLLM child process."""

@@ -1,0 +1,1 @@
+"""The HTTP layer: ``app.create_app``, routes, schemas, ``bridge`` (a request to jobs), limits, uvicorn."""

@@ -1,0 +1,1 @@
+"""Tests of talora.adapters.formats: the adapter file format and the packaged demo bundle."""

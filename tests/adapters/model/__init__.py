@@ -1,0 +1,1 @@
+"""Tests of talora.adapters.model: the frozen LM, loading, the TA-LoRA parametrisation, precision."""

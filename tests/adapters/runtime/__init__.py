@@ -1,0 +1,1 @@
+"""Tests of talora.adapters.runtime: batch metadata, label scores, decoding and decode graphs."""

@@ -1,0 +1,1 @@
+"""Tests of talora.server.engine: the engine, scheduling, fairness, overlapped steps, device sampling."""

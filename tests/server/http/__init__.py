@@ -1,0 +1,1 @@
+"""Tests of talora.server.http: routes, schemas, limits, deadlines, robustness and fuzzing over HTTP."""
