@@ -5,6 +5,7 @@ classify tasks of one random bundle on the embedded SmolLM2-135M-Instruct, float
 setup, in one run:
 
   one          1 replica of 1 torch thread, requests multiplexed by task@version
+  one_fair     1 replica of 2 torch threads (the threads of ``two`` together): the fair baseline
   two          2 replicas of 1 thread each, multiplexed by task@version (task-affine)
   two_random   2 replicas of 1 thread each, Serve's default routing (no model id)
 
@@ -13,9 +14,13 @@ text, 12..40 words) through Serve's HTTP proxy for ``--duration-s`` after ``--wa
 tasks drawn from Zipf(``--zipf-exponent``) over the tasks, the same seeded sequence for every
 setup. Measured: requests per second, latency p50/p99, and the slot hit rate (the replicas'
 ``talora_slot_hits / (hits + misses)`` over the measured phase, read from the ingress's merged
-``/metrics``). Ratios (same run): ``two_replicas_vs_one`` = two / one requests per second,
+``/metrics``; a ``/metrics`` that fails or does not parse leaves the hit rate unknown and says why
+in the row, and the run goes on). Every setup runs ``--repeats`` times, the setups' order rotated
+each round; a row holds the median, the runs and their range. Ratios (medians of the same run,
+with their range over the rounds): ``two_replicas_vs_one_fair`` = two / one_fair requests per
+second (the fair comparison: the same threads in total), ``two_replicas_vs_one`` = two / one, and
 ``affine_vs_random_hit_rate`` = two / two_random hit rate, per task count. The load average of
-the machine before and after each setup is recorded (a shared machine's other jobs show there).
+the machine before and after each run is recorded (a shared machine's other jobs show there).
 
     python -m benchmarks.scale_out --tasks 64,1000 --duration-s 30 --concurrency 32
     python -m benchmarks.scale_out --model /path/to/tiny --tasks 8 --duration-s 2   # a smoke run
@@ -41,7 +46,12 @@ from benchmarks.bench_report import append_jsonl, machine_info, package_version,
 from benchmarks.bench_requests import assign_tasks
 
 PREDICT = "/v1/tasks/{task}/predict"
-SETUPS = {"one": (1, "task"), "two": (2, "task"), "two_random": (2, "random")}
+SETUPS = {"one": (1, "task", 1), "one_fair": (1, "task", 2), "two": (2, "task", 1),
+          "two_random": (2, "random", 1)}  # replicas, routing, torch threads per replica
+RATIOS = {"two_replicas_vs_one_fair": ("two", "one_fair", "requests_per_s"),
+          "two_replicas_vs_one": ("two", "one", "requests_per_s"),
+          "affine_vs_random_hit_rate": ("two", "two_random", "slot_hit_rate")}
+METRICS_TRIES = 3
 WORDS = ("the match was late and the crowd left early while prices rose again across the region as "
          "new rules for banks came into force and the film won praise from critics at the festival").split()
 
@@ -58,7 +68,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--duration-s", type=float, default=30.0, help="measured seconds per setup")
     p.add_argument("--warmup-requests", type=int, default=64, help="requests before measuring")
     p.add_argument("--zipf-exponent", type=float, default=1.0, help="task popularity ~ rank ** -exponent")
-    p.add_argument("--cluster-cpus", type=int, default=2, help="CPUs of the local Ray cluster (one per replica)")
+    p.add_argument("--cluster-cpus", type=int, default=2, help="CPUs of the local Ray cluster (one per replica "
+                   "thread)")
+    p.add_argument("--repeats", type=int, default=3, help="runs of every setup (order rotated each round)")
     p.add_argument("--replica-gpus", type=float, default=0.0, help="GPUs per replica (a GPU machine: 1)")
     add_flags(p, seed=0, out=RESULTS / "scale_out.json", jsonl=None,
               helps={"seed": "seed of the task sequence and the texts",
@@ -118,23 +130,46 @@ async def drive(url: str, schedule: list[int], texts: list[str], concurrency: in
             "latencies": latencies}
 
 
-def replica_counts(url: str) -> tuple[dict[str, float], dict[str, float]]:
-    """({"hits", "misses"} summed over the replicas, predict requests by replica) from the merged ``/metrics``."""
-    import httpx
+class MetricsUnavailable(RuntimeError):
+    """``/metrics`` did not answer 200 with Prometheus text in ``METRICS_TRIES`` tries."""
+
+
+def parse_counts(text: str) -> tuple[dict[str, float], dict[str, float]]:
+    """({"hits", "misses"} summed over the replicas, predict requests by replica) of merged ``/metrics`` text;
+    ``ValueError`` when it is not Prometheus text."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    from talora.server.backends.ray.serve import METRICS_PUSH_S
-
-    time.sleep(METRICS_PUSH_S + 0.5)  # every replica has pushed its counters since
-    text = httpx.get(f"{url}/metrics", timeout=30).text
     counts: dict[str, dict[str, float]] = {"talora_slot_hits": {}, "talora_slot_misses": {}, "talora_requests": {}}
     for family in text_string_to_metric_families(text):
         for sample in family.samples if family.name in counts else []:
             if sample.name.endswith("_total") and sample.labels.get("endpoint", PREDICT) == PREDICT:
                 by_replica = counts[family.name]
-                by_replica[sample.labels["replica"]] = by_replica.get(sample.labels["replica"], 0.0) + sample.value
+                replica = sample.labels.get("replica", "-")
+                by_replica[replica] = by_replica.get(replica, 0.0) + sample.value
     hits, misses, requests = counts["talora_slot_hits"], counts["talora_slot_misses"], counts["talora_requests"]
     return {"hits": sum(hits.values()), "misses": sum(misses.values())}, requests
+
+
+def replica_counts(url: str, wait_s: float | None = None) -> tuple[dict[str, float], dict[str, float]]:
+    """``parse_counts`` of the merged ``/metrics`` once every replica has pushed; ``MetricsUnavailable``."""
+    import httpx
+
+    if wait_s is None:
+        from talora.server.backends.ray.serve import METRICS_PUSH_S
+
+        wait_s = METRICS_PUSH_S + 0.5
+    time.sleep(wait_s)  # every replica has pushed its counters since
+    problem = ""
+    for attempt in range(METRICS_TRIES):
+        try:
+            r = httpx.get(f"{url}/metrics", timeout=30)
+            if r.status_code == 200:
+                return parse_counts(r.text)
+            problem = f"/metrics answered {r.status_code}"
+        except (httpx.TransportError, ValueError) as exc:
+            problem = f"/metrics failed: {type(exc).__name__}: {exc}"[:200]
+        time.sleep(1.0 + attempt)
+    raise MetricsUnavailable(problem)
 
 
 def run_setup(url: str, args, store: Path, name: str, schedule: list[int], texts: list[str]) -> dict:
@@ -144,32 +179,53 @@ def run_setup(url: str, args, store: Path, name: str, schedule: list[int], texts
     from talora.server.backends.ray.support import RayOptions
     from talora.server.settings import Settings
 
-    replicas, routing = SETUPS[name]
-    settings = Settings(model=args.model, bundle=store, num_slots=args.num_slots, torch_threads=1,
+    replicas, routing, threads = SETUPS[name]
+    settings = Settings(model=args.model, bundle=store, num_slots=args.num_slots, torch_threads=threads,
                         max_queue=4 * args.concurrency, log_level="warning")
-    options = RayOptions(replicas=replicas, replica_cpus=1, replica_gpus=args.replica_gpus, routing=routing,
+    options = RayOptions(replicas=replicas, replica_cpus=threads, replica_gpus=args.replica_gpus, routing=routing,
                          access_log=False, max_ongoing_requests=args.max_ongoing_requests or args.concurrency)
     load_before = os.getloadavg()
     serve.run(build_app(settings, options), name="talora", route_prefix="/")
+    counts, metrics_error = [], None
     try:
         asyncio.run(drive(url, schedule, texts, args.concurrency, None, limit=args.warmup_requests))
-        slots0, requests0 = replica_counts(url)
-        measured = asyncio.run(drive(url, schedule[args.warmup_requests:], texts, args.concurrency, args.duration_s))
-        slots1, requests1 = replica_counts(url)
+        for phase in ("before", "after"):
+            if phase == "after":
+                measured = asyncio.run(drive(url, schedule[args.warmup_requests:], texts, args.concurrency,
+                                             args.duration_s))
+            try:
+                counts.append(replica_counts(url))
+            except MetricsUnavailable as exc:
+                metrics_error = str(exc)
     finally:
         serve.delete("talora")
-    hits, misses = slots1["hits"] - slots0["hits"], slots1["misses"] - slots0["misses"]
-    served = sorted((n - requests0.get(r, 0.0) for r, n in requests1.items()), reverse=True)
     lat = sorted(measured["latencies"]) or [float("nan")]
-    return {"setup": name, "replicas": replicas, "routing": routing, "num_tasks": len(set(schedule)),
-            "requests_per_s": measured["completed"] / measured["seconds"], "completed": measured["completed"],
-            "errors": measured["errors"], "seconds": measured["seconds"],
-            "latency_p50_ms": 1e3 * statistics.median(lat),
-            "latency_p99_ms": 1e3 * lat[int(0.99 * (len(lat) - 1))],
-            "slot_hits": hits, "slot_misses": misses,
-            "slot_hit_rate": hits / (hits + misses) if hits + misses else None,
-            "replica_shares": [n / sum(served) for n in served] if sum(served) else [],
-            "loadavg_before": list(load_before), "loadavg_after": list(os.getloadavg())}
+    row = {"setup": name, "replicas": replicas, "routing": routing, "threads_per_replica": threads,
+           "num_tasks": len(set(schedule)), "requests_per_s": measured["completed"] / measured["seconds"],
+           "completed": measured["completed"], "errors": measured["errors"], "seconds": measured["seconds"],
+           "latency_p50_ms": 1e3 * statistics.median(lat), "latency_p99_ms": 1e3 * lat[int(0.99 * (len(lat) - 1))],
+           "slot_hits": None, "slot_misses": None, "slot_hit_rate": None, "replica_shares": [],
+           "metrics_error": metrics_error, "loadavg_before": list(load_before), "loadavg_after": list(os.getloadavg())}
+    if metrics_error is None:
+        (slots0, requests0), (slots1, requests1) = counts
+        hits, misses = slots1["hits"] - slots0["hits"], slots1["misses"] - slots0["misses"]
+        served = sorted((n - requests0.get(r, 0.0) for r, n in requests1.items()), reverse=True)
+        row.update(slot_hits=hits, slot_misses=misses, slot_hit_rate=hits / (hits + misses) if hits + misses else None,
+                   replica_shares=[n / sum(served) for n in served] if sum(served) else [])
+    return row
+
+
+def combine(runs: list[dict]) -> dict:
+    """One setup's row over its repeated runs: the median of each measure, the runs, and the range."""
+    row = dict(runs[len(runs) // 2])
+    for key in ("requests_per_s", "latency_p50_ms", "latency_p99_ms", "slot_hit_rate"):
+        values = [r[key] for r in runs if r.get(key) is not None]
+        row[key] = statistics.median(values) if values else None
+        if key == "requests_per_s" and values:
+            row["requests_per_s_range"] = [min(values), max(values)]
+    row["repeats"] = len(runs)
+    row["runs"] = runs
+    return row
 
 
 def summarise(args, rows: dict[str, dict[str, dict]], machine: dict) -> dict:
@@ -177,15 +233,18 @@ def summarise(args, rows: dict[str, dict[str, dict]], machine: dict) -> dict:
     def get(mix: str, setup: str, key: str):
         return rows[mix].get(setup, {}).get(key)
 
-    ratios: dict[str, dict[str, float | None]] = {"two_replicas_vs_one": {}, "affine_vs_random_hit_rate": {}}
+    ratios: dict[str, dict[str, float | None]] = {name: {} for name in RATIOS}
+    ranges: dict[str, dict[str, list[float]]] = {name: {} for name in RATIOS}
     for mix in rows:
-        ratios["two_replicas_vs_one"][mix] = ratio(get(mix, "two", "requests_per_s"),
-                                                   get(mix, "one", "requests_per_s"))
-        ratios["affine_vs_random_hit_rate"][mix] = ratio(get(mix, "two", "slot_hit_rate"),
-                                                         get(mix, "two_random", "slot_hit_rate"))
+        for name, (a, b, key) in RATIOS.items():
+            ratios[name][mix] = ratio(get(mix, a, key), get(mix, b, key))
+            rounds = zip(rows[mix].get(a, {}).get("runs", []), rows[mix].get(b, {}).get("runs", []))
+            values = [v for v in (ratio(ra.get(key), rb.get(key)) for ra, rb in rounds) if v is not None]
+            if values:
+                ranges[name][mix] = [min(values), max(values)]
     setup = {k: v for k, v in vars(args).items() if k not in ("out", "jsonl")}
-    return {"setup": setup, "machine": machine, "ratios": ratios, "rows": rows,
-            "notes": {"goal": "two_replicas_vs_one >= 1.7 (issue 12)",
+    return {"setup": setup, "machine": machine, "ratios": ratios, "ratio_ranges": ranges, "rows": rows,
+            "notes": {"goal": "two_replicas_vs_one_fair >= 1.7 on a machine with free cores",
                       "cpu": "replicas, Serve's proxy and ingress, and the load client share the machine's cores"}}
 
 
@@ -211,15 +270,17 @@ def main(argv=None) -> int:
                 store = make_store(args.model, Path(tmp) / f"tasks{num_tasks}", num_tasks)
                 schedule = assign_tasks(200_000, num_tasks, "zipf", args.seed, args.zipf_exponent)
                 mix = f"zipf{num_tasks}"
-                rows[mix] = {}
-                for name in setups:
-                    row = run_setup(url, args, store, name, schedule, texts)
-                    rows[mix][name] = row
-                    print(f"{mix} {name}: {row['requests_per_s']:.1f} req/s, hit rate {row['slot_hit_rate']}, "
-                          f"p50 {row['latency_p50_ms']:.0f} ms, errors {row['errors']}, load {row['loadavg_after']}",
-                          flush=True)
-                    if args.jsonl:
-                        append_jsonl(args.jsonl, {"mix": mix, **row})
+                runs: dict[str, list[dict]] = {name: [] for name in setups}
+                for round_ in range(args.repeats):
+                    for name in setups[round_ % len(setups):] + setups[:round_ % len(setups)]:
+                        row = run_setup(url, args, store, name, schedule, texts)
+                        runs[name].append(row)
+                        print(f"{mix} {name} round {round_}: {row['requests_per_s']:.1f} req/s, hit rate "
+                              f"{row['slot_hit_rate']}, p50 {row['latency_p50_ms']:.0f} ms, errors {row['errors']}, "
+                              f"load {row['loadavg_after']}", flush=True)
+                        if args.jsonl:
+                            append_jsonl(args.jsonl, {"mix": mix, "round": round_, **row})
+                rows[mix] = {name: combine(r) for name, r in runs.items()}
     finally:
         serve.shutdown()
         ray.shutdown()

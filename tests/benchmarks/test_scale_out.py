@@ -23,6 +23,41 @@ def test_summary_ratios_compare_setups_of_the_same_mix():
     assert summary["setup"] == {"tasks": "64,1000"}
 
 
+def test_the_fair_ratio_and_the_ranges_come_from_the_rounds_of_the_same_run():
+    def runs(*values):
+        return scale_out.combine([{"requests_per_s": v, "slot_hit_rate": None} for v in values])
+
+    rows = {"zipf64": {"one_fair": runs(10.0, 12.0, 11.0), "two": runs(18.0, 18.0, 22.0)}}
+    summary = scale_out.summarise(Namespace(tasks="64"), rows, {})
+    assert rows["zipf64"]["two"]["requests_per_s"] == 18.0 and rows["zipf64"]["two"]["repeats"] == 3
+    assert rows["zipf64"]["one_fair"]["requests_per_s_range"] == [10.0, 12.0]
+    assert summary["ratios"]["two_replicas_vs_one_fair"]["zipf64"] == pytest.approx(18.0 / 11.0)
+    assert summary["ratio_ranges"]["two_replicas_vs_one_fair"]["zipf64"] == pytest.approx([1.5, 2.0])
+    assert summary["ratios"]["two_replicas_vs_one"]["zipf64"] is None  # no "one" setup in this run
+
+
+def test_a_failing_metrics_route_is_reported_not_a_crash(monkeypatch):
+    import httpx
+
+    answers = iter([httpx.Response(500, text="Internal Server Error"), httpx.Response(200, text="Server error\n"),
+                    httpx.Response(503, text="")])
+    monkeypatch.setattr(httpx, "get", lambda *a, **kw: next(answers))
+    monkeypatch.setattr(scale_out.time, "sleep", lambda s: None)
+    with pytest.raises(scale_out.MetricsUnavailable, match="503"):
+        scale_out.replica_counts("http://127.0.0.1:9", wait_s=0)
+    with pytest.raises(ValueError):
+        scale_out.parse_counts("Server error\n")
+
+
+def test_counts_are_read_per_replica():
+    text = ('# TYPE talora_slot_hits_total counter\ntalora_slot_hits_total{replica="a"} 3\n'
+            'talora_slot_hits_total{replica="b"} 2\n# TYPE talora_slot_misses_total counter\n'
+            'talora_slot_misses_total{replica="a"} 1\n# TYPE talora_requests_total counter\n'
+            'talora_requests_total{replica="a",endpoint="/v1/tasks/{task}/predict"} 7\n')
+    slots, requests = scale_out.parse_counts(text)
+    assert slots == {"hits": 5.0, "misses": 1.0} and requests == {"a": 7.0}
+
+
 def test_texts_are_seeded():
     assert scale_out.make_texts(5, 1) == scale_out.make_texts(5, 1) != scale_out.make_texts(5, 2)
 
@@ -35,12 +70,12 @@ def test_a_tiny_run_writes_every_setup_and_both_ratios(tmp_path):
     model = save_tiny_server_model(tmp_path / "model")
     out = tmp_path / "scale_out.json"
     assert scale_out.main(["--model", str(model), "--tasks", "6", "--duration-s", "1", "--warmup-requests", "8",
-                           "--concurrency", "4", "--out", str(out)]) == 0
+                           "--concurrency", "4", "--repeats", "1", "--out", str(out)]) == 0
     summary = json.loads(out.read_text())
     rows = summary["rows"]["zipf6"]
     assert set(rows) == set(scale_out.SETUPS)
     assert all(row["completed"] > 0 and not row["errors"] for row in rows.values())
-    assert [len(rows[name]["replica_shares"]) for name in scale_out.SETUPS] == [1, 2, 2]
+    assert [len(rows[name]["replica_shares"]) for name in scale_out.SETUPS] == [1, 1, 2, 2]
     assert all(sum(row["replica_shares"]) == pytest.approx(1) for row in rows.values())
     assert summary["ratios"]["two_replicas_vs_one"]["zipf6"] > 0
     assert summary["ratios"]["affine_vs_random_hit_rate"]["zipf6"] > 0

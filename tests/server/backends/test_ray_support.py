@@ -15,7 +15,6 @@ from pydantic import ValidationError
 from talora.server.backends.ray.support import RayOptions, admin_task, asgi_exchange, merge_metrics, task_of
 from talora.server.metrics import Metrics
 from talora.server.settings import Settings
-from tests.helpers import ROOT
 
 
 @pytest.mark.parametrize("method, path, body, task", [
@@ -127,37 +126,3 @@ def test_ray_flag_refuses_what_it_cannot_serve(monkeypatch, capsys):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "ray" else real_find_spec(name))
     assert main(["--ray", "--replicas", "2"]) == 2
     assert "pip install 'talora[ray]'" in capsys.readouterr().err
-
-
-def _doc_yaml_blocks() -> list[dict]:
-    import re
-
-    import yaml
-
-    text = (ROOT / "docs" / "scale_out.md").read_text()
-    return [yaml.safe_load(block) for block in re.findall(r"^```yaml\n(.*?)^```", text, re.S | re.M)]
-
-
-def test_the_docs_serve_config_and_rayservice_are_valid_and_build(tmp_path):
-    """The Serve config and the RayService of docs/scale_out.md validate against Serve's schema, and their
-    args build the application (no cluster needed; skipped without the ray extra)."""
-    pytest.importorskip("ray.serve")
-    import shutil
-
-    import yaml
-    from ray.serve.schema import ServeDeploySchema
-
-    from talora.adapters.demo import demo_bundle_dir
-    from talora.server.backends.ray.serve import app_builder
-
-    config, service = _doc_yaml_blocks()
-    embedded = yaml.safe_load(service["spec"]["serveConfigV2"])
-    store = tmp_path / "adapters"
-    shutil.copytree(demo_bundle_dir(), store, ignore=shutil.ignore_patterns("__*", "*.py"))
-    for serve_config in (config, embedded):
-        ServeDeploySchema.model_validate(serve_config)
-        app = serve_config["applications"][0]
-        assert app["import_path"] == "talora.server.backends.ray.serve:app_builder"
-        assert [d["name"] for d in app["deployments"]] == ["TaloraReplica"]
-        args = {k: str(store) if v == "/mnt/adapters" else v for k, v in app["args"].items()}
-        assert app_builder(args) is not None
