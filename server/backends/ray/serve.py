@@ -16,6 +16,11 @@ An admin PUT is validated and loaded by one replica, then written to the shared 
 replica loads it from there when the first request of the new id reaches it. Requests already
 admitted finish on their version, as on one machine. A replica that dies before answering is
 retried on another (``RayOptions.retries``); Serve restarts it (``check_health``).
+
+Routing (``RayOptions.routing``): ``task`` uses ``routing.TaskAffinityRouter`` (affinity with
+overflow, so a hot task spreads and a new replica fills); ``serve`` keeps Serve's own multiplexing
+rules; ``random`` sends no model id. The ingress runs ``RayOptions.ingress_replicas`` replicas (2 by
+default), so Serve's proxy keeps answering through the others when one dies.
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from ray import serve
 from ray.exceptions import RayActorError
+from ray.serve.config import RequestRouterConfig
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
@@ -57,6 +64,9 @@ REPLICA_HEADER = b"x-talora-replica"
 METRICS_PUSH_S = 2.0
 METRICS_STALE_S = 5 * METRICS_PUSH_S
 LISTINGS = ("/v1/tasks", "/v1/models", "/ready")  # answered from the registry: synced with the store first
+ROUTER = "talora.server.backends.ray.routing:TaskAffinityRouter"
+# no replica could take the request (it died before answering, or none is up): retried, then 503
+UNAVAILABLE = (RayActorError, BackPressureError, DeploymentUnavailableError)
 
 
 def keep_replica_grpc_on_loopback() -> None:
@@ -250,7 +260,11 @@ class TaloraReplica:
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=4096)
 class TaloraIngress:
-    """The HTTP entry: picks ``task@version`` and forwards to the replicas, retrying a dead one."""
+    """The HTTP entry: picks ``task@version`` and forwards to the replicas, retrying a dead one.
+
+    Runs as ``RayOptions.ingress_replicas`` replicas; each is stateless (the version comes from the
+    shared store), so Serve's proxy sends new requests to the others while one is replaced.
+    """
 
     def __init__(self, replicas: DeploymentHandle, settings: Settings, options: RayOptions):
         self.replicas, self.options, self.store = replicas, options, shared_store(settings)
@@ -264,15 +278,15 @@ class TaloraIngress:
         version = self.store.version_of(task) if task is not None else None
         request = {"method": method, "path": path, "query": http.url.query.encode(), "body": body,
                    "headers": list(http.headers.raw), "task": task, "version": version or ""}
-        affine = version and self.options.routing == "task"
+        affine = version and self.options.routing != "random"
         handle = self.replicas.options(multiplexed_model_id=f"{task}@{version}" if affine else "", stream=True)
         retries = 0 if admin_task(method, path) else self.options.retries
         for attempt in range(retries + 1):
             stream: Any = handle.call.remote(request)
             try:
                 head = await stream.__anext__()
-            except RayActorError as exc:
-                log.warning("replica died before answering %s %s (attempt %d): %s", method, path, attempt + 1, exc)
+            except UNAVAILABLE as exc:
+                log.warning("no replica answered %s %s (attempt %d): %s", method, path, attempt + 1, exc)
                 await asyncio.sleep(0.2 * (attempt + 1))
                 continue
             except Exception as exc:  # noqa: BLE001 - e.g. the shared store could not be written
@@ -306,14 +320,23 @@ def replica_deployment(num_slots: int):
     return serve.deployment(name="TaloraReplica")(Replica)
 
 
+def router_options(options: RayOptions) -> dict[str, Any]:
+    """``Deployment.options`` for the replicas' request router: ours for ``routing=task``, else Serve's."""
+    if options.routing != "task":
+        return {}
+    config = RequestRouterConfig(request_router_class=ROUTER,  # type: ignore[arg-type]  # str or class
+                                 request_router_kwargs={"slack": options.affinity_slack})
+    return {"request_router_config": config}
+
+
 def build_app(settings: Settings, options: RayOptions):
-    """The Serve application: ingress -> ``replicas`` engine replicas."""
+    """The Serve application: ``ingress_replicas`` ingresses -> ``replicas`` engine replicas."""
     if settings.torch_threads == 0:  # torch would start one thread per core of the node in every replica
         settings = settings.model_copy(update={"torch_threads": max(1, int(options.replica_cpus))})
-    deployment = replica_deployment(settings.num_slots).options(**options.replica_options())
+    deployment = replica_deployment(settings.num_slots).options(**options.replica_options(), **router_options(options))
     replicas = deployment.bind(settings, options.app_name)
     ingress_deployment: Any = TaloraIngress  # a Serve Deployment (Ray's stubs type the class itself)
-    ingress = ingress_deployment.options(logging_config={"enable_access_log": options.access_log})
+    ingress = ingress_deployment.options(**options.ingress_options())
     return ingress.bind(replicas, settings, options)
 
 

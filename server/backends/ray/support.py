@@ -8,15 +8,20 @@
   ``create_app`` without opening a port.
 - ``merge_metrics``: the Prometheus text of every replica as one exposition, each sample
   labelled with its replica.
+- ``rank_by_affinity``: the order in which the task-affine router tries the replicas for one
+  request (``routing.TaskAffinityRouter`` applies it to Serve's replicas).
+- ``retry_delay``: whether, and after how long, a client retries an answer (the contract of
+  docs/scale_out.md, "Failures"), used by the tests and ``benchmarks/scale_out.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import random
 import re
-from collections.abc import AsyncIterator
-from typing import Any, Literal
+from collections.abc import AsyncIterator, Hashable, Mapping, Sequence
+from typing import Any, Literal, TypeVar
 
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import BaseModel, Field, model_validator
@@ -40,9 +45,15 @@ class RayOptions(BaseModel):
     autoscale_max_replicas: int = Field(0, ge=0, description="0: a fixed number of replicas; else autoscale "
                                         "between replicas and this")
     target_ongoing_requests: float = Field(16.0, gt=0, description="autoscaling target per replica")
-    routing: Literal["task", "random"] = Field("task", description="task: multiplexed by task@version, so a task "
-                                               "sticks to the replicas holding its KV; random: Serve's default "
-                                               "(for comparison)")
+    routing: Literal["task", "serve", "random"] = Field(
+        "task", description="task: by task@version with overflow (a task sticks to the replicas holding its KV until "
+        "they are affinity_slack requests busier than another); serve: Serve's own multiplexing rules (a task "
+        "leaves its replicas only when they are full); random: Serve's default, no affinity (for comparison)")
+    affinity_slack: int = Field(8, ge=0, description="routing=task: a request goes to a replica that does not hold "
+                                "its task only when that replica has this many fewer requests in flight than the "
+                                "least busy holder (0: least busy replica, ties to a holder)")
+    ingress_replicas: int = Field(2, ge=1, description="replicas of the HTTP ingress: with 2 or more, killing one "
+                                  "leaves the others answering")
     retries: int = Field(2, ge=0, description="times the ingress retries a request whose replica died before "
                          "it answered")
     access_log: bool = Field(True, description="Serve's log line per request in each replica and the ingress")
@@ -70,6 +81,11 @@ class RayOptions(BaseModel):
             options["num_replicas"] = self.replicas
         return options
 
+    def ingress_options(self) -> dict[str, Any]:
+        """Keyword arguments of ``Deployment.options`` for the ingress."""
+        return {"num_replicas": self.ingress_replicas, "health_check_period_s": 2,
+                "logging_config": {"enable_access_log": self.access_log}}
+
 
 def task_of(method: str, path: str, body: bytes) -> str | None:
     """The task a request is served with (None: any replica may answer it, e.g. /health, admin)."""
@@ -82,6 +98,49 @@ def task_of(method: str, path: str, body: bytes) -> str | None:
         except (ValueError, AttributeError):
             return None  # the replica answers the 422
         return model if isinstance(model, str) else None
+    return None
+
+
+Key = TypeVar("Key", bound=Hashable)
+
+
+def rank_by_affinity(candidates: Sequence[tuple[Key, int | None, bool]], slack: int,
+                     rng: random.Random | None = None) -> list[Key]:
+    """Replica keys in the order to try them for one request of a task.
+
+    ``candidates``: (key, requests in flight or None when unknown, holds the task's id). A replica's
+    score is its requests in flight, less ``slack`` when it holds the task: a task stays on its
+    replicas while they are at most ``slack`` requests busier than another (affinity), and spills
+    over beyond that: a hot task spreads, and a new, empty replica takes work once the others have
+    ``slack`` requests in flight. Unknown counts are taken as 0 (a new replica, or one idle long
+    enough for Serve's cache to forget it). Ties go to a holder, then at random.
+    """
+    draw = (rng or random.Random()).random
+    scored = [((load or 0) - (slack if holds else 0), not holds, draw(), key)
+              for key, load, holds in candidates]
+    return [key for *_, key in sorted(scored, key=lambda s: s[:3])]
+
+
+def retry_delay(status: int | None, headers: Mapping[str, str] | None = None, body: bytes = b"") -> float | None:
+    """Seconds a client waits before it sends a request again, or None: the answer is final.
+
+    - No answer (the connection failed): retry after 1 s.
+    - 503: the talora ingress (no replica could answer) or Serve (backpressure); ``Retry-After``.
+    - 500 whose body is not JSON: Serve's proxy saying that the ingress replica holding the request
+      died (every talora error body is JSON); retry after 1 s.
+    """
+    if status is None:
+        return 1.0
+    if status == 503:
+        try:
+            return max(0.0, float((headers or {}).get("retry-after", "1")))
+        except ValueError:
+            return 1.0
+    if status == 500:
+        try:
+            json.loads(body)
+        except ValueError:
+            return 1.0
     return None
 
 

@@ -12,7 +12,15 @@ from fastapi.responses import StreamingResponse
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import ValidationError
 
-from talora.server.backends.ray.support import RayOptions, admin_task, asgi_exchange, merge_metrics, task_of
+from talora.server.backends.ray.support import (
+    RayOptions,
+    admin_task,
+    asgi_exchange,
+    merge_metrics,
+    rank_by_affinity,
+    retry_delay,
+    task_of,
+)
 from talora.server.metrics import Metrics
 from talora.server.settings import Settings
 
@@ -102,6 +110,10 @@ def test_ray_options_validate_and_build_deployment_options():
     assert "num_replicas" not in scaled
     with pytest.raises(ValidationError, match="autoscale_max_replicas"):
         RayOptions(replicas=3, autoscale_max_replicas=2)
+    assert RayOptions().ingress_options()["num_replicas"] == 2  # no single ingress by default
+    assert RayOptions(ingress_replicas=3).ingress_options()["num_replicas"] == 3
+    with pytest.raises(ValidationError, match="ingress_replicas"):
+        RayOptions(ingress_replicas=0)
 
 
 def test_ray_flags_parse_into_settings_and_options(tmp_path):
@@ -112,6 +124,9 @@ def test_ray_flags_parse_into_settings_and_options(tmp_path):
     assert isinstance(settings, Settings) and settings.num_slots == 16 and settings.store == tmp_path
     assert (options.replicas, options.max_ongoing_requests, options.address) == (3, 128, "auto")
     assert main(["--replicas", "0"]) == 2
+    _, options = parse(["--ingress-replicas", "3", "--affinity-slack", "4", "--routing", "serve"])
+    assert (options.ingress_replicas, options.affinity_slack, options.routing) == (3, 4, "serve")
+    assert main(["--routing", "nearest"]) == 2
 
 
 def test_ray_flag_refuses_what_it_cannot_serve(monkeypatch, capsys):
@@ -126,3 +141,29 @@ def test_ray_flag_refuses_what_it_cannot_serve(monkeypatch, capsys):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "ray" else real_find_spec(name))
     assert main(["--ray", "--replicas", "2"]) == 2
     assert "pip install 'talora[ray]'" in capsys.readouterr().err
+
+
+def test_affinity_keeps_a_task_on_its_holder_until_it_is_slack_requests_busier():
+    import random
+
+    rng = random.Random(0)
+    # (replica, requests in flight, holds the task)
+    assert rank_by_affinity([("a", 3, True), ("b", 0, False)], slack=8, rng=rng)[0] == "a"
+    assert rank_by_affinity([("a", 8, True), ("b", 0, False)], slack=8, rng=rng)[0] == "a"  # a tie: the holder
+    assert rank_by_affinity([("a", 9, True), ("b", 0, False)], slack=8, rng=rng)[0] == "b"  # spills over
+    # two holders: the less busy one; a new replica (count unknown) fills once the others are busy
+    assert rank_by_affinity([("a", 9, True), ("b", 4, True), ("c", None, False)], slack=8, rng=rng) == ["b", "c", "a"]
+    assert rank_by_affinity([("a", 12, True), ("c", None, False)], slack=8, rng=rng)[0] == "c"
+    # no holder yet (a new task): the least busy replica, ties at random
+    firsts = {rank_by_affinity([("a", 2, False), ("b", 2, False)], slack=8, rng=rng)[0] for _ in range(20)}
+    assert firsts == {"a", "b"}
+    assert rank_by_affinity([("a", 1, True), ("b", 0, False)], slack=0, rng=rng)[0] == "b"
+
+
+def test_retry_delay_is_the_clients_contract():
+    assert retry_delay(None) == 1.0  # the connection failed
+    assert retry_delay(503, {"retry-after": "3"}) == 3.0
+    assert retry_delay(503, {}) == 1.0
+    assert retry_delay(500, {}, b"Internal Server Error") == 1.0  # Serve's proxy: the ingress died
+    assert retry_delay(500, {}, b'{"detail": "the replica failed: ValueError", "field": null}') is None
+    assert retry_delay(200, {}, b"{}") is None and retry_delay(404, {}, b"{}") is None
