@@ -64,7 +64,8 @@ def get_task(name: str) -> TaskSpec:
 
 
 def register_file_task(
-    path, name=None, template=None, labels=None, verbalizers=None, language="en", *, save=False, cache_dir=None
+    path, name=None, template=None, labels=None, verbalizers=None, language="en", *, save=False, cache_dir=None,
+    kind="classify",
 ) -> TaskSpec:
     """Register a JSONL/CSV (text, label) task for this process; `save=True` also records it in
     `<cache>/user_tasks.json`, so later processes (and the CLI) find it by name.
@@ -72,7 +73,7 @@ def register_file_task(
     Raises ValueError naming the problem (missing column, one label only, empty file, ...).
     """
     entry = make_file_task(path, name=name, template=template, labels=labels, verbalizers=verbalizers,
-                           language=language)
+                           language=language, kind=kind)
     if entry.spec.name in _BUILTIN:
         raise ValueError(f"name {entry.spec.name!r} is a built-in task; pass another name")
     _REGISTERED[entry.spec.name] = entry
@@ -86,7 +87,7 @@ def _save_user_task(cache: Path, spec: TaskSpec, path: Path) -> None:
     index[spec.name] = {
         "path": str(path), "template": spec.template, "labels": list(spec.labels),
         "verbalizers": spec.verbalizers, "language": spec.language,
-    }
+    } | ({"kind": spec.kind} if spec.kind != "classify" else {})
     cache.mkdir(parents=True, exist_ok=True)
     tmp = cache / (USER_INDEX + ".tmp")
     tmp.write_text(json.dumps(index, ensure_ascii=False, indent=1), encoding="utf-8")
