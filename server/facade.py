@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
 from talora.adapters.demo import demo_bundle_dir
 from talora.adapters.formats.io import BundleMeta
@@ -17,6 +17,9 @@ from talora.server.errors import BundleMissing, InputTooLong
 from talora.server.jobs import Job
 from talora.server.metrics import Metrics
 from talora.server.settings import Settings
+
+if TYPE_CHECKING:
+    from talora.server.training.manager import TrainingManager
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +78,7 @@ class ServingEngine(Protocol):
     metrics: Metrics
     ready: bool  # loaded and taking requests
     resident: frozenset[tuple[str, int]]  # adapter keys whose prompt state is warm on the device
+    training: TrainingManager | None  # the training jobs (POST /v1/training/jobs); None where they are off
 
     def start(self) -> None:
         """Load everything; blocks until ready."""
@@ -126,6 +130,7 @@ class AdapterFacade(Generic[L]):
     per-adapter state on the device overrides it (``Engine`` warms the new version's slot)."""
 
     _loaded: L | None = None
+    training: TrainingManager | None = None  # the engine's training jobs, when it runs them (``Engine``)
 
     @property
     def loaded(self) -> L:

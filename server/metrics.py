@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+TRAINING_BUCKETS = (10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 21600)
 
 
 class Metrics:
@@ -54,6 +55,12 @@ class Metrics:
         self.job_failures = Counter("talora_job_failures", "requests the engine failed, by reason (step: their "
                                     "batch step raised; sample: their own sampling raised; worker: the worker "
                                     "stopped; shutdown: not run before shutdown)", ["reason"], registry=r)
+        self.training_jobs = Gauge("talora_training_jobs", "training jobs by status (queued, running: running or "
+                                   "installing)", ["status"], registry=r)
+        self.training_jobs_finished = Counter("talora_training_jobs_finished", "training jobs that ended, by status "
+                                              "(succeeded, failed, cancelled)", ["status"], registry=r)
+        self.training_seconds = Histogram("talora_training_seconds", "wall time of each training job's worker "
+                                          "process", buckets=TRAINING_BUCKETS, registry=r)
         self.vllm_cached_tokens = Counter("talora_vllm_cached_prompt_tokens", "prompt positions vLLM read from its "
                                           "prefix cache, by task (--backend vllm)", ["task"], registry=r)
 

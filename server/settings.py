@@ -73,6 +73,15 @@ class Settings(BaseSettings):
                                   "gives up and talora-serve exits with status 70 (a supervisor restarts it)")
     retry_after_s: int = Field(1, ge=1, description="Retry-After seconds sent with 429")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
+    training_max_running: int = Field(1, ge=0, le=64, description="training jobs (POST /v1/training/jobs) that run "
+                                      "at once, each in its own worker process (0: the training routes are off, 501)")
+    training_max_queued: int = Field(8, ge=1, description="training jobs waiting to run; beyond it a new job gets 429")
+    training_threads: int = Field(1, ge=1, description="CPU threads of each training worker process (torch and "
+                                  "OpenMP); the worker also runs at a lower CPU priority (nice 10)")
+    training_max_examples: int = Field(20_000, ge=10, description="most labelled examples in one training job "
+                                       "(413); the request body is also bounded by max_body_bytes")
+    training_timeout_s: float = Field(6 * 3600.0, gt=0, description="a training job running longer is stopped and "
+                                      "marked failed")
     backend: Literal["talora", "vllm"] = Field(
         "talora", description="talora: the in-process TA-LoRA engine; vllm: a gate-off bundle served by vLLM "
         "(its own venv: scripts/setup_vllm.sh; docs/serving.md)")

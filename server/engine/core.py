@@ -32,6 +32,7 @@ from talora.server.facade import AdapterFacade, encode_request, load_adapters, r
 from talora.server.jobs import Failed, Job
 from talora.server.metrics import Metrics
 from talora.server.settings import Settings
+from talora.server.training.manager import start_training
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,7 @@ class Engine(AdapterFacade[Loaded]):
         self._spawn(self._run, "talora-engine")
         if s.watch_interval_s > 0:
             self._spawn(self._watch, "talora-store-watcher")
+        self.training = start_training(s, registry.store, bundle, lm.name, device, self.metrics, self)
         self.ready = True
 
     def _load_adapters(self, bundle: Path, device: str) -> list[str]:
@@ -102,6 +104,8 @@ class Engine(AdapterFacade[Loaded]):
     def stop(self, timeout: float | None = None) -> None:
         """Finish queued and running work (up to ``timeout`` s, then fail it with 503) and stop."""
         self.ready = False
+        if self.training is not None:
+            self.training.stop()
         self.scheduler.stop()
         self._halt.set()
         if self._threads:

@@ -19,7 +19,7 @@ from starlette.concurrency import run_in_threadpool
 
 from talora.server.errors import install_error_handlers
 from talora.server.facade import ServingEngine
-from talora.server.http import routes_admin, routes_health, routes_openai, routes_tasks
+from talora.server.http import routes_admin, routes_health, routes_openai, routes_tasks, routes_training
 from talora.server.http.limits import BodyLimit, KeepErrorsInRequest
 from talora.server.http.openapi import install_limits
 from talora.server.settings import Settings
@@ -81,6 +81,7 @@ def create_app(settings: Settings, engine: ServingEngine) -> FastAPI:
     app.include_router(routes_tasks.router)
     app.include_router(routes_openai.router)
     app.include_router(routes_admin.router)
+    app.include_router(routes_training.router)
     app.include_router(routes_health.router)
     app.add_middleware(BodyLimit, settings=settings)  # innermost of the three: bodies are bounded
     app.add_middleware(KeepErrorsInRequest)  # an unexpected error is its request's 500, never the server's

@@ -20,10 +20,11 @@ from talora.server.settings import Settings
 REASONS = {400: "the request cannot be served as asked, or its body is not UTF-8",
            401: "a valid bearer token is required",
            403: "the admin routes are off", 404: "no such task or adapter file",
-           409: "adapter version conflict", 413: "too large: a body, an input (task limit, request limits, KV cache), "
-                                                     "an upload or a store file",
+           409: "adapter version conflict, or a training job of the task is active",
+           413: "too large: a body, an input (task limit, request limits, KV cache), an upload or a store file",
            422: "a field is invalid (the message names it)", 429: "the queue is full; retry after Retry-After",
-           500: "the request's batch step failed", 503: "shutting down, or the engine's worker stopped",
+           500: "the request's batch step failed", 501: "this server runs no training jobs",
+           503: "shutting down, or the engine's worker stopped",
            504: "not finished within request_timeout_s",
            507: "the server has no room to spool the upload (its temporary folder is full)"}
 MODEL_ERRORS = (400, 404, 413, 422, 429, 500, 503, 504)  # every route that runs the model can answer these

@@ -244,3 +244,67 @@ class AdapterLoaded(BaseModel):
 class AdapterEvicted(BaseModel):
     task: str
     evicted_version: str
+
+
+# ----- training jobs (routes_training.py) -------------------------------------------------------
+MAX_TRAINING_EXAMPLES = 100_000  # validation stops here; the server's own limit is training_max_examples (413)
+TaskName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$",
+                                description="the task to train: a new name, or a served task to retrain")]
+Version = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._+@/-]{0,63}$")]
+Label = Annotated[str, Field(min_length=1, max_length=128), AfterValidator(_valid_unicode)]
+
+
+class TrainingExample(_Strict):
+    """One labelled example, as a line of a task file: ``text`` and ``label`` (for an extract task the answer, a
+    span of ``text``, and ``question``). Emptiness, repeats and labels are checked as the CLI checks a task file."""
+
+    text: Utf8
+    label: Annotated[str, Field(max_length=MAX_TEXT_CHARS), AfterValidator(_valid_unicode)]
+    question: Utf8 | None = None
+
+
+class TrainingJobRequest(_Strict):
+    """``POST /v1/training/jobs``: train a task from labelled examples (``talora-train target``'s recipe)."""
+
+    task: TaskName
+    examples: list[TrainingExample] = Field(min_length=1, max_length=MAX_TRAINING_EXAMPLES)
+    kind: Literal["classify", "extract"] = "classify"
+    labels: list[Label] | None = Field(None, min_length=2, max_length=256,
+                                       description="the label set (default: the labels of the examples, sorted)")
+    template: Annotated[str, Field(min_length=1, max_length=4096)] | None = Field(
+        None, description="prompt template with {text} (and {question} for extract), ending where the answer starts "
+                          "(default: the task-file default)")
+    verbalizers: dict[Label, Annotated[str, Field(min_length=1, max_length=128)]] | None = Field(
+        None, description="text scored after the prompt for each label (default: ' ' + label)")
+    language: Literal["en", "zh"] = "en"
+    install: bool = Field(True, description="install the trained task into the store and serve it; false: only "
+                                            "train (the job's result names the files, for PUT /v1/adapters/{task})")
+    version: Version | None = Field(None, description="version of the installed task (default: a hash of its "
+                                                      "tensors); must not be the version served now")
+    steps: int = Field(0, ge=0, le=10_000, description="optimiser steps (0: the recipe's, by the training data)")
+    eval_every: int | None = Field(None, ge=0, le=10_000, description="evaluate on dev every this many steps and "
+                                   "keep the best (default: about six times per run; 0: only at the end)")
+    seed: int = Field(0, ge=0, lt=2**31)
+
+
+class TrainingJob(BaseModel):
+    """A training job: what was asked, its state, progress and result."""
+
+    id: str
+    task: str
+    kind: str
+    status: Literal["queued", "running", "installing", "succeeded", "failed", "cancelled"]
+    examples: int
+    label_counts: dict[str, int]
+    options: dict[str, Any]
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    progress: dict[str, Any] = Field(description="splits (train/dev/test sizes); while it runs: step, steps, loss, "
+                                                 "dev (the last dev score), eta_s, elapsed_s")
+    result: dict[str, Any] = Field(description="at the end: dev and test metrics, version, installed, path")
+    error: str | None = Field(description="why it failed")
+
+
+class TrainingJobList(BaseModel):
+    jobs: list[TrainingJob]

@@ -1,0 +1,171 @@
+"""Training jobs over HTTP, behind the admin token: onboard a task from labelled examples.
+
+``POST /v1/training/jobs`` (JSON) or ``POST /v1/training/jobs/jsonl`` (a JSONL body, one example per line,
+the options in the query) queues a job; ``GET /v1/training/jobs`` lists them, ``GET /v1/training/jobs/{id}``
+reads one (step, loss, dev score, ETA; at the end the dev and test scores and the installed version),
+``GET /v1/training/jobs/{id}/events`` streams its progress (server-sent events),
+``POST /v1/training/jobs/{id}/cancel`` cancels it and ``DELETE /v1/training/jobs/{id}`` removes a finished
+one. The jobs run in worker processes (``talora.server.training``); docs/serving.md, "Onboarding a task
+through the API".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Literal
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import StreamingResponse
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+
+from talora.server.errors import FieldError, InputTooLong
+from talora.server.http.deps import EngineDep, require_admin
+from talora.server.http.openapi import task_errors
+from talora.server.http.schemas import TrainingJob, TrainingJobList, TrainingJobRequest
+from talora.server.http.sse import sse
+from talora.server.training.examples import ExamplesRefused
+from talora.server.training.manager import JobConflict, JobNotFound, Submission, TrainingManager
+from talora.server.training.store import ACTIVE, JobRecord
+
+router = APIRouter(tags=["training"], dependencies=[Depends(require_admin)])
+EVENT_POLL_S = 0.5
+SSE_EVENT = {"type": "object", "required": ["data"], "properties": {"data": {
+    "type": "string", "description": "JSON: {type: progress, job} on every change, then {type: done, job}"}}}
+
+
+def _manager(engine) -> TrainingManager:
+    manager = getattr(engine, "training", None)
+    if manager is None:
+        raise HTTPException(501, "training jobs are off on this server (training_max_running=0, another backend, "
+                                 "or --ray: not yet, see docs/serving.md)")
+    return manager
+
+
+def _call(fn, *args):
+    try:
+        return fn(*args)
+    except ExamplesRefused as exc:
+        raise FieldError(exc.field, str(exc).removeprefix(f"{exc.field}: ")) from None
+    except JobConflict as exc:
+        raise HTTPException(409, str(exc)) from None
+    except JobNotFound as exc:
+        raise HTTPException(404, str(exc)) from None
+
+
+async def _submit(engine, body: TrainingJobRequest) -> dict:
+    manager = _manager(engine)
+    limit = engine.settings.training_max_examples
+    if len(body.examples) > limit:
+        raise InputTooLong(f"examples: {len(body.examples)} examples is over the server's limit of {limit} "
+                           "(training_max_examples)")
+    sub = Submission(task=body.task, kind=body.kind, labels=body.labels, template=body.template,
+                     verbalizers=body.verbalizers, language=body.language, install=body.install,
+                     version=body.version, steps=body.steps, eval_every=body.eval_every, seed=body.seed,
+                     examples=[e.model_dump(exclude_none=True) for e in body.examples])
+    record = await run_in_threadpool(_call, manager.submit, sub)
+    return record.to_json()
+
+
+CREATED = 202
+ERRORS = task_errors(400, 401, 403, 409, 413, 422, 429, 501)
+
+
+@router.post("/v1/training/jobs", status_code=CREATED, response_model=TrainingJob, responses=ERRORS)
+async def create_job(body: TrainingJobRequest, request: Request, engine: EngineDep) -> dict:
+    """Queue a training job of ``task`` from the examples of the body; 202 with the job (poll it, or stream it)."""
+    request.state.task = body.task
+    return await _submit(engine, body)
+
+
+@router.post("/v1/training/jobs/jsonl", status_code=CREATED, response_model=TrainingJob, responses=ERRORS,
+             openapi_extra={"requestBody": {"required": True, "content": {"application/x-ndjson": {"schema": {
+                 "type": "string", "description": "one JSON object per line: {text, label} (and question for an "
+                                                  "extract task), as a task file"}}}}})
+async def create_job_jsonl(request: Request, engine: EngineDep, task: str = Query(),
+                           kind: Literal["classify", "extract"] = "classify",
+                           labels: str | None = Query(None, description="comma-separated label set"),
+                           template: str | None = None, language: Literal["en", "zh"] = "en", install: bool = True,
+                           version: str | None = None, steps: int = 0, eval_every: int | None = None,
+                           seed: int = 0) -> dict:
+    """Queue a training job from a JSONL body (the task-file format); the options are query parameters."""
+    request.state.task = task
+    examples = []
+    for number, line in enumerate((await request.body()).decode("utf-8", errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except (json.JSONDecodeError, RecursionError):
+            raise FieldError("examples", f"line {number} is not valid JSON") from None
+        if not isinstance(row, dict):
+            raise FieldError("examples", f"line {number} is not a JSON object")
+        examples.append(row)
+    fields = {"task": task, "kind": kind, "language": language, "install": install, "steps": steps, "seed": seed,
+              "examples": examples}
+    for name, value in (("labels", [x for x in labels.split(",") if x] if labels else None),
+                        ("template", template), ("version", version), ("eval_every", eval_every)):
+        if value is not None:
+            fields[name] = value
+    try:
+        body = TrainingJobRequest.model_validate(fields)
+    except ValidationError as exc:
+        raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from None
+    return await _submit(engine, body)
+
+
+@router.get("/v1/training/jobs", response_model=TrainingJobList, responses=task_errors(401, 403, 501))
+async def list_jobs(engine: EngineDep) -> dict:
+    """Every job this server knows (newest first), finished ones included until they are removed."""
+    return {"jobs": [r.to_json() for r in _manager(engine).list()]}
+
+
+@router.get("/v1/training/jobs/{job_id}", response_model=TrainingJob, responses=task_errors(401, 403, 404, 501))
+async def get_job(job_id: str, engine: EngineDep) -> dict:
+    """One job: status, progress (step, steps, loss, dev score, ETA) and, at the end, its result or error."""
+    return _call(_manager(engine).get, job_id).to_json()
+
+
+@router.post("/v1/training/jobs/{job_id}/cancel", response_model=TrainingJob,
+             responses=task_errors(401, 403, 404, 409, 501))
+async def cancel_job(job_id: str, engine: EngineDep) -> dict:
+    """Cancel a queued or running job (its worker is stopped; nothing is installed); 409 once it installs or ended."""
+    return (await run_in_threadpool(_call, _manager(engine).cancel, job_id)).to_json()
+
+
+@router.delete("/v1/training/jobs/{job_id}", response_model=TrainingJob,
+               responses=task_errors(401, 403, 404, 409, 501))
+async def delete_job(job_id: str, engine: EngineDep) -> dict:
+    """Remove a finished job and its folder (trained files included); 409 while it is queued or running."""
+    return (await run_in_threadpool(_call, _manager(engine).remove, job_id)).to_json()
+
+
+def _view(record: JobRecord) -> str:
+    return json.dumps([record.status, record.progress, record.result, record.error], sort_keys=True, default=str)
+
+
+@router.get("/v1/training/jobs/{job_id}/events", responses={
+    200: {"content": {"text/event-stream": {"schema": SSE_EVENT}}}, **task_errors(401, 403, 404, 501)})
+async def job_events(job_id: str, engine: EngineDep) -> StreamingResponse:
+    """Server-sent events of a job: ``{"type": "progress", "job": ...}`` on every change, then ``{"type": "done",
+    "job": ...}`` when it has ended (at once for a job that has)."""
+    manager = _manager(engine)
+    _call(manager.get, job_id)
+
+    async def events():
+        seen = None
+        while True:
+            record = manager.get(job_id)
+            view = _view(record)
+            if record.status not in ACTIVE:
+                yield sse({"type": "done", "job": record.to_json()})
+                return
+            if view != seen:
+                seen = view
+                yield sse({"type": "progress", "job": record.to_json()})
+            await asyncio.sleep(EVENT_POLL_S)
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
