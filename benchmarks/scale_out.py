@@ -22,9 +22,21 @@ second (the fair comparison: the same threads in total), ``two_replicas_vs_one``
 ``affine_vs_random_hit_rate`` = two / two_random hit rate, per task count. The load average of
 the machine before and after each run is recorded (a shared machine's other jobs show there).
 
+Kill rows (``--kills replica,ingress``, on the first task count, once): two replicas and two
+ingresses, task-affine; the same closed loop, with a client that retries what docs/scale_out.md
+promises (``retry_delay``: 503 with Retry-After, Serve's bare 500 for a dead ingress, a failed
+connection; at most ``--kill-tries`` sends). After ``--kill-after-s`` of load one replica (or one
+ingress) gets SIGKILL; the load goes on for ``--kill-duration-s``, and for a replica kill until the
+replacement has answered (``--kill-timeout-s`` bounds it all). A row: requests, ``failed`` (final
+answer not 200 after the retries), retries by status, ``seconds_to_replacement`` (the kill to Serve
+reporting the replacement RUNNING), ``seconds_to_new_answer`` (the kill to the replacement's first
+answer; replica kill only), ``new_replica_share`` (its share of the answers after that), and the
+longest stretch without an answer after the kill.
+
     python -m benchmarks.scale_out --tasks 64,1000 --duration-s 30 --concurrency 32
     python -m benchmarks.scale_out --model /path/to/tiny --tasks 8 --duration-s 2   # a smoke run
     python -m benchmarks.scale_out --replica-gpus 1 --cluster-cpus 4           # a machine with 2 GPUs
+    python -m benchmarks.scale_out --tasks 64 --setups "" --kills replica,ingress   # the kill rows only
 """
 
 from __future__ import annotations
@@ -52,6 +64,7 @@ RATIOS = {"two_replicas_vs_one_fair": ("two", "one_fair", "requests_per_s"),
           "two_replicas_vs_one": ("two", "one", "requests_per_s"),
           "affine_vs_random_hit_rate": ("two", "two_random", "slot_hit_rate")}
 METRICS_TRIES = 3
+KILLS = {"replica": "TaloraReplica", "ingress": "TaloraIngress"}  # kill row -> the Serve deployment killed
 WORDS = ("the match was late and the crowd left early while prices rose again across the region as "
          "new rules for banks came into force and the film won praise from critics at the festival").split()
 
@@ -72,6 +85,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "thread)")
     p.add_argument("--repeats", type=int, default=3, help="runs of every setup (order rotated each round)")
     p.add_argument("--replica-gpus", type=float, default=0.0, help="GPUs per replica (a GPU machine: 1)")
+    p.add_argument("--kills", default="replica,ingress", help=f"kill rows among {', '.join(KILLS)} ('' : none)")
+    p.add_argument("--kill-after-s", type=float, default=5.0, help="seconds of load before the kill")
+    p.add_argument("--kill-duration-s", type=float, default=20.0, help="seconds of load after the kill")
+    p.add_argument("--kill-timeout-s", type=float, default=180.0, help="the most a kill row runs after the kill")
+    p.add_argument("--kill-tries", type=int, default=6, help="sends of one request at most (the client's retries)")
     add_flags(p, seed=0, out=RESULTS / "scale_out.json", jsonl=None,
               helps={"seed": "seed of the task sequence and the texts",
                      "jsonl": "also append one JSONL row per setup here"})
@@ -215,6 +233,142 @@ def run_setup(url: str, args, store: Path, name: str, schedule: list[int], texts
     return row
 
 
+async def send_with_retries(client, path: str, body: dict, tries: int,
+                            sleep=asyncio.sleep) -> tuple[int | None, str | None, list[str]]:
+    """POST until the answer is final (``retry_delay``) or ``tries`` sends: (status, replica, retried statuses)."""
+    import httpx
+
+    from talora.server.backends.ray.support import retry_delay
+
+    retried: list[str] = []
+    status, replica = None, None
+    for _ in range(tries):
+        try:
+            r = await client.post(path, json=body)
+            status, replica = r.status_code, r.headers.get("x-talora-replica")
+            delay = retry_delay(r.status_code, r.headers, r.content)
+        except httpx.TransportError:
+            status, replica, delay = None, None, retry_delay(None)
+        if delay is None:
+            break
+        retried.append(str(status))
+        await sleep(delay)
+    return status, replica, retried
+
+
+def kill_summary(answers: list[tuple[float, int | None, str | None]], killed_at: float, before: set[str],
+                 replaced_at: float | None) -> dict:
+    """A kill row's measures from the final answers ``(finished at, status, replica)`` of the loop."""
+    after = sorted(a for a in answers if a[0] > killed_at)
+    ok_times = [killed_at] + [t for t, status, _ in after if status == 200]
+    new = [t for t, status, replica in after if status == 200 and replica is not None and replica not in before]
+    later = [replica for t, status, replica in after if status == 200 and new and t > new[0]]
+    return {"requests": len(answers), "requests_after_kill": len(after),
+            "failed": sum(1 for _, status, _ in answers if status != 200),
+            "failed_statuses": sorted({str(status) for _, status, _ in answers if status != 200}),
+            "seconds_to_replacement": None if replaced_at is None else replaced_at - killed_at,
+            "seconds_to_new_answer": new[0] - killed_at if new else None,
+            "new_replica_share": (sum(r not in before for r in later) / len(later)) if later else None,
+            "longest_gap_s": max(b - a for a, b in zip(ok_times, ok_times[1:])) if len(ok_times) > 1 else None}
+
+
+def replacement_watch(app: str, deployment: str, names_before: set[str], count: int):
+    """A thread that records when ``deployment`` has a replica not in ``names_before`` and ``count`` RUNNING."""
+    import threading
+
+    from ray import serve
+
+    from talora.server.backends.ray.faults import replica_names
+
+    seen: dict[str, float] = {}
+    stop = threading.Event()
+
+    def poll() -> None:
+        while not stop.is_set() and "at" not in seen:
+            try:
+                states = serve.status().applications[app].deployments[deployment].replica_states
+                if set(replica_names(app, deployment)) - names_before and states.get("RUNNING", 0) >= count:
+                    seen["at"] = time.monotonic()
+            except Exception:  # noqa: BLE001 - the controller is busy or the app is going: poll again
+                pass
+            stop.wait(0.25)
+
+    threading.Thread(target=poll, name=f"watch-{deployment}", daemon=True).start()
+    return seen, stop
+
+
+def run_kill(url: str, args, store: Path, target: str, schedule: list[int], texts: list[str]) -> dict:
+    """One kill row: the load through a SIGKILL of one ``target`` (``KILLS``), bounded by ``--kill-timeout-s``."""
+    import httpx
+    from ray import serve
+
+    from talora.server.backends.ray.faults import kill_replica, replica_names
+    from talora.server.backends.ray.serve import build_app
+    from talora.server.backends.ray.support import RayOptions
+    from talora.server.settings import Settings
+
+    deployment = KILLS[target]
+    settings = Settings(model=args.model, bundle=store, num_slots=args.num_slots, torch_threads=1,
+                        max_queue=4 * args.concurrency, log_level="warning")
+    options = RayOptions(replicas=2, ingress_replicas=2, replica_cpus=1, replica_gpus=args.replica_gpus,
+                         access_log=False, max_ongoing_requests=args.max_ongoing_requests or args.concurrency)
+    load_before = os.getloadavg()
+    serve.run(build_app(settings, options), name="talora", route_prefix="/")
+    answers: list[tuple[float, int | None, str | None]] = []
+    retried: dict[str, int] = {}
+    state: dict = {}
+    try:
+        asyncio.run(drive(url, schedule, texts, args.concurrency, None, limit=args.warmup_requests))
+
+        def finished() -> bool:
+            killed_at = state.get("killed_at")
+            if killed_at is None:
+                return False
+            now = time.monotonic()
+            if now > killed_at + args.kill_timeout_s:
+                return True
+            waiting = target == "replica" and not any(r not in state["before"] for _, s, r in answers if s == 200)
+            return now > killed_at + args.kill_duration_s and not waiting
+
+        async def loop(client: httpx.AsyncClient, position: list[int]) -> None:
+            while not finished():
+                i, position[0] = position[0], position[0] + 1
+                task = task_name(schedule[(args.warmup_requests + i) % len(schedule)])
+                status, replica, again = await send_with_retries(client, PREDICT.format(task=task),
+                                                                 {"text": texts[i % len(texts)]}, args.kill_tries)
+                answers.append((time.monotonic(), status, replica))
+                for s in again:
+                    retried[s] = retried.get(s, 0) + 1
+
+        async def kill() -> None:
+            await asyncio.sleep(args.kill_after_s)
+            state["before"] = {r for _, s, r in answers if r is not None}
+            names = set(replica_names("talora", deployment))
+            state["victim"] = await asyncio.to_thread(kill_replica, "talora", deployment)
+            state["killed_at"] = time.monotonic()
+            state["watch"] = replacement_watch("talora", deployment, names, 2)
+
+        async def main_loop() -> None:
+            position = [0]
+            limits = httpx.Limits(max_connections=args.concurrency)
+            async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
+                await asyncio.gather(kill(), *(loop(client, position) for _ in range(args.concurrency)))
+
+        asyncio.run(main_loop())
+        seen, stop = state["watch"]
+        deadline = state["killed_at"] + args.kill_timeout_s
+        while "at" not in seen and time.monotonic() < deadline:  # an ingress's replacement: bounded wait
+            time.sleep(0.5)
+        stop.set()
+    finally:
+        serve.delete("talora")
+    row = {"setup": f"kill_{target}", "killed": deployment, "victim": state.get("victim"),
+           "concurrency": args.concurrency, "tries": args.kill_tries, "retried": retried,
+           **kill_summary(answers, state["killed_at"], state["before"], state["watch"][0].get("at")),
+           "loadavg_before": list(load_before), "loadavg_after": list(os.getloadavg())}
+    return row
+
+
 def combine(runs: list[dict]) -> dict:
     """One setup's row over its repeated runs: the median of each measure, the runs, and the range."""
     row = dict(runs[len(runs) // 2])
@@ -228,7 +382,7 @@ def combine(runs: list[dict]) -> dict:
     return row
 
 
-def summarise(args, rows: dict[str, dict[str, dict]], machine: dict) -> dict:
+def summarise(args, rows: dict[str, dict[str, dict]], machine: dict, kills: dict[str, dict] | None = None) -> dict:
     """The summary JSON: rows by mix and setup, and the two ratios per mix (None where a setup is missing)."""
     def get(mix: str, setup: str, key: str):
         return rows[mix].get(setup, {}).get(key)
@@ -244,17 +398,23 @@ def summarise(args, rows: dict[str, dict[str, dict]], machine: dict) -> dict:
                 ranges[name][mix] = [min(values), max(values)]
     setup = {k: v for k, v in vars(args).items() if k not in ("out", "jsonl")}
     return {"setup": setup, "machine": machine, "ratios": ratios, "ratio_ranges": ranges, "rows": rows,
-            "notes": {"goal": "two_replicas_vs_one_fair >= 1.7 on a machine with free cores",
+            "kills": kills or {},
+            "notes": {"goal": "two_replicas_vs_one_fair >= 1.7 on a machine with free cores; kill rows: 0 failed",
                       "cpu": "replicas, Serve's proxy and ingress, and the load client share the machine's cores"}}
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    setups, kill_targets = [s for s in args.setups.split(",") if s], [k for k in args.kills.split(",") if k]
+    unknown = [name for name in setups if name not in SETUPS] + [k for k in kill_targets if k not in KILLS]
+    if unknown:
+        print(f"scale_out: unknown setups or kills: {', '.join(unknown)}", file=sys.stderr)
+        return 2
     import ray
     from ray import serve
 
     counts = [int(c) for c in args.tasks.split(",")]
-    setups = [s for s in args.setups.split(",") if s]
+    kills: dict[str, dict] = {}
     texts = make_texts(512, args.seed)
     rows: dict[str, dict[str, dict]] = {}
     from talora.server.backends.ray.cli import start_cluster
@@ -271,7 +431,7 @@ def main(argv=None) -> int:
                 schedule = assign_tasks(200_000, num_tasks, "zipf", args.seed, args.zipf_exponent)
                 mix = f"zipf{num_tasks}"
                 runs: dict[str, list[dict]] = {name: [] for name in setups}
-                for round_ in range(args.repeats):
+                for round_ in range(args.repeats if setups else 0):
                     for name in setups[round_ % len(setups):] + setups[:round_ % len(setups)]:
                         row = run_setup(url, args, store, name, schedule, texts)
                         runs[name].append(row)
@@ -281,11 +441,20 @@ def main(argv=None) -> int:
                         if args.jsonl:
                             append_jsonl(args.jsonl, {"mix": mix, "round": round_, **row})
                 rows[mix] = {name: combine(r) for name, r in runs.items()}
+                for target in kill_targets if num_tasks == counts[0] else []:
+                    row = run_kill(url, args, store, target, schedule, texts)
+                    kills[f"{mix}_{target}"] = row
+                    print(f"{mix} kill {target}: {row['failed']} failed of {row['requests']}, "
+                          f"retried {row['retried']}, replaced after {row['seconds_to_replacement']} s, "
+                          f"new replica answered after {row['seconds_to_new_answer']} s, "
+                          f"longest gap {row['longest_gap_s']} s", flush=True)
+                    if args.jsonl:
+                        append_jsonl(args.jsonl, {"mix": mix, **row})
     finally:
         serve.shutdown()
         ray.shutdown()
     machine = machine_info(threads=1, extra_versions={"ray": package_version("ray")})
-    summary = summarise(args, rows, machine)
+    summary = summarise(args, rows, machine, kills)
     write_json(args.out, summary)
     print(summary["ratios"])
     return 0

@@ -1,4 +1,5 @@
-"""benchmarks/scale_out.py: the summary's ratios (default suite), and a smoke run on the tiny model (``-m ray``)."""
+"""benchmarks/scale_out.py: the summary's ratios, the kill rows' client and measures (default suite), and a smoke
+run on the tiny model with both kill rows (``-m ray``)."""
 
 from __future__ import annotations
 
@@ -62,6 +63,59 @@ def test_texts_are_seeded():
     assert scale_out.make_texts(5, 1) == scale_out.make_texts(5, 1) != scale_out.make_texts(5, 2)
 
 
+def test_the_kill_client_retries_what_the_docs_promise_and_nothing_else():
+    import asyncio
+
+    import httpx
+
+    answers = {"/busy": [httpx.Response(503, headers={"retry-after": "2"}, json={"detail": "retry"}),
+                         httpx.Response(200, json={}, headers={"x-talora-replica": "r1"})],
+               "/ingress-died": [httpx.Response(500, text="Internal Server Error")] * 2
+               + [httpx.Response(200, json={}, headers={"x-talora-replica": "r2"})],
+               "/app-error": [httpx.Response(500, json={"detail": "bad", "field": None})],
+               "/down": [httpx.Response(503, json={"detail": "retry"})] * 10}
+    sent: dict[str, int] = {}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        path = request.url.path
+        sent[path] = sent.get(path, 0) + 1
+        return answers[path][sent[path] - 1]
+
+    slept: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+
+    async def run(path: str):
+        async with httpx.AsyncClient(transport=httpx.MockTransport(handler), base_url="http://x") as client:
+            return await scale_out.send_with_retries(client, path, {}, tries=3, sleep=sleep)
+
+    assert asyncio.run(run("/busy")) == (200, "r1", ["503"]) and slept == [2.0]
+    assert asyncio.run(run("/ingress-died")) == (200, "r2", ["500", "500"])
+    assert asyncio.run(run("/app-error")) == (500, None, [])  # a JSON 500 is the app's answer: final
+    assert asyncio.run(run("/down")) == (503, None, ["503"] * 3) and sent["/down"] == 3  # tries bound it
+
+
+def test_kill_summary_counts_failures_gaps_and_the_new_replicas_share():
+    answers = [(1.0, 200, "a"), (2.0, 200, "b"), (10.5, 200, "b"), (11.0, 500, None), (12.0, 200, "b"),
+               (13.0, 200, "c"), (14.0, 200, "c"), (15.0, 200, "b")]
+    row = scale_out.kill_summary(answers, killed_at=10.0, before={"a", "b"}, replaced_at=12.5)
+    assert row["requests"] == 8 and row["requests_after_kill"] == 6
+    assert row["failed"] == 1 and row["failed_statuses"] == ["500"]
+    assert row["seconds_to_replacement"] == pytest.approx(2.5)
+    assert row["seconds_to_new_answer"] == pytest.approx(3.0)
+    assert row["new_replica_share"] == pytest.approx(0.5)  # after c's first answer: c, b
+    assert row["longest_gap_s"] == pytest.approx(1.5)  # 10.5 -> 12.0 (the 500 is no answer)
+    quiet = scale_out.kill_summary([(1.0, 200, "a")], killed_at=5.0, before={"a"}, replaced_at=None)
+    assert quiet["seconds_to_replacement"] is None and quiet["seconds_to_new_answer"] is None
+    assert quiet["new_replica_share"] is None and quiet["longest_gap_s"] is None
+
+
+def test_unknown_setups_or_kills_are_refused(capsys):
+    assert scale_out.main(["--setups", "two,three", "--kills", "proxy"]) == 2
+    assert "three, proxy" in capsys.readouterr().err
+
+
 @pytest.mark.ray
 def test_a_tiny_run_writes_every_setup_and_both_ratios(tmp_path):
     pytest.importorskip("ray.serve")
@@ -70,7 +124,8 @@ def test_a_tiny_run_writes_every_setup_and_both_ratios(tmp_path):
     model = save_tiny_server_model(tmp_path / "model")
     out = tmp_path / "scale_out.json"
     assert scale_out.main(["--model", str(model), "--tasks", "6", "--duration-s", "1", "--warmup-requests", "8",
-                           "--concurrency", "4", "--repeats", "1", "--out", str(out)]) == 0
+                           "--concurrency", "4", "--repeats", "1", "--kill-after-s", "1", "--kill-duration-s", "2",
+                           "--kill-timeout-s", "120", "--out", str(out)]) == 0
     summary = json.loads(out.read_text())
     rows = summary["rows"]["zipf6"]
     assert set(rows) == set(scale_out.SETUPS)
@@ -79,3 +134,8 @@ def test_a_tiny_run_writes_every_setup_and_both_ratios(tmp_path):
     assert all(sum(row["replica_shares"]) == pytest.approx(1) for row in rows.values())
     assert summary["ratios"]["two_replicas_vs_one"]["zipf6"] > 0
     assert summary["ratios"]["affine_vs_random_hit_rate"]["zipf6"] > 0
+    kills = summary["kills"]
+    assert set(kills) == {"zipf6_replica", "zipf6_ingress"}
+    assert all(row["failed"] == 0 and row["requests_after_kill"] > 0 for row in kills.values()), kills
+    assert kills["zipf6_replica"]["seconds_to_new_answer"] is not None  # the replacement took traffic
+    assert all(row["seconds_to_replacement"] is not None for row in kills.values()), kills
