@@ -72,30 +72,34 @@ def _split_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     task_k = slot_k_ptr + slot * stride_sks + kv_head * stride_skh
     task_v = slot_v_ptr + slot * stride_svs + kv_head * stride_svh
-    all_keys = tl.full([BLOCK_M], 2**30, dtype=tl.int32)  # decode: every key of a segment is visible
+    # decode: every key of a segment is visible (also passed as the unused window bound: no window,
+    # no softcap here; the dispatcher sends windowed or soft-capped layers to the one-pass kernel)
+    all_keys = tl.full([BLOCK_M], 2**30, dtype=tl.int32)
     if split == num_splits:  # GATED only: the task slot, its own softmax
-        acc, m_i, l_i = _attend_segment(acc, m_i, l_i, q, task_k, task_v, 0, n_task, all_keys,
-                                        stride_skt, stride_svt, offs_d, qk_scale, BLOCK_N, INTERPRET, DOT_PRECISION)
+        acc, m_i, l_i = _attend_segment(acc, m_i, l_i, q, task_k, task_v, 0, n_task, all_keys, all_keys,
+                                        stride_skt, stride_svt, offs_d, HEAD_DIM, qk_scale, 1.0,
+                                        BLOCK_N, INTERPRET, DOT_PRECISION, False, False)
     else:
         # Main sequence positions [lo, hi): prefix 0..m-1, own keys m..m+kv_len-1, (ungated) task after.
         lo = split * chunk
         hi = lo + chunk
         acc, m_i, l_i = _attend_segment(
             acc, m_i, l_i, q, prefix_k_ptr + kv_head * stride_pkh, prefix_v_ptr + kv_head * stride_pvh,
-            lo, tl.minimum(hi, n_prefix), all_keys, stride_pkt, stride_pvt,
-            offs_d, qk_scale, BLOCK_N, INTERPRET, DOT_PRECISION)
+            lo, tl.minimum(hi, n_prefix), all_keys, all_keys, stride_pkt, stride_pvt,
+            offs_d, HEAD_DIM, qk_scale, 1.0, BLOCK_N, INTERPRET, DOT_PRECISION, False, False)
         acc, m_i, l_i = _attend_segment(
             acc, m_i, l_i, q, k_ptr + k_start * stride_kt + kv_head * stride_kh,
             v_ptr + k_start * stride_vt + kv_head * stride_vh,
-            tl.maximum(lo - n_prefix, 0), tl.minimum(hi - n_prefix, kv_len), all_keys, stride_kt, stride_vt,
-            offs_d, qk_scale, BLOCK_N, INTERPRET, DOT_PRECISION)
+            tl.maximum(lo - n_prefix, 0), tl.minimum(hi - n_prefix, kv_len), all_keys, all_keys,
+            stride_kt, stride_vt,
+            offs_d, HEAD_DIM, qk_scale, 1.0, BLOCK_N, INTERPRET, DOT_PRECISION, False, False)
         if not GATED:
             own_end = n_prefix + kv_len
             acc, m_i, l_i = _attend_segment(
                 acc, m_i, l_i, q, task_k, task_v,
-                tl.maximum(lo - own_end, 0), tl.minimum(hi - own_end, n_task), all_keys,
+                tl.maximum(lo - own_end, 0), tl.minimum(hi - own_end, n_task), all_keys, all_keys,
                 stride_skt, stride_svt,
-                offs_d, qk_scale, BLOCK_N, INTERPRET, DOT_PRECISION)
+                offs_d, HEAD_DIM, qk_scale, 1.0, BLOCK_N, INTERPRET, DOT_PRECISION, False, False)
 
     # Partials are (B, H, num_splits + GATED) for m and l, (B, H, num_splits + GATED, h) for acc.
     total_splits = num_splits + GATED

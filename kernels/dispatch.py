@@ -116,14 +116,20 @@ def lowrank_prompt(fast_weights, basis, slot_ids, row_offsets, out, scale):
 
 def gated_prefix_attention(q, k, v, cu_seqlens_q, k_starts, kv_lens, prefix_k, prefix_v,
                            slot_k, slot_v, slot_ids, gate, softmax_scale,
-                           own_in_task=False, gated=True, out=None, *, max_q_len=None, max_kv_len=None):
+                           own_in_task=False, gated=True, out=None, *, max_q_len=None, max_kv_len=None,
+                           window=0, softcap=0.0):
     """See :func:`talora.kernels.reference.gated_prefix_attention_ref` for the contract.
 
     ``max_kv_len`` (keyword-only, optional) bounds ``kv_lens``; with ``max_q_len == 1`` it lets a
-    decode step over a long cache run split-K (``decode_splits``) without a read-back.
+    decode step over a long cache run split-K (``decode_splits``) without a read-back. A sliding
+    ``window`` or a score ``softcap`` (Gemma, Mistral, Phi-3 layers) runs the one-pass Triton kernel,
+    which takes both; the split-K decode kernel does not, so such a step never splits, nor does one
+    whose head dim is not a power of two (Phi-3-mini's 96: the one-pass kernel pads it).
     """
     if _use_triton(q):
-        if max_q_len == 1 and max_kv_len is not None and not own_in_task:
+        head_dim = q.shape[-1]
+        plain = not window and not softcap and not head_dim & (head_dim - 1)  # what split-K takes
+        if max_q_len == 1 and max_kv_len is not None and not own_in_task and plain:
             main_len = prefix_k.shape[0] + max_kv_len + (0 if gated else slot_k.shape[1])
             splits = decode_splits(slot_ids.shape[0], k.shape[1], main_len,
                                    _sm_count(q.device.index if q.is_cuda else None))
@@ -137,8 +143,9 @@ def gated_prefix_attention(q, k, v, cu_seqlens_q, k_starts, kv_lens, prefix_k, p
 
         return attention_triton(q, k, v, cu_seqlens_q, k_starts, kv_lens, prefix_k, prefix_v,
                                 slot_k, slot_v, slot_ids, gate, softmax_scale,
-                                own_in_task=own_in_task, gated=gated, out=out, max_q_len=max_q_len)
+                                own_in_task=own_in_task, gated=gated, out=out, max_q_len=max_q_len,
+                                window=window, softcap=softcap)
     return gated_prefix_attention_ref(q, k, v, cu_seqlens_q, k_starts, kv_lens, prefix_k, prefix_v,
                                       slot_k, slot_v, slot_ids, gate, softmax_scale,
                                       own_in_task=own_in_task, gated=gated, out=out, max_q_len=max_q_len,
-                                      max_kv_len=max_kv_len)
+                                      max_kv_len=max_kv_len, window=window, softcap=softcap)

@@ -49,10 +49,12 @@ def lowrank_prompt_ref(
     return out
 
 
-def _softmax_attend(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor | None:
+def _softmax_attend(parts: list[tuple[torch.Tensor, torch.Tensor]],
+                    may_be_empty: bool = False) -> torch.Tensor | None:
     """One softmax over the keys of all ``parts`` (``(scores (G, Q, T_i), values (G, T_i, h))``).
 
-    Masked-out keys carry ``-inf`` scores; every query sees at least one key of a non-empty part.
+    Masked-out keys carry ``-inf`` scores; every query sees at least one key of a non-empty part,
+    unless ``may_be_empty`` (a sliding window), where a query that sees none gets zero.
     None when there are no parts (an empty key set contributes zero).
     """
     if not parts:
@@ -62,7 +64,8 @@ def _softmax_attend(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Ten
     else:
         scores = torch.cat([p[0] for p in parts], dim=-1)
         values = torch.cat([p[1] for p in parts], dim=1)
-    return torch.softmax(scores, dim=-1) @ values
+    probs = torch.softmax(scores, dim=-1)
+    return (probs.nan_to_num(0.0) if may_be_empty else probs) @ values
 
 
 def gated_prefix_attention_ref(
@@ -85,6 +88,8 @@ def gated_prefix_attention_ref(
     *,
     max_q_len: int | None = None,
     max_kv_len: int | None = None,
+    window: int = 0,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """Mixed-task gated prefix attention over packed variable-length rows.
 
@@ -116,6 +121,13 @@ def gated_prefix_attention_ref(
             Ignored here.
         max_kv_len: optional upper bound on ``kv_lens``; with ``max_q_len == 1`` the dispatcher uses
             it to choose the split-K decode kernel over long caches. Ignored here.
+        window: sliding window (0: none). Keys and queries sit at the positions of the sequence
+            ``[prefix; task slot; own]``: prefix key ``i`` at ``i``, task key ``i`` at ``m + i``, own key
+            ``j`` (and the query at own position ``j``) at ``m + n + j``, with ``m = prefix_k.shape[0]``
+            and ``n = slot_k.shape[1]`` (``own_in_task``: own key ``j`` at ``m + j``). A query at position
+            ``P`` sees only keys at positions ``> P - window``, in every key set (Gemma, Mistral, Phi-3).
+        softcap: score soft-capping (0: none): ``s = softcap * tanh(s / softcap)`` on the scaled scores
+            ``q k^T * scale`` before the softmax (Gemma 2).
 
     Semantics, per row ``b`` with slot ``s = slot_ids[b]`` and head ``j`` (KV head ``j // (H // H_kv)``)::
 
@@ -125,8 +137,8 @@ def gated_prefix_attention_ref(
                       + tanh(gate[s, j]) * softmax(q K_task^T * scale) V_task
         ungated:  o = softmax(q [K_main; K_task]^T * scale) [V_main; V_task]
 
-    An empty key set contributes zero. Computed in float32 (float64 stays float64) and
-    cast to ``q.dtype``. Returns ``out``.
+    A key set that the window (or causality) leaves empty contributes zero. Computed in float32
+    (float64 stays float64) and cast to ``q.dtype``. Returns ``out``.
     """
     n_q, n_heads, head_dim = q.shape
     n_kv = k.shape[1]
@@ -145,6 +157,26 @@ def gated_prefix_attention_ref(
         slot_kt = slot_k.to(ct).permute(0, 2, 3, 1)  # (S, H_kv, h, n)
         slot_vt = slot_v.to(ct).transpose(1, 2)  # (S, H_kv, n, h)
     gates = torch.tanh(gate.to(ct)).view(-1, n_kv, group, 1, 1) if gated else None
+    own_base = n_prefix + (0 if own_in_task else n_task)  # position of own key 0
+    prefix_pos = torch.arange(n_prefix, device=q.device)
+    task_pos = n_prefix + torch.arange(n_task, device=q.device)
+
+    def scores(qg: torch.Tensor, kt: torch.Tensor, q_abs: torch.Tensor, k_abs: torch.Tensor,
+               causal: bool = False) -> torch.Tensor:
+        """(H_kv, group * q_len, T) scores with softcap, window and (own keys) causal masks."""
+        s = qg @ kt
+        if softcap:
+            s = torch.tanh(s / softcap) * softcap
+        hidden = torch.zeros(q_abs.shape[0], k_abs.shape[0], dtype=torch.bool, device=q.device)
+        if causal:
+            hidden |= k_abs[None, :] > q_abs[:, None]
+        if window:
+            hidden |= q_abs[:, None] - k_abs[None, :] >= window
+        if not hidden.any():
+            return s
+        n_kv_, rows, keys = s.shape
+        return s.view(n_kv_, group, -1, keys).masked_fill(hidden, float("-inf")).view(n_kv_, rows, keys)
+
     for b in range(len(slots)):
         lo, hi = bounds[b], bounds[b + 1]
         q_len, kv_len, start = hi - lo, lens[b], starts[b]
@@ -154,21 +186,21 @@ def gated_prefix_attention_ref(
         qg = qg.reshape(n_kv, group * q_len, head_dim) * softmax_scale  # (H_kv, group * q_len, h)
         own_kt = k[start : start + kv_len].to(ct).permute(1, 2, 0)  # (H_kv, h, kv_len)
         own_v = v[start : start + kv_len].to(ct).transpose(0, 1)  # (H_kv, kv_len, h)
-        q_pos = torch.arange(kv_len - q_len, kv_len, device=q.device)
-        future = torch.arange(kv_len, device=q.device)[None, :] > q_pos[:, None]  # (q_len, kv_len)
-        own_s = (qg @ own_kt).view(n_kv, group, q_len, kv_len).masked_fill(future, float("-inf"))
-        own = (own_s.view(n_kv, group * q_len, kv_len), own_v)
-        main = [(qg @ prefix_kt, prefix_vt)] if n_prefix else []
+        q_abs = own_base + torch.arange(kv_len - q_len, kv_len, device=q.device)
+        own_abs = own_base + torch.arange(kv_len, device=q.device)
+        own = (scores(qg, own_kt, q_abs, own_abs, causal=True), own_v)
+        main = [(scores(qg, prefix_kt, q_abs, prefix_pos), prefix_vt)] if n_prefix else []
         if own_in_task:
             task = [own]
         else:
             main.append(own)
-            task = [(qg @ slot_kt[slots[b]], slot_vt[slots[b]])] if n_task else []
+            task = [(scores(qg, slot_kt[slots[b]], q_abs, task_pos), slot_vt[slots[b]])] if n_task else []
+        empty = bool(window)  # a query may see no key of a set: that set contributes zero to it
         if not gated:
-            ob = _softmax_attend(main + task)
+            ob = _softmax_attend(main + task, empty)
         else:
-            ob = _softmax_attend(main)
-            ot = _softmax_attend(task)
+            ob = _softmax_attend(main, empty)
+            ot = _softmax_attend(task, empty)
             if ot is not None and gates is not None:
                 ot = (ot.view(n_kv, group, q_len, head_dim) * gates[slots[b]]).view(n_kv, group * q_len, head_dim)
                 ob = ot if ob is None else ob + ot

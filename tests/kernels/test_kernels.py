@@ -133,52 +133,62 @@ def make_attention_case(seed, dtype, head_dim, group, mode, mix="zipf", n_rows=N
 
 
 def attention_oracle(q, k, v, cu_seqlens_q, k_starts, kv_lens, prefix_k, prefix_v,
-                     slot_k, slot_v, slot_ids, gate, softmax_scale, own_in_task, gated):
-    """The formula of docs/method.md, one query at a time, in float64, written independently of the reference."""
+                     slot_k, slot_v, slot_ids, gate, softmax_scale, own_in_task, gated, window=0, softcap=0.0):
+    """The formula of docs/method.md, one query at a time, in float64, written independently of the reference.
+
+    ``window``: keys sit at the positions of ``[prefix; task slot; own]`` (own_in_task: ``[prefix; own]``)
+    and a query sees those less than ``window`` behind it; ``softcap`` caps the scaled scores."""
     q, k, v, prefix_k, prefix_v, slot_k, slot_v, gate = (
         t.double().cpu() for t in (q, k, v, prefix_k, prefix_v, slot_k, slot_v, gate))
     group = q.shape[1] // k.shape[1]
     out = torch.zeros_like(q)
+    m, n = prefix_k.shape[0], 0 if own_in_task else slot_k.shape[1]
 
-    def softmax_part(qv, keys, values):  # qv (H, h); keys/values (N, H_kv, h) -> (H, h)
+    def softmax_part(qv, keys, values, key_pos, q_pos):  # qv (H, h); keys/values (N, H_kv, h) -> (H, h)
+        if window:
+            seen = q_pos - key_pos < window
+            keys, values = keys[seen], values[seen]
         if keys.shape[0] == 0:
             return torch.zeros_like(qv)
         keys, values = keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1)
-        weights = torch.softmax(torch.einsum("hd,nhd->hn", qv, keys) * softmax_scale, dim=-1)
-        return torch.einsum("hn,nhd->hd", weights, values)
+        scores = torch.einsum("hd,nhd->hn", qv, keys) * softmax_scale
+        if softcap:
+            scores = softcap * torch.tanh(scores / softcap)
+        return torch.einsum("hn,nhd->hd", torch.softmax(scores, dim=-1), values)
 
     for b in range(len(slot_ids)):
         s, start = int(slot_ids[b]), int(k_starts[b])
         q_len = int(cu_seqlens_q[b + 1] - cu_seqlens_q[b])
         for i in range(q_len):
             pos = int(kv_lens[b]) - q_len + i
-            own = (k[start : start + pos + 1], v[start : start + pos + 1])
+            own = (k[start : start + pos + 1], v[start : start + pos + 1], m + n + torch.arange(pos + 1))
+            prefix = (prefix_k, prefix_v, torch.arange(m))
             if own_in_task:
-                main, task = (prefix_k, prefix_v), own
+                main, task = prefix, own
             else:
-                main = (torch.cat([prefix_k, own[0]]), torch.cat([prefix_v, own[1]]))
-                task = (slot_k[s], slot_v[s])
-            qv = q[int(cu_seqlens_q[b]) + i]
+                main = tuple(torch.cat([a, b_]) for a, b_ in zip(prefix, own))
+                task = (slot_k[s], slot_v[s], m + torch.arange(slot_k.shape[1]))
+            qv, q_pos = q[int(cu_seqlens_q[b]) + i], m + n + pos
             if gated:
-                o = softmax_part(qv, *main) + torch.tanh(gate[s])[:, None] * softmax_part(qv, *task)
+                o = softmax_part(qv, *main, q_pos) + torch.tanh(gate[s])[:, None] * softmax_part(qv, *task, q_pos)
             else:
-                o = softmax_part(qv, torch.cat([main[0], task[0]]), torch.cat([main[1], task[1]]))
+                o = softmax_part(qv, *(torch.cat([a, b_]) for a, b_ in zip(main, task)), q_pos)
             out[int(cu_seqlens_q[b]) + i] = o
     return out
 
 
-def run_attention(backend, args, dtype):
-    """Call the public op with ``backend`` forced, into a NaN-poisoned buffer."""
+def run_attention(backend, args, dtype, **family):
+    """Call the public op with ``backend`` forced, into a NaN-poisoned buffer (``family``: window, softcap)."""
     out = torch.full_like(args[0], float("nan"))
     with dispatch.kernel_backend(backend):
-        result = dispatch.gated_prefix_attention(*args[:13], own_in_task=args[13], gated=args[14], out=out)
+        result = dispatch.gated_prefix_attention(*args[:13], own_in_task=args[13], gated=args[14], out=out, **family)
     assert result is out
     return out
 
 
-def check_attention_triton(args, dtype):
-    expected = gated_prefix_attention_ref(*_as_float64(args))
-    assert_matches(run_attention("triton", args, dtype), expected, dtype)
+def check_attention_triton(args, dtype, **family):
+    expected = gated_prefix_attention_ref(*_as_float64(args), **family)
+    assert_matches(run_attention("triton", args, dtype, **family), expected, dtype)
 
 
 def make_lowrank_case(seed, dtype, mix, device=DEVICE):
@@ -372,3 +382,88 @@ def test_auto_backend_uses_triton_on_cuda():
     out = run_attention("auto", args, torch.bfloat16)
     assert dispatch._use_triton(args[0])
     assert_matches(out, gated_prefix_attention_ref(*_as_float64(args)), torch.bfloat16)
+
+
+# ------------------------------------- model families: head dims, sliding windows, soft-capping
+# Head dims and windows of the families talora serves: Llama 3.x / Qwen3 / Phi-4-mini 128 (Llama 3.2 1B:
+# 64), Phi-3-mini 96 (not a power of two: the Triton kernel pads it), Gemma 2/3 256 with a sliding
+# window (4096 / 512 / 1024 in the checkpoints; small here so that it cuts) and Gemma 2's softcap 50.
+FAMILY_CASES = {  # name: (head_dim, group, window, softcap)
+    "gemma2": (256, 2, 9, 50.0),
+    "gemma3": (256, 2, 9, 0.0),
+    "phi3": (96, 1, 13, 0.0),
+    "mistral": (128, 4, 7, 0.0),
+    "softcap_only": (64, 3, 0, 5.0),  # a small cap, so that it bends the scores
+}
+
+
+@pytest.mark.parametrize("mode", ATTENTION_MODES)
+@pytest.mark.parametrize("window,softcap", [(1, 0.0), (6, 0.0), (17, 3.0), (0, 2.0)])
+def test_reference_window_and_softcap_match_oracle(mode, window, softcap):
+    args = make_attention_case(300 + window, torch.float64, 16, group=2, mode=mode, max_len=24, n_rows=4,
+                               n_prefix=7, device="cpu")
+    family = {"window": window, "softcap": softcap}
+    assert_matches(gated_prefix_attention_ref(*args, **family), attention_oracle(*args, **family), torch.float64)
+
+
+def test_a_window_wider_than_the_sequence_and_a_huge_softcap_change_nothing():
+    args = make_attention_case(8, torch.float64, 32, group=2, mode="prefill", max_len=30, n_rows=3, device="cpu")
+    plain = gated_prefix_attention_ref(*args)
+    torch.testing.assert_close(gated_prefix_attention_ref(*args, window=10_000), plain, rtol=0, atol=0)
+    torch.testing.assert_close(gated_prefix_attention_ref(*args, softcap=1e9), plain, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("family", FAMILY_CASES)
+@pytest.mark.parametrize("mode", ["prefill", "decode", "task_prompt"])
+def test_reference_family_shapes_match_oracle(family, mode):
+    head_dim, group, window, softcap = FAMILY_CASES[family]
+    args = make_attention_case(17, torch.float64, head_dim, group, mode, max_len=30, n_rows=3, n_kv_heads=1,
+                               n_prefix=5, device="cpu")
+    kw = {"window": window, "softcap": softcap}
+    assert_matches(gated_prefix_attention_ref(*args, **kw), attention_oracle(*args, **kw), torch.float64)
+
+
+@requires_triton
+@pytest.mark.parametrize("family,dtype,mode", [
+    ("gemma2", torch.float32, "prefill"),
+    ("gemma2", torch.bfloat16, "decode"),
+    ("gemma3", torch.float32, "task_prompt"),
+    ("phi3", torch.float32, "prefill"),
+    ("phi3", torch.float16, "chunked_ungated"),
+    ("mistral", torch.float32, "decode"),
+    ("softcap_only", torch.float32, "prefill_ungated"),
+])
+def test_attention_triton_families_small(family, dtype, mode):
+    head_dim, group, window, softcap = FAMILY_CASES[family]
+    args = make_attention_case(23, dtype, head_dim, group, mode, n_rows=3, max_len=40, n_kv_heads=1, n_prefix=6)
+    check_attention_triton(args, dtype, window=window, softcap=softcap)
+
+
+def test_windowed_or_soft_capped_decode_never_splits(monkeypatch):
+    """The split-K decode kernel takes neither a window nor a softcap nor a padded head dim: the
+    dispatcher keeps such a step on the one-pass kernel (which takes all three)."""
+    calls = []
+    monkeypatch.setattr(dispatch, "_use_triton", lambda t: True)
+    monkeypatch.setattr(dispatch, "decode_splits", lambda *a: 4)
+    import talora.kernels.decode_attention as split_k
+    import talora.kernels.gated_attention as one_pass
+
+    monkeypatch.setattr(split_k, "gated_decode_attention", lambda *a, **k: calls.append("split"))
+    monkeypatch.setattr(one_pass, "gated_prefix_attention", lambda *a, **k: calls.append("one"))
+    for head_dim, kw in ((64, {"window": 4}), (64, {"softcap": 30.0}), (96, {}), (64, {})):
+        args = make_attention_case(2, torch.float32, head_dim, 1, "decode", n_rows=2, max_len=10, device="cpu")
+        dispatch.gated_prefix_attention(*args[:13], max_q_len=1, max_kv_len=10, **kw)
+    assert calls == ["one", "one", "one", "split"]
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("family", FAMILY_CASES)
+@pytest.mark.parametrize("mode", ATTENTION_MODES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_triton_family_grid(family, mode, dtype):
+    head_dim, group, window, softcap = FAMILY_CASES[family]
+    seed = zlib.crc32(f"{family}-{mode}-{dtype}".encode()) % 10_000
+    for win in (window, 4 * window + 33):  # a window that cuts within a tile and one across tiles
+        args = make_attention_case(seed, dtype, head_dim, group, mode, mix=SLOT_MIXES[seed % 4], n_rows=1 + seed % 16)
+        check_attention_triton(args, dtype, window=win if window else 0, softcap=softcap)
