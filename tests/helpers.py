@@ -16,23 +16,42 @@ TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_la
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
 
 
-def save_tiny_checkpoint(folder: Path, family: str = "llama", seed: int = 0, **overrides) -> Path:
-    """Write a random tiny ``family`` model (config.json + model.safetensors) to ``folder``."""
-    from transformers import (
-        LlamaConfig,
-        LlamaForCausalLM,
-        MistralConfig,
-        MistralForCausalLM,
-        Qwen2Config,
-        Qwen2ForCausalLM,
-    )
+# What each family adds to ``TINY`` so that its features show: head dims other than hidden / heads,
+# sliding windows that cut a test sequence, soft-caps small enough to bend random logits, Gemma 3's
+# per-layer RoPE (a scaled global base, a local base), Phi's fused projections.
+FAMILY_TINY: dict[str, dict] = {
+    "llama": {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}},
+    "mistral": {"sliding_window": 5},
+    "qwen2": {},
+    "qwen3": {"head_dim": 32},
+    "gemma2": {"head_dim": 32, "query_pre_attn_scalar": 24, "sliding_window": 4, "attn_logit_softcapping": 2.0,
+               "final_logit_softcapping": 1.5, "pad_token_id": 0, "bos_token_id": 2, "eos_token_id": 1},
+    "gemma3_text": {"head_dim": 32, "query_pre_attn_scalar": 24, "sliding_window": 4,
+                    "layer_types": ["sliding_attention", "full_attention"],
+                    "rope_parameters": {
+                        "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 100000.0},
+                        "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}},
+                    "pad_token_id": 0, "bos_token_id": 2, "eos_token_id": 1},
+    "phi3": {"sliding_window": 6, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
+}
 
-    classes = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM),
-               "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
-    config_cls, model_cls = classes[family]
-    kwargs = {**TINY, **overrides}
-    if family == "llama":
-        kwargs.setdefault("rope_parameters", {"rope_type": "default", "rope_theta": 10000.0})
+
+def _family_classes(family: str):
+    import transformers as tf
+
+    names = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "gemma2": "Gemma2",
+             "gemma3_text": "Gemma3Text", "phi3": "Phi3"}[family]
+    model_name = "Gemma3ForCausalLM" if family == "gemma3_text" else f"{names}ForCausalLM"
+    return getattr(tf, f"{names}Config"), getattr(tf, model_name)
+
+
+def save_tiny_checkpoint(folder: Path, family: str = "llama", seed: int = 0, max_shard_size: str | None = None,
+                         dtype: torch.dtype | None = None, **overrides) -> Path:
+    """Write a random tiny ``family`` model (config.json + safetensors) to ``folder``: ``FAMILY_TINY``
+    over ``TINY``, then ``overrides``. ``max_shard_size`` ("20KB") writes shards and their index, as a
+    large checkpoint comes; ``dtype`` casts the weights first (bf16, as checkpoints ship)."""
+    config_cls, model_cls = _family_classes(family)
+    kwargs = {**TINY, **FAMILY_TINY[family], **overrides}
     torch.manual_seed(seed)
     model = model_cls(config_cls(**kwargs)).eval()
     # give norms non-trivial weights so that a mistake in their use shows up
@@ -40,7 +59,9 @@ def save_tiny_checkpoint(folder: Path, family: str = "llama", seed: int = 0, **o
         for name, p in model.named_parameters():
             if "norm" in name or name.endswith("bias"):
                 p.add_(torch.randn_like(p) * 0.1)
-    model.save_pretrained(folder)
+    if dtype is not None:
+        model = model.to(dtype)
+    model.save_pretrained(folder, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     return folder
 
 

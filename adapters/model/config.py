@@ -1,8 +1,8 @@
 """Typed, validated configuration: the frozen model's architecture and the TA-LoRA adapter.
 
-``ModelConfig.from_hf`` reads a Hugging Face ``config.json`` dict (Llama, SmolLM2, Mistral,
-Qwen2); ``TaloraConfig`` holds the adapter's sizes and ablation switches. Both raise
-``ValueError`` naming the offending field.
+``ModelConfig.from_hf`` reads a Hugging Face ``config.json`` dict (Llama 2/3.x, SmolLM2, Mistral,
+Qwen2/2.5, Qwen3, Gemma 2, Gemma 3, Phi-3/Phi-4-mini); ``TaloraConfig`` holds the adapter's
+sizes and ablation switches. Both raise ``ValueError`` naming the offending field.
 """
 
 from __future__ import annotations
@@ -10,8 +10,14 @@ from __future__ import annotations
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
-SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3")
+# config.json model types read as one of the above: a multimodal Gemma 3 checkpoint's text model
+MODEL_TYPE_ALIASES = {"gemma3": "gemma3_text"}
+SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear", "longrope")
+SUPPORTED_ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
+FULL, SLIDING = "full_attention", "sliding_attention"
+# tie_word_embeddings when config.json leaves it out: the default of the family's transformers config class
+_TIED_BY_DEFAULT = ("gemma2", "gemma3_text")
 
 
 def _require(condition: bool, field_name: str, message: str) -> None:
@@ -44,8 +50,24 @@ class ModelConfig:
     attention_bias: bool = False  # q/k/v projections carry a bias (Qwen2)
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
+    # ----- what the families beyond Llama add (the defaults are Llama's) -----
+    qk_norm: bool = False  # RMSNorm over each head's q and k before RoPE (Qwen3, Gemma 3)
+    unit_offset_norm: bool = False  # RMSNorm scales by (1 + weight), in float32 (Gemma)
+    sandwich_norm: bool = False  # attention and MLP outputs normed before the residual, MLP input too (Gemma)
+    fused_projections: bool = False  # qkv_proj and gate_up_proj as one matrix each (Phi-3)
+    hidden_act: str = "silu"  # the MLP's gate activation: "silu" or "gelu_pytorch_tanh" (Gemma)
+    embed_scale: float = 1.0  # token embeddings times this (Gemma: sqrt(hidden_size))
+    query_pre_attn_scalar: float | None = None  # softmax scale is this ** -0.5 (Gemma); None: head_dim ** -0.5
+    attn_softcap: float | None = None  # attention scores -> cap * tanh(scores / cap) (Gemma 2)
+    final_softcap: float | None = None  # logits -> cap * tanh(logits / cap) (Gemma 2)
+    sliding_window: int | None = None  # a query at position p sees keys at p - window + 1 .. p
+    layer_types: tuple[str, ...] | None = None  # per layer FULL or SLIDING; None: the window (if any) everywhere
+    local_rope_theta: float | None = None  # RoPE base of the sliding layers, unscaled (Gemma 3)
+    partial_rotary_factor: float = 1.0  # RoPE rotates the first head_dim * this dims (Phi-4-mini: 0.75)
 
     def __post_init__(self) -> None:
+        if self.layer_types is not None and not isinstance(self.layer_types, tuple):  # a JSON list
+            object.__setattr__(self, "layer_types", tuple(self.layer_types))
         _require(self.model_type in SUPPORTED_MODEL_TYPES, "model_type",
                  f"{self.model_type!r} is not supported; use one of {SUPPORTED_MODEL_TYPES}")
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
@@ -57,18 +79,108 @@ class ModelConfig:
         rope_type = (self.rope_scaling or {}).get("rope_type", "default")
         _require(rope_type in SUPPORTED_ROPE_TYPES, "rope_scaling",
                  f"rope_type {rope_type!r} is not supported; use one of {SUPPORTED_ROPE_TYPES}")
+        if rope_type == "longrope":
+            for key in ("short_factor", "long_factor", "original_max_position_embeddings"):
+                _require(key in (self.rope_scaling or {}), "rope_scaling", f"longrope needs {key!r}")
+        _require(self.hidden_act in SUPPORTED_ACTIVATIONS, "hidden_act",
+                 f"{self.hidden_act!r} is not supported; use one of {SUPPORTED_ACTIVATIONS}")
+        _require(0 < self.partial_rotary_factor <= 1 and self.rotary_dim % 2 == 0, "partial_rotary_factor",
+                 f"{self.partial_rotary_factor} does not give an even rotary dimension of head_dim={self.head_dim}")
+        _require(self.sliding_window is None or self.sliding_window > 0, "sliding_window",
+                 f"must be positive or null, got {self.sliding_window}")
+        if self.layer_types is not None:
+            _require(len(self.layer_types) == self.num_layers, "layer_types",
+                     f"has {len(self.layer_types)} entries for {self.num_layers} layers")
+            unknown = sorted(set(self.layer_types) - {FULL, SLIDING})
+            _require(not unknown, "layer_types", f"{unknown[0] if unknown else ''!r} is not {FULL!r} or {SLIDING!r}")
+        for name in ("attn_softcap", "final_softcap", "query_pre_attn_scalar"):
+            value = getattr(self, name)
+            _require(value is None or value > 0, name, f"must be positive or null, got {value}")
+
+    @property
+    def rotary_dim(self) -> int:
+        """The dims of each head that RoPE rotates (the first ones; the rest pass through)."""
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def softmax_scale(self) -> float:
+        """The attention score multiplier."""
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
+
+    def layer_window(self, layer: int) -> int:
+        """The sliding window of ``layer``; 0: it attends over every earlier key."""
+        if self.sliding_window is None or (self.layer_types is not None and self.layer_types[layer] != SLIDING):
+            return 0
+        return self.sliding_window
+
+    @property
+    def has_windows(self) -> bool:
+        """Whether some layer attends over a sliding window."""
+        return any(self.layer_window(i) for i in range(self.num_layers))
 
     @classmethod
     def from_hf(cls, cfg: dict[str, Any]) -> ModelConfig:
-        """Build from a Hugging Face ``config.json`` dict (transformers 4.x or 5.x keys)."""
+        """Build from a Hugging Face ``config.json`` dict (transformers 4.x or 5.x keys).
+
+        An unsupported ``model_type`` raises ``ValueError`` listing the supported ones. A multimodal
+        Gemma 3 config (``model_type`` "gemma3") is read as its ``text_config``."""
         model_type = cfg.get("model_type", "")
-        rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+        model_type = MODEL_TYPE_ALIASES.get(model_type, model_type)
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            archs = ", ".join(cfg.get("architectures") or []) or "no architectures listed"
+            raise ValueError(f"model_type: {cfg.get('model_type', '')!r} ({archs}) is not supported; "
+                             f"use one of {SUPPORTED_MODEL_TYPES}")
+        if cfg.get("model_type") == "gemma3" and "text_config" in cfg:
+            top = cfg
+            cfg = {**cfg["text_config"], "model_type": "gemma3_text"}
+            for key in ("tie_word_embeddings", "bos_token_id", "eos_token_id"):
+                if key not in cfg and key in top:
+                    cfg[key] = top[key]
+        gemma = model_type in ("gemma2", "gemma3_text")
+        rope_src = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+        local_theta = None
+        if model_type == "gemma3_text":
+            if FULL in rope_src or SLIDING in rope_src:  # transformers 5: one dict per layer type
+                local_theta = float((rope_src.get(SLIDING) or {}).get("rope_theta", 10000.0))
+                rope_src = rope_src.get(FULL) or {}
+                rope_src.setdefault("rope_theta", 1_000_000.0)
+            else:
+                local_theta = float(cfg.get("rope_local_base_freq", 10000.0))
+                rope_src = {"rope_theta": cfg.get("rope_theta", 1_000_000.0), **(cfg.get("rope_scaling") or {})}
+        rope = dict(rope_src)
         rope_theta = float(rope.pop("rope_theta", cfg.get("rope_theta", 10000.0)))
+        partial = float(rope.pop("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0)) or 1.0)
         if "type" in rope and "rope_type" not in rope:
             rope["rope_type"] = rope.pop("type")
+        if rope.get("rope_type") in ("su", "yarn") and model_type == "phi3":
+            rope["rope_type"] = "longrope"  # what transformers' Phi3Config reads them as
+        if rope.get("rope_type") == "longrope":
+            rope.setdefault("original_max_position_embeddings", cfg.get("original_max_position_embeddings"))
         if rope.get("rope_type", "default") == "default":
             rope = {}
         hidden, heads = cfg["hidden_size"], cfg["num_attention_heads"]
+        window = cfg.get("sliding_window")
+        layer_types = cfg.get("layer_types")
+        if model_type in ("qwen2", "qwen3"):
+            if not cfg.get("use_sliding_window", False):
+                window, layer_types = None, None
+            elif layer_types is None:  # transformers: layers from max_window_layers on slide
+                start = cfg.get("max_window_layers", 0)
+                layer_types = [SLIDING if i >= start else FULL for i in range(cfg["num_hidden_layers"])]
+        elif model_type == "gemma2" and layer_types is None:
+            layer_types = [SLIDING if (i + 1) % 2 else FULL for i in range(cfg["num_hidden_layers"])]
+        elif model_type == "gemma3_text" and layer_types is None:
+            pattern = cfg.get("sliding_window_pattern", 6)
+            layer_types = [SLIDING if (i + 1) % pattern else FULL for i in range(cfg["num_hidden_layers"])]
+        if window is None:
+            layer_types = None
+        if gemma:
+            softcaps = (cfg.get("attn_logit_softcapping", 50.0 if model_type == "gemma2" else None),
+                        cfg.get("final_logit_softcapping", 30.0 if model_type == "gemma2" else None))
+        else:
+            softcaps = (None, None)
+        act = cfg.get("hidden_activation") or cfg.get("hidden_act") or "silu"
+        head_dim = cfg.get("head_dim") or hidden // heads
         return cls(
             model_type=model_type,
             vocab_size=cfg["vocab_size"],
@@ -77,19 +189,47 @@ class ModelConfig:
             num_layers=cfg["num_hidden_layers"],
             num_heads=heads,
             num_kv_heads=cfg.get("num_key_value_heads") or heads,
-            head_dim=cfg.get("head_dim") or hidden // heads,
+            head_dim=head_dim,
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
             rope_theta=rope_theta,
             rope_scaling=rope or None,
             max_position_embeddings=cfg.get("max_position_embeddings", 4096),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", model_type in _TIED_BY_DEFAULT)),
             attention_bias=bool(cfg.get("attention_bias", model_type == "qwen2")),
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_id=cfg.get("eos_token_id"),
+            qk_norm=model_type in ("qwen3", "gemma3_text"),
+            unit_offset_norm=gemma,
+            sandwich_norm=gemma,
+            fused_projections=model_type == "phi3",
+            hidden_act=act,
+            embed_scale=float(hidden ** 0.5) if gemma else 1.0,
+            query_pre_attn_scalar=float(cfg.get("query_pre_attn_scalar", head_dim)) if gemma else None,
+            attn_softcap=float(softcaps[0]) if softcaps[0] else None,
+            final_softcap=float(softcaps[1]) if softcaps[1] else None,
+            sliding_window=int(window) if window else None,
+            layer_types=tuple(layer_types) if layer_types is not None else None,
+            local_rope_theta=local_theta,
+            partial_rotary_factor=partial,
         )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def identity(self) -> dict[str, Any]:
+        """What a weights fingerprint hashes: ``to_dict`` less the family fields at their defaults, so
+        that a Llama, Mistral or Qwen2 checkpoint keeps the fingerprint it had before the fields existed."""
+        data = self.to_dict()
+        for name in _FAMILY_FIELDS:
+            if data[name] == _FAMILY_DEFAULTS[name]:
+                del data[name]
+        return data
+
+
+_FAMILY_FIELDS = ("qk_norm", "unit_offset_norm", "sandwich_norm", "fused_projections", "hidden_act", "embed_scale",
+                  "query_pre_attn_scalar", "attn_softcap", "final_softcap", "sliding_window", "layer_types",
+                  "local_rope_theta", "partial_rotary_factor")
+_FAMILY_DEFAULTS = {f.name: f.default for f in fields(ModelConfig) if f.name in _FAMILY_FIELDS}
 
 
 def described(default: Any = MISSING, help: str = "", factory: Any = MISSING) -> Any:

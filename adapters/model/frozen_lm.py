@@ -1,24 +1,30 @@
-"""The frozen causal LM: a compact Llama-family implementation (Llama, SmolLM2, Mistral, Qwen2).
+"""The frozen causal LM: one compact decoder for the supported families (Llama 2/3.x, SmolLM2,
+Mistral, Qwen2/2.5, Qwen3, Gemma 2, Gemma 3, Phi-3/Phi-4-mini), switched by ``ModelConfig`` fields:
+q/k norms, Gemma's (1 + w) and sandwich norms, fused projections, GELU, embedding scale, partial
+and per-layer RoPE, sliding windows and soft-capping.
 
 One definition serves training and serving. The decoder runs on any token layout (padded
 ``(B, S)`` or packed ``(N,)``): every layer computes q/k/v with RoPE at the given positions and
 hands them to an ``attend(layer, q, k, v)`` callback that owns the attention pattern and any KV
-cache. ``talora.adapters.model.talora_model`` supplies the TA-LoRA callbacks; ``causal_attend`` is the
+cache; ``CausalLM.attention(layer)`` says how that layer attends (scale, window, softcap).
+``talora.adapters.model.talora_model`` supplies the TA-LoRA callbacks; ``causal_attend`` is the
 plain causal one used for the bare model. Parameter names match Hugging Face checkpoints, so
 ``load_state_dict(strict=True)`` takes their weights unchanged.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from talora.adapters.model.config import ModelConfig
+from talora.adapters.model.config import FULL, SLIDING, ModelConfig
 from talora.adapters.model.precision import float_matmul_enabled, float_matmul_scope, half_cpu
 
 # attend(layer_idx, q (..., H, h), k (..., H_kv, h), v (..., H_kv, h)) -> (..., H, h)
@@ -26,26 +32,39 @@ AttendFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tenso
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    """RMSNorm with float32 statistics. Llama-style: ``weight * normed.to(dtype)``; with
+    ``unit_offset`` (Gemma): ``(normed * (1 + weight)).to(dtype)``, the whole product in float32."""
+
+    def __init__(self, dim: int, eps: float, unit_offset: bool = False):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.weight = nn.Parameter(torch.zeros(dim) if unit_offset else torch.ones(dim))
         self.eps = eps
+        self.unit_offset = unit_offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # float32 statistics, as the reference implementation does, whatever the dtype.
+        # float32 statistics, as the reference implementations do, whatever the dtype.
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.unit_offset:
+            return (x32 * (1.0 + self.weight.float())).to(x.dtype)
         return self.weight * x32.to(x.dtype)
 
 
+def _inv_freq(theta: float, dim: int) -> torch.Tensor:
+    return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+
+
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
-    """Inverse RoPE frequencies ``(head_dim/2,)`` with Llama-3 or linear scaling applied."""
-    h = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, h, 2, dtype=torch.int64).float() / h))
+    """Inverse RoPE frequencies ``(rotary_dim/2,)`` of the full-attention layers, with Llama-3, linear
+    or LongRoPE (short factors) scaling applied."""
+    h = cfg.rotary_dim
+    inv_freq = _inv_freq(cfg.rope_theta, h)
     scaling = cfg.rope_scaling or {}
     kind = scaling.get("rope_type", "default")
     if kind == "linear":
         inv_freq = inv_freq / scaling["factor"]
+    elif kind == "longrope":
+        inv_freq = inv_freq / torch.tensor(scaling["short_factor"], dtype=torch.float32)
     elif kind == "llama3":
         factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
         old_ctx = scaling["original_max_position_embeddings"]
@@ -58,53 +77,121 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     return inv_freq
 
 
-def apply_rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x (..., heads, h)`` by its ``positions (...)`` (rotate-half convention)."""
-    freqs = positions.to(torch.float32)[..., None] * inv_freq.to(positions.device)
+@dataclass
+class Rope:
+    """One RoPE table: ``inv_freq (rotary_dim/2,)``; with LongRoPE, ``long_inv_freq`` for the
+    positions at or past ``long_from`` and ``factor`` on cos and sin."""
+
+    inv_freq: torch.Tensor
+    long_inv_freq: torch.Tensor | None = None
+    long_from: int = 0
+    factor: float = 1.0
+
+    @classmethod
+    def of(cls, cfg: ModelConfig, local: bool = False, device: torch.device | str | None = None) -> Rope:
+        """The full-attention layers' table, or with ``local`` the sliding layers' (Gemma 3: its own base)."""
+        if local and cfg.local_rope_theta is not None:
+            return cls(_inv_freq(cfg.local_rope_theta, cfg.rotary_dim).to(device))
+        scaling = cfg.rope_scaling or {}
+        if scaling.get("rope_type") != "longrope":
+            return cls(rope_inv_freq(cfg).to(device))
+        old_ctx = scaling["original_max_position_embeddings"]
+        factor = scaling.get("factor") or cfg.max_position_embeddings / old_ctx
+        attention_factor = scaling.get("attention_factor")
+        if attention_factor is None:
+            attention_factor = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(old_ctx))
+        long = _inv_freq(cfg.rope_theta, cfg.rotary_dim) / torch.tensor(scaling["long_factor"], dtype=torch.float32)
+        return cls(rope_inv_freq(cfg).to(device), long.to(device), int(old_ctx), float(attention_factor))
+
+
+def apply_rope(x: torch.Tensor, positions: torch.Tensor, rope: Rope | torch.Tensor) -> torch.Tensor:
+    """Rotate ``x (..., heads, h)`` by its ``positions (...)`` (rotate-half convention) over its first
+    ``2 * len(inv_freq)`` dims; the rest pass through (partial rotary). LongRoPE rotates the positions
+    at or past ``long_from`` by its long factors, each position by its own: a cached key keeps its
+    rotation whatever comes after it (transformers switches the whole sequence at once instead)."""
+    if isinstance(rope, torch.Tensor):
+        rope = Rope(rope)
+    pos = positions.to(torch.float32)[..., None]
+    freqs = pos * rope.inv_freq.to(positions.device)
+    if rope.long_inv_freq is not None:
+        long = pos * rope.long_inv_freq.to(positions.device)
+        freqs = torch.where(positions[..., None] >= rope.long_from, long, freqs)
     emb = torch.cat([freqs, freqs], dim=-1)
-    cos = emb.cos().to(x.dtype)[..., None, :]
-    sin = emb.sin().to(x.dtype)[..., None, :]
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
+    cos, sin = emb.cos(), emb.sin()
+    if rope.factor != 1.0:
+        cos, sin = cos * rope.factor, sin * rope.factor
+    cos, sin = cos.to(x.dtype)[..., None, :], sin.to(x.dtype)[..., None, :]
+    rot = emb.shape[-1]
+    x_rot = x[..., :rot] if rot < x.shape[-1] else x
+    half = rot // 2
+    rotated = torch.cat([-x_rot[..., half:], x_rot[..., :half]], dim=-1)
+    out = x_rot * cos + rotated * sin
+    return out if rot == x.shape[-1] else torch.cat([out, x[..., rot:]], dim=-1)
 
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         d, h = cfg.hidden_size, cfg.head_dim
-        self.q_proj = nn.Linear(d, cfg.num_heads * h, bias=cfg.attention_bias)
-        self.k_proj = nn.Linear(d, cfg.num_kv_heads * h, bias=cfg.attention_bias)
-        self.v_proj = nn.Linear(d, cfg.num_kv_heads * h, bias=cfg.attention_bias)
+        self.sizes = (cfg.num_heads * h, cfg.num_kv_heads * h, cfg.num_kv_heads * h)
+        if cfg.fused_projections:  # Phi-3: one matrix, q then k then v rows
+            self.qkv_proj = nn.Linear(d, sum(self.sizes), bias=cfg.attention_bias)
+        else:
+            self.q_proj = nn.Linear(d, self.sizes[0], bias=cfg.attention_bias)
+            self.k_proj = nn.Linear(d, self.sizes[1], bias=cfg.attention_bias)
+            self.v_proj = nn.Linear(d, self.sizes[2], bias=cfg.attention_bias)
         self.o_proj = nn.Linear(cfg.num_heads * h, d, bias=False)
+        if cfg.qk_norm:  # over each head's dims, before RoPE
+            self.q_norm = RMSNorm(h, cfg.rms_norm_eps, cfg.unit_offset_norm)
+            self.k_norm = RMSNorm(h, cfg.rms_norm_eps, cfg.unit_offset_norm)
         self.cfg = cfg
 
-    def qkv(self, x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor):
+    def qkv(self, x: torch.Tensor, positions: torch.Tensor, rope: Rope | torch.Tensor):
         cfg, lead = self.cfg, x.shape[:-1]
-        q = self.q_proj(x).view(*lead, cfg.num_heads, cfg.head_dim)
-        k = self.k_proj(x).view(*lead, cfg.num_kv_heads, cfg.head_dim)
-        v = self.v_proj(x).view(*lead, cfg.num_kv_heads, cfg.head_dim)
-        return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
+        if cfg.fused_projections:
+            q, k, v = self.qkv_proj(x).split(self.sizes, dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.reshape(*lead, cfg.num_heads, cfg.head_dim)
+        k = k.reshape(*lead, cfg.num_kv_heads, cfg.head_dim)
+        v = v.reshape(*lead, cfg.num_kv_heads, cfg.head_dim)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return apply_rope(q, positions, rope), apply_rope(k, positions, rope), v
 
 
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.fused = cfg.fused_projections
+        if self.fused:  # Phi-3: gate rows then up rows
+            self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        else:
+            self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+            self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gelu = cfg.hidden_act == "gelu_pytorch_tanh"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.fused:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        act = F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate)
+        return self.down_proj(act * up)
 
 
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        norm = functools.partial(RMSNorm, cfg.hidden_size, cfg.rms_norm_eps, cfg.unit_offset_norm)
         self.self_attn = Attention(cfg)
         self.mlp = MLP(cfg)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.input_layernorm = norm()
+        self.post_attention_layernorm = norm()
+        if cfg.sandwich_norm:  # Gemma: post_attention_layernorm norms the attention output
+            self.pre_feedforward_layernorm = norm()
+            self.post_feedforward_layernorm = norm()
 
 
 class Backbone(nn.Module):
@@ -112,11 +199,20 @@ class Backbone(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.unit_offset_norm)
+
+
+@dataclass(frozen=True)
+class LayerAttention:
+    """How one layer attends: softmax ``scale``, sliding ``window`` (0: none) and score ``softcap`` (0: none)."""
+
+    scale: float
+    window: int = 0
+    softcap: float = 0.0
 
 
 class CausalLM(nn.Module):
-    """A frozen Llama-family LM whose attention pattern is supplied by the caller."""
+    """A frozen decoder-only LM whose attention pattern is supplied by the caller."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -127,13 +223,29 @@ class CausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         self._half_cpu: bool | None = None  # 16-bit weights on a CPU without native kernels (cached)
+        self._attention = [LayerAttention(cfg.softmax_scale, cfg.layer_window(i), cfg.attn_softcap or 0.0)
+                           for i in range(cfg.num_layers)]
+        self._build_rope(self.inv_freq.device)
+
+    def _build_rope(self, device) -> None:
+        cfg = self.config
+        self.rope = Rope.of(cfg, device=device)
+        local = cfg.local_rope_theta is not None and cfg.layer_types is not None
+        self._layer_rope = [Rope.of(cfg, local=True, device=device) if local and t == SLIDING else self.rope
+                            for t in (cfg.layer_types or [FULL] * cfg.num_layers)]
 
     def _apply(self, fn, recurse=True):
         # RoPE frequencies stay float32 whatever dtype the weights are cast to.
         super()._apply(fn, recurse)
-        self.inv_freq = rope_inv_freq(self.config).to(self.model.embed_tokens.weight.device)
+        device = self.model.embed_tokens.weight.device
+        self.inv_freq = rope_inv_freq(self.config).to(device)
+        self._build_rope(device)
         self._half_cpu = None  # dtype or device may have changed
         return self
+
+    def attention(self, idx: int) -> LayerAttention:
+        """How layer ``idx`` attends: its softmax scale, sliding window and score softcap."""
+        return self._attention[idx]
 
     @property
     def device(self) -> torch.device:
@@ -153,15 +265,26 @@ class CausalLM(nn.Module):
         return self._half_cpu and float_matmul_enabled()
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model.embed_tokens(input_ids)
+        """Input embeddings of ``input_ids``: the token rows times ``embed_scale`` (Gemma: sqrt(d),
+        rounded to the weights' dtype as transformers does). Soft-prompt rows live in this space."""
+        rows = self.model.embed_tokens(input_ids)
+        return rows if self.config.embed_scale == 1.0 else rows * self.embed_scale()
+
+    def embed_scale(self) -> torch.Tensor:
+        """The embedding multiplier as a scalar of the weights' dtype."""
+        return torch.tensor(self.config.embed_scale, dtype=self.dtype, device=self.device)
 
     @float_matmul_scope
     def layer_forward(self, idx: int, hidden: torch.Tensor, positions: torch.Tensor,
                       attend: AttendFn) -> torch.Tensor:
         layer = cast(DecoderLayer, self.model.layers[idx])
-        q, k, v = layer.self_attn.qkv(layer.input_layernorm(hidden), positions, self.inv_freq)
+        q, k, v = layer.self_attn.qkv(layer.input_layernorm(hidden), positions, self._layer_rope[idx])
         attn = attend(idx, q, k, v)
-        hidden = hidden + layer.self_attn.o_proj(attn.reshape(*attn.shape[:-2], -1))
+        out = layer.self_attn.o_proj(attn.reshape(*attn.shape[:-2], -1))
+        if self.config.sandwich_norm:
+            hidden = hidden + layer.post_attention_layernorm(out)
+            return hidden + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(hidden)))
+        hidden = hidden + out
         return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
 
     @float_matmul_scope
@@ -177,14 +300,16 @@ class CausalLM(nn.Module):
 
     @float_matmul_scope
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
+        logits = self.lm_head(hidden)
+        cap = self.config.final_softcap
+        return logits if cap is None else torch.tanh(logits / cap) * cap
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Bare-model logits ``(B, S, V)`` for right-padded ``input_ids (B, S)``."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
         positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-        attend = causal_attend(attention_mask.bool())
+        attend = causal_attend(attention_mask.bool(), self.attention)
         return self.logits(self.run_layers(self.embed(input_ids), positions, attend))
 
 
@@ -192,22 +317,45 @@ def repeat_kv(x: torch.Tensor, group: int) -> torch.Tensor:
     return x if group == 1 else x.repeat_interleave(group, dim=-2)
 
 
-def dense_attention(q, k, v, mask: torch.Tensor) -> torch.Tensor:
+def dense_attention(q, k, v, mask: torch.Tensor, scale: float | None = None, softcap: float = 0.0) -> torch.Tensor:
     """Softmax attention of padded ``q (B,S,H,h)`` over ``k, v (B,T,H_kv,h)`` with ``mask (B,S,T)``.
 
-    Queries with no visible key return zeros.
+    Scores are ``q k^T * scale`` (default ``h ** -0.5``), then ``softcap * tanh(scores / softcap)``
+    when ``softcap`` is non-zero. Queries with no visible key return zeros.
     """
     group = q.shape[-2] // k.shape[-2]
     qh, kh, vh = (t.transpose(1, 2) for t in (q, repeat_kv(k, group), repeat_kv(v, group)))
-    scores = (qh @ kh.transpose(-1, -2)) * q.shape[-1] ** -0.5
-    scores = scores.float().masked_fill(~mask[:, None], float("-inf"))
+    scores = ((qh @ kh.transpose(-1, -2)) * (q.shape[-1] ** -0.5 if scale is None else scale)).float()
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~mask[:, None], float("-inf"))
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0).to(q.dtype)
     return (probs @ vh).transpose(1, 2)
 
 
-def causal_attend(attention_mask: torch.Tensor) -> AttendFn:
-    """Plain causal attention over right-padded rows (the bare model)."""
+def window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int) -> torch.Tensor:
+    """``(..., S, T)``: key at ``k_pos`` lies within ``window`` of the query at ``q_pos`` (``q - k < window``;
+    all True for window 0). Causality is the caller's."""
+    if not window:
+        return torch.ones(q_pos.shape[-1], k_pos.shape[-1], dtype=torch.bool, device=q_pos.device)
+    return q_pos[..., :, None] - k_pos[..., None, :] < window
+
+
+def causal_attend(attention_mask: torch.Tensor,
+                  attention: Callable[[int], LayerAttention] | None = None) -> AttendFn:
+    """Plain causal attention over right-padded rows (the bare model), each layer as ``attention(layer)``
+    says (scale, sliding window, softcap; default: plain softmax at ``h ** -0.5``)."""
     seq = attention_mask.shape[1]
+    pos = torch.arange(seq, device=attention_mask.device)
     causal = torch.ones(seq, seq, dtype=torch.bool, device=attention_mask.device).tril()
     mask = causal[None] & attention_mask[:, None, :]
-    return lambda idx, q, k, v: dense_attention(q, k, v, mask)
+    masks: dict[int, torch.Tensor] = {0: mask}
+
+    def attend(idx, q, k, v):
+        if attention is None:
+            return dense_attention(q, k, v, mask)
+        spec = attention(idx)
+        if spec.window not in masks:
+            masks[spec.window] = mask & window_mask(pos, pos, spec.window)[None]
+        return dense_attention(q, k, v, masks[spec.window], spec.scale, spec.softcap)
+    return attend

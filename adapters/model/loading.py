@@ -58,7 +58,7 @@ def weights_fingerprint(cfg: ModelConfig, state: Mapping[str, torch.Tensor]) -> 
 
     Sampling keeps this fast for multi-GB models while any real change of weights moves it.
     """
-    digest = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode())
+    digest = hashlib.sha256(json.dumps(cfg.identity(), sort_keys=True, default=str).encode())
     for name in sorted(state):
         tensor = state[name].detach()
         flat = tensor.reshape(-1)
@@ -69,23 +69,72 @@ def weights_fingerprint(cfg: ModelConfig, state: Mapping[str, torch.Tensor]) -> 
     return digest.hexdigest()
 
 
-def _read_checkpoint(folder: Path) -> dict[str, torch.Tensor]:
+_INDEX = "model.safetensors.index.json"
+# the weight-name prefixes of a multimodal checkpoint's language model (Gemma 3 4B and up), and what
+# they are read as; the other towers of such a checkpoint are skipped
+_TEXT_PREFIXES = (("model.language_model.", "model."), ("language_model.model.", "model."),
+                  ("language_model.lm_head.", "lm_head."))
+_OTHER_TOWERS = ("vision_tower.", "model.vision_tower.", "multi_modal_projector.", "model.multi_modal_projector.")
+
+
+def checkpoint_files(folder: Path) -> list[Path]:
+    """The safetensors files of the checkpoint in ``folder``: those its ``model.safetensors.index.json``
+    names (a sharded checkpoint, as transformers writes it), else ``model.safetensors``, else every
+    ``*.safetensors`` there. Other weight files beside them (``consolidated.safetensors``) are ignored."""
+    index = folder / _INDEX
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, AttributeError) as exc:
+            raise ModelLoadError(f"{index}: not a safetensors index ({exc})") from exc
+        missing = [n for n in names if not (folder / n).is_file()]
+        if missing:
+            raise ModelLoadError(f"{folder}: shard {missing[0]} named in {_INDEX} is missing")
+        return [folder / n for n in names]
+    if (folder / "model.safetensors").is_file():
+        return [folder / "model.safetensors"]
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise ModelLoadError(f"{folder}: no *.safetensors weights found")
+    return files
+
+
+def _text_name(name: str) -> str | None:
+    """The ``CausalLM`` name of checkpoint tensor ``name``; None for another tower's tensor."""
+    for old, new in _TEXT_PREFIXES:
+        if name.startswith(old):
+            return new + name[len(old):]
+    return None if name.startswith(_OTHER_TOWERS) else name
+
+
+def _read_checkpoint(folder: Path) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
-    for file in files:
-        state.update(load_file(str(file)))
+    for file in checkpoint_files(folder):
+        for name, tensor in load_file(str(file)).items():
+            key = _text_name(name)
+            if key is not None:
+                state[key] = tensor
     return state
+
+
+def read_model_config(folder: Path) -> ModelConfig:
+    """The ``ModelConfig`` of the checkpoint in ``folder``; an unsupported or malformed config is a
+    ``ModelLoadError`` naming the field (an unsupported architecture: the supported ones)."""
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise ModelLoadError(f"{folder}: no config.json")
+    try:
+        return ModelConfig.from_hf(json.loads(config_path.read_text()))
+    except (ValueError, KeyError, TypeError) as exc:
+        what = f"missing field {exc}" if isinstance(exc, KeyError) else str(exc)
+        raise ModelLoadError(f"{config_path}: {what}") from exc
 
 
 def load_checkpoint_folder(folder: Path, dtype: torch.dtype = torch.float32,
                            device: str | torch.device = "cpu") -> tuple[CausalLM, str]:
-    """Build a ``CausalLM`` from ``config.json`` + safetensors in ``folder``; returns (model, fingerprint)."""
-    config_path = folder / "config.json"
-    if not config_path.is_file():
-        raise ModelLoadError(f"{folder}: no config.json")
-    cfg = ModelConfig.from_hf(json.loads(config_path.read_text()))
+    """Build a ``CausalLM`` from ``config.json`` + safetensors in ``folder`` (one file or shards with
+    their index); returns (model, fingerprint)."""
+    cfg = read_model_config(folder)
     state = _read_checkpoint(folder)
     fingerprint = weights_fingerprint(cfg, state)
     if cfg.tie_word_embeddings:
@@ -99,7 +148,7 @@ def load_checkpoint_folder(folder: Path, dtype: torch.dtype = torch.float32,
                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    model.inv_freq = rope_inv_freq(cfg)  # built on the meta device with the module
+    model.inv_freq = rope_inv_freq(cfg)  # built on the meta device with the module (.to() rebuilds the rest)
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
     return model, fingerprint
 
@@ -186,16 +235,20 @@ class _LazyCheckpoint(Mapping):
     """The tensors of a checkpoint folder by name, each read from disk only when asked for."""
 
     def __init__(self, folder: Path):
-        self._files: dict[str, Path] = {}
-        for file in sorted(folder.glob("*.safetensors")):
+        self._files: dict[str, tuple[Path, str]] = {}  # our name -> (file, name in the file)
+        for file in checkpoint_files(folder):
             with safe_open(str(file), "pt") as handle:
-                self._files.update(dict.fromkeys(handle.keys(), file))
+                for name in handle.keys():
+                    key = _text_name(name)
+                    if key is not None:
+                        self._files[key] = (file, name)
         if not self._files:
             raise ModelLoadError(f"{folder}: no *.safetensors weights found")
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        with safe_open(str(self._files[name]), "pt") as handle:
-            return handle.get_tensor(name)
+        file, stored = self._files[name]
+        with safe_open(str(file), "pt") as handle:
+            return handle.get_tensor(stored)
 
     def __iter__(self):
         return iter(self._files)
@@ -220,10 +273,7 @@ def load_embedding_table(name: str = DEFAULT_MODEL, dtype: str | torch.dtype = "
     at a time, so a model far larger than this process's memory can still be fingerprinted."""
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     folder = resolve_model_dir(name)
-    config_path = folder / "config.json"
-    if not config_path.is_file():
-        raise ModelLoadError(f"{folder}: no config.json")
-    cfg = ModelConfig.from_hf(json.loads(config_path.read_text()))
+    cfg = read_model_config(folder)
     state = _LazyCheckpoint(folder)
     key = "model.embed_tokens.weight"
     if key not in state:
@@ -254,7 +304,9 @@ def load_model(name: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32",
     try:
         model, fingerprint = load_checkpoint_folder(folder, torch_dtype, device)
         tokenizer = AutoTokenizer.from_pretrained(folder)
-    except ModelLoadError:
+    except ModelLoadError as exc:
+        if name in ("", "default", DEFAULT_MODEL):  # the converted cache is broken: say how to redo it
+            raise ModelLoadError(f"{exc}; delete {folder} and run again to reconvert") from exc
         raise
     except Exception as exc:  # a corrupt cache or checkpoint: say what to do
         embedded = name in ("", "default", DEFAULT_MODEL)

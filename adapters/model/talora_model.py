@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from talora.adapters.model.config import TaloraConfig
-from talora.adapters.model.frozen_lm import CausalLM, dense_attention
+from talora.adapters.model.frozen_lm import CausalLM, dense_attention, window_mask
 from talora.adapters.runtime.batching import BatchMeta
 from talora.kernels import gated_prefix_attention, lowrank_prompt
 
@@ -102,7 +102,7 @@ class TaloraModel(nn.Module):
 
     def _embedding_scale(self, rows: torch.Tensor) -> torch.Tensor:
         """``rows`` rescaled so that each has the mean norm of a token-embedding row."""
-        row_norm = self.lm.model.embed_tokens.weight.float().norm(dim=-1).mean().cpu()
+        row_norm = self.lm.model.embed_tokens.weight.float().norm(dim=-1).mean().cpu() * self.lm.config.embed_scale
         return rows / rows.norm(dim=-1, keepdim=True).clamp_min(1e-6) * row_norm
 
     def init_shared(self, generator: torch.Generator | None = None, basis_init: str = "random",
@@ -121,7 +121,7 @@ class TaloraModel(nn.Module):
         else:
             rows = torch.randint(0, emb.shape[0], (m,), generator=generator)
         with torch.no_grad():
-            self.prompt.copy_(emb[rows.to(emb.device)])
+            self.prompt.copy_(self.lm.embed(rows.to(emb.device)))
             noise = torch.randn(self.basis.shape, generator=generator)
             if basis_init == "embedding":
                 noise = self._embedding_scale(noise)
@@ -235,14 +235,21 @@ class TaloraModel(nn.Module):
         valid = torch.cat([torch.ones(batch, m + n, dtype=torch.bool, device=input_ids.device),
                            attention_mask.bool()], dim=1)
         main_mask, task_mask = segment_masks(seg, valid)
-        positions = torch.arange(m + n + t_len, device=input_ids.device).expand(batch, -1)
+        pos = torch.arange(m + n + t_len, device=input_ids.device)
+        positions = pos.expand(batch, -1)
+        masks = {0: (main_mask, task_mask)}
 
         def attend(layer: int, q, k, v):
+            spec = self.lm.attention(layer)
+            if spec.window not in masks:  # a sliding window over the positions of [P; ΔP_t; X]
+                near = window_mask(pos, pos, spec.window)[None]
+                masks[spec.window] = (main_mask & near, task_mask & near)
+            main_m, task_m = masks[spec.window]
             if not self.cfg.gated:
-                return dense_attention(q, k, v, main_mask | task_mask)
+                return dense_attention(q, k, v, main_m | task_m, spec.scale, spec.softcap)
             gate = torch.tanh(gates[:, layer, :]).to(q.dtype)  # (B, H)
-            main = dense_attention(q, k, v, main_mask)
-            return main + gate[:, None, :, None] * dense_attention(q, k, v, task_mask)
+            main = dense_attention(q, k, v, main_m, spec.scale, spec.softcap)
+            return main + gate[:, None, :, None] * dense_attention(q, k, v, task_m, spec.scale, spec.softcap)
 
         def before(layer: int, hidden: torch.Tensor) -> torch.Tensor:
             rows = self._layer_prompt(prompts, layer)
@@ -264,8 +271,9 @@ class TaloraModel(nn.Module):
         def attend(layer: int, q, k, v):
             keys.append(k)
             values.append(v)
-            causal = torch.ones(m, m, dtype=torch.bool, device=q.device).tril()[None]
-            return dense_attention(q[None], k[None], v[None], causal)[0]
+            spec, pos = self.lm.attention(layer), torch.arange(m, device=q.device)
+            causal = (torch.ones(m, m, dtype=torch.bool, device=q.device).tril() & window_mask(pos, pos, spec.window))
+            return dense_attention(q[None], k[None], v[None], causal[None], spec.scale, spec.softcap)[0]
 
         if m:
             self.lm.run_layers(self.prompt.to(self.lm.dtype), torch.arange(m, device=self.prompt.device), attend)
@@ -316,11 +324,12 @@ class TaloraModel(nn.Module):
                        gates: torch.Tensor, own_in_task: bool) -> torch.Tensor:
         slot_k = slots.keys[layer] if slots is not None else k.new_zeros(1, 0, *k.shape[1:])
         slot_v = slots.values[layer] if slots is not None else slot_k
+        spec = self.lm.attention(layer)
         return gated_prefix_attention(
             q, k, v, meta.cu_seqlens_q, meta.k_starts, meta.kv_lens,
             prefix.keys[layer], prefix.values[layer], slot_k, slot_v, meta.slot_ids,
-            gates[:, layer, :], q.shape[-1] ** -0.5, own_in_task=own_in_task, gated=self.cfg.gated,
-            max_q_len=meta.max_q_len, max_kv_len=meta.max_kv_len,
+            gates[:, layer, :], spec.scale, own_in_task=own_in_task, gated=self.cfg.gated,
+            max_q_len=meta.max_q_len, max_kv_len=meta.max_kv_len, window=spec.window, softcap=spec.softcap,
         )
 
 
