@@ -2,12 +2,19 @@
 VENV ?= .venv
 PYTEST_ARGS ?=
 
-.PHONY: setup setup-vllm serve test test-slow test-ray test-vllm lint
+SERVE_EXTRAS ?=
 
+.PHONY: setup setup-serve setup-vllm serve test test-slow test-ray test-vllm lint
+
+# what the tests need (the test extra: training, benchmarks, fuzzer, checkers; the data sets)
 setup:
-	bash scripts/setup.sh
+	VENV=$(VENV) bash scripts/setup.sh
 
-serve: setup
+# what serving needs, and nothing else (SERVE_EXTRAS=ray for the Ray replicas)
+setup-serve:
+	TALORA_EXTRAS="$(SERVE_EXTRAS)" VENV=$(VENV) bash scripts/setup.sh
+
+serve: setup-serve
 	$(VENV)/bin/talora-serve
 
 test: setup

@@ -4,7 +4,9 @@ Every ``bash`` block with a ``curl`` and every ``python`` block that talks to
 ``127.0.0.1:8000`` is extracted and run as written, against a real uvicorn on 127.0.0.1 serving
 the packaged demo bundle on the real default model (port rewritten; the admin token and a store
 holding the demo tasks plus a ``v2/`` version, as the admin example assumes). ``curl`` runs with
-``--fail-with-body``, so an example that gets an HTTP error fails the test.
+``--fail-with-body``, so an example that gets an HTTP error fails the test; and every concrete
+answer the example's comments show (``"label": "positive"``, ``"text": " Warsaw"``, a quoted
+printed text) must be in what it printed.
 """
 
 from __future__ import annotations
@@ -71,9 +73,39 @@ def test_example_runs_against_the_demo(example, demo_server, store):
     done = subprocess.run(command, cwd=store, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, f"{code}\n--- stdout\n{done.stdout}\n--- stderr\n{done.stderr}"
     assert done.stdout.strip()
+    for expected in promised_answers(code):  # what the example's comments say it answers
+        assert expected.search(done.stdout), \
+            f"{code}\n--- answers\n{done.stdout[-1500:]}\n--- the docs promise {expected.pattern}"
     # the admin example evicts a task: load it back for the examples after it
     headers = {"authorization": "Bearer change-me"}
     assert httpx.put(f"{demo_server.url}/v1/adapters/tweet_sentiment", headers=headers).status_code == 200
+
+
+JSON_CLAIM = re.compile(r'"(\w+)": "([^"]*)"')
+PRINT_CLAIM = re.compile(r'#\s*"([^"]+)"')
+
+
+def promised_answers(code: str) -> list[re.Pattern]:
+    """The concrete answers an example's comments promise: ``"key": "value"`` pairs of the JSON shown
+    after a bash command (a value of ``...`` promises nothing), and the quoted text a python
+    example's ``print`` line says it prints."""
+    promised = []
+    for line in code.splitlines():
+        comment = line.strip()
+        if comment.startswith("#") and ("{" in comment or comment.startswith("# data:")):
+            for key, value in JSON_CLAIM.findall(comment):
+                if value and "..." not in value:
+                    promised.append(re.compile(rf'"{key}"\s*:\s*"{re.escape(value)}"'))
+        elif "print(" in line and "#" in line:
+            promised += [re.compile(re.escape(text)) for text in PRINT_CLAIM.findall("#" + line.split("#", 1)[1])]
+    return promised
+
+
+def test_promised_answers_are_read_from_the_comments():
+    bash = '''curl x\n# {"task": "t", "version": "...", "label": "positive",\n#  "scores": {"a": ...}}\n'''
+    assert [p.pattern for p in promised_answers(bash)] == ['"task"\\s*:\\s*"t"', '"label"\\s*:\\s*"positive"']
+    python = 'print(done.choices[0].text)  # " chemist"\nprint(x)  # " Nobel Prize" ...\n'
+    assert [p.pattern for p in promised_answers(python)] == [re.escape(" chemist"), re.escape(" Nobel Prize")]
 
 
 CLAIM = re.compile(r"^```bash\n(.*?)^```\n\nThat answers `(.+?)`", re.S | re.M)
