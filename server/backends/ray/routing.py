@@ -26,7 +26,7 @@ from talora.server.backends.ray.support import rank_by_affinity
 class TaskAffinityRouter(MultiplexMixin, RequestRouter):
     """``RequestRouterConfig(request_router_class=TaskAffinityRouter, request_router_kwargs={"slack": n})``."""
 
-    def initialize_state(self, slack: int = 8, **kwargs: Any) -> None:
+    def initialize_state(self, slack: int = 2, **kwargs: Any) -> None:
         self.slack = slack
 
     def _in_flight(self, replica: RunningReplica) -> int | None:

@@ -49,7 +49,7 @@ class RayOptions(BaseModel):
         "task", description="task: by task@version with overflow (a task sticks to the replicas holding its KV until "
         "they are affinity_slack requests busier than another); serve: Serve's own multiplexing rules (a task "
         "leaves its replicas only when they are full); random: Serve's default, no affinity (for comparison)")
-    affinity_slack: int = Field(8, ge=0, description="routing=task: a request goes to a replica that does not hold "
+    affinity_slack: int = Field(2, ge=0, description="routing=task: a request goes to a replica that does not hold "
                                 "its task only when that replica has this many fewer requests in flight than the "
                                 "least busy holder (0: least busy replica, ties to a holder)")
     ingress_replicas: int = Field(2, ge=1, description="replicas of the HTTP ingress: with 2 or more, killing one "
