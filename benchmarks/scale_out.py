@@ -286,7 +286,7 @@ def replacement_watch(app: str, deployment: str, names_before: set[str], count: 
     def poll() -> None:
         while not stop.is_set() and "at" not in seen:
             try:
-                states = serve.status().applications[app].deployments[deployment].replica_states
+                states: dict = serve.status().applications[app].deployments[deployment].replica_states  # str enum keys
                 if set(replica_names(app, deployment)) - names_before and states.get("RUNNING", 0) >= count:
                     seen["at"] = time.monotonic()
             except Exception:  # noqa: BLE001 - the controller is busy or the app is going: poll again
