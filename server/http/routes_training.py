@@ -70,21 +70,21 @@ async def _submit(engine, body: TrainingJobRequest) -> dict:
     return record.to_json()
 
 
-CREATED = 202
 ERRORS = task_errors(400, 401, 403, 409, 413, 422, 429, 501)
 
 
-@router.post("/v1/training/jobs", status_code=CREATED, response_model=TrainingJob, responses=ERRORS)
+@router.post("/v1/training/jobs", response_model=TrainingJob, responses=ERRORS)
 async def create_job(body: TrainingJobRequest, request: Request, engine: EngineDep) -> dict:
-    """Queue a training job of ``task`` from the examples of the body; 202 with the job (poll it, or stream it)."""
+    """Queue a training job of ``task`` from the examples of the body; answers the queued job (poll or stream it)."""
     request.state.task = body.task
     return await _submit(engine, body)
 
 
-@router.post("/v1/training/jobs/jsonl", status_code=CREATED, response_model=TrainingJob, responses=ERRORS,
-             openapi_extra={"requestBody": {"required": True, "content": {"application/x-ndjson": {"schema": {
-                 "type": "string", "description": "one JSON object per line: {text, label} (and question for an "
-                                                  "extract task), as a task file"}}}}})
+@router.post("/v1/training/jobs/jsonl", response_model=TrainingJob, responses=ERRORS,
+             openapi_extra={"requestBody": {"required": True, "content": {
+                 media: {"schema": {"type": "string", "description": "one JSON object per line: {text, label} (and "
+                                                                     "question for an extract task), as a task file"}}
+                 for media in ("application/x-ndjson", "text/plain")}}})
 async def create_job_jsonl(request: Request, engine: EngineDep, task: str = Query(),
                            kind: Literal["classify", "extract"] = "classify",
                            labels: str | None = Query(None, description="comma-separated label set"),
@@ -123,21 +123,21 @@ async def list_jobs(engine: EngineDep) -> dict:
     return {"jobs": [r.to_json() for r in _manager(engine).list()]}
 
 
-@router.get("/v1/training/jobs/{job_id}", response_model=TrainingJob, responses=task_errors(401, 403, 404, 501))
+@router.get("/v1/training/jobs/{job_id}", response_model=TrainingJob, responses=task_errors(401, 403, 404, 422, 501))
 async def get_job(job_id: str, engine: EngineDep) -> dict:
     """One job: status, progress (step, steps, loss, dev score, ETA) and, at the end, its result or error."""
     return _call(_manager(engine).get, job_id).to_json()
 
 
 @router.post("/v1/training/jobs/{job_id}/cancel", response_model=TrainingJob,
-             responses=task_errors(401, 403, 404, 409, 501))
+             responses=task_errors(401, 403, 404, 409, 422, 501))
 async def cancel_job(job_id: str, engine: EngineDep) -> dict:
     """Cancel a queued or running job (its worker is stopped; nothing is installed); 409 once it installs or ended."""
     return (await run_in_threadpool(_call, _manager(engine).cancel, job_id)).to_json()
 
 
 @router.delete("/v1/training/jobs/{job_id}", response_model=TrainingJob,
-               responses=task_errors(401, 403, 404, 409, 501))
+               responses=task_errors(401, 403, 404, 409, 422, 501))
 async def delete_job(job_id: str, engine: EngineDep) -> dict:
     """Remove a finished job and its folder (trained files included); 409 while it is queued or running."""
     return (await run_in_threadpool(_call, _manager(engine).remove, job_id)).to_json()
@@ -147,18 +147,24 @@ def _view(record: JobRecord) -> str:
     return json.dumps([record.status, record.progress, record.result, record.error], sort_keys=True, default=str)
 
 
-@router.get("/v1/training/jobs/{job_id}/events", responses={
-    200: {"content": {"text/event-stream": {"schema": SSE_EVENT}}}, **task_errors(401, 403, 404, 501)})
-async def job_events(job_id: str, engine: EngineDep) -> StreamingResponse:
+@router.get("/v1/training/jobs/{job_id}/events", response_model=TrainingJob, responses={
+    200: {"content": {"text/event-stream": {"schema": SSE_EVENT}}}, **task_errors(401, 403, 404, 422, 501)})
+async def job_events(job_id: str, request: Request, engine: EngineDep):
     """Server-sent events of a job: ``{"type": "progress", "job": ...}`` on every change, then ``{"type": "done",
-    "job": ...}`` when it has ended (at once for a job that has)."""
+    "job": ...}`` when it has ended (at once for a job that has). A client that does not accept
+    ``text/event-stream`` gets the job as JSON, as from ``GET /v1/training/jobs/{id}``."""
     manager = _manager(engine)
-    _call(manager.get, job_id)
+    record = _call(manager.get, job_id)
+    if "text/event-stream" not in request.headers.get("accept", ""):
+        return record.to_json()
 
     async def events():
         seen = None
         while True:
-            record = manager.get(job_id)
+            try:
+                record = manager.get(job_id)
+            except JobNotFound:  # removed while streamed
+                return
             view = _view(record)
             if record.status not in ACTIVE:
                 yield sse({"type": "done", "job": record.to_json()})

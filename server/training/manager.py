@@ -342,9 +342,9 @@ class TrainingManager:
         except OSError as exc:
             self._finish(record, "failed", f"the training worker could not start ({exc})")
             return
-        record.status, record.started_at = "running", time.time()
-        record.progress = {**record.progress, "pid": proc.pid}
-        with self._lock:
+        with self._lock:  # a cancel sees the job running only once it can stop it
+            record.status, record.started_at = "running", time.time()
+            record.progress = {**record.progress, "pid": proc.pid}
             self._running[record.id] = _Running(record, proc, time.monotonic(), log_file)
         self._save(record)
         log.info("training job %s started: task %s, worker pid %d, %d threads", record.id, record.task, proc.pid,
@@ -400,7 +400,7 @@ class TrainingManager:
     # ----- bookkeeping -------------------------------------------------------------------------
     def _finish(self, record: JobRecord, status: str, error: str | None) -> None:
         record.status, record.error, record.finished_at = status, error, time.time()
-        record.progress.pop("pid", None)
+        record.progress = {k: v for k, v in record.progress.items() if k != "pid"}
         self._save(record)
         self.metrics.training_jobs_finished.labels(status).inc()
         (log.warning if status == "failed" else log.info)("training job %s (task %s) %s%s", record.id, record.task,

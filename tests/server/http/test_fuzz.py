@@ -40,16 +40,19 @@ RANDOM = os.environ.get("TALORA_FUZZ_RANDOM") == "1"  # explore new examples ins
 @pytest.fixture(scope="module")
 def fuzz_server(tiny_bundle, tiny_server_model):
     with serve(tiny_bundle, tiny_server_model, max_new_tokens_limit=8, request_timeout_s=30,
-               admin_token=ADMIN_TOKEN) as srv:
+               admin_token=ADMIN_TOKEN, model=tiny_server_model.name, training_max_queued=2) as srv:
         yield srv
 
 
 OPERATIONS = ["POST /v1/tasks/{task}/predict", "POST /v1/tasks/{task}/generate", "GET /v1/tasks",
               "GET /v1/tasks/{task}", "POST /v1/completions", "GET /v1/models", "PUT /v1/adapters/{task}",
-              "DELETE /v1/adapters/{task}", "GET /health", "GET /ready", "GET /metrics"]
+              "DELETE /v1/adapters/{task}", "GET /health", "GET /ready", "GET /metrics",
+              "POST /v1/training/jobs", "POST /v1/training/jobs/jsonl", "GET /v1/training/jobs",
+              "GET /v1/training/jobs/{job_id}", "GET /v1/training/jobs/{job_id}/events",
+              "POST /v1/training/jobs/{job_id}/cancel", "DELETE /v1/training/jobs/{job_id}"]
 MODES = [schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE]
 # the others have nothing to make invalid but a string
-WITH_BODY = OPERATIONS[0], OPERATIONS[1], OPERATIONS[4], OPERATIONS[6]
+WITH_BODY = OPERATIONS[0], OPERATIONS[1], OPERATIONS[4], OPERATIONS[6], OPERATIONS[11]
 
 
 @pytest.fixture(scope="module")

@@ -55,7 +55,7 @@ def _wait(client: httpx.Client, job_id: str, timeout: float = 600) -> dict:
 def test_a_task_is_trained_installed_and_served(client, store):
     answer = client.post("/v1/training/jobs", headers=AUTH, json={"task": "tickets", "examples": tickets(),
                                                                   "steps": 24, "version": "tickets-v1"})
-    assert answer.status_code == 202, answer.text
+    assert answer.status_code == 200, answer.text
     job = answer.json()
     assert job["status"] == "queued" and job["label_counts"] == {"access": 30, "billing": 30}
     assert job["progress"]["splits"] == {"train": 48, "dev": 6, "test": 6}
@@ -78,7 +78,8 @@ def test_a_task_is_trained_installed_and_served(client, store):
     assert predicted.json()["label"] in ("access", "billing")
     listed = client.get("/v1/training/jobs", headers=AUTH).json()["jobs"]
     assert job["id"] in [j["id"] for j in listed]
-    with client.stream("GET", f"/v1/training/jobs/{job['id']}/events", headers=AUTH) as stream:
+    with client.stream("GET", f"/v1/training/jobs/{job['id']}/events",
+                       headers={**AUTH, "accept": "text/event-stream"}) as stream:
         events = [json.loads(line[6:]) for line in stream.iter_lines() if line.startswith("data: ")]
     assert events[-1]["type"] == "done" and events[-1]["job"]["status"] == "succeeded"
     metrics = client.get("/metrics").text
@@ -124,6 +125,29 @@ def test_request_refusals(client):
                         "content-type": "application/x-ndjson"}, content=lines)
     assert jsonl.status_code == 422 and "line 4" in jsonl.json()["detail"]
     assert client.get("/v1/training/jobs/0123456789abcdef", headers=AUTH).status_code == 404
+
+
+def test_a_jsonl_job_is_cancelled_and_changes_nothing(client, store):
+    lines = "\n".join(json.dumps(r) for r in tickets())
+    answer = client.post("/v1/training/jobs/jsonl", params={"task": "uploaded", "install": "false", "steps": 400},
+                         headers={**AUTH, "content-type": "application/x-ndjson"}, content=lines)
+    assert answer.status_code == 200, answer.text
+    job = answer.json()
+    assert job["options"]["install"] is False and job["examples"] == 60
+    cancelled = client.post(f"/v1/training/jobs/{job['id']}/cancel", headers=AUTH)
+    assert cancelled.status_code == 200
+    assert _wait(client, job["id"])["status"] == "cancelled"
+    assert client.post(f"/v1/training/jobs/{job['id']}/cancel", headers=AUTH).status_code == 409
+    assert client.get("/v1/tasks/uploaded").status_code == 404 and not (store / "uploaded.json").exists()
+
+
+def test_an_extract_answer_must_be_in_its_text(client):
+    rows = [{"text": f"The meeting is in room {i}.", "question": "Where is the meeting?", "label": f"room {i}"}
+            for i in range(12)]
+    rows[5]["label"] = "the roof"
+    answer = client.post("/v1/training/jobs", headers=AUTH, json={"task": "rooms", "kind": "extract",
+                                                                  "examples": rows})
+    assert answer.status_code == 422 and "row 6 (examples[5])'s answer" in answer.json()["detail"], answer.text
 
 
 def test_training_routes_are_off_without_a_manager(tiny_bundle, tiny_server_model, tmp_path):
@@ -204,3 +228,23 @@ def test_a_refused_install_leaves_the_store_as_it_was(tmp_path, tiny_bundle):
     with pytest.raises(ValueError):
         manager._install_files("newtask", trained / "spam")  # no old files: the new ones are removed
     assert not (tmp_path / "newtask.json").exists()
+
+
+@pytest.mark.slow
+def test_a_real_task_beats_its_majority_rate(default_model, tmp_path):
+    """The real default model and the demo bundle: 120 support tickets of three labels, trained through HTTP,
+    installed and served; on the held-out test split the task beats its majority rate."""
+    from benchmarks.onboard_latency import support_tickets
+    from talora.adapters.demo import demo_bundle_dir
+
+    with serve(demo_bundle_dir(), default_model, store=tmp_path, admin_token=TOKEN, model=default_model.name,
+               training_threads=2) as srv, httpx.Client(base_url=srv.url, timeout=60) as client:
+        answer = client.post("/v1/training/jobs", headers=AUTH, json={"task": "tickets",
+                                                                      "examples": support_tickets(40)})
+        assert answer.status_code == 200, answer.text
+        done = _wait(client, answer.json()["id"], timeout=1800)
+        assert done["status"] == "succeeded", done
+        tested = done["result"]["test_metrics"]
+        assert tested["accuracy"] > tested["majority_rate"] + 0.15, tested
+        predicted = client.post("/v1/tasks/tickets/predict", json={"text": "Please refund the March invoice"})
+        assert predicted.json()["version"] == done["result"]["version"]
