@@ -27,6 +27,7 @@ import asyncio
 import json
 import os
 import random
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -56,6 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch threads of the server")
     p.add_argument("--slow-connections", type=int, default=300, help="request heads sent half, held open")
     p.add_argument("--seed", type=int, default=0, help="seed of the normal clients' choices")
+    p.add_argument("--server-args", default="", help="more talora-serve flags, e.g. '--max-batch-tokens 512'")
     p.add_argument("--out", type=Path, default=RESULTS / "soak.json", help="summary JSON")
     return p.parse_args(argv)
 
@@ -75,6 +77,7 @@ class Server:
                "--header-timeout-s", "5", "--body-timeout-s", "5", "--store", str(store)]
         cmd += ["--model", args.model] if args.model else []
         cmd += ["--bundle", args.bundle] if args.bundle else []
+        cmd += shlex.split(args.server_args)
         self.log = tempfile.TemporaryFile()
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
         self.url = f"http://127.0.0.1:{self.port}"
@@ -112,29 +115,39 @@ class Server:
 
 
 # ----- normal traffic --------------------------------------------------------------------------
-async def normal_client(url: str, tasks: dict[str, str], until: float, rng: random.Random, index: int,
+QUESTION = "What is it about?"
+
+
+def body_for(task: str, tasks: dict[str, dict], text: str, **fields: Any) -> dict[str, Any]:
+    """A request body for ``task``, with a question where its template asks one."""
+    asks = "{question}" in tasks[task]["template"]
+    return {"text": text, **({"question": QUESTION} if asks else {}), **fields}
+
+
+async def normal_client(url: str, tasks: dict[str, dict], until: float, rng: random.Random, index: int,
                         out: list[tuple[float, int]]) -> None:
     """Closed loop: one request at a time; records (latency s, status) of each (status 0: no answer)."""
-    classify = [t for t, kind in tasks.items() if kind == "classify"]
-    generate = [t for t, kind in tasks.items() if kind != "classify"]
+    classify = [t for t, info in tasks.items() if info["kind"] == "classify"]
+    generate = [t for t, info in tasks.items() if info["kind"] != "classify"]
     headers = {"X-Client-Id": f"normal-{index}"}
     async with httpx.AsyncClient(base_url=url, timeout=120, headers=headers) as client:
         while time.monotonic() < until:
             start = time.monotonic()
             try:
                 if generate and rng.random() < 1 / 8:
-                    r = await client.post(f"/v1/tasks/{rng.choice(generate)}/generate",
-                                          json={"text": rng.choice(TEXTS), "max_new_tokens": 8, "temperature": 0})
+                    task = rng.choice(generate)
+                    r = await client.post(f"/v1/tasks/{task}/generate", json=body_for(
+                        task, tasks, rng.choice(TEXTS), max_new_tokens=8, temperature=0))
                 else:
-                    r = await client.post(f"/v1/tasks/{rng.choice(classify)}/predict",
-                                          json={"text": rng.choice(TEXTS)})
+                    task = rng.choice(classify)
+                    r = await client.post(f"/v1/tasks/{task}/predict", json=body_for(task, tasks, rng.choice(TEXTS)))
                 status = r.status_code
             except httpx.TransportError:
                 status = 0
             out.append((time.monotonic() - start, status))
 
 
-async def normal_traffic(url: str, tasks: dict[str, str], seconds: float, clients: int,
+async def normal_traffic(url: str, tasks: dict[str, dict], seconds: float, clients: int,
                          seed: int) -> list[tuple[float, int]]:
     out: list[tuple[float, int]] = []
     until = time.monotonic() + seconds
@@ -167,7 +180,7 @@ def _head(method: str, path: str, extra: str = "") -> bytes:
     return f"{method} {path} HTTP/1.1\r\nHost: soak\r\nContent-Type: application/json\r\n{extra}\r\n".encode()
 
 
-async def hostile_round(url: str, port: int, task: str, gen_task: str | None, slow: int,
+async def hostile_round(url: str, port: int, task: str, gen_task: str | None, tasks: dict[str, dict], slow: int,
                         answers: Counter) -> None:
     """One round of every hostile pattern; their answers are counted by pattern and status."""
     predict = f"/v1/tasks/{task}/predict"
@@ -186,11 +199,11 @@ async def hostile_round(url: str, port: int, task: str, gen_task: str | None, sl
             if gen_task is None:
                 return -1
             try:
-                await client.post(f"/v1/tasks/{gen_task}/generate", timeout=0.2,
-                                  json={"text": "a long story", "max_new_tokens": 256, "temperature": 0})
+                r = await client.post(f"/v1/tasks/{gen_task}/generate", timeout=0.2, json=body_for(
+                    gen_task, tasks, "a long story", max_new_tokens=256, temperature=0))
             except httpx.TimeoutException:
                 return 499  # the client left, as intended
-            return 200
+            return r.status_code
 
         admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
         big_text = "字" * (262_144 // 64)
@@ -223,13 +236,13 @@ async def _chunks():
         yield piece
 
 
-async def hostile_traffic(url: str, port: int, tasks: dict[str, str], seconds: float, slow: int) -> Counter:
+async def hostile_traffic(url: str, port: int, tasks: dict[str, dict], seconds: float, slow: int) -> Counter:
     answers: Counter = Counter()
-    classify = sorted(t for t, kind in tasks.items() if kind == "classify")
-    gen_task = next((t for t, kind in sorted(tasks.items()) if kind != "classify"), None)
+    classify = sorted(t for t, info in tasks.items() if info["kind"] == "classify")
+    gen_task = next((t for t, info in sorted(tasks.items()) if info["kind"] != "classify"), None)
     until, rounds = time.monotonic() + seconds, 0
     while time.monotonic() < until and rounds < 1000:
-        await hostile_round(url, port, classify[rounds % len(classify)], gen_task, slow, answers)
+        await hostile_round(url, port, classify[rounds % len(classify)], gen_task, tasks, slow, answers)
         rounds += 1
     answers["rounds"] = rounds
     return answers
@@ -252,7 +265,7 @@ def phase_summary(results: list[tuple[float, int]]) -> dict[str, Any]:
 
 async def run(args: argparse.Namespace, server: Server) -> dict[str, Any]:
     listing = httpx.get(server.url + "/v1/tasks", timeout=30).json()
-    tasks = {t["task"]: t["kind"] for t in listing["tasks"]}
+    tasks = {t["task"]: t for t in listing["tasks"]}
     half = args.minutes * 60 / 2
     before = server.resources()
     print(f"calm: {args.clients} normal clients for {half:.0f} s", flush=True)
@@ -269,7 +282,8 @@ async def run(args: argparse.Namespace, server: Server) -> dict[str, Any]:
     return {"calm": calm_s, "attack": attack_s, "p99_attack_over_calm": ratio,
             "normal_failed_total": calm_s["failed"] + attack_s["failed"], "hostile_answers": dict(hostile),
             "server_before": before, "server_after": after, "alive_after": alive, "tasks": sorted(tasks),
-            "minutes": args.minutes, "clients": args.clients, "machine": machine_info(args.threads)}
+            "minutes": args.minutes, "clients": args.clients, "server_args": args.server_args,
+            "machine": machine_info(args.threads)}
 
 
 def main(argv: list[str] | None = None) -> int:
