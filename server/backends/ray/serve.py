@@ -30,7 +30,7 @@ import logging
 import os
 import threading
 import time
-from typing import Any
+from typing import Any, cast
 
 import ray
 from fastapi.responses import JSONResponse, PlainTextResponse
@@ -324,7 +324,7 @@ def router_options(options: RayOptions) -> dict[str, Any]:
     """``Deployment.options`` for the replicas' request router: ours for ``routing=task``, else Serve's."""
     if options.routing != "task":
         return {}
-    config = RequestRouterConfig(request_router_class=ROUTER,  # type: ignore[arg-type]  # str or class
+    config = RequestRouterConfig(request_router_class=cast(Any, ROUTER),  # an import path: Ray's stubs want a class
                                  request_router_kwargs={"slack": options.affinity_slack})
     return {"request_router_config": config}
 
