@@ -19,7 +19,7 @@ Methods, each on the training split of the user's file and the same test items:
   --output-dir D`` (the recipe's defaults: all training examples, inputs cut at the 95th percentile
   of their token lengths, steps by the data, float32), then ``talora-train eval`` as above. The
   command prefix is ``--train-cmd`` (default ``talora-train``; from a snapshot,
-  ``python -m talora.adapters.cli``).
+  ``python -m talora.adapters.train.cli``).
 - ``prompt_tuning`` and ``lora``: PEFT through ``benchmarks.quality_peft`` with the quality
   benchmark's documented defaults (``quality_plan.PeftRecipe``: 16 virtual tokens from sampled
   vocabulary rows at lr 0.3; LoRA r 4, alpha 8 on q_proj/v_proj at lr 2e-3, no source stage), the
@@ -204,12 +204,11 @@ def read_jsonl(path: Path) -> list[Item]:
 def build_files(work: Path, tasks: Sequence[UserTask], load_split: Callable | None = None,
                 seed: int = SEED) -> dict[str, dict]:
     """Write every task's two files under ``work``; returns per task its paths, hashes and counts."""
-    if load_split is None:
-        from talora.adapters.tasks import load_split
-    exclude = {ex.text for name in DEMO_SOURCE_TASKS for ex in load_split(name, "train", limit=DEMO_SOURCE_TRAIN_LIMIT)}
+    load = load_split or _talora_imports()[1]
+    exclude = {ex.text for name in DEMO_SOURCE_TASKS for ex in load(name, "train", limit=DEMO_SOURCE_TRAIN_LIMIT)}
     out = {}
     for task in tasks:
-        user, heldout = build_task(task, packaged_pool(task, load_split, exclude), seed)
+        user, heldout = build_task(task, packaged_pool(task, load, exclude), seed)
         user_path, heldout_path = work / "tasks" / f"{task.name}.jsonl", work / "heldout" / f"{task.name}.jsonl"
         out[task.name] = {
             "user_file": str(user_path), "heldout_file": str(heldout_path),
@@ -301,7 +300,7 @@ def run_talora(task: str, files: dict, work: Path, prefix: list[str], bundle: st
 
 def _talora_imports():
     """The talora pieces the PEFT runs use (kept in one place: module paths may move)."""
-    from talora.adapters.tasks import get_task, load_split, register_file_task
+    from talora.adapters.data import get_task, load_split, register_file_task
     from talora.adapters.train import recipe
     from talora.adapters.train.data import encode_task, text_lengths
 
@@ -468,7 +467,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads of every run")
     p.add_argument("--train-cmd", default="talora-train",
-                   help="command prefix of talora-train (from a snapshot: 'python -m talora.adapters.cli')")
+                   help="command prefix of talora-train (from a snapshot: 'python -m talora.adapters.train.cli')")
     p.add_argument("--bundle", default="", help="source bundle of the TA-LoRA runs (default: the demo bundle)")
     p.add_argument("--build-only", action="store_true", help="write the task files and stop")
     p.add_argument("--summarise", action="store_true", help="only summarise the stored rows")
