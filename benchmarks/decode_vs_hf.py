@@ -1,0 +1,158 @@
+"""One generation, talora's engine against Hugging Face ``generate`` on the same model, side by side.
+
+In one process, on the same frozen model (the embedded SmolLM2-135M-Instruct unless ``--model``
+says otherwise), dtype and torch threads: a greedy generation of one prompt through the in-process
+``Engine`` (a demo task's adapter: the shared and task prompts are computed once, as when serving)
+against ``model.generate`` of transformers on the same prompt ids, forced to the same number of new
+tokens. Per thread count, ``--repeats`` rounds alternate the two; reported are medians of wall and
+CPU time (``time.process_time``) per generated token, the first token's latency (talora: the first
+``Token`` event after submission; HF: ``generate`` of one token), and the ratios talora / HF (above
+1: talora is faster in tokens/s; below 1 for the first token: talora answers sooner).
+
+    python -m benchmarks.decode_vs_hf --threads 1,2 --new-tokens 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.bench_args import RESULTS
+from benchmarks.bench_report import machine_info, write_json
+
+PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="smollm2-135m-instruct", help="frozen model: the embedded default or a folder")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="weights and KV")
+    p.add_argument("--task", default="squad_dev", help="the demo task whose adapter talora generates with")
+    p.add_argument("--threads", default="1,2", help="torch thread counts, comma-separated")
+    p.add_argument("--new-tokens", type=int, default=32, help="tokens to generate")
+    p.add_argument("--repeats", type=int, default=5, help="rounds per setup (medians)")
+    p.add_argument("--out", type=Path, default=RESULTS / "decode_vs_hf.json", help="summary JSON")
+    return p.parse_args(argv)
+
+
+class Clock:
+    """Wall and process CPU time of a block."""
+
+    def __enter__(self) -> Clock:
+        self.wall0, self.cpu0 = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.wall, self.cpu = time.perf_counter() - self.wall0, time.process_time() - self.cpu0
+
+
+def talora_generate(engine: Any, adapter: Any, ids: list[int], new_tokens: int) -> dict[str, float]:
+    """One greedy generation through the engine: wall, CPU, first-token seconds and tokens made."""
+    from talora.server.jobs import Failed, Finished, GenerationParams, Job, Token
+
+    done, first = threading.Event(), []
+    result: list[Any] = []
+
+    def emit(event: Any) -> None:
+        if isinstance(event, Token) and not first:
+            first.append(time.perf_counter())
+        if isinstance(event, (Finished, Failed)):
+            result.append(event)
+            done.set()
+
+    job = Job("generate", adapter, list(ids), emit, time.monotonic() + 600,
+              GenerationParams(max_new_tokens=new_tokens, temperature=0))
+    with Clock() as clock:
+        engine.submit([job])
+        assert done.wait(600), "the engine did not answer"
+    event = result[0]
+    assert isinstance(event, Finished), event
+    return {"wall_s": clock.wall, "cpu_s": clock.cpu, "first_token_s": (first[0] if first else time.perf_counter())
+            - clock.wall0, "tokens": event.completion_tokens}
+
+
+def hf_generate(model: Any, ids: list[int], new_tokens: int) -> dict[str, float]:
+    """``generate`` of exactly ``new_tokens`` greedy tokens: wall and CPU seconds."""
+    inputs = torch.tensor([ids], device=model.device)
+    with torch.no_grad(), Clock() as clock:
+        out = model.generate(inputs, attention_mask=torch.ones_like(inputs), max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    assert out.shape[1] - inputs.shape[1] == new_tokens
+    return {"wall_s": clock.wall, "cpu_s": clock.cpu, "tokens": new_tokens}
+
+
+def hf_reference(model: str, dtype: str) -> Any:
+    """The same checkpoint as transformers' own model class (the embedded default: its converted folder)."""
+    from transformers import AutoModelForCausalLM
+
+    from talora.adapters.model.loading import default_model_dir
+
+    folder = default_model_dir() if model == "smollm2-135m-instruct" else Path(model)
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype)).eval()
+
+
+def measure(args: argparse.Namespace, threads: int, engine: Any, adapter: Any, model: Any,
+            ids: list[int]) -> dict[str, Any]:
+    torch.set_num_threads(threads)
+    talora_generate(engine, adapter, ids, args.new_tokens)  # warm-up: task KV, buffers
+    warm = talora_generate(engine, adapter, ids, args.new_tokens)
+    tokens = warm["tokens"]  # EOS may end talora's generation early: HF makes as many
+    hf_generate(model, ids, tokens)
+    rows: dict[str, list[dict[str, float]]] = {"talora": [], "hf": [], "talora_first": [], "hf_first": []}
+    for _ in range(args.repeats):
+        rows["talora"].append(talora_generate(engine, adapter, ids, tokens))
+        rows["hf"].append(hf_generate(model, ids, tokens))
+        rows["hf_first"].append(hf_generate(model, ids, 1))
+
+    def median(name: str, key: str) -> float:
+        return statistics.median(r[key] for r in rows[name])
+
+    out: dict[str, Any] = {"threads": threads, "tokens": tokens, "prompt_tokens": len(ids)}
+    for name in ("talora", "hf"):
+        out[name] = {"tokens_per_s_wall": tokens / median(name, "wall_s"),
+                     "cpu_ms_per_token": 1e3 * median(name, "cpu_s") / tokens}
+    out["talora"]["first_token_ms"] = 1e3 * median("talora", "first_token_s")
+    out["hf"]["first_token_ms"] = 1e3 * median("hf_first", "wall_s")
+    out["ratios"] = {
+        "tokens_per_s_wall": out["talora"]["tokens_per_s_wall"] / out["hf"]["tokens_per_s_wall"],
+        "tokens_per_cpu_s": out["hf"]["cpu_ms_per_token"] / out["talora"]["cpu_ms_per_token"],
+        "first_token_latency": out["talora"]["first_token_ms"] / out["hf"]["first_token_ms"]}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from talora.adapters.demo import demo_bundle_dir
+    from talora.adapters.model.loading import load_model
+    from talora.server.engine import Engine
+    from talora.server.settings import Settings
+
+    lm = load_model(args.model, args.dtype, "cpu")
+    hf_model = hf_reference(args.model, args.dtype)
+    engine = Engine(Settings(bundle=demo_bundle_dir(), model=args.model, dtype=args.dtype, num_slots=2,
+                             log_level="warning"), loaded=lm)
+    engine.start()
+    try:
+        adapter = engine.adapter(args.task)
+        ids, _ = engine.encode(adapter, PROMPT, "What happens?" if "{question}" in adapter.meta.template else None)
+        rows = []
+        for threads in (int(t) for t in args.threads.split(",")):
+            row = measure(args, threads, engine, adapter, hf_model, ids)
+            rows.append(row)
+            print(f"{threads} thread(s): talora {row['talora']}, HF {row['hf']}, ratios {row['ratios']}", flush=True)
+    finally:
+        engine.stop(10)
+    write_json(args.out, {"model": args.model, "dtype": args.dtype, "task": args.task, "rows": rows,
+                          "machine": machine_info(None)})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
