@@ -57,7 +57,8 @@ def talora_generate(engine: Any, adapter: Any, ids: list[int], new_tokens: int) 
     """One greedy generation through the engine: wall, CPU, first-token seconds and tokens made."""
     from talora.server.jobs import Failed, Finished, GenerationParams, Job, Token
 
-    done, first = threading.Event(), []
+    done = threading.Event()
+    first: list[float] = []
     result: list[Any] = []
 
     def emit(event: Any) -> None:
@@ -75,7 +76,7 @@ def talora_generate(engine: Any, adapter: Any, ids: list[int], new_tokens: int) 
     event = result[0]
     assert isinstance(event, Finished), event
     return {"wall_s": clock.wall, "cpu_s": clock.cpu, "first_token_s": (first[0] if first else time.perf_counter())
-            - clock.wall0, "tokens": event.completion_tokens}
+            - clock.wall0, "tokens": float(event.completion_tokens)}
 
 
 def hf_generate(model: Any, ids: list[int], new_tokens: int) -> dict[str, float]:
@@ -103,7 +104,7 @@ def measure(args: argparse.Namespace, threads: int, engine: Any, adapter: Any, m
     torch.set_num_threads(threads)
     talora_generate(engine, adapter, ids, args.new_tokens)  # warm-up: task KV, buffers
     warm = talora_generate(engine, adapter, ids, args.new_tokens)
-    tokens = warm["tokens"]  # EOS may end talora's generation early: HF makes as many
+    tokens = int(warm["tokens"])  # EOS may end talora's generation early: HF makes as many
     hf_generate(model, ids, tokens)
     rows: dict[str, list[dict[str, float]]] = {"talora": [], "hf": [], "talora_first": [], "hf_first": []}
     for _ in range(args.repeats):
