@@ -53,6 +53,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from talora.adapters.train.metrics import macro_f1
+
 METHODS = ("majority", "talora", "prompt_tuning", "lora")
 TRAINED = ("talora", "prompt_tuning", "lora")
 DEFAULT_WORK = Path("benchmarks/runs/user_tasks")
@@ -106,19 +108,6 @@ SUITE: tuple[UserTask, ...] = (
 
 
 # ----- metrics -----------------------------------------------------------------------------
-def macro_f1(gold: Sequence[str], pred: Sequence[str], labels: Sequence[str]) -> float:
-    """Mean over ``labels`` of each label's F1 (0 for a label with no true positive)."""
-    if len(gold) != len(pred) or not gold:
-        raise ValueError("gold and pred must be non-empty and of equal length")
-    scores = []
-    for label in labels:
-        tp = sum(g == label and p == label for g, p in zip(gold, pred))
-        fp = sum(g != label and p == label for g, p in zip(gold, pred))
-        fn = sum(g == label and p != label for g, p in zip(gold, pred))
-        scores.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
-    return sum(scores) / len(scores)
-
-
 def majority_scores(train_labels: Sequence[str], test_labels: Sequence[str], labels: Sequence[str]) -> dict:
     """The majority baseline: the training split's most frequent label (ties: first in ``labels``)."""
     counts = Counter(train_labels)
@@ -126,7 +115,7 @@ def majority_scores(train_labels: Sequence[str], test_labels: Sequence[str], lab
     pred = [top] * len(test_labels)
     accuracy = sum(g == top for g in test_labels) / len(test_labels)
     return {"examples": len(test_labels), "label": top, "accuracy": accuracy,
-            "macro_f1": macro_f1(test_labels, pred, labels)}
+            "macro_f1": macro_f1(list(test_labels), pred, list(labels))}
 
 
 # ----- task files --------------------------------------------------------------------------
