@@ -4,7 +4,7 @@
 support (float32, bfloat16, float16) when triton imports, and the reference otherwise (CPU
 tensors, float64). ``triton`` and ``reference`` force one side; forced ``triton`` also takes CPU
 tensors when ``TRITON_INTERPRET=1`` (Triton's CPU interpreter, used by the CPU test suite), and
-raises otherwise. Triton is imported on first use, so ``import talora.kernels`` works without it.
+raises otherwise. Triton is imported on first use, so this module imports without it.
 
 Decode steps over long caches go to the split-K kernel (``kernels/decode_attention.py``) when
 Triton runs: see ``decode_splits`` for the rule. The reference computes both the same way.
@@ -74,14 +74,13 @@ def _use_triton(t: torch.Tensor) -> bool:
     return t.is_cuda and t.dtype in _TRITON_DTYPES and triton_available()
 
 
-# Split-K decode: the one-pass kernel runs B * H_kv programs, each streaming its row's whole key
-# sequence. Cutting the sequence into chunks costs partial writes (B * H * (h + 2) floats per split),
-# a combine launch and two allocations; measured on an H200 (docs/kernels.md, "When the dispatcher
-# uses it") that pays only when the one-pass grid leaves nearly every SM idle over a long cache.
-SPLITK_MIN_KEYS = 4096  # main keys per row below which one pass was faster at every row count measured
+# Split-K decode costs partial writes, a combine launch and allocations, so it is used only when the
+# one-pass grid (B * H_kv programs) leaves nearly every SM idle over a long cache. The constants come
+# from the sweep in docs/kernels.md, "When the dispatcher uses it".
+SPLITK_MIN_KEYS = 4096  # main keys per row below which one pass runs
 SPLITK_MIN_CHUNK = 256  # keys per split, so each program streams at least four 64-key tiles
-SPLITK_GRID_SHARE = 16  # split only when B * H_kv <= SMs // this (8 programs on 132 SMs)
-SPLITK_SPLITS = 4  # chunks per row when splitting (the fastest count measured at 1 row x 8k keys)
+SPLITK_GRID_SHARE = 16  # split only when B * H_kv <= SMs // this
+SPLITK_SPLITS = 4  # chunks per row when splitting
 
 
 @functools.cache

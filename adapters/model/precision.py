@@ -1,8 +1,8 @@
 """16-bit matrix products on CPUs without native 16-bit kernels.
 
 On a CPU without AVX-512 BF16 / AMX (or Arm's BF16 extension), torch runs a ``bfloat16`` matrix
-product through a generic fallback that is 8-15x slower than the same product in float32 (a
-TA-LoRA training step of the recipe: 17x, ``benchmarks/results/train_dtype-avx2.json``).
+product through a generic fallback, many times slower than the same product in float32
+(docs/training.md has the figures).
 Elementwise work is not affected: it is vectorised through float32 either way.
 
 A native bfloat16 product reads bfloat16 inputs, forms each product exactly in float32,

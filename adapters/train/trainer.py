@@ -13,16 +13,12 @@ loss; when it climbs well above its best value the trainer warns, and with ``kee
 trained tensors of the best point (the best dev evaluation when ``eval_every`` > 0, otherwise the
 lowest smoothed loss) are restored at the end if the run finished worse than that point.
 
-Gates and their warm-up: while g_t = 0 the task prompt is invisible, so B_t and A get an
-exactly-zero gradient on the first step (AdamW leaves them unchanged, weight decay aside) while
-g_t gets a non-zero one. From the second step on B_t and A get gradients scaled by tanh(g_t);
-AdamW divides each coordinate's step by its gradient's running RMS, so that small scale does not
-slow them down and no separate warm-up of B_t and A is needed. The gate learning rate is the
-setting that matters: AdamW also moves each of the L x H gates by about its learning rate per
-step whatever the size of its gradient, so with a gate learning rate of 0.3 noisy gates
-random-walk open and, on SmolLM2, the source loss climbed from 5.8 to 9-14 within 10 steps.
-Hence ``gate_lr_ratio`` defaults to 0.1 (gates at a tenth of the fast learning rate), and
-``warmup_steps`` ramps every group up linearly.
+Gates: while g_t = 0 the task prompt is invisible, so the first step moves only g_t (B_t and A
+get an exactly-zero gradient); later steps scale their gradients by tanh(g_t), which AdamW's
+per-coordinate normalisation cancels, so B_t and A need no warm-up of their own. AdamW moves
+each gate by about its learning rate per step whatever its gradient, hence ``gate_lr_ratio``
+(0.1 by default: at 0.3 the gates random-walk open, docs/training.md "Gates"); ``warmup_steps``
+ramps every group up linearly.
 """
 
 from __future__ import annotations
