@@ -109,7 +109,7 @@ def make_talora(talora_model, prefix, slots, requests: list[BenchRequest], task_
 
 def make_bare_packed(lm, requests: list[BenchRequest], batch_size: int) -> Runner:
     """talora's frozen model on packed rows with plain causal attention (no prompt keys at all)."""
-    from talora.kernels import gated_prefix_attention
+    from talora.kernels.dispatch import gated_prefix_attention
 
     cfg, device = lm.config, lm.device
     empty_prefix = torch.zeros(0, cfg.num_kv_heads, cfg.head_dim, dtype=lm.dtype, device=device)

@@ -198,7 +198,7 @@ def decode_bytes(cfg, rows: int, cache: int, dtype: torch.dtype) -> int:
 
 def decode_variants(args: Any, cache: int) -> dict:
     """Name -> zero-argument call of each decode implementation measured."""
-    from talora.kernels import gated_prefix_attention
+    from talora.kernels.dispatch import gated_prefix_attention
 
     out = torch.empty_like(args[0])
     # ``args`` is exactly the kernels' positional inputs, so the keywords never collide (mypy cannot tell)
@@ -232,7 +232,7 @@ def time_call(fn, device: str) -> float:
 
 def decode_kernel_hbm(cfg, args) -> dict:
     """Time each decode variant at ``args.kernel_cache`` keys; HBM fraction against the card's peak."""
-    from talora.kernels import dispatch
+    import talora.kernels.dispatch as dispatch
     from talora.kernels.reference import gated_prefix_attention_ref
 
     device, dtype = args.device, getattr(torch, args.dtype)

@@ -30,7 +30,7 @@ from torch import nn
 from talora.adapters.model.config import TaloraConfig
 from talora.adapters.model.frozen_lm import CausalLM, dense_attention, window_mask
 from talora.adapters.runtime.batching import BatchMeta
-from talora.kernels import gated_prefix_attention, lowrank_prompt
+from talora.kernels.dispatch import gated_prefix_attention, lowrank_prompt
 
 SEG_SHARED, SEG_TASK, SEG_INPUT = 0, 1, 2
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from talora.adapters.model.talora_model import BatchMeta, TaloraModel
 from talora.adapters.train.data import EncodedExample
-from talora.kernels import kernel_backend
+from talora.kernels.dispatch import kernel_backend
 
 
 @dataclass

@@ -19,7 +19,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before the first Triton kernel import
 
-from talora.kernels import dispatch  # noqa: E402
+import talora.kernels.dispatch as dispatch  # noqa: E402
 from talora.kernels.reference import gated_prefix_attention_ref  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()

@@ -21,7 +21,7 @@ if not torch.cuda.is_available():
     # Must precede the first import of a Triton kernel module: @triton.jit reads it then.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from talora.kernels import dispatch  # noqa: E402
+import talora.kernels.dispatch as dispatch  # noqa: E402
 from talora.kernels.reference import gated_prefix_attention_ref, lowrank_prompt_ref  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
