@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import importlib.metadata
+import os
 import re
 import subprocess
 import sys
@@ -33,20 +34,25 @@ def test_ruff_is_clean():
     assert done.returncode == 0, done.stdout + done.stderr
 
 
-def test_mypy_is_clean(tmp_path):
+def test_mypy_is_clean():
     """mypy on the three packages through a ``talora/`` folder of links, so that the imports between
     them (mapped by package-dir in pyproject.toml) are followed and checked, and on ``tests`` and
-    ``benchmarks`` beside it."""
-    namespace = tmp_path / "talora"
-    namespace.mkdir()
-    for folder in PACKAGES:
-        (namespace / folder).symlink_to(ROOT / folder, target_is_directory=True)
-    for folder in ("tests", "benchmarks"):
-        (tmp_path / folder).symlink_to(ROOT / folder, target_is_directory=True)
+    ``benchmarks`` beside it. The links live at one fixed place inside mypy's cache folder (git
+    ignores it): the cache records every module's path, so a rerun finds its modules where the last
+    run left them and rechecks only what changed; a clean clone has no cache and checks everything."""
+    cache = ROOT / ".mypy_cache"
+    tree = cache / "tree"
+    (tree / "talora").mkdir(parents=True, exist_ok=True)
+    links = {f"talora/{p}": p for p in PACKAGES} | {"tests": "tests", "benchmarks": "benchmarks"}
+    for link, folder in links.items():
+        if not (tree / link).is_symlink() or (tree / link).readlink() != ROOT / folder:  # new, or a moved clone
+            fresh = tree / f"{link}.{os.getpid()}"  # made aside and renamed: a concurrent run sees one or the other
+            fresh.symlink_to(ROOT / folder, target_is_directory=True)
+            os.replace(fresh, tree / link)
     packages = [arg for name in (*(f"talora.{p}" for p in PACKAGES), "tests", "benchmarks") for arg in ("-p", name)]
     done = _run([sys.executable, "-m", "mypy", "--config-file", str(ROOT / "pyproject.toml"),
-                 "--cache-dir", str(ROOT / ".mypy_cache"), *packages],
-                cwd=tmp_path, env={"MYPYPATH": str(tmp_path), "PATH": "/usr/bin:/bin"})
+                 "--cache-dir", str(cache), *packages],
+                cwd=tree, env={"MYPYPATH": str(tree), "PATH": "/usr/bin:/bin"})
     assert done.returncode == 0, done.stdout + done.stderr
 
 
