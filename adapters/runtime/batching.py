@@ -6,7 +6,8 @@ once; ``StepBuffers.prepare(rows)`` fills them in place each step (vectorised, o
 dtype to the device, non-blocking from pinned memory on CUDA) and returns a ``PackedStep``:
 the flat token ids, the ``BatchMeta`` the kernels read, the flat indices of the positions whose
 next-token distribution is wanted, and the label-scoring terms over those reads (``StepPlan``). Training
-(``BatchMeta.prefill``), evaluation, label scoring and the server's engine all come through here.
+(``BatchMeta.prefill``, ``objective.pack_batch``), evaluation, label scoring, the server's engine, the
+CUDA graphs of decode steps and the benchmarks all come through here.
 
 Example: a scoring row of 4 tokens at cache range 0.., slot 2, read from its last position, and
 a decode row with 6 tokens already cached at 100.., slot 0, read at its one token::
@@ -16,13 +17,20 @@ a decode row with 6 tokens already cached at 100.., slot 0, read at its one toke
     -> cu_seqlens_q = [0, 4, 5]; positions = [0, 1, 2, 3, 6]; slot_ids = [2, 0]
        k_starts = [0, 100]; kv_lens = [4, 7]; write_index = [0, 1, 2, 3, 106]
        read_index = [3, 4]
+
+``StepBuffers.static(device, rows=4, pad_index=999)`` lays out steps of one-token rows padded to 4
+rows (CUDA graphs replay fixed addresses): the decode row above alone is followed by three pad rows
+of token 0, slot 0, position 0, which read and write only cache position 999::
+
+    -> cu_seqlens_q = [0, 1, 2, 3, 4]; k_starts = [100, 999, 999, 999]; kv_lens = [7, 1, 1, 1]
+       write_index = [106, 999, 999, 999]; read_index = [0]
 """
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -166,6 +174,8 @@ class StepBuffers:
     device_long: torch.Tensor  # (capacity_long,) int64 on ``device``
     device_int: torch.Tensor  # (capacity_int,) int32 on ``device``
     copied: torch.cuda.Event | None = None  # last copy to the device; the host buffers are reused after it
+    static_rows: int = 0  # > 0: static mode, every step padded to this many rows (see ``static``)
+    pad_index: int = 0  # static mode: the one cache position pad rows read and write
 
     @classmethod
     def make(cls, device="cpu", max_tokens: int = 256, max_rows: int = 16, reused: bool = True) -> StepBuffers:
@@ -180,9 +190,22 @@ class StepBuffers:
         return cls(device, host_long, host_int, torch.empty_like(host_long, device=device),
                    torch.empty_like(host_int, device=device))
 
+    @classmethod
+    def static(cls, device, rows: int, pad_index: int) -> StepBuffers:
+        """Static mode, for CUDA graphs: steps of at most ``rows`` one-token rows, padded to ``rows`` with
+        rows of token 0, slot 0 and position 0 that read and write only cache position ``pad_index``.
+        They never grow, so the input ids and the ``BatchMeta`` tensors of every step keep their
+        addresses; only the fields after them (reads, sample reads, fed tokens) vary in size."""
+        return replace(cls.make(device, rows, rows), static_rows=rows, pad_index=pad_index)
+
     def prepare(self, plan: StepPlan, cached: bool = True) -> PackedStep:
         """Fill the buffers for ``plan``; ``cached=False``: no KV cache, the rows' keys are their new tokens."""
-        layout = _layout(plan, cached)
+        rows = plan.rows
+        if self.static_rows:
+            if len(rows) > self.static_rows or any(len(r.tokens) != 1 for r in rows):
+                raise ValueError(f"plan: static buffers take at most {self.static_rows} rows of one token")
+            rows = rows + [Row((0,), start=self.pad_index)] * (self.static_rows - len(rows))
+        layout = _layout(plan, rows, cached)
         long_sizes = [len(layout[name]) for name in _LONG_FIELDS]
         int_sizes = [len(layout[name]) for name in _INT_FIELDS]
         self._reserve(sum(long_sizes), sum(int_sizes))
@@ -199,6 +222,8 @@ class StepBuffers:
         if self.copied is not None:
             self.copied.synchronize()  # the previous step's copy still reads the host buffers
         if longs > self.host_long.numel() or ints > self.host_int.numel():
+            if self.static_rows:
+                raise ValueError("static step buffers cannot grow: their addresses are baked into CUDA graphs")
             grown = StepBuffers.make(self.device, max(longs, 2 * self.host_long.numel()) // 10 + 1,
                                      max(ints, 2 * self.host_int.numel()) // 4 + 1, self.host_long.is_pinned())
             self.host_long, self.host_int = grown.host_long, grown.host_int
@@ -220,9 +245,9 @@ def _ints(values, count: int) -> np.ndarray:
     return np.fromiter(values, dtype=np.int64, count=count)
 
 
-def _layout(plan: StepPlan, cached: bool) -> dict[str, np.ndarray]:
-    """Every metadata array of a step, computed with vector operations from the rows."""
-    rows, count = plan.rows, len(plan.rows)
+def _layout(plan: StepPlan, rows: list[Row], cached: bool) -> dict[str, np.ndarray]:
+    """Every metadata array of a step, computed with vector operations from ``rows`` (``plan``'s, maybe padded)."""
+    count = len(rows)
     lengths = _ints((len(r.tokens) for r in rows), count)
     past = _ints((r.past for r in rows), count)
     cu = np.zeros(count + 1, dtype=np.int64)

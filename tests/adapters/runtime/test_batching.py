@@ -37,6 +37,33 @@ def test_layout_of_the_docstring_example():
     assert (meta.cu_seqlens_q.dtype, meta.positions.dtype) == (torch.int32, torch.int64)
 
 
+def test_static_mode_pads_to_its_rows_and_keeps_every_address():
+    buffers = StepBuffers.static("cpu", rows=4, pad_index=999)
+    plan = StepPlan()
+    plan.add_decode_row([1, 2, 3, 4, 5, 6, 42], start=100, slot=3)
+    step = buffers.prepare(plan)
+    meta = step.meta
+    assert step.input_ids.tolist() == [42, 0, 0, 0] and meta.positions.tolist() == [6, 0, 0, 0]
+    assert meta.cu_seqlens_q.tolist() == [0, 1, 2, 3, 4] and meta.slot_ids.tolist() == [3, 0, 0, 0]
+    assert meta.k_starts.tolist() == [100, 999, 999, 999] and meta.kv_lens.tolist() == [7, 1, 1, 1]
+    assert meta.write_index.tolist() == [106, 999, 999, 999] and step.read_index.tolist() == [0]
+    fields = lambda s: [s.input_ids, s.meta.cu_seqlens_q, s.meta.positions, s.meta.slot_ids,  # noqa: E731
+                        s.meta.k_starts, s.meta.kv_lens, s.meta.write_index]
+    plan = StepPlan()
+    for i in range(4):
+        plan.add_fed_decode_row(past=5 + i, start=10 * i, slot=1, picked_at=i)
+    again = buffers.prepare(plan)
+    assert [t.data_ptr() for t in fields(again)] == [t.data_ptr() for t in fields(step)]
+    assert again.meta.write_index.tolist() == [5, 16, 27, 38] and again.fed_at.tolist() == [0, 1, 2, 3]
+    wide = StepPlan()
+    wide.add_row(Row([1, 2], past=3))
+    with pytest.raises(ValueError, match="one token"):
+        buffers.prepare(wide)
+    plan.add_decode_row([1, 2], start=0, slot=0)
+    with pytest.raises(ValueError, match="at most 4 rows"):
+        buffers.prepare(plan)
+
+
 def test_prefill_meta_without_a_cache():
     meta = BatchMeta.prefill([3, 2], [4, 0])
     assert meta.cu_seqlens_q.tolist() == [0, 3, 5] and meta.positions.tolist() == [0, 1, 2, 0, 1]
