@@ -1,6 +1,6 @@
 """The training loss: next-token loss on the answer tokens only, on the cached path.
 
-A batch of examples of any tasks is packed into one row per example, ``prompt + target[:-1]``;
+A batch of examples of any tasks is packed into one step (``StepPlan``) of one row per example;
 the shared prompt's keys/values are computed once per batch and each task's prompt once per
 batch (``shared_kv``, ``task_kv``), exactly as serving does, and logits are taken only at the
 positions that predict a target token. ``AnswerLoss`` is an ``nn.Module`` so that
@@ -15,62 +15,50 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from talora.adapters.model.talora_model import BatchMeta, TaloraModel
+from talora.adapters.model.talora_model import TaloraModel
+from talora.adapters.runtime.batching import Row, StepBuffers, StepPlan
 from talora.adapters.train.data import EncodedExample
 from talora.kernels.dispatch import kernel_backend
 
 
 @dataclass
 class PackedBatch:
-    """Packed rows of one training batch.
+    """One training batch as one step of ``talora.adapters.runtime.batching``: a row per example,
+    ``prompt + target[:-1]``, read from its last prompt token on, so that its reads predict the targets.
 
     Example: task ``a`` prompt [5, 6] target [9] and task ``b`` prompt [7] target [3, 4]::
 
-        input_ids = [5, 6, 7, 3]; lengths = [2, 2]; task_names = ["a", "b"]; slot_ids = [0, 1]
-        target_positions = [1, 2, 3]; target_ids = [9, 3, 4]
+        plan.rows = [Row([5, 6], slot=0, first_read=1), Row([7, 3], slot=1, first_read=0)]
+        task_names = ["a", "b"]; target_ids = [9, 3, 4]
+        -> input_ids = [5, 6, 7, 3]; read_index = [1, 2, 3]
     """
 
-    input_ids: torch.Tensor  # (N,) int64 packed tokens of every row
-    lengths: list[int]  # (B,) tokens per row
-    slot_ids: list[int]  # (B,) index into task_names of each row's task
+    plan: StepPlan  # (B,) rows, one per example; a row's slot indexes task_names
     task_names: list[str]  # (S,) distinct tasks of the batch, sorted
-    target_positions: torch.Tensor  # (K,) int64 packed positions whose next token is a target
-    target_ids: torch.Tensor  # (K,) int64 the target tokens
+    target_ids: torch.Tensor  # (K,) int64 the target token of each of the step's K reads
 
     def to(self, device) -> PackedBatch:
-        return PackedBatch(self.input_ids.to(device), self.lengths, self.slot_ids, self.task_names,
-                           self.target_positions.to(device), self.target_ids.to(device))
+        return PackedBatch(self.plan, self.task_names, self.target_ids.to(device))
 
 
 def pack_batch(items: list[tuple[str, EncodedExample]]) -> PackedBatch:
     """Pack ``(task name, example)`` pairs into one ``PackedBatch``."""
     names = sorted({task for task, _ in items})
-    slot_of = {name: i for i, name in enumerate(names)}
-    tokens: list[int] = []
-    lengths: list[int] = []
-    slots: list[int] = []
-    positions: list[int] = []
-    targets: list[int] = []
+    plan = StepPlan()
     for task, ex in items:
-        row = ex.prompt_ids + ex.target_ids[:-1]
-        start = len(tokens)
-        first = start + len(ex.prompt_ids) - 1
-        positions.extend(range(first, first + len(ex.target_ids)))
-        targets.extend(ex.target_ids)
-        tokens.extend(row)
-        lengths.append(len(row))
-        slots.append(slot_of[task])
-    as_long = lambda values: torch.tensor(values, dtype=torch.long)  # noqa: E731
-    return PackedBatch(as_long(tokens), lengths, slots, names, as_long(positions), as_long(targets))
+        tokens = ex.prompt_ids + ex.target_ids[:-1]
+        plan.add_row(Row(tokens, slot=names.index(task), first_read=len(tokens) - len(ex.target_ids)))
+    targets = [t for _, ex in items for t in ex.target_ids]
+    return PackedBatch(plan, names, torch.tensor(targets, dtype=torch.long))
 
 
 def answer_logits(model: TaloraModel, batch: PackedBatch) -> torch.Tensor:
-    """Logits ``(K, V)`` (float32) at the target positions of ``batch``."""
+    """Logits ``(K, V)`` (float32) at the positions of ``batch`` that predict a target, on its device."""
     prefix = model.shared_kv()
     slots = model.task_slots(prefix, batch.task_names)
-    meta = BatchMeta.prefill(batch.lengths, batch.slot_ids, device=batch.input_ids.device)
-    hidden = model.forward_cached(batch.input_ids, meta, prefix, slots)
-    return model.lm.logits(hidden[batch.target_positions]).float()
+    step = StepBuffers.make(batch.target_ids.device, reused=False).prepare(batch.plan, cached=False)
+    hidden = model.forward_cached(step.input_ids, step.meta, prefix, slots)
+    return model.lm.logits(hidden[step.read_index]).float()
 
 
 def differentiable_kernels():

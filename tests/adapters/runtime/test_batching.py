@@ -64,6 +64,17 @@ def test_static_mode_pads_to_its_rows_and_keeps_every_address():
         buffers.prepare(plan)
 
 
+def test_training_batches_are_laid_out_by_the_same_writer():
+    from talora.adapters.train.data import EncodedExample
+    from talora.adapters.train.objective import pack_batch
+
+    batch = pack_batch([("b", EncodedExample([7], [3, 4], "y")), ("a", EncodedExample([5, 6], [9], "x"))])
+    step = StepBuffers.make("cpu").prepare(batch.plan, cached=False)
+    assert batch.task_names == ["a", "b"] and step.meta.slot_ids.tolist() == [1, 0]
+    assert step.input_ids.tolist() == [7, 3, 5, 6] and step.meta.cu_seqlens_q.tolist() == [0, 2, 4]
+    assert step.read_index.tolist() == [0, 1, 3] and batch.target_ids.tolist() == [3, 4, 9]
+
+
 def test_prefill_meta_without_a_cache():
     meta = BatchMeta.prefill([3, 2], [4, 0])
     assert meta.cu_seqlens_q.tolist() == [0, 3, 5] and meta.positions.tolist() == [0, 1, 2, 0, 1]
