@@ -145,7 +145,7 @@ def start_engine(loaded, bundle: Path, args):
                         max_batch_tokens=args.batch_size * (args.max_tokens + 8), torch_threads=args.threads,
                         kv_cache_tokens=args.batch_size * (args.max_tokens + 8) * 2, request_timeout_s=3600,
                         overlap_steps=args.overlap_steps)
-    engine = Engine(settings, loaded=loaded)
+    engine = Engine(settings.engine_config(), loaded=loaded)
     engine.start()
     return engine
 
@@ -181,9 +181,10 @@ def engine_runner(engine, prompts: list[list[int]], tasks: list[str]):
 
 
 def forward_runner(engine, prompts: list[list[int]], tasks: list[str], batch_size: int, sync):
-    """The engine's rows (prompt + verbaliser[:-1]), packed in its batches, through ``forward_cached``
-    writing a KV cache as the engine does. Uses only what old revisions have too."""
-    from talora.adapters.model.talora_model import BatchMeta, KVCache
+    """The engine's rows (prompt + verbaliser[:-1]), packed in its batches by the step writer
+    (``StepPlan``, ``StepBuffers``), through ``forward_cached`` writing a KV cache as the engine does."""
+    from talora.adapters.model.talora_model import KVCache
+    from talora.adapters.runtime.batching import Row, StepBuffers, StepPlan
 
     registry, model, prefix = parts(engine)
     device = model.lm.device
@@ -191,28 +192,23 @@ def forward_runner(engine, prompts: list[list[int]], tasks: list[str], batch_siz
     slot_of = {t: i for i, t in enumerate(names)}
     with torch.no_grad():
         slots = model.task_kv(prefix, *stacked_from(model, [registry.get(t) for t in names]))
-    rows, row_slots = [], []
-    for p, t in zip(prompts, tasks):
-        for row in dict.fromkeys(tuple(p) + tuple(v[:-1]) for v in registry.get(t).label_ids):
-            rows.append(list(row))
-            row_slots.append(slot_of[t])
+    rows = [(list(row), slot_of[t]) for p, t in zip(prompts, tasks)
+            for row in dict.fromkeys(tuple(p) + tuple(v[:-1]) for v in registry.get(t).label_ids)]
     prepared = []
     for s in range(0, len(rows), batch_size):
-        chunk = rows[s:s + batch_size]
-        fresh = BatchMeta.prefill([len(r) for r in chunk], row_slots[s:s + batch_size], device=device)
-        ids = torch.tensor([t for r in chunk for t in r], device=device)
-        meta = BatchMeta(fresh.cu_seqlens_q, fresh.positions, fresh.slot_ids, fresh.k_starts, fresh.kv_lens,
-                         torch.arange(len(ids), device=device))
-        prepared.append((ids, meta, (meta.cu_seqlens_q[1:] - 1).long()))
+        plan = StepPlan()  # each row's cache range follows the row before it; its last token is read
+        for row, slot in rows[s:s + batch_size]:
+            plan.add_row(Row(row, start=plan.num_tokens, slot=slot, first_read=len(row) - 1))
+        prepared.append(StepBuffers.make(device, plan.num_tokens, len(plan.rows), reused=False).prepare(plan))
     mc = model.lm.config
-    cache = KVCache(mc.num_layers, max(len(ids) for ids, _, _ in prepared), mc.num_kv_heads, mc.head_dim,
+    cache = KVCache(mc.num_layers, max(len(step.input_ids) for step in prepared), mc.num_kv_heads, mc.head_dim,
                     model.lm.dtype, device)
 
     @torch.inference_mode()
     def run() -> None:
-        for ids, meta, last in prepared:
-            torch.log_softmax(model.lm.logits(model.forward_cached(ids, meta, prefix, slots, cache)[last])
-                              .float(), dim=-1)[:, 0].cpu()
+        for step in prepared:
+            hidden = model.forward_cached(step.input_ids, step.meta, prefix, slots, cache)[step.read_index]
+            torch.log_softmax(model.lm.logits(hidden).float(), dim=-1)[:, 0].cpu()
         sync()
 
     return run
