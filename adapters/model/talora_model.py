@@ -174,22 +174,28 @@ class TaloraModel(nn.Module):
         if self.cfg.deep_prompt:
             s, layers = fast.shape[:2]
             flat_bases = None if bases is None else bases.repeat_interleave(layers, dim=0)
-            return self._prompts(fast.flatten(0, 1), flat_bases).unflatten(0, (s, layers))
-        return self._prompts(fast, bases)
+            prompts = self.low_rank_prompts(fast.flatten(0, 1), self.basis, flat_bases, self.cfg)
+            return prompts.unflatten(0, (s, layers))
+        return self.low_rank_prompts(fast, self.basis, bases, self.cfg)
 
-    def _prompts(self, fast: torch.Tensor, bases: torch.Tensor | None) -> torch.Tensor:
-        if self.cfg.full_rank:
-            return self.cfg.scale * fast
+    @staticmethod
+    def low_rank_prompts(fast: torch.Tensor, basis: torch.Tensor, bases: torch.Tensor | None,
+                         cfg: TaloraConfig) -> torch.Tensor:
+        """The one formula of the task prompt (the vLLM backend's input rows use it too): fast weights
+        ``[B | U] (S, n, r + k)``, shared basis ``A (r, d)``, task bases ``V (S, k, d)`` (None when k = 0)
+        -> ``ΔP = scale · (B A + U V)`` ``(S, n, d)``; ``scale · B`` when ``cfg.full_rank``."""
+        if cfg.full_rank:
+            return cfg.scale * fast
         s, n = fast.shape[:2]
-        r = self.basis.shape[0]
-        out = torch.zeros(s * n, self.lm.config.hidden_size, dtype=fast.dtype, device=fast.device)
+        r = basis.shape[0]
+        out = torch.zeros(s * n, basis.shape[1], dtype=fast.dtype, device=fast.device)
         offsets = torch.arange(s, device=fast.device) * n
         slots = torch.arange(s, dtype=torch.int32, device=fast.device)
         shared = fast[..., :r].contiguous() if bases is not None else fast
-        prompts = lowrank_prompt(shared, self.basis, slots, offsets, out, self.cfg.scale).view(s, n, -1)
+        prompts = lowrank_prompt(shared, basis, slots, offsets, out, cfg.scale).view(s, n, -1)
         if bases is None:
             return prompts
-        return prompts + self.cfg.scale * torch.bmm(fast[..., r:], bases.to(fast.dtype))
+        return prompts + cfg.scale * torch.bmm(fast[..., r:], bases.to(fast.dtype))
 
     def stacked(self, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Fast weights ``(S, *fast_shape)`` and gates ``(S, L, H)`` of the named tasks; with task

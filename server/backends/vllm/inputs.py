@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from talora.adapters.formats.io import BundleMeta
+from talora.adapters.model.talora_model import TaloraModel
 from talora.adapters.runtime.scoring import plan_labels
 from talora.server.adapter_registry import AdapterVersion
 from talora.server.jobs import GenerationParams
@@ -50,19 +51,11 @@ def check_gate_off(bundle: BundleMeta) -> None:
 
 def task_rows(bundle: BundleMeta, shared: dict[str, torch.Tensor], adapter: AdapterVersion,
               dtype: torch.dtype) -> torch.Tensor:
-    """``[P; ΔP_t]`` of ``adapter``: ``(m + n, d)`` in ``dtype``, with ``ΔP_t = scale · B_t A``
-    (``scale · B_t`` when the bundle is full rank; ``scale · (B_t A + U_t V_t)`` when the task owns
-    basis rows ``V_t``), computed in float32 as the training path does."""
-    cfg = bundle.config
-    fast = adapter.fast.float()
-    if cfg.full_rank:
-        delta = cfg.scale * fast
-    else:
-        rows = shared["basis"].float()
-        if adapter.basis is not None:
-            rows = torch.cat([rows, adapter.basis.float()])
-        delta = cfg.scale * (fast @ rows)
-    return torch.cat([shared["prompt"].float(), delta]).to(dtype)
+    """``[P; ΔP_t]`` of ``adapter``: ``(m + n, d)`` in ``dtype``, with ``ΔP_t`` from the model's one formula
+    (``TaloraModel.low_rank_prompts``), computed in float32 on the host as the training path does."""
+    bases = None if adapter.basis is None else adapter.basis.float()[None]
+    delta = TaloraModel.low_rank_prompts(adapter.fast.float()[None], shared["basis"].float(), bases, bundle.config)
+    return torch.cat([shared["prompt"].float(), delta[0]]).to(dtype)
 
 
 def assemble_embeds(rows: torch.Tensor, embed_table: torch.Tensor, token_ids: list[int]) -> torch.Tensor:
