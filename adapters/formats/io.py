@@ -31,6 +31,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load, save
 
 from talora.adapters.model.config import ModelConfig, TaloraConfig
+from talora.adapters.model.precision import DTYPES, dtype_name
 
 FORMAT_VERSION = 1
 BUNDLE_FILE = "talora.json"
@@ -40,7 +41,6 @@ TASK_NAME = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")  # \Z: "$" would 
 # a version goes into the X-Talora-Adapter-Version response header: visible ASCII, no spaces, controls or ':'
 VERSION = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._+@/-]{0,63}\Z")
 _SHA256 = re.compile(r"\A[0-9a-f]{64}\Z")
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # bounds of a task's metadata (each refusal names its field)
 MAX_META_BYTES = 2**20  # the whole <task>.json
 MAX_LABELS = 256  # labels of a classify task: a predict scores every label
@@ -62,10 +62,6 @@ def check_task_name(name: str) -> str:
         raise AdapterFormatError(f"task: {name!r} is not a valid task name "
                                  "(letters, digits, '_', '.', '-'; at most 64; no path separators)")
     return name
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return {v: k for k, v in _DTYPES.items()}[dtype]
 
 
 @dataclass
@@ -225,8 +221,8 @@ def check_task_document(data: Mapping[str, Any], complete: bool = True) -> None:
     if values["format_version"] != FORMAT_VERSION:
         raise AdapterFormatError(f"format_version: {values['format_version']} is not supported "
                                  f"(expected {FORMAT_VERSION})")
-    if values["dtype"] not in _DTYPES:
-        raise AdapterFormatError(f"dtype: {values['dtype'][:40]!r} is not one of {tuple(_DTYPES)}")
+    if values["dtype"] not in DTYPES:
+        raise AdapterFormatError(f"dtype: {values['dtype'][:40]!r} is not one of {tuple(DTYPES)}")
     version = values["version"]
     if (complete or version) and not VERSION.fullmatch(version):
         raise AdapterFormatError(f"version: {version[:80]!r} is not a valid version (1 to 64 of A-Z a-z 0-9 "
@@ -322,8 +318,8 @@ def _meta_from(cls, data: dict[str, Any], what: str):
         raise AdapterFormatError(f"{what}: {exc}") from None
     if meta.format_version != FORMAT_VERSION:
         raise AdapterFormatError(f"format_version: {meta.format_version} is not supported (expected {FORMAT_VERSION})")
-    if meta.dtype not in _DTYPES:
-        raise AdapterFormatError(f"dtype: {meta.dtype!r} is not one of {tuple(_DTYPES)}")
+    if meta.dtype not in DTYPES:
+        raise AdapterFormatError(f"dtype: {meta.dtype!r} is not one of {tuple(DTYPES)}")
     return meta
 
 
@@ -348,7 +344,7 @@ def check_tensors(tensors: dict[str, torch.Tensor], expected: dict[str, tuple[in
         t = tensors[name]
         if tuple(t.shape) != shape:
             raise AdapterFormatError(f"{name}: shape {tuple(t.shape)} does not match the expected {shape}")
-        if t.dtype != _DTYPES[dtype]:
+        if t.dtype != DTYPES[dtype]:
             raise AdapterFormatError(f"{name}: dtype {str(t.dtype).removeprefix('torch.')} does not match {dtype}")
         if not torch.isfinite(t.float()).all():
             raise AdapterFormatError(f"{name}: holds NaN or infinite values")
@@ -373,7 +369,7 @@ def save_bundle(folder: Path, meta: BundleMeta, prompt: torch.Tensor, basis: tor
     """Write ``talora.json`` + ``shared.safetensors``; fills in ``meta.fingerprint``."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    meta.dtype = _dtype_name(prompt.dtype)
+    meta.dtype = dtype_name(prompt.dtype)
     blob = save({"prompt": prompt.detach().cpu().contiguous(), "basis": basis.detach().cpu().contiguous()})
     meta.fingerprint = ""
     meta.fingerprint = _digest(blob, json.dumps(asdict(meta), sort_keys=True).encode())
@@ -422,7 +418,7 @@ def encode_task(meta: TaskMeta, fast: torch.Tensor, gate: torch.Tensor,
                 basis: torch.Tensor | None = None) -> tuple[bytes, bytes]:
     """Serialise a task adapter to (json bytes, safetensors bytes); fills in version, dtype and
     tensors_sha256, and checks the result against the schema ``decode_task`` reads it with."""
-    meta.dtype = _dtype_name(fast.dtype)
+    meta.dtype = dtype_name(fast.dtype)
     blob = save(_task_tensors(fast, gate, basis))
     if not meta.version:
         meta.version = _digest(blob, meta.task.encode())[:12]

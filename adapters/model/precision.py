@@ -21,13 +21,23 @@ import functools
 import os
 import threading
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar, get_args
 
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+# The one table of dtype names: configs, flags and adapter files name a dtype by one of these.
+DtypeName = Literal["float32", "bfloat16", "float16"]
+TrainDtypeName = Literal["float32", "bfloat16"]  # float16 training would need loss scaling
+DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in get_args(DtypeName)}
 HALF = (torch.bfloat16, torch.float16)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"`` (``KeyError`` for a dtype outside ``DTYPES``)."""
+    return {v: k for k, v in DTYPES.items()}[dtype]
+
 
 # Products whose 16-bit CPU kernels fall back to the slow generic path.
 _PRODUCTS = frozenset({
