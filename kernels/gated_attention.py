@@ -8,7 +8,7 @@ step (one token, ``group`` heads) still fills a tensor-core tile. Each program s
 segments (shared prefix, own causal keys, task slot) through two online softmaxes in float32 and
 never materialises a score matrix.
 
-Used through :func:`talora.kernels.gated_prefix_attention`, which picks this or the reference.
+Used through :func:`talora.kernels.dispatch.gated_prefix_attention`, which picks this or the reference.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ A program writes one row's ``n`` prompt rows over a block of ``BLOCK_D`` hidden 
 a compile-time constant: one compile per bundle). The
 op moves ``R * n * d`` output elements and reads ``A`` from L2, so it is bound by the writes.
 
-Used through :func:`talora.kernels.lowrank_prompt`, which picks this or the reference.
+Used through :func:`talora.kernels.dispatch.lowrank_prompt`, which picks this or the reference.
 """
 
 from __future__ import annotations
