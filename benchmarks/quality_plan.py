@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from talora.adapters.train import recipe
@@ -130,27 +130,27 @@ class BenchConfig:
         tgt = self.target or recipe.target_config(bundle="(source run)", task="(target task)")
         # source stages are scored on the source tasks' test items whatever eval_split is: they
         # hold no target data, so dev-split target runs reuse the same source stage
-        object.__setattr__(self, "source", replace(src, model=self.model, tasks=sorted(self.source_tasks),
-                                                   dtype=self.dtype, split="test", eval_limit=SOURCE_EVAL_LIMIT))
-        object.__setattr__(self, "target", replace(tgt, model=self.model, dtype=self.target_dtype or self.dtype,
-                                                   split=self.eval_split,
-                                                   eval_limit=self.test_limit, train_limit=self.full_train_limit,
-                                                   # the recipe's 0 ("by the task") is 48 for a packaged task
-                                                   max_input_tokens=tgt.max_input_tokens
-                                                   or recipe.PACKAGED_INPUT_TOKENS))
+        object.__setattr__(self, "source", src.with_updates(model=self.model, tasks=sorted(self.source_tasks),
+                                                       dtype=self.dtype, split="test", eval_limit=SOURCE_EVAL_LIMIT))
+        object.__setattr__(self, "target", tgt.with_updates(model=self.model, dtype=self.target_dtype or self.dtype,
+                                                       split=self.eval_split,
+                                                       eval_limit=self.test_limit, train_limit=self.full_train_limit,
+                                                       # the recipe's 0 ("by the task") is 48 for a packaged task
+                                                       max_input_tokens=tgt.max_input_tokens
+                                                       or recipe.PACKAGED_INPUT_TOKENS))
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def with_overrides(self, source: dict | None = None, target: dict | None = None, **changes) -> BenchConfig:
-        """A copy with TrainConfig overrides (validated and typed by ``TrainConfig.from_dict``)."""
+        """A copy with TrainConfig overrides (validated and typed by ``TrainConfig``)."""
         src = _override(self.source, {**(source or {})})
         tgt = _override(self.target, {**(target or {})})
         return replace(self, source=src, target=tgt, **changes)
 
 
 def _override(cfg: TrainConfig, changes: dict) -> TrainConfig:
-    return TrainConfig.from_dict({**asdict(cfg), **changes}) if changes else cfg
+    return cfg.with_updates(**changes) if changes else cfg
 
 
 @dataclass(frozen=True)
@@ -191,7 +191,7 @@ ADDED_FIELDS = {"deep_prompt": False, "gate_init": "zero", "task_basis_rows": 0}
 
 def key_fields(cfg: TrainConfig) -> dict:
     """The fields of a TrainConfig that can change a result."""
-    values = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in BOOKKEEPING}
+    values = {name: getattr(cfg, name) for name in type(cfg).model_fields if name not in BOOKKEEPING}
     return {name: v for name, v in values.items() if not (name in ADDED_FIELDS and v == ADDED_FIELDS[name])}
 
 
@@ -204,7 +204,7 @@ def _common(cfg: BenchConfig) -> dict:
 
 
 def _talora_source_cfg(cfg: BenchConfig, method: str, seed: int) -> TrainConfig:
-    return replace(_override(cfg.source, TALORA_SWITCHES[method]), seed=seed)
+    return _override(cfg.source, TALORA_SWITCHES[method]).with_updates(seed=seed)
 
 
 def source_run(cfg: BenchConfig, method: str, seed: int) -> Run:
@@ -241,11 +241,11 @@ def target_run(cfg: BenchConfig, method: str, task: str, setting: str, seed: int
     source = source_run(cfg, method, source_seed).key if method in MULTITASK else None  # type: ignore[arg-type]
     spec = {**_common(cfg), "method": method, "stage": "target", "task": task, "setting": setting,
             "shots": SHOTS[setting], "seed": seed, "source": source}
-    target = replace(cfg.target, steps=target_steps(cfg, setting))
+    target = cfg.target.with_updates(steps=target_steps(cfg, setting))
     train = None
     if method in TALORA_METHODS:
-        train = replace(target, task=task, shots=SHOTS[setting], seed=seed,
-                        task_basis_rows=target_basis_rows(cfg, method, setting))
+        train = target.with_updates(task=task, shots=SHOTS[setting], seed=seed,
+                                    task_basis_rows=target_basis_rows(cfg, method, setting))
         spec["train"] = key_fields(train)
     else:
         spec.update(budget=_budget(target), hyper=cfg.peft.method_hyper(method))

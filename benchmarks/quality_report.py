@@ -311,17 +311,15 @@ def _changes(spec: dict, method: str, stage: str) -> list[str]:
     """The fields of one stage's spec that differ from what the committed recipe gives it
     (TA-LoRA: ``adapters/train/recipe.py``; PEFT: ``PeftRecipe`` and the recipe's budget), the
     learning rate of a target stage aside (the dev table has a column for it)."""
-    from dataclasses import asdict
-
     from talora.adapters.train import recipe
     from talora.adapters.train.config import STAGE_FIELDS
 
     fields = recipe.defaults(stage)
     if "train" in spec:  # every training field of talora-train's stage counts, the recipe's or not (gate_init)
         if stage == "source":  # with the method's own switches as given
-            full = {**asdict(recipe.source_config(tasks=["any"])), **TALORA_SWITCHES.get(method, {})}
+            full = {**recipe.source_config(tasks=["any"]).model_dump(), **TALORA_SWITCHES.get(method, {})}
         else:
-            full = asdict(recipe.target_config(bundle="any", task="any"))
+            full = recipe.target_config(bundle="any", task="any").model_dump()
         want = {k: full[k] for k in set(STAGE_FIELDS[stage]) - _NOT_RECIPE}
         given = {**{k: v for k, v in ADDED_FIELDS.items() if k in want}, **spec["train"]}  # absent: old value
     else:

@@ -19,7 +19,6 @@ import math
 import os
 import shutil
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +46,7 @@ def talora_params(talora: dict, shape: dict) -> tuple[int, int]:
     with ``task_basis_rows`` k) + g_t (L x H, only when gated); shared P (m x d) + A (r x d)."""
     d, L, H = shape["d"], shape["L"], shape["H"]
     full, k = talora["full_rank"], talora.get("task_basis_rows", 0)
-    adapter = AdapterShape(**{k: talora[k] for k in AdapterShape.__dataclass_fields__ if k in talora})
+    adapter = AdapterShape(**{k: talora[k] for k in AdapterShape.model_fields if k in talora})
     fast = math.prod(adapter.fast_shape(L, d, k)) + k * d
     gate = L * H if talora["gated"] else 0
     return fast + gate, talora["shared_prompt_len"] * d + (0 if full else talora["rank"] * d)
@@ -94,13 +93,13 @@ def run_talora(run: Run, artifacts: Path, scratch_root: Path, threads: int, prog
     if run.stage == "source":
         out = artifacts / run.key
         shutil.rmtree(out, ignore_errors=True)
-        summary = run_source(replace(run.train, output_dir=str(out), **book))
+        summary = run_source(run.train.with_updates(output_dir=str(out), **book))
         return _talora_body(summary, out / "log.jsonl")
     scratch = scratch_root / f"{run.key}-{os.getpid()}"  # two sittings may share the artifacts
     shutil.rmtree(scratch, ignore_errors=True)
     bundle = artifacts / run.spec["source"] / "bundle"
     try:
-        summary = run_target(replace(run.train, bundle=str(bundle), output_dir=str(scratch), **book))
+        summary = run_target(run.train.with_updates(bundle=str(bundle), output_dir=str(scratch), **book))
         body = _talora_body(summary, scratch / "log.jsonl")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

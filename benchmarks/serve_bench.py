@@ -163,10 +163,8 @@ def run_vllm_backend(args, loaded, cfg, requests, task_ids, task_names, workdir:
     and B_t); wall time only (vLLM computes in its own processes)."""
     if str(args.vllm_python) == "none" or not Path(args.vllm_python).exists():
         return {"input_tokens_per_s": None, "skipped": f"no vLLM python at {args.vllm_python}"}
-    from dataclasses import replace
-
     folder = write_random_bundle(loaded.model, loaded.fingerprint, workdir / "bundle_gate_off", 64,
-                                 replace(cfg, gated=False), args.seed)
+                                 cfg.with_updates(gated=False), args.seed)
     started = time.perf_counter()
     engine = start_vllm_backend(folder, args.vllm_python, args.batch_size, args.max_tokens, args.threads,
                                 cfg.shared_prompt_len + cfg.task_prompt_len)

@@ -25,7 +25,7 @@ def export_bundle(model: TaloraModel, folder: Path, base_model: str, base_finger
                   training: dict[str, Any] | None = None) -> BundleMeta:
     """Write the shared part of ``model`` as a bundle; returns its metadata (with fingerprint)."""
     meta = BundleMeta(base_model=base_model, base_fingerprint=base_fingerprint,
-                      model_config=model.lm.config.to_dict(), talora=model.cfg.to_dict(),
+                      model_config=model.lm.config.to_dict(), talora=model.cfg.model_dump(),
                       training=training or {})
     return save_bundle(folder, meta, model.prompt, model.basis)
 
@@ -45,7 +45,7 @@ def model_from_bundle(lm: CausalLM, folder: Path, base_fingerprint: str | None,
     meta, shared = load_bundle(folder, base_fingerprint)
     if meta.arch != lm.config:
         raise ValueError("model_config: the bundle's architecture does not match the loaded model")
-    model = TaloraModel(lm, TaloraConfig.from_dict(meta.talora), param_dtype)
+    model = TaloraModel(lm, TaloraConfig(**meta.talora), param_dtype)
     with torch.no_grad():
         model.prompt.copy_(shared["prompt"].to(model.prompt))
         model.basis.copy_(shared["basis"].to(model.basis))

@@ -79,7 +79,7 @@ class BundleMeta:
 
     @property
     def config(self) -> TaloraConfig:
-        return TaloraConfig.from_dict(self.talora)
+        return TaloraConfig(**self.talora)
 
     @property
     def arch(self) -> ModelConfig:

@@ -2,13 +2,16 @@
 
 ``ModelConfig.from_hf`` reads a Hugging Face ``config.json`` dict (Llama 2/3.x, SmolLM2, Mistral,
 Qwen2/2.5, Qwen3, Gemma 2, Gemma 3, Phi-3/Phi-4-mini); ``TaloraConfig`` holds the adapter's
-sizes and ablation switches. Both raise ``ValueError`` naming the offending field.
+sizes and ablation switches (a pydantic ``Config``, as ``TrainConfig`` is). Both raise ``ValueError``
+naming the offending field.
 """
 
 from __future__ import annotations
 
-from dataclasses import MISSING, asdict, dataclass, field, fields
-from typing import Any
+from dataclasses import asdict, dataclass, fields
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3")
 # config.json model types read as one of the above: a multimodal Gemma 3 checkpoint's text model
@@ -232,41 +235,62 @@ _FAMILY_FIELDS = ("qk_norm", "unit_offset_norm", "sandwich_norm", "fused_project
 _FAMILY_DEFAULTS = {f.name: f.default for f in fields(ModelConfig) if f.name in _FAMILY_FIELDS}
 
 
-def described(default: Any = MISSING, help: str = "", factory: Any = MISSING) -> Any:
-    """A dataclass field with its help text beside it (``metadata["help"]``; CLI flags show it)."""
-    return field(default=default, default_factory=factory, metadata={"help": help})
+class Config(BaseModel):
+    """A typed, validated, immutable configuration. Each field carries its help text
+    (``Field(description=...)``; CLI flags show it). A bad value raises ``ValueError`` whose message
+    starts with the field's name (``rank: Input should be greater than 0 (got 0)``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise ValueError(error_text(exc)) from None
+
+    def with_updates(self: C, **changes: Any) -> C:
+        """A validated copy with ``changes``."""
+        return type(self)(**{**self.model_dump(), **changes})
 
 
-def help_of(cls: type, name: str) -> str:
-    """The help text of the dataclass field ``name`` of ``cls``."""
-    return next(f.metadata.get("help", "") for f in fields(cls) if f.name == name)
+C = TypeVar("C", bound=Config)
 
 
-@dataclass(frozen=True)
-class AdapterShape:
+def error_text(exc: ValidationError) -> str:
+    """``field: what is wrong`` for each error of ``exc``, one a line (a validator's own message, which
+    names its field, as it is)."""
+    lines = []
+    for error in exc.errors():
+        name = ".".join(str(part) for part in error["loc"])
+        if error["type"] == "value_error":
+            message = str(error["ctx"]["error"])
+            lines.append(f"{name}: {message}" if name else message)
+        elif error["type"] == "extra_forbidden":
+            lines.append(f"{name}: unknown {exc.title} field")
+        else:
+            lines.append(f"{name}: {error['msg']} (got {error['input']!r})")
+    return "\n".join(lines)
+
+
+class AdapterShape(Config):
     """The sizes and ablation switches of a TA-LoRA adapter: what a bundle records (``TaloraConfig``)
     and what a source stage is trained with (``TrainConfig`` inherits them)."""
 
-    shared_prompt_len: int = described(32, "m: rows of the shared prompt P (0 = no shared prompt)")
-    task_prompt_len: int = described(8, "n: rows of each task prompt")
-    rank: int = described(4, "r: rows of the shared basis A")
-    scale: float = described(1.0, "task prompt = scale * B_t A")
-    gated: bool = described(True, "zero-initialised gated attention for the task prompt (false: plain two-part prompt)")
-    full_rank: bool = described(False, "B_t is n x d with no basis (ablation)")
-    deep_prompt: bool = described(
-        False, "a task prompt per layer: B_t is L x n x r and layer l reads its own rows scale * B_t[l] A as the "
-        "task prompt's input (prefix-tuning style); false: one task prompt at the input, carried through the layers")
-    slow_lr_ratio: float = described(
-        0.1, "learning rate of P (and of A unless basis_lr_ratio is set) = lr * slow_lr_ratio")
-    init_std: float = described(0.02, "std of the random init of source B_t (and of A with basis_init=random)")
-
-    def __post_init__(self) -> None:
-        _require(self.shared_prompt_len >= 0, "shared_prompt_len", f"must be >= 0, got {self.shared_prompt_len}")
-        _require(self.task_prompt_len > 0, "task_prompt_len", f"must be > 0, got {self.task_prompt_len}")
-        _require(self.rank > 0, "rank", f"must be > 0, got {self.rank}")
-        _require(self.scale > 0, "scale", f"must be > 0, got {self.scale}")
-        _require(0 < self.slow_lr_ratio <= 1, "slow_lr_ratio", f"must be in (0, 1], got {self.slow_lr_ratio}")
-        _require(self.init_std > 0, "init_std", f"must be > 0, got {self.init_std}")
+    shared_prompt_len: int = Field(32, ge=0, description="m: rows of the shared prompt P (0 = no shared prompt)")
+    task_prompt_len: int = Field(8, gt=0, description="n: rows of each task prompt")
+    rank: int = Field(4, gt=0, description="r: rows of the shared basis A")
+    scale: float = Field(1.0, gt=0, description="task prompt = scale * B_t A")
+    gated: bool = Field(True, description="zero-initialised gated attention for the task prompt (false: plain "
+                        "two-part prompt)")
+    full_rank: bool = Field(False, description="B_t is n x d with no basis (ablation)")
+    deep_prompt: bool = Field(
+        False, description="a task prompt per layer: B_t is L x n x r and layer l reads its own rows scale * B_t[l] A "
+        "as the task prompt's input (prefix-tuning style); false: one task prompt at the input, carried through the "
+        "layers")
+    slow_lr_ratio: float = Field(
+        0.1, gt=0, le=1, description="learning rate of P (and of A unless basis_lr_ratio is set) = lr * slow_lr_ratio")
+    init_std: float = Field(0.02, gt=0, description="std of the random init of source B_t (and of A with "
+                            "basis_init=random)")
 
     def fast_shape(self, num_layers: int, hidden_size: int, basis_rows: int = 0) -> tuple[int, ...]:
         """Shape of one task's fast weight B_t: ``(n, r)``, ``(n, d)`` full rank, ``(L, ...)`` deep;
@@ -276,12 +300,12 @@ class AdapterShape:
 
     def shape(self) -> dict[str, Any]:
         """The ``AdapterShape`` fields of this config, by name."""
-        return {name: getattr(self, name) for name in AdapterShape.__dataclass_fields__}
+        return {name: getattr(self, name) for name in AdapterShape.model_fields}
 
 
-@dataclass(frozen=True)
 class TaloraConfig(AdapterShape):
-    """Sizes and switches of a TA-LoRA adapter bundle (see docs/method.md).
+    """Sizes and switches of a TA-LoRA adapter bundle (see docs/method.md); a bundle's ``talora.json``
+    holds its ``model_dump()``.
 
     ``shared_prompt_len`` (m) shared soft-prompt rows, ``task_prompt_len`` (n) task-prompt rows,
     ``rank`` (r) of the shared basis. Ablations: ``gated=False`` joins the task keys to the main
@@ -289,15 +313,4 @@ class TaloraConfig(AdapterShape):
     ``slow_lr_ratio=1`` removes the fast/slow split; ``shared_prompt_len=0`` drops the shared prompt.
     """
 
-    extra: dict[str, Any] = described(help="free-form fields a bundle keeps beside the shape", factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TaloraConfig:
-        known = {f for f in cls.__dataclass_fields__}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"{unknown[0]}: unknown TaloraConfig field")
-        return cls(**data)
+    extra: dict[str, Any] = Field(default_factory=dict, description="free-form fields a bundle keeps beside the shape")

@@ -11,11 +11,10 @@ import argparse
 import json
 import os
 import sys
-from dataclasses import fields
 from functools import partial
 from pathlib import Path
 
-from talora.adapters.model.config import help_of
+from talora.adapters.formats.cli_flags import add_flags
 from talora.adapters.train import recipe
 from talora.adapters.train.config import STAGE_FIELDS, TrainConfig, load_config_file
 
@@ -34,38 +33,18 @@ def _task_list(text: str) -> list[str]:
     return names
 
 
-def _add_field_flags(parser: argparse.ArgumentParser, names: tuple[str, ...], defaults: dict | None = None) -> None:
-    by_name = {f.name: f for f in fields(TrainConfig)}
-    for name in names:
-        flag = "--" + name.replace("_", "-")
-        spec = by_name[name]
-        default = spec.default_factory() if callable(spec.default_factory) else spec.default
-        default = (defaults or {}).get(name, default)
-        help_text = f"{help_of(TrainConfig, name)} (default: {default})".replace("%", "%%")
-        kind = str(spec.type)
-        if kind == "bool":
-            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
-                                default=argparse.SUPPRESS, help=help_text)
-        elif kind == "list[str]":
-            parser.add_argument(flag, dest=name, default=argparse.SUPPRESS, metavar="A,B",
-                                type=lambda v: [x for x in v.split(",") if x], help=help_text)
-        else:
-            caster = {"int": int, "float": float}.get(kind, str)
-            parser.add_argument(flag, dest=name, type=caster, default=argparse.SUPPRESS, help=help_text)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="talora-train", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for stage, names in STAGE_FIELDS.items():
         p = sub.add_parser(stage, help=_DESCRIPTIONS[stage], description=_DESCRIPTIONS[stage])
         p.add_argument("--config", help="JSON or YAML file of TrainConfig fields; flags override it")
-        _add_field_flags(p, names, recipe.defaults(stage))
+        add_flags(p, TrainConfig, names, recipe.defaults(stage))
     demo = sub.add_parser("demo", help=_DESCRIPTIONS["demo"], description=_DESCRIPTIONS["demo"])
     from talora.adapters.train.demo import DEMO_CONFIG
 
-    _add_field_flags(demo, ("output_dir", "steps", "threads", "resume", "progress", "eval_limit", "dtype"),
-                     {**recipe.SOURCE, **DEMO_CONFIG})
+    add_flags(demo, TrainConfig, ("output_dir", "steps", "threads", "resume", "progress", "eval_limit", "dtype"),
+              {**recipe.SOURCE, **DEMO_CONFIG})
     demo.add_argument("--target-steps", type=int, default=argparse.SUPPRESS,
                       help="optimiser steps of each target task (default: DEMO_TARGETS' own, else the recipe's by "
                            "the task's training data: 48 for k-shot sets, about 4.5 passes over full data, "
@@ -100,7 +79,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         merged.update(load_config_file(config_file))
     merged.update(values)
     merged["stage"] = "source" if command == "demo" else command
-    return TrainConfig.from_dict(merged)
+    return TrainConfig(**merged)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -142,12 +142,12 @@ def defaults(stage: str) -> dict:
 
 def source_config(**fields) -> TrainConfig:
     """A source-stage ``TrainConfig``: the recipe, then ``fields``."""
-    return TrainConfig.from_dict({**SOURCE, **fields, "stage": "source"})
+    return TrainConfig(**{**SOURCE, **fields, "stage": "source"})
 
 
 def target_config(**fields) -> TrainConfig:
     """A target-stage ``TrainConfig``: the recipe, then ``fields``."""
-    return TrainConfig.from_dict({**TARGET, **fields, "stage": "target"})
+    return TrainConfig(**{**TARGET, **fields, "stage": "target"})
 
 
 def recipe_hash() -> str:

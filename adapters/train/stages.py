@@ -12,7 +12,6 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -223,10 +222,10 @@ def run_target(cfg: TrainConfig) -> dict:
         cfg, chosen, inputs = _target_data(cfg, spec, tok)
         train_task = encode_task(spec, chosen, tok, cfg.max_input_tokens)
         if not cfg.steps:
-            cfg = replace(cfg, steps=recipe.target_steps(cfg.shots, len(train_task.examples), cfg.batch_size))
+            cfg = cfg.with_updates(steps=recipe.target_steps(cfg.shots, len(train_task.examples), cfg.batch_size))
         if cfg.task_basis_rows < 0:
-            cfg = replace(cfg, task_basis_rows=recipe.target_basis_rows(cfg.shots, len(train_task.examples),
-                                                                        model.cfg.full_rank))
+            cfg = cfg.with_updates(task_basis_rows=recipe.target_basis_rows(cfg.shots, len(train_task.examples),
+                                                                            model.cfg.full_rank))
         eval_task = encode_task(spec, _load_examples(cfg.task, cfg.split, cfg.eval_limit), tok, cfg.max_input_tokens)
         init, gate, init_name = _target_init(model, sources, train_task, cfg)
         model.add_task(cfg.task, init, generator=torch.Generator().manual_seed(cfg.seed), gate=gate,
@@ -270,7 +269,7 @@ def _target_data(cfg: TrainConfig, spec, tokenizer) -> tuple[TrainConfig, list, 
     user = is_user_task(spec)
     notes = []
     if cfg.train_limit < 0:
-        cfg = replace(cfg, train_limit=recipe.target_train_limit(user))
+        cfg = cfg.with_updates(train_limit=recipe.target_train_limit(user))
         notes.append("train_limit by the task: " + ("all training examples of a user's file" if user else
                                                       f"{cfg.train_limit} for a packaged task"))
     pool = _load_examples(cfg.task, "train", 0 if cfg.shots else cfg.train_limit)
@@ -279,7 +278,7 @@ def _target_data(cfg: TrainConfig, spec, tokenizer) -> tuple[TrainConfig, list, 
     lengths = text_lengths(tokenizer, chosen)
     how = "given"
     if cfg.max_input_tokens == 0:
-        cfg = replace(cfg, max_input_tokens=recipe.target_input_tokens(user, lengths))
+        cfg = cfg.with_updates(max_input_tokens=recipe.target_input_tokens(user, lengths))
         how = (f"by the task: the {recipe.USER_INPUT_QUANTILE:.0%} point of its training texts' token lengths, "
                f"at most {recipe.USER_INPUT_TOKENS_CAP}" if user else "by the task: the packaged tasks' "
                f"{recipe.PACKAGED_INPUT_TOKENS}")

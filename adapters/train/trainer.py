@@ -201,7 +201,7 @@ def _resume(cfg: TrainConfig, run_dir: Path, model, optimizer, sampler, runtime:
 def _checkpoint(cfg, run_dir, step, model, optimizer, sampler, runtime) -> None:
     states = gather_objects(sampler.state_dict(), runtime)
     if runtime.is_main:
-        save_checkpoint(run_dir, step, model, optimizer, states, cfg.to_dict())
+        save_checkpoint(run_dir, step, model, optimizer, states, cfg.model_dump())
     barrier(runtime)
 
 

@@ -174,13 +174,13 @@ def test_one_source_and_one_target_step(tmp_path, train_files, name):
     folder = _checkpoint(tmp_path, name)
     _save_word_tokenizer(folder)
     common = dict(model=str(folder), task_prompt_len=2, batch_size=4, eval_limit=4, threads=1, progress=False)
-    source = run_source(TrainConfig.from_dict(dict(
+    source = run_source(TrainConfig(
         stage="source", task_files=train_files["sources"], output_dir=str(tmp_path / "src"), shared_prompt_len=4,
-        rank=2, steps=1, save_every=0, seed=0, **common)))
+        rank=2, steps=1, save_every=0, seed=0, **common))
     assert source["verified"]
-    target = run_target(TrainConfig.from_dict(dict(
+    target = run_target(TrainConfig(
         stage="target", bundle=source["bundle"], task="toy_new", task_files=[train_files["new"]], shots=4, steps=1,
-        output_dir=str(tmp_path / "tgt"), **common)))
+        output_dir=str(tmp_path / "tgt"), **common))
     assert target["verified"]
     lm, fingerprint = load_checkpoint_folder(folder)
     model, meta, _ = model_from_bundle(lm, Path(target["bundle"]), fingerprint)

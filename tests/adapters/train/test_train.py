@@ -7,7 +7,6 @@ import os
 import random
 import subprocess
 import sys
-from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,7 @@ import torch
 
 from talora.adapters.formats.bundle import model_from_bundle
 from talora.adapters.formats.io import load_bundle, load_task
-from talora.adapters.model.config import AdapterShape, TaloraConfig, help_of
+from talora.adapters.model.config import AdapterShape, TaloraConfig
 from talora.adapters.model.loading import load_checkpoint_folder
 from talora.adapters.model.talora_model import TaloraModel
 from talora.adapters.runtime.decoding import greedy_generate
@@ -78,7 +77,7 @@ def _cfg(env, out: Path, **changes) -> TrainConfig:
     base = dict(stage="source", model=env["model"], task_files=env["sources"], output_dir=str(out),
                 shared_prompt_len=4, task_prompt_len=2, rank=2, steps=6, batch_size=4, lr=0.05,
                 eval_limit=12, save_every=3, seed=0, progress=False, threads=1)
-    return TrainConfig.from_dict({**base, **changes})
+    return TrainConfig(**{**base, **changes})
 
 
 @pytest.fixture(scope="module")
@@ -117,8 +116,8 @@ def test_source_run_writes_and_verifies_every_file(source_run, env):
 
 def test_eval_stage_matches_the_training_time_scores(source_run, env):
     out, summary = source_run
-    cfg = TrainConfig.from_dict(dict(stage="eval", model=env["model"], bundle=summary["bundle"], task="toy_red",
-                                     task_files=env["sources"], eval_limit=12, threads=1, progress=False))
+    cfg = TrainConfig(stage="eval", model=env["model"], bundle=summary["bundle"], task="toy_red",
+                      task_files=env["sources"], eval_limit=12, threads=1, progress=False)
     result = run_eval(cfg)
     assert result["metrics"] == summary["metrics"]["toy_red"]
     assert set(result["metrics"]) == {"examples", "accuracy", "macro_f1", "majority_rate"}
@@ -134,12 +133,12 @@ def test_a_deep_prompt_bundle_trains_adapts_and_scores_the_same_from_its_files(e
     model, meta, _ = model_from_bundle(lm, Path(summary["bundle"]), fingerprint)
     layers = lm.config.num_layers
     assert meta.config.deep_prompt and model.adapter("toy_red").fast.shape == (layers, 2, 2)
-    cfg = TrainConfig.from_dict(dict(stage="eval", model=env["model"], bundle=summary["bundle"], task="toy_red",
-                                     task_files=env["sources"], eval_limit=12, threads=1, progress=False))
+    cfg = TrainConfig(stage="eval", model=env["model"], bundle=summary["bundle"], task="toy_red",
+                      task_files=env["sources"], eval_limit=12, threads=1, progress=False)
     assert run_eval(cfg)["metrics"] == summary["metrics"]["toy_red"]
-    target = run_target(TrainConfig.from_dict(dict(
+    target = run_target(TrainConfig(
         stage="target", model=env["model"], bundle=summary["bundle"], task="toy_new", task_files=[env["new"]],
-        shots=4, steps=2, batch_size=4, output_dir=str(tmp_path / "t"), eval_limit=8, threads=1, progress=False)))
+        shots=4, steps=2, batch_size=4, output_dir=str(tmp_path / "t"), eval_limit=8, threads=1, progress=False))
     tuned, _, _ = model_from_bundle(lm, Path(target["bundle"]), fingerprint)
     assert target["verified"] and tuned.adapter("toy_new").fast.shape == (layers, 2, 2)
 
@@ -260,9 +259,9 @@ def test_target_stage_trains_only_the_target_fast_weights(source_run, env, tmp_p
     _, summary = source_run
     source = Path(summary["bundle"])
     before = _tensors(source)
-    cfg = TrainConfig.from_dict(dict(stage="target", model=env["model"], bundle=str(source), task="toy_new",
-                                     task_files=[env["new"]], shots=4, steps=4, batch_size=4, lr=0.1,
-                                     output_dir=str(tmp_path / "t"), eval_limit=8, threads=1, progress=False))
+    cfg = TrainConfig(stage="target", model=env["model"], bundle=str(source), task="toy_new",
+                      task_files=[env["new"]], shots=4, steps=4, batch_size=4, lr=0.1,
+                      output_dir=str(tmp_path / "t"), eval_limit=8, threads=1, progress=False)
     result = run_target(cfg)
     assert result["verified"] and result["init"] == "mean" and result["train_examples"] == 8
     out = Path(result["bundle"])
@@ -280,10 +279,10 @@ def test_target_stage_trains_only_the_target_fast_weights(source_run, env, tmp_p
 def test_a_target_with_basis_rows_of_its_own_trains_them_and_scores_the_same_from_its_files(source_run, env,
                                                                                             tmp_path):
     _, summary = source_run
-    cfg = TrainConfig.from_dict(dict(stage="target", model=env["model"], bundle=summary["bundle"], task="toy_new",
-                                     task_files=[env["new"]], shots=4, steps=4, batch_size=4, lr=0.1,
-                                     task_basis_rows=2, output_dir=str(tmp_path / "t"), eval_limit=8, threads=1,
-                                     progress=False))
+    cfg = TrainConfig(stage="target", model=env["model"], bundle=summary["bundle"], task="toy_new",
+                      task_files=[env["new"]], shots=4, steps=4, batch_size=4, lr=0.1,
+                      task_basis_rows=2, output_dir=str(tmp_path / "t"), eval_limit=8, threads=1,
+                      progress=False)
     result = run_target(cfg)
     assert result["verified"]
     lm, fingerprint = load_checkpoint_folder(Path(env["model"]))
@@ -292,9 +291,9 @@ def test_a_target_with_basis_rows_of_its_own_trains_them_and_scores_the_same_fro
     assert adapter.basis.shape == (2, lm.config.hidden_size) and adapter.fast.shape[-1] == r + 2
     assert adapter.fast[..., r:].abs().sum() > 0  # U_t moved off zero
     assert metas["toy_new"].training["task_basis_rows"] == 2
-    scored = run_eval(TrainConfig.from_dict(dict(stage="eval", model=env["model"], bundle=result["bundle"],
-                                                 task="toy_new", task_files=[env["new"]], eval_limit=8, threads=1,
-                                                 progress=False)))
+    scored = run_eval(TrainConfig(stage="eval", model=env["model"], bundle=result["bundle"],
+                                  task="toy_new", task_files=[env["new"]], eval_limit=8, threads=1,
+                                  progress=False))
     assert scored["metrics"] == result["metrics"]["toy_new"]
 
 
@@ -402,10 +401,10 @@ def test_a_target_stage_without_steps_takes_the_recipes_for_its_data(source_run,
     from talora.adapters.train import recipe
 
     monkeypatch.setattr(recipe, "BASIS_ROWS_MIN_EXAMPLES", min_examples)
-    cfg = TrainConfig.from_dict(dict(stage="target", model=env["model"], bundle=str(source_run[1]["bundle"]),
-                                     task="toy_new", task_files=[env["new"]], steps=0, batch_size=16, lr=0.1,
-                                     task_basis_rows=-1, output_dir=str(tmp_path / "t"), eval_limit=8, threads=1,
-                                     progress=False, save_every=0))
+    cfg = TrainConfig(stage="target", model=env["model"], bundle=str(source_run[1]["bundle"]),
+                      task="toy_new", task_files=[env["new"]], steps=0, batch_size=16, lr=0.1,
+                      task_basis_rows=-1, output_dir=str(tmp_path / "t"), eval_limit=8, threads=1,
+                      progress=False, save_every=0)
     result = run_target(cfg)
     steps = recipe.target_steps(0, result["train_examples"], 16)
     rows = recipe.target_basis_rows(0, result["train_examples"])
@@ -482,15 +481,15 @@ def test_qa_metrics_on_known_strings():
 ])
 def test_bad_config_raises_value_error_naming_the_field(changes, field):
     with pytest.raises(ValueError, match=f"^{field}:"):
-        TrainConfig.from_dict({"tasks": ["t"], **changes})
+        TrainConfig(**{"tasks": ["t"], **changes})
 
 
 def test_every_config_field_has_its_help_beside_it_and_the_shape_is_declared_once():
     for cls in (TrainConfig, TaloraConfig):
-        missing = [f.name for f in fields(cls) if not help_of(cls, f.name)]
+        missing = [name for name, field in cls.model_fields.items() if not field.description]
         assert not missing, f"{cls.__name__} fields without help: {missing}"
-    shape = {f.name for f in fields(AdapterShape)}
-    assert shape <= {f.name for f in fields(TrainConfig)} and shape <= {f.name for f in fields(TaloraConfig)}
+    shape = set(AdapterShape.model_fields)
+    assert shape <= set(TrainConfig.model_fields) and shape <= set(TaloraConfig.model_fields)
     cfg = TrainConfig(tasks=["a"], rank=16, gated=False, init_std=0.5)
     assert cfg.talora() == TaloraConfig(rank=16, gated=False, init_std=0.5)
     with pytest.raises(ValueError, match="^rank:"):  # the target stage checks the shape fields too
@@ -620,7 +619,7 @@ def test_demo_installs_only_tasks_clear_of_their_majority_rate(tmp_path):
 # ----- distributed -------------------------------------------------------------------------
 def test_torchrun_two_processes_with_gloo(env, tmp_path):
     out = tmp_path / "ddp"
-    config = _cfg(env, out, steps=3, save_every=0).to_dict()
+    config = _cfg(env, out, steps=3, save_every=0).model_dump()
     config_path = tmp_path / "ddp.json"
     config_path.write_text(json.dumps(config))
     environ = {**os.environ, "OMP_NUM_THREADS": "1"}
