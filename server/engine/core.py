@@ -33,6 +33,7 @@ from talora.server.jobs import Failed, Job
 from talora.server.metrics import Metrics
 from talora.server.settings import Settings
 from talora.server.training.manager import start_training
+from talora.server.watcher import StoreWatcher
 
 log = logging.getLogger(__name__)
 
@@ -208,9 +209,4 @@ class Engine(AdapterFacade[Loaded]):
         self.metrics.active_sequences.set(len(runner.active))
 
     def _watch(self) -> None:
-        while not self._halt.wait(self.settings.watch_interval_s):
-            try:
-                for task in self.loaded.registry.poll_store():
-                    self.warm(self.loaded.registry.get(task))
-            except Exception:  # noqa: BLE001 - watching the adapter store must keep running
-                log.exception("watching the adapter store failed")
+        StoreWatcher(self.loaded.registry, self.settings.watch_interval_s, self.warm).run(self._halt)

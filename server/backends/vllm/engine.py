@@ -49,6 +49,7 @@ from talora.server.facade import AdapterFacade, encode_request, load_adapters, r
 from talora.server.jobs import Failed, Finished, Job, Scored, Token
 from talora.server.metrics import Metrics
 from talora.server.settings import Settings
+from talora.server.watcher import StoreWatcher
 
 log = logging.getLogger(__name__)
 MONITOR_INTERVAL_S = 1.0
@@ -164,7 +165,7 @@ class VllmEngine(AdapterFacade[VllmLoaded]):
 
     def _watch(self) -> None:
         """Watch the vLLM child (fatal when it dies) and, when configured, the adapter store."""
-        last_poll = time.monotonic()
+        store = StoreWatcher(self.loaded.registry, self.settings.watch_interval_s)
         while not self._halt.wait(MONITOR_INTERVAL_S):
             status = self._process.exit_status() if self._process is not None else None
             if status is not None and not self._stopping:
@@ -173,13 +174,7 @@ class VllmEngine(AdapterFacade[VllmLoaded]):
                 if self.on_fatal is not None:
                     self.on_fatal(exc)
                 return
-            interval = self.settings.watch_interval_s
-            if interval > 0 and time.monotonic() - last_poll >= interval:
-                last_poll = time.monotonic()
-                try:
-                    self.loaded.registry.poll_store()
-                except Exception:  # noqa: BLE001 - watching the adapter store must keep running
-                    log.exception("watching the adapter store failed")
+            store.tick()
 
     # ----- requests --------------------------------------------------------------------------
     def encode(self, adapter: AdapterVersion, text: str, question: str | None = None) -> tuple[list[int], bool]:

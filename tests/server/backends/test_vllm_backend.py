@@ -200,6 +200,43 @@ def test_prompt_embeds_through_a_plain_causal_lm_score_as_talora_gate_off(task, 
     assert scores == pytest.approx(expected, abs=1e-4)
 
 
+def test_store_watcher_hands_new_versions_on_and_outlives_a_failed_poll(caplog):
+    from talora.server.watcher import StoreWatcher
+
+    answers = [RuntimeError("store unreadable"), [], ["a", "b"]]
+
+    class Registry:
+        polls = 0
+
+        def poll_store(self):
+            self.polls += 1
+            answer = answers.pop(0) if answers else []
+            if isinstance(answer, Exception):
+                raise answer
+            return answer
+
+        def get(self, task):
+            return f"{task}@v2"
+
+    halt, seen = threading.Event(), []
+
+    def on_change(version):
+        seen.append(version)
+        if len(seen) == 2:
+            halt.set()
+
+    registry = Registry()
+    thread = threading.Thread(target=StoreWatcher(registry, 0.001, on_change).run, args=(halt,), daemon=True)
+    thread.start()
+    thread.join(30)
+    assert not thread.is_alive() and seen == ["a@v2", "b@v2"] and registry.polls == 3
+    assert "watching the adapter store failed" in caplog.text
+    idle = Registry()
+    StoreWatcher(idle, 3600.0, on_change).tick()  # not due yet
+    StoreWatcher(idle, 0.0, on_change).run(threading.Event())  # 0: never polls, returns at once
+    assert idle.polls == 0
+
+
 def test_score_contexts_group_label_tokens_by_context():
     contexts = score_contexts([7, 8], ((3,), (4, 5), (4, 6)))
     assert [(c.token_ids, c.targets) for c in contexts] == [((7, 8), (3, 4)), ((7, 8, 4), (5, 6))]
