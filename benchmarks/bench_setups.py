@@ -188,7 +188,7 @@ def start_engine(loaded, bundle_dir, num_slots: int, batch_size: int, max_tokens
     settings = Settings(bundle=bundle_dir, num_slots=num_slots, max_batch_size=batch_size,
                         max_batch_tokens=batch_size * max_tokens, max_queue=100_000, torch_threads=threads,
                         kv_cache_tokens=max(kv_cache_tokens, batch_size * max_tokens), request_timeout_s=3600)
-    engine = Engine(settings, loaded=loaded)
+    engine = Engine(settings.engine_config(), loaded=loaded)
     engine.start()
     return engine
 

@@ -132,7 +132,7 @@ def generation_vs_bare_loop(loaded, bundle, args, sync) -> dict:
                         max_new_tokens_limit=new_tokens, cuda_graphs=getattr(args, "cuda_graphs", False),
                         overlap_steps=getattr(args, "overlap_steps", False))
     memory: dict[str, Any] = {"before_engine": device_memory(loaded.model.device)}
-    engine = Engine(settings, loaded=loaded)
+    engine = Engine(settings.engine_config(), loaded=loaded)
     engine.start()
     try:
         registry = engine.loaded.registry

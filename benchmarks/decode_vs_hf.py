@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     lm = load_model(args.model, args.dtype, "cpu")
     hf_model = hf_reference(args.model, args.dtype)
     engine = Engine(Settings(bundle=demo_bundle_dir(), model=args.model, dtype=args.dtype, num_slots=2,
-                             log_level="warning"), loaded=lm)
+                             log_level="warning").engine_config(), loaded=lm)
     engine.start()
     try:
         adapter = engine.adapter(args.task)

@@ -15,42 +15,22 @@ import logging
 import os
 import sys
 import time
-import types
 import typing
 
 from pydantic import ValidationError
 
+from talora.adapters.formats.cli_flags import add_flags
+from talora.adapters.model.config import error_text
 from talora.server.settings import Settings
 
 if typing.TYPE_CHECKING:
     from talora.server.facade import ServingEngine
 
 
-def _flag_type(annotation):
-    base = annotation
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):  # X | None
-        base = next(a for a in typing.get_args(annotation) if a is not type(None))
-    if typing.get_origin(base) is typing.Literal:
-        return str, list(typing.get_args(base))
-    if base is bool:
-        return None, None
-    return (str if getattr(base, "__name__", "") == "SecretStr" else base), None
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="talora-serve", description="Serve TA-LoRA task adapters over HTTP. "
                                      "Every flag is also the environment variable TALORA_<FIELD>.")
-    for name, field in Settings.model_fields.items():
-        flag = "--" + name.replace("_", "-")
-        kind, choices = _flag_type(field.annotation)
-        default = field.default.get_secret_value() if hasattr(field.default, "get_secret_value") else field.default
-        help_text = f"{field.description} (env TALORA_{name.upper()}; default {default})"
-        if kind is None:
-            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
-                                default=argparse.SUPPRESS, help=help_text)
-        else:
-            parser.add_argument(flag, dest=name, type=kind, choices=choices, default=argparse.SUPPRESS,
-                                help=help_text, metavar=None if choices else name.upper())
+    add_flags(parser, Settings, env_prefix="TALORA_")
     return parser
 
 
@@ -64,9 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = Settings(**args)
     except ValidationError as exc:
-        for error in exc.errors():
-            field = ".".join(str(p) for p in error["loc"]) or "settings"
-            print(f"talora-serve: {field}: {error['msg']}", file=sys.stderr)
+        for line in error_text(exc).splitlines():
+            print(f"talora-serve: {line}", file=sys.stderr)
         return 2
     return serve(settings)
 
@@ -93,7 +72,7 @@ def make_engine(settings: Settings) -> ServingEngine:
         return VllmEngine(settings, on_fatal=exit_for_restart)
     from talora.server.engine import Engine
 
-    return Engine(settings, on_fatal=exit_for_restart)
+    return Engine(settings.engine_config(), on_fatal=exit_for_restart)
 
 
 def serve(settings: Settings) -> int:

@@ -16,7 +16,7 @@ from talora.server.adapter_registry import AdapterRegistry, AdapterVersion
 from talora.server.errors import BundleMissing, InputTooLong
 from talora.server.jobs import Job
 from talora.server.metrics import Metrics
-from talora.server.settings import Settings
+from talora.server.settings import EngineFields
 
 if TYPE_CHECKING:
     from talora.server.training.manager import TrainingManager
@@ -24,10 +24,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def resolve_bundle(settings: Settings) -> Path:
+def resolve_bundle(config: EngineFields) -> Path:
     """``--bundle``, or the demo bundle shipped in ``talora.adapters.demo`` (``BundleMissing`` when not built)."""
-    if settings.bundle is not None:
-        return settings.bundle
+    if config.bundle is not None:
+        return config.bundle
     folder = demo_bundle_dir()
     if not (folder / "talora.json").is_file():
         raise BundleMissing(f"the demo adapter bundle is not built yet ({folder} has no talora.json): produce it "
@@ -35,13 +35,13 @@ def resolve_bundle(settings: Settings) -> Path:
     return folder
 
 
-def encode_request(tokenizer, settings: Settings, adapter: AdapterVersion, text: str,
+def encode_request(tokenizer, config: EngineFields, adapter: AdapterVersion, text: str,
                    question: str | None = None) -> tuple[list[int], bool]:
     """Prompt ids of ``text`` with the task's template, and whether it was cut; applies ``on_overflow``
     (one definition for every backend)."""
     limit = adapter.meta.max_input_tokens
     ids, truncated = encode_prompt(tokenizer, adapter.meta.template, text, limit, question)
-    if settings.on_overflow == "reject":
+    if config.on_overflow == "reject":
         # the text was tokenised once already: count it again only when it was cut
         for name, value in ((("text", text),) if truncated else ()) + (("question", question),):
             count = len(tokenizer(value, add_special_tokens=False)["input_ids"]) if value else 0
@@ -74,7 +74,6 @@ def load_adapters(registry: AdapterRegistry, bundle: Path, where: str) -> list[s
 
 
 class ServingEngine(Protocol):
-    settings: Settings
     metrics: Metrics
     ready: bool  # loaded and taking requests
     resident: frozenset[tuple[str, int]]  # adapter keys whose prompt state is warm on the device

@@ -31,7 +31,7 @@ from talora.server.errors import InputTooLong
 from talora.server.facade import AdapterFacade, encode_request, load_adapters, resolve_bundle
 from talora.server.jobs import Failed, Job
 from talora.server.metrics import Metrics
-from talora.server.settings import Settings
+from talora.server.settings import EngineConfig
 from talora.server.training.manager import start_training
 from talora.server.watcher import StoreWatcher
 
@@ -50,14 +50,15 @@ class Loaded:
 class Engine(AdapterFacade[Loaded]):
     """Owns the model, the adapters, the scheduler, the runner and the worker thread."""
 
-    def __init__(self, settings: Settings, metrics: Metrics | None = None, loaded: LoadedModel | None = None,
+    def __init__(self, config: EngineConfig, metrics: Metrics | None = None, loaded: LoadedModel | None = None,
                  on_fatal: Callable[[BaseException], None] | None = None):
-        """``on_fatal`` is called (on the worker thread) when the worker cannot go on; ``talora-serve``
-        passes one that ends the process with a non-zero status so that a supervisor restarts it."""
-        self.settings = settings
+        """``config``: ``Settings.engine_config()``. ``on_fatal`` is called (on the worker thread) when the
+        worker cannot go on; ``talora-serve`` passes one that ends the process with a non-zero status so
+        that a supervisor restarts it."""
+        self.config = config
         self.on_fatal = on_fatal
         self.metrics = metrics or Metrics()
-        self.scheduler = Scheduler(settings, self.metrics)
+        self.scheduler = Scheduler(config, self.metrics)
         self._model = loaded
         self._loaded: Loaded | None = None
         self._halt = threading.Event()
@@ -68,7 +69,7 @@ class Engine(AdapterFacade[Loaded]):
     # ----- life cycle ------------------------------------------------------------------------
     def start(self) -> None:
         """Load everything and start the worker; blocks until ready (seconds)."""
-        s = self.settings
+        s = self.config
         bundle = resolve_bundle(s)
         if s.torch_threads:
             torch.set_num_threads(s.torch_threads)
@@ -132,11 +133,11 @@ class Engine(AdapterFacade[Loaded]):
     # ----- requests --------------------------------------------------------------------------
     def encode(self, adapter: AdapterVersion, text: str, question: str | None = None) -> tuple[list[int], bool]:
         """Prompt ids of ``text`` with the task's template; applies ``on_overflow``."""
-        return encode_request(self.loaded.tokenizer, self.settings, adapter, text, question)
+        return encode_request(self.loaded.tokenizer, self.config, adapter, text, question)
 
     def check_fits(self, job: Job) -> None:
         """Refuse a job that could never fit the KV cache pool."""
-        capacity = self.settings.kv_cache_tokens
+        capacity = self.config.kv_cache_tokens
         if job.cache_tokens() > capacity:
             raise InputTooLong(f"the request needs {job.cache_tokens()} KV cache positions; the server has "
                                f"{capacity} (kv_cache_tokens)")
@@ -209,4 +210,4 @@ class Engine(AdapterFacade[Loaded]):
         self.metrics.active_sequences.set(len(runner.active))
 
     def _watch(self) -> None:
-        StoreWatcher(self.loaded.registry, self.settings.watch_interval_s, self.warm).run(self._halt)
+        StoreWatcher(self.loaded.registry, self.config.watch_interval_s, self.warm).run(self._halt)

@@ -7,7 +7,7 @@ one ``StepPlan`` and launches it as one packed ``forward_cached`` through
 or sampled by ``talora.server.engine.generation.RowSampler``). Reading a step emits the scores, appends
 the tokens, and retires finished sequences, giving back their KV cache ranges and slot pins.
 
-By default a step is read as soon as it is launched. With ``Settings.overlap_steps`` the runner
+By default a step is read as soon as it is launched. With ``EngineConfig.overlap_steps`` the runner
 launches step N+1 before reading step N, so the host's planning and reading overlap the
 device's work (on a GPU; a CPU runs every op before returning): the decode rows of step N+1 take
 their tokens from step N's picks on the device (``StepPlan.add_fed_decode_row``), a sequence whose
@@ -40,7 +40,7 @@ from talora.server.engine.sequences import Sequence
 from talora.server.engine.slots import SlotTable
 from talora.server.jobs import Failed, Job, Scored
 from talora.server.metrics import Metrics
-from talora.server.settings import Settings
+from talora.server.settings import EngineConfig
 
 log = logging.getLogger("talora.server.engine")
 
@@ -66,12 +66,12 @@ class Runner:
     """The device side of the worker: the model, its slot table, the KV pool and the active generations."""
 
     def __init__(self, model: TaloraModel, prefix: PrefixKV, slots: SlotTable, pool: KVPool, tokenizer,
-                 eos_ids: set[int], settings: Settings, metrics: Metrics):
+                 eos_ids: set[int], config: EngineConfig, metrics: Metrics):
         self.model, self.prefix, self.slots, self.pool = model, prefix, slots, pool
-        self.tokenizer, self.eos_ids, self.settings, self.metrics = tokenizer, eos_ids, settings, metrics
-        self.buffers = StepBuffers.make(model.lm.device, settings.max_batch_tokens, settings.max_batch_size)
+        self.tokenizer, self.eos_ids, self.config, self.metrics = tokenizer, eos_ids, config, metrics
+        self.buffers = StepBuffers.make(model.lm.device, config.max_batch_tokens, config.max_batch_size)
         self.graphs = (DecodeGraphs(model, prefix, slots.kv, pool.cache, pool.scratch)
-                       if settings.cuda_graphs and DecodeGraphs.supported(model.lm.device) else None)
+                       if config.cuda_graphs and DecodeGraphs.supported(model.lm.device) else None)
         self.active: list[Sequence] = []  # launched generations not known to be finished
         self.pending: Launched | None = None  # with overlap_steps: the step launched and not read yet
         self.reading: Launched | None = None  # the step being read (its jobs fail with it if reading raises)
@@ -92,11 +92,11 @@ class Runner:
             self._count_failed_step(exc)
             return
         self.failed_steps = 0
-        if self.settings.overlap_steps:
+        if self.config.overlap_steps:
             self.pending = launched
         if previous is not None:
             self._read(previous, launched)
-        if launched is not None and not self.settings.overlap_steps:
+        if launched is not None and not self.config.overlap_steps:
             self._read(launched, None)
 
     def flush(self) -> None:
@@ -186,7 +186,7 @@ class Runner:
             elif finish is not None:
                 self._retire(seq, finish, later)
             elif seq.job.deadline < now:
-                self._retire(seq, Failed(504, f"timed out after {self.settings.request_timeout_s} s"), later)
+                self._retire(seq, Failed(504, f"timed out after {self.config.request_timeout_s} s"), later)
         self.active = [seq for seq in self.active if not seq.done]
 
     def _retire(self, seq: Sequence, outcome: str | Failed | None, later: Launched | None = None) -> None:
@@ -249,7 +249,7 @@ class Runner:
     def _count_failed_step(self, exc: Exception) -> None:
         self.metrics.batch_failures.inc()
         self.failed_steps += 1
-        if self.failed_steps >= self.settings.max_failed_steps:
+        if self.failed_steps >= self.config.max_failed_steps:
             raise GiveUp(f"{self.failed_steps} batch steps in a row failed; the last: {exc!r}") from exc
 
     def _record(self, rows: list[Row], admitted: list[Admitted], elapsed: float) -> None:

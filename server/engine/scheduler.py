@@ -29,7 +29,7 @@ from talora.server.engine.slots import SlotTable
 from talora.server.errors import QueueFull, ShuttingDown, WorkerDead
 from talora.server.jobs import Failed, Job
 from talora.server.metrics import Metrics
-from talora.server.settings import Settings
+from talora.server.settings import EngineConfig
 
 
 @dataclass
@@ -173,8 +173,8 @@ class FairQueue:
 class Scheduler:
     """The queue of jobs and of adapters to warm, shared by the HTTP threads and the worker."""
 
-    def __init__(self, settings: Settings, metrics: Metrics):
-        self.settings, self.metrics = settings, metrics
+    def __init__(self, config: EngineConfig, metrics: Metrics):
+        self.config, self.metrics = config, metrics
         self._queue = FairQueue()
         self._warm: deque[AdapterVersion] = deque()
         self._cv = threading.Condition()
@@ -197,7 +197,7 @@ class Scheduler:
                 raise WorkerDead("the engine's worker has stopped; the server must be restarted")
             if not jobs:
                 return
-            limit = self.settings.max_queue
+            limit = self.config.max_queue
             if self._queue.requests >= limit:
                 self._sweep(time.monotonic())  # abandoned and expired requests hold no place
             if self._queue.requests >= limit:
@@ -257,10 +257,10 @@ class Scheduler:
 
     def _dropped(self, job: Job) -> None:
         if not job.cancelled:
-            job.emit(Failed(504, f"timed out after {self.settings.request_timeout_s} s in the queue"))
+            job.emit(Failed(504, f"timed out after {self.config.request_timeout_s} s in the queue"))
 
     def _admit(self, active: list[Sequence], pool: KVPool, slots: SlotTable) -> list[Admitted]:
-        s, now = self.settings, time.monotonic()
+        s, now = self.config, time.monotonic()
         rows_left, tokens_left = s.max_batch_size - len(active), s.max_batch_tokens - len(active)
         placement = slots.placement({seq.job.adapter.key for seq in active})
         admitted: list[Admitted] = []

@@ -132,7 +132,7 @@ class Call:
 
     def __init__(self, engine: ServingEngine, request: Request, field: str = "text"):
         self.engine, self.request, self.field = engine, request, field
-        self.timeout_s = engine.settings.request_timeout_s
+        self.timeout_s = request.app.state.settings.request_timeout_s
         self.deadline = arrival(request) + self.timeout_s
         self.client = client_of(request)
         self.jobs: list[Job] = []
@@ -200,7 +200,7 @@ class Call:
     async def encode(self, adapter: AdapterVersion, texts: list[str],
                      question: str | None) -> list[tuple[list[int], bool]]:
         """Prompt ids and truncation flag of each text, within the request limits and the deadline."""
-        s = self.engine.settings
+        s = self.request.app.state.settings
         if asks_question(adapter) and (question is None or not question.strip()):
             raise FieldError("question", f"task {adapter.task!r}'s template asks a question ({{question}}); "
                                          "the request has none")

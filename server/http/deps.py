@@ -1,6 +1,7 @@
-"""What routes depend on, as types (FastAPI ``Depends``): the engine, and admin authorisation.
+"""What routes depend on, as types (FastAPI ``Depends``): the engine, the settings, and admin authorisation.
 
-``EngineDep`` is the app's engine (``create_app`` puts it in ``app.state``). ``require_admin`` is
+``EngineDep`` is the app's engine and ``SettingsDep`` its settings (``create_app`` puts both in
+``app.state``; the engine itself has only its ``EngineConfig``). ``require_admin`` is
 the admin router's dependency: 403 when no admin token is configured, 401 (with
 ``WWW-Authenticate: Bearer``) when the request's bearer token is not the configured one.
 """
@@ -14,6 +15,7 @@ from fastapi import Depends, Request
 from starlette.exceptions import HTTPException
 
 from talora.server.facade import ServingEngine
+from talora.server.settings import Settings
 
 
 def get_engine(request: Request) -> ServingEngine:
@@ -23,8 +25,14 @@ def get_engine(request: Request) -> ServingEngine:
 EngineDep = Annotated[ServingEngine, Depends(get_engine)]
 
 
-def require_admin(request: Request, engine: EngineDep) -> None:
-    settings = engine.settings
+def settings_of(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+SettingsDep = Annotated[Settings, Depends(settings_of)]
+
+
+def require_admin(request: Request, settings: SettingsDep) -> None:
     if not settings.admin_enabled:
         raise HTTPException(403, "the admin routes are off: set TALORA_ADMIN_TOKEN (--admin-token)")
     scheme, _, token = request.headers.get("authorization", "").partition(" ")

@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException
 from talora.adapters.formats.io import AdapterFormatError
 from talora.server.adapter_registry import AdapterTooLarge
 from talora.server.errors import InputTooLong
-from talora.server.http.deps import EngineDep, require_admin
+from talora.server.http.deps import EngineDep, require_admin, settings_of
 from talora.server.http.openapi import task_errors
 from talora.server.http.schemas import AdapterEvicted, AdapterLoaded
 
@@ -86,7 +86,7 @@ PUT_BODY = {"required": False, "content": {
 async def put_adapter(task: str, request: Request, engine: EngineDep) -> dict:
     """Load or replace ``task`` from the store or an upload; the old version serves until then."""
     if request.headers.get("content-type", "").startswith("multipart/form-data"):
-        meta_bytes, blob = await _read_upload(request, engine.settings.max_upload_bytes)
+        meta_bytes, blob = await _read_upload(request, settings_of(request).max_upload_bytes)
         adapter, changed = await run_in_threadpool(engine.load_bytes, task, meta_bytes, blob)
     else:
         path = await _store_path(request, task)

@@ -17,7 +17,7 @@ from fastapi.routing import APIRoute
 
 from talora.server.errors import OPENAI_FORMAT, FieldError
 from talora.server.http import bridge
-from talora.server.http.deps import EngineDep
+from talora.server.http.deps import EngineDep, settings_of
 from talora.server.http.openapi import MODEL_ERRORS, SSE, openai_errors
 from talora.server.http.schemas import Completion, CompletionRequest, ModelList
 from talora.server.http.sse import stream_events
@@ -46,11 +46,11 @@ def _chunk(cid: str, created: int, task: str, version: str, text: str, finish_re
 async def completions(body: CompletionRequest, request: Request, engine: EngineDep):
     """OpenAI completions; ``model`` names the task."""
     adapter = bridge.lookup(engine, request, body.model)
-    prompts = bridge.texts_of(body.prompt, "prompt", engine.settings)
+    prompts = bridge.texts_of(body.prompt, "prompt", settings_of(request))
     if body.stream and len(prompts) > 1:
         raise FieldError("prompt", "streaming takes a single prompt")
     params = bridge.params_of(body.max_tokens or 16, 1.0 if body.temperature is None else body.temperature,
-                       body.top_p or 1.0, body.stop, body.seed, engine.settings, "max_tokens", body.top_k or 0)
+                       body.top_p or 1.0, body.stop, body.seed, settings_of(request), "max_tokens", body.top_k or 0)
     call = bridge.Call(engine, request, "prompt")
     cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     headers = {bridge.VERSION_HEADER: adapter.version}

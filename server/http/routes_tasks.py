@@ -15,7 +15,7 @@ from fastapi import APIRouter, Request, Response
 
 from talora.server.errors import BadRequest
 from talora.server.http import bridge
-from talora.server.http.deps import EngineDep
+from talora.server.http.deps import EngineDep, SettingsDep, settings_of
 from talora.server.http.openapi import MODEL_ERRORS, SSE, task_errors
 from talora.server.http.schemas import (
     GenerateRequest,
@@ -48,7 +48,7 @@ async def predict(task: str, body: PredictRequest, request: Request, response: R
     adapter = bridge.lookup(engine, request, task)
     if adapter.meta.kind != "classify":
         raise BadRequest(f"task {task!r} is a {adapter.meta.kind} task: use /v1/tasks/{task}/generate")
-    texts = bridge.texts_of(body.text, "text", engine.settings)
+    texts = bridge.texts_of(body.text, "text", settings_of(request))
     call = bridge.Call(engine, request, "text")
     results = await call.guard(call.score(adapter, texts, body.question))
     response.headers[bridge.VERSION_HEADER] = adapter.version
@@ -64,7 +64,7 @@ async def generate(task: str, body: GenerateRequest, request: Request, engine: E
     """Continue the task's prompt; ``stream: true`` sends server-sent events."""
     adapter = bridge.lookup(engine, request, task)
     params = bridge.params_of(body.max_new_tokens, body.temperature, body.top_p, body.stop, body.seed,
-                       engine.settings, "max_new_tokens", body.top_k)
+                       settings_of(request), "max_new_tokens", body.top_k)
     call = bridge.Call(engine, request, "text")
     head = {"task": task, "version": adapter.version}
     headers = {bridge.VERSION_HEADER: adapter.version}
@@ -96,13 +96,13 @@ def _stream_error(exc: Exception) -> dict:
 
 
 @router.get("/v1/tasks", response_model=TaskList)
-async def list_tasks(engine: EngineDep) -> dict:
+async def list_tasks(engine: EngineDep, settings: SettingsDep) -> dict:
     """Loaded tasks with their metadata and versions; ``resident``: task KV is in a device slot."""
     resident = engine.resident
     tasks = [{**a.describe(), "resident": a.key in resident}
              for _, a in sorted(engine.adapters().items())]
     bundle = engine.bundle
-    return {"tasks": tasks, "num_slots": engine.settings.num_slots,
+    return {"tasks": tasks, "num_slots": settings.num_slots,
             "bundle": {"fingerprint": bundle.fingerprint, "base_model": bundle.base_model}}
 
 

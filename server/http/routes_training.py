@@ -23,7 +23,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from talora.server.errors import FieldError, InputTooLong
-from talora.server.http.deps import EngineDep, require_admin
+from talora.server.http.deps import EngineDep, require_admin, settings_of
 from talora.server.http.openapi import task_errors
 from talora.server.http.schemas import TrainingJob, TrainingJobList, TrainingJobRequest
 from talora.server.http.sse import sse
@@ -56,9 +56,9 @@ def _call(fn, *args):
         raise HTTPException(404, str(exc)) from None
 
 
-async def _submit(engine, body: TrainingJobRequest) -> dict:
+async def _submit(engine, body: TrainingJobRequest, request: Request) -> dict:
     manager = _manager(engine)
-    limit = engine.settings.training_max_examples
+    limit = settings_of(request).training_max_examples
     if len(body.examples) > limit:
         raise InputTooLong(f"examples: {len(body.examples)} examples is over the server's limit of {limit} "
                            "(training_max_examples)")
@@ -77,7 +77,7 @@ ERRORS = task_errors(400, 401, 403, 409, 413, 422, 429, 501)
 async def create_job(body: TrainingJobRequest, request: Request, engine: EngineDep) -> dict:
     """Queue a training job of ``task`` from the examples of the body; answers the queued job (poll or stream it)."""
     request.state.task = body.task
-    return await _submit(engine, body)
+    return await _submit(engine, body, request)
 
 
 @router.post("/v1/training/jobs/jsonl", response_model=TrainingJob, responses=ERRORS,
@@ -114,7 +114,7 @@ async def create_job_jsonl(request: Request, engine: EngineDep, task: str = Quer
         body = TrainingJobRequest.model_validate(fields)
     except ValidationError as exc:
         raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from None
-    return await _submit(engine, body)
+    return await _submit(engine, body, request)
 
 
 @router.get("/v1/training/jobs", response_model=TrainingJobList, responses=task_errors(401, 403, 501))

@@ -33,7 +33,7 @@ from talora.adapters.formats.io import BUNDLE_FILE, SHARED_FILE, check_task_name
 from talora.server.adapter_registry import write_atomic
 from talora.server.errors import QueueFull
 from talora.server.metrics import Metrics
-from talora.server.settings import Settings
+from talora.server.settings import EngineFields
 from talora.server.training.examples import check_examples, write_examples
 from talora.server.training.store import ACTIVE, JobRecord, JobStore, new_job_id
 from talora.server.training.worker import ERROR_FILE, PLAN_FILE, RESULT_FILE, RUN_FILE
@@ -94,7 +94,7 @@ class TrainingManager:
     """Training jobs of one server. ``install(task)`` loads ``<store>/<task>.{json,safetensors}`` the way an admin
     PUT does (returns ``(AdapterVersion, changed)``); ``current(task)`` is the version served now, or None."""
 
-    def __init__(self, settings: Settings, store: Path, bundle: Path, model: str, device: str, metrics: Metrics,
+    def __init__(self, settings: EngineFields, store: Path, bundle: Path, model: str, device: str, metrics: Metrics,
                  install: Callable[[str], tuple[Any, bool]], current: Callable[[str], str | None]):
         self.settings, self.metrics = settings, metrics
         self.store, self.bundle = Path(store).resolve(), Path(bundle).resolve()
@@ -457,12 +457,12 @@ class TrainingManager:
                 pass
 
 
-def start_training(settings: Settings, store: Path, bundle: Path, model: str, device: str, metrics: Metrics,
+def start_training(settings: EngineFields, store: Path, bundle: Path, model: str, device: str, metrics: Metrics,
                    engine: Any) -> TrainingManager | None:
     """The started ``TrainingManager`` of an engine (``load_store`` and ``adapters`` are its ``ServingEngine``
-    methods), or None where this server runs no training jobs: the admin routes off, ``training_max_running``
-    0, or a ``--ray`` replica (not yet: docs/serving.md)."""
-    if not settings.admin_enabled or settings.training_max_running == 0 or under_ray():
+    methods), or None where this server runs no training jobs: ``training_max_running`` 0 (also with the admin
+    routes off: ``Settings.engine_config``), or a ``--ray`` replica (not yet: docs/serving.md)."""
+    if settings.training_max_running == 0 or under_ray():
         return None
 
     def current(task: str) -> str | None:

@@ -54,7 +54,7 @@ def _engine(bundle, loaded):
     from talora.server.settings import Settings
 
     threads = torch.get_num_threads()
-    eng = Engine(Settings(bundle=bundle, num_slots=3, torch_threads=1), loaded=loaded)
+    eng = Engine(Settings(bundle=bundle, num_slots=3, torch_threads=1).engine_config(), loaded=loaded)
     eng.start()
     yield eng
     eng.stop(10)

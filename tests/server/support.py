@@ -133,7 +133,7 @@ class ServerThread:
         from talora.server.http.server import TaloraServer, uvicorn_config
 
         self.torch_threads = torch.get_num_threads()
-        self.engine = Engine(settings, loaded=loaded)
+        self.engine = Engine(settings.engine_config(), loaded=loaded)
         self.app = create_app(settings, self.engine)
         self.port = free_port()
         config = uvicorn_config(self.app, settings, host="127.0.0.1", port=self.port, log_level="warning")

@@ -142,7 +142,7 @@ class TaloraReplica:
 
     def __init__(self, settings: Settings, app_name: str = "talora"):
         self.settings, self.store = settings, shared_store(settings)
-        self.engine = Engine(settings)
+        self.engine = Engine(settings.engine_config())
         self.engine.start()
         self.app = create_app(settings, self.engine)
         self.replica_id = serve.get_replica_context().replica_id.unique_id

@@ -147,7 +147,7 @@ def test_cpu_runner_builds_no_graphs_even_when_asked(tiny_bundle, tiny_server_mo
     from talora.server.engine import Engine
     from talora.server.settings import Settings
 
-    engine = Engine(Settings(bundle=tiny_bundle, num_slots=3, torch_threads=1, cuda_graphs=True),
+    engine = Engine(Settings(bundle=tiny_bundle, num_slots=3, torch_threads=1, cuda_graphs=True).engine_config(),
                     loaded=tiny_server_model)
     threads = torch.get_num_threads()
     engine.start()

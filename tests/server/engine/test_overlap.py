@@ -1,4 +1,4 @@
-"""Overlapped steps (``Settings.overlap_steps``): the runner launches step N+1 before it reads step
+"""Overlapped steps (``EngineConfig.overlap_steps``): the runner launches step N+1 before it reads step
 N. The same traffic through an engine that reads every step at once and through one that overlaps
 gives the same events (scores, greedy and seeded sampled text, stop strings, end of sequence,
 ``max_new_tokens``); cache ranges and slot pins all come back after cancellations and a failing
@@ -26,7 +26,7 @@ def engines(tiny_bundle, tiny_server_model):
     4 classify tasks and the generate task (evictions), at most 6 rows a step (steps share rows)."""
     threads = torch.get_num_threads()
     made = {overlap: Engine(Settings(bundle=tiny_bundle, num_slots=3, torch_threads=1, max_batch_size=6,
-                                     overlap_steps=overlap), loaded=tiny_server_model)
+                                     overlap_steps=overlap).engine_config(), loaded=tiny_server_model)
             for overlap in (False, True)}
     for eng in made.values():
         eng.start()
@@ -191,7 +191,7 @@ def test_a_failing_step_fails_its_own_requests_and_the_read_step_still_answers(e
 def test_a_drained_engine_reads_its_last_step(tiny_bundle, tiny_server_model):
     """Stopping (SIGTERM's drain) waits for the step in flight: its requests are answered."""
     threads = torch.get_num_threads()
-    engine = Engine(Settings(bundle=tiny_bundle, num_slots=3, torch_threads=1, overlap_steps=True),
+    engine = Engine(Settings(bundle=tiny_bundle, num_slots=3, torch_threads=1, overlap_steps=True).engine_config(),
                     loaded=tiny_server_model)
     engine.start()
     try:

@@ -17,7 +17,7 @@ from talora.server.engine.scheduler import Admitted, Scheduler, release
 from talora.server.errors import QueueFull
 from talora.server.jobs import Failed, GenerationParams, Job
 from talora.server.metrics import Metrics
-from talora.server.settings import Settings
+from talora.server.settings import EngineConfig
 from tests.server.support import Collector
 
 
@@ -62,8 +62,8 @@ def make_job(client: str, task: str, prompt: int = 4, new: int = 2, deadline: fl
                client=client)
 
 
-def scheduler(**settings) -> Scheduler:
-    return Scheduler(Settings(**settings), Metrics())
+def scheduler(**config) -> Scheduler:
+    return Scheduler(EngineConfig(**config), Metrics())
 
 
 def pool(capacity: int = 256) -> KVPool:

@@ -65,7 +65,7 @@ def test_completions_refuse_with_openai_errors(client, body, field):
 
 
 def test_one_limit_per_concept_and_never_429_for_size(client, server):
-    limit = server.engine.settings.texts_limit
+    limit = server.app.state.settings.texts_limit
     assert limit == 64
     predict = client.post(PREDICT, json={"text": ["x"] * limit})
     completions = client.post("/v1/completions", json={"model": "spam", "prompt": ["x"] * limit, "max_tokens": 1})
