@@ -1,9 +1,7 @@
-"""The adapter store watcher of every engine (in-process and vLLM).
+"""The adapter store watcher of every engine: ``AdapterRegistry.poll_store`` every ``interval_s``.
 
-``StoreWatcher`` calls ``AdapterRegistry.poll_store`` (which loads a new or changed task once its
-files were stable for one poll) every ``interval_s`` and hands each new version to ``on_change``
-(the in-process engine warms its task KV). ``run(halt)`` is a thread's loop; ``tick()`` serves a
-loop that wakes more often for another reason (the vLLM backend's child monitor).
+``run(halt)`` is a thread's loop (the in-process engine's, whose ``on_change`` warms the new version's
+task KV); ``tick()`` serves a loop that wakes more often for another reason (the vLLM child's monitor).
 """
 
 from __future__ import annotations
@@ -22,7 +20,7 @@ class StoreWatcher:
     """Polls ``registry``'s store every ``interval_s`` seconds (0: never); a failed poll is logged."""
 
     def __init__(self, registry: AdapterRegistry, interval_s: float,
-                 on_change: Callable[[AdapterVersion], None] | None = None):
+                 on_change: Callable[[AdapterVersion], None] = lambda version: None):
         self.registry, self.interval_s, self.on_change = registry, interval_s, on_change
         self._due = time.monotonic() + interval_s
 
@@ -33,8 +31,7 @@ class StoreWatcher:
         self._due = time.monotonic() + self.interval_s
         try:
             for task in self.registry.poll_store():
-                if self.on_change is not None:
-                    self.on_change(self.registry.get(task))
+                self.on_change(self.registry.get(task))
         except Exception:  # noqa: BLE001 - watching the adapter store must keep running
             log.exception("watching the adapter store failed")
 

@@ -181,9 +181,8 @@ class TaloraModel(nn.Module):
     @staticmethod
     def low_rank_prompts(fast: torch.Tensor, basis: torch.Tensor, bases: torch.Tensor | None,
                          cfg: TaloraConfig) -> torch.Tensor:
-        """The one formula of the task prompt (the vLLM backend's input rows use it too): fast weights
-        ``[B | U] (S, n, r + k)``, shared basis ``A (r, d)``, task bases ``V (S, k, d)`` (None when k = 0)
-        -> ``ΔP = scale · (B A + U V)`` ``(S, n, d)``; ``scale · B`` when ``cfg.full_rank``."""
+        """The one task-prompt formula (the vLLM backend's too): ``[B | U] (S, n, r + k)``, ``A (r, d)``,
+        ``V (S, k, d)`` or None -> ``ΔP = scale · (B A + U V)`` ``(S, n, d)``; ``scale · B`` when full rank."""
         if cfg.full_rank:
             return cfg.scale * fast
         s, n = fast.shape[:2]

@@ -5,11 +5,10 @@ the same kernels every time, and on a GPU the Python launch overhead of ~20 ops 
 their device time at small batches. ``DecodeGraphs`` captures ``forward_cached``, the LM head and
 the log-softmax of such a step once per bucket into static buffers, and replays it:
 
-1. the bucket's ``StepBuffers`` in static mode lay the step out (``StepBuffers.static``: padded to
-   the bucket with rows that read and write one scratch cache position, ``scratch_index``, which no
-   request range covers; copied without blocking into fixed device buffers); the tokens of fed rows (picked by
-   the step before and still on the device, ``StepPlan.add_fed_decode_row``) are written there by
-   ``feed_picks``, as on the eager path;
+1. the bucket's ``StepBuffers`` in static mode (``StepBuffers.static``) lay the step out, padded to
+   the bucket with rows that read and write one scratch cache position (``scratch_index``, which
+   no request range covers); the tokens of fed rows (picked by the step before and still on the
+   device, ``StepPlan.add_fed_decode_row``) are written by ``feed_picks``, as on the eager path;
 2. the graph replays; the first ``D`` rows of its static log-probabilities are the step's.
 
 The cache-length bucket is the ``max_kv_len`` the graph was captured with, so the dispatcher's
@@ -19,7 +18,7 @@ valid across adapter loads. ``eager=True`` runs the same static-buffer path with
 that is how the CPU tests check the padding and metadata (capture itself needs CUDA).
 
 Example: 3 decode rows with at most 300 cached keys replay the graph of bucket (4, 512); row 4
-is a pad row: slot 0, ``k_starts = kv_lens - 1 + write = scratch``, one key.
+is a pad row (slot 0, one key, at the scratch position).
 """
 
 from __future__ import annotations
