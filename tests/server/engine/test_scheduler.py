@@ -1,6 +1,8 @@
 """The scheduler on its own (no model, no device): the queue counts requests, admission takes turns
 between clients and between each client's tasks, and no job is lost, duplicated or admitted over
-the batch budgets, the slots or the KV cache pool (unit tests and Hypothesis properties)."""
+the batch budgets, the slots or the KV cache pool; generations that stay active over many steps hold
+their rows, ranges and slot pins, and every job is still served (unit tests and Hypothesis
+properties)."""
 
 from __future__ import annotations
 
@@ -18,14 +20,8 @@ from talora.server.errors import QueueFull
 from talora.server.jobs import Failed, GenerationParams, Job
 from talora.server.metrics import Metrics
 from talora.server.settings import EngineConfig
+from tests.server.engine.fakes import adapter, make_table
 from tests.server.support import Collector
-
-
-class FakeAdapter:
-    """What the scheduler reads of an ``AdapterVersion``."""
-
-    def __init__(self, task: str):
-        self.task, self.key, self.label_ids = task, (task, 1), ((1,),)
 
 
 class FakePlacement:
@@ -53,13 +49,15 @@ class FakeSlots:
         return placement
 
 
-ADAPTERS = {task: FakeAdapter(task) for task in ("t0", "t1", "t2")}
+ADAPTERS = {f"t{i}": adapter(i) for i in range(3)}
 
 
-def make_job(client: str, task: str, prompt: int = 4, new: int = 2, deadline: float | None = None) -> Job:
-    return Job("generate", cast(Any, ADAPTERS[task]), [1] * prompt, Collector(),
-               deadline if deadline is not None else time.monotonic() + 600, GenerationParams(max_new_tokens=new),
-               client=client)
+def make_job(client: str, task: str, prompt: int = 4, new: int = 2, deadline: float | None = None,
+             kind: str = "generate") -> Job:
+    """A generation of ``new`` tokens, or (``kind="score"``) a score job of one one-token label."""
+    return Job(kind, cast(Any, ADAPTERS[task]), [1] * prompt, Collector(),
+               deadline if deadline is not None else time.monotonic() + 600,
+               GenerationParams(max_new_tokens=new) if kind == "generate" else None, client=client)
 
 
 def scheduler(**config) -> Scheduler:
@@ -220,3 +218,58 @@ def _assert_turns(keys: list[str]) -> None:
         for a, b in zip(at, at[1:]):
             between = keys[a + 1:b]
             assert all(between.count(other) <= 1 for other in set(between)), (key, keys)
+
+
+class Running:
+    """An active generation as the scheduler sees it (``seq.job``), and the steps it has left."""
+
+    def __init__(self, item: Admitted):
+        self.job, self.starts = item.job, item.starts
+        self.steps_left = item.job.params.max_new_tokens if item.job.params else 1
+
+
+JOB = st.tuples(st.sampled_from(["generate", "score"]), st.integers(1, 24), st.integers(1, 6))
+
+
+@hypothesis.settings(max_examples=60, deadline=None, database=None)
+@hypothesis.given(requests=st.lists(st.tuples(st.integers(0, 2), st.sampled_from(sorted(ADAPTERS)),
+                                              st.lists(JOB, min_size=1, max_size=4)), min_size=1, max_size=10),
+                  rows=st.integers(1, 5), tokens=st.integers(16, 48), num_slots=st.integers(1, 3),
+                  capacity=st.integers(32, 64))
+def test_active_generations_hold_their_rows_ranges_and_slots_and_every_job_is_served(
+        requests, rows, tokens, num_slots, capacity):
+    """A worker's loop without a model: admitted generations stay active (one decode row each, their
+    range and slot pin held) until their tokens are out, score jobs give theirs back after one step.
+    No step goes over the budgets counting the active rows (but a job alone), the runner can pin
+    every admitted job's slot, and every job is served once within a bounded number of steps."""
+    sched = scheduler(max_batch_size=rows, max_batch_tokens=tokens, max_queue=len(requests))
+    kv, (slots, _) = pool(capacity), make_table(num_slots)
+    jobs = []
+    for client, task, shapes in requests:
+        request = [make_job(f"c{client}", task, prompt, new, kind=kind) for kind, prompt, new in shapes]
+        sched.submit(request, worker_alive=True)
+        jobs += request
+    active: list[Running] = []
+    served: list[Job] = []
+    for _ in range(2 * sum(job.cache_tokens() for job in jobs)):  # far more steps than any fair order needs
+        if not (sched.waiting[1] or active):
+            break
+        work = sched.next_work(cast(Any, active), kv, slots)
+        assert work is not None
+        admitted = work[1]
+        lengths = [n for item in admitted for n in item.job.row_lengths()]
+        if len(admitted) > 1 or active:
+            assert len(active) + len(lengths) <= rows and len(active) + sum(lengths) <= tokens
+        for item in admitted:
+            slots.acquire(item.job.adapter)  # as the runner does: no NoFreeSlot after admission placed it
+        served += [item.job for item in admitted]
+        active += [Running(item) for item in admitted]
+        for seq in active:
+            seq.steps_left -= 1
+            if not seq.steps_left:
+                release(kv, seq.job, seq.starts)
+                slots.release(seq.job.adapter)
+        active = [seq for seq in active if seq.steps_left]
+    assert not sched.waiting[1] and not active, "the queue did not empty"
+    assert sorted(map(id, served)) == sorted(map(id, jobs))
+    assert kv.free_tokens == kv.largest_free() == capacity and not slots._pins

@@ -8,7 +8,6 @@ against a model of the LRU order and the pins)."""
 from __future__ import annotations
 
 from collections import Counter
-from types import SimpleNamespace
 from typing import Any, cast
 
 import hypothesis
@@ -17,43 +16,8 @@ import pytest
 import torch
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from talora.adapters.model.talora_model import SlotKV
-from talora.server.engine.slots import NoFreeSlot, SlotTable
-from talora.server.metrics import Metrics
-
-LAYERS, HEADS, TASK_PROMPT_LEN = 2, 2, 3
-
-
-class FakeModel:
-    """What a ``SlotTable`` reads of a ``TaloraModel``: the task KV of an adapter is filled with its
-    ``fast`` value, so a slot shows whose KV it holds; ``broken`` adapters fail to compute."""
-
-    def __init__(self) -> None:
-        config = SimpleNamespace(num_layers=LAYERS, num_kv_heads=1, head_dim=2, num_heads=HEADS)
-        self.lm = SimpleNamespace(config=config, dtype=torch.float32, device=torch.device("cpu"))
-        self.cfg = SimpleNamespace(task_prompt_len=TASK_PROMPT_LEN)
-        self.computed: list[float] = []
-        self.broken: set[float] = set()
-
-    def task_kv(self, prefix, fast: torch.Tensor, gate: torch.Tensor, basis) -> SlotKV:
-        value = float(fast.flatten()[0])
-        if value in self.broken:
-            raise RuntimeError("task KV failed")
-        self.computed.append(value)
-        kv = torch.full((LAYERS, 1, TASK_PROMPT_LEN, 1, 2), value)
-        return SlotKV(kv, -kv, gate)
-
-
-def adapter(task: int, serial: int = 1) -> Any:
-    """An adapter version of task ``t<task>``; its KV and gates are filled with ``10 * task + serial``."""
-    value = 10 * task + serial
-    return SimpleNamespace(key=(f"t{task}", serial), task=f"t{task}", fast=torch.full((TASK_PROMPT_LEN, 4), value),
-                           gate=torch.full((LAYERS, HEADS), value), basis=None)
-
-
-def make_table(num_slots: int) -> tuple[SlotTable, FakeModel]:
-    model = FakeModel()
-    return SlotTable(cast(Any, model), cast(Any, None), num_slots, Metrics()), model
+from talora.server.engine.slots import NoFreeSlot
+from tests.server.engine.fakes import adapter, make_table
 
 
 def test_a_resident_key_is_a_hit_and_the_oldest_unpinned_goes_first():
