@@ -6,6 +6,7 @@ step, and a failing step fails only its own requests."""
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -20,6 +21,26 @@ TEXTS = {"sentiment": "I love it", "topic": "the match ended 2-1", "spam": "win 
 PROMPTS = ["The capital of France is", "Once upon a time", "hello", "1, 2, 3,"]
 
 
+class IdleProbe:
+    """Stands in for ``engine.scheduler.next_work``, which the worker calls at the start of every pass:
+    a call with nothing queued, no active generation and no step in flight comes after the pass that
+    gave the last range and pin back, and the worker stays inside it until new work arrives, so
+    ``idle`` is set exactly while the worker is idle."""
+
+    def __init__(self, engine):
+        self.scheduler, self.next_work = engine.scheduler, engine.scheduler.next_work
+        self.idle = threading.Event()
+        engine.scheduler.next_work = self
+
+    def __call__(self, active, pool, slots, busy=False):
+        if not active and not busy and self.scheduler.waiting == (0, 0):
+            self.idle.set()
+        try:
+            return self.next_work(active, pool, slots, busy)
+        finally:
+            self.idle.clear()
+
+
 @pytest.fixture(scope="module")
 def engines(tiny_bundle, tiny_server_model):
     """Two engines on the same bundle, one reading each step at once and one overlapping: 3 slots for
@@ -29,6 +50,7 @@ def engines(tiny_bundle, tiny_server_model):
                                      overlap_steps=overlap).engine_config(), loaded=tiny_server_model)
             for overlap in (False, True)}
     for eng in made.values():
+        IdleProbe(eng)
         eng.start()
     yield made
     for eng in made.values():
@@ -53,11 +75,10 @@ def _run(engine, requests) -> list[list]:
 
 
 def _idle(engine, timeout=60) -> None:
-    """Wait until the worker holds no generation and no step; then every range and pin is back."""
-    runner, until = engine.loaded.runner, time.monotonic() + timeout
-    while (runner.active or runner.pending is not None) and time.monotonic() < until:
-        time.sleep(0.01)
-    time.sleep(0.05)  # the worker finishes the pass it is in
+    """Wait until the worker holds no generation and no step (``IdleProbe``); then every range and pin
+    is back."""
+    assert engine.scheduler.next_work.idle.wait(timeout), "the worker did not go idle"
+    runner = engine.loaded.runner
     assert not runner.active and runner.pending is None
     assert runner.pool.free_tokens == runner.pool.capacity and runner.pool.largest_free() == runner.pool.capacity
     assert not runner.slots._pins, runner.slots._pins
