@@ -93,13 +93,19 @@ def test_target_overrides_reuse_the_source_stage():
             assert new[label].train.lr == 0.05 and new[label].spec["source"] == run.spec["source"]
 
 
+RECIPE_FIELDS = [("source", name, value) for name, value in recipe.SOURCE.items()] + [
+    ("target", name, value) for name, value in recipe.TARGET.items()
+    if name not in ("train_limit", "max_input_tokens")]  # the benchmark's are a packaged task's
+
+
+@pytest.mark.parametrize("stage,name,value", RECIPE_FIELDS, ids=[f"{s}-{n}" for s, n, _ in RECIPE_FIELDS])
+def test_the_default_plan_takes_each_recipe_field(stage, name, value):
+    cfg = quality.config_from_args(quality.parse_args([]))
+    assert getattr(getattr(cfg, stage), name) == value
+
+
 def test_plan_uses_the_recipe_and_typed_overrides():
     cfg = quality.config_from_args(quality.parse_args([]))
-    for name, value in recipe.SOURCE.items():
-        assert getattr(cfg.source, name) == value, name
-    for name, value in recipe.TARGET.items():
-        if name not in ("train_limit", "max_input_tokens"):  # the benchmark's are a packaged task's
-            assert getattr(cfg.target, name) == value, name
     assert (cfg.target.train_limit, cfg.target.max_input_tokens) == (recipe.PACKAGED_TRAIN_LIMIT,
                                                                      recipe.PACKAGED_INPUT_TOKENS)
     cfg = quality.config_from_args(quality.parse_args(
