@@ -69,7 +69,7 @@ def talora_generate(engine: Any, adapter: Any, ids: list[int], new_tokens: int) 
             done.set()
 
     job = Job("generate", adapter, list(ids), emit, time.monotonic() + 600,
-              GenerationParams(max_new_tokens=new_tokens, temperature=0))
+              GenerationParams(max_new_tokens=new_tokens, temperature=0, ignore_eos=True))
     with Clock() as clock:
         engine.submit([job])
         assert done.wait(600), "the engine did not answer"
@@ -103,8 +103,7 @@ def measure(args: argparse.Namespace, threads: int, engine: Any, adapter: Any, m
             ids: list[int]) -> dict[str, Any]:
     torch.set_num_threads(threads)
     talora_generate(engine, adapter, ids, args.new_tokens)  # warm-up: task KV, buffers
-    warm = talora_generate(engine, adapter, ids, args.new_tokens)
-    tokens = int(warm["tokens"])  # EOS may end talora's generation early: HF makes as many
+    tokens = args.new_tokens  # both run through end-of-sequence tokens
     hf_generate(model, ids, tokens)
     rows: dict[str, list[dict[str, float]]] = {"talora": [], "hf": [], "talora_first": [], "hf_first": []}
     for _ in range(args.repeats):

@@ -25,6 +25,7 @@ class GenerationParams:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     top_k: int = 0  # 0: no limit
+    ignore_eos: bool = False  # run to max_new_tokens through end-of-sequence tokens (benchmarks)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:

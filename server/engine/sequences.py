@@ -52,7 +52,7 @@ class Sequence:
 
     def push(self, token: int, eos_ids: set[int]) -> str | None:
         """Append ``token`` and emit the new safe text; the finish reason once done, else None."""
-        if token in eos_ids:
+        if token in eos_ids and not self.job.generation.ignore_eos:
             return "stop"
         self.tokens.append(token)
         delta = self.stream.push(token)
