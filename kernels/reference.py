@@ -49,23 +49,44 @@ def lowrank_prompt_ref(
     return out
 
 
-def _softmax_attend(parts: list[tuple[torch.Tensor, torch.Tensor]],
-                    may_be_empty: bool = False) -> torch.Tensor | None:
-    """One softmax over the keys of all ``parts`` (``(scores (G, Q, T_i), values (G, T_i, h))``).
+# One key set of a query block: keys and values (H_kv, T, h) and which keys each query sees
+# ((q_len, T) bool), None when it sees them all.
+_Part = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
 
-    Masked-out keys carry ``-inf`` scores; every query sees at least one key of a non-empty part,
-    unless ``may_be_empty`` (a sliding window), where a query that sees none gets zero.
-    None when there are no parts (an empty key set contributes zero).
-    """
+
+def _attend(q: torch.Tensor, parts: list[_Part], scale: float, softcap: float) -> torch.Tensor | None:
+    """One softmax of ``q (H, q_len, h)`` over the keys of all ``parts`` -> ``(H, q_len, h)``; a query that
+    sees no key gets zero. None when there are no parts (an empty key set contributes zero)."""
     if not parts:
         return None
-    if len(parts) == 1:
-        scores, values = parts[0]
-    else:
-        scores = torch.cat([p[0] for p in parts], dim=-1)
-        values = torch.cat([p[1] for p in parts], dim=1)
-    probs = torch.softmax(scores, dim=-1)
-    return (probs.nan_to_num(0.0) if may_be_empty else probs) @ values
+    keys = parts[0][0] if len(parts) == 1 else torch.cat([p[0] for p in parts], dim=1)
+    values = parts[0][1] if len(parts) == 1 else torch.cat([p[1] for p in parts], dim=1)
+    mask = None
+    if any(p[2] is not None for p in parts):
+        mask = torch.cat([torch.ones(q.shape[1], p[0].shape[1], dtype=torch.bool, device=q.device)
+                          if p[2] is None else p[2] for p in parts], dim=-1)
+    if not softcap:  # fused on CPU; grouped heads as below (head j reads KV head j // group)
+        o = torch.nn.functional.scaled_dot_product_attention(
+            q[None], keys[None], values[None], attn_mask=mask, scale=scale, enable_gqa=True)[0]
+        return o if mask is None else o.nan_to_num(0.0)
+    group = q.shape[0] // keys.shape[0]
+    keys, values = keys.repeat_interleave(group, 0), values.repeat_interleave(group, 0)
+    scores = softcap * torch.tanh((q @ keys.transpose(1, 2)) * scale / softcap)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores, dim=-1).nan_to_num(0.0) @ values
+
+
+def _visible(q0: int, q_len: int, k0: int, k_len: int, causal: bool, window: int, device) -> torch.Tensor | None:
+    """``(q_len, T)``: which of the keys at positions ``k0 ..`` the queries at ``q0 ..`` see (causally
+    when ``causal``, within ``window``); None when they see them all."""
+    cut = bool(window) and q0 + q_len - 1 - k0 >= window
+    if not cut and not (causal and q_len > 1):  # a lone causal query is the last position: it sees all
+        return None
+    q_pos = torch.arange(q0, q0 + q_len, device=device)[:, None]
+    k_pos = torch.arange(k0, k0 + k_len, device=device)[None, :]
+    seen = q_pos - k_pos < window if cut else torch.ones(q_len, k_len, dtype=torch.bool, device=device)
+    return seen & (k_pos <= q_pos) if causal else seen
 
 
 def gated_prefix_attention_ref(
@@ -140,73 +161,40 @@ def gated_prefix_attention_ref(
     A key set that the window (or causality) leaves empty contributes zero. Computed in float32
     (float64 stays float64) and cast to ``q.dtype``. Returns ``out``.
     """
-    n_q, n_heads, head_dim = q.shape
-    n_kv = k.shape[1]
-    group = n_heads // n_kv
     ct = _compute_dtype(q.dtype)
     if out is None:
         out = torch.empty_like(q)
     bounds = cu_seqlens_q.tolist()
     starts, lens, slots = k_starts.tolist(), kv_lens.tolist(), slot_ids.tolist()
-    # Grouped layout: KV head j serves query heads j*group .. (j+1)*group - 1, so a row's queries
-    # are arranged (H_kv, group * q_len, h) and the keys are used as they are, never repeated.
     n_prefix, n_task = prefix_k.shape[0], slot_k.shape[1]
-    prefix_kt = prefix_k.to(ct).permute(1, 2, 0)  # (H_kv, h, m)
-    prefix_vt = prefix_v.to(ct).transpose(0, 1)  # (H_kv, m, h)
+    prefix_k, prefix_v = (t.to(ct).transpose(0, 1) for t in (prefix_k, prefix_v))  # (H_kv, m, h)
     if not own_in_task:
-        slot_kt = slot_k.to(ct).permute(0, 2, 3, 1)  # (S, H_kv, h, n)
-        slot_vt = slot_v.to(ct).transpose(1, 2)  # (S, H_kv, n, h)
-    gates = torch.tanh(gate.to(ct)).view(-1, n_kv, group, 1, 1) if gated else None
+        slot_k, slot_v = (t.to(ct).transpose(1, 2) for t in (slot_k, slot_v))  # (S, H_kv, n, h)
+    gates = torch.tanh(gate.to(ct))[:, :, None, None] if gated else None  # (S, H, 1, 1)
     own_base = n_prefix + (0 if own_in_task else n_task)  # position of own key 0
-    prefix_pos = torch.arange(n_prefix, device=q.device)
-    task_pos = n_prefix + torch.arange(n_task, device=q.device)
-
-    def scores(qg: torch.Tensor, kt: torch.Tensor, q_abs: torch.Tensor, k_abs: torch.Tensor,
-               causal: bool = False) -> torch.Tensor:
-        """(H_kv, group * q_len, T) scores with softcap, window and (own keys) causal masks."""
-        s = qg @ kt
-        if softcap:
-            s = torch.tanh(s / softcap) * softcap
-        hidden = torch.zeros(q_abs.shape[0], k_abs.shape[0], dtype=torch.bool, device=q.device)
-        if causal:
-            hidden |= k_abs[None, :] > q_abs[:, None]
-        if window:
-            hidden |= q_abs[:, None] - k_abs[None, :] >= window
-        if not hidden.any():
-            return s
-        n_kv_, rows, keys = s.shape
-        return s.view(n_kv_, group, -1, keys).masked_fill(hidden, float("-inf")).view(n_kv_, rows, keys)
-
     for b in range(len(slots)):
         lo, hi = bounds[b], bounds[b + 1]
         q_len, kv_len, start = hi - lo, lens[b], starts[b]
         if q_len == 0:
             continue
-        qg = q[lo:hi].to(ct).view(q_len, n_kv, group, head_dim).permute(1, 2, 0, 3)
-        qg = qg.reshape(n_kv, group * q_len, head_dim) * softmax_scale  # (H_kv, group * q_len, h)
-        own_kt = k[start : start + kv_len].to(ct).permute(1, 2, 0)  # (H_kv, h, kv_len)
-        own_v = v[start : start + kv_len].to(ct).transpose(0, 1)  # (H_kv, kv_len, h)
-        q_abs = own_base + torch.arange(kv_len - q_len, kv_len, device=q.device)
-        own_abs = own_base + torch.arange(kv_len, device=q.device)
-        own = (scores(qg, own_kt, q_abs, own_abs, causal=True), own_v)
-        main = [(scores(qg, prefix_kt, q_abs, prefix_pos), prefix_vt)] if n_prefix else []
+        qh = q[lo:hi].to(ct).transpose(0, 1)  # (H, q_len, h)
+        q0 = own_base + kv_len - q_len
+        own = (k[start:start + kv_len].to(ct).transpose(0, 1), v[start:start + kv_len].to(ct).transpose(0, 1),
+               _visible(q0, q_len, own_base, kv_len, True, window, q.device))
+        main = [(prefix_k, prefix_v, _visible(q0, q_len, 0, n_prefix, False, window, q.device))] if n_prefix else []
         if own_in_task:
             task = [own]
         else:
             main.append(own)
-            task = [(scores(qg, slot_kt[slots[b]], q_abs, task_pos), slot_vt[slots[b]])] if n_task else []
-        empty = bool(window)  # a query may see no key of a set: that set contributes zero to it
+            seen = _visible(q0, q_len, n_prefix, n_task, False, window, q.device)
+            task = [(slot_k[slots[b]], slot_v[slots[b]], seen)] if n_task else []
         if not gated:
-            ob = _softmax_attend(main + task, empty)
+            ob = _attend(qh, main + task, softmax_scale, softcap)
         else:
-            ob = _softmax_attend(main, empty)
-            ot = _softmax_attend(task, empty)
+            ob = _attend(qh, main, softmax_scale, softcap)
+            ot = _attend(qh, task, softmax_scale, softcap)
             if ot is not None and gates is not None:
-                ot = (ot.view(n_kv, group, q_len, head_dim) * gates[slots[b]]).view(n_kv, group * q_len, head_dim)
+                ot = ot * gates[slots[b]]
                 ob = ot if ob is None else ob + ot
-        if ob is None:
-            out[lo:hi] = 0
-        else:
-            ob = ob.view(n_kv, group, q_len, head_dim).permute(2, 0, 1, 3).reshape(q_len, n_heads, head_dim)
-            out[lo:hi] = ob.to(out.dtype)
+        out[lo:hi] = 0 if ob is None else ob.transpose(0, 1).to(out.dtype)
     return out
