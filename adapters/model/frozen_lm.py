@@ -42,12 +42,13 @@ class RMSNorm(nn.Module):
         self.unit_offset = unit_offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # float32 statistics, as the reference implementations do, whatever the dtype.
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        # float32 statistics, as the reference implementations do, whatever the dtype (one fused op)
+        shape = (x.shape[-1],)
         if self.unit_offset:
-            return (x32 * (1.0 + self.weight.float())).to(x.dtype)
-        return self.weight * x32.to(x.dtype)
+            return (F.rms_norm(x.float(), shape, None, self.eps) * (1.0 + self.weight.float())).to(x.dtype)
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, shape, self.weight, self.eps)
+        return self.weight * F.rms_norm(x.float(), shape, None, self.eps).to(x.dtype)
 
 
 def _inv_freq(theta: float, dim: int) -> torch.Tensor:
@@ -104,29 +105,74 @@ class Rope:
         return cls(rope_inv_freq(cfg).to(device), long.to(device), int(old_ctx), float(attention_factor))
 
 
-def apply_rope(x: torch.Tensor, positions: torch.Tensor, rope: Rope | torch.Tensor) -> torch.Tensor:
-    """Rotate ``x (..., heads, h)`` by its ``positions (...)`` (rotate-half convention) over its first
-    ``2 * len(inv_freq)`` dims; the rest pass through (partial rotary). LongRoPE rotates the positions
-    at or past ``long_from`` by its long factors, each position by its own: a cached key keeps its
-    rotation whatever comes after it (transformers switches the whole sequence at once instead)."""
-    if isinstance(rope, torch.Tensor):
-        rope = Rope(rope)
-    pos = positions.to(torch.float32)[..., None]
-    freqs = pos * rope.inv_freq.to(positions.device)
-    if rope.long_inv_freq is not None:
-        long = pos * rope.long_inv_freq.to(positions.device)
-        freqs = torch.where(positions[..., None] >= rope.long_from, long, freqs)
-    emb = torch.cat([freqs, freqs], dim=-1)
-    cos, sin = emb.cos(), emb.sin()
-    if rope.factor != 1.0:
-        cos, sin = cos * rope.factor, sin * rope.factor
-    cos, sin = cos.to(x.dtype)[..., None, :], sin.to(x.dtype)[..., None, :]
-    rot = emb.shape[-1]
+    def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``cos, sin (..., 1, rotary_dim)`` of ``positions (...)`` in ``dtype``, for ``rotate``. LongRoPE
+        rotates the positions at or past ``long_from`` by its long factors, each position by its own: a
+        cached key keeps its rotation whatever comes after it (transformers switches the whole sequence
+        at once instead)."""
+        pos = positions.to(torch.float32)[..., None]
+        freqs = pos * self.inv_freq.to(positions.device)
+        if self.long_inv_freq is not None:
+            long = pos * self.long_inv_freq.to(positions.device)
+            freqs = torch.where(positions[..., None] >= self.long_from, long, freqs)
+        emb = torch.cat([freqs, freqs], dim=-1)
+        cos, sin = emb.cos(), emb.sin()
+        if self.factor != 1.0:
+            cos, sin = cos * self.factor, sin * self.factor
+        return cos.to(dtype)[..., None, :], sin.to(dtype)[..., None, :]
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x (..., heads, h)`` by ``Rope.tables`` (rotate-half convention) over its first
+    ``cos.shape[-1]`` dims; the rest pass through (partial rotary)."""
+    rot = cos.shape[-1]
     x_rot = x[..., :rot] if rot < x.shape[-1] else x
     half = rot // 2
     rotated = torch.cat([-x_rot[..., half:], x_rot[..., :half]], dim=-1)
     out = x_rot * cos + rotated * sin
     return out if rot == x.shape[-1] else torch.cat([out, x[..., rot:]], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, positions: torch.Tensor, rope: Rope | torch.Tensor) -> torch.Tensor:
+    """``x (..., heads, h)`` rotated at its ``positions (...)`` by ``rope`` (a table, or inverse frequencies)."""
+    return rotate(x, *(rope if isinstance(rope, Rope) else Rope(rope)).tables(positions, x.dtype))
+
+
+class Stacked:
+    """Several ``nn.Linear`` of one input laid out as one matrix: their weights (and biases) become views
+    of it, so one product computes them all and no weight is held twice. ``__call__`` returns None when
+    the layout no longer holds (a parameter was replaced, or it needs a gradient): use the layers then."""
+
+    def __init__(self, *linears: nn.Linear):
+        self.linears = linears
+        self.weight = torch.cat([lin.weight.detach() for lin in linears])
+        has_bias = linears[0].bias is not None
+        self.bias = torch.cat([lin.bias.detach() for lin in linears]) if has_bias else None
+        row = 0
+        for lin in linears:
+            rows = lin.out_features
+            lin.weight = nn.Parameter(self.weight[row:row + rows], requires_grad=lin.weight.requires_grad)
+            if self.bias is not None and lin.bias is not None:
+                lin.bias = nn.Parameter(self.bias[row:row + rows], requires_grad=lin.bias.requires_grad)
+            row += rows
+
+    @classmethod
+    def of(cls, *linears: nn.Linear) -> Stacked | None:
+        return None if linears[0].weight.is_meta else cls(*linears)
+
+    def holds(self) -> bool:
+        base, step, row = self.weight.data_ptr(), self.weight.element_size() * self.weight.shape[1], 0
+        for lin in self.linears:
+            if lin.weight.requires_grad or lin.weight.data_ptr() != base + row * step:
+                return False
+            row += lin.out_features
+        return self.bias is None or self.linears[0].bias is not None and \
+            self.linears[0].bias.data_ptr() == self.bias.data_ptr()
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+        if not self.holds():
+            return None
+        return F.linear(x, self.weight, self.bias).split([lin.out_features for lin in self.linears], dim=-1)
 
 
 class Attention(nn.Module):
@@ -141,23 +187,29 @@ class Attention(nn.Module):
             self.k_proj = nn.Linear(d, self.sizes[1], bias=cfg.attention_bias)
             self.v_proj = nn.Linear(d, self.sizes[2], bias=cfg.attention_bias)
         self.o_proj = nn.Linear(cfg.num_heads * h, d, bias=False)
+        self.stacked: Stacked | None = None
         if cfg.qk_norm:  # over each head's dims, before RoPE
             self.q_norm = RMSNorm(h, cfg.rms_norm_eps, cfg.unit_offset_norm)
             self.k_norm = RMSNorm(h, cfg.rms_norm_eps, cfg.unit_offset_norm)
         self.cfg = cfg
 
-    def qkv(self, x: torch.Tensor, positions: torch.Tensor, rope: Rope | torch.Tensor):
+    def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         cfg, lead = self.cfg, x.shape[:-1]
         if cfg.fused_projections:
             q, k, v = self.qkv_proj(x).split(self.sizes, dim=-1)
         else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            q, k, v = (self.stacked and self.stacked(x)) or (self.q_proj(x), self.k_proj(x), self.v_proj(x))
         q = q.reshape(*lead, cfg.num_heads, cfg.head_dim)
         k = k.reshape(*lead, cfg.num_kv_heads, cfg.head_dim)
         v = v.reshape(*lead, cfg.num_kv_heads, cfg.head_dim)
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        return apply_rope(q, positions, rope), apply_rope(k, positions, rope), v
+        return rotate(q, cos, sin), rotate(k, cos, sin), v
+
+    def stack(self) -> None:
+        """One product for q, k and v (``Stacked``): called whenever the weights move or change dtype."""
+        if not self.cfg.fused_projections:
+            self.stacked = Stacked.of(self.q_proj, self.k_proj, self.v_proj)
 
 
 class MLP(nn.Module):
@@ -171,14 +223,20 @@ class MLP(nn.Module):
             self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
         self.gelu = cfg.hidden_act == "gelu_pytorch_tanh"
+        self.stacked: Stacked | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused:
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
+            gate, up = (self.stacked and self.stacked(x)) or (self.gate_proj(x), self.up_proj(x))
         act = F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate)
         return self.down_proj(act * up)
+
+    def stack(self) -> None:
+        """One product for gate and up (``Stacked``)."""
+        if not self.fused:
+            self.stacked = Stacked.of(self.gate_proj, self.up_proj)
 
 
 class DecoderLayer(nn.Module):
@@ -226,6 +284,7 @@ class CausalLM(nn.Module):
         self._attention = [LayerAttention(cfg.softmax_scale, cfg.layer_window(i), cfg.attn_softcap or 0.0)
                            for i in range(cfg.num_layers)]
         self._build_rope(self.inv_freq.device)
+        self._stack()
 
     def _build_rope(self, device) -> None:
         cfg = self.config
@@ -241,7 +300,15 @@ class CausalLM(nn.Module):
         self.inv_freq = rope_inv_freq(self.config).to(device)
         self._build_rope(device)
         self._half_cpu = None  # dtype or device may have changed
+        self._stack()
         return self
+
+    def _stack(self) -> None:
+        """Lay out each layer's q/k/v and gate/up weights for one product each (``Stacked``)."""
+        for layer in self.model.layers:
+            for part in (cast(DecoderLayer, layer).self_attn, cast(DecoderLayer, layer).mlp):
+                if part.stacked is None or not part.stacked.holds():
+                    part.stack()
 
     def attention(self, idx: int) -> LayerAttention:
         """How layer ``idx`` attends: its softmax scale, sliding window and score softcap."""
@@ -275,10 +342,11 @@ class CausalLM(nn.Module):
         return torch.tensor(self.config.embed_scale, dtype=self.dtype, device=self.device)
 
     @float_matmul_scope
-    def layer_forward(self, idx: int, hidden: torch.Tensor, positions: torch.Tensor,
+    def layer_forward(self, idx: int, hidden: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor],
                       attend: AttendFn) -> torch.Tensor:
+        """Decoder layer ``idx``; ``rotary``: its RoPE ``cos, sin`` at the tokens' positions (``Rope.tables``)."""
         layer = cast(DecoderLayer, self.model.layers[idx])
-        q, k, v = layer.self_attn.qkv(layer.input_layernorm(hidden), positions, self._layer_rope[idx])
+        q, k, v = layer.self_attn.qkv(layer.input_layernorm(hidden), *rotary)
         attn = attend(idx, q, k, v)
         out = layer.self_attn.o_proj(attn.reshape(*attn.shape[:-2], -1))
         if self.config.sandwich_norm:
@@ -291,11 +359,13 @@ class CausalLM(nn.Module):
     def run_layers(self, hidden: torch.Tensor, positions: torch.Tensor, attend: AttendFn,
                    before: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
         """All decoder layers then the final norm; returns the last hidden states. ``before(idx,
-        hidden)``, when given, rewrites the hidden states that enter layer ``idx``."""
+        hidden)``, when given, rewrites the hidden states that enter layer ``idx``. RoPE tables are made
+        once per call."""
+        tables = {id(rope): rope.tables(positions, hidden.dtype) for rope in self._layer_rope}
         for idx in range(self.config.num_layers):
             if before is not None:
                 hidden = before(idx, hidden)
-            hidden = self.layer_forward(idx, hidden, positions, attend)
+            hidden = self.layer_forward(idx, hidden, tables[id(self._layer_rope[idx])], attend)
         return self.model.norm(hidden)
 
     @float_matmul_scope
