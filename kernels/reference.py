@@ -77,6 +77,10 @@ def _attend(q: torch.Tensor, parts: list[_Part], scale: float, softcap: float) -
     return torch.softmax(scores, dim=-1).nan_to_num(0.0) @ values
 
 
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _visible(q0: int, q_len: int, k0: int, k_len: int, causal: bool, window: int, device) -> torch.Tensor | None:
     """``(q_len, T)``: which of the keys at positions ``k0 ..`` the queries at ``q0 ..`` see (causally
     when ``causal``, within ``window``); None when they see them all."""
@@ -164,22 +168,24 @@ def gated_prefix_attention_ref(
     ct = _compute_dtype(q.dtype)
     if out is None:
         out = torch.empty_like(q)
-    bounds = cu_seqlens_q.tolist()
-    starts, lens, slots = k_starts.tolist(), kv_lens.tolist(), slot_ids.tolist()
+    rows = len(slot_ids)
+    layout = torch.cat([cu_seqlens_q, k_starts, kv_lens, slot_ids]).tolist()  # one read for the host loop
+    bounds, starts, lens, slots = (layout[:rows + 1], layout[rows + 1:2 * rows + 1],
+                                   layout[2 * rows + 1:3 * rows + 1], layout[3 * rows + 1:])
     n_prefix, n_task = prefix_k.shape[0], slot_k.shape[1]
-    prefix_k, prefix_v = (t.to(ct).transpose(0, 1) for t in (prefix_k, prefix_v))  # (H_kv, m, h)
+    prefix_k, prefix_v = (_as(t, ct).transpose(0, 1) for t in (prefix_k, prefix_v))  # (H_kv, m, h)
     if not own_in_task:
-        slot_k, slot_v = (t.to(ct).transpose(1, 2) for t in (slot_k, slot_v))  # (S, H_kv, n, h)
-    gates = torch.tanh(gate.to(ct))[:, :, None, None] if gated else None  # (S, H, 1, 1)
+        slot_k, slot_v = (_as(t, ct).transpose(1, 2) for t in (slot_k, slot_v))  # (S, H_kv, n, h)
+    gates = torch.tanh(_as(gate, ct))[:, :, None, None] if gated else None  # (S, H, 1, 1)
     own_base = n_prefix + (0 if own_in_task else n_task)  # position of own key 0
     for b in range(len(slots)):
         lo, hi = bounds[b], bounds[b + 1]
         q_len, kv_len, start = hi - lo, lens[b], starts[b]
         if q_len == 0:
             continue
-        qh = q[lo:hi].to(ct).transpose(0, 1)  # (H, q_len, h)
+        qh = _as(q[lo:hi], ct).transpose(0, 1)  # (H, q_len, h)
         q0 = own_base + kv_len - q_len
-        own = (k[start:start + kv_len].to(ct).transpose(0, 1), v[start:start + kv_len].to(ct).transpose(0, 1),
+        own = (_as(k[start:start + kv_len], ct).transpose(0, 1), _as(v[start:start + kv_len], ct).transpose(0, 1),
                _visible(q0, q_len, own_base, kv_len, True, window, q.device))
         main = [(prefix_k, prefix_v, _visible(q0, q_len, 0, n_prefix, False, window, q.device))] if n_prefix else []
         if own_in_task:
@@ -194,7 +200,6 @@ def gated_prefix_attention_ref(
             ob = _attend(qh, main, softmax_scale, softcap)
             ot = _attend(qh, task, softmax_scale, softcap)
             if ot is not None and gates is not None:
-                ot = ot * gates[slots[b]]
-                ob = ot if ob is None else ob + ot
-        out[lo:hi] = 0 if ob is None else ob.transpose(0, 1).to(out.dtype)
+                ob = ot * gates[slots[b]] if ob is None else ob.addcmul_(ot, gates[slots[b]])
+        out[lo:hi] = 0 if ob is None else ob.transpose(0, 1)
     return out
