@@ -200,6 +200,6 @@ def gated_prefix_attention_ref(
             ob = _attend(qh, main, softmax_scale, softcap)
             ot = _attend(qh, task, softmax_scale, softcap)
             if ot is not None and gates is not None:
-                ob = ot * gates[slots[b]] if ob is None else ob.addcmul_(ot, gates[slots[b]])
+                ob = ot * gates[slots[b]] if ob is None else torch.addcmul(ob, ot, gates[slots[b]])
         out[lo:hi] = 0 if ob is None else ob.transpose(0, 1)
     return out
