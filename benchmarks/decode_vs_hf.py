@@ -38,6 +38,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", default="1,2", help="torch thread counts, comma-separated")
     p.add_argument("--new-tokens", type=int, default=32, help="tokens to generate")
     p.add_argument("--repeats", type=int, default=5, help="rounds per setup (medians)")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile both decode steps (torch.profiler, 1 thread): ops and self CPU per token")
     p.add_argument("--out", type=Path, default=RESULTS / "decode_vs_hf.json", help="summary JSON")
     return p.parse_args(argv)
 
@@ -89,6 +91,38 @@ def hf_generate(model: Any, ids: list[int], new_tokens: int) -> dict[str, float]
     return {"wall_s": clock.wall, "cpu_s": clock.cpu, "tokens": new_tokens}
 
 
+def profile_decode(lm: Any, hf_model: Any, bundle: Path, task: str, ids: list[int], new_tokens: int,
+                   top: int = 8) -> dict[str, Any]:
+    """Where a decode token's time goes, talora against HF: torch.profiler over a greedy generation of
+    ``new_tokens`` (talora through ``greedy_generate``, the engine's step on the calling thread, which
+    the profiler sees; HF through ``generate``), per generated token: aten ops, self CPU ms, and the
+    ``top`` ops by self time. The profiler's own cost inflates small ops alike on both sides."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from talora.adapters.formats.bundle import model_from_bundle
+    from talora.adapters.runtime.decoding import greedy_generate
+
+    model, _, _ = model_from_bundle(lm, bundle, None, [task])
+    with torch.no_grad():
+        prefix = model.shared_kv()
+        slots = model.task_slots(prefix, [task])
+    runs = {"talora": lambda: greedy_generate(model, prefix, slots, [ids], [0], new_tokens, set()),
+            "hf": lambda: hf_generate(hf_model, ids, new_tokens)}
+    out: dict[str, Any] = {}
+    for name, run in runs.items():
+        run()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            run()
+        events = prof.key_averages()
+        ranked = sorted(events, key=lambda e: -e.self_cpu_time_total)[:top]
+        out[name] = {"ops_per_token": sum(e.count for e in events) / new_tokens,
+                     "self_cpu_ms_per_token": sum(e.self_cpu_time_total for e in events) / 1e3 / new_tokens,
+                     "top": {e.key: {"calls_per_token": e.count / new_tokens,
+                                     "self_cpu_ms_per_token": e.self_cpu_time_total / 1e3 / new_tokens}
+                             for e in ranked}}
+    return out
+
+
 def hf_reference(model: str, dtype: str) -> Any:
     """The same checkpoint as transformers' own model class (the embedded default: its converted folder)."""
     from transformers import AutoModelForCausalLM
@@ -110,6 +144,8 @@ def measure(args: argparse.Namespace, threads: int, engine: Any, adapter: Any, m
         rows["talora"].append(talora_generate(engine, adapter, ids, tokens))
         rows["hf"].append(hf_generate(model, ids, tokens))
         rows["hf_first"].append(hf_generate(model, ids, 1))
+
+    assert all(r["tokens"] == tokens for r in rows["talora"]), "talora stopped early"
 
     def median(name: str, key: str) -> float:
         return statistics.median(r[key] for r in rows[name])
@@ -149,8 +185,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{threads} thread(s): talora {row['talora']}, HF {row['hf']}, ratios {row['ratios']}", flush=True)
     finally:
         engine.stop(10)
-    write_json(args.out, {"model": args.model, "dtype": args.dtype, "task": args.task, "rows": rows,
-                          "machine": machine_info(None)})
+    summary: dict[str, Any] = {"model": args.model, "dtype": args.dtype, "task": args.task, "rows": rows,
+                               "machine": machine_info(None)}
+    if args.profile:
+        torch.set_num_threads(1)
+        summary["profile"] = profile_decode(lm.model, hf_model, demo_bundle_dir(), args.task, ids, args.new_tokens)
+        for name, row in summary["profile"].items():
+            print(f"profile {name}: {row['ops_per_token']:.0f} ops and {row['self_cpu_ms_per_token']:.1f} ms "
+                  f"self CPU per token", flush=True)
+    write_json(args.out, summary)
     return 0
 
 

@@ -146,14 +146,18 @@ def test_end_of_sequence_found_one_step_late_gives_the_same_text(engines):
     eos = {ord(ascii_chars[0])}  # the byte-level tokenizer: an ASCII character is its own token
     for engine in (plain, overlapped):
         engine.loaded.runner.eos_ids |= eos
+    through = [(GENERATE, p, GenerationParams(max_new_tokens=16, temperature=0, ignore_eos=True)) for p in PROMPTS]
     try:
         expected, got = _run(plain, probe), _run(overlapped, probe)
+        ignored = _run(overlapped, through)
     finally:
         for engine in (plain, overlapped):
             engine.loaded.runner.eos_ids -= eos
     for a, b in zip(expected, got):
         _same(a, b)
     assert any(e[-1].finish_reason == "stop" and e[-1].completion_tokens < 16 for e in expected)
+    # ignore_eos runs through the end-of-sequence token to max_new_tokens
+    assert {(e[-1].finish_reason, e[-1].completion_tokens) for e in ignored} == {("length", 16)}
     _idle(overlapped)
 
 
