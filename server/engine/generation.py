@@ -14,9 +14,9 @@ same tokens on the same device type. Across device types (CPU vs CUDA) the hash 
 noise bit for bit, but the logits differ in their last bits, so a near tie may go either way.
 
 ``sample_token`` is the same sampler for one row of logits (tests and offline use). ``TextStream``
-turns the generated ids into text deltas: it holds back an incomplete UTF-8 character and any
-tail that could still become a stop string, so a streamed client never sees text that is later
-withdrawn.
+turns the generated ids into text deltas, decoding a short window of the last ids per token: it
+holds back an incomplete UTF-8 character and any tail that could still become a stop string, so a
+streamed client never sees text that is later withdrawn.
 """
 
 from __future__ import annotations
@@ -147,41 +147,60 @@ def sample_token(logits: torch.Tensor, temperature: float, top_p: float, seed: i
 
 
 class TextStream:
-    """Generated ids -> text, cut at the first stop string."""
+    """Generated ids -> text, cut at the first stop string.
+
+    Each token decodes a short window, as vLLM's incremental detokeniser does: the ids from the
+    start of the last text handed on (``_prefix``) to the end, less that window's first part
+    (``_prefix_text``, the ids up to ``_read``). Text ending in an incomplete UTF-8 character
+    (U+FFFD) waits for the next token, so a window always starts on a character. A tokenizer
+    without a fast backend, or one that cleans up spaces across tokens, decodes every id each
+    token, as does any tokenizer whose window disagrees with its decode so far.
+    """
 
     def __init__(self, tokenizer, stop: tuple[str, ...] = ()):
         self.tokenizer = tokenizer
         self.stop = stop
         self.ids: list[int] = []
-        self.text = ""
+        self.text = ""  # the decode of ``ids``, cut at a stop string
         self.emitted = 0  # characters of ``text`` already handed out
         self.stopped = False
+        self._windowed = getattr(tokenizer, "is_fast", False) and not getattr(tokenizer, "clean_up_tokenization_spaces", False)
+        self._prefix, self._read, self._prefix_text = 0, 0, ""
+        self._settled = 0  # characters of ``text`` that the ids before ``_read`` decode to
 
     def push(self, token_id: int) -> str:
         """Add one token; returns the text that is now safe to hand out."""
         self.ids.append(token_id)
-        self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        cut = self._first_stop()
+        window = self.tokenizer.decode(self.ids[self._prefix:], skip_special_tokens=True)
+        if not window.startswith(self._prefix_text):  # not a local decoder after all
+            self._windowed, self._prefix, self._read, self._prefix_text, self._settled = False, 0, 0, "", 0
+            return self.push(self.ids.pop())
+        new = window[len(self._prefix_text):]
+        self.text = self.text[:self._settled] + new
+        cut = self._first_stop(max(0, self._settled - max(map(len, self.stop), default=0)))  # none before
         if cut is not None:
             self.text, self.stopped = self.text[:cut], True
             return self._take(len(self.text))
-        safe = len(self.text.rstrip("\ufffd"))
-        return self._take(safe - self._stop_prefix_len(self.text[:safe]))
+        safe = self._settled + len(new.rstrip("\ufffd"))  # the settled text ends in a whole character
+        if self._windowed and new and safe == len(self.text):
+            self._prefix, self._read, self._settled = self._read, len(self.ids), safe
+            self._prefix_text = self.tokenizer.decode(self.ids[self._prefix:self._read], skip_special_tokens=True)
+        return self._take(safe - self._stop_prefix_len(safe))
 
     def finish(self) -> str:
         """Everything not yet handed out, at the end of the generation."""
         return self._take(len(self.text))
 
-    def _first_stop(self) -> int | None:
-        hits = [i for i in (self.text.find(s) for s in self.stop) if i >= 0]
+    def _first_stop(self, start: int) -> int | None:
+        hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
         return min(hits) if hits else None
 
-    def _stop_prefix_len(self, text: str) -> int:
-        """Length of the longest tail of ``text`` that begins some stop string."""
+    def _stop_prefix_len(self, end: int) -> int:
+        """Length of the longest tail of ``text[:end]`` that begins some stop string."""
         best = 0
         for s in self.stop:
-            for k in range(min(len(s) - 1, len(text)), best, -1):
-                if text.endswith(s[:k]):
+            for k in range(min(len(s) - 1, end), best, -1):
+                if self.text.endswith(s[:k], 0, end):
                     best = k
                     break
         return best
