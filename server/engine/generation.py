@@ -65,29 +65,36 @@ def race_noise(keys: torch.Tensor, vocab: int) -> torch.Tensor:
 
 
 def sample_rows(logprobs: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor,
-                keys: torch.Tensor, truncate: bool = True) -> torch.Tensor:
+                keys: torch.Tensor, candidates: int | None = None) -> torch.Tensor:
     """Next token ids ``(R,)`` int64 of ``logprobs (R, V)`` rows (any float dtype, any device).
 
     ``temperature (R, 1)`` float64 > 0, ``top_p (R, 1)`` float64 in (0, 1], ``top_k (R, 1)``
     int64 (0: no limit), ``keys (R, 1)`` int64 from ``row_key``. Works in float64 on logits
     shifted so that the best is 0: after dividing by even a denormal temperature the best token
     keeps weight ``exp(0) = 1``, so nothing becomes all zeros or NaN. The nucleus and the top-k
-    set always keep the most likely token, however small ``top_p``. ``truncate=False`` (the host
-    knows no row has ``top_p < 1`` or ``top_k > 0``) skips the sort.
+    set always keep the most likely token, however small ``top_p``; they are cut at a weight, so
+    tokens tied with the last one kept are kept too and the set depends on the row's values only,
+    never on the order a sort leaves ties in. ``candidates`` (from the host, so nothing waits on
+    the device): how many of a row's most likely tokens the cut is looked for among: the largest
+    ``top_k`` when every row with ``top_p < 1`` has a ``top_k`` (a ``topk``), None for the whole
+    vocabulary (a sort), 0 when no row has ``top_p < 1`` or ``top_k > 0`` (no cut at all).
     """
     logits = logprobs.double()
     best = logits.max(-1, keepdim=True).values
     scaled = torch.where(logits == best, 0.0, (logits - best) / temperature)  # log weights, best 0
     score = scaled - race_noise(keys, logits.shape[-1])
-    if not truncate:
+    if candidates == 0:
         return score.argmax(-1)
-    weights, order = torch.sort(torch.exp(scaled), dim=-1, descending=True)
-    total = weights.sum(-1, keepdim=True)
-    rank = torch.arange(weights.shape[-1], device=weights.device)[None, :]
-    keep = ((weights.cumsum(-1) - weights) / total < top_p) & ((top_k <= 0) | (rank < top_k))
-    keep[:, 0] = True
-    choice = torch.where(keep, score.gather(-1, order), float("-inf")).argmax(-1, keepdim=True)
-    return order.gather(-1, choice)[:, 0]
+    weights = torch.exp(scaled)
+    vocab = weights.shape[-1]
+    count = vocab if candidates is None else min(candidates, vocab)
+    top = weights.topk(count, -1).values if count < vocab else weights.sort(-1, descending=True).values
+    rank = torch.arange(count, device=weights.device)[None, :]
+    limit = torch.where(top_k > 0, top_k, count)
+    kept = ((top.cumsum(-1) - top) / weights.sum(-1, keepdim=True) < top_p) & (rank < limit)  # a prefix of top
+    cut = top.gather(-1, kept.sum(-1, keepdim=True).clamp(min=1) - 1)  # the smallest weight kept (NaN rows: any)
+    chosen = torch.where(weights >= cut, score, float("-inf")).argmax(-1)
+    return torch.where((top_k[:, 0] > 0) | (top_p[:, 0] < 1), chosen, score.argmax(-1))
 
 
 @dataclass(frozen=True)
@@ -121,13 +128,14 @@ class RowSampler:
         ints = _to_device([[r.top_k, row_key(r.seed, r.step)] for r in rows], torch.int64, device).view(-1, 2)
         self.temperature, self.top_p = floats[:, :1], floats[:, 1:]
         self.top_k, self.keys = ints[:, :1], ints[:, 1:]
-        self.truncate = any(r.top_p < 1 or r.top_k > 0 for r in rows)
+        cut = [r for r in rows if r.top_p < 1 or r.top_k > 0]
+        self.candidates = 0 if not cut else None if any(r.top_k <= 0 for r in cut) else max(r.top_k for r in cut)
 
     def __call__(self, logprobs: torch.Tensor) -> torch.Tensor:
         tokens = logprobs.argmax(-1)
         if len(self.reads):
             tokens[self.reads] = sample_rows(logprobs[self.reads], self.temperature, self.top_p, self.top_k,
-                                             self.keys, self.truncate)
+                                             self.keys, self.candidates)
         return tokens
 
 

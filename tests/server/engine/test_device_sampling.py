@@ -11,7 +11,8 @@ import time
 import pytest
 import torch
 
-from talora.server.engine.generation import RowSampler, SamplingRow, mix32, row_key, sample_rows, sample_token
+from talora.server.engine.generation import (RowSampler, SamplingRow, mix32, race_noise, row_key, sample_rows,
+                                             sample_token)
 
 PROBS = torch.tensor([0.35, 0.25, 0.15, 0.12, 0.08, 0.05])  # a small known distribution
 CHI2_999 = {1: 10.828, 2: 13.816, 3: 16.266, 4: 18.467, 5: 20.515}  # chi-square 0.999 quantiles by degrees of freedom
@@ -100,6 +101,53 @@ def test_masks_never_pick_outside_top_k_or_the_nucleus():
     nucleus = ranked[1][: int((logprobs[1].exp().sort(descending=True).values.cumsum(0) < 0.3).sum()) + 1]
     assert set(tokens[:, 1].tolist()) <= set(nucleus.tolist())
     assert set(tokens[:, 3].tolist()) == {int(ranked[3, 0])}  # a tiny nucleus keeps the best only
+
+
+def full_sort_choice(logprobs: torch.Tensor, row: SamplingRow) -> int:
+    """The choice of the sampler before ``topk``: the whole vocabulary sorted, the first ``top_k`` and
+    the nucleus of that order kept, the race run over them."""
+    logits = logprobs.double()
+    best = logits.max()
+    scaled = torch.where(logits == best, 0.0, (logits - best) / row.temperature)
+    score = scaled - race_noise(torch.tensor([[row_key(row.seed, row.step)]]), len(logits))[0]
+    weights, order = torch.sort(scaled.exp(), descending=True)
+    keep = (weights.cumsum(0) - weights) / weights.sum() < row.top_p
+    keep &= (row.top_k <= 0) | (torch.arange(len(logits)) < row.top_k)
+    keep[0] = True
+    return int(order[torch.where(keep, score[order], float("-inf")).argmax()])
+
+
+@pytest.mark.parametrize("params", [
+    [(1.0, 1.0, 50), (0.7, 0.9, 50), (1.3, 1.0, 7), (1.0, 0.99, 1)],  # top-k only: a topk of 50
+    [(1.0, 1.0, 50), (1.0, 1.0, 0), (0.8, 0.6, 3)],  # beside a row without limits
+    [(1.0, 1.0, 50), (1.3, 0.5, 0), (0.9, 0.95, 0)],  # a nucleus without top-k: the whole sort
+    [(0.9, 0.95, 5000), (2.0, 1.0, 2000), (0.5, 1.0, 1999)],  # top_k up to and past the vocabulary
+], ids=["top-k", "with-unlimited", "with-nucleus-only", "top-k-past-vocab"])
+def test_top_k_and_nucleus_pick_what_a_full_sort_picks(params):
+    """Rows without ties: the same tokens, seed for seed, as sorting the whole vocabulary."""
+    gen = torch.Generator().manual_seed(6)
+    logprobs = torch.log_softmax(torch.randn(len(params), 2000, generator=gen, dtype=torch.float64) * 2, -1)
+    assert all(len(row.unique()) == 2000 for row in logprobs)
+    rows = [SamplingRow(len(params) * seed + i, t, p, k, seed, 3) for seed in range(40) for i, (t, p, k) in enumerate(params)]
+    tokens = RowSampler(rows, "cpu")(logprobs.repeat(40, 1))
+    assert tokens.tolist() == [full_sort_choice(logprobs[r.read % len(params)], r) for r in rows]
+
+
+def test_ties_at_the_cut_are_all_kept_whatever_the_batch():
+    """Logits in tie groups (2 at the top, then 5, 50, 500): a cut inside a group keeps all of it, and a
+    row's tokens do not depend on the other rows (which change how many candidates ``topk`` returns)."""
+    values = torch.cat([torch.full((n,), v) for n, v in ((2, 3.0), (5, 2.0), (50, 1.0), (500, 0.0))])
+    logprobs = torch.log_softmax(values[torch.randperm(557, generator=torch.Generator().manual_seed(7))], -1)
+    params = [(1.0, 1.0, 3), (1.0, 1.0, 1), (1.0, 0.06, 60), (0.5, 0.3, 0)]
+    kept = [7, 2, 7, 2]  # top_k 3 and the nucleus 0.06 cut in the group of 5, the others in the group of 2
+    others = [SamplingRow(2 * seed, *params[seed % 4], seed, 0) for seed in range(600)]
+    for (t, p, k), size in zip(params, kept):
+        rows = [SamplingRow(seed, t, p, k, seed, 0) for seed in range(600)]
+        alone = RowSampler(rows, "cpu")(logprobs.expand(600, -1).clone())
+        assert set(alone.tolist()) == set(logprobs.argsort(descending=True)[:size].tolist())
+        beside = [SamplingRow(2 * seed + 1, *astuple(r)[1:]) for seed, r in enumerate(rows)]
+        mixed = RowSampler(others + beside, "cpu")(logprobs.expand(1200, -1).clone())
+        assert mixed[1::2].tolist() == alone.tolist()
 
 
 def test_temperature_zero_is_greedy_and_unsampled_reads_take_the_argmax():
