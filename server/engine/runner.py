@@ -118,10 +118,13 @@ class Runner:
                 plan.add_fed_decode_row(len(seq.tokens), seq.start, seq.slot, seq.read)
             else:
                 plan.add_decode_row(seq.tokens, seq.start, seq.slot)
-        for item in admitted:
+        # the step's resident tasks are pinned first: placing its other tasks must not evict one of them
+        slots = [0] * len(admitted)
+        for i in sorted(range(len(admitted)), key=lambda i: self.slots.slot_of(admitted[i].job.adapter.key) is None):
+            slots[i] = self.slots.acquire(admitted[i].job.adapter)
+            acquired.append(admitted[i].job.adapter)
+        for item, slot in zip(admitted, slots):
             job = item.job
-            slot = self.slots.acquire(job.adapter)
-            acquired.append(job.adapter)
             if job.kind == "generate":
                 new.append(Sequence.begin(job, slot, item.starts[0], self.tokenizer))
                 plan.add_row(Row(job.prompt_ids, 0, item.starts[0], slot, len(job.prompt_ids) - 1), sample=True)
