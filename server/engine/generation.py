@@ -172,7 +172,8 @@ class TextStream:
         self.text = ""  # the decode of ``ids``, cut at a stop string
         self.emitted = 0  # characters of ``text`` already handed out
         self.stopped = False
-        self._windowed = getattr(tokenizer, "is_fast", False) and not getattr(tokenizer, "clean_up_tokenization_spaces", False)
+        cleans_up = getattr(tokenizer, "clean_up_tokenization_spaces", False)  # joins text across tokens
+        self._windowed = getattr(tokenizer, "is_fast", False) and not cleans_up
         self._prefix, self._read, self._prefix_text = 0, 0, ""
         self._settled = 0  # characters of ``text`` that the ids before ``_read`` decode to
 

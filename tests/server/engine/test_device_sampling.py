@@ -11,8 +11,8 @@ import time
 import pytest
 import torch
 
-from talora.server.engine.generation import (RowSampler, SamplingRow, mix32, race_noise, row_key, sample_rows,
-                                             sample_token)
+from talora.server.engine import generation
+from talora.server.engine.generation import RowSampler, SamplingRow, mix32, row_key, sample_rows, sample_token
 
 PROBS = torch.tensor([0.35, 0.25, 0.15, 0.12, 0.08, 0.05])  # a small known distribution
 CHI2_999 = {1: 10.828, 2: 13.816, 3: 16.266, 4: 18.467, 5: 20.515}  # chi-square 0.999 quantiles by degrees of freedom
@@ -109,7 +109,7 @@ def full_sort_choice(logprobs: torch.Tensor, row: SamplingRow) -> int:
     logits = logprobs.double()
     best = logits.max()
     scaled = torch.where(logits == best, 0.0, (logits - best) / row.temperature)
-    score = scaled - race_noise(torch.tensor([[row_key(row.seed, row.step)]]), len(logits))[0]
+    score = scaled - generation.race_noise(torch.tensor([[row_key(row.seed, row.step)]]), len(logits))[0]
     weights, order = torch.sort(scaled.exp(), descending=True)
     keep = (weights.cumsum(0) - weights) / weights.sum() < row.top_p
     keep &= (row.top_k <= 0) | (torch.arange(len(logits)) < row.top_k)
@@ -128,7 +128,8 @@ def test_top_k_and_nucleus_pick_what_a_full_sort_picks(params):
     gen = torch.Generator().manual_seed(6)
     logprobs = torch.log_softmax(torch.randn(len(params), 2000, generator=gen, dtype=torch.float64) * 2, -1)
     assert all(len(row.unique()) == 2000 for row in logprobs)
-    rows = [SamplingRow(len(params) * seed + i, t, p, k, seed, 3) for seed in range(40) for i, (t, p, k) in enumerate(params)]
+    rows = [SamplingRow(len(params) * seed + i, t, p, k, seed, 3)
+            for seed in range(40) for i, (t, p, k) in enumerate(params)]
     tokens = RowSampler(rows, "cpu")(logprobs.repeat(40, 1))
     assert tokens.tolist() == [full_sort_choice(logprobs[r.read % len(params)], r) for r in rows]
 
