@@ -68,16 +68,13 @@ def sample_rows(logprobs: torch.Tensor, temperature: torch.Tensor, top_p: torch.
                 keys: torch.Tensor, candidates: int | None = None) -> torch.Tensor:
     """Next token ids ``(R,)`` int64 of ``logprobs (R, V)`` rows (any float dtype, any device).
 
-    ``temperature (R, 1)`` float64 > 0, ``top_p (R, 1)`` float64 in (0, 1], ``top_k (R, 1)``
-    int64 (0: no limit), ``keys (R, 1)`` int64 from ``row_key``. Works in float64 on logits
-    shifted so that the best is 0: after dividing by even a denormal temperature the best token
-    keeps weight ``exp(0) = 1``, so nothing becomes all zeros or NaN. The nucleus and the top-k
-    set always keep the most likely token, however small ``top_p``; they are cut at a weight, so
-    tokens tied with the last one kept are kept too and the set depends on the row's values only,
-    never on the order a sort leaves ties in. ``candidates`` (from the host, so nothing waits on
-    the device): how many of a row's most likely tokens the cut is looked for among: the largest
-    ``top_k`` when every row with ``top_p < 1`` has a ``top_k`` (a ``topk``), None for the whole
-    vocabulary (a sort), 0 when no row has ``top_p < 1`` or ``top_k > 0`` (no cut at all).
+    ``temperature (R, 1)`` float64 > 0, ``top_p (R, 1)`` float64 in (0, 1], ``top_k (R, 1)`` int64
+    (0: no limit), ``keys (R, 1)`` int64 from ``row_key``. Works in float64 on logits shifted so the
+    best is 0: weight 1 after any temperature, never all zeros or NaN. Top-k and the nucleus keep
+    the best token and every token at least as likely as the last one they keep, so ties go together
+    and the set never depends on the order a sort leaves them in. ``candidates`` (the host's: nothing
+    waits on the device): the largest ``top_k`` when every row with ``top_p < 1`` has one (a
+    ``topk``), None for all (a sort), 0 when no row has ``top_p < 1`` or ``top_k > 0``.
     """
     logits = logprobs.double()
     best = logits.max(-1, keepdim=True).values
@@ -86,12 +83,10 @@ def sample_rows(logprobs: torch.Tensor, temperature: torch.Tensor, top_p: torch.
     if candidates == 0:
         return score.argmax(-1)
     weights = torch.exp(scaled)
-    vocab = weights.shape[-1]
-    count = vocab if candidates is None else min(candidates, vocab)
-    top = weights.topk(count, -1).values if count < vocab else weights.sort(-1, descending=True).values
-    rank = torch.arange(count, device=weights.device)[None, :]
-    limit = torch.where(top_k > 0, top_k, count)
-    kept = ((top.cumsum(-1) - top) / weights.sum(-1, keepdim=True) < top_p) & (rank < limit)  # a prefix of top
+    count = weights.shape[-1] if candidates is None else min(candidates, weights.shape[-1])
+    top = weights.topk(count, -1).values  # sorted, largest first
+    within_k = torch.arange(count, device=weights.device)[None, :] < torch.where(top_k > 0, top_k, count)
+    kept = ((top.cumsum(-1) - top) / weights.sum(-1, keepdim=True) < top_p) & within_k  # a prefix of top
     cut = top.gather(-1, kept.sum(-1, keepdim=True).clamp(min=1) - 1)  # the smallest weight kept (NaN rows: any)
     chosen = torch.where(weights >= cut, score, float("-inf")).argmax(-1)
     return torch.where((top_k[:, 0] > 0) | (top_p[:, 0] < 1), chosen, score.argmax(-1))
@@ -155,19 +150,14 @@ def sample_token(logits: torch.Tensor, temperature: float, top_p: float, seed: i
 
 
 class TextStream:
-    """Generated ids -> text, cut at the first stop string.
-
-    Each token decodes a short window, as vLLM's incremental detokeniser does: the ids from the
-    start of the last text handed on (``_prefix``) to the end, less that window's first part
-    (``_prefix_text``, the ids up to ``_read``). Text ending in an incomplete UTF-8 character
-    (U+FFFD) waits for the next token, so a window always starts on a character. A tokenizer
-    without a fast backend, or one that cleans up spaces across tokens, decodes every id each
-    token, as does any tokenizer whose window disagrees with its decode so far.
-    """
+    """Generated ids -> text, cut at the first stop string. Each token decodes a window, as vLLM's
+    incremental detokeniser does: the ids from ``_prefix`` (where the last settled text began) on,
+    less the text of those before ``_read``. Text ending in an incomplete UTF-8 character (U+FFFD)
+    does not settle, so a window starts on a character. A tokenizer without a fast backend, with a
+    clean-up across tokens, or whose window disagrees with its decode so far decodes every id."""
 
     def __init__(self, tokenizer, stop: tuple[str, ...] = ()):
-        self.tokenizer = tokenizer
-        self.stop = stop
+        self.tokenizer, self.stop = tokenizer, stop
         self.ids: list[int] = []
         self.text = ""  # the decode of ``ids``, cut at a stop string
         self.emitted = 0  # characters of ``text`` already handed out
@@ -186,9 +176,10 @@ class TextStream:
             return self.push(self.ids.pop())
         new = window[len(self._prefix_text):]
         self.text = self.text[:self._settled] + new
-        cut = self._first_stop(max(0, self._settled - max(map(len, self.stop), default=0)))  # none before
-        if cut is not None:
-            self.text, self.stopped = self.text[:cut], True
+        longest = max(map(len, self.stop), default=0)  # a stop string ending in settled text was found before
+        hits = [i for i in (self.text.find(s, max(0, self._settled - longest)) for s in self.stop) if i >= 0]
+        if hits:
+            self.text, self.stopped = self.text[:min(hits)], True
             return self._take(len(self.text))
         safe = self._settled + len(new.rstrip("\ufffd"))  # the settled text ends in a whole character
         if self._windowed and new and safe == len(self.text):
@@ -200,19 +191,10 @@ class TextStream:
         """Everything not yet handed out, at the end of the generation."""
         return self._take(len(self.text))
 
-    def _first_stop(self, start: int) -> int | None:
-        hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
-        return min(hits) if hits else None
-
     def _stop_prefix_len(self, end: int) -> int:
         """Length of the longest tail of ``text[:end]`` that begins some stop string."""
-        best = 0
-        for s in self.stop:
-            for k in range(min(len(s) - 1, end), best, -1):
-                if self.text.endswith(s[:k], 0, end):
-                    best = k
-                    break
-        return best
+        return max((k for s in self.stop for k in range(1, min(len(s), end + 1)) if self.text.endswith(s[:k], 0, end)),
+                   default=0)
 
     def _take(self, upto: int) -> str:
         upto = max(upto, self.emitted)
