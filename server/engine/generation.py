@@ -40,10 +40,8 @@ def _mul32(x, c: int):
 
 def mix32(x):
     """A bijection of 32-bit words with full avalanche (Wellons' ``lowbias32``); ints or int64 tensors."""
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = _mul32(x, 0x846CA68B)
+    x = _mul32(x ^ (x >> 16), 0x7FEB352D)
+    x = _mul32(x ^ (x >> 15), 0x846CA68B)
     return x ^ (x >> 16)
 
 
@@ -54,10 +52,8 @@ def row_key(seed: int, step: int) -> int:
 
 
 def race_noise(keys: torch.Tensor, vocab: int) -> torch.Tensor:
-    """``log E`` (float64, ``(R, vocab)``) with ``E ~ Exp(1)`` drawn by hashing (key, token id).
-
-    ``keys (R, 1)`` int64 in [0, 2**32). The uniform is ``(h + 0.5) / 2**32``: never 0 or 1.
-    """
+    """``log E`` (float64, ``(R, vocab)``) with ``E ~ Exp(1)`` drawn by hashing (key, token id), ``keys
+    (R, 1)`` int64 in [0, 2**32). The uniform is ``(h + 0.5) / 2**32``: never 0 or 1."""
     token = torch.arange(vocab, device=keys.device, dtype=torch.int64)[None, :]
     h = mix32(mix32(token ^ keys) ^ mix32(keys ^ 0x85EBCA6B))
     uniform = (h.double() + 0.5) * 2.0 ** -32
@@ -108,9 +104,7 @@ def _to_device(values: list, dtype: torch.dtype, device: torch.device | str) -> 
     """``values`` as a tensor on ``device``; to CUDA through pinned memory without blocking (a plain
     copy would wait for every step queued before it)."""
     host = torch.tensor(values, dtype=dtype)
-    if torch.device(device).type == "cuda":
-        return host.pin_memory().to(device, non_blocking=True)
-    return host
+    return host.pin_memory().to(device, non_blocking=True) if torch.device(device).type == "cuda" else host
 
 
 class RowSampler:
@@ -139,8 +133,7 @@ def sample_token(logits: torch.Tensor, temperature: float, top_p: float, seed: i
     """Next token id from ``logits (V,)``, for any ``temperature >= 0``, ``top_p`` in (0, 1] and
     ``top_k >= 0``: ``RowSampler``'s choice for one row (a generator stands for its initial seed).
     Raises ``BadLogits`` when the row has a NaN or no finite entry."""
-    best = torch.max(logits)
-    if torch.isnan(logits).any() or not torch.isfinite(best):
+    if torch.isnan(logits).any() or not torch.isfinite(torch.max(logits)):
         raise BadLogits("the model produced NaN or non-finite logits")
     if temperature == 0:
         return int(torch.argmax(logits))
@@ -151,10 +144,10 @@ def sample_token(logits: torch.Tensor, temperature: float, top_p: float, seed: i
 
 class TextStream:
     """Generated ids -> text, cut at the first stop string. Each token decodes a window, as vLLM's
-    incremental detokeniser does: the ids from ``_prefix`` (where the last settled text began) on,
-    less the text of those before ``_read``. Text ending in an incomplete UTF-8 character (U+FFFD)
-    does not settle, so a window starts on a character. A tokenizer without a fast backend, with a
-    clean-up across tokens, or whose window disagrees with its decode so far decodes every id."""
+    incremental detokeniser does: ids ``_prefix:`` less the text of ids ``_prefix:_read``, after the
+    first ``_settled`` characters. Text ending in an incomplete UTF-8 character (U+FFFD) does not
+    settle, so windows start on a character. A tokenizer without a fast backend, with a clean-up
+    across tokens, or whose window disagrees with its decode so far decodes every id."""
 
     def __init__(self, tokenizer, stop: tuple[str, ...] = ()):
         self.tokenizer, self.stop = tokenizer, stop
@@ -164,8 +157,7 @@ class TextStream:
         self.stopped = False
         cleans_up = getattr(tokenizer, "clean_up_tokenization_spaces", False)  # joins text across tokens
         self._windowed = getattr(tokenizer, "is_fast", False) and not cleans_up
-        self._prefix, self._read, self._prefix_text = 0, 0, ""
-        self._settled = 0  # characters of ``text`` that the ids before ``_read`` decode to
+        self._prefix, self._read, self._prefix_text, self._settled = 0, 0, "", 0
 
     def push(self, token_id: int) -> str:
         """Add one token; returns the text that is now safe to hand out."""
@@ -197,7 +189,5 @@ class TextStream:
                    default=0)
 
     def _take(self, upto: int) -> str:
-        upto = max(upto, self.emitted)
-        delta = self.text[self.emitted:upto]
-        self.emitted = upto
+        delta, self.emitted = self.text[self.emitted:upto], max(upto, self.emitted)
         return delta

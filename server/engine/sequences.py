@@ -55,8 +55,7 @@ class Sequence:
         if token in eos_ids and not self.job.generation.ignore_eos:
             return "stop"
         self.tokens.append(token)
-        delta = self.stream.push(token)
-        if delta:
+        if delta := self.stream.push(token):
             self.job.emit(Token(delta))
         if self.stream.stopped:
             return "stop"
@@ -64,7 +63,6 @@ class Sequence:
 
     def finish(self, reason: str) -> None:
         """Emit the text held back so far and the ``Finished`` event."""
-        tail = self.stream.finish()
-        if tail:
+        if tail := self.stream.finish():
             self.job.emit(Token(tail))
         self.job.emit(Finished(self.stream.text, reason, len(self.job.prompt_ids), self.generated))
