@@ -39,7 +39,7 @@ class VllmUnavailable(RuntimeError):
 
 def default_vllm_python() -> Path:
     """The venv ``scripts/setup_vllm.sh`` makes, next to a source checkout of talora."""
-    return Path(__file__).resolve().parents[1] / "benchmarks" / ".venv-vllm" / "bin" / "python"
+    return Path(__file__).resolve().parents[3] / "benchmarks" / ".venv-vllm" / "bin" / "python"
 
 
 def free_port() -> int:
@@ -71,11 +71,6 @@ def child_env(settings: Settings) -> dict[str, str]:
     env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     return env
-
-
-def get_json(url: str, timeout: float = 5.0) -> dict:
-    with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - 127.0.0.1 or the user's URL
-        return json.loads(response.read())
 
 
 def healthy(url: str) -> bool:
@@ -120,7 +115,8 @@ class VllmProcess:
     def _attach(self, url: str) -> tuple[str, str]:
         if not healthy(url):
             raise VllmUnavailable(f"vllm_url: no healthy vLLM server at {url}")
-        models = [m["id"] for m in get_json(f"{url}/v1/models").get("data", [])]
+        with urllib.request.urlopen(f"{url}/v1/models", timeout=5) as response:  # noqa: S310 - the user's URL
+            models = [m["id"] for m in json.loads(response.read()).get("data", [])]
         if not models:
             raise VllmUnavailable(f"vllm_url: the vLLM server at {url} serves no model")
         self.url, self.model = url, models[0]

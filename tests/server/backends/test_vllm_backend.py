@@ -275,6 +275,12 @@ def test_cache_salt_is_per_version_and_within_vllms_rules(tiny_gate_off, tiny_se
     assert not re.search(r"[@/\\\0]", cache_salt(new)) and len(cache_salt(new)) <= 128
 
 
+def test_default_vllm_python_is_the_checkouts_setup_venv():
+    from talora.server.backends.vllm.process import default_vllm_python
+
+    assert default_vllm_python() == Path(__file__).resolve().parents[3] / "benchmarks/.venv-vllm/bin/python"
+
+
 def test_request_bodies_map_a_job_to_vllm_completions():
     body = score_body("m", "QUJD", "t:v1:0123", (5, 9))
     assert body == {"model": "m", "prompt_embeds": "QUJD", "max_tokens": 1, "temperature": 0.0, "logprobs": 1,
