@@ -117,6 +117,8 @@ class Settings(BaseSettings, EngineFields):
                            "(e.g. '--max-num-seqs 32')")
     vllm_max_model_len: int = Field(2048, ge=64, description="--backend vllm: most positions of one request, "
                                     "task prompt included")
+    vllm_cache_salt: Literal["version", "bundle"] = Field("version", description="--backend vllm: version: tasks "
+                                                          "share no vLLM cache block; bundle: P's blocks are shared")
     vllm_start_timeout_s: float = Field(600.0, gt=0, description="--backend vllm: wait this long for the vLLM "
                                         "server to answer /health")
 

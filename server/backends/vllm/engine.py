@@ -3,15 +3,15 @@
 ``VllmEngine`` stands behind the same façade as the in-process ``Engine``
 (``talora.server.facade.ServingEngine``), so the routes, schemas, admin hot swap, health and
 metrics are talora's own. It keeps the adapters in the same ``AdapterRegistry``; what it does not
-keep is a model: the frozen LM runs in a vLLM server (``vllm_process``), and this process holds
+keep is a model: the frozen LM runs in a vLLM server (``process``), and this process holds
 only the tokenizer, the token embedding matrix and the bundle's shared tensors.
 
-Each job becomes vLLM completions requests (``vllm_inputs``): its ``[P; ΔP_t]`` rows, computed
-from the version the job pinned, plus its token embeddings go in as ``prompt_embeds`` with that
-version's ``cache_salt``, so tasks never share prefix-cache blocks and a hot swap (new rows, new
-salt) never reads the old version's. Requests run on an asyncio loop in a thread of their own
-(the worker), the way the in-process engine keeps device work off the HTTP event loop; events
-reach the waiting request through ``Job.emit`` as they do from the in-process worker.
+Each job becomes vLLM completions requests (``inputs``): its ``[P; ΔP_t]`` rows, computed from the
+version the job pinned, plus its token embeddings go in as ``prompt_embeds`` with the version's
+``cache_salt`` (tasks never share prefix-cache blocks, a hot swap never reads the old version's;
+``vllm_cache_salt`` = bundle shares the shared prompt's). Requests run on an asyncio loop in a thread
+of their own (the worker), the way the in-process engine keeps device work off the HTTP event loop;
+events reach the waiting request through ``Job.emit`` as they do from the in-process worker.
 """
 
 from __future__ import annotations
@@ -220,6 +220,9 @@ class VllmEngine(AdapterFacade[VllmLoaded]):
         check_embeds(embeds, loaded.table.config.hidden_size, self.dtype, self.settings.vllm_max_model_len)
         return embeds
 
+    def salt(self, adapter: AdapterVersion) -> str:
+        return cache_salt(adapter, self.bundle if self.settings.vllm_cache_salt == "bundle" else None)
+
     async def _run(self, job: Job) -> None:
         if job.cancelled:
             return
@@ -253,7 +256,7 @@ class VllmEngine(AdapterFacade[VllmLoaded]):
 
     async def _score(self, job: Job) -> None:
         """Each label's ``sum_j log p(y_k[j] | x, y_k[:j])``: one vLLM request per distinct context."""
-        adapter, salt = job.adapter, cache_salt(job.adapter)
+        adapter, salt = job.adapter, self.salt(job.adapter)
         contexts = score_contexts(job.prompt_ids, job.label_ids)
         bodies = [score_body(self.model, encode_embeds(self.embeds_of(adapter, c.token_ids)), salt, c.targets)
                   for c in contexts]
@@ -269,7 +272,7 @@ class VllmEngine(AdapterFacade[VllmLoaded]):
     async def _generate(self, job: Job) -> None:
         """Stream vLLM's completion as ``Token`` events, then ``Finished``."""
         body = generate_body(self.model, encode_embeds(self.embeds_of(job.adapter, job.prompt_ids)),
-                             cache_salt(job.adapter), job.generation)
+                             self.salt(job.adapter), job.generation)
         text, finish_reason, usage = [], None, None
         try:
             async with self._client.stream("POST", "/v1/completions", json=body) as response:

@@ -94,11 +94,14 @@ SALT_FORBIDDEN = str.maketrans({"@": "_", "/": "_", "\\": "_", "\0": "_"})
 MAX_SALT_CHARS = 128  # vLLM's limit; it also refuses '@', '/', '\\' and NUL in a salt
 
 
-def cache_salt(adapter: AdapterVersion) -> str:
-    """The per-version ``cache_salt``, ``<task>:<version>:<digest>``: requests of different tasks, or of two
-    versions of one task, never share vLLM prefix-cache blocks. The digest (of the adapter's metadata,
-    task name included, and tensors) keeps salts apart where vLLM's character rules merge two names,
-    and separates a version loaded again under the same name with other weights."""
+def cache_salt(adapter: AdapterVersion, bundle: BundleMeta | None = None) -> str:
+    """The ``cache_salt`` of ``adapter``'s requests: ``<task>:<version>:<digest>``, so that tasks and versions
+    never share vLLM prefix-cache blocks (the digest of the adapter's metadata and tensors keeps salts apart
+    where vLLM's character rules merge two names, or a name comes back with other weights); with ``bundle``,
+    ``bundle:<fingerprint>``, so that the shared prompt's blocks serve every task. vLLM 0.32 keys a block on
+    the sha256 of its embedding rows chained to the blocks before it: only identical rows ever share one."""
+    if bundle is not None:
+        return f"bundle:{bundle.fingerprint[:16]}"
     readable = f"{adapter.task}:{adapter.version}".translate(SALT_FORBIDDEN)
     return f"{readable[: MAX_SALT_CHARS - 17]}:{adapter.digest[:16]}"
 

@@ -273,6 +273,8 @@ def test_cache_salt_is_per_version_and_within_vllms_rules(tiny_gate_off, tiny_se
     new = registry.get("topic")
     assert cache_salt(new) not in salts
     assert not re.search(r"[@/\\\0]", cache_salt(new)) and len(cache_salt(new)) <= 128
+    shared = {cache_salt(a, registry.bundle) for a in [*registry.snapshot().values(), new]}
+    assert len(shared) == 1 and not shared & salts and registry.bundle.fingerprint[:16] in shared.pop()
 
 
 def test_default_vllm_python_is_the_checkouts_setup_venv():
@@ -501,6 +503,22 @@ def test_vllm_prefix_cache_hits_within_a_task_and_not_across(vllm_server):
 
     metrics = httpx.get(f"{vllm_server.url}/metrics", timeout=30).text
     assert re.search(r'talora_vllm_cached_prompt_tokens_total\{task="topic"\} [1-9]', metrics)
+
+
+@pytest.mark.vllm
+def test_vllm_bundle_salt_shares_the_shared_prompt_blocks_and_nothing_else(vllm_server, monkeypatch):
+    """``vllm_cache_salt`` = bundle: another task's first request reads exactly P's block (32 rows) from the
+    cache, not its task rows or text; the scores stay those of the per-version salt."""
+    engine = vllm_server.engine
+    text = "the striker scored twice"
+    separate = predict(vllm_server, "intent", text)
+    monkeypatch.setattr(engine, "settings", engine.settings.model_copy(update={"vllm_cache_salt": "bundle"}))
+    hits = lambda: vllm_counter(vllm_server, "vllm:prefix_cache_hits_total")  # noqa: E731
+    predict(vllm_server, "sentiment", "the match went to extra time")  # P is cached under the bundle's salt
+    before = hits()
+    shared = predict(vllm_server, "topic", "parliament passed the budget")
+    assert hits() - before == 32 and shared["version"] == engine.adapter("topic").version
+    assert predict(vllm_server, "intent", text)["scores"] == pytest.approx(separate["scores"], abs=1e-3)
 
 
 @pytest.mark.vllm
