@@ -54,30 +54,24 @@ def lowrank_prompt_ref(
 _Part = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
 
 
-def _attend(q: torch.Tensor, parts: list[_Part], scale: float, softcap: float, dim: int = 0) -> torch.Tensor | None:
-    """One softmax of ``q (..., H, q_len, h)`` over the keys of all ``parts`` -> ``(..., H, q_len, h)``; a
-    query that sees no key gets zero. None when there are no parts (an empty key set contributes zero).
-    ``dim``: the head dimension (0 for one row, 1 for a padded batch of rows)."""
+def _attend(q: torch.Tensor, parts: list[_Part], scale: float, softcap: float) -> torch.Tensor | None:
+    """One softmax of ``q (H, q_len, h)`` over the keys of all ``parts`` -> ``(H, q_len, h)``; a query that
+    sees no key gets zero. None when there are no parts (an empty key set contributes zero)."""
     if not parts:
         return None
-    keys = parts[0][0] if len(parts) == 1 else torch.cat([p[0] for p in parts], dim=-2)
-    values = parts[0][1] if len(parts) == 1 else torch.cat([p[1] for p in parts], dim=-2)
+    keys = parts[0][0] if len(parts) == 1 else torch.cat([p[0] for p in parts], dim=1)
+    values = parts[0][1] if len(parts) == 1 else torch.cat([p[1] for p in parts], dim=1)
     mask = None
     if any(p[2] is not None for p in parts):
-        lead = q.shape[:dim] + q.shape[-2:-1]
-        mask = torch.cat([torch.ones(*lead, p[0].shape[-2], dtype=torch.bool, device=q.device)
-                          if p[2] is None else p[2].expand(*lead, p[0].shape[-2]) for p in parts], dim=-1)
-        mask = mask.unsqueeze(dim)  # broadcast over heads
+        mask = torch.cat([torch.ones(q.shape[1], p[0].shape[1], dtype=torch.bool, device=q.device)
+                          if p[2] is None else p[2] for p in parts], dim=-1)
     if not softcap:  # fused on CPU; grouped heads as below (head j reads KV head j // group)
-        batched = dim > 0
         o = torch.nn.functional.scaled_dot_product_attention(
-            q if batched else q[None], keys if batched else keys[None], values if batched else values[None],
-            attn_mask=mask if batched or mask is None else mask[None], scale=scale, enable_gqa=True)
-        o = o if batched else o[0]
+            q[None], keys[None], values[None], attn_mask=mask, scale=scale, enable_gqa=True)[0]
         return o if mask is None else o.nan_to_num(0.0)
-    group = q.shape[dim] // keys.shape[dim]
-    keys, values = keys.repeat_interleave(group, dim), values.repeat_interleave(group, dim)
-    scores = softcap * torch.tanh((q @ keys.transpose(-1, -2)) * scale / softcap)
+    group = q.shape[0] // keys.shape[0]
+    keys, values = keys.repeat_interleave(group, 0), values.repeat_interleave(group, 0)
+    scores = softcap * torch.tanh((q @ keys.transpose(1, 2)) * scale / softcap)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     return torch.softmax(scores, dim=-1).nan_to_num(0.0) @ values
@@ -184,14 +178,11 @@ def gated_prefix_attention_ref(
         slot_k, slot_v = (_as(t, ct).transpose(1, 2) for t in (slot_k, slot_v))  # (S, H_kv, n, h)
     gates = torch.tanh(_as(gate, ct))[:, :, None, None] if gated else None  # (S, H, 1, 1)
     own_base = n_prefix + (0 if own_in_task else n_task)  # position of own key 0
-    sets = (prefix_k, prefix_v, slot_k, slot_v, gates)
-    for group in _groups(bounds, lens, softcap):
-        if len(group) > 1:
-            _padded_rows(q, k, v, out, group, bounds, starts, lens, slots, sets, softmax_scale, own_in_task, window)
-            continue
-        b = group[0]
+    for b in range(len(slots)):
         lo, hi = bounds[b], bounds[b + 1]
         q_len, kv_len, start = hi - lo, lens[b], starts[b]
+        if q_len == 0:
+            continue
         qh = _as(q[lo:hi], ct).transpose(0, 1)  # (H, q_len, h)
         q0 = own_base + kv_len - q_len
         own = (_as(k[start:start + kv_len], ct).transpose(0, 1), _as(v[start:start + kv_len], ct).transpose(0, 1),
@@ -203,92 +194,12 @@ def gated_prefix_attention_ref(
             main.append(own)
             seen = _visible(q0, q_len, n_prefix, n_task, False, window, q.device)
             task = [(slot_k[slots[b]], slot_v[slots[b]], seen)] if n_task else []
-        out[lo:hi] = _combine(qh, main, task, gates[slots[b]] if gates is not None else None, softmax_scale,
-                              softcap).transpose(0, 1)
-    return out
-
-
-def _combine(q: torch.Tensor, main: list[_Part], task: list[_Part], gate: torch.Tensor | None, scale: float,
-             softcap: float, dim: int = 0) -> torch.Tensor:
-    """The gated sum ``attend(main) + tanh(gate) * attend(task)`` of ``q`` (ungated when ``gate`` is None:
-    one softmax over both); zeros when no key set is left."""
-    if gate is None:
-        o = _attend(q, main + task, scale, softcap, dim)
-    else:
-        o, ot = _attend(q, main, scale, softcap, dim), _attend(q, task, scale, softcap, dim)
-        if ot is not None:
-            o = ot * gate if o is None else torch.addcmul(o, ot, gate)
-    return torch.zeros_like(q) if o is None else o
-
-
-# Rows are attended together (queries and own keys padded to the group's longest) while padding at
-# most doubles the work; decode rows (one query each) and prefill rows form separate groups.
-def _groups(bounds: list[int], lens: list[int], softcap: float) -> list[list[int]]:
-    rows = [b for b in range(len(lens)) if bounds[b + 1] > bounds[b]]
-    if softcap:
-        return [[b] for b in rows]
-    out: list[list[int]] = []
-    decode = {b for b in rows if bounds[b + 1] - bounds[b] == 1}
-    for group in ([b for b in rows if b in decode], [b for b in rows if b not in decode]):
-        q_lens, kv = [bounds[b + 1] - bounds[b] for b in group], [lens[b] for b in group]
-        if len(group) > 1 and len(group) * max(q_lens) <= 2 * sum(q_lens) and len(group) * max(kv) <= 2 * sum(kv):
-            out.append(group)
+        if not gated:
+            ob = _attend(qh, main + task, softmax_scale, softcap)
         else:
-            out += [[b] for b in group]
+            ob = _attend(qh, main, softmax_scale, softcap)
+            ot = _attend(qh, task, softmax_scale, softcap)
+            if ot is not None and gates is not None:
+                ob = ot * gates[slots[b]] if ob is None else torch.addcmul(ob, ot, gates[slots[b]])
+        out[lo:hi] = 0 if ob is None else ob.transpose(0, 1)
     return out
-
-
-_geometry_cache: dict[tuple, tuple] = {}
-
-
-def _geometry(key: tuple, device) -> tuple:
-    """Index tensors and masks of one padded group (the same for every layer of a step: kept for the last
-    few layouts). ``key``: (row spans, own key spans, m, n, window, own_in_task)."""
-    found = _geometry_cache.get((key, str(device)))
-    if found is not None:
-        return found
-    spans, own, m, n, window, own_in_task = key
-    l_q, l_k = max(hi - lo for lo, hi in spans), max(kv for _, kv in own)
-    i, j = torch.arange(l_q, device=device), torch.arange(l_k, device=device)
-    lo_t, q_len = (torch.tensor(x, device=device) for x in zip(*[(lo, hi - lo) for lo, hi in spans]))
-    start, kv_len = (torch.tensor(x, device=device) for x in zip(*own))
-    q_index = lo_t[:, None] + torch.minimum(i[None], q_len[:, None] - 1)  # (B, Lq): padding repeats a query
-    k_index = start[:, None] + torch.minimum(j[None], kv_len[:, None] - 1)  # (B, Lk)
-    base = m + (0 if own_in_task else n)
-    q_pos = base + (kv_len - q_len)[:, None] + i[None]  # (B, Lq) absolute positions
-    own_pos = base + j
-    own_seen = (j[None, None] < kv_len[:, None, None]) & (own_pos[None, None] <= q_pos[..., None])
-    near = (lambda k_pos: q_pos[..., None] - k_pos < window) if window else (lambda k_pos: None)
-    prefix_pos, task_pos = torch.arange(m, device=device), m + torch.arange(n, device=device)
-    masks = {"prefix": near(prefix_pos), "task": near(task_pos),
-             "own": own_seen if not window else own_seen & near(own_pos)}
-    valid = (i[None] < q_len[:, None]).flatten().nonzero().squeeze(1)
-    packed = torch.cat([torch.arange(lo, hi, device=device) for lo, hi in spans])
-    found = (q_index, k_index, masks, valid, packed, l_q)
-    if len(_geometry_cache) > 8:
-        _geometry_cache.clear()
-    _geometry_cache[(key, str(device))] = found
-    return found
-
-
-def _padded_rows(q, k, v, out, group, bounds, starts, lens, slots, sets, scale, own_in_task, window) -> None:
-    """Attend the rows of ``group`` as one padded batch: one fused call per key set for all of them."""
-    prefix_k, prefix_v, slot_k, slot_v, gates = sets
-    ct, rows = prefix_k.dtype, len(group)
-    spans = tuple((bounds[b], bounds[b + 1]) for b in group)
-    key = (spans, tuple((starts[b], lens[b]) for b in group), prefix_k.shape[1],
-           0 if own_in_task else slot_k.shape[2], window, own_in_task)
-    q_index, k_index, masks, valid, packed, l_q = _geometry(key, q.device)
-    qp = _as(q[q_index], ct).transpose(1, 2)  # (B, H, Lq, h)
-    own = (_as(k[k_index], ct).transpose(1, 2), _as(v[k_index], ct).transpose(1, 2), masks["own"])
-    n_prefix = prefix_k.shape[1]
-    expand = (rows, *prefix_k.shape)
-    main = [(prefix_k.expand(expand), prefix_v.expand(expand), masks["prefix"])] if n_prefix else []
-    slot_ids = torch.tensor([slots[b] for b in group], device=q.device)
-    if own_in_task:
-        task = [own]
-    else:
-        main.append(own)
-        task = [(slot_k[slot_ids], slot_v[slot_ids], masks["task"])] if slot_k.shape[2] else []
-    o = _combine(qp, main, task, gates[slot_ids] if gates is not None else None, scale, 0.0, 1)
-    out[packed] = o.transpose(1, 2).reshape(rows * l_q, *o.shape[1:2], o.shape[-1])[valid].to(out.dtype)

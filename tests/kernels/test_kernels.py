@@ -22,7 +22,6 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import talora.kernels.dispatch as dispatch  # noqa: E402
-import talora.kernels.reference as reference  # noqa: E402
 from talora.kernels.reference import gated_prefix_attention_ref, lowrank_prompt_ref  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
@@ -233,25 +232,6 @@ def test_reference_matches_oracle(mode, seed):
     args = make_attention_case(100 + seed, torch.float64, 16, group=1 + 2 * seed, mode=mode,
                                max_len=20, n_rows=4, device="cpu")
     assert_matches(gated_prefix_attention_ref(*args), attention_oracle(*args), torch.float64)
-
-
-@pytest.mark.parametrize("mode", ATTENTION_MODES)
-@pytest.mark.parametrize("window", [0, 6])
-def test_reference_padded_rows_match_row_by_row_and_the_oracle(mode, window, monkeypatch):
-    """Rows attended as one padded batch (``reference._groups``) give what one row at a time gives."""
-    for seed in range(50):  # the first layout whose rows form a padded group
-        args = make_attention_case(300 + seed, torch.float64, 16, group=3, mode=mode, max_len=12, n_rows=6,
-                                   device="cpu")
-        bounds, lens = args[3].tolist(), args[5].tolist()
-        if any(len(g) > 1 for g in reference._groups(bounds, lens, 0.0)):
-            break
-    else:
-        pytest.fail("no layout formed a padded group")
-    batched = gated_prefix_attention_ref(*args, window=window)
-    assert_matches(batched, attention_oracle(*args, window=window), torch.float64)
-    monkeypatch.setattr(reference, "_groups", lambda bounds, lens, softcap: [
-        [b] for b in range(len(lens)) if bounds[b + 1] > bounds[b]])
-    torch.testing.assert_close(batched, gated_prefix_attention_ref(*args, window=window), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
