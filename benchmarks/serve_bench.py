@@ -18,12 +18,13 @@ counted for anyone). Setups, all in one process and one run, with the same threa
                               [P; ΔP_t; X] as prompt_embeds, prefix caching on, block size 32
   vllm_backend_mixed64        (optional) the same through talora-serve --backend vllm (VllmEngine and its
                               vLLM server, a gate-off copy of the bundle), score jobs as talora_mixed64's
+  vllm_backend_bundle_salt_mixed64  (optional) the same with --vllm-cache-salt bundle (P cached across tasks)
 
 Timing: one warm-up pass of every setup on a subset, then ``--repeats`` rounds in which every
 in-process setup serves the full set once, interleaved so that load from other processes on a
 shared machine falls on all setups alike; medians of wall time (``perf_counter``) and of process
 CPU time. The bare-model limit is the faster of the two bare rows. Writes the summary JSON
-(``benchmarks/results/serve_bench.json``) and one JSONL row per setup (``--jsonl``).
+(``benchmarks/results/serving/serve_bench.json``) and one JSONL row per setup (``--jsonl``).
 
     python -m benchmarks.serve_bench --threads 1 --repeats 3
 """
@@ -31,6 +32,7 @@ CPU time. The bare-model limit is the faster of the two bare rows. Writes the su
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import tempfile
@@ -39,9 +41,10 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.bench_args import RESULTS, add_flags, bench_parser
-from benchmarks.bench_bundle import task_name, write_random_bundle
-from benchmarks.bench_report import (
+from benchmarks.harness.bundle import task_name, write_random_bundle
+from benchmarks.harness.flags import add_flags, bench_parser
+from benchmarks.harness.paths import SERVING_RESULTS
+from benchmarks.harness.report import (
     append_jsonl,
     machine_info,
     serve_bench_summary,
@@ -49,8 +52,8 @@ from benchmarks.bench_report import (
     time_repeats,
     write_json,
 )
-from benchmarks.bench_requests import assign_tasks, real_request_set, save_request_set
-from benchmarks.bench_setups import (
+from benchmarks.harness.request_set import assign_tasks, real_request_set, save_request_set
+from benchmarks.harness.setups import (
     build_peft_model,
     make_bare_hf,
     make_bare_packed,
@@ -78,11 +81,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup-requests", type=int, default=32, help="requests in each setup's warm-up pass")
     p.add_argument("--setups", default=",".join(DEFAULT_SETUPS),
                    help="comma list of in-process setups; also: reencode_mixed64, talora_direct_mixed64, "
-                        "vllm_backend_mixed64")
+                        "vllm_backend_mixed64, vllm_backend_bundle_salt_mixed64")
     p.add_argument("--vllm-python", type=Path, default=HERE / ".venv-vllm" / "bin" / "python",
                    help="python of the vLLM venv ('none' skips vLLM)")
     p.add_argument("--vllm-timeout-s", type=int, default=1800, help="limit for the vLLM subprocess")
-    add_flags(p, out=RESULTS / "serve_bench.json", jsonl=RESULTS / "serve_bench.jsonl")
+    add_flags(p, out=SERVING_RESULTS / "serve_bench.json", jsonl=SERVING_RESULTS / "serve_bench.jsonl")
     args = p.parse_args(argv)
     args.setup_list = [name for name in args.setups.split(",") if name]
     return args
@@ -158,13 +161,14 @@ def run_vllm(args, requests, task_ids, prompts, model_dir: Path, workdir: Path) 
     return row
 
 
-def run_vllm_backend(args, loaded, cfg, requests, task_ids, task_names, workdir: Path) -> dict:
+def run_vllm_backend(args, loaded, cfg, requests, task_ids, task_names, workdir: Path, cache_salt: str) -> dict:
     """Time ``talora-serve --backend vllm``'s engine on a gate-off copy of the bundle (same seed: the same P, A
-    and B_t); wall time only (vLLM computes in its own processes)."""
+    and B_t) with ``--vllm-cache-salt cache_salt``; wall time only (vLLM computes in its own processes)."""
     if str(args.vllm_python) == "none" or not Path(args.vllm_python).exists():
         return {"input_tokens_per_s": None, "skipped": f"no vLLM python at {args.vllm_python}"}
     folder = write_random_bundle(loaded.model, loaded.fingerprint, workdir / "bundle_gate_off", 64,
                                  cfg.with_updates(gated=False), args.seed)
+    os.environ["TALORA_VLLM_CACHE_SALT"] = cache_salt  # read by the Settings that start_vllm_backend builds
     started = time.perf_counter()
     engine = start_vllm_backend(folder, args.vllm_python, args.batch_size, args.max_tokens, args.threads,
                                 cfg.shared_prompt_len + cfg.task_prompt_len)
@@ -178,7 +182,8 @@ def run_vllm_backend(args, loaded, cfg, requests, task_ids, task_names, workdir:
     input_tokens = sum(len(r.input_ids) for r in requests)
     return {"input_tokens_per_s": throughput(input_tokens, timing["wall_s"]), "wall_s": timing["wall_s"],
             "median_wall_s": statistics.median(timing["wall_s"]), "engine_start_s": engine_start_s,
-            "path": "talora-serve --backend vllm (VllmEngine -> vLLM OpenAI server, score jobs)"}
+            "path": f"talora-serve --backend vllm --vllm-cache-salt {cache_salt} (VllmEngine -> vLLM OpenAI server, "
+                    "score jobs)"}
 
 
 def summarise(timings: dict, input_tokens: int) -> dict[str, dict]:
@@ -224,9 +229,10 @@ def main(argv=None) -> None:
         del setups, hf_bare, hf_peft
         rows["vllm_prompt_embeds_mixed64"] = run_vllm(args, requests, extra["draws"]["mixed64"], extra["prompts"],
                                                       model_dir, tmp)
-        if "vllm_backend_mixed64" in args.setup_list:
-            rows["vllm_backend_mixed64"] = run_vllm_backend(args, loaded, cfg, requests, extra["draws"]["mixed64"],
-                                                            task_names, tmp)
+        for name, salt in (("vllm_backend_mixed64", "version"), ("vllm_backend_bundle_salt_mixed64", "bundle")):
+            if name in args.setup_list:
+                rows[name] = run_vllm_backend(args, loaded, cfg, requests, extra["draws"]["mixed64"], task_names,
+                                              tmp, salt)
     finish(args, rows, requests, input_tokens, extra["draws"])
 
 
