@@ -1,7 +1,8 @@
-"""The benchmarks: reproducible scripts run from the repository root as ``python -m benchmarks.<name>``.
+"""The benchmarks: reproducible scripts run from the repository root as ``python -m benchmarks.<suite>.<name>``.
 
-The shared harness is ``bench_args`` (flags), ``bench_report`` (machine info, timing, JSON/JSONL
-writers), ``bench_requests`` (the request set), ``bench_bundle`` (random adapter bundles) and
-``bench_setups`` (the measured setups). ``vllm_worker`` is the exception: it runs by path in the
-vLLM venv and imports nothing from here. Results land in ``benchmarks/results/`` (docs/benchmarks.md).
+Four subpackages (benchmarks/README.md): ``harness`` (what the suites share: flags, reports, the
+request set, random bundles, the measured setups, the results folders), ``serving``, ``kernels``
+and ``quality`` (``python -m benchmarks.quality``). Each suite's results land in
+``benchmarks/results/<suite>/``. ``vllm_worker`` is the exception: it runs by path in the vLLM venv
+and imports nothing from here.
 """

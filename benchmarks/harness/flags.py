@@ -4,10 +4,11 @@ A script names the shared flags it takes with their defaults, and keeps its own 
 
     p = bench_parser(__doc__)
     add_flags(p, min_tokens=16, max_tokens=128, threads=1, repeats=3, seed=0,
-              out=RESULTS / "serve_bench.json", helps={"threads": "torch threads for every setup"})
+              out=SERVING_RESULTS / "serve_bench.json", helps={"threads": "torch threads for every setup"})
     p.add_argument("--setups", ...)
 
-Flags are kebab-case copies of the names (``min_tokens`` -> ``--min-tokens``).
+Flags are kebab-case copies of the names (``min_tokens`` -> ``--min-tokens``). Default output
+paths lie in the suite's results folder (``paths.SERVING_RESULTS`` and its siblings).
 """
 
 from __future__ import annotations
@@ -15,8 +16,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 from typing import Any
-
-RESULTS = Path(__file__).resolve().parent / "results"  # every summary and raw row lands here by default
 
 FLAGS: dict[str, tuple[type, str]] = {  # name: (type, help)
     "num_requests": (int, "requests in the set"),

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.bench_requests import BenchRequest, batches, grouped_by_task
+from benchmarks.harness.request_set import BenchRequest, batches, grouped_by_task
 
 Runner = Callable[[], list[torch.Tensor]]
 

@@ -120,7 +120,7 @@ def bare_decode_loop(lm, prompts: list[list[int]], new_tokens: int, sync):
 
 def generation_vs_bare_loop(loaded, bundle, args, sync) -> dict:
     """Decode tokens/s of the engine and of the bare loop on the same prompts, interleaved rounds."""
-    from benchmarks.bench_bundle import task_name
+    from benchmarks.harness.bundle import task_name
     from talora.server.engine import Engine
     from talora.server.settings import Settings
 
@@ -262,14 +262,14 @@ def decode_kernel_hbm(cfg, args) -> dict:
 
 # ----- standalone: the kernel alone (torch and triton only; engine_overhead --decode runs both) ---
 def main(argv=None) -> None:
-    """``python -m benchmarks.decode_bench --device cuda --dtype bfloat16 --out PATH``: the decode kernel
+    """``python -m benchmarks.kernels.decode_bench --device cuda --dtype bfloat16 --out PATH``: the decode kernel
     at the Qwen2.5-0.5B and SmolLM2 attention shapes, as ``decode_hbm_fraction_1k`` by model."""
     import argparse
     import json
     from pathlib import Path
     from types import SimpleNamespace
 
-    from benchmarks.engine_overhead import GPU_NAMES, SHAPES
+    from benchmarks.serving.engine_overhead import GPU_NAMES, SHAPES
 
     p = argparse.ArgumentParser(description=main.__doc__)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device run: the CUDA test grids of talora.kernels, then the kernel benchmark.
-# Usage (repository root, on a CUDA machine): OUT=/some/dir bash benchmarks/gpu_check.sh
+# Usage (repository root, on a CUDA machine): OUT=/some/dir bash benchmarks/kernels/gpu_check.sh
 # Works without installing the package: talora is a namespace package, so a folder holding
 # talora/kernels -> ./kernels (and adapters, for gpu_serve_bench) on PYTHONPATH is enough; the
 # benchmarks run as modules from the repository root. Logs and JSON land in $OUT.
@@ -23,7 +23,7 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then  # SKIP_TESTS=1 runs the benchmark alone
         $workers --durations=5 2>&1 | tee "$OUT/pytest.log"
     tests_rc=${PIPESTATUS[0]}
 fi
-timeout 200 $PY -m benchmarks.kernel_bench --out "$OUT/kernels.json" 2>&1 | tee "$OUT/bench.log"
+timeout 200 $PY -m benchmarks.kernels.kernel_bench --out "$OUT/kernels.json" 2>&1 | tee "$OUT/bench.log"
 bench_rc=${PIPESTATUS[0]}
 echo "pytest rc=$tests_rc bench rc=$bench_rc"
 exit $(( tests_rc != 0 || bench_rc != 0 ))

@@ -2,14 +2,14 @@
 # The decode kernel's variants (as dispatched, one pass, split-K at 2/4/8) over rows x cache length
 # on a CUDA machine, in bf16, for the split-K dispatch rule (kernels/dispatch.py decode_splits);
 # then the kernels' CUDA tests. torch + triton only. Usage (repository root):
-#   OUT=/some/dir bash benchmarks/gpu_decode_sweep.sh    # writes $OUT/decode_sweep.json, $OUT/pytest.log
+#   OUT=/some/dir bash benchmarks/kernels/gpu_decode_sweep.sh    # writes $OUT/decode_sweep.json, $OUT/pytest.log
 set -uo pipefail
 OUT=${OUT:-/tmp/talora-decode-sweep}
 mkdir -p "$OUT/sweep"
-source benchmarks/gpu_env.sh
+source benchmarks/kernels/gpu_env.sh
 for rows in ${ROWS:-1 8 64}; do
     for cache in ${CACHES:-1024 8192}; do
-        timeout 60 $PY -m benchmarks.decode_bench --device cuda --dtype bfloat16 --kernel-rows "$rows" \
+        timeout 60 $PY -m benchmarks.kernels.decode_bench --device cuda --dtype bfloat16 --kernel-rows "$rows" \
             --kernel-cache "$cache" --out "$OUT/sweep/r${rows}_c${cache}.json" 2>&1 | tail -n 2
     done
 done

@@ -2,7 +2,7 @@
 # Issue 11's device run, under 10 minutes on an H200: the split-K decode kernel's CUDA tests, its
 # HBM fraction at 1,024-token caches (torch + triton only), then engine_overhead --decode (predict
 # engine vs forward, generation vs a bare decode loop, the kernel again) on the random Qwen2.5-0.5B
-# and SmolLM2 shapes in bf16. Usage (repository root, CUDA machine): OUT=/some/dir bash benchmarks/gpu_engine_check.sh
+# and SmolLM2 shapes in bf16. Usage (repository root, CUDA machine): OUT=/some/dir bash benchmarks/kernels/gpu_engine_check.sh
 # STAGES picks the parts (default "splitk decode engine"; "overlap" and "graphs" are extra: the engines
 # with --overlap-steps, and the CUDA-graph tests with generation eager and from CUDA graphs at the same size).
 # The engine needs pydantic, pydantic-settings, fastapi and their dependencies; a bare device image
@@ -10,7 +10,7 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/talora-engine-check}
 mkdir -p "$OUT"
-source benchmarks/gpu_env.sh
+source benchmarks/kernels/gpu_env.sh
 if ls .whl/*.whl >/dev/null 2>&1; then
     $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
         && export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
@@ -29,18 +29,18 @@ if has splitk; then  # the split-K decode kernel's CUDA tests
     tests_rc=${PIPESTATUS[0]}
 fi
 if has decode; then  # the decode kernel's HBM fraction at 1,024-token caches
-    timeout 90 $PY -m benchmarks.decode_bench --device cuda --dtype bfloat16 --out "$OUT/decode_kernel.json" 2>&1 \
+    timeout 90 $PY -m benchmarks.kernels.decode_bench --device cuda --dtype bfloat16 --out "$OUT/decode_kernel.json" 2>&1 \
         | tee "$OUT/decode_kernel.log"
     kernel_rc=${PIPESTATUS[0]}
 fi
 if has engine; then
-    timeout 300 $PY -m benchmarks.engine_overhead --device cuda --dtype bfloat16 --models qwen05b-random,smollm2-random \
+    timeout 300 $PY -m benchmarks.serving.engine_overhead --device cuda --dtype bfloat16 --models qwen05b-random,smollm2-random \
         --requests qwen05b-random=1024,smollm2-random=1024 --max-tokens 128 --threads 4 --repeats 3 --tokenizer bytes \
         --decode --out "$OUT/engine_overhead-$card.json" 2>&1 | tee "$OUT/engine_overhead.log"
     engine_rc=${PIPESTATUS[0]}
 fi
 if has overlap; then  # the engines again with --overlap-steps (a smaller run)
-    timeout 200 $PY -m benchmarks.engine_overhead --device cuda --dtype bfloat16 --models qwen05b-random,smollm2-random \
+    timeout 200 $PY -m benchmarks.serving.engine_overhead --device cuda --dtype bfloat16 --models qwen05b-random,smollm2-random \
         --requests qwen05b-random=512,smollm2-random=512 --max-tokens 128 --threads 4 --repeats 1 --tokenizer bytes \
         --decode --overlap-steps --out "$OUT/engine_overhead_overlap-$card.json" 2>&1 | tee "$OUT/engine_overhead_overlap.log"
 fi
@@ -50,7 +50,7 @@ if has graphs; then  # the CUDA-graph tests, then generation with and without --
     graphs_rc=${PIPESTATUS[0]}
     for mode in eager graphs; do
         flag=""; [ "$mode" = graphs ] && flag="--cuda-graphs"
-        timeout 200 $PY -m benchmarks.engine_overhead --device cuda --dtype bfloat16 --models qwen05b-random,smollm2-random \
+        timeout 200 $PY -m benchmarks.serving.engine_overhead --device cuda --dtype bfloat16 --models qwen05b-random,smollm2-random \
             --requests qwen05b-random=64,smollm2-random=64 --repeats 1 --threads 4 --tokenizer bytes --decode \
             $flag --out "$OUT/engine_overhead_$mode-$card.json" 2>&1 | tee "$OUT/engine_overhead_$mode.log" | tail -n 25
         [ "${PIPESTATUS[0]}" = 0 ] || graphs_rc=1

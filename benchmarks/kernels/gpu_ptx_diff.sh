@@ -6,14 +6,14 @@
 # kernel name. A refactor that leaves the PTX identical leaves speed and results as they were.
 # Usage (repository root, CUDA machine):
 #   cp -r kernels /somewhere/old   # before the change
-#   OLD=/somewhere/old OUT=/some/dir bash benchmarks/gpu_ptx_diff.sh   # writes $OUT/ptx_diff.json
+#   OLD=/somewhere/old OUT=/some/dir bash benchmarks/kernels/gpu_ptx_diff.sh   # writes $OUT/ptx_diff.json
 set -uo pipefail
 OUT=${OUT:-/tmp/talora-ptx-diff}
 OLD=${OLD:?OLD must name a copy of kernels/ from before the change}
 TESTS=${TESTS:-tests/kernels}
 mkdir -p "$OUT"
 base_path=${PYTHONPATH:-}
-source benchmarks/gpu_env.sh
+source benchmarks/kernels/gpu_env.sh
 old_shim=$(talora_shim "$OLD")
 caches=$(mktemp -d)
 rcs=""

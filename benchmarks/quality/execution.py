@@ -1,7 +1,7 @@
 """Running the quality benchmark's plan: ``execute_plan`` trains and scores every unfinished run (several
 processes may share one plan), ``verify_runs`` reruns stored runs and compares their predictions.
 
-``benchmarks/quality.py`` is the command line; this module does the work it hands off.
+``benchmarks/quality/cli.py`` is the command line; this module does the work it hands off.
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from benchmarks.quality_plan import (
+from benchmarks.quality.plan import (
     Run,
     bind_builds,
     estimate_seconds,
@@ -20,20 +20,20 @@ from benchmarks.quality_plan import (
     save_result,
     stored_results,
 )
-from benchmarks.quality_sources import source_builds
+from benchmarks.quality.sources import source_builds
 
 
 def execute_plan(plan: list[Run], runs_dir: Path, work_dir: Path, max_minutes: float, threads: int, progress: bool,
                  after_run, poll_s: float = 30.0, sources_dir: Path | None = None, sources_only: bool = False) -> int:
     """Run every unfinished run of ``plan`` in order; returns how many ran. A target run whose
     source stage's weights are missing (a new machine) restores them from ``sources_dir`` (the
-    committed builds, ``quality_sources``) or, with nothing committed, reruns that source stage
+    committed builds, ``sources``) or, with nothing committed, reruns that source stage
     first and commits its weights there. Target runs are bound to the build of the weights they
-    start from (``quality_plan.at_build``): after a rebuild, the runs of the stored build count as
+    start from (``plan.at_build``): after a rebuild, the runs of the stored build count as
     not done for it.
 
     Several processes may run the same plan on one work folder: each claims a run before it
-    starts it (``benchmarks/quality_claims.py``) and skips runs that another process holds,
+    starts it (``benchmarks/quality/claims.py``) and skips runs that another process holds,
     coming back to them; when only those are left it waits for them (every ``poll_s`` seconds)
     and takes over any whose process has ended without a result.
 
@@ -52,7 +52,7 @@ class _PlanRunner:
 
     def __init__(self, plan: list[Run], runs_dir: Path, work_dir: Path, threads: int, progress: bool, after_run,
                  poll_s: float, sources_dir: Path | None) -> None:
-        from benchmarks.quality_claims import RunClaims
+        from benchmarks.quality.claims import RunClaims
 
         self.plan, self.by_key = plan, {r.key: r for r in plan}
         self.runs_dir, self.sources_dir = runs_dir, sources_dir
@@ -69,7 +69,7 @@ class _PlanRunner:
 
     def put_sources(self) -> None:
         """The weights of every source stage here, committed to ``sources_dir``; no target runs."""
-        from benchmarks.quality_sources import commit
+        from benchmarks.quality.sources import commit
 
         bar = self._progress_bar(sum(r.stage == "source" for r in self.plan), "source stages")
         try:
@@ -120,8 +120,8 @@ class _PlanRunner:
 
     def _attempt(self, run: Run) -> bool:
         """Run ``run`` (and its missing source stage) if this process can claim them."""
-        from benchmarks.quality_runs import needs_source
-        from benchmarks.quality_sources import artifact_build
+        from benchmarks.quality.runs import needs_source
+        from benchmarks.quality.sources import artifact_build
 
         source = self.by_key[run.spec["source"]] if needs_source(run) else None
         if source is not None:
@@ -140,7 +140,7 @@ class _PlanRunner:
 
     def _ensure_source(self, source: Run) -> None:
         """The source stage's weights in ``artifacts``: restored from a committed build, else trained."""
-        from benchmarks.quality_sources import restore_preferred, weights_here
+        from benchmarks.quality.sources import restore_preferred, weights_here
 
         if weights_here(source, self.artifacts):
             return
@@ -156,8 +156,8 @@ class _PlanRunner:
             raise RuntimeError(f"{source.label} finished with no weights in {self.artifacts / source.key}")
 
     def _run_one(self, run: Run) -> None:
-        from benchmarks.quality_runs import execute, store_source_result
-        from benchmarks.quality_sources import commit
+        from benchmarks.quality.runs import execute, store_source_result
+        from benchmarks.quality.sources import commit
 
         self.bar.set_postfix_str(run.label)
         result = execute(run, self.artifacts, self.scratch, self.threads, self.progress)
@@ -187,7 +187,7 @@ def verify_runs(plan: list[Run], runs_dir: Path, work_dir: Path, sources_dir: Pa
     resumes and two processes can split one by target seeds."""
     import tempfile
 
-    from benchmarks.quality_runs import execute
+    from benchmarks.quality.runs import execute
 
     artifacts = work_dir / "artifacts"
     plan = bind_builds(plan, source_builds(plan, runs_dir), runs_dir)  # the recorded builds
@@ -231,8 +231,8 @@ def _source_in_place(run: Run, by_key: dict[str, Run], artifacts: Path, sources_
     """Whether the weights of the source build ``run`` records are in ``artifacts`` (restored from
     ``sources_dir`` if need be) for a rerun; False, saying why, when that build is not to be had or
     another build of its source stage is in use there."""
-    from benchmarks.quality_runs import needs_source
-    from benchmarks.quality_sources import artifact_build, committed_builds, restore, weights_here
+    from benchmarks.quality.runs import needs_source
+    from benchmarks.quality.sources import artifact_build, committed_builds, restore, weights_here
 
     if not needs_source(run):
         return True

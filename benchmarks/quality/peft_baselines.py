@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from benchmarks.bench_setups import pad_left
+from benchmarks.harness.setups import pad_left
 from talora.adapters.model.precision import FloatMatmul, float_matmul_needed
 from talora.adapters.runtime.scoring import plan_labels
 from talora.adapters.train.data import EncodedTask, MixedTaskSampler
@@ -34,7 +34,7 @@ from talora.adapters.train.metrics import accuracy, macro_f1, majority_rate
 
 @dataclass(frozen=True)
 class Budget:
-    """The training budget of a PEFT run: the TA-LoRA stage's fields (``quality_plan.BUDGET``)."""
+    """The training budget of a PEFT run: the TA-LoRA stage's fields (``plan.BUDGET``)."""
 
     steps: int
     batch_size: int

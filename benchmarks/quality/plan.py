@@ -8,9 +8,9 @@ a hash of that record; target runs of multi-task methods include the key of the 
 they start from, so a changed source stage changes every key downstream of it.
 
 Results are small JSON records (metrics and per-item predictions, no weights) in
-``benchmarks/results/quality_runs/<key>.json``: committed, so a new machine resumes from them.
+``benchmarks/results/quality/runs/<key>.json``: committed, so a new machine resumes from them.
 Source-stage weights are used from the git-ignored ``benchmarks/runs/quality/artifacts/<key>`` and
-committed in ``benchmarks/results/quality_sources/<key>/<build>`` (``quality_sources``); target runs
+committed in ``benchmarks/results/quality/sources/<key>/<build>`` (``sources``); target runs
 from another build than the one their source record scored get keys of their own (``at_build``).
 """
 from __future__ import annotations
@@ -504,7 +504,7 @@ def check_frozen() -> None:
     """Raise ValueError unless the recipe and the dev choices are the frozen ones."""
     if not PROTOCOL_FROZEN:
         raise ValueError("the protocol's test plan runs only after the dev phase has frozen the recipe: set "
-                         "PROTOCOL_CHOICES and PROTOCOL_FROZEN in benchmarks/quality_plan.py (docs/quality.md, "
+                         "PROTOCOL_CHOICES and PROTOCOL_FROZEN in benchmarks/quality/plan.py (docs/quality.md, "
                          "'Protocol')")
     if protocol_hash() != PROTOCOL_FROZEN:
         raise ValueError(f"the recipe or the dev choices changed since they were frozen ({protocol_hash()} != "

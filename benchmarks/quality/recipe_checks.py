@@ -10,8 +10,8 @@ its committed weights, or trained first through the benchmark when those are mis
    its own 80/10/10 split; the recipe's class-balanced draws (``class_balance=sampler``) against
    plain draws (``none``), 3 seeds each; accuracy and macro-F1 on its (equally imbalanced) test split.
 
-    python -m benchmarks.recipe_checks                       # ~40 minutes on a 2-core CPU
-    python -m benchmarks.recipe_checks --parts imbalanced    # one check; the other's stored results stay
+    python -m benchmarks.quality.recipe_checks                       # ~40 minutes on a 2-core CPU
+    python -m benchmarks.quality.recipe_checks --parts imbalanced    # one check; the other's stored results stay
 """
 from __future__ import annotations
 
@@ -23,9 +23,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.quality_plan import BenchConfig, load_result, save_result, source_run
-
-HERE = Path(__file__).resolve().parent
+from benchmarks.harness.paths import QUALITY_RESULTS, REPO_ROOT
+from benchmarks.quality.plan import BenchConfig, load_result, save_result, source_run
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -35,16 +34,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--parts", default="imbalanced,small",
                    help="checks to run (imbalanced, small); the other part's results stay as stored in --out")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", type=Path, default=HERE / "results" / "recipe_checks.json")
+    p.add_argument("--out", type=Path, default=QUALITY_RESULTS / "recipe_checks.json")
     return p.parse_args(argv)
 
 
 def source_bundle(threads: int) -> Path:
     """The benchmark's TA-LoRA source bundle (source seed 0): here already, else restored from the
-    build its record scored (committed in ``quality_sources``), else trained here."""
-    from benchmarks.quality import RUNS, WORK_DIR
-    from benchmarks.quality_runs import execute
-    from benchmarks.quality_sources import SOURCES, restore_preferred, weights_here
+    build its record scored (committed in ``sources``), else trained here."""
+    from benchmarks.quality.cli import RUNS, WORK_DIR
+    from benchmarks.quality.runs import execute
+    from benchmarks.quality.sources import SOURCES, restore_preferred, weights_here
 
     run = source_run(BenchConfig(), "talora", 0)
     artifacts = WORK_DIR / "artifacts"
@@ -136,9 +135,9 @@ def main(argv=None) -> None:
     if unknown:
         raise SystemExit(f"--parts: unknown {unknown}; choose from {list(PARTS)}")
     bundle = source_bundle(args.threads)
-    command = "python -m benchmarks.recipe_checks " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python -m benchmarks.quality.recipe_checks " + " ".join(sys.argv[1:] if argv is None else argv)
     stored = json.loads(args.out.read_text()) if args.out.is_file() else {}
-    doc: dict = {"bundle": str(bundle.relative_to(HERE.parent)) if bundle.is_relative_to(HERE.parent) else str(bundle),
+    doc: dict = {"bundle": str(bundle.relative_to(REPO_ROOT)) if bundle.is_relative_to(REPO_ROOT) else str(bundle),
                  "complete": False, "commands": {**_commands(stored), **{p: command for p in parts}}}
     doc.update({PARTS[p]: stored[PARTS[p]] for p in PARTS if p not in parts and PARTS[p] in stored})
 

@@ -14,8 +14,8 @@ import platform
 import statistics
 from pathlib import Path
 
-from benchmarks.bench_report import cpu_model, pyplot
-from benchmarks.quality_plan import ADDED_FIELDS, METHODS, REFERENCE, SETTINGS, TALORA_SWITCHES, PeftRecipe, Run
+from benchmarks.harness.report import cpu_model, pyplot
+from benchmarks.quality.plan import ADDED_FIELDS, METHODS, REFERENCE, SETTINGS, TALORA_SWITCHES, PeftRecipe, Run
 
 REQUIRED = ("method", "task", "setting", "metric", "mean", "std", "seeds", "params_per_task")
 
@@ -131,7 +131,7 @@ def write_summary(path: Path, rows: list[dict], command: str, config: dict, plan
                   by_source_seed: dict | None = None, frozen: dict | None = None) -> dict:
     """Write quality.json. ``command`` is the one that wrote it (``last_invocation``); "command" is
     the one that resumes and completes the whole plan, since the rows come from many sittings.
-    ``comparisons``: ``quality_stats.stage_comparisons``' pooled rows; ``by_source_seed``: ``{"means":
+    ``comparisons``: ``stats.stage_comparisons``' pooled rows; ``by_source_seed``: ``{"means":
     source_seed_means, "comparisons": the stage-pair rows}``; ``frozen``: the recipe hashes
     (``quality.recipe_record``)."""
     doc = {"machine": machine(), "command": "python -m benchmarks.quality", "last_invocation": command,
@@ -226,7 +226,7 @@ def _forest(ax, comparisons: list[dict], by_seed: list[dict]) -> None:
 
 def _stage_label(row: dict) -> str:
     """"s0/s1": the source stage of each side of a stage-pair row ("-": none); "s0" for a row of
-    ``quality_stats.by_source_seed`` (the same stage on both sides)."""
+    ``stats.by_source_seed`` (the same stage on both sides)."""
     if "stage_a" not in row:
         return f"s{row['source_seed']}"
     return "/".join("-" if s is None else f"s{s}" for s in (row["stage_a"], row["stage_b"]))

@@ -3,14 +3,14 @@
 TA-LoRA runs hand the run's ``TrainConfig`` (``Run.train``: the recipe, the benchmark's overrides,
 the ablation switch) to the project's trainer (``talora.adapters.train.run_source`` /
 ``run_target``), with only bookkeeping fields (output folder, threads, progress) and the source
-bundle's path filled in here. PEFT runs go through ``quality_peft`` with the same budget fields.
+bundle's path filled in here. PEFT runs go through ``peft_baselines`` with the same budget fields.
 Both read the same registry data the same way: source tasks ``load_split(train,
 limit=train_limit)``; a target's full data ``load_split(train, limit=train_limit)``; k-shot
 ``k_shot(whole train split, k, seed)`` (k per label); the test subset ``load_split(split,
 limit=test_limit)``.
 
 A record holds the metrics and, per task, the predicted and gold label index of every test
-item as digit strings (``"0210..."``), for the paired comparisons of ``quality_stats``.
+item as digit strings (``"0210..."``), for the paired comparisons of ``stats``.
 """
 from __future__ import annotations
 
@@ -24,9 +24,9 @@ from typing import Any
 
 import torch
 
-from benchmarks.quality_plan import MULTITASK, TALORA_METHODS, Run
-from benchmarks.quality_report import machine
-from benchmarks.quality_sources import artifact_build
+from benchmarks.quality.plan import MULTITASK, TALORA_METHODS, Run
+from benchmarks.quality.report import machine
+from benchmarks.quality.sources import artifact_build
 from talora.adapters.model.config import AdapterShape
 
 ARTIFACTS = "artifacts"
@@ -34,7 +34,7 @@ ARTIFACTS = "artifacts"
 
 def model_shape(model_name: str) -> dict:
     """Hidden size, layers and heads from the checkpoint's config.json (no weights loaded)."""
-    from benchmarks.quality_peft import model_dir
+    from benchmarks.quality.peft_baselines import model_dir
 
     cfg = json.loads((model_dir(model_name) / "config.json").read_text())
     return {"d": cfg["hidden_size"], "L": cfg["num_hidden_layers"], "H": cfg["num_attention_heads"]}
@@ -131,7 +131,7 @@ def _encode(tok, names: list[str], split: str, limit, max_tokens: int):
 
 
 def _build_peft(method: str, base, hyper: dict, seed: int, num_tasks: int, source_file: Path | None):
-    from benchmarks import quality_peft as qp
+    from benchmarks.quality import peft_baselines as qp
 
     if method == "prompt_tuning":
         return qp.build_prompt_tuning(base, hyper, seed)
@@ -141,7 +141,7 @@ def _build_peft(method: str, base, hyper: dict, seed: int, num_tasks: int, sourc
 
 
 def run_peft(run: Run, artifacts: Path, progress: bool) -> dict:
-    from benchmarks import quality_peft as qp
+    from benchmarks.quality import peft_baselines as qp
     from talora.adapters.data import get_task
     from talora.adapters.train.data import encode_task
 
@@ -189,7 +189,7 @@ def _peft_scores(scores: dict, tasks) -> dict:
 
 # ----- one run -------------------------------------------------------------------------------
 def execute(run: Run, artifacts: Path, scratch: Path, threads: int = 1, progress: bool = True) -> dict:
-    """Train and evaluate ``run``; the result record that ``quality_plan.save_result`` stores."""
+    """Train and evaluate ``run``; the result record that ``plan.save_result`` stores."""
     tic = time.perf_counter()
     if run.method in TALORA_METHODS:
         body = run_talora(run, Path(artifacts), Path(scratch), threads, progress)
@@ -244,7 +244,7 @@ def store_source_result(runs_dir: Path, result: dict) -> str:
     the same way only adds its build id; one that does not is kept beside it in
     ``rebuilds/<key>-<build>.json``, and the target runs trained from it carry its build id
     (``source_build``), which ``--dev-table`` reports as "source rebuilt"."""
-    from benchmarks.quality_plan import load_result, save_result
+    from benchmarks.quality.plan import load_result, save_result
 
     key = result["key"]
     stored = load_result(runs_dir, key)

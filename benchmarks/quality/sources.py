@@ -4,7 +4,7 @@ runs from the same build of a source stage.
 A source stage retrained on another machine is another build (other CPU kernels give other last
 bits, and hundreds of steps amplify them): target runs from it are not comparable with the stored
 ones. So each finished source stage's weights (a few hundred KB: a TA-LoRA bundle's tensors and
-metadata, or a PEFT source file) are copied to ``benchmarks/results/quality_sources/<key>/<build>/``
+metadata, or a PEFT source file) are copied to ``benchmarks/results/quality/sources/<key>/<build>/``
 and committed beside the run records. A machine without the weights restores them from there
 (the build the source stage's stored record scored when it is there, else the committed rebuild)
 instead of retraining; only a source stage with nothing committed is trained again.
@@ -17,9 +17,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from benchmarks.quality_plan import TALORA_METHODS, Run, load_result, recorded_build
+from benchmarks.harness.paths import QUALITY_RESULTS
+from benchmarks.quality.plan import TALORA_METHODS, Run, load_result, recorded_build
 
-SOURCES = Path(__file__).resolve().parent / "results" / "quality_sources"
+SOURCES = QUALITY_RESULTS / "sources"
 
 
 def weight_files(folder: Path) -> list[Path]:

@@ -4,10 +4,10 @@ Times the TA-LoRA training step of the recipe (``talora.adapters.train.recipe``)
 SmolLM2-135M for a source batch (mixed tasks, P and A trained) and a target batch (one task, B_t
 and g_t only), float32 and bfloat16 interleaved (A B A B ...) so that machine noise hits both;
 then trains the same short target stage from the same start in both dtypes and scores both on
-the same dev items. Writes ``benchmarks/results/train_dtype.json``:
+the same dev items. Writes ``benchmarks/results/quality/train_dtype.json``:
 
-    python -m benchmarks.train_dtype                    # ~6 minutes on a 2-core CPU
-    python -m benchmarks.train_dtype --repeats 3 --eval-limit 60 --target-steps 8   # quick look
+    python -m benchmarks.quality.train_dtype                    # ~6 minutes on a 2-core CPU
+    python -m benchmarks.quality.train_dtype --repeats 3 --eval-limit 60 --target-steps 8   # quick look
 
 The adapter tensors stay float32 in both (``--dtype bfloat16`` of ``talora-train``: the frozen
 model runs in bfloat16, the trained tensors are float32 master copies cast where used).
@@ -25,10 +25,10 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.bench_report import cpu_model
+from benchmarks.harness.paths import QUALITY_RESULTS
+from benchmarks.harness.report import cpu_model
 from talora.adapters.model.precision import float_matmul_needed, native_half
 
-HERE = Path(__file__).resolve().parent
 DTYPES = ("float32", "bfloat16")
 
 
@@ -40,7 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--target-steps", type=int, default=48,
                    help="steps of the accuracy check's target stage (0: skip the check, keep the stored one)")
     p.add_argument("--eval-limit", type=int, default=240, help="dev items of the accuracy check")
-    p.add_argument("--out", type=Path, default=HERE / "results" / "train_dtype.json")
+    p.add_argument("--out", type=Path, default=QUALITY_RESULTS / "train_dtype.json")
     return p.parse_args(argv)
 
 
@@ -129,7 +129,7 @@ def main(argv=None) -> None:
                  **accuracy_check(args.task, args.target_steps, args.eval_limit, sources)}
     else:  # timing only: keep the accuracy check of the stored file
         check = json.loads(args.out.read_text())["accuracy_check"] if args.out.is_file() else None
-    doc = {"command": "python -m benchmarks.train_dtype " + " ".join(sys.argv[1:] if argv is None else argv),
+    doc = {"command": "python -m benchmarks.quality.train_dtype " + " ".join(sys.argv[1:] if argv is None else argv),
            "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
                       f"torch {torch.__version__}",
            "cpu": {"model": cpu_model(), "torch_capability": torch.backends.cpu.get_cpu_capability(),

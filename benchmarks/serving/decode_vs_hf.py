@@ -9,7 +9,7 @@ CPU time (``time.process_time``) per generated token, the first token's latency 
 ``Token`` event after submission; HF: ``generate`` of one token), and the ratios talora / HF (above
 1: talora is faster in tokens/s; below 1 for the first token: talora answers sooner).
 
-    python -m benchmarks.decode_vs_hf --threads 1,2 --new-tokens 32
+    python -m benchmarks.serving.decode_vs_hf --threads 1,2 --new-tokens 32
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from typing import Any
 
 import torch
 
-from benchmarks.bench_args import RESULTS
-from benchmarks.bench_report import machine_info, write_json
+from benchmarks.harness.paths import SERVING_RESULTS
+from benchmarks.harness.report import machine_info, write_json
 
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 
@@ -40,7 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=5, help="rounds per setup (medians)")
     p.add_argument("--profile", action="store_true",
                    help="also profile both decode steps (torch.profiler, 1 thread): ops and self CPU per token")
-    p.add_argument("--out", type=Path, default=RESULTS / "decode_vs_hf.json", help="summary JSON")
+    p.add_argument("--out", type=Path, default=SERVING_RESULTS / "decode_vs_hf.json", help="summary JSON")
     return p.parse_args(argv)
 
 

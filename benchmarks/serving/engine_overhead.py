@@ -23,8 +23,8 @@ old and new are side by side. Writes ``--out`` with ``"ratios": {"<model>_engine
 "old_<model>_engine_vs_forward"}`` (on a GPU also ``engine_vs_forward_qwen05b`` and
 ``engine_vs_forward_smollm2`` for the random-weight shapes, in ``engine_overhead-<card>.json``).
 
-    OMP_NUM_THREADS=1 python -m benchmarks.engine_overhead --device cpu --old-ref main
-    python -m benchmarks.engine_overhead --device cuda --dtype bfloat16 --models qwen05b-random,smollm2-random \
+    OMP_NUM_THREADS=1 python -m benchmarks.serving.engine_overhead --device cpu --old-ref main
+    python -m benchmarks.serving.engine_overhead --device cuda --dtype bfloat16 --models qwen05b-random,smollm2-random \
         --requests qwen05b-random=1024,smollm2-random=1024 --max-tokens 128 --threads 4 --decode
 
 ``--decode`` adds, per model, the decode measurements of ``decode_bench.py``: generation
@@ -50,10 +50,10 @@ from typing import Any
 
 import torch
 
-from benchmarks.bench_args import RESULTS, add_flags, bench_parser
-from benchmarks.bench_report import machine_info, write_json
+from benchmarks.harness.flags import add_flags, bench_parser
+from benchmarks.harness.paths import REPO_ROOT, SERVING_RESULTS
+from benchmarks.harness.report import machine_info, write_json
 
-HERE = Path(__file__).resolve().parent
 SHAPES: dict[str, dict[str, Any]] = {
     "qwen05b-random": dict(model_type="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864,
                            num_layers=24, num_heads=14, num_kv_heads=2, head_dim=64, rope_theta=1000000.0,
@@ -90,7 +90,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--overlap-steps", action="store_true", help="both engines launch each step before reading the "
                    "one before it (Settings.overlap_steps)")
     p.add_argument("--out", type=Path, default=None,
-                   help="summary JSON (default results/engine_overhead.json; on CUDA engine_overhead-<card>.json)")
+                   help="summary JSON (default results/serving/engine_overhead.json; on CUDA "
+                        "engine_overhead-<card>.json)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one model, in this process
     return p.parse_args(argv)
 
@@ -251,7 +252,7 @@ def profile_engine(engine, run) -> dict:
 
 def measure(args) -> dict:
     """One model with the engine importable here: throughputs, ratio and host time."""
-    from benchmarks.bench_bundle import task_name, write_random_bundle
+    from benchmarks.harness.bundle import task_name, write_random_bundle
 
     torch.set_num_threads(args.threads)
     loaded = build_model(args.worker, args.device, args.dtype, args.tokenizer)
@@ -267,7 +268,7 @@ def measure(args) -> dict:
         finally:
             engine.stop(30)
         if args.decode:
-            from benchmarks.decode_bench import decode_kernel_hbm, generation_vs_bare_loop
+            from benchmarks.kernels.decode_bench import decode_kernel_hbm, generation_vs_bare_loop
 
             sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
             result["decode"] = {"generation": generation_vs_bare_loop(loaded, bundle, args, sync),
@@ -319,7 +320,7 @@ def export_ref(ref: str, into: Path) -> Path:
     """``ref``'s tree under ``into/src`` and a ``talora`` package of links to it; returns the path to import from."""
     src = into / "src"
     src.mkdir(parents=True)
-    archive = subprocess.run(["git", "-C", str(HERE.parent), "archive", ref], check=True, capture_output=True).stdout
+    archive = subprocess.run(["git", "-C", str(REPO_ROOT), "archive", ref], check=True, capture_output=True).stdout
     subprocess.run(["tar", "-x", "-C", str(src)], input=archive, check=True)
     (into / "talora").mkdir()
     (into / "talora" / "__init__.py").write_text("")
@@ -332,8 +333,8 @@ def run_worker(model: str, argv: list[str], pythonpath: Path | None) -> dict:
     env = dict(os.environ)
     if pythonpath is not None:
         env["PYTHONPATH"] = os.pathsep.join([str(pythonpath), env.get("PYTHONPATH", "")])
-    out = subprocess.run([sys.executable, "-m", "benchmarks.engine_overhead", *argv, "--worker", model], env=env,
-                         check=True, stdout=subprocess.PIPE, text=True, cwd=HERE.parent).stdout
+    command = [sys.executable, "-m", "benchmarks.serving.engine_overhead", *argv, "--worker", model]
+    out = subprocess.run(command, env=env, check=True, stdout=subprocess.PIPE, text=True, cwd=REPO_ROOT).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -357,7 +358,7 @@ def main(argv=None) -> None:
     ratios |= decode_ratios(results, args.kernel_cache)
     card = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu"
     slug = re.sub(r"[^A-Za-z0-9]+", "-", card).strip("-").lower()
-    out = args.out or RESULTS / ("engine_overhead.json" if card == "cpu" else f"engine_overhead-{slug}.json")
+    out = args.out or SERVING_RESULTS / ("engine_overhead.json" if card == "cpu" else f"engine_overhead-{slug}.json")
     setup = {k: str(v) for k, v in vars(args).items() if k not in ("out", "worker")}
     write_json(out, {"setup": setup, "machine": machine_info(args.threads), "card": card, "results": results,
                      "ratios": ratios})

@@ -14,10 +14,10 @@ run (warm-up pass each, then ``--repeats`` rounds, medians, CUDA-synchronised ``
   peft_grouped_mixed64 PEFT prompt tuning, one adapter at a time, batches of one task (if peft imports)
 
 Needs ``talora`` importable: installed, or (no install on a bare GPU machine) a folder holding
-``talora/kernels`` and ``talora/adapters`` links on ``PYTHONPATH``, as ``benchmarks/gpu_check.sh``
+``talora/kernels`` and ``talora/adapters`` links on ``PYTHONPATH``, as ``benchmarks/kernels/gpu_check.sh``
 makes. Writes ``<out-dir>/gpu_serve_bench-<card>.json``.
 
-    python -m benchmarks.gpu_serve_bench --out-dir "$OUT"
+    python -m benchmarks.serving.gpu_serve_bench --out-dir "$OUT"
 """
 
 from __future__ import annotations
@@ -31,11 +31,12 @@ from typing import Any
 
 import torch
 
-from benchmarks.bench_args import RESULTS, add_flags, bench_parser
-from benchmarks.bench_bundle import random_talora_model, task_name
-from benchmarks.bench_report import machine_info, ratio, write_json
-from benchmarks.bench_requests import assign_tasks, build_request_set
-from benchmarks.bench_setups import (
+from benchmarks.harness.bundle import random_talora_model, task_name
+from benchmarks.harness.flags import add_flags, bench_parser
+from benchmarks.harness.paths import SERVING_RESULTS
+from benchmarks.harness.report import machine_info, ratio, write_json
+from benchmarks.harness.request_set import assign_tasks, build_request_set
+from benchmarks.harness.setups import (
     build_peft_model,
     make_bare_hf,
     make_peft_grouped,
@@ -58,7 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda", help="torch device")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"), help="weights and KV")
     add_flags(p, seed=0, helps={"seed": "seed of weights, adapters and requests"})
-    p.add_argument("--out-dir", type=Path, default=RESULTS, help="where the JSON goes")
+    p.add_argument("--out-dir", type=Path, default=SERVING_RESULTS, help="where the JSON goes")
     return p.parse_args(argv)
 
 

@@ -17,8 +17,8 @@ latency blip: p99 of requests sent within 0.5 s after a swap against p99 of the 
 With ``--start-server`` the script builds a random 64-task bundle (with alternate versions),
 starts ``talora-serve`` on 127.0.0.1 in a subprocess and stops it at the end.
 
-    python -m benchmarks.load_test --start-server --rates 1,2,4,8 --duration-s 30
-    python -m benchmarks.load_test --start-server --rates 3 --duration-s 30 --hot-swap-every-s 1
+    python -m benchmarks.serving.load_test --start-server --rates 1,2,4,8 --duration-s 30
+    python -m benchmarks.serving.load_test --start-server --rates 3 --duration-s 30 --hot-swap-every-s 1
 """
 
 from __future__ import annotations
@@ -35,9 +35,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.bench_args import RESULTS, add_flags, bench_parser
-from benchmarks.bench_report import append_jsonl, machine_info, pyplot, write_json
-from benchmarks.bench_requests import real_request_set, zipf_weights
+from benchmarks.harness.flags import add_flags, bench_parser
+from benchmarks.harness.paths import SERVING_RESULTS
+from benchmarks.harness.report import append_jsonl, machine_info, pyplot, write_json
+from benchmarks.harness.request_set import real_request_set, zipf_weights
 
 ADMIN_TOKEN = "load-test-token"
 
@@ -55,12 +56,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--timeout-s", type=float, default=60.0, help="client timeout per request")
     p.add_argument("--hot-swap-every-s", type=float, default=0.0, help="replace adapters this often (0: off)")
     p.add_argument("--swap-tasks", type=int, default=8, help="how many of the most popular tasks get swapped")
-    add_flags(p, seed=0, jsonl=RESULTS / "load_test.jsonl",
+    add_flags(p, seed=0, jsonl=SERVING_RESULTS / "load_test.jsonl",
               helps={"seed": "seed of arrivals, tasks and texts", "jsonl": "rows per rate"})
-    p.add_argument("--plot", type=Path, default=RESULTS / "load_test.png", help="latency-vs-load PNG")
+    p.add_argument("--plot", type=Path, default=SERVING_RESULTS / "load_test.png", help="latency-vs-load PNG")
     p.add_argument("--from-jsonl", action="store_true",
                    help="send nothing: rebuild the summary, knee and plot from the sweep rows in --jsonl")
-    p.add_argument("--summary", type=Path, default=RESULTS / "load_test.json",
+    p.add_argument("--summary", type=Path, default=SERVING_RESULTS / "load_test.json",
                    help="summary JSON; a sweep fills its 'sweep' entry, a hot-swap run its 'hot_swap' entry")
     return p.parse_args(argv)
 
@@ -228,7 +229,7 @@ def start_server(args, workdir: Path) -> tuple[subprocess.Popen, list[str]]:
     """Random bundle (with alternates) + ``talora-serve`` on 127.0.0.1:``port``; returns (process, tasks)."""
     import httpx
 
-    from benchmarks.bench_bundle import task_name, write_random_bundle
+    from benchmarks.harness.bundle import task_name, write_random_bundle
     from talora.adapters.model.config import TaloraConfig
     from talora.adapters.model.loading import load_model
 
@@ -311,7 +312,8 @@ def main(argv=None) -> None:
 
 def report(args, rows: list[dict], tasks: list, argv) -> None:
     """Knee and plot (a sweep), and the summary JSON entry of this run."""
-    summary = {"command": " ".join(["python -m benchmarks.load_test", *(argv if argv is not None else sys.argv[1:])]),
+    command = " ".join(["python -m benchmarks.serving.load_test", *(argv if argv is not None else sys.argv[1:])])
+    summary = {"command": command,
                "slo_ms": args.slo_ms, "num_tasks": len(tasks), "threads": args.threads,
                "machine": rows[0]["machine"] if rows else None,
                "rows": [{k: v for k, v in r.items() if k not in ("machine",)} for r in rows]}

@@ -4,7 +4,7 @@ Each simulated user posts ``/v1/tasks/<task>/predict`` with a task drawn from a 
 the tasks the server lists at start, and a short real-looking text. Closed loop (locust's model):
 for open-loop Poisson arrivals and the latency-versus-load sweep use ``load_test.py``.
 
-    locust -f benchmarks/locustfile.py --host http://127.0.0.1:8000 --headless -u 16 -r 4 -t 60s
+    locust -f benchmarks/serving/locustfile.py --host http://127.0.0.1:8000 --headless -u 16 -r 4 -t 60s
 """
 
 from __future__ import annotations

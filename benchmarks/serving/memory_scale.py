@@ -13,9 +13,9 @@ On the embedded SmolLM2-135M (float32, CPU) with random adapters (m=64, n=16, r=
    process RSS, then ``--requests`` score requests over Zipf(1.0) popularity across all stored
    tasks through the engine (slot hits, misses and evictions, throughput).
 
-Writes one JSON summary (``benchmarks/results/memory_scale.json``).
+Writes one JSON summary (``benchmarks/results/serving/memory_scale.json``).
 
-    python -m benchmarks.memory_scale --store-tasks 10000 --resident 1000
+    python -m benchmarks.serving.memory_scale --store-tasks 10000 --resident 1000
 """
 
 from __future__ import annotations
@@ -30,11 +30,12 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.bench_args import RESULTS, add_flags, bench_parser
-from benchmarks.bench_bundle import task_name, write_random_bundle
-from benchmarks.bench_report import machine_info, write_json
-from benchmarks.bench_requests import assign_tasks, real_request_set
-from benchmarks.bench_setups import make_talora_engine, start_engine
+from benchmarks.harness.bundle import task_name, write_random_bundle
+from benchmarks.harness.flags import add_flags, bench_parser
+from benchmarks.harness.paths import SERVING_RESULTS
+from benchmarks.harness.report import machine_info, write_json
+from benchmarks.harness.request_set import assign_tasks, real_request_set
+from benchmarks.harness.setups import make_talora_engine, start_engine
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -43,7 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resident", type=int, default=1000, help="task-KV slots of the engine")
     p.add_argument("--samples", type=int, default=20, help="adapters timed for load/replace")
     p.add_argument("--requests", type=int, default=256, help="score requests in the scale run")
-    add_flags(p, threads=1, seed=0, out=RESULTS / "memory_scale.json")
+    add_flags(p, threads=1, seed=0, out=SERVING_RESULTS / "memory_scale.json")
     return p.parse_args(argv)
 
 

@@ -11,11 +11,11 @@ The script starts ``talora-serve`` on 127.0.0.1 (the embedded default model and 
 3. waits for the job and reports its dev and test scores against the test majority rate.
 
 The result (both latency rows, their p99 ratio, the job's result and timings) goes to
-``benchmarks/results/onboard_latency.json``. Run it on an otherwise idle machine with at least
+``benchmarks/results/serving/onboard_latency.json``. Run it on an otherwise idle machine with at least
 ``torch_threads + training_threads`` cores: other load makes the numbers meaningless.
 
-    python -m benchmarks.onboard_latency                       # SmolLM2-135M, the demo bundle, 1 + 1 threads
-    python -m benchmarks.onboard_latency --requests 100 --model DIR --bundle DIR
+    python -m benchmarks.serving.onboard_latency                       # SmolLM2-135M, the demo bundle, 1 + 1 threads
+    python -m benchmarks.serving.onboard_latency --requests 100 --model DIR --bundle DIR
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from pathlib import Path
 
 import httpx
 
-from benchmarks.bench_args import RESULTS
-from benchmarks.bench_report import write_json
+from benchmarks.harness.paths import SERVING_RESULTS
+from benchmarks.harness.report import write_json
 
 ADMIN_TOKEN = "onboard-bench"
 AUTH = {"authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -66,14 +66,15 @@ def support_tickets(per_label: int, seed: int = 0) -> list[dict]:
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.onboard_latency", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.serving.onboard_latency",
+                                description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="talora-serve --model (default: the embedded default)")
     p.add_argument("--bundle", default=None, help="talora-serve --bundle (default: the demo bundle)")
     p.add_argument("--requests", type=int, default=200, help="predicts per phase")
     p.add_argument("--per-label", type=int, default=40, help="training tickets per label (3 labels)")
     p.add_argument("--torch-threads", type=int, default=1, help="threads of the serving process")
     p.add_argument("--training-threads", type=int, default=1, help="threads of the training worker")
-    p.add_argument("--out", type=Path, default=RESULTS / "onboard_latency.json")
+    p.add_argument("--out", type=Path, default=SERVING_RESULTS / "onboard_latency.json")
     return p.parse_args(argv)
 
 

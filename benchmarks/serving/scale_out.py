@@ -33,10 +33,10 @@ reporting the replacement RUNNING), ``seconds_to_new_answer`` (the kill to the r
 answer; replica kill only), ``new_replica_share`` (its share of the answers after that), and the
 longest stretch without an answer after the kill.
 
-    python -m benchmarks.scale_out --tasks 64,1000 --duration-s 30 --concurrency 32
-    python -m benchmarks.scale_out --model /path/to/tiny --tasks 8 --duration-s 2   # a smoke run
-    python -m benchmarks.scale_out --replica-gpus 1 --cluster-cpus 4           # a machine with 2 GPUs
-    python -m benchmarks.scale_out --tasks 64 --setups "" --kills replica,ingress   # the kill rows only
+    python -m benchmarks.serving.scale_out --tasks 64,1000 --duration-s 30 --concurrency 32
+    python -m benchmarks.serving.scale_out --model /path/to/tiny --tasks 8 --duration-s 2   # a smoke run
+    python -m benchmarks.serving.scale_out --replica-gpus 1 --cluster-cpus 4           # a machine with 2 GPUs
+    python -m benchmarks.serving.scale_out --tasks 64 --setups "" --kills replica,ingress   # the kill rows only
 """
 
 from __future__ import annotations
@@ -52,10 +52,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.bench_args import RESULTS, add_flags, bench_parser
-from benchmarks.bench_bundle import task_name, write_random_bundle
-from benchmarks.bench_report import append_jsonl, machine_info, package_version, ratio, write_json
-from benchmarks.bench_requests import assign_tasks
+from benchmarks.harness.bundle import task_name, write_random_bundle
+from benchmarks.harness.flags import add_flags, bench_parser
+from benchmarks.harness.paths import SERVING_RESULTS
+from benchmarks.harness.report import append_jsonl, machine_info, package_version, ratio, write_json
+from benchmarks.harness.request_set import assign_tasks
 
 PREDICT = "/v1/tasks/{task}/predict"
 SETUPS = {"one": (1, "task", 1), "one_fair": (1, "task", 2), "two": (2, "task", 1),
@@ -90,7 +91,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--kill-duration-s", type=float, default=20.0, help="seconds of load after the kill")
     p.add_argument("--kill-timeout-s", type=float, default=180.0, help="the most a kill row runs after the kill")
     p.add_argument("--kill-tries", type=int, default=6, help="sends of one request at most (the client's retries)")
-    add_flags(p, seed=0, out=RESULTS / "scale_out.json", jsonl=None,
+    add_flags(p, seed=0, out=SERVING_RESULTS / "scale_out.json", jsonl=None,
               helps={"seed": "seed of the task sequence and the texts",
                      "jsonl": "also append one JSONL row per setup here"})
     return p.parse_args(argv)

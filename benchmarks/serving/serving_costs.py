@@ -9,8 +9,8 @@ as the baseline) against ``topk``. Each setup checks that old and new give the s
 tokens, and is timed after a warm-up as the median of ``--repeats`` rounds. One JSONL row per
 setup, with the machine and versions, is appended to ``--jsonl``; the ratios are printed:
 
-    python -m benchmarks.serving_costs                  # on an idle machine (CUDA when present)
-    python -m benchmarks.serving_costs --smoke          # tiny sizes: shows that it runs
+    python -m benchmarks.serving.serving_costs                  # on an idle machine (CUDA when present)
+    python -m benchmarks.serving.serving_costs --smoke          # tiny sizes: shows that it runs
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ from collections.abc import Callable
 
 import torch
 
-from benchmarks.bench_args import RESULTS, add_flags, bench_parser
-from benchmarks.bench_report import append_jsonl, machine_info, time_repeats
+from benchmarks.harness.flags import add_flags, bench_parser
+from benchmarks.harness.paths import SERVING_RESULTS
+from benchmarks.harness.report import append_jsonl, machine_info, time_repeats
 
 TEXT = ("The engine streams each generated token to the client as soon as its text is final. "
         "机器学习是人工智能的一个分支，我们今天在北京见面，然后一起去吃饺子。 ")
@@ -118,7 +119,7 @@ def run(args) -> list[dict]:
 
 def main(argv=None) -> None:
     p = bench_parser(__doc__)
-    add_flags(p, repeats=20, threads=1, jsonl=RESULTS / "serving_costs.jsonl")
+    add_flags(p, repeats=20, threads=1, jsonl=SERVING_RESULTS / "serving_costs.jsonl")
     p.add_argument("--tokens", type=int, default=512, help="generated tokens the detokeniser streams")
     p.add_argument("--vocab", type=int, default=49_152, help="vocabulary of the sampled rows")
     p.add_argument("--top-k", type=int, default=50, help="top_k of every sampled row")

@@ -16,8 +16,8 @@ their p50/p99 latency; the ratio of p99 under attack to p99 calm; what the hosti
 answered; and the server's open file descriptors and resident memory before and after. Every
 loop is bounded in count and time, and traffic goes to 127.0.0.1 only.
 
-    python -m benchmarks.soak --minutes 4             # the demo, 2 min calm + 2 min under attack
-    python -m benchmarks.soak --minutes 1 --clients 2 --model DIR --bundle DIR
+    python -m benchmarks.serving.soak --minutes 4             # the demo, 2 min calm + 2 min under attack
+    python -m benchmarks.serving.soak --minutes 1 --clients 2 --model DIR --bundle DIR
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ from typing import Any
 
 import httpx
 
-from benchmarks.bench_args import RESULTS
-from benchmarks.bench_report import machine_info, write_json
+from benchmarks.harness.paths import SERVING_RESULTS
+from benchmarks.harness.report import machine_info, write_json
 
 ADMIN_TOKEN = "soak-token"
 TEXTS = ["质量非常好，物流也很快，非常满意", "The match ended in a draw after extra time.",
@@ -58,7 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--slow-connections", type=int, default=300, help="request heads sent half, held open")
     p.add_argument("--seed", type=int, default=0, help="seed of the normal clients' choices")
     p.add_argument("--server-args", default="", help="more talora-serve flags, e.g. '--max-batch-tokens 512'")
-    p.add_argument("--out", type=Path, default=RESULTS / "soak.json", help="summary JSON")
+    p.add_argument("--out", type=Path, default=SERVING_RESULTS / "soak.json", help="summary JSON")
     return p.parse_args(argv)
 
 
