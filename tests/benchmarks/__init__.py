@@ -1,1 +1,2 @@
-"""Tests of the benchmark harness (bookkeeping only; no benchmark is timed here)."""
+"""Tests of the benchmarks, one folder per suite as in benchmarks/ (bookkeeping and smoke runs; no
+benchmark is timed here)."""

@@ -150,7 +150,7 @@ def _keep(into: list):
 def test_hf_baseline_scores_with_the_same_planner(tiny_llama_dir):
     from transformers import AutoModelForCausalLM
 
-    from benchmarks import quality_peft
+    from benchmarks.quality import peft_baselines as quality_peft
     from talora.adapters.train.data import EncodedExample, EncodedTask
 
     hf = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()

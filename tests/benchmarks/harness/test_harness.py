@@ -7,8 +7,8 @@ from collections import Counter
 
 import pytest
 
-from benchmarks.bench_report import REQUIRED_RATIOS, serve_bench_summary, write_json
-from benchmarks.bench_requests import (
+from benchmarks.harness.report import REQUIRED_RATIOS, serve_bench_summary, write_json
+from benchmarks.harness.request_set import (
     assign_tasks,
     build_request_set,
     grouped_by_task,
@@ -90,51 +90,11 @@ def test_summary_has_the_required_ratios_and_setup(tmp_path):
     assert loaded["setup"] == {"threads": 1} and loaded["machine"] == {"platform": "x"}
 
 
-def test_engine_overhead_exports_an_old_revision_as_talora(tmp_path):
-    from benchmarks import engine_overhead
-
-    root = engine_overhead.export_ref("HEAD", tmp_path)
-    assert (root / "talora" / "server" / "engine" / "core.py").is_file()
-    assert (root / "talora" / "adapters" / "model" / "talora_model.py").is_file()
-
-
-@pytest.mark.slow
-def test_engine_overhead_runs_old_and_new_on_cpu(tmp_path):
-    from benchmarks import engine_overhead
-
-    out = tmp_path / "overhead.json"
-    engine_overhead.main(["--device", "cpu", "--models", "tiny", "--requests", "tiny=8", "--batch-size", "4",
-                          "--repeats", "1", "--old-ref", "HEAD", "--out", str(out)])
-    summary = json.loads(out.read_text())
-    assert set(summary["ratios"]) == {"tiny_engine_vs_forward", "old_tiny_engine_vs_forward"}
-    assert summary["results"]["tiny"]["profile"]["steps"] == 2
-
-
 def test_plots_without_matplotlib_name_the_bench_extra(monkeypatch):
     import sys
 
-    from benchmarks.bench_report import pyplot
+    from benchmarks.harness.report import pyplot
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(ModuleNotFoundError, match=r"pip install 'talora\[bench\]'"):
         pyplot()
-
-
-def test_recipe_checks_rerun_one_part_and_keep_the_other(tmp_path, monkeypatch):
-    from benchmarks import recipe_checks
-
-    out = tmp_path / "checks.json"
-    out.write_text(json.dumps({"command": "python -m benchmarks.recipe_checks", "complete": True,
-                               "small_task": {"runs": [1]}, "imbalanced_task": {"runs": [0]}}))
-    monkeypatch.setattr(recipe_checks, "source_bundle", lambda threads: tmp_path / "bundle")
-    monkeypatch.setattr(recipe_checks, "imbalanced_task",
-                        lambda bundle, seeds, tmp, threads, part, save: part.update(runs=seeds) or save())
-    monkeypatch.setattr(recipe_checks, "small_task", lambda *a: pytest.fail("not asked for"))
-    recipe_checks.main(["--parts", "imbalanced", "--imbalance-seeds", "2,3", "--out", str(out)])
-    doc = json.loads(out.read_text())
-    assert doc["imbalanced_task"] == {"runs": [2, 3]} and doc["small_task"] == {"runs": [1]} and doc["complete"]
-    assert doc["commands"] == {"small": "python -m benchmarks.recipe_checks",
-                               "imbalanced": "python -m benchmarks.recipe_checks --parts imbalanced "
-                                             "--imbalance-seeds 2,3 --out " + str(out)}
-    with pytest.raises(SystemExit, match="--parts"):
-        recipe_checks.main(["--parts", "everything", "--out", str(out)])

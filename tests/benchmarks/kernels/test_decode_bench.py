@@ -1,4 +1,4 @@
-"""Smoke tests of the decode measurements (``benchmarks/decode_bench.py``, run by
+"""Smoke tests of the decode measurements (``benchmarks/kernels/decode_bench.py``, run by
 ``engine_overhead.py --decode``) on CPU at tiny sizes: the same code a GPU run takes, less the
 Triton timings and the HBM fraction, which need CUDA."""
 
@@ -13,8 +13,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # the Triton variants run interpreted
 
-from benchmarks import decode_bench, engine_overhead  # noqa: E402  (after TRITON_INTERPRET is set)
-from benchmarks.bench_bundle import write_random_bundle  # noqa: E402
+from benchmarks.harness.bundle import write_random_bundle  # noqa: E402
+from benchmarks.kernels import decode_bench  # noqa: E402  (after TRITON_INTERPRET is set)
+from benchmarks.serving import engine_overhead  # noqa: E402
 
 ARGS = Namespace(gen_rows=4, gen_prompt_tokens=6, gen_new_tokens=5, gen_repeats=1, threads=1, device="cpu",
                  dtype="float32", kernel_rows=2, kernel_cache=70)
@@ -66,21 +67,3 @@ def test_decode_ratios_are_keyed_by_model():
                       "decode_hbm_fraction_1k": {"qwen05b": 0.7, "tiny": 0.7}}
     assert "decode_hbm_fraction_cache64" in engine_overhead.decode_ratios({"tiny": row}, 64)
     assert engine_overhead.decode_ratios({"tiny": {}}, 1024) == {}
-
-
-@pytest.mark.slow
-def test_decode_vs_hf_runs_both_sides_to_the_same_length(tmp_path):
-    """The real default model: both sides make exactly the tokens asked for, ratios and a profile are written."""
-    import json
-
-    from benchmarks import decode_vs_hf
-
-    out = tmp_path / "dvh.json"
-    assert decode_vs_hf.main(["--threads", "1", "--new-tokens", "4", "--repeats", "1", "--profile",
-                              "--out", str(out)]) == 0
-    summary = json.loads(out.read_text())
-    row = summary["rows"][0]
-    assert row["tokens"] == 4 and set(row["ratios"]) == {"tokens_per_s_wall", "tokens_per_cpu_s", "first_token_latency"}
-    assert all(v > 0 for v in row["ratios"].values())
-    for side in ("talora", "hf"):
-        assert summary["profile"][side]["ops_per_token"] > 0 and summary["profile"][side]["top"]

@@ -10,23 +10,22 @@ import subprocess
 import sys
 import textwrap
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 
-from benchmarks import quality_exec, quality_runs
-from benchmarks import quality_plan as qp
-from benchmarks.quality_claims import RunClaims
-from tests.benchmarks.test_quality import _fake_artifact, _fake_result
-
-ROOT = Path(__file__).resolve().parents[2]
+from benchmarks.quality import execution as quality_exec
+from benchmarks.quality import plan as qp
+from benchmarks.quality import runs as quality_runs
+from benchmarks.quality.claims import RunClaims
+from tests.benchmarks.quality.test_quality import _fake_artifact, _fake_result
+from tests.helpers import ROOT
 
 
 def _holder(folder, key: str, then: str = "") -> subprocess.Popen:
     """Another process that claims ``key`` under ``folder``, says so, runs ``then`` and exits."""
     code = textwrap.dedent(f"""
         import sys, time
-        from benchmarks.quality_claims import RunClaims
+        from benchmarks.quality.claims import RunClaims
         claims = RunClaims({str(folder)!r})
         assert claims.claim({key!r})
         print("held", flush=True)
@@ -62,7 +61,7 @@ def test_a_run_another_process_holds_is_left_to_it(tmp_path, monkeypatch):
     result = _fake_result(held, 0.9)
     proc = _holder(work / "claims", held.key, then=textwrap.dedent(f"""
         import json
-        from benchmarks import quality_plan as qp
+        from benchmarks.quality import plan as qp
         qp.save_result({str(runs)!r}, {held.key!r}, json.loads({json.dumps(result)!r}))
     """).replace("\n", "\n        "))
     executed = []

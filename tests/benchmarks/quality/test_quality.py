@@ -10,10 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks import quality, quality_exec, quality_runs
-from benchmarks import quality_plan as qp
-from benchmarks import quality_report as qr
-from benchmarks import quality_stats as qs
+from benchmarks.quality import cli as quality
+from benchmarks.quality import execution as quality_exec
+from benchmarks.quality import plan as qp
+from benchmarks.quality import report as qr
+from benchmarks.quality import runs as quality_runs
+from benchmarks.quality import stats as qs
 from talora.adapters.train import recipe
 
 SMOL = {"d": 576, "L": 30, "H": 9}

@@ -11,10 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import quality, quality_exec, quality_runs
-from benchmarks import quality_plan as qp
-from benchmarks import quality_sources as qs
-from tests.benchmarks.test_quality import _fake_result
+from benchmarks.quality import cli as quality
+from benchmarks.quality import execution as quality_exec
+from benchmarks.quality import plan as qp
+from benchmarks.quality import runs as quality_runs
+from benchmarks.quality import sources as qs
+from tests.benchmarks.quality.test_quality import _fake_result
 
 
 def _plan() -> list[qp.Run]:
@@ -208,7 +210,7 @@ def test_kept_reruns_resume_and_compare_methods_only_among_runs_made_on_their_ke
 
 
 def test_recipe_checks_restore_the_committed_source_stage_instead_of_training(tmp_path, monkeypatch):
-    from benchmarks import recipe_checks
+    from benchmarks.quality import recipe_checks
 
     run = qp.source_run(qp.BenchConfig(), "talora", 0)
     first, runs, store = tmp_path / "first", tmp_path / "runs", tmp_path / "sources"

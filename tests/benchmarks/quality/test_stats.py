@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from benchmarks import quality_stats as qs
+from benchmarks.quality import stats as qs
 
 TASKS = ("t1", "t2", "t3")
 

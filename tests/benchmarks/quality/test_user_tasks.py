@@ -1,4 +1,4 @@
-"""The user-task suite's plumbing (benchmarks/user_tasks.py): task files, metrics, resume, summary.
+"""The user-task suite's plumbing (benchmarks/quality/user_tasks.py): task files, metrics, resume, summary.
 No training: the data are synthetic and no model is loaded."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from benchmarks import user_tasks as ut
+from benchmarks.quality import user_tasks as ut
 
 
 def _pool(labels=("negative", "neutral", "positive"), per_label=400, prefix="t"):

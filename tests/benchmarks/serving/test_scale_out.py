@@ -1,5 +1,5 @@
-"""benchmarks/scale_out.py: the summary's ratios, the kill rows' client and measures (default suite), and a smoke
-run on the tiny model with both kill rows (``-m ray``)."""
+"""benchmarks/serving/scale_out.py: the summary's ratios, the kill rows' client and measures (default suite), and a
+smoke run on the tiny model with both kill rows (``-m ray``)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import scale_out
+from benchmarks.serving import scale_out
 
 
 def test_summary_ratios_compare_setups_of_the_same_mix():

@@ -1,11 +1,11 @@
-"""Smoke test of ``benchmarks/serving_costs.py`` at tiny sizes: every setup runs, old and new give the
+"""Smoke test of ``benchmarks/serving/serving_costs.py`` at tiny sizes: every setup runs, old and new give the
 same text and tokens, and one JSONL row per setup is written with its timings and ratio."""
 
 from __future__ import annotations
 
 import json
 
-from benchmarks import serving_costs
+from benchmarks.serving import serving_costs
 
 
 def test_serving_costs_runs_in_smoke_mode(tmp_path, capsys):

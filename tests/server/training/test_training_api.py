@@ -234,7 +234,7 @@ def test_a_refused_install_leaves_the_store_as_it_was(tmp_path, tiny_bundle):
 def test_a_real_task_beats_its_majority_rate(default_model, tmp_path):
     """The real default model and the demo bundle: 120 support tickets of three labels, trained through HTTP,
     installed and served; on the held-out test split the task beats its majority rate."""
-    from benchmarks.onboard_latency import support_tickets
+    from benchmarks.serving.onboard_latency import support_tickets
     from talora.adapters.demo import demo_bundle_dir
 
     with serve(demo_bundle_dir(), default_model, store=tmp_path, admin_token=TOKEN, model=default_model.name,

@@ -1,0 +1,1 @@
+"""Tests of benchmarks.kernels: the decode measurements at tiny sizes on CPU."""

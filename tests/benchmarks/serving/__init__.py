@@ -1,0 +1,1 @@
+"""Tests of benchmarks.serving: summaries, ratios and smoke runs at tiny sizes."""
