@@ -2,12 +2,12 @@
 
 ``talora-train source`` and ``talora-train target`` take their defaults from ``SOURCE`` and
 ``TARGET`` (flags and ``--config`` files override them), ``talora-train demo`` trains the demo
-bundle with them, and the quality benchmark (``benchmarks/quality.py``) trains every TA-LoRA row
+bundle with them, and the quality benchmark (``benchmarks/quality/cli.py``) trains every TA-LoRA row
 with them. Most values were chosen on the dev split, but not all: the full-data task basis row
 (``FULL_DATA_BASIS_ROWS``) was adopted on test after the dev screen was inconclusive, and earlier
 test results shaped the slow rates and the rank (issue 35). The recipe is frozen as it is
 (``recipe_hash``, recorded in every quality summary) until the protocol of docs/quality.md has
-re-chosen it on dev; benchmarks/quality_notes.md has the history of each value.
+re-chosen it on dev; benchmarks/quality/notes.md has the history of each value.
 
 Only recipe fields live here (adapter shape, learning rates, schedule, budget, data handling);
 machine settings (device, dtype, threads) and bookkeeping (output folder, logging) do not.
@@ -122,7 +122,7 @@ def target_steps(shots: int, train_examples: int, batch_size: int) -> int:
 # test split decided it (full data, 256 examples, 144 steps: one row - none +0.027 [-0.001, +0.057]);
 # without the row TA-LoRA - MPT with full data is -0.028 [-0.048, -0.007] on test (issue 35). With
 # 16 examples per label it was level with the plain prompt on dev. The protocol of docs/quality.md
-# re-decides it on dev (benchmarks/quality_notes.md, "Task basis rows").
+# re-decides it on dev (benchmarks/quality/notes.md, "Task basis rows").
 FULL_DATA_BASIS_ROWS = 1
 BASIS_ROWS_MIN_EXAMPLES = 128
 

@@ -1,4 +1,4 @@
-"""Fault injection for the tests and ``benchmarks/scale_out.py``: ``kill -9`` of one Serve replica's process.
+"""Fault injection for the tests and ``benchmarks/serving/scale_out.py``: ``kill -9`` of one Serve replica's process.
 
 ``ray.kill`` ends an actor through Ray (its owner learns at once); a real crash, the OOM killer or an
 operator's ``kill -9`` ends the worker process and Ray notices afterwards. ``kill_replica`` does

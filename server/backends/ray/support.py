@@ -11,7 +11,7 @@
 - ``rank_by_affinity``: the order in which the task-affine router tries the replicas for one
   request (``routing.TaskAffinityRouter`` applies it to Serve's replicas).
 - ``retry_delay``: whether, and after how long, a client retries an answer (the contract of
-  docs/scale_out.md, "Failures"), used by the tests and ``benchmarks/scale_out.py``.
+  docs/scale_out.md, "Failures"), used by the tests and ``benchmarks/serving/scale_out.py``.
 """
 
 from __future__ import annotations
