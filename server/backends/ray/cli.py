@@ -20,6 +20,7 @@ import sys
 
 from pydantic import ValidationError
 
+from talora.adapters.formats.cli_flags import add_flags
 from talora.server.backends.ray.support import LOOPBACK_ENV, RayOptions
 from talora.server.cli import build_parser
 from talora.server.settings import Settings
@@ -30,30 +31,22 @@ log = logging.getLogger(__name__)
 def build_ray_parser() -> argparse.ArgumentParser:
     parser = build_parser()
     parser.prog = "talora-serve --ray"
-    group = parser.add_argument_group("Ray Serve", "replicas of the engine behind one HTTP ingress")
-    for name, field in RayOptions.model_fields.items():
-        flag, help_text = "--" + name.replace("_", "-"), f"{field.description} (default {field.default})"
-        if isinstance(field.default, bool):
-            group.add_argument(flag, dest=f"ray.{name}", action=argparse.BooleanOptionalAction,
-                               default=argparse.SUPPRESS, help=help_text)
-            continue
-        kind = {"address": str, "app_name": str, "routing": str, "num_cpus": int}.get(name, type(field.default))
-        group.add_argument(flag, dest=f"ray.{name}", type=kind, default=argparse.SUPPRESS, metavar=name.upper(),
-                           help=help_text)
+    add_flags(parser.add_argument_group("Ray Serve", "replicas of the engine behind one HTTP ingress"), RayOptions)
     return parser
 
 
 def parse(argv: list[str]) -> tuple[Settings, RayOptions]:
     """Settings and RayOptions from flags (and TALORA_* variables); ValidationError names the field."""
     args = vars(build_ray_parser().parse_args(argv))
-    ray_args = {k.removeprefix("ray."): v for k, v in args.items() if k.startswith("ray.")}
-    settings = Settings(**{k: v for k, v in args.items() if not k.startswith("ray.")})
-    return settings, RayOptions(**ray_args)
+    ray_args = {name: args.pop(name) for name in list(args) if name in RayOptions.model_fields}
+    return Settings(**args), RayOptions(**ray_args)
 
 
 def main(argv: list[str]) -> int:
     try:
         settings, options = parse(argv)
+    except SystemExit as exc:  # argparse: --help (0), or a flag it refuses (2)
+        return int(exc.code or 0)
     except ValidationError as exc:
         for error in exc.errors():
             print(f"talora-serve --ray: {'.'.join(str(p) for p in error['loc'])}: {error['msg']}", file=sys.stderr)
