@@ -60,6 +60,17 @@ class BadRequest(ValueError):
     """A well-formed request that cannot be served as asked (e.g. predict on a generate task)."""
 
 
+class JobNotFound(KeyError):
+    """No training job has this id."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class JobConflict(RuntimeError):
+    """Another job of the task is queued or running, or a job cannot be cancelled or removed now."""
+
+
 class FieldError(ValueError):
     """A request field is out of the server's configured bounds (422, naming the field)."""
 
@@ -73,6 +84,8 @@ STATUS = {  # the first entry that matches wins: a subclass comes before its bas
     AdapterTooLarge: (413, "invalid_request_error"),
     AdapterFormatError: (400, "invalid_request_error"),
     AdapterConflict: (409, "conflict_error"),
+    JobNotFound: (404, "not_found_error"),
+    JobConflict: (409, "conflict_error"),
     BadRequest: (400, "invalid_request_error"),
     FieldError: (422, "invalid_request_error"),
     InputTooLong: (413, "invalid_request_error"),
@@ -165,7 +178,6 @@ def install_error_handlers(app: FastAPI, retry_after_s: int) -> None:
         return error_response(request, exc.status_code, str(exc.detail), kind, headers=exc.headers)
 
     app.add_exception_handler(StarletteHTTPException, http_error)
-
 
 
 def unexpected_error(request: Request, exc: Exception) -> JSONResponse:

@@ -17,7 +17,7 @@ from typing import Any
 from pydantic import BaseModel, SecretStr
 
 
-def add_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, model: type[BaseModel], names: Iterable[str] | None = None,
+def add_flags(parser: argparse._ActionsContainer, model: type[BaseModel], names: Iterable[str] | None = None,
               defaults: Mapping[str, Any] | None = None, env_prefix: str = "") -> None:
     """A flag for each field of ``model`` named in ``names`` (default: all, in order). ``defaults``: the
     defaults to show where they are not the field's; ``env_prefix``: the help names the environment

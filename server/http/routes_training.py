@@ -22,13 +22,12 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from talora.server.errors import FieldError, InputTooLong
+from talora.server.errors import FieldError, InputTooLong, JobNotFound
 from talora.server.http.deps import EngineDep, require_admin, settings_of
 from talora.server.http.openapi import task_errors
 from talora.server.http.schemas import TrainingJob, TrainingJobList, TrainingJobRequest
 from talora.server.http.sse import sse
-from talora.server.training.examples import ExamplesRefused
-from talora.server.training.manager import JobConflict, JobNotFound, Submission, TrainingManager
+from talora.server.training.manager import Submission, TrainingManager
 from talora.server.training.store import ACTIVE, JobRecord
 
 router = APIRouter(tags=["training"], dependencies=[Depends(require_admin)])
@@ -45,17 +44,6 @@ def _manager(engine) -> TrainingManager:
     return manager
 
 
-def _call(fn, *args):
-    try:
-        return fn(*args)
-    except ExamplesRefused as exc:
-        raise FieldError(exc.field, str(exc).removeprefix(f"{exc.field}: ")) from None
-    except JobConflict as exc:
-        raise HTTPException(409, str(exc)) from None
-    except JobNotFound as exc:
-        raise HTTPException(404, str(exc)) from None
-
-
 async def _submit(engine, body: TrainingJobRequest, request: Request) -> dict:
     manager = _manager(engine)
     limit = settings_of(request).training_max_examples
@@ -66,7 +54,7 @@ async def _submit(engine, body: TrainingJobRequest, request: Request) -> dict:
                      verbalizers=body.verbalizers, language=body.language, install=body.install,
                      version=body.version, steps=body.steps, eval_every=body.eval_every, seed=body.seed,
                      examples=[e.model_dump(exclude_none=True) for e in body.examples])
-    record = await run_in_threadpool(_call, manager.submit, sub)
+    record = await run_in_threadpool(manager.submit, sub)
     return record.to_json()
 
 
@@ -126,21 +114,21 @@ async def list_jobs(engine: EngineDep) -> dict:
 @router.get("/v1/training/jobs/{job_id}", response_model=TrainingJob, responses=task_errors(401, 403, 404, 422, 501))
 async def get_job(job_id: str, engine: EngineDep) -> dict:
     """One job: status, progress (step, steps, loss, dev score, ETA) and, at the end, its result or error."""
-    return _call(_manager(engine).get, job_id).to_json()
+    return _manager(engine).get(job_id).to_json()
 
 
 @router.post("/v1/training/jobs/{job_id}/cancel", response_model=TrainingJob,
              responses=task_errors(401, 403, 404, 409, 422, 501))
 async def cancel_job(job_id: str, engine: EngineDep) -> dict:
     """Cancel a queued or running job (its worker is stopped; nothing is installed); 409 once it installs or ended."""
-    return (await run_in_threadpool(_call, _manager(engine).cancel, job_id)).to_json()
+    return (await run_in_threadpool(_manager(engine).cancel, job_id)).to_json()
 
 
 @router.delete("/v1/training/jobs/{job_id}", response_model=TrainingJob,
                responses=task_errors(401, 403, 404, 409, 422, 501))
 async def delete_job(job_id: str, engine: EngineDep) -> dict:
     """Remove a finished job and its folder (trained files included); 409 while it is queued or running."""
-    return (await run_in_threadpool(_call, _manager(engine).remove, job_id)).to_json()
+    return (await run_in_threadpool(_manager(engine).remove, job_id)).to_json()
 
 
 def _view(record: JobRecord) -> str:
@@ -154,7 +142,7 @@ async def job_events(job_id: str, request: Request, engine: EngineDep):
     "job": ...}`` when it has ended (at once for a job that has). A client that does not accept
     ``text/event-stream`` gets the job as JSON, as from ``GET /v1/training/jobs/{id}``."""
     manager = _manager(engine)
-    record = _call(manager.get, job_id)
+    record = manager.get(job_id)
     if "text/event-stream" not in request.headers.get("accept", ""):
         return record.to_json()
 

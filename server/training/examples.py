@@ -19,16 +19,13 @@ from typing import Any
 
 from talora.adapters.data.file_task import duplicate_rows, make_file_task, read_rows
 from talora.adapters.formats.io import AdapterFormatError, check_template
+from talora.server.errors import FieldError
 
 EXAMPLES_FILE = "examples.jsonl"
 
 
-class ExamplesRefused(ValueError):
-    """The examples (or the task's description) cannot make a task; the message names the row or field."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(f"{field}: {message}")
-        self.field = field
+class ExamplesRefused(FieldError):
+    """The examples (or the task's description) cannot make a task; the message names the row or field (422)."""
 
 
 def write_examples(folder: Path, examples: list[dict[str, Any]]) -> Path:

@@ -31,7 +31,7 @@ from typing import Any
 
 from talora.adapters.formats.io import BUNDLE_FILE, SHARED_FILE, check_task_name, list_task_names
 from talora.server.adapter_registry import write_atomic
-from talora.server.errors import QueueFull
+from talora.server.errors import JobConflict, JobNotFound, QueueFull
 from talora.server.metrics import Metrics
 from talora.server.settings import EngineFields
 from talora.server.training.examples import check_examples, write_examples
@@ -42,19 +42,6 @@ log = logging.getLogger(__name__)
 POLL_S = 0.5
 KILL_GRACE_S = 5.0
 WORKER_LOG = "worker.log"
-
-
-class JobNotFound(KeyError):
-    def __str__(self) -> str:
-        return str(self.args[0])
-
-
-class JobConflict(RuntimeError):
-    """Another job of the task is queued or running, or a job cannot be cancelled or removed now (409)."""
-
-
-class TrainingUnavailable(RuntimeError):
-    """This server runs no training jobs (501)."""
 
 
 @dataclass
