@@ -25,6 +25,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ log = logging.getLogger(__name__)
 POLL_S = 0.5
 KILL_GRACE_S = 5.0
 WORKER_LOG = "worker.log"
+INTERRUPTED = "interrupted: the server stopped while the job ran (its task was not changed); submit it again"
 
 
 @dataclass
@@ -102,8 +104,7 @@ class TrainingManager:
                 self._queue.append(record.id)
             elif record.status in ("running", "installing"):
                 self._stop_stray_worker(record)
-                self._finish(record, "failed", "interrupted: the server stopped while the job ran (its task was "
-                                               "not changed); submit it again")
+                self._finish(record, "failed", INTERRUPTED)
             self._records[record.id] = record
         if self._queue:
             log.info("training: %d queued jobs found on disk are queued again", len(self._queue))
@@ -122,8 +123,7 @@ class TrainingManager:
         for job in running:
             self._kill(job.proc)
             job.log_file.close()
-            self._finish(job.record, "failed", "interrupted: the server stopped while the job ran (its task was not "
-                                               "changed); submit it again")
+            self._finish(job.record, "failed", INTERRUPTED)
 
     # ----- the API ---------------------------------------------------------------------------
     def submit(self, sub: Submission) -> JobRecord:
@@ -178,7 +178,10 @@ class TrainingManager:
 
     def get(self, job_id: str) -> JobRecord:
         with self._lock:
-            record = self._records.get(job_id)
+            return self._find(job_id)
+
+    def _find(self, job_id: str) -> JobRecord:
+        record = self._records.get(job_id)
         if record is None:
             raise JobNotFound(f"training job {job_id[:40]!r} does not exist")
         return record
@@ -186,9 +189,7 @@ class TrainingManager:
     def cancel(self, job_id: str) -> JobRecord:
         """Cancel a queued or running job (a running worker is stopped); ``JobConflict`` once it installs or ended."""
         with self._lock:
-            record = self._records.get(job_id)
-            if record is None:
-                raise JobNotFound(f"training job {job_id[:40]!r} does not exist")
+            record = self._find(job_id)
             if record.status == "queued":
                 self._queue.remove(job_id)
             elif record.status == "running" and job_id in self._running:
@@ -205,9 +206,7 @@ class TrainingManager:
     def remove(self, job_id: str) -> JobRecord:
         """Delete a finished job's folder (its trained files too); ``JobConflict`` while it is active."""
         with self._lock:
-            record = self._records.get(job_id)
-            if record is None:
-                raise JobNotFound(f"training job {job_id[:40]!r} does not exist")
+            record = self._find(job_id)
             if record.active:
                 raise JobConflict(f"training job {job_id} is {record.status}: cancel it first")
             del self._records[job_id]
@@ -237,8 +236,7 @@ class TrainingManager:
             job.log_file.close()
             with self._lock:
                 self._running.pop(job_id, None)
-            seconds = time.monotonic() - job.started
-            self.metrics.training_seconds.observe(seconds)
+            self.metrics.training_seconds.observe(time.monotonic() - job.started)
             self._ended(job, code)
         while not self._halt.is_set():
             with self._lock:
@@ -250,14 +248,10 @@ class TrainingManager:
 
     def _ended(self, job: _Running, code: int) -> None:
         record, folder = job.record, self.jobs.folder(job.record.id)
-        if job.cancelled:
-            self._finish(record, "cancelled", None)
-            return
-        if record.error is not None:  # over the time limit
-            self._finish(record, "failed", record.error)
-            return
-        if code != 0:
-            self._finish(record, "failed", self._failure(folder, code))
+        # record.error is set when the job ran over the time limit
+        failure = None if job.cancelled else record.error or (self._failure(folder, code) if code else None)
+        if job.cancelled or failure:
+            self._finish(record, "cancelled" if job.cancelled else "failed", failure)
             return
         try:
             result = json.loads((folder / RESULT_FILE).read_text(encoding="utf-8"))
@@ -282,10 +276,8 @@ class TrainingManager:
         self._finish(record, "succeeded", None)
 
     def _failure(self, folder: Path, code: int) -> str:
-        try:
+        with suppress(OSError, ValueError, KeyError):
             return json.loads((folder / ERROR_FILE).read_text(encoding="utf-8"))["error"]
-        except (OSError, ValueError, KeyError):
-            pass
         try:
             lines = (folder / WORKER_LOG).read_text(encoding="utf-8", errors="replace").strip().splitlines()
         except OSError:
@@ -352,20 +344,13 @@ class TrainingManager:
         """Progress of a running job from its plan and its run's log rows: step, loss, dev score, ETA."""
         folder = self.jobs.folder(job.record.id)
         progress = dict(job.record.progress)
-        try:
-            plan = json.loads((folder / PLAN_FILE).read_text(encoding="utf-8"))
-            progress["steps"] = plan["steps"]
-        except (OSError, ValueError, KeyError):
-            pass
+        with suppress(OSError, ValueError, KeyError):
+            progress["steps"] = json.loads((folder / PLAN_FILE).read_text(encoding="utf-8"))["steps"]
         rows = []
-        try:
+        with suppress(OSError):
             for line in (folder / "run" / "log.jsonl").read_text(encoding="utf-8").splitlines():
-                try:
+                with suppress(ValueError):  # a row being written
                     rows.append(json.loads(line))
-                except ValueError:
-                    continue  # a row being written
-        except OSError:
-            pass
         steps = [r for r in rows if r.get("kind") == "step"]
         evals = [r for r in rows if r.get("kind") == "eval"]
         if steps:
@@ -410,23 +395,18 @@ class TrainingManager:
         """A cancelled running job: stop its worker now (the supervisor records the end)."""
         job = self._running.get(job_id)
         if job is not None and job.proc.poll() is None:
-            try:
-                os.killpg(job.proc.pid, signal.SIGTERM)
-            except (ProcessLookupError, PermissionError):
-                pass
+            _signal_group(job.proc.pid, signal.SIGTERM)
 
     @staticmethod
     def _kill(proc: subprocess.Popen) -> None:
         if proc.poll() is not None:
             return
+        _signal_group(proc.pid, signal.SIGTERM)
         try:
-            os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(KILL_GRACE_S)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            _signal_group(proc.pid, signal.SIGKILL)
             proc.wait()
-        except (ProcessLookupError, PermissionError):
-            pass
 
     def _stop_stray_worker(self, record: JobRecord) -> None:
         """The worker of a job interrupted by a restart, if it still runs (its command line names the job folder)."""
@@ -438,10 +418,13 @@ class TrainingManager:
         except OSError:
             return
         if str(self.jobs.folder(record.id)) in cmdline and "talora.server.training.worker" in cmdline:
-            try:
-                os.killpg(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+            _signal_group(pid, signal.SIGKILL)
+
+
+def _signal_group(pid: int, sig: signal.Signals) -> None:
+    """Signal the worker's process group (its own session); one that has ended, or is not ours, is left."""
+    with suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, sig)
 
 
 def start_training(settings: EngineFields, store: Path, bundle: Path, model: str, device: str, metrics: Metrics,

@@ -23,7 +23,6 @@ from talora.server.adapter_registry import write_atomic
 log = logging.getLogger(__name__)
 JOBS_DIR = Path(".talora") / "jobs"
 JOB_FILE = "job.json"
-STATUSES = ("queued", "running", "installing", "succeeded", "failed", "cancelled")
 ACTIVE = ("queued", "running", "installing")
 JOB_ID = re.compile(r"\A[0-9a-f]{16}\Z")
 
@@ -68,12 +67,6 @@ class JobStore:
         if not JOB_ID.fullmatch(job_id):
             raise ValueError(f"job id {job_id[:40]!r} is not a job id")
         return self.root / job_id
-
-    def create(self, record: JobRecord) -> Path:
-        folder = self.folder(record.id)
-        folder.mkdir(parents=True, exist_ok=False)
-        self.save(record)
-        return folder
 
     def save(self, record: JobRecord) -> None:
         write_atomic(self.folder(record.id) / JOB_FILE,

@@ -19,6 +19,7 @@ import logging
 import os
 import sys
 import time
+from contextlib import suppress
 from pathlib import Path
 
 from talora.server.adapter_registry import write_atomic
@@ -98,10 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     folder = Path(args[0])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
+    with suppress(OSError):
         os.nice(NICE)
-    except OSError:
-        pass
     tic = time.monotonic()
     try:
         result = run(folder)

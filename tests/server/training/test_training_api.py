@@ -180,7 +180,8 @@ def test_a_restart_requeues_queued_jobs_and_fails_interrupted_ones(tmp_path, tin
     running = JobRecord(id="00000000000000a2", task="r", kind="classify", status="running", options={}, examples=10,
                         progress={"pid": 999_999_999})
     for record in (queued, running):
-        store.create(record)
+        store.folder(record.id).mkdir(parents=True)
+        store.save(record)
     manager = _manager(tmp_path, tiny_bundle, training_max_running=0)  # nothing is launched
     manager.start()
     try:
