@@ -87,8 +87,8 @@ STATUS = {  # the first entry that matches wins: a subclass comes before its bas
     JobNotFound: (404, "not_found_error"),
     JobConflict: (409, "conflict_error"),
     BadRequest: (400, "invalid_request_error"),
+    InputTooLong: (413, "invalid_request_error"),  # before FieldError: bridge.RequestTooLarge is both
     FieldError: (422, "invalid_request_error"),
-    InputTooLong: (413, "invalid_request_error"),
     QueueFull: (429, "rate_limit_error"),
     ShuttingDown: (503, "server_error"),
     WorkerDead: (503, "server_error"),
@@ -143,19 +143,15 @@ def field_name(loc: tuple | list) -> str:
 
 def install_error_handlers(app: FastAPI, retry_after_s: int) -> None:
     def mapped(request: Request, exc: Exception) -> JSONResponse:
-        status, kind = next(v for k, v in STATUS.items() if isinstance(exc, k))
+        if isinstance(exc, JobFailed):  # the status the engine gave: 500, 503, 504 (or 499, nobody listening)
+            status, kind = exc.status, "server_error"
+        else:
+            status, kind = next(v for k, v in STATUS.items() if isinstance(exc, k))
         headers = {"Retry-After": str(retry_after_s)} if status in (429, 503) else None
         return error_response(request, status, str(exc), kind, getattr(exc, "field", None), headers)
 
-    for exc_type in STATUS:
+    for exc_type in (*STATUS, JobFailed):
         app.add_exception_handler(exc_type, mapped)
-
-    def job_failed(request: Request, exc: Exception) -> JSONResponse:
-        assert isinstance(exc, JobFailed)
-        headers = {"Retry-After": str(retry_after_s)} if exc.status == 503 else None
-        return error_response(request, exc.status, str(exc), "server_error", headers=headers)
-
-    app.add_exception_handler(JobFailed, job_failed)
 
     def invalid(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)

@@ -78,11 +78,8 @@ def create_app(settings: Settings, engine: ServingEngine) -> FastAPI:
     app.state.settings = settings
     install_error_handlers(app, settings.retry_after_s)
     install_limits(app, settings)
-    app.include_router(routes_tasks.router)
-    app.include_router(routes_openai.router)
-    app.include_router(routes_admin.router)
-    app.include_router(routes_training.router)
-    app.include_router(routes_health.router)
+    for routes in (routes_tasks, routes_openai, routes_admin, routes_training, routes_health):
+        app.include_router(routes.router)
     app.add_middleware(BodyLimit, settings=settings)  # innermost of the three: bodies are bounded
     app.add_middleware(KeepErrorsInRequest)  # an unexpected error is its request's 500, never the server's
     app.add_middleware(RequestLog, engine=engine)  # outermost: it sees the status every request ends with

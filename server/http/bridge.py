@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncGenerator, Awaitable
+from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -61,12 +62,8 @@ def params_of(max_new_tokens: int, temperature: float, top_p: float, stop: str |
     return GenerationParams(max_new_tokens, temperature, top_p, tuple(stop_list(stop)), seed, top_k)
 
 
-class RequestTooLarge(InputTooLong):
+class RequestTooLarge(InputTooLong, FieldError):
     """A request over ``max_request_chars`` or ``max_request_tokens`` (413, naming the field)."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(f"{field}: {message}")
-        self.field = field
 
 
 class Channel:
@@ -77,10 +74,8 @@ class Channel:
         self._queue: asyncio.Queue[Event] = asyncio.Queue()
 
     def emit(self, event: Event) -> None:
-        try:
+        with suppress(RuntimeError):  # the loop is closed: nobody is waiting any more
             self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
-        except RuntimeError:  # the loop is closed: nobody is waiting any more
-            pass
 
     async def next(self, deadline: float, timeout_s: float) -> Event:
         remaining = deadline + GRACE_S - time.monotonic()

@@ -35,11 +35,11 @@ class OpenAIRoute(APIRoute):
 router = APIRouter(tags=["openai"], route_class=OpenAIRoute)
 
 
-def _chunk(cid: str, created: int, task: str, version: str, text: str, finish_reason: str | None,
-           index: int = 0) -> dict:
-    return {"id": cid, "object": "text_completion", "created": created, "model": task,
-            "system_fingerprint": version,
-            "choices": [{"text": text, "index": index, "logprobs": None, "finish_reason": finish_reason}]}
+def _completion(cid: str, created: int, task: str, version: str, choices: list[tuple[str, str | None]]) -> dict:
+    """A ``text_completion`` (or one chunk of a stream) with a choice per ``(text, finish_reason)``."""
+    return {"id": cid, "object": "text_completion", "created": created, "model": task, "system_fingerprint": version,
+            "choices": [{"text": text, "index": index, "logprobs": None, "finish_reason": finish_reason}
+                        for index, (text, finish_reason) in enumerate(choices)]}
 
 
 @router.post("/v1/completions", response_model=Completion, responses={**SSE, **openai_errors(*MODEL_ERRORS)})
@@ -57,9 +57,9 @@ async def completions(body: CompletionRequest, request: Request, engine: EngineD
     if body.stream:
         def render(event: Event) -> dict:
             if isinstance(event, Finished):
-                return _chunk(cid, created, body.model, adapter.version, "", event.finish_reason)
+                return _completion(cid, created, body.model, adapter.version, [("", event.finish_reason)])
             assert isinstance(event, Token)
-            return _chunk(cid, created, body.model, adapter.version, event.text, None)
+            return _completion(cid, created, body.model, adapter.version, [(event.text, None)])
 
         async def stream() -> StreamingResponse:
             [gen] = await call.generate(adapter, prompts, body.question, params)
@@ -72,14 +72,12 @@ async def completions(body: CompletionRequest, request: Request, engine: EngineD
         return await bridge.gather_all([g.result() for g in gens])
 
     results = await call.guard(run())
-    choices = [{"text": r.text, "index": i, "logprobs": None, "finish_reason": r.finish_reason}
-               for i, r in enumerate(results)]
     prompt_tokens = sum(r.prompt_tokens for r in results)
     completion_tokens = sum(r.completion_tokens for r in results)
-    return JSONResponse({"id": cid, "object": "text_completion", "created": created, "model": body.model,
-                         "system_fingerprint": adapter.version, "choices": choices,
-                         "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                                   "total_tokens": prompt_tokens + completion_tokens}}, headers=headers)
+    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+             "total_tokens": prompt_tokens + completion_tokens}
+    completion = _completion(cid, created, body.model, adapter.version, [(r.text, r.finish_reason) for r in results])
+    return JSONResponse({**completion, "usage": usage}, headers=headers)
 
 
 def _stream_error(exc: Exception) -> dict:

@@ -24,6 +24,7 @@ import math
 import resource
 import socket
 import time
+from contextlib import suppress
 from typing import Any
 
 import h11
@@ -129,11 +130,9 @@ def max_connections(settings: Settings) -> int:
     """``settings.max_connections``, lowered to fit the process's file limit (raised to its hard limit)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or hard > soft):
-        try:
+        with suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
             soft = hard
-        except (ValueError, OSError):
-            pass
     if soft == resource.RLIM_INFINITY:
         return settings.max_connections
     fitting = max(8, soft - FD_RESERVE)
