@@ -64,15 +64,10 @@ def _build_squad(cache: Path) -> Splits:
     return group_split(examples, 4009, SplitPolicy(), lambda ex: title_of[(ex.text, ex.question)])
 
 
-def _words(mapping: dict[str, str]) -> dict[str, str]:
-    return {label: " " + word for label, word in mapping.items()}
-
-
 def _classify(name, language, labels, words, template, max_tokens, source, license, description) -> TaskSpec:
-    return TaskSpec(
-        name=name, kind="classify", language=language, labels=tuple(labels), verbalizers=_words(words),
-        template=template, max_input_tokens=max_tokens, source=source, license=license, description=description,
-    )
+    return TaskSpec(name=name, kind="classify", language=language, labels=tuple(labels),
+                    verbalizers={label: " " + word for label, word in words.items()}, template=template,
+                    max_input_tokens=max_tokens, source=source, license=license, description=description)
 
 
 SENTIMENT3 = {"negative": "negative", "neutral": "neutral", "positive": "positive"}

@@ -110,8 +110,6 @@ def _check_labels(path: Path, examples: list[Example], labels) -> tuple[str, ...
     rare = sorted(label for label in labels if counts.get(label, 0) < MIN_PER_LABEL)
     if rare:
         raise ValueError(f"task file {path}: labels {rare} have fewer than {MIN_PER_LABEL} examples")
-    if len(examples) < MIN_EXAMPLES:
-        raise ValueError(f"task file {path} has {len(examples)} examples; at least {MIN_EXAMPLES} are needed")
     return labels
 
 
@@ -129,24 +127,20 @@ def task_name_for(path: Path) -> str:
 EXTRACT_TEMPLATE = "Context: {text}\nQuestion: {question}\nAnswer:"
 
 
-def _check_extract(path: Path, examples: list[Example], labels) -> None:
-    if labels:
-        raise ValueError(f"labels: an extract task has no label set (task file {path})")
-    if len(examples) < MIN_EXAMPLES:
-        raise ValueError(f"task file {path} has {len(examples)} examples; at least {MIN_EXAMPLES} are needed")
-
-
 def make_file_task(path, name=None, template=None, labels=None, verbalizers=None, language="en",
                    kind="classify") -> TaskEntry:
     """Validate `path` and describe it as a task; splits are built from the file on demand."""
     path = Path(path).expanduser().resolve()
     examples, _ = dedupe(read_rows(path, kind))
     if kind == "extract":
-        _check_extract(path, examples, labels)
+        if labels:
+            raise ValueError(f"labels: an extract task has no label set (task file {path})")
         labels, verbalizers = (), {}
     else:
         labels = _check_labels(path, examples, labels)
         verbalizers = dict(verbalizers) if verbalizers else {label: " " + label for label in labels}
+    if len(examples) < MIN_EXAMPLES:
+        raise ValueError(f"task file {path} has {len(examples)} examples; at least {MIN_EXAMPLES} are needed")
     name = name or task_name_for(path)
     spec = TaskSpec(
         name=name, kind=kind, language=language, labels=labels, verbalizers=verbalizers,

@@ -47,12 +47,7 @@ class Example:
 
     @classmethod
     def from_json(cls, row: dict) -> Example:
-        return cls(
-            text=row["text"],
-            label=row["label"],
-            question=row.get("question"),
-            answers=tuple(row.get("answers", ())),
-        )
+        return cls(row["text"], row["label"], row.get("question"), tuple(row.get("answers", ())))
 
 
 def template_fields(template: str) -> set[str]:

@@ -94,10 +94,6 @@ def _save_user_task(cache: Path, spec: TaskSpec, path: Path) -> None:
     os.replace(tmp, cache / USER_INDEX)
 
 
-def _meta(entry: TaskEntry, counts: dict[str, int]) -> dict:
-    return {"format": CACHE_FORMAT_VERSION, "seed": entry.seed, "counts": counts, "source": entry.spec.source}
-
-
 def _cached_is_fresh(folder: Path, entry: TaskEntry) -> bool:
     meta_path = folder / "meta.json"
     if not meta_path.exists() or not all((folder / f"{s}.jsonl").exists() for s in SPLITS):
@@ -123,7 +119,8 @@ def _materialise(name: str, cache_dir=None) -> dict[str, int]:
     for split in SPLITS:
         write_jsonl(folder / f"{split}.jsonl", parts[split])
     counts = {split: len(parts[split]) for split in SPLITS}
-    (folder / "meta.json").write_text(json.dumps(_meta(entry, counts), indent=1), encoding="utf-8")
+    meta = {"format": CACHE_FORMAT_VERSION, "seed": entry.seed, "counts": counts, "source": entry.spec.source}
+    (folder / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
     return counts
 
 

@@ -330,11 +330,6 @@ def _load_tensors(blob: bytes, what: str) -> dict[str, torch.Tensor]:
         raise AdapterFormatError(f"{what}: not a safetensors file ({exc})") from None
 
 
-def parse_tensors(blob: bytes, expected: dict[str, tuple[int, ...]], dtype: str, what: str) -> dict[str, torch.Tensor]:
-    """Parse safetensors bytes and check the tensor names, shapes and dtype."""
-    return check_tensors(_load_tensors(blob, what), expected, dtype, what)
-
-
 def check_tensors(tensors: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], dtype: str,
                   what: str) -> dict[str, torch.Tensor]:
     """Check parsed tensors' names, shapes, dtype and values; returns them."""
@@ -394,8 +389,7 @@ def load_bundle(folder: Path, base_fingerprint: str | None = None) -> tuple[Bund
         blob = (folder / SHARED_FILE).read_bytes()
     except FileNotFoundError:
         raise AdapterFormatError(f"{SHARED_FILE}: not found in {folder}") from None
-    tensors = parse_tensors(blob, shared_shapes(meta), meta.dtype, SHARED_FILE)
-    return meta, tensors
+    return meta, check_tensors(_load_tensors(blob, SHARED_FILE), shared_shapes(meta), meta.dtype, SHARED_FILE)
 
 
 # ----- tasks -------------------------------------------------------------------------------
@@ -434,12 +428,10 @@ def save_task(folder: Path, meta: TaskMeta, fast: torch.Tensor, gate: torch.Tens
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     meta_bytes, blob = encode_task(meta, fast, gate, basis)
-    tmp = folder / f".{meta.task}.safetensors.tmp"
-    tmp.write_bytes(blob)
-    tmp.replace(folder / f"{meta.task}.safetensors")
-    tmp = folder / f".{meta.task}.json.tmp"
-    tmp.write_bytes(meta_bytes)
-    tmp.replace(folder / f"{meta.task}.json")
+    for name, data in ((f"{meta.task}.safetensors", blob), (f"{meta.task}.json", meta_bytes)):
+        tmp = folder / f".{name}.tmp"
+        tmp.write_bytes(data)
+        tmp.replace(folder / name)
     return meta
 
 
