@@ -22,7 +22,7 @@ from tests.helpers import ROOT
 
 PACKAGES = ("server", "kernels", "adapters")  # the folders of the three talora packages
 CHECKED = (*PACKAGES, "tests", "benchmarks")  # everything ruff and mypy check
-RUNS_ELSEWHERE = {"vllm_worker.py"}  # benchmarks/vllm_worker.py runs in the vLLM venv, not this install
+RUNS_ELSEWHERE = {"vllm_worker.py"}  # benchmarks/serving/vllm_worker.py runs in the vLLM venv, not this install
 
 
 def _run(command: list[str], **kwargs) -> subprocess.CompletedProcess:

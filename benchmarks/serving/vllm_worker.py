@@ -7,7 +7,7 @@ offline ``vllm.LLM`` with ``enable_prompt_embeds``, prefix caching on and block 
 one generated token each (prefill only). Times one warm-up pass on a subset and ``--repeats``
 full passes, and writes a JSON row with input tokens per second (request tokens only).
 
-    benchmarks/.venv-vllm/bin/python benchmarks/vllm_worker.py --model-dir DIR \\
+    benchmarks/.venv-vllm/bin/python benchmarks/serving/vllm_worker.py --model-dir DIR \\
         --requests requests.jsonl --prompts task_prompts.safetensors --out result.json
 """
 
