@@ -3,9 +3,8 @@
 The lifespan starts the engine (model load, shared KV, adapters) in a worker thread and, on
 shutdown (SIGTERM under uvicorn, after uvicorn has let the requests in flight finish), drains
 and stops it. ``RequestLog`` writes one info line per request and counts it in the metrics by
-task, endpoint and status. Routes live in ``routes_tasks``, ``routes_openai``, ``routes_admin`` and
-``routes_health``; what they depend on (the engine, admin authorisation) in ``deps``; the limits that
-hold before a route runs (body size and read timeout, errors kept to their request) in ``limits``.
+task, endpoint and status. Routes live in ``routes_*``, what they depend on in ``deps``, the limits
+that hold before a route runs in ``limits``.
 """
 
 from __future__ import annotations

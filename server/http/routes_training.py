@@ -92,12 +92,10 @@ async def create_job_jsonl(request: Request, engine: EngineDep, task: str = Quer
         if not isinstance(row, dict):
             raise FieldError("examples", f"line {number} is not a JSON object")
         examples.append(row)
+    given = {"labels": [x for x in labels.split(",") if x] if labels else None, "template": template,
+             "version": version, "eval_every": eval_every}
     fields = {"task": task, "kind": kind, "language": language, "install": install, "steps": steps, "seed": seed,
-              "examples": examples}
-    for name, value in (("labels", [x for x in labels.split(",") if x] if labels else None),
-                        ("template", template), ("version", version), ("eval_every", eval_every)):
-        if value is not None:
-            fields[name] = value
+              "examples": examples, **{name: value for name, value in given.items() if value is not None}}
     try:
         body = TrainingJobRequest.model_validate(fields)
     except ValidationError as exc:

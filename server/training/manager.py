@@ -134,27 +134,24 @@ class TrainingManager:
         job_id = new_job_id()
         folder = self.jobs.folder(job_id)
         folder.mkdir(parents=True)
-        try:
+        try:  # a job refused here (or not saved) leaves no folder behind
             checked = check_examples(write_examples(folder, sub.examples), sub.task, sub.kind, sub.labels,
                                      sub.template, sub.verbalizers, sub.language)
+            options = {"labels": checked["spec_labels"] or None, "template": checked["template"],
+                       "verbalizers": checked["verbalizers"] or None, "language": sub.language,
+                       "install": sub.install, "version": sub.version, "steps": sub.steps,
+                       "eval_every": sub.eval_every, "seed": sub.seed}
+            record = JobRecord(id=job_id, task=sub.task, kind=sub.kind, status="queued", options=options,
+                               examples=len(sub.examples), label_counts=checked["labels"],
+                               progress={"splits": checked["splits"]})
+            with self._lock:  # checked again: another job of the task may have come in meanwhile
+                self._check_free(sub)
+                self.jobs.save(record)
+                self._records[job_id] = record
+                self._queue.append(job_id)
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise
-        options = {"labels": checked["spec_labels"] or None, "template": checked["template"],
-                   "verbalizers": checked["verbalizers"] or None, "language": sub.language, "install": sub.install,
-                   "version": sub.version, "steps": sub.steps, "eval_every": sub.eval_every, "seed": sub.seed}
-        record = JobRecord(id=job_id, task=sub.task, kind=sub.kind, status="queued", options=options,
-                           examples=len(sub.examples), label_counts=checked["labels"],
-                           progress={"splits": checked["splits"]})
-        with self._lock:
-            try:
-                self._check_free(sub)
-            except BaseException:
-                shutil.rmtree(folder, ignore_errors=True)
-                raise
-            self.jobs.save(record)
-            self._records[job_id] = record
-            self._queue.append(job_id)
         log.info("training job %s queued: task %s, %d examples (%s)", job_id, sub.task, len(sub.examples),
                  ", ".join(f"{k}={v}" for k, v in checked["splits"].items()))
         self._publish()
