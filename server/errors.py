@@ -99,14 +99,10 @@ STATUS = {  # the first entry that matches wins: a subclass comes before its bas
 OPENAI_FORMAT = "talora.openai_errors"  # scope key: the matched route answers errors in OpenAI's shape
 
 
-def _is_openai(request: Request) -> bool:
-    return bool(request.scope.get(OPENAI_FORMAT))
-
-
 def error_response(request: Request, status: int, message: str, kind: str, param: str | None = None,
                    headers: Mapping[str, str] | None = None, errors: list[dict] | None = None) -> JSONResponse:
     """The one error body of each route family: ``ErrorBody``, or ``OpenAIError`` on the OpenAI routes."""
-    if _is_openai(request):
+    if request.scope.get(OPENAI_FORMAT):
         body: dict = {"error": {"message": message, "type": kind, "param": param, "code": status}}
     else:
         body = {"detail": message, "field": param}

@@ -119,8 +119,7 @@ def read_task_json(cache: Path, rel: str) -> dict:
     path = bigbench_dir(cache) / rel
     if not path.exists():
         raise MissingDataError(FETCH_HINT)
-    with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def _multiple_choice(cache: Path, rel: str, label_map: dict[str, str], text_of) -> list[Example]:

@@ -57,8 +57,7 @@ class BuiltinsOnlyUnpickler(pickle.Unpickler):
 
 
 def load_pickle(path: Path):
-    with open(path, "rb") as handle:
-        return BuiltinsOnlyUnpickler(io.BytesIO(handle.read())).load()
+    return BuiltinsOnlyUnpickler(io.BytesIO(path.read_bytes())).load()
 
 
 _SPACE = re.compile(r"\s+")

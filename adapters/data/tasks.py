@@ -25,10 +25,7 @@ USER_INDEX = "user_tasks.json"
 
 def _user_index(cache: Path) -> dict[str, dict]:
     path = cache / USER_INDEX
-    if not path.exists():
-        return {}
-    with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
 
 
 def _entries(cache_dir=None) -> tuple[dict[str, TaskEntry], dict[str, str]]:

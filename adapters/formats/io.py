@@ -4,10 +4,9 @@ A **bundle** folder holds ``talora.json`` and ``shared.safetensors`` ({"prompt":
 "basis": (r, d)}), and the task adapters trained with it: ``<task>.json`` and
 ``<task>.safetensors`` ({"fast": (n, r) or (n, d), (L, n, r) with a deep prompt, "gate": (L, H)}).
 A task with ``k`` basis rows of its own also holds ``"basis": (k, d)``, and its ``"fast"`` is
-``(n, r + k)`` (``(L, n, r + k)`` deep); files without it are read exactly as before.
-The bundle JSON names the base model and its fingerprint; each task JSON names the bundle fingerprint it belongs to,
-and (files written since ``tensors_sha256`` exists) the sha256 of its tensors file, so that a JSON
-and a tensors file of two versions (a half-copied pair) never load together.
+``(n, r + k)`` (``(L, n, r + k)`` deep). The bundle JSON names the base model and its fingerprint;
+each task JSON names the bundle fingerprint it belongs to and the sha256 of its tensors file (absent
+in older files), so that a JSON and a tensors file of two versions never load together.
 Every reader checks names, shapes, dtypes and fingerprints and raises ``AdapterFormatError``
 saying which field is wrong; nothing is half-loaded. A task's metadata has one strict schema
 (``check_task_document``): JSON types exactly (no coercion, no bools for integers, no NaN), the

@@ -31,13 +31,6 @@ CLOSE = {"Connection": "close"}
 UPLOAD_OVERHEAD_BYTES = 64 * 1024  # multipart boundaries and part headers around the two files
 
 
-def body_limit(settings: Settings, method: str, path: str) -> tuple[int, str]:
-    """The largest body of a request to ``path`` and the setting that sets it."""
-    if method == "PUT" and path.startswith("/v1/adapters/"):
-        return 2 * settings.max_upload_bytes + UPLOAD_OVERHEAD_BYTES, "max_upload_bytes"
-    return settings.max_body_bytes, "max_body_bytes"
-
-
 def _too_large(limit: int, setting: str) -> HTTPException:
     return HTTPException(413, f"body: the request body is over the server's limit of {limit} bytes ({setting})",
                          headers=CLOSE)
@@ -52,7 +45,9 @@ class BodyLimit:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        limit, setting = body_limit(self.settings, scope["method"], scope["path"])
+        limit, setting = self.settings.max_body_bytes, "max_body_bytes"
+        if scope["method"] == "PUT" and scope["path"].startswith("/v1/adapters/"):  # an upload: two files
+            limit, setting = 2 * self.settings.max_upload_bytes + UPLOAD_OVERHEAD_BYTES, "max_upload_bytes"
         declared = _content_length(scope)
         if declared is not None and declared > limit:
             refused = _too_large(limit, setting)

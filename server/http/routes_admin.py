@@ -20,7 +20,6 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from talora.adapters.formats.io import AdapterFormatError
-from talora.server.adapter_registry import AdapterTooLarge
 from talora.server.errors import InputTooLong
 from talora.server.http.deps import EngineDep, require_admin, settings_of
 from talora.server.http.openapi import task_errors
@@ -29,29 +28,20 @@ from talora.server.http.schemas import AdapterEvicted, AdapterLoaded
 router = APIRouter(tags=["admin"], dependencies=[Depends(require_admin)])
 
 
-def _no_room(exc: OSError) -> HTTPException:
-    """507: the server could not hold the upload's parts (its temporary folder is full or failing)."""
-    return HTTPException(507, f"upload: the server has no room for the upload's parts ({exc.strerror or exc}); "
-                              "retry later, or load the adapter from the store by path")
-
-
 async def _read_upload(request: Request, limit: int) -> tuple[bytes, bytes]:
+    parts = {}
     try:
         form = await request.form(max_part_size=limit)
+        for name in ("metadata", "tensors"):
+            part = form.get(name)
+            if part is None or isinstance(part, str):
+                raise AdapterFormatError(f"{name}: the upload needs a file part named {name!r}")
+            parts[name] = await part.read(limit + 1)
+            if len(parts[name]) > limit:
+                raise InputTooLong(f"{name}: the upload is over max_upload_bytes={limit}")
     except OSError as exc:  # the parts are spooled to the temporary folder: full (ENOSPC), quota, I/O error
-        raise _no_room(exc) from None
-    parts = {}
-    for name in ("metadata", "tensors"):
-        part = form.get(name)
-        if part is None or isinstance(part, str):
-            raise AdapterFormatError(f"{name}: the upload needs a file part named {name!r}")
-        try:
-            data = await part.read(limit + 1)
-        except OSError as exc:
-            raise _no_room(exc) from None
-        if len(data) > limit:
-            raise InputTooLong(f"{name}: the upload is over max_upload_bytes={limit}")
-        parts[name] = data
+        raise HTTPException(507, f"upload: the server has no room for the upload's parts ({exc.strerror or exc}); "
+                                 "retry later, or load the adapter from the store by path") from None
     return parts["metadata"], parts["tensors"]
 
 
@@ -89,11 +79,8 @@ async def put_adapter(task: str, request: Request, engine: EngineDep) -> dict:
         meta_bytes, blob = await _read_upload(request, settings_of(request).max_upload_bytes)
         adapter, changed = await run_in_threadpool(engine.load_bytes, task, meta_bytes, blob)
     else:
-        path = await _store_path(request, task)
-        try:
-            adapter, changed = await run_in_threadpool(engine.load_store, task, path)
-        except AdapterTooLarge as exc:
-            raise InputTooLong(str(exc)) from None  # 413, as an upload over the same limit
+        # a store file over max_upload_bytes is AdapterTooLarge: 413, as an upload over the same limit
+        adapter, changed = await run_in_threadpool(engine.load_store, task, await _store_path(request, task))
     request.state.task, request.state.version = task, adapter.version
     # the version this load replaced, read in the registry's install step (a concurrent PUT cannot slip between)
     previous = adapter.replaced if changed else adapter.version

@@ -98,10 +98,8 @@ def _stream_error(exc: Exception) -> dict:
 @router.get("/v1/tasks", response_model=TaskList)
 async def list_tasks(engine: EngineDep, settings: SettingsDep) -> dict:
     """Loaded tasks with their metadata and versions; ``resident``: task KV is in a device slot."""
-    resident = engine.resident
-    tasks = [{**a.describe(), "resident": a.key in resident}
-             for _, a in sorted(engine.adapters().items())]
-    bundle = engine.bundle
+    resident, bundle = engine.resident, engine.bundle
+    tasks = [{**a.describe(), "resident": a.key in resident} for _, a in sorted(engine.adapters().items())]
     return {"tasks": tasks, "num_slots": settings.num_slots,
             "bundle": {"fingerprint": bundle.fingerprint, "base_model": bundle.base_model}}
 
