@@ -161,14 +161,13 @@ def install_error_handlers(app: FastAPI, retry_after_s: int) -> None:
         return error_response(request, 422, f"{field}: {main['msg']}{more}", "invalid_request_error", field,
                               errors=issues)
 
-    app.add_exception_handler(RequestValidationError, invalid)
-
     def http_error(request: Request, exc: Exception) -> JSONResponse:
         """Starlette's own errors (unknown path, wrong method, a body that is not UTF-8) in the route's shape."""
         assert isinstance(exc, StarletteHTTPException)
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return error_response(request, exc.status_code, str(exc.detail), kind, headers=exc.headers)
 
+    app.add_exception_handler(RequestValidationError, invalid)
     app.add_exception_handler(StarletteHTTPException, http_error)
 
 

@@ -26,9 +26,8 @@ def package_dir(module: str, requirement: str) -> Path:
     """Folder of the installed top-level package `module`, without importing it."""
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        raise MissingDataError(
-            f"data package {requirement!r} is not installed; " + INSTALL_HINT.format(requirement=requirement)
-        )
+        raise MissingDataError(f"data package {requirement!r} is not installed; "
+                               + INSTALL_HINT.format(requirement=requirement))
     return Path(list(spec.submodule_search_locations)[0])
 
 

@@ -60,10 +60,8 @@ def get_task(name: str) -> TaskSpec:
     return _entry(name).spec
 
 
-def register_file_task(
-    path, name=None, template=None, labels=None, verbalizers=None, language="en", *, save=False, cache_dir=None,
-    kind="classify",
-) -> TaskSpec:
+def register_file_task(path, name=None, template=None, labels=None, verbalizers=None, language="en", *,
+                       save=False, cache_dir=None, kind="classify") -> TaskSpec:
     """Register a JSONL/CSV (text, label) task for this process; `save=True` also records it in
     `<cache>/user_tasks.json`, so later processes (and the CLI) find it by name.
 
@@ -81,10 +79,9 @@ def register_file_task(
 
 def _save_user_task(cache: Path, spec: TaskSpec, path: Path) -> None:
     index = _user_index(cache)
-    index[spec.name] = {
-        "path": str(path), "template": spec.template, "labels": list(spec.labels),
-        "verbalizers": spec.verbalizers, "language": spec.language,
-    } | ({"kind": spec.kind} if spec.kind != "classify" else {})
+    extra = {"kind": spec.kind} if spec.kind != "classify" else {}
+    index[spec.name] = {"path": str(path), "template": spec.template, "labels": list(spec.labels),
+                        "verbalizers": spec.verbalizers, "language": spec.language, **extra}
     cache.mkdir(parents=True, exist_ok=True)
     tmp = cache / (USER_INDEX + ".tmp")
     tmp.write_text(json.dumps(index, ensure_ascii=False, indent=1), encoding="utf-8")

@@ -110,8 +110,7 @@ class KeepErrorsInRequest:
         try:
             await self.app(scope, receive, tracked_send)
         except Exception as exc:  # noqa: BLE001 - answered here so that the server never sees it
-            request = Request(scope)
-            response = unexpected_error(request, exc)
+            response = unexpected_error(Request(scope), exc)
             if started:  # a stream was under way: it ends here; the client sees the body stop
                 log.error("unhandled %s during the response to %s %s", type(exc).__name__, scope["method"],
                           scope["path"], exc_info=exc)

@@ -31,9 +31,7 @@ async def ready(engine: EngineDep) -> JSONResponse:
     tasks = len(engine.adapters()) if engine.ready else 0
     missing = engine.loaded.registry.missing() if engine.ready and isinstance(engine, AdapterFacade) else []
     ok = engine.ready and engine.alive() and tasks > 0 and not missing
-    body: dict = {"ready": ok, "tasks": tasks}
-    if missing:
-        body["missing"] = missing
+    body = {"ready": ok, "tasks": tasks} | ({"missing": missing} if missing else {})
     return JSONResponse(body, status_code=200 if ok else 503)
 
 

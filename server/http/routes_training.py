@@ -28,7 +28,7 @@ from talora.server.http.openapi import task_errors
 from talora.server.http.schemas import TrainingJob, TrainingJobList, TrainingJobRequest
 from talora.server.http.sse import sse
 from talora.server.training.manager import Submission, TrainingManager
-from talora.server.training.store import ACTIVE, JobRecord
+from talora.server.training.store import ACTIVE
 
 router = APIRouter(tags=["training"], dependencies=[Depends(require_admin)])
 EVENT_POLL_S = 0.5
@@ -50,12 +50,9 @@ async def _submit(engine, body: TrainingJobRequest, request: Request) -> dict:
     if len(body.examples) > limit:
         raise InputTooLong(f"examples: {len(body.examples)} examples is over the server's limit of {limit} "
                            "(training_max_examples)")
-    sub = Submission(task=body.task, kind=body.kind, labels=body.labels, template=body.template,
-                     verbalizers=body.verbalizers, language=body.language, install=body.install,
-                     version=body.version, steps=body.steps, eval_every=body.eval_every, seed=body.seed,
-                     examples=[e.model_dump(exclude_none=True) for e in body.examples])
-    record = await run_in_threadpool(manager.submit, sub)
-    return record.to_json()
+    examples = [e.model_dump(exclude_none=True) for e in body.examples]
+    sub = Submission(**{**body.model_dump(exclude={"examples"}), "examples": examples})
+    return (await run_in_threadpool(manager.submit, sub)).to_json()
 
 
 ERRORS = task_errors(400, 401, 403, 409, 413, 422, 429, 501)
@@ -129,10 +126,6 @@ async def delete_job(job_id: str, engine: EngineDep) -> dict:
     return (await run_in_threadpool(_manager(engine).remove, job_id)).to_json()
 
 
-def _view(record: JobRecord) -> str:
-    return json.dumps([record.status, record.progress, record.result, record.error], sort_keys=True, default=str)
-
-
 @router.get("/v1/training/jobs/{job_id}/events", response_model=TrainingJob, responses={
     200: {"content": {"text/event-stream": {"schema": SSE_EVENT}}}, **task_errors(401, 403, 404, 422, 501)})
 async def job_events(job_id: str, request: Request, engine: EngineDep):
@@ -151,7 +144,8 @@ async def job_events(job_id: str, request: Request, engine: EngineDep):
                 record = manager.get(job_id)
             except JobNotFound:  # removed while streamed
                 return
-            view = _view(record)
+            view = json.dumps([record.status, record.progress, record.result, record.error], sort_keys=True,
+                              default=str)
             if record.status not in ACTIVE:
                 yield sse({"type": "done", "job": record.to_json()})
                 return

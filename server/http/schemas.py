@@ -112,15 +112,16 @@ class PredictOne(Prediction):
     version: str
 
 
-class PredictMany(BaseModel):
+class _TaskAnswer(BaseModel):
     task: str
     version: str
+
+
+class PredictMany(_TaskAnswer):
     results: list[Prediction]
 
 
-class GenerateResult(BaseModel):
-    task: str
-    version: str
+class GenerateResult(_TaskAnswer):
     text: str
     finish_reason: Literal["stop", "length"]
     prompt_tokens: int
@@ -233,9 +234,7 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
-class AdapterLoaded(BaseModel):
-    task: str
-    version: str
+class AdapterLoaded(_TaskAnswer):
     previous_version: str | None
     changed: bool = Field(description="false when the same version was already loaded")
     source: str

@@ -30,9 +30,7 @@ class ExamplesRefused(FieldError):
 
 def write_examples(folder: Path, examples: list[dict[str, Any]]) -> Path:
     path = Path(folder) / EXAMPLES_FILE
-    with open(path, "w", encoding="utf-8") as handle:
-        for row in examples:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in examples), encoding="utf-8")
     return path
 
 

@@ -37,7 +37,7 @@ from talora.server.metrics import Metrics
 from talora.server.settings import EngineFields
 from talora.server.training.examples import check_examples, write_examples
 from talora.server.training.store import ACTIVE, JobRecord, JobStore, new_job_id
-from talora.server.training.worker import ERROR_FILE, PLAN_FILE, RESULT_FILE, RUN_FILE
+from talora.server.training.worker import ERROR_FILE, PLAN_FILE, RESULT_FILE, RUN_FILE, headline
 
 log = logging.getLogger(__name__)
 POLL_S = 0.5
@@ -275,10 +275,9 @@ class TrainingManager:
     def _failure(self, folder: Path, code: int) -> str:
         with suppress(OSError, ValueError, KeyError):
             return json.loads((folder / ERROR_FILE).read_text(encoding="utf-8"))["error"]
-        try:
+        lines: list[str] = []
+        with suppress(OSError):
             lines = (folder / WORKER_LOG).read_text(encoding="utf-8", errors="replace").strip().splitlines()
-        except OSError:
-            lines = []
         tail = " | ".join(lines[-3:])[-600:]
         return f"the training worker exited with status {code}" + (f": {tail}" if tail else "")
 
@@ -330,12 +329,9 @@ class TrainingManager:
         """The served bundle's shared files and its tasks but ``task`` (a task of the bundle is trained anew, from
         the others)."""
         target.mkdir(exist_ok=True)
-        for name in (BUNDLE_FILE, SHARED_FILE):
+        others = [f"{o}{ext}" for o in list_task_names(self.bundle) if o != task for ext in (".json", ".safetensors")]
+        for name in (BUNDLE_FILE, SHARED_FILE, *others):
             shutil.copyfile(self.bundle / name, target / name)
-        for other in list_task_names(self.bundle):
-            if other != task:
-                for ext in (".json", ".safetensors"):
-                    shutil.copyfile(self.bundle / f"{other}{ext}", target / f"{other}{ext}")
 
     def _follow(self, job: _Running) -> None:
         """Progress of a running job from its plan and its run's log rows: step, loss, dev score, ETA."""
@@ -357,10 +353,9 @@ class TrainingManager:
             if recent and progress.get("steps"):
                 progress["eta_s"] = round(max(0, progress["steps"] - last["step"]) * sum(recent) / len(recent), 1)
         if evals:
-            metrics = evals[-1].get("metrics", {}).get(job.record.task, {})
-            headline = metrics.get("accuracy", metrics.get("f1"))
-            if headline is not None:
-                progress.update(dev=headline, dev_step=evals[-1].get("step"))
+            dev = headline(evals[-1].get("metrics", {}).get(job.record.task, {}))
+            if dev is not None:
+                progress.update(dev=dev, dev_step=evals[-1].get("step"))
         progress["elapsed_s"] = round(time.monotonic() - job.started, 1)
         if progress != job.record.progress:
             job.record.progress = progress

@@ -79,8 +79,7 @@ class JobStore:
             if not JOB_ID.fullmatch(folder.name):
                 continue
             try:
-                data = json.loads((folder / JOB_FILE).read_text(encoding="utf-8"))
-                records.append(JobRecord(**data))
+                records.append(JobRecord(**json.loads((folder / JOB_FILE).read_text(encoding="utf-8"))))
             except (OSError, ValueError, TypeError) as exc:
                 log.warning("training job %s: its record cannot be read (%s); left alone", folder.name, exc)
         return sorted(records, key=lambda r: r.created_at)

@@ -48,7 +48,8 @@ def target_argv(job: dict, folder: Path, steps: int) -> list[str]:
     return argv
 
 
-def _headline(metrics: dict) -> float | None:
+def headline(metrics: dict) -> float | None:
+    """A run's one score: accuracy (classify) or F1 (extract)."""
     value = metrics.get("accuracy", metrics.get("f1"))
     return float(value) if value is not None else None
 
@@ -84,7 +85,7 @@ def run(folder: Path) -> dict:
     write_atomic(meta_path, json.dumps(document, indent=2, sort_keys=True).encode())
     dev = summary["metrics"][task]
     result = {"version": document["version"], "dev_metrics": dev, "test_metrics": tested,
-              "dev": _headline(dev), "test": _headline(tested), "test_majority_rate": majority,
+              "dev": headline(dev), "test": headline(tested), "test_majority_rate": majority,
               "steps": summary["steps"], "train_examples": summary["train_examples"], "inputs": summary["inputs"],
               "bundle": str(bundle.relative_to(folder)), "diverged": summary.get("diverged"),
               "restored_step": summary.get("restored_step")}
