@@ -15,7 +15,13 @@ import torch
 from talora.adapters.model.config import SUPPORTED_MODEL_TYPES, ModelConfig
 from talora.adapters.model.frozen_lm import Rope, apply_rope
 from talora.adapters.model.loading import ModelLoadError, load_checkpoint_folder, load_model
-from tests.adapters.model.test_talora import TASKS, _batch, _cached_vs_full, _model, _open_gates
+from tests.adapters.model.test_talora import (
+    _batch,
+    _cached_vs_full,
+    _closed_gates_match_shared_prompt_alone,
+    _model,
+    _open_gates,
+)
 from tests.helpers import FAMILY_TINY, save_tiny_checkpoint
 
 # name: (family, overrides). Beside each family's tiny config: Llama 3.2 (tied embeddings, rope
@@ -93,19 +99,7 @@ def test_closed_gates_equal_the_plain_model_on_shared_prompt_and_input(tmp_path,
     family = VARIANTS[name][0]
     wide = {"sliding_window": 64} if "sliding_window" in FAMILY_TINY[family] else {}
     folder = _checkpoint(tmp_path, name, **wide)
-    model = _model(folder)
-    ids, mask = _batch(model.lm.config.vocab_size)
-    m, n = model.cfg.shared_prompt_len, model.cfg.task_prompt_len
-    with torch.no_grad():
-        ours = model.forward_full(ids, mask, TASKS)
-        hf = _hf(folder)
-        for b in range(ids.shape[0]):
-            x = ids[b, : mask[b].sum()]
-            # P lives in the input-embedding space (Gemma: token rows times sqrt(d)), as transformers' embed
-            embeds = torch.cat([model.prompt, hf.get_input_embeddings()(x)])[None]
-            positions = torch.cat([torch.arange(m), m + n + torch.arange(len(x))])[None]
-            ref = hf(inputs_embeds=embeds, position_ids=positions).logits[0, m:]
-            assert (ours[b, : len(x)] - ref).abs().max() <= 1e-5 * ref.abs().max()
+    _closed_gates_match_shared_prompt_alone(_model(folder), _hf(folder))
 
 
 @pytest.mark.parametrize("cfg", [{}, {"gated": False}], ids=["talora", "gate-off"])

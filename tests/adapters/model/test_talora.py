@@ -48,18 +48,24 @@ def model(tiny_llama_dir):
     return _model(tiny_llama_dir)
 
 
-def test_zero_gates_equal_frozen_lm_with_shared_prompt_alone(model, tiny_llama_dir):
+def _closed_gates_match_shared_prompt_alone(model, hf) -> None:
+    """With every gate closed, ``forward_full`` equals transformers (``hf``) on ``[P; X]`` with X at
+    positions m+n.. (P lives in the input-embedding space: Gemma's token rows times sqrt(d), as
+    transformers' embedding gives them)."""
     ids, mask = _batch(model.lm.config.vocab_size)
     m, n = model.cfg.shared_prompt_len, model.cfg.task_prompt_len
     with torch.no_grad():
         ours = model.forward_full(ids, mask, TASKS)
-        hf = _hf(tiny_llama_dir)
         for b in range(ids.shape[0]):
             x = ids[b, : mask[b].sum()]
             embeds = torch.cat([model.prompt, hf.get_input_embeddings()(x)])[None]
             positions = torch.cat([torch.arange(m), m + n + torch.arange(len(x))])[None]
             ref = hf(inputs_embeds=embeds, position_ids=positions).logits[0, m:]
             assert (ours[b, : len(x)] - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def test_zero_gates_equal_frozen_lm_with_shared_prompt_alone(model, tiny_llama_dir):
+    _closed_gates_match_shared_prompt_alone(model, _hf(tiny_llama_dir))
 
 
 def test_gate_off_equals_one_joint_softmax(tiny_llama_dir):
