@@ -106,7 +106,8 @@ class Rope:
 
 
     def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """``cos, sin (..., 1, rotary_dim)`` of ``positions (...)`` in ``dtype``, for ``rotate``. LongRoPE
+        """``cos, sin (..., 1, rotary_dim)`` of ``positions (...)`` in ``dtype``, for ``rotate`` (``sin``'s
+        first half negated, as ``rotate`` takes it). LongRoPE
         rotates the positions at or past ``long_from`` by its long factors, each position by its own: a
         cached key keeps its rotation whatever comes after it (transformers switches the whole sequence
         at once instead)."""
@@ -115,21 +116,23 @@ class Rope:
         if self.long_inv_freq is not None:
             long = pos * self.long_inv_freq.to(positions.device)
             freqs = torch.where(positions[..., None] >= self.long_from, long, freqs)
-        emb = torch.cat([freqs, freqs], dim=-1)
-        cos, sin = emb.cos(), emb.sin()
+        cos, sin = freqs.cos(), freqs.sin()
         if self.factor != 1.0:
             cos, sin = cos * self.factor, sin * self.factor
+        cos, sin = torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)
         return cos.to(dtype)[..., None, :], sin.to(dtype)[..., None, :]
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate ``x (..., heads, h)`` by ``Rope.tables`` (rotate-half convention) over its first
-    ``cos.shape[-1]`` dims; the rest pass through (partial rotary)."""
+    ``cos.shape[-1]`` dims; the rest pass through (partial rotary).
+
+    The rotate-half form ``x * cos + cat(-x2, x1) * sin`` with the sign folded into the table's
+    first half: ``x * cos + cat(x2, x1) * sin'``, the halves swapped by one ``flip``."""
     rot = cos.shape[-1]
     x_rot = x[..., :rot] if rot < x.shape[-1] else x
-    half = rot // 2
-    rotated = torch.cat([-x_rot[..., half:], x_rot[..., :half]], dim=-1)
-    out = x_rot * cos + rotated * sin
+    swapped = x_rot.unflatten(-1, (2, rot // 2)).flip(-2).flatten(-2)
+    out = torch.addcmul(x_rot * cos, swapped, sin)
     return out if rot == x.shape[-1] else torch.cat([out, x[..., rot:]], dim=-1)
 
 
@@ -138,20 +141,44 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor, rope: Rope | torch.Tens
     return rotate(x, *(rope if isinstance(rope, Rope) else Rope(rope)).tables(positions, x.dtype))
 
 
+def columns_first(device: torch.device) -> bool:
+    """Whether weights on ``device`` are stored transposed (``[in, out]`` contiguous, the ``[out, in]``
+    parameter a view of it). On CPU, MKL's product of a few rows against a row-major ``[out, in]``
+    weight repacks the weight on every call; against the transposed layout it does not: 1.3-1.7x faster
+    at 4-37 rows, level at one row and at hundreds (``docs/benchmarks.md``, "weight layout"). GPUs keep
+    the usual layout."""
+    return device.type == "cpu"
+
+
+def lay_out(module: nn.Linear | nn.Embedding) -> None:
+    """Store ``module``'s weight in its device's layout (``columns_first``); values are unchanged."""
+    weight = module.weight
+    if weight.is_meta or not columns_first(weight.device) or weight.t().is_contiguous():
+        return
+    module.weight = nn.Parameter(weight.detach().t().contiguous().t(), requires_grad=weight.requires_grad)
+
+
 class Stacked:
     """Several ``nn.Linear`` of one input laid out as one matrix: their weights (and biases) become views
-    of it, so one product computes them all and no weight is held twice. ``__call__`` returns None when
-    the layout no longer holds (a parameter was replaced, or it needs a gradient): use the layers then."""
+    of it, so one product computes them all and no weight is held twice. On a ``columns_first`` device
+    the matrix is stored ``[in, out]`` (each weight a column block, seen transposed). ``__call__``
+    returns None when the layout no longer holds (a parameter was replaced, or it needs a gradient):
+    use the layers then."""
 
     def __init__(self, *linears: nn.Linear):
         self.linears = linears
-        self.weight = torch.cat([lin.weight.detach() for lin in linears])
+        parts = [lin.weight.detach() for lin in linears]
+        if columns_first(parts[0].device):
+            self.weight = torch.cat([w.t() for w in parts], dim=1).t()  # [out, in], a view of [in, out]
+        else:
+            self.weight = torch.cat(parts)
         has_bias = linears[0].bias is not None
         self.bias = torch.cat([lin.bias.detach() for lin in linears]) if has_bias else None
-        row = 0
+        row, self.views = 0, []
         for lin in linears:
             rows = lin.out_features
             lin.weight = nn.Parameter(self.weight[row:row + rows], requires_grad=lin.weight.requires_grad)
+            self.views.append((lin.weight.data_ptr(), lin.weight.stride()))
             if self.bias is not None and lin.bias is not None:
                 lin.bias = nn.Parameter(self.bias[row:row + rows], requires_grad=lin.bias.requires_grad)
             row += rows
@@ -161,18 +188,15 @@ class Stacked:
         return None if linears[0].weight.is_meta else cls(*linears)
 
     def holds(self) -> bool:
-        base, step, row = self.weight.data_ptr(), self.weight.element_size() * self.weight.shape[1], 0
-        for lin in self.linears:
-            if lin.weight.requires_grad or lin.weight.data_ptr() != base + row * step:
+        for lin, (ptr, stride) in zip(self.linears, self.views):
+            if lin.weight.requires_grad or lin.weight.data_ptr() != ptr or lin.weight.stride() != stride:
                 return False
-            row += lin.out_features
         return self.bias is None or self.linears[0].bias is not None and \
             self.linears[0].bias.data_ptr() == self.bias.data_ptr()
 
-    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
-        if not self.holds():
-            return None
-        return F.linear(x, self.weight, self.bias).split([lin.out_features for lin in self.linears], dim=-1)
+    def __call__(self, x: torch.Tensor) -> torch.Tensor | None:
+        """All the layers' outputs side by side (``(..., sum of out_features)``), or None."""
+        return F.linear(x, self.weight, self.bias) if self.holds() else None
 
 
 class Attention(nn.Module):
@@ -194,22 +218,29 @@ class Attention(nn.Module):
         self.cfg = cfg
 
     def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        cfg, lead = self.cfg, x.shape[:-1]
+        """Queries, keys and values ``(..., heads, h)`` of ``x``, q and k rotated (``Rope.tables``)."""
+        cfg = self.cfg
         if cfg.fused_projections:
-            q, k, v = self.qkv_proj(x).split(self.sizes, dim=-1)
+            out = self.qkv_proj(x)
         else:
-            q, k, v = (self.stacked and self.stacked(x)) or (self.q_proj(x), self.k_proj(x), self.v_proj(x))
-        q = q.reshape(*lead, cfg.num_heads, cfg.head_dim)
-        k = k.reshape(*lead, cfg.num_kv_heads, cfg.head_dim)
-        v = v.reshape(*lead, cfg.num_kv_heads, cfg.head_dim)
+            out = self.stacked(x) if self.stacked is not None else None
+            if out is None:  # the weights are no longer one matrix (replaced, or trainable)
+                out = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
+        heads = (cfg.num_heads, cfg.num_kv_heads, cfg.num_kv_heads)
+        q, k, v = out.unflatten(-1, (sum(heads), cfg.head_dim)).split(heads, dim=-2)
         if cfg.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        return rotate(q, cos, sin), rotate(k, cos, sin), v
+            return rotate(self.q_norm(q), cos, sin), rotate(self.k_norm(k), cos, sin), v
+        q, k = rotate(out[..., :cfg.head_dim * (heads[0] + heads[1])].unflatten(-1, (-1, cfg.head_dim)),
+                      cos, sin).split(heads[:2], dim=-2)  # q and k heads in one rotation
+        return q, k, v
 
     def stack(self) -> None:
         """One product for q, k and v (``Stacked``): called whenever the weights move or change dtype."""
         if not self.cfg.fused_projections:
             self.stacked = Stacked.of(self.q_proj, self.k_proj, self.v_proj)
+        else:
+            lay_out(self.qkv_proj)
+        lay_out(self.o_proj)
 
 
 class MLP(nn.Module):
@@ -229,7 +260,8 @@ class MLP(nn.Module):
         if self.fused:
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         else:
-            gate, up = (self.stacked and self.stacked(x)) or (self.gate_proj(x), self.up_proj(x))
+            both = self.stacked(x) if self.stacked is not None else None
+            gate, up = (self.gate_proj(x), self.up_proj(x)) if both is None else both.chunk(2, dim=-1)
         act = F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate)
         return self.down_proj(act * up)
 
@@ -237,6 +269,9 @@ class MLP(nn.Module):
         """One product for gate and up (``Stacked``)."""
         if not self.fused:
             self.stacked = Stacked.of(self.gate_proj, self.up_proj)
+        else:
+            lay_out(self.gate_up_proj)
+        lay_out(self.down_proj)
 
 
 class DecoderLayer(nn.Module):
@@ -304,11 +339,19 @@ class CausalLM(nn.Module):
         return self
 
     def _stack(self) -> None:
-        """Lay out each layer's q/k/v and gate/up weights for one product each (``Stacked``)."""
+        """Lay out each layer's q/k/v and gate/up weights for one product each (``Stacked``), every
+        weight in its device's layout (``columns_first``), a head tied to the embedding too (``embed``
+        then gathers columns: as fast as rows for a few tokens, a few ms more for thousands)."""
         for layer in self.model.layers:
             for part in (cast(DecoderLayer, layer).self_attn, cast(DecoderLayer, layer).mlp):
                 if part.stacked is None or not part.stacked.holds():
                     part.stack()
+        embedding = self.model.embed_tokens
+        if self.lm_head.weight is embedding.weight:  # tied: the head's layout wins, lookups gather columns
+            lay_out(embedding)
+            self.lm_head.weight = embedding.weight
+        else:
+            lay_out(self.lm_head)
 
     def attention(self, idx: int) -> LayerAttention:
         """How layer ``idx`` attends: its softmax scale, sliding window and score softcap."""
@@ -334,7 +377,11 @@ class CausalLM(nn.Module):
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Input embeddings of ``input_ids``: the token rows times ``embed_scale`` (Gemma: sqrt(d),
         rounded to the weights' dtype as transformers does). Soft-prompt rows live in this space."""
-        rows = self.model.embed_tokens(input_ids)
+        table = self.model.embed_tokens.weight
+        if table.stride(0) == 1 and table.shape[1] > 1:  # columns-first (a tied head's layout)
+            rows = table.t().index_select(1, input_ids.reshape(-1)).t().reshape(*input_ids.shape, -1)
+        else:
+            rows = self.model.embed_tokens(input_ids)
         return rows if self.config.embed_scale == 1.0 else rows * self.embed_scale()
 
     def embed_scale(self) -> torch.Tensor:

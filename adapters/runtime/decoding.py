@@ -42,8 +42,13 @@ class StepReads:
 
     def __init__(self, scores: torch.Tensor, picked: torch.Tensor,
                  sampler: Callable[[torch.Tensor], torch.Tensor] | None = None):
-        usable = torch.isfinite(picked).any(-1) & ~torch.isnan(picked).any(-1)
-        self.tokens = picked.argmax(-1) if sampler is None else sampler(picked)
+        # log-probabilities hold no +inf: a row's maximum is finite exactly when it has a finite value
+        # and no NaN (max propagates NaN); greedy takes the argmax from the same pass
+        if sampler is None:
+            best, self.tokens = picked.max(-1)
+        else:
+            best, self.tokens = picked.amax(-1), sampler(picked)
+        usable = torch.isfinite(best)
         small = torch.cat([scores, self.tokens.float(), usable.float()])  # token ids < 2**24 are exact
         self.groups, self.picks = len(scores), len(picked)
         self._copied: torch.cuda.Event | None = None

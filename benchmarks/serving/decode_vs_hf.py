@@ -153,7 +153,8 @@ def measure(args: argparse.Namespace, threads: int, engine: Any, adapter: Any, m
     out: dict[str, Any] = {"threads": threads, "tokens": tokens, "prompt_tokens": len(ids)}
     for name in ("talora", "hf"):
         out[name] = {"tokens_per_s_wall": tokens / median(name, "wall_s"),
-                     "cpu_ms_per_token": 1e3 * median(name, "cpu_s") / tokens}
+                     "cpu_ms_per_token": 1e3 * median(name, "cpu_s") / tokens,
+                     "cores_busy": median(name, "cpu_s") / median(name, "wall_s")}  # ~threads when they all work
     out["talora"]["first_token_ms"] = 1e3 * median("talora", "first_token_s")
     out["hf"]["first_token_ms"] = 1e3 * median("hf_first", "wall_s")
     out["ratios"] = {
@@ -172,19 +173,23 @@ def main(argv: list[str] | None = None) -> int:
 
     lm = load_model(args.model, args.dtype, "cpu")
     hf_model = hf_reference(args.model, args.dtype)
-    engine = Engine(Settings(bundle=demo_bundle_dir(), model=args.model, dtype=args.dtype, num_slots=2,
-                             log_level="warning").engine_config(), loaded=lm)
-    engine.start()
-    try:
-        adapter = engine.adapter(args.task)
-        ids, _ = engine.encode(adapter, PROMPT, "What happens?" if "{question}" in adapter.meta.template else None)
-        rows = []
-        for threads in (int(t) for t in args.threads.split(",")):
+    rows: list[dict[str, Any]] = []
+    ids: list[int] = []
+    for threads in (int(t) for t in args.threads.split(",")):
+        # one engine per thread count, started with it: torch's thread count is per thread (OpenMP), and
+        # a worker thread takes the process-wide setting when it first runs an op, so setting it later
+        # from this thread would leave the engine's worker on its old count
+        engine = Engine(Settings(bundle=demo_bundle_dir(), model=args.model, dtype=args.dtype, num_slots=2,
+                                 torch_threads=threads, log_level="warning").engine_config(), loaded=lm)
+        engine.start()
+        try:
+            adapter = engine.adapter(args.task)
+            ids, _ = engine.encode(adapter, PROMPT, "What happens?" if "{question}" in adapter.meta.template else None)
             row = measure(args, threads, engine, adapter, hf_model, ids)
-            rows.append(row)
-            print(f"{threads} thread(s): talora {row['talora']}, HF {row['hf']}, ratios {row['ratios']}", flush=True)
-    finally:
-        engine.stop(10)
+        finally:
+            engine.stop(10)
+        rows.append(row)
+        print(f"{threads} thread(s): talora {row['talora']}, HF {row['hf']}, ratios {row['ratios']}", flush=True)
     summary: dict[str, Any] = {"model": args.model, "dtype": args.dtype, "task": args.task, "rows": rows,
                                "machine": machine_info(None)}
     if args.profile:

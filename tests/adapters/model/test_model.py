@@ -191,3 +191,35 @@ def test_two_first_uses_at_once_both_get_the_default_model(tmp_path):
     models = tmp_path / "models"
     assert [p.name for p in models.iterdir()] == ["smollm2-135m-instruct"]  # no scratch folder left behind
     load_checkpoint_folder(models / "smollm2-135m-instruct")
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_cpu_weights_are_stored_columns_first_with_the_same_values(tmp_path, tied):
+    """On CPU every projection (and the head, tied or not) is a transposed view of an ``[in, out]``
+    matrix; q/k/v and gate/up share one; the values, the tie and the logits are what the
+    checkpoint says."""
+    from safetensors.torch import load_file
+
+    folder = save_tiny_checkpoint(tmp_path, "llama", tie_word_embeddings=tied)
+    model, _ = load_checkpoint_folder(folder)
+    state = load_file(str(folder / "model.safetensors"))
+    layer = model.model.layers[0]
+    attn, mlp = layer.self_attn, layer.mlp
+    for name, linear in [("self_attn.q_proj", attn.q_proj), ("self_attn.v_proj", attn.v_proj),
+                         ("self_attn.o_proj", attn.o_proj), ("mlp.up_proj", mlp.up_proj),
+                         ("mlp.down_proj", mlp.down_proj)]:
+        assert linear.weight.stride()[0] == 1, name
+        assert torch.equal(linear.weight, state[f"model.layers.0.{name}.weight"]), name
+    assert attn.stacked.holds() and mlp.stacked.holds()
+    assert attn.q_proj.weight.stride() == attn.k_proj.weight.stride() == (1, attn.stacked.weight.shape[0])
+    head = model.lm_head.weight
+    assert head.stride()[0] == 1
+    assert (head is model.model.embed_tokens.weight) == tied
+    ids = torch.tensor([[3, 1, 4, 1, 5]])
+    plain = torch.nn.functional.embedding(ids, model.model.embed_tokens.weight.contiguous())
+    assert torch.equal(model.embed(ids), plain)
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    with torch.no_grad():
+        assert _max_rel_error(model(ids, mask), _hf_logits(folder, ids, mask), mask) <= 1e-4
+        half = model.to(torch.bfloat16)  # a cast lays the new weights out again
+    assert half.model.layers[0].self_attn.stacked.holds() and half.lm_head.weight.stride()[0] == 1

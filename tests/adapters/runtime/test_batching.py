@@ -168,3 +168,18 @@ def test_hf_baseline_scores_with_the_same_planner(tiny_llama_dir):
                 scores.append(sum(float(logp[len(ex.prompt_ids) - 1 + j, t]) for j, t in enumerate(verb)))
             want.append(task.labels[max(range(3), key=scores.__getitem__)])
     assert got == want
+
+
+@pytest.mark.parametrize("sampled", [False, True])
+def test_a_read_is_usable_when_it_has_a_finite_value_and_no_nan(sampled):
+    from talora.adapters.runtime.decoding import StepReads
+
+    inf, nan = float("inf"), float("nan")
+    picked = torch.log_softmax(torch.tensor([[0.0, 1.0, 2.0], [0.0, 1.0, 2.0], [0.0, 1.0, 2.0], [0.0, 1.0, 2.0]]), -1)
+    picked[1, 0] = -inf  # a token ruled out: still usable
+    picked[2] = -inf  # nothing finite
+    picked[3, 1] = nan
+    sampler = (lambda p: torch.zeros(len(p), dtype=torch.long)) if sampled else None
+    out = StepReads(torch.zeros(0), picked, sampler).result()
+    assert out.usable == [True, True, False, False]
+    assert out.next_tokens[:2] == ([0, 0] if sampled else [2, 2])
