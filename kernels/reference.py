@@ -7,6 +7,8 @@ at least float32 (float64 stays float64), and are what the CPU path of the serve
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 
@@ -83,10 +85,27 @@ def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def _visible(q0: int, q_len: int, k0: int, k_len: int, causal: bool, window: int, device) -> torch.Tensor | None:
     """``(q_len, T)``: which of the keys at positions ``k0 ..`` the queries at ``q0 ..`` see (causally
-    when ``causal``, within ``window``); None when they see them all."""
+    when ``causal``, within ``window``); None when they see them all. Small masks are kept
+    (``_small_mask``): every layer of a step asks for the same ones. Callers never write into them."""
     cut = bool(window) and q0 + q_len - 1 - k0 >= window
     if not cut and not (causal and q_len > 1):  # a lone causal query is the last position: it sees all
         return None
+    if q_len * k_len <= SMALL_MASK:
+        return _small_mask(q0, q_len, k0, k_len, causal, window if cut else 0, torch.device(device))
+    return _mask(q0, q_len, k0, k_len, causal, window if cut else 0, device)
+
+
+SMALL_MASK = 1 << 16  # elements: at most 512 kept masks of this size hold 32 MiB
+
+
+@functools.lru_cache(maxsize=512)
+def _small_mask(q0: int, q_len: int, k0: int, k_len: int, causal: bool, window: int,
+                device: torch.device) -> torch.Tensor:
+    return _mask(q0, q_len, k0, k_len, causal, window, device)
+
+
+def _mask(q0: int, q_len: int, k0: int, k_len: int, causal: bool, window: int, device) -> torch.Tensor:
+    cut = bool(window)
     q_pos = torch.arange(q0, q0 + q_len, device=device)[:, None]
     k_pos = torch.arange(k0, k0 + k_len, device=device)[None, :]
     seen = q_pos - k_pos < window if cut else torch.ones(q_len, k_len, dtype=torch.bool, device=device)

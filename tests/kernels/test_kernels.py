@@ -467,3 +467,19 @@ def test_attention_triton_family_grid(family, mode, dtype):
     for win in (window, 4 * window + 33):  # a window that cuts within a tile and one across tiles
         args = make_attention_case(seed, dtype, head_dim, group, mode, mix=SLOT_MIXES[seed % 4], n_rows=1 + seed % 16)
         check_attention_triton(args, dtype, window=win if window else 0, softcap=softcap)
+
+
+def test_small_masks_are_built_once_per_shape_and_match_fresh_ones():
+    """Every layer of a step asks for the same masks: small ones are kept, equal to a fresh build."""
+    import talora.kernels.reference as reference
+
+    reference._small_mask.cache_clear()
+    args = make_attention_case(3, torch.float64, 16, 2, "prefill", n_rows=5, max_len=30, device="cpu")
+    first = gated_prefix_attention_ref(*args, window=7)
+    built = reference._small_mask.cache_info().misses
+    again = gated_prefix_attention_ref(*args, window=7)
+    assert reference._small_mask.cache_info().misses == built and reference._small_mask.cache_info().hits >= built
+    torch.testing.assert_close(first, again, rtol=0, atol=0)
+    for key in [(40, 9, 0, 49, True, 7), (3, 4, 3, 4, True, 0), (12, 1, 0, 30, False, 5)]:
+        assert torch.equal(reference._small_mask(*key, torch.device("cpu")), reference._mask(*key, "cpu"))
+    assert_matches(first, attention_oracle(*args, window=7), torch.float64)
