@@ -262,7 +262,7 @@ class EmbeddingTable:
     embedding matrix ``embed (V, d)`` and the same fingerprint ``load_model`` gives."""
 
     config: ModelConfig
-    embed: torch.Tensor  # (vocab_size, hidden_size)
+    embed: torch.Tensor  # (vocab_size, hidden_size) input embeddings: the token rows times ``embed_scale``
     fingerprint: str
     folder: Path
 
@@ -277,7 +277,10 @@ def load_embedding_table(name: str = DEFAULT_MODEL, dtype: str | torch.dtype = "
     key = "model.embed_tokens.weight"
     if key not in state:
         raise ModelLoadError(f"{folder}: no {key} tensor")
-    return EmbeddingTable(cfg, state[key].to(torch_dtype), weights_fingerprint(cfg, state), folder)
+    embed = state[key].to(torch_dtype)
+    if cfg.embed_scale != 1.0:  # Gemma: vLLM scales the ids it embeds itself, never prompt_embeds
+        embed = embed * torch.tensor(cfg.embed_scale, dtype=torch_dtype)  # as CausalLM.embed rounds it
+    return EmbeddingTable(cfg, embed, weights_fingerprint(cfg, state), folder)
 
 
 def cpu_half_note(dtype: torch.dtype, device: str | torch.device) -> str | None:

@@ -223,3 +223,18 @@ def test_cpu_weights_are_stored_columns_first_with_the_same_values(tmp_path, tie
         assert _max_rel_error(model(ids, mask), _hf_logits(folder, ids, mask), mask) <= 1e-4
         half = model.to(torch.bfloat16)  # a cast lays the new weights out again
     assert half.model.layers[0].self_attn.stacked.holds() and half.lm_head.weight.stride()[0] == 1
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gemma3_text"])
+def test_the_embedding_table_for_vllm_holds_the_input_embeddings(tmp_path, family):
+    """vLLM applies Gemma's sqrt(d) only to ids it embeds itself: the rows talora sends as
+    prompt_embeds must already carry it, exactly as ``CausalLM.embed`` computes them."""
+    from talora.adapters.model.loading import load_embedding_table
+
+    folder = save_tiny_checkpoint(tmp_path, family)
+    model, fingerprint = load_checkpoint_folder(folder)
+    table = load_embedding_table(str(folder))
+    ids = torch.tensor([0, 5, 17, 3])
+    assert table.fingerprint == fingerprint
+    assert torch.equal(table.embed[ids], model.embed(ids))
+    assert (model.config.embed_scale != 1.0) == family.startswith("gemma")
