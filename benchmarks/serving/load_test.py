@@ -27,6 +27,7 @@ import argparse
 import asyncio
 import os
 import random
+import shlex
 import statistics
 import subprocess
 import sys
@@ -50,6 +51,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=8765, help="port of the started server")
     add_flags(p, threads=1, helps={"threads": "torch threads of the started server"})
     p.add_argument("--num-tasks", type=int, default=64, help="tasks in the started server's bundle")
+    p.add_argument("--model", default="smollm2-135m-instruct",
+                   help="frozen model of the started server: the embedded default or a checkpoint folder")
+    p.add_argument("--server-args", default="",
+                   help="more talora-serve flags for the started server, e.g. '--device cuda --cuda-graphs'")
+    p.add_argument("--generate", type=int, default=0,
+                   help="send POST /v1/completions for this many greedy tokens instead of predict (0: predict)")
     p.add_argument("--rates", default="1,2,4,8", help="comma list of arrival rates, requests/s")
     p.add_argument("--duration-s", type=float, default=30.0, help="sending time per rate")
     p.add_argument("--slo-ms", type=float, default=2000.0, help="latency bound counted as goodput")
@@ -59,6 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_flags(p, seed=0, jsonl=SERVING_RESULTS / "load_test.jsonl",
               helps={"seed": "seed of arrivals, tasks and texts", "jsonl": "rows per rate"})
     p.add_argument("--plot", type=Path, default=SERVING_RESULTS / "load_test.png", help="latency-vs-load PNG")
+    p.add_argument("--compare", nargs=2, type=Path, metavar=("BASE", "OTHER"),
+                   help="send nothing: compare the sweeps of two summaries per rate (goodput, p99), into --summary")
     p.add_argument("--from-jsonl", action="store_true",
                    help="send nothing: rebuild the summary, knee and plot from the sweep rows in --jsonl")
     p.add_argument("--summary", type=Path, default=SERVING_RESULTS / "load_test.json",
@@ -93,7 +102,11 @@ async def run_rate(client, rate: float, args, tasks: list[str], texts: list[str]
     async def one(task: str, text: str) -> None:
         sent = time.monotonic()
         try:
-            response = await client.post(f"/v1/tasks/{task}/predict", json={"text": text})
+            if args.generate:
+                response = await client.post("/v1/completions", json={
+                    "model": task, "prompt": text, "max_tokens": args.generate, "temperature": 0})
+            else:
+                response = await client.post(f"/v1/tasks/{task}/predict", json={"text": text})
             status, detail = response.status_code, response.text[:300] if response.status_code != 200 else ""
         except Exception as exc:  # noqa: BLE001 - any transport failure is an error of this request
             status, detail = -1, f"{type(exc).__name__}: {exc}"[:300]
@@ -233,14 +246,15 @@ def start_server(args, workdir: Path) -> tuple[subprocess.Popen, list[str]]:
     from talora.adapters.model.config import TaloraConfig
     from talora.adapters.model.loading import load_model
 
-    loaded = load_model()
+    loaded = load_model(args.model)
     cfg = TaloraConfig(shared_prompt_len=64, task_prompt_len=16, rank=8)
     bundle = write_random_bundle(loaded.model, loaded.fingerprint, workdir / "bundle", args.num_tasks, cfg,
                                  args.seed, alternates=args.swap_tasks)
-    cli = Path(sys.executable).with_name("talora-serve")
-    cmd = [str(cli), "--bundle", str(bundle), "--host", "127.0.0.1", "--port", str(args.port),
+    script = Path(sys.executable).with_name("talora-serve")  # installed; else (a device's shim) the module
+    cli = [str(script)] if script.exists() else [sys.executable, "-m", "talora.server.cli"]
+    cmd = [*cli, "--bundle", str(bundle), "--model", args.model, "--host", "127.0.0.1", "--port", str(args.port),
            "--torch-threads", str(args.threads), "--num-slots", str(args.num_tasks), "--max-queue", "100000",
-           "--request-timeout-s", str(args.timeout_s), "--log-level", "warning"]
+           "--request-timeout-s", str(args.timeout_s), "--log-level", "warning", *shlex.split(args.server_args)]
     log = open(workdir / "server.log", "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                             env={**os.environ, "TALORA_ADMIN_TOKEN": ADMIN_TOKEN})
@@ -284,8 +298,36 @@ async def sweep(args, tasks: list[str], texts: list[str]) -> list[dict]:
     return rows
 
 
+def compare_sweeps(base: dict, other: dict) -> list[dict]:
+    """Per offered rate of two ``sweep`` entries (e.g. eager and ``--cuda-graphs``): goodput and p99 of
+    each and their ratios ``other / base``."""
+    def ratio(ref: dict, row: dict, key: str) -> float | None:
+        a, b = ref.get(key), row.get(key)
+        return None if not a or b is None else b / a
+
+    rows = []
+    by_rate = {r["offered_rate"]: r for r in base["rows"]}
+    for row in other["rows"]:
+        ref = by_rate.get(row["offered_rate"])
+        if ref is not None:
+            rows.append({"offered_rate": row["offered_rate"], "goodput": [ref["goodput"], row["goodput"]],
+                         "p99_ms": [ref["p99_ms"], row["p99_ms"]], "errors": [ref["errors"], row["errors"]],
+                         "goodput_ratio": ratio(ref, row, "goodput"), "p99_ratio": ratio(ref, row, "p99_ms")})
+    return rows
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.compare:
+        import json
+
+        base, other = (json.loads(Path(f).read_text())["sweep"] for f in args.compare)
+        rows = compare_sweeps(base, other)
+        for row in rows:
+            print(f"{row['offered_rate']:g} req/s: goodput {row['goodput'][0]:.2f} -> {row['goodput'][1]:.2f} "
+                  f"({row['goodput_ratio']}), p99 {row['p99_ms'][0]} -> {row['p99_ms'][1]} ms ({row['p99_ratio']})")
+        write_json(args.summary, {"base": str(args.compare[0]), "other": str(args.compare[1]), "rows": rows})
+        return
     if args.from_jsonl:
         import json
 
@@ -313,7 +355,8 @@ def main(argv=None) -> None:
 def report(args, rows: list[dict], tasks: list, argv) -> None:
     """Knee and plot (a sweep), and the summary JSON entry of this run."""
     command = " ".join(["python -m benchmarks.serving.load_test", *(argv if argv is not None else sys.argv[1:])])
-    summary = {"command": command,
+    summary = {"command": command, "model": args.model, "server_args": args.server_args,
+               "request": f"completions, {args.generate} greedy tokens" if args.generate else "predict",
                "slo_ms": args.slo_ms, "num_tasks": len(tasks), "threads": args.threads,
                "machine": rows[0]["machine"] if rows else None,
                "rows": [{k: v for k, v in r.items() if k not in ("machine",)} for r in rows]}
