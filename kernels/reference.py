@@ -51,9 +51,10 @@ def lowrank_prompt_ref(
     return out
 
 
-# One key set of a query block: keys and values (H_kv, T, h) and which keys each query sees
-# ((q_len, T) bool), None when it sees them all.
-_Part = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
+# Which keys of a set the queries of a block see: ``_visible``'s key (q0, q_len, k0, k_len, causal, window).
+_Seen = tuple[int, int, int, int, bool, int]
+# One key set of a query block: keys and values (H_kv, T, h) and which keys each query sees (None: all).
+_Part = tuple[torch.Tensor, torch.Tensor, _Seen | None]
 
 
 def _attend(q: torch.Tensor, parts: list[_Part], scale: float, softcap: float) -> torch.Tensor | None:
@@ -65,8 +66,10 @@ def _attend(q: torch.Tensor, parts: list[_Part], scale: float, softcap: float) -
     values = parts[0][1] if len(parts) == 1 else torch.cat([p[1] for p in parts], dim=1)
     mask = None
     if any(p[2] is not None for p in parts):
-        mask = torch.cat([torch.ones(q.shape[1], p[0].shape[1], dtype=torch.bool, device=q.device)
-                          if p[2] is None else p[2] for p in parts], dim=-1)
+        layout = tuple((p[2], p[0].shape[1]) for p in parts)
+        q_len, total = q.shape[1], sum(n for _, n in layout)
+        joined = _small_joined if q_len * total <= SMALL_MASK else _joined
+        mask = joined(q_len, layout, q.device)
     if not softcap:  # fused on CPU; grouped heads as below (head j reads KV head j // group)
         o = torch.nn.functional.scaled_dot_product_attention(
             q[None], keys[None], values[None], attn_mask=mask, scale=scale, enable_gqa=True)[0]
@@ -83,33 +86,32 @@ def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
-def _visible(q0: int, q_len: int, k0: int, k_len: int, causal: bool, window: int, device) -> torch.Tensor | None:
-    """``(q_len, T)``: which of the keys at positions ``k0 ..`` the queries at ``q0 ..`` see (causally
-    when ``causal``, within ``window``); None when they see them all. Small masks are kept
-    (``_small_mask``): every layer of a step asks for the same ones. Callers never write into them."""
+def _visible(q0: int, q_len: int, k0: int, k_len: int, causal: bool, window: int) -> _Seen | None:
+    """Which of the keys at positions ``k0 ..`` the queries at ``q0 ..`` see (causally when ``causal``,
+    within ``window``), as the key of ``_mask``; None when they see them all."""
     cut = bool(window) and q0 + q_len - 1 - k0 >= window
     if not cut and not (causal and q_len > 1):  # a lone causal query is the last position: it sees all
         return None
-    if q_len * k_len <= SMALL_MASK:
-        return _small_mask(q0, q_len, k0, k_len, causal, window if cut else 0, torch.device(device))
-    return _mask(q0, q_len, k0, k_len, causal, window if cut else 0, device)
-
-
-SMALL_MASK = 1 << 16  # elements: at most 512 kept masks of this size hold 32 MiB
-
-
-@functools.lru_cache(maxsize=512)
-def _small_mask(q0: int, q_len: int, k0: int, k_len: int, causal: bool, window: int,
-                device: torch.device) -> torch.Tensor:
-    return _mask(q0, q_len, k0, k_len, causal, window, device)
+    return q0, q_len, k0, k_len, causal, window if cut else 0
 
 
 def _mask(q0: int, q_len: int, k0: int, k_len: int, causal: bool, window: int, device) -> torch.Tensor:
-    cut = bool(window)
+    """``(q_len, k_len)`` bool: what ``_visible``'s key says."""
     q_pos = torch.arange(q0, q0 + q_len, device=device)[:, None]
     k_pos = torch.arange(k0, k0 + k_len, device=device)[None, :]
-    seen = q_pos - k_pos < window if cut else torch.ones(q_len, k_len, dtype=torch.bool, device=device)
+    seen = q_pos - k_pos < window if window else torch.ones(q_len, k_len, dtype=torch.bool, device=device)
     return seen & (k_pos <= q_pos) if causal else seen
+
+
+def _joined(q_len: int, layout: tuple[tuple[_Seen | None, int], ...], device) -> torch.Tensor:
+    """``(q_len, T)``: the masks of key sets side by side; ``layout``: each set's ``_visible`` key and size."""
+    return torch.cat([torch.ones(q_len, size, dtype=torch.bool, device=device) if key is None
+                      else _mask(*key, device) for key, size in layout], dim=-1)
+
+
+SMALL_MASK = 1 << 16  # elements: at most 512 kept masks of this size hold 32 MiB
+# every layer of a step asks for the same masks: small ones are built once and kept (callers only read them)
+_small_joined = functools.lru_cache(maxsize=512)(_joined)
 
 
 def gated_prefix_attention_ref(
@@ -205,13 +207,13 @@ def gated_prefix_attention_ref(
         qh = _as(q[lo:hi], ct).transpose(0, 1)  # (H, q_len, h)
         q0 = own_base + kv_len - q_len
         own = (_as(k[start:start + kv_len], ct).transpose(0, 1), _as(v[start:start + kv_len], ct).transpose(0, 1),
-               _visible(q0, q_len, own_base, kv_len, True, window, q.device))
-        main = [(prefix_k, prefix_v, _visible(q0, q_len, 0, n_prefix, False, window, q.device))] if n_prefix else []
+               _visible(q0, q_len, own_base, kv_len, True, window))
+        main = [(prefix_k, prefix_v, _visible(q0, q_len, 0, n_prefix, False, window))] if n_prefix else []
         if own_in_task:
             task = [own]
         else:
             main.append(own)
-            seen = _visible(q0, q_len, n_prefix, n_task, False, window, q.device)
+            seen = _visible(q0, q_len, n_prefix, n_task, False, window)
             task = [(slot_k[slots[b]], slot_v[slots[b]], seen)] if n_task else []
         if not gated:
             ob = _attend(qh, main + task, softmax_scale, softcap)

@@ -473,13 +473,16 @@ def test_small_masks_are_built_once_per_shape_and_match_fresh_ones():
     """Every layer of a step asks for the same masks: small ones are kept, equal to a fresh build."""
     import talora.kernels.reference as reference
 
-    reference._small_mask.cache_clear()
+    reference._small_joined.cache_clear()
     args = make_attention_case(3, torch.float64, 16, 2, "prefill", n_rows=5, max_len=30, device="cpu")
     first = gated_prefix_attention_ref(*args, window=7)
-    built = reference._small_mask.cache_info().misses
+    built = reference._small_joined.cache_info().misses
     again = gated_prefix_attention_ref(*args, window=7)
-    assert reference._small_mask.cache_info().misses == built and reference._small_mask.cache_info().hits >= built
+    assert reference._small_joined.cache_info().misses == built and reference._small_joined.cache_info().hits >= built
     torch.testing.assert_close(first, again, rtol=0, atol=0)
-    for key in [(40, 9, 0, 49, True, 7), (3, 4, 3, 4, True, 0), (12, 1, 0, 30, False, 5)]:
-        assert torch.equal(reference._small_mask(*key, torch.device("cpu")), reference._mask(*key, "cpu"))
+    layout = (((40, 9, 0, 40, False, 7), 40), (None, 3), ((40, 9, 43, 9, True, 0), 9))
+    kept = reference._small_joined(9, layout, torch.device("cpu"))
+    fresh = torch.cat([reference._mask(40, 9, 0, 40, False, 7, "cpu"), torch.ones(9, 3, dtype=torch.bool),
+                       reference._mask(40, 9, 43, 9, True, 0, "cpu")], dim=-1)
+    assert torch.equal(kept, fresh)
     assert_matches(first, attention_oracle(*args, window=7), torch.float64)
