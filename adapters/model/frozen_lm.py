@@ -144,9 +144,8 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor, rope: Rope | torch.Tens
 def columns_first(device: torch.device) -> bool:
     """Whether weights on ``device`` are stored transposed (``[in, out]`` contiguous, the ``[out, in]``
     parameter a view of it). On CPU, MKL's product of a few rows against a row-major ``[out, in]``
-    weight repacks the weight on every call; against the transposed layout it does not: 1.3-1.7x faster
-    at 4-37 rows, level at one row and at hundreds (``docs/benchmarks.md``, "weight layout"). GPUs keep
-    the usual layout."""
+    weight repacks the weight on every call; against the transposed layout it does not, which speeds
+    up short prefills (docs/benchmarks.md, "decode_vs_hf"). GPUs keep the usual layout."""
     return device.type == "cpu"
 
 
