@@ -161,6 +161,12 @@ def measure(args: argparse.Namespace, threads: int, engine: Any, adapter: Any, m
         "tokens_per_s_wall": out["talora"]["tokens_per_s_wall"] / out["hf"]["tokens_per_s_wall"],
         "tokens_per_cpu_s": out["hf"]["cpu_ms_per_token"] / out["talora"]["cpu_ms_per_token"],
         "first_token_latency": out["talora"]["first_token_ms"] / out["hf"]["first_token_ms"]}
+    # each round runs the two back to back: its own ratio cancels the machine's drift between rounds
+    pairs = {"tokens_per_s_wall": [h["wall_s"] / t["wall_s"] for t, h in zip(rows["talora"], rows["hf"])],
+             "first_token_latency": [t["first_token_s"] / h["wall_s"]
+                                     for t, h in zip(rows["talora"], rows["hf_first"])]}
+    out["round_ratios"] = {key: {"median": statistics.median(values), "min": min(values), "max": max(values),
+                                 "rounds": values} for key, values in pairs.items()}
     return out
 
 

@@ -19,5 +19,9 @@ def test_decode_vs_hf_runs_both_sides_to_the_same_length(tmp_path):
     row = summary["rows"][0]
     assert row["tokens"] == 4 and set(row["ratios"]) == {"tokens_per_s_wall", "tokens_per_cpu_s", "first_token_latency"}
     assert all(v > 0 for v in row["ratios"].values())
+    for ratios in row["round_ratios"].values():  # one round: its own ratio is the whole spread
+        assert len(ratios["rounds"]) == 1 and ratios["min"] == ratios["median"] == ratios["max"] > 0
+    assert row["talora"]["cores_busy"] > 0.5  # the engine's worker ran on the row's one thread
+    assert row["talora"]["cores_busy"] < 1.2
     for side in ("talora", "hf"):
         assert summary["profile"][side]["ops_per_token"] > 0 and summary["profile"][side]["top"]
