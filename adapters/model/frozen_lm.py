@@ -407,7 +407,8 @@ class CausalLM(nn.Module):
         """All decoder layers then the final norm; returns the last hidden states. ``before(idx,
         hidden)``, when given, rewrites the hidden states that enter layer ``idx``. RoPE tables are made
         once per call."""
-        tables = {id(rope): rope.tables(positions, hidden.dtype) for rope in self._layer_rope}
+        ropes = {id(rope): rope for rope in self._layer_rope}  # one or two distinct (Gemma 3: global, local)
+        tables = {key: rope.tables(positions, hidden.dtype) for key, rope in ropes.items()}
         for idx in range(self.config.num_layers):
             if before is not None:
                 hidden = before(idx, hidden)
