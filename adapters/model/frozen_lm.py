@@ -150,11 +150,16 @@ def columns_first(device: torch.device) -> bool:
 
 
 def lay_out(module: nn.Linear | nn.Embedding) -> None:
-    """Store ``module``'s weight in its device's layout (``columns_first``); values are unchanged."""
+    """Store ``module``'s weight in its device's layout (``columns_first``, else row-major: a weight
+    moved off the CPU keeps its strides); values are unchanged."""
     weight = module.weight
-    if weight.is_meta or not columns_first(weight.device) or weight.t().is_contiguous():
+    if weight.is_meta:
         return
-    module.weight = nn.Parameter(weight.detach().t().contiguous().t(), requires_grad=weight.requires_grad)
+    if columns_first(weight.device):
+        if not weight.t().is_contiguous():
+            module.weight = nn.Parameter(weight.detach().t().contiguous().t(), requires_grad=weight.requires_grad)
+    elif not weight.is_contiguous():
+        module.weight = nn.Parameter(weight.detach().contiguous(), requires_grad=weight.requires_grad)
 
 
 class Stacked:

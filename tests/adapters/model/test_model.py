@@ -225,6 +225,27 @@ def test_cpu_weights_are_stored_columns_first_with_the_same_values(tmp_path, tie
     assert half.model.layers[0].self_attn.stacked.holds() and half.lm_head.weight.stride()[0] == 1
 
 
+def test_weights_moved_to_a_row_major_device_are_laid_out_row_major(tmp_path, monkeypatch):
+    """A model built on CPU and moved to a GPU must not keep the CPU's transposed strides: stand in
+    for the GPU by declaring the CPU row-major, then cast (any ``.to`` re-lays the weights out)."""
+    import talora.adapters.model.frozen_lm as frozen_lm
+
+    folder = save_tiny_checkpoint(tmp_path, "llama", tie_word_embeddings=True)
+    model, _ = load_checkpoint_folder(folder)
+    ids, mask = torch.tensor([[3, 1, 4, 1, 5]]), torch.ones(1, 5, dtype=torch.bool)
+    with torch.no_grad():
+        before = model(ids, mask)
+    monkeypatch.setattr(frozen_lm, "columns_first", lambda device: False)
+    model = model.to(torch.float64)
+    layer = model.model.layers[0]
+    for weight in (layer.self_attn.q_proj.weight, layer.self_attn.o_proj.weight, layer.mlp.down_proj.weight,
+                   model.lm_head.weight):
+        assert weight.stride()[1] == 1
+    assert model.lm_head.weight is model.model.embed_tokens.weight and layer.self_attn.stacked.holds()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, mask).float(), before, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("family", ["llama", "gemma2", "gemma3_text"])
 def test_the_embedding_table_for_vllm_holds_the_input_embeddings(tmp_path, family):
     """vLLM applies Gemma's sqrt(d) only to ids it embeds itself: the rows talora sends as
