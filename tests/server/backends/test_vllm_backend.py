@@ -549,3 +549,30 @@ def test_vllm_openai_completions_health_and_ready(vllm_server):
     assert reply.json()["usage"]["completion_tokens"] == 3
     assert httpx.get(f"{vllm_server.url}/health").json() == {"status": "ok"}
     assert httpx.get(f"{vllm_server.url}/ready").json()["ready"] is True
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize("family", ["gemma3_text", "gemma2", "qwen3", "phi3"])
+def test_vllm_scores_equal_talora_gate_off_on_other_families(family, tmp_path):
+    """A tiny random checkpoint of each family (byte tokenizer) served by vLLM through prompt_embeds
+    gives talora's gate-off label scores: Gemma's sqrt(d) scale, q/k norms and fused projections
+    are the same on both sides."""
+    from benchmarks.serving.engine_overhead import byte_tokenizer
+    from talora.adapters.model.loading import load_model
+    from tests.helpers import save_tiny_checkpoint
+
+    wider = {"hidden_size": 128} if family == "phi3" else {}  # vLLM's CPU attention takes no head dim of 16
+    checkpoint = save_tiny_checkpoint(tmp_path / "model", family, vocab_size=300, bos_token_id=256,
+                                      eos_token_id=256, pad_token_id=0, **wider)
+    byte_tokenizer().save_pretrained(checkpoint)
+    loaded = load_model(str(checkpoint))
+    bundle = build_bundle(tmp_path / "bundle", loaded)
+    settings = Settings(bundle=bundle, model=str(checkpoint), backend="vllm", admin_token="secret", torch_threads=1,
+                        vllm_max_model_len=256, request_timeout_s=300, drain_timeout_s=10)
+    with VllmServer(settings) as server:
+        for task in ("sentiment", "intent"):
+            adapter = server.engine.adapter(task)
+            text = "I loved every minute of it"
+            got = predict(server, task, text)
+            expected = talora_scores(loaded, bundle, task, prompt_ids(loaded, text), adapter.label_ids)
+            assert [got["scores"][label] for label in adapter.meta.labels] == pytest.approx(expected, abs=2e-3)
