@@ -250,9 +250,8 @@ def start_server(args, workdir: Path) -> tuple[subprocess.Popen, list[str]]:
     cfg = TaloraConfig(shared_prompt_len=64, task_prompt_len=16, rank=8)
     bundle = write_random_bundle(loaded.model, loaded.fingerprint, workdir / "bundle", args.num_tasks, cfg,
                                  args.seed, alternates=args.swap_tasks)
-    script = Path(sys.executable).with_name("talora-serve")  # installed; else (a device's shim) the module
-    cli = [str(script)] if script.exists() else [sys.executable, "-m", "talora.server.cli"]
-    cmd = [*cli, "--bundle", str(bundle), "--model", args.model, "--host", "127.0.0.1", "--port", str(args.port),
+    cmd = [sys.executable, "-m", "talora.server.cli", "--bundle", str(bundle), "--model", args.model,
+           "--host", "127.0.0.1", "--port", str(args.port),
            "--torch-threads", str(args.threads), "--num-slots", str(args.num_tasks), "--max-queue", "100000",
            "--request-timeout-s", str(args.timeout_s), "--log-level", "warning", *shlex.split(args.server_args)]
     log = open(workdir / "server.log", "w")
