@@ -116,7 +116,7 @@ def lowrank_prompt(fast_weights, basis, slot_ids, row_offsets, out, scale):
 def gated_prefix_attention(q, k, v, cu_seqlens_q, k_starts, kv_lens, prefix_k, prefix_v,
                            slot_k, slot_v, slot_ids, gate, softmax_scale,
                            own_in_task=False, gated=True, out=None, *, max_q_len=None, max_kv_len=None,
-                           window=0, softcap=0.0):
+                           window=0, softcap=0.0, host_layout=None):
     """See :func:`talora.kernels.reference.gated_prefix_attention_ref` for the contract.
 
     ``max_kv_len`` (keyword-only, optional) bounds ``kv_lens``; with ``max_q_len == 1`` it lets a
@@ -124,6 +124,8 @@ def gated_prefix_attention(q, k, v, cu_seqlens_q, k_starts, kv_lens, prefix_k, p
     ``window`` or a score ``softcap`` (Gemma, Mistral, Phi-3 layers) runs the one-pass Triton kernel,
     which takes both; the split-K decode kernel does not, so such a step never splits, nor does one
     whose head dim is not a power of two (Phi-3-mini's 96: the one-pass kernel pads it).
+    ``host_layout`` (keyword-only, optional): the rows' layout as host ints, which only the reference
+    reads (the Triton kernels read the tensors on the device).
     """
     if _use_triton(q):
         head_dim = q.shape[-1]
@@ -147,4 +149,5 @@ def gated_prefix_attention(q, k, v, cu_seqlens_q, k_starts, kv_lens, prefix_k, p
     return gated_prefix_attention_ref(q, k, v, cu_seqlens_q, k_starts, kv_lens, prefix_k, prefix_v,
                                       slot_k, slot_v, slot_ids, gate, softmax_scale,
                                       own_in_task=own_in_task, gated=gated, out=out, max_q_len=max_q_len,
-                                      max_kv_len=max_kv_len, window=window, softcap=softcap)
+                                      max_kv_len=max_kv_len, window=window, softcap=softcap,
+                                      host_layout=host_layout)

@@ -1,7 +1,8 @@
 """PyTorch reference twins of the talora kernels.
 
-Each function here has exactly the signature of its Triton twin in this package and is the
-definition of what that twin must compute. They run on any device and in any dtype, compute in
+Each function here has the signature of its Triton twin in this package (plus, at most, host-side
+hints that only the twin here reads: ``host_layout``) and is the definition of what that twin must
+compute. They run on any device and in any dtype, compute in
 at least float32 (float64 stays float64), and are what the CPU path of the server uses.
 """
 
@@ -136,6 +137,7 @@ def gated_prefix_attention_ref(
     max_kv_len: int | None = None,
     window: int = 0,
     softcap: float = 0.0,
+    host_layout: list[int] | None = None,
 ) -> torch.Tensor:
     """Mixed-task gated prefix attention over packed variable-length rows.
 
@@ -174,6 +176,9 @@ def gated_prefix_attention_ref(
             ``P`` sees only keys at positions ``> P - window``, in every key set (Gemma, Mistral, Phi-3).
         softcap: score soft-capping (0: none): ``s = softcap * tanh(s / softcap)`` on the scaled scores
             ``q k^T * scale`` before the softmax (Gemma 2).
+        host_layout: optional ``cu_seqlens_q, k_starts, kv_lens, slot_ids`` as one list of host ints, equal
+            to the tensors (``BatchMeta.host_layout``); saves reading them back once per layer. Only this
+            twin reads it (the Triton kernels do not take it).
 
     Semantics, per row ``b`` with slot ``s = slot_ids[b]`` and head ``j`` (KV head ``j // (H // H_kv)``)::
 
@@ -187,17 +192,22 @@ def gated_prefix_attention_ref(
     (float64 stays float64) and cast to ``q.dtype``. Returns ``out``.
     """
     ct = _compute_dtype(q.dtype)
-    if out is None:
-        out = torch.empty_like(q)
     rows = len(slot_ids)
-    layout = torch.cat([cu_seqlens_q, k_starts, kv_lens, slot_ids]).tolist()  # one read for the host loop
+    if host_layout is None:
+        host_layout = torch.cat([cu_seqlens_q, k_starts, kv_lens, slot_ids]).tolist()  # one read for the host loop
+    layout = host_layout
     bounds, starts, lens, slots = (layout[:rows + 1], layout[rows + 1:2 * rows + 1],
                                    layout[2 * rows + 1:3 * rows + 1], layout[3 * rows + 1:])
+    if not own_in_task and not softcap and all(bounds[b + 1] - bounds[b] <= 1 for b in range(rows)):
+        return _one_query_rows(q, k, v, layout, prefix_k, prefix_v, slot_k, slot_v,
+                               torch.tanh(_as(gate, ct)) if gated else None, softmax_scale, window, ct, out)
+    if out is None:
+        out = torch.empty_like(q)
     n_prefix, n_task = prefix_k.shape[0], slot_k.shape[1]
     prefix_k, prefix_v = (_as(t, ct).transpose(0, 1) for t in (prefix_k, prefix_v))  # (H_kv, m, h)
     if not own_in_task:
         slot_k, slot_v = (_as(t, ct).transpose(1, 2) for t in (slot_k, slot_v))  # (S, H_kv, n, h)
-    gates = torch.tanh(_as(gate, ct))[:, :, None, None] if gated else None  # (S, H, 1, 1)
+    gates = torch.tanh(_as(gate, ct)).view(*gate.shape, 1, 1) if gated else None  # (S, H, 1, 1)
     own_base = n_prefix + (0 if own_in_task else n_task)  # position of own key 0
     for b in range(len(slots)):
         lo, hi = bounds[b], bounds[b + 1]
@@ -224,3 +234,42 @@ def gated_prefix_attention_ref(
                 ob = ot * gates[slots[b]] if ob is None else torch.addcmul(ob, ot, gates[slots[b]])
         out[lo:hi] = 0 if ob is None else ob.transpose(0, 1)
     return out
+
+
+def _one_query_rows(q, k, v, layout: list[int], prefix_k, prefix_v, slot_k, slot_v, gates, scale: float,
+                    window: int, ct: torch.dtype, out: torch.Tensor | None) -> torch.Tensor:
+    """``gated_prefix_attention_ref`` when every row has at most one query and no softcap (a decode step):
+    the same softmaxes with no mask and few ops per row (each op's dispatch is a visible share of a
+    small model's decode step on CPU). A lone query is the last position of its row, so it sees every
+    key but those a ``window`` cuts, which are a prefix of each key set: sliced off. Key sets are joined
+    in their stored layout ``(T, H_kv, h)`` and seen as ``(1, H_kv, T, h)``. ``gates``: ``(S, H)`` tanh'd,
+    or None (ungated: one softmax over the three sets). One row and no ``out``: its result is returned
+    as it comes (no copy)."""
+    rows = (len(layout) - 1) // 4
+    n_prefix, n_task, heads, head_dim = prefix_k.shape[0], slot_k.shape[1], q.shape[1], q.shape[2]
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    for b in range(rows):
+        lo = layout[b]
+        if layout[b + 1] == lo:
+            continue
+        start, kv_len, slot = layout[rows + 1 + b], layout[2 * rows + 1 + b], layout[3 * rows + 1 + b]
+        first = max(0, n_prefix + n_task + kv_len - window) if window else 0  # first position it sees
+        own = slice(start + max(0, first - n_prefix - n_task), start + kv_len)
+        task = slice(max(0, first - n_prefix), n_task)
+        pk, pv = (prefix_k, prefix_v) if not first else (prefix_k[first:], prefix_v[first:])
+        if gates is None:  # ungated: the task keys join the main softmax
+            keys, values = [pk, slot_k[slot, task], k[own]], [pv, slot_v[slot, task], v[own]]
+        else:
+            keys, values = [pk, k[own]], [pv, v[own]]
+        query = _as(q[lo], ct).view(1, heads, 1, head_dim)
+        main_k, main_v = (_as(torch.cat(t), ct).transpose(0, 1)[None] for t in (keys, values))
+        o = sdpa(query, main_k, main_v, scale=scale, enable_gqa=True)  # (1, H, 1, h)
+        if gates is not None and task.start < n_task:
+            task_k, task_v = (_as(t[slot, task], ct).transpose(0, 1)[None] for t in (slot_k, slot_v))
+            o = torch.addcmul(o, sdpa(query, task_k, task_v, scale=scale, enable_gqa=True), gates[slot, :, None, None])
+        if out is None and rows == 1:
+            return o.view(1, heads, head_dim).to(q.dtype)
+        if out is None:
+            out = torch.empty_like(q)
+        out[lo] = o.view(heads, head_dim)
+    return out if out is not None else torch.zeros_like(q)

@@ -51,8 +51,24 @@ class TaskAdapter(nn.Module):
         return 0 if self.basis is None else self.basis.shape[0]
 
 
+class LayerViews:
+    """``layer(i)``: layer ``i``'s ``keys`` and ``values`` (indexed on their first dimension) as views made
+    once, not a tensor index per layer and step (a visible share of a small model's decode step on CPU).
+    Made again when ``keys`` or ``values`` is replaced; writes into either show through."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+
+    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        views = self.__dict__.get("_layer_views")
+        if views is None or views[0] is not self.keys or views[1] is not self.values:
+            views = (self.keys, self.values, list(zip(self.keys.unbind(0), self.values.unbind(0))))
+            self.__dict__["_layer_views"] = views
+        return views[2][i]
+
+
 @dataclass
-class PrefixKV:
+class PrefixKV(LayerViews):
     """Shared-prompt keys/values of every layer, computed once."""
 
     keys: torch.Tensor  # (L, m, H_kv, h)
@@ -60,7 +76,7 @@ class PrefixKV:
 
 
 @dataclass
-class SlotKV:
+class SlotKV(LayerViews):
     """Task-prompt keys/values and gates for S task slots."""
 
     keys: torch.Tensor  # (L, S, n, H_kv, h)
@@ -68,7 +84,7 @@ class SlotKV:
     gates: torch.Tensor  # (S, L, H) raw gate values (tanh applied in the kernel)
 
 
-class KVCache:
+class KVCache(LayerViews):
     """Per-layer pools of own keys/values, ``(L, capacity, H_kv, h)``; rows own index ranges."""
 
     def __init__(self, num_layers: int, capacity: int, num_kv_heads: int, head_dim: int,
@@ -315,26 +331,34 @@ class TaloraModel(nn.Module):
         and the rows attend over their cached keys; without it, over the new tokens alone.
         """
         offset = self.cfg.shared_prompt_len + self.cfg.task_prompt_len
+        write = meta.write_index
+        if cache is not None and write is None:
+            raise ValueError("meta.write_index: a step over a cache needs the cache index of each new token")
 
         def attend(layer: int, q, k, v):
-            if cache is not None:
-                cache.keys[layer, meta.write_index] = k.to(cache.keys.dtype)
-                cache.values[layer, meta.write_index] = v.to(cache.values.dtype)
-                k, v = cache.keys[layer], cache.values[layer]
+            if cache is not None and write is not None:
+                keys, values = cache.layer(layer)
+                keys.index_copy_(0, write, k.to(keys.dtype))
+                values.index_copy_(0, write, v.to(values.dtype))
+                k, v = keys, values
             return self._attend_kernel(layer, q, k, v, meta, prefix, slots, slots.gates, own_in_task=False)
 
         return self.lm.run_layers(self.lm.embed(input_ids), offset + meta.positions, attend)
 
     def _attend_kernel(self, layer, q, k, v, meta: BatchMeta, prefix: PrefixKV, slots: SlotKV | None,
                        gates: torch.Tensor, own_in_task: bool) -> torch.Tensor:
-        slot_k = slots.keys[layer] if slots is not None else k.new_zeros(1, 0, *k.shape[1:])
-        slot_v = slots.values[layer] if slots is not None else slot_k
+        if slots is not None:
+            slot_k, slot_v = slots.layer(layer)
+        else:
+            slot_k = slot_v = k.new_zeros(1, 0, *k.shape[1:])
+        prefix_k, prefix_v = prefix.layer(layer)
         spec = self.lm.attention(layer)
         return gated_prefix_attention(
             q, k, v, meta.cu_seqlens_q, meta.k_starts, meta.kv_lens,
-            prefix.keys[layer], prefix.values[layer], slot_k, slot_v, meta.slot_ids,
+            prefix_k, prefix_v, slot_k, slot_v, meta.slot_ids,
             gates[:, layer, :], spec.scale, own_in_task=own_in_task, gated=self.cfg.gated,
             max_q_len=meta.max_q_len, max_kv_len=meta.max_kv_len, window=spec.window, softcap=spec.softcap,
+            host_layout=meta.host_layout,
         )
 
 

@@ -59,6 +59,9 @@ class BatchMeta:
     write_index: torch.Tensor | None = None  # (N,) int64 cache index of each new token; None: no cache
     max_q_len: int | None = None  # host int: most new tokens in a row (kernels size grids without a read-back)
     max_kv_len: int | None = None  # host int: largest ``kv_lens`` (a long decode step may run split-K)
+    # host ints: cu_seqlens_q, k_starts, kv_lens and slot_ids back to back, so that the reference kernel's
+    # row loop reads them without a device read per layer; None: it reads the tensors
+    host_layout: list[int] | None = None
 
     @classmethod
     def prefill(cls, lengths: list[int], slot_ids: list[int], device="cpu") -> BatchMeta:
@@ -213,8 +216,9 @@ class StepBuffers:
         ints = self._fill(self.host_int, self.device_int, [layout[n] for n in _INT_FIELDS], int_sizes)
         tokens, positions, write, reads, term_reads, term_targets, term_groups, sample_reads, fed_at, fed_from = longs
         cu, slots, k_starts, kv_lens = ints
+        host = np.concatenate([layout["cu"], layout["k_starts"], layout["kv_lens"], layout["slots"]]).tolist()
         meta = BatchMeta(cu, positions, slots, k_starts, kv_lens, write if cached else None,
-                         int(layout["q_lens"].max(initial=0)), int(layout["kv_lens"].max(initial=0)))
+                         int(layout["q_lens"].max(initial=0)), int(layout["kv_lens"].max(initial=0)), host)
         return PackedStep(tokens, meta, reads, term_reads, term_targets, term_groups, sample_reads,
                           fed_at, fed_from, plan.num_groups)
 

@@ -44,6 +44,7 @@ ATTENTION_MODES = {  # name: (layout, own_in_task, gated)
     "prefill": ("packed", False, True),
     "prefill_ungated": ("packed", False, False),
     "decode": ("decode", False, True),
+    "decode_ungated": ("decode", False, False),
     "chunked_ungated": ("chunked", False, False),
     "task_prompt": ("task_prompt", True, True),
     "task_prompt_ungated": ("task_prompt", True, False),
@@ -486,3 +487,29 @@ def test_small_masks_are_built_once_per_shape_and_match_fresh_ones():
                        reference._mask(40, 9, 43, 9, True, 0, "cpu")], dim=-1)
     assert torch.equal(kept, fresh)
     assert_matches(first, attention_oracle(*args, window=7), torch.float64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["decode", "decode_ungated"])
+@pytest.mark.parametrize("window", [0, 3, 40])
+def test_reference_decode_of_one_row_without_out(dtype, mode, window):
+    """A decode step of one row and no ``out`` (the in-process generation's step) returns its result
+    directly: same values as the oracle, the query's dtype and shape; a window that cuts into the
+    prefix, the task prompt or the row's own keys slices each set."""
+    args = make_attention_case(40 + window, dtype, 32, group=3, mode=mode, n_rows=1, max_len=30, n_prefix=9,
+                               device="cpu")
+    out = gated_prefix_attention_ref(*args[:15], window=window)
+    assert out.dtype == args[0].dtype and out.shape == args[0].shape
+    assert_matches(out, attention_oracle(*_as_float64(args), window=window), dtype)
+
+
+def test_reference_takes_the_host_layout_it_is_given():
+    """``host_layout`` stands for the layout tensors (the reference reads no tensor back then): a layout
+    that disagrees with them shows it is the one read."""
+    args = make_attention_case(5, torch.float64, 16, group=2, mode="decode", n_rows=3, max_len=20, device="cpu")
+    cu, k_starts, kv_lens, slot_ids = args[3], args[4], args[5], args[10]
+    host = torch.cat([cu, k_starts, kv_lens, slot_ids]).tolist()
+    torch.testing.assert_close(gated_prefix_attention_ref(*args, host_layout=host), gated_prefix_attention_ref(*args),
+                               rtol=0, atol=0)
+    shifted = host[:4] + [s + 1 for s in host[4:7]] + host[7:]  # each row's keys start one later
+    assert not torch.equal(gated_prefix_attention_ref(*args, host_layout=shifted), gated_prefix_attention_ref(*args))

@@ -259,3 +259,25 @@ def test_the_embedding_table_for_vllm_holds_the_input_embeddings(tmp_path, famil
     assert table.fingerprint == fingerprint
     assert torch.equal(table.embed[ids], model.embed(ids))
     assert (model.config.embed_scale != 1.0) == family.startswith("gemma")
+
+
+def test_stacked_products_fall_back_when_a_weight_is_replaced_trained_or_swapped(tmp_path):
+    """One product stands for q, k and v only while their weights are still views of it: a replaced
+    parameter, one that needs a gradient, or one whose data was swapped sends the layer back to
+    separate products (and the outputs stay those of the weights now in place)."""
+    folder = save_tiny_checkpoint(tmp_path, "llama")
+    model, _ = load_checkpoint_folder(folder)
+    attn = model.model.layers[0].self_attn
+    x = torch.randn(3, model.config.hidden_size)
+    assert attn.stacked.holds()
+    attn.v_proj.weight.requires_grad_(True)
+    assert not attn.stacked.holds()
+    attn.v_proj.weight.requires_grad_(False)
+    assert attn.stacked.holds()
+    attn.v_proj.weight.data = attn.v_proj.weight.data.clone() * 2  # same Parameter, other storage
+    assert not attn.stacked.holds()
+    attn.k_proj.weight = torch.nn.Parameter(attn.k_proj.weight.detach() + 1, requires_grad=False)
+    cos = torch.ones(3, 1, model.config.head_dim)
+    q, k, v = attn.qkv(x, cos, torch.zeros_like(cos))  # no rotation: plain products
+    torch.testing.assert_close(k.flatten(-2), x @ attn.k_proj.weight.t())
+    torch.testing.assert_close(v.flatten(-2), x @ attn.v_proj.weight.t())

@@ -35,6 +35,19 @@ def test_layout_of_the_docstring_example():
     assert meta.kv_lens.tolist() == [4, 7] and meta.write_index.tolist() == [0, 1, 2, 3, 106]
     assert step.read_index.tolist() == [3, 4] and step.sample_reads.tolist() == [1]
     assert (meta.cu_seqlens_q.dtype, meta.positions.dtype) == (torch.int32, torch.int64)
+    assert meta.host_layout == [0, 4, 5, 0, 100, 4, 7, 2, 0]  # cu, k_starts, kv_lens, slots, as host ints
+
+
+def test_layer_views_follow_writes_and_replacements():
+    """``KVCache.layer`` (as ``PrefixKV`` and ``SlotKV``) hands out views made once: writes through them
+    land in the pool, and a replaced pool gets views of its own."""
+    cache = KVCache(num_layers=3, capacity=5, num_kv_heads=2, head_dim=4, dtype=torch.float32, device="cpu")
+    keys, values = cache.layer(1)
+    assert cache.layer(1)[0] is keys
+    keys.index_copy_(0, torch.tensor([2]), torch.ones(1, 2, 4))
+    assert cache.keys[1, 2].eq(1).all() and cache.keys[0].eq(0).all() and cache.values.eq(0).all()
+    cache.keys = torch.full_like(cache.keys, 5.0)
+    assert cache.layer(1)[0] is not keys and cache.layer(1)[0].eq(5).all()
 
 
 def test_static_mode_pads_to_its_rows_and_keeps_every_address():
