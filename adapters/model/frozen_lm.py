@@ -395,11 +395,10 @@ class CausalLM(nn.Module):
         """The embedding multiplier as a scalar of the weights' dtype."""
         return torch.tensor(self.config.embed_scale, dtype=self.dtype, device=self.device)
 
-    @float_matmul_scope
-    def layer_forward(self, idx: int, hidden: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor],
-                      attend: AttendFn) -> torch.Tensor:
-        """Decoder layer ``idx``; ``rotary``: its RoPE ``cos, sin`` at the tokens' positions (``Rope.tables``)."""
-        layer = cast(DecoderLayer, self.model.layers[idx])
+    def layer_forward(self, idx: int, layer: DecoderLayer, hidden: torch.Tensor,
+                      rotary: tuple[torch.Tensor, torch.Tensor], attend: AttendFn) -> torch.Tensor:
+        """Decoder layer ``idx`` (the module ``layer``); ``rotary``: its RoPE ``cos, sin`` at the tokens'
+        positions (``Rope.tables``). Called by ``run_layers``, under its precision scope."""
         q, k, v = layer.self_attn.qkv(layer.input_layernorm(hidden), *rotary)
         attn = attend(idx, q, k, v)
         out = layer.self_attn.o_proj(attn.reshape(*attn.shape[:-2], -1))
@@ -417,10 +416,10 @@ class CausalLM(nn.Module):
         once per call."""
         ropes = {id(rope): rope for rope in self._layer_rope}  # one or two distinct (Gemma 3: global, local)
         tables = {key: rope.tables(positions, hidden.dtype) for key, rope in ropes.items()}
-        for idx in range(self.config.num_layers):
+        for idx, (layer, rope) in enumerate(zip(self.model.layers, self._layer_rope)):  # no ModuleList index
             if before is not None:
                 hidden = before(idx, hidden)
-            hidden = self.layer_forward(idx, hidden, tables[id(self._layer_rope[idx])], attend)
+            hidden = self.layer_forward(idx, cast(DecoderLayer, layer), hidden, tables[id(rope)], attend)
         return self.model.norm(hidden)
 
     @float_matmul_scope

@@ -123,7 +123,7 @@ T = TypeVar("T", bound=Callable[..., Any])
 
 def float_matmul_scope(method: T) -> T:
     """Decorate a ``CausalLM`` method: run it under ``FloatMatmul`` when ``self.float_matmul``.
-    Nested calls (``run_layers`` -> ``layer_forward``) enter the mode once."""
+    Nested decorated calls enter the mode once."""
 
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
