@@ -58,9 +58,12 @@ _Seen = tuple[int, int, int, int, bool, int]
 _Part = tuple[torch.Tensor, torch.Tensor, _Seen | None]
 
 
-def _attend(q: torch.Tensor, parts: list[_Part], scale: float, softcap: float) -> torch.Tensor | None:
+def _attend(q: torch.Tensor, parts: list[_Part], scale: float, softcap: float,
+            sees_itself: bool = False) -> torch.Tensor | None:
     """One softmax of ``q (H, q_len, h)`` over the keys of all ``parts`` -> ``(H, q_len, h)``; a query that
-    sees no key gets zero. None when there are no parts (an empty key set contributes zero)."""
+    sees no key gets zero. None when there are no parts (an empty key set contributes zero).
+    ``sees_itself``: a part holds each query's own key (causal), so no query sees nothing and the
+    zeroing pass is skipped."""
     if not parts:
         return None
     keys = parts[0][0] if len(parts) == 1 else torch.cat([p[0] for p in parts], dim=1)
@@ -74,7 +77,7 @@ def _attend(q: torch.Tensor, parts: list[_Part], scale: float, softcap: float) -
     if not softcap:  # fused on CPU; grouped heads as below (head j reads KV head j // group)
         o = torch.nn.functional.scaled_dot_product_attention(
             q[None], keys[None], values[None], attn_mask=mask, scale=scale, enable_gqa=True)[0]
-        return o if mask is None else o.nan_to_num(0.0)
+        return o if mask is None or sees_itself else o.nan_to_num(0.0)
     group = q.shape[0] // keys.shape[0]
     keys, values = keys.repeat_interleave(group, 0), values.repeat_interleave(group, 0)
     scores = softcap * torch.tanh((q @ keys.transpose(1, 2)) * scale / softcap)
@@ -226,12 +229,19 @@ def gated_prefix_attention_ref(
             seen = _visible(q0, q_len, n_prefix, n_task, False, window)
             task = [(slot_k[slots[b]], slot_v[slots[b]], seen)] if n_task else []
         if not gated:
-            ob = _attend(qh, main + task, softmax_scale, softcap)
+            ob = _attend(qh, main + task, softmax_scale, softcap, sees_itself=True)
         else:
-            ob = _attend(qh, main, softmax_scale, softcap)
-            ot = _attend(qh, task, softmax_scale, softcap)
+            ob = _attend(qh, main, softmax_scale, softcap, sees_itself=not own_in_task)
+            ot = _attend(qh, task, softmax_scale, softcap, sees_itself=own_in_task)
             if ot is not None and gates is not None:
-                ob = ot * gates[slots[b]] if ob is None else torch.addcmul(ob, ot, gates[slots[b]])
+                if ob is None:
+                    ob = ot * gates[slots[b]]
+                elif torch.is_grad_enabled():
+                    ob = torch.addcmul(ob, ot, gates[slots[b]])
+                else:  # written straight into the rows of ``out`` (no temporary, no copy)
+                    torch.addcmul(ob.transpose(0, 1), ot.transpose(0, 1), gates[slots[b]].view(1, -1, 1),
+                                  out=out[lo:hi])
+                    continue
         out[lo:hi] = 0 if ob is None else ob.transpose(0, 1)
     return out
 

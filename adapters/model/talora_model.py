@@ -335,18 +335,29 @@ class TaloraModel(nn.Module):
         if cache is not None and write is None:
             raise ValueError("meta.write_index: a step over a cache needs the cache index of each new token")
 
+        # without autograd, every layer writes its attention output into one buffer (the layer's output
+        # projection has read it before the next layer writes): no fresh pages per layer on CPU. A decode
+        # step (one query per row) keeps the kernel's own result instead, which saves a copy.
+        scratch: list[torch.Tensor] = []
+
         def attend(layer: int, q, k, v):
             if cache is not None and write is not None:
                 keys, values = cache.layer(layer)
                 keys.index_copy_(0, write, k.to(keys.dtype))
                 values.index_copy_(0, write, v.to(values.dtype))
                 k, v = keys, values
-            return self._attend_kernel(layer, q, k, v, meta, prefix, slots, slots.gates, own_in_task=False)
+            out = None
+            if meta.max_q_len != 1 and not torch.is_grad_enabled():
+                if not scratch:
+                    scratch.append(torch.empty_like(q))
+                out = scratch[0]
+            return self._attend_kernel(layer, q, k, v, meta, prefix, slots, slots.gates, own_in_task=False,
+                                       out=out)
 
         return self.lm.run_layers(self.lm.embed(input_ids), offset + meta.positions, attend)
 
     def _attend_kernel(self, layer, q, k, v, meta: BatchMeta, prefix: PrefixKV, slots: SlotKV | None,
-                       gates: torch.Tensor, own_in_task: bool) -> torch.Tensor:
+                       gates: torch.Tensor, own_in_task: bool, out: torch.Tensor | None = None) -> torch.Tensor:
         if slots is not None:
             slot_k, slot_v = slots.layer(layer)
         else:
@@ -356,7 +367,7 @@ class TaloraModel(nn.Module):
         return gated_prefix_attention(
             q, k, v, meta.cu_seqlens_q, meta.k_starts, meta.kv_lens,
             prefix_k, prefix_v, slot_k, slot_v, meta.slot_ids,
-            gates[:, layer, :], spec.scale, own_in_task=own_in_task, gated=self.cfg.gated,
+            gates[:, layer, :], spec.scale, own_in_task=own_in_task, gated=self.cfg.gated, out=out,
             max_q_len=meta.max_q_len, max_kv_len=meta.max_kv_len, window=spec.window, softcap=spec.softcap,
             host_layout=meta.host_layout,
         )

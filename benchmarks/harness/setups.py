@@ -119,10 +119,15 @@ def make_bare_packed(lm, requests: list[BenchRequest], batch_size: int) -> Runne
                 for chunk in batches(list(range(len(requests))), batch_size)]
 
     def attend_for(meta):
+        scratch: list[torch.Tensor] = []  # one output buffer for every layer, as forward_cached keeps
+
         def attend(layer, q, k, v):
+            if not scratch:
+                scratch.append(torch.empty_like(q))
             return gated_prefix_attention(q, k, v, meta.cu_seqlens_q, meta.k_starts, meta.kv_lens,
                                           empty_prefix, empty_prefix, empty_slots, empty_slots,
-                                          meta.slot_ids, zero_gate, q.shape[-1] ** -0.5)
+                                          meta.slot_ids, zero_gate, q.shape[-1] ** -0.5, out=scratch[0],
+                                          host_layout=meta.host_layout)
         return attend
 
     @torch.inference_mode()
