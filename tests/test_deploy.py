@@ -84,6 +84,25 @@ def test_the_rayservice_turns_on_ray_token_authentication_and_keeps_the_admin_to
     assert "admin_token" not in service["spec"]["serveConfigV2"]
 
 
+def test_every_rayservice_node_loads_the_proxy_middleware_with_the_serve_configs_limits(tmp_path):
+    """Serve's proxy runs on every node: each must have the variables ``talora-serve --ray`` sets for a
+    local cluster, with the limits the application's settings give (``cli.proxy_limits``)."""
+    from talora.server.backends.ray.cli import proxy_limits
+    from talora.server.backends.ray.support import RayOptions
+
+    (service,) = load_yaml(DEPLOY / "ray" / "rayservice.yaml")
+    (app,) = serve_configs()["serve.yaml"]["applications"]
+    ray_keys = set(RayOptions.model_fields)
+    args = local_paths(app["args"], tmp_path)
+    settings = Settings(**{k: v for k, v in args.items() if k not in ray_keys})
+    want = proxy_limits(settings, RayOptions(**{k: v for k, v in args.items() if k in ray_keys})).env()
+    cluster = service["spec"]["rayClusterConfig"]
+    for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+        (container,) = group["template"]["spec"]["containers"]
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert {k: env.get(k) for k in want} == want
+
+
 def test_the_kubernetes_deployment_runs_valid_flags_with_probes_and_a_grace_period_past_the_drain(tmp_path):
     deployment, service = load_yaml(DEPLOY / "kubernetes" / "talora-serve.yaml")
     pod = deployment["spec"]["template"]["spec"]

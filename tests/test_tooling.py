@@ -114,9 +114,11 @@ FORBIDDEN = {
     "server/backends/vllm": ("talora.server.engine", "talora.server.http", "talora.server.backends.ray"),
     "server/backends/ray": ("talora.server.engine", "talora.server.http", "talora.server.backends.vllm"),
 }
-# Ray replicas run the in-process engine (its class only); the HTTP app is the ingress's and each replica's
+# Ray replicas run the in-process engine (its class only); the HTTP app is the ingress's and each replica's,
+# and the ingress reads bodies within the app's limits
 ALLOWED = {"server/backends/ray": {"talora.server.engine", "talora.server.engine.Engine",
-                                   "talora.server.http.app", "talora.server.http.app.create_app"}}
+                                   "talora.server.http.app", "talora.server.http.app.create_app",
+                                   "talora.server.http.limits", "talora.server.http.limits.read_bounded_body"}}
 
 
 def _talora_imports(file: Path) -> set[str]:

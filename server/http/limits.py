@@ -36,6 +36,39 @@ def _too_large(limit: int, setting: str) -> HTTPException:
                          headers=CLOSE)
 
 
+def body_limit(settings: Settings, method: str, path: str) -> tuple[int, str]:
+    """The largest body of a request to ``method path`` and the setting that says so."""
+    if method == "PUT" and path.startswith("/v1/adapters/"):  # an upload: two files
+        return 2 * settings.max_upload_bytes + UPLOAD_OVERHEAD_BYTES, "max_upload_bytes"
+    return settings.max_body_bytes, "max_body_bytes"
+
+
+async def read_bounded_body(request: Request, settings: Settings) -> bytes:
+    """The whole body of ``request``, read as ``BodyLimit`` bounds it, for code that takes a request
+    outside the app (the Ray ingress): 413 from ``Content-Length`` before a byte is read or as soon
+    as the body grows past the limit, 408 when it stalls for ``body_timeout_s``; raised as
+    ``HTTPException``."""
+    limit, setting = body_limit(settings, request.method, request.url.path)
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise _too_large(limit, setting)
+    chunks: list[bytes] = []
+    size = 0
+    stream = request.stream().__aiter__()
+    while True:
+        try:
+            chunk = await asyncio.wait_for(stream.__anext__(), settings.body_timeout_s)
+        except StopAsyncIteration:
+            return b"".join(chunks)
+        except asyncio.TimeoutError:
+            raise HTTPException(408, f"body: no part of the request body arrived for {settings.body_timeout_s:g} s "
+                                     "(body_timeout_s)", headers=CLOSE) from None
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit, setting)
+        chunks.append(chunk)
+
+
 class BodyLimit:
     """ASGI middleware: bounded request bodies, read within ``body_timeout_s`` per read."""
 
@@ -45,9 +78,7 @@ class BodyLimit:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        limit, setting = self.settings.max_body_bytes, "max_body_bytes"
-        if scope["method"] == "PUT" and scope["path"].startswith("/v1/adapters/"):  # an upload: two files
-            limit, setting = 2 * self.settings.max_upload_bytes + UPLOAD_OVERHEAD_BYTES, "max_upload_bytes"
+        limit, setting = body_limit(self.settings, scope["method"], scope["path"])
         declared = _content_length(scope)
         if declared is not None and declared > limit:
             refused = _too_large(limit, setting)

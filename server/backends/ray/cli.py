@@ -21,6 +21,7 @@ import sys
 from pydantic import ValidationError
 
 from talora.adapters.formats.cli_flags import add_flags
+from talora.server.backends.ray.proxy import CALLBACK, CALLBACK_ENV, ProxyLimits
 from talora.server.backends.ray.support import LOOPBACK_ENV, RayOptions
 from talora.server.cli import build_parser
 from talora.server.settings import Settings
@@ -61,19 +62,31 @@ def main(argv: list[str]) -> int:
     return run(settings, options)
 
 
-def start_cluster(options: RayOptions, log_to_driver: bool = True) -> None:
+def proxy_limits(settings: Settings, options: RayOptions) -> ProxyLimits:
+    """What Serve's proxy keeps of a request to replay it (``talora.server.backends.ray.proxy``)."""
+    return ProxyLimits(settings.max_body_bytes, options.retries + 1, settings.body_timeout_s)
+
+
+def start_cluster(options: RayOptions, log_to_driver: bool = True, proxy: ProxyLimits | None = None) -> None:
     """Join ``options.address``, or start a local cluster whose servers listen on 127.0.0.1 only.
 
     ``ray.init(_node_ip_address="127.0.0.1")`` alone is not enough: Ray turns a loopback address
     into the machine's routable one and its servers listen on every interface. Ray's single-node
     mode (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, inherited by every process of the cluster)
     keeps the node address, the GCS, the raylets, the workers and Serve on the loopback interface.
+    A local cluster's processes also inherit the variables that load talora's middleware into
+    Serve's proxy (``proxy``, default limits if None); a joined cluster's nodes must have them set
+    where they were started (docs/scale_out.md, deploy/kubernetes).
     """
     if options.address:
         import ray
 
+        if os.environ.get(CALLBACK_ENV) != CALLBACK:
+            log.warning("joining %s: its nodes' proxies answer a dead ingress's requests with Serve's bare 500 "
+                        "unless they were started with %s=%s", options.address, CALLBACK_ENV, CALLBACK)
         ray.init(address=options.address)
         return
+    os.environ.update((proxy or ProxyLimits()).env())
     os.environ[LOOPBACK_ENV] = "0"
     import ray
     from ray._private import ray_constants
@@ -95,7 +108,7 @@ def run(settings: Settings, options: RayOptions) -> int:
     from talora.server.backends.ray.serve import build_app
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    start_cluster(options)
+    start_cluster(options, proxy=proxy_limits(settings, options))
     signal.signal(signal.SIGTERM, _interrupt)  # after Ray's own handler: a supervisor's stop drains like Ctrl-C
     try:
         serve.start(http_options={"host": settings.host, "port": settings.port})

@@ -40,6 +40,7 @@ from ray.exceptions import RayActorError
 from ray.serve.config import RequestRouterConfig
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
@@ -57,6 +58,7 @@ from talora.server.backends.ray.support import (
 from talora.server.engine import Engine
 from talora.server.facade import resolve_bundle
 from talora.server.http.app import create_app
+from talora.server.http.limits import read_bounded_body
 from talora.server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -268,10 +270,16 @@ class TaloraIngress:
 
     def __init__(self, replicas: DeploymentHandle, settings: Settings, options: RayOptions):
         self.replicas, self.options, self.store = replicas, options, shared_store(settings)
+        self.settings = settings
         self.hub = metrics_hub(options.app_name)
 
     async def __call__(self, http: Request) -> Response:
-        method, path, body = http.method, http.url.path, await http.body()
+        method, path = http.method, http.url.path
+        try:  # bounded as on one machine: this process holds the body before a replica sees it
+            body = await read_bounded_body(http, self.settings)
+        except HTTPException as exc:
+            return JSONResponse({"detail": exc.detail, "field": "body"}, status_code=exc.status_code,
+                                headers=exc.headers)
         if method == "GET" and path == "/metrics":
             return await self._metrics()
         task = task_of(method, path, body)
