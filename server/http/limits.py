@@ -43,34 +43,49 @@ def body_limit(settings: Settings, method: str, path: str) -> tuple[int, str]:
     return settings.max_body_bytes, "max_body_bytes"
 
 
-async def read_bounded_body(request: Request, settings: Settings) -> bytes:
-    """The whole body of ``request``, read as ``BodyLimit`` bounds it, for code that takes a request
-    outside the app (the Ray ingress): 413 from ``Content-Length`` before a byte is read or as soon
-    as the body grows past the limit, 408 when it stalls for ``body_timeout_s``; raised as
-    ``HTTPException``."""
-    limit, setting = body_limit(settings, request.method, request.url.path)
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise _too_large(limit, setting)
-    chunks: list[bytes] = []
-    size = 0
-    stream = request.stream().__aiter__()
-    while True:
+def bounded_receive(scope: Scope, receive: Receive, settings: Settings) -> Receive:
+    """``receive`` with the request's body bounded: the first read raises 413 when ``Content-Length``
+    is over the route's limit (no byte is read), a read raises 413 once the body grows past it and
+    408 when none arrives for ``body_timeout_s``; all as ``HTTPException``."""
+    limit, setting = body_limit(settings, scope["method"], scope["path"])
+    declared = _content_length(scope)
+    if declared is not None and declared > limit:
+        refused = _too_large(limit, setting)
+
+        async def refuse() -> Message:
+            raise refused
+        return refuse
+    received, complete = 0, False
+    timeout_s = settings.body_timeout_s
+
+    async def bounded() -> Message:
+        nonlocal received, complete
+        if complete:  # after the body: only http.disconnect is left to wait for, however long
+            return await receive()
         try:
-            chunk = await asyncio.wait_for(stream.__anext__(), settings.body_timeout_s)
-        except StopAsyncIteration:
-            return b"".join(chunks)
+            message = await asyncio.wait_for(receive(), timeout_s)
         except asyncio.TimeoutError:
-            raise HTTPException(408, f"body: no part of the request body arrived for {settings.body_timeout_s:g} s "
+            raise HTTPException(408, f"body: no part of the request body arrived for {timeout_s:g} s "
                                      "(body_timeout_s)", headers=CLOSE) from None
-        size += len(chunk)
-        if size > limit:
-            raise _too_large(limit, setting)
-        chunks.append(chunk)
+        if message["type"] == "http.request":
+            received += len(message.get("body", b""))
+            if received > limit:
+                raise _too_large(limit, setting)
+            complete = not message.get("more_body", False)
+        else:
+            complete = True
+        return message
+    return bounded
+
+
+async def read_bounded_body(request: Request, settings: Settings) -> bytes:
+    """The whole body of ``request`` read through ``bounded_receive``, for code that takes a request
+    outside the app (the Ray ingress): 413 / 408 raised as ``HTTPException``."""
+    return await Request(request.scope, bounded_receive(request.scope, request.receive, settings)).body()
 
 
 class BodyLimit:
-    """ASGI middleware: bounded request bodies, read within ``body_timeout_s`` per read."""
+    """ASGI middleware: bounded request bodies, read within ``body_timeout_s`` per read (``bounded_receive``)."""
 
     def __init__(self, app: ASGIApp, settings: Settings):
         self.app, self.settings = app, settings
@@ -78,37 +93,7 @@ class BodyLimit:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        limit, setting = body_limit(self.settings, scope["method"], scope["path"])
-        declared = _content_length(scope)
-        if declared is not None and declared > limit:
-            refused = _too_large(limit, setting)
-
-            async def refuse() -> Message:
-                raise refused
-
-            return await self.app(scope, refuse, send)
-        received, complete = 0, False
-        timeout_s = self.settings.body_timeout_s
-
-        async def bounded_receive() -> Message:
-            nonlocal received, complete
-            if complete:  # after the body: only http.disconnect is left to wait for, however long
-                return await receive()
-            try:
-                message = await asyncio.wait_for(receive(), timeout_s)
-            except asyncio.TimeoutError:
-                raise HTTPException(408, f"body: no part of the request body arrived for {timeout_s:g} s "
-                                         "(body_timeout_s)", headers=CLOSE) from None
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > limit:
-                    raise _too_large(limit, setting)
-                complete = not message.get("more_body", False)
-            else:
-                complete = True
-            return message
-
-        await self.app(scope, bounded_receive, send)
+        await self.app(scope, bounded_receive(scope, receive, self.settings), send)
 
 
 def _content_length(scope: Scope) -> int | None:
