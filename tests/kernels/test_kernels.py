@@ -513,3 +513,17 @@ def test_reference_takes_the_host_layout_it_is_given():
                                rtol=0, atol=0)
     shifted = host[:4] + [s + 1 for s in host[4:7]] + host[7:]  # each row's keys start one later
     assert not torch.equal(gated_prefix_attention_ref(*args, host_layout=shifted), gated_prefix_attention_ref(*args))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["prefill", "chunked_ungated", "decode", "task_prompt"])
+def test_reference_without_autograd_equals_the_autograd_path(dtype, mode):
+    """Without autograd the reference writes the gated sum straight into ``out`` and may skip copies; the
+    values are those of the path that records gradients, in every dtype ``out`` can have."""
+    args = make_attention_case(61, dtype, 32, group=3, mode=mode, n_rows=4, max_len=30, n_prefix=5, device="cpu")
+    recorded = gated_prefix_attention_ref(*args)
+    with torch.no_grad():
+        into = torch.full_like(args[0], float("nan"))
+        written = gated_prefix_attention_ref(*args[:15], out=into)
+    assert written is into and written.dtype == dtype
+    torch.testing.assert_close(written, recorded, rtol=0, atol=0)
