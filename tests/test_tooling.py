@@ -115,10 +115,11 @@ FORBIDDEN = {
     "server/backends/ray": ("talora.server.engine", "talora.server.http", "talora.server.backends.vllm"),
 }
 # Ray replicas run the in-process engine (its class only); the HTTP app is the ingress's and each replica's,
-# and the ingress reads bodies within the app's limits
+# the ingress reads bodies within the app's limits, and the proxy middleware reads headers as the app does
 ALLOWED = {"server/backends/ray": {"talora.server.engine", "talora.server.engine.Engine",
                                    "talora.server.http.app", "talora.server.http.app.create_app",
-                                   "talora.server.http.limits", "talora.server.http.limits.read_bounded_body"}}
+                                   "talora.server.http.limits", "talora.server.http.limits.read_bounded_body",
+                                   "talora.server.http.headers", "talora.server.http.headers.content_length"}}
 
 
 def _talora_imports(file: Path) -> set[str]:

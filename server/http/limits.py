@@ -24,6 +24,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from talora.server.errors import unexpected_error
+from talora.server.http.headers import content_length
 from talora.server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ def bounded_receive(scope: Scope, receive: Receive, settings: Settings) -> Recei
     is over the route's limit (no byte is read), a read raises 413 once the body grows past it and
     408 when none arrives for ``body_timeout_s``; all as ``HTTPException``."""
     limit, setting = body_limit(settings, scope["method"], scope["path"])
-    declared = _content_length(scope)
+    declared = content_length(scope)
     if declared is not None and declared > limit:
         refused = _too_large(limit, setting)
 
@@ -94,16 +95,6 @@ class BodyLimit:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         await self.app(scope, bounded_receive(scope, receive, self.settings), send)
-
-
-def _content_length(scope: Scope) -> int | None:
-    for name, value in scope.get("headers", []):
-        if name == b"content-length":
-            try:
-                return int(value)
-            except ValueError:
-                return None  # h11 refuses a malformed Content-Length before the app sees the request
-    return None
 
 
 class KeepErrorsInRequest:

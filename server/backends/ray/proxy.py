@@ -37,6 +37,8 @@ from dataclasses import dataclass
 from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from talora.server.http.headers import content_length
+
 log = logging.getLogger(__name__)
 
 CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
@@ -76,16 +78,6 @@ def replayable(method: str, path: str) -> bool:
     return method in ("GET", "HEAD") or (method == "POST" and REPLAYABLE_POST.match(path) is not None)
 
 
-def _content_length(scope: Scope) -> int | None:
-    for name, value in scope.get("headers", ()):
-        if name.lower() == b"content-length":
-            try:
-                return int(value)
-            except ValueError:
-                return None
-    return None
-
-
 async def _json(send: Send, status: int, detail: str, headers: dict[str, str] | None = None) -> None:
     body = json.dumps({"detail": detail, "field": None}).encode()
     raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
@@ -104,7 +96,7 @@ class ReplayWhenUpstreamDies:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         method, path = scope["method"], scope["path"]
-        declared = _content_length(scope)
+        declared = content_length(scope)
         kept: list[Message] = []  # the body's messages, to replay
         replay = replayable(method, path) and (declared is None or declared <= self.limits.replay_bytes)
         if replay:

@@ -178,3 +178,14 @@ def test_an_event_stream_goes_to_the_client_at_once():
 
     asyncio.run(go())
     assert [m.get("body") for m in sent[1:]] == [b"data: 1\n\n", b""]
+
+
+def test_the_middleware_loads_nothing_heavy_into_the_proxy():
+    """It is imported by every node's Serve proxy: no torch, no talora settings or engine."""
+    import subprocess
+    import sys
+
+    code = ("import sys, talora.server.backends.ray.proxy; "
+            "print(sorted(m for m in ('torch', 'talora.server.settings', 'talora.server.engine') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
